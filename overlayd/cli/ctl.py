@@ -1,0 +1,227 @@
+"""`overlayctl`: the operator CLI. For now: the cluster's leases as etcd holds
+them, and the multi-host lab (`overlayctl lab up|check|down|status`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from ipaddress import IPv4Network
+
+from overlayd import __version__
+from overlayd.config import parse_network_config
+from overlayd.errors import LeaseError, OverlaydError
+from overlayd.lab.lab import DEFAULT_NETWORK, Lab, PingResult, default_network_config
+from overlayd.lab.netns import LabCommandError
+from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnets_prefix
+from overlayd.store.etcd import EtcdStore, StoreUnavailable
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+async def _leases(endpoints: list[str], prefix: str) -> list[dict[str, str]]:
+    async with EtcdStore(endpoints) as store:
+        config_raw, _ = await store.get(config_key(prefix))
+        raw, _ = await store.get_prefix(subnets_prefix(prefix))
+    config = parse_network_config(config_raw) if config_raw is not None else None
+    rows = []
+    for key, value in sorted(raw.items()):
+        row = {"key": key, "subnet": "", "public_ip": "", "vtep_mac": "", "status": "ok"}
+        try:
+            lease = parse_lease(parse_subnet_key(key, prefix), value)
+            row.update(
+                subnet=str(lease.subnet), public_ip=str(lease.public_ip), vtep_mac=lease.vtep_mac
+            )
+            if config is not None and not lease.subnet.subnet_of(config.network):
+                row["status"] = f"outside {config.network}"
+        except LeaseError as exc:
+            row["status"] = f"invalid: {exc}"
+        rows.append(row)
+    return rows
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_leases(args.etcd_endpoints.split(","), args.etcd_prefix))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            table(
+                [
+                    [r["subnet"] or r["key"], r["public_ip"], r["vtep_mac"], r["status"]]
+                    for r in rows
+                ],
+                ["SUBNET", "PUBLIC IP", "VTEP MAC", "STATUS"],
+            )
+        )
+    return 0
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabCommandError("the lab creates network namespaces: run it as root")
+
+
+def _report(results: list[PingResult], as_json: bool, elapsed: float) -> int:
+    ok = sum(r.ok for r in results)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "pairs": len(results),
+                    "reachable": ok,
+                    "seconds": round(elapsed, 3),
+                    "results": [
+                        {
+                            "src": r.src.ns,
+                            "src_ip": str(r.src.address),
+                            "dst": r.dst.ns,
+                            "dst_ip": str(r.dst.address),
+                            "ok": r.ok,
+                            "rtt_ms": r.rtt_ms,
+                        }
+                        for r in results
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        failed = [r for r in results if not r.ok]
+        rtts = sorted(r.rtt_ms for r in results if r.rtt_ms is not None)
+        hosts = len({r.src.host for r in results})
+        print(
+            f"lab check: {ok}/{len(results)} cross-host container pairs reachable"
+            f" across {hosts} hosts in {elapsed:.1f} s"
+        )
+        if rtts:
+            print(
+                f"  ping RTT ms: min {rtts[0]:.3f}  median {rtts[len(rtts) // 2]:.3f}"
+                f"  max {rtts[-1]:.3f}"
+            )
+        for r in failed:
+            print(f"  UNREACHABLE {r.src.ns} ({r.src.address}) -> {r.dst.ns} ({r.dst.address})")
+    return 0 if results and ok == len(results) else 1
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    _require_root()
+    lab = Lab(args.name)
+    if args.lab_command == "up":
+        started = time.monotonic()
+        config = default_network_config(IPv4Network(args.network), args.vni, args.port)
+        try:
+            lab.up(
+                args.hosts,
+                containers_per_host=args.containers,
+                config=config,
+                lease_ttl=args.lease_ttl,
+            )
+        except BaseException:
+            print(
+                f"lab up failed; `overlayctl lab down --name {args.name}` removes what"
+                " was made (logs are in "
+                f"{lab.state_dir} until then)",
+                file=sys.stderr,
+            )
+            raise
+        built = time.monotonic() - started
+        print(
+            f"lab {args.name!r}: {args.hosts} hosts up in {built:.1f} s"
+            f" (state and logs in {lab.state_dir})"
+        )
+        for host in lab.hosts():
+            print(
+                f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}"
+                f"  subnet {lab.subnet(host)}"
+            )
+        if args.check:
+            results = lab.check(timeout=args.timeout)
+            code = _report(results, False, time.monotonic() - started)
+            return code
+        return 0
+    if args.lab_command == "check":
+        if not lab.hosts():
+            raise LabCommandError(f"lab {args.name!r} is not up")
+        started = time.monotonic()
+        results = lab.check(timeout=args.timeout)
+        return _report(results, args.json, time.monotonic() - started)
+    if args.lab_command == "add-host":
+        host = max(lab.hosts(), default=0) + 1
+        lab.add_host(host)
+        print(f"h{host} up: subnet {lab.subnet(host)}")
+        return 0
+    if args.lab_command == "status":
+        rows = [
+            [
+                f"h{h}",
+                lab.host_ns(h),
+                lab.host_address(h),
+                lab.subnet(h),
+                "running" if lab.daemon_running(h) else "stopped",
+            ]
+            for h in lab.hosts()
+        ]
+        print(table(rows, ["HOST", "NAMESPACE", "UNDERLAY", "SUBNET", "OVERLAYD"]))
+        return 0
+    removed = lab.down()
+    print(f"lab {args.name!r} down: removed {len(removed)} namespaces")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="overlayctl", description="Operate overlayd and its lab.")
+    p.add_argument("--version", action="version", version=f"overlayctl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    leases = sub.add_parser("leases", help="the cluster's subnet leases as etcd holds them")
+    leases.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379")
+    leases.add_argument("--etcd-prefix", default="/coreos.com/network")
+    leases.add_argument("--json", action="store_true", help="machine-readable output")
+    leases.set_defaults(func=cmd_leases)
+
+    lab = sub.add_parser("lab", help="a multi-host lab in network namespaces on this machine")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", default="lab", help="lab name, for several labs at once")
+    up = lab_sub.add_parser("up", parents=[common], help="build the lab and start overlayd")
+    up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--containers", type=int, default=1, help="containers per host")
+    up.add_argument("--network", default=str(DEFAULT_NETWORK))
+    up.add_argument("--vni", type=int, default=1)
+    up.add_argument("--port", type=int, default=8472)
+    up.add_argument("--lease-ttl", type=int, default=60)
+    up.add_argument("--check", action="store_true", help="run `lab check` once up")
+    up.add_argument("--timeout", type=float, default=30.0)
+    check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")
+    check.add_argument("--timeout", type=float, default=30.0)
+    check.add_argument("--json", action="store_true")
+    lab_sub.add_parser("add-host", parents=[common], help="add one more host")
+    lab_sub.add_parser("status", parents=[common], help="the lab's hosts")
+    lab_sub.add_parser("down", parents=[common], help="remove everything the lab made")
+    lab.set_defaults(func=cmd_lab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OverlaydError, LabCommandError, StoreUnavailable, ValueError) as exc:
+        print(f"overlayctl: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`overlayd`: the per-host daemon. Flags use flannel's spelling where flannel
+has one; `--config FILE` (TOML) holds the same settings; flags win over the
+environment (OVERLAYD_<SETTING>), which wins over the file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from overlayd import __version__
+from overlayd.agent import Agent
+from overlayd.config import (
+    DEFAULT_BRIDGE,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_PREFIX,
+    DEFAULT_RESYNC_SECONDS,
+    DEFAULT_SUBNET_FILE,
+    AgentConfig,
+    build_agent_config,
+    read_toml,
+)
+from overlayd.errors import OverlaydError
+
+log = logging.getLogger("overlayd")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="overlayd",
+        description="VXLAN overlay agent: leases this host's subnet from etcd and keeps "
+        "the VTEP, routes, neighbour and FDB entries of every peer host in step.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with the settings below")
+    p.add_argument(
+        "--etcd-endpoints",
+        help="comma-separated etcd URLs, http://IP:PORT or unix:///PATH (default http://127.0.0.1:2379)",
+    )
+    p.add_argument("--etcd-prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
+    p.add_argument(
+        "--iface",
+        help="underlay interface, by name or address (default: the default route's interface)",
+    )
+    p.add_argument(
+        "--public-ip", help="address peers send tunnel traffic to (default: the iface's)"
+    )
+    p.add_argument(
+        "--subnet-file", help=f"flannel-style subnet file (default {DEFAULT_SUBNET_FILE})"
+    )
+    p.add_argument("--bridge", help=f"container bridge name (default {DEFAULT_BRIDGE})")
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        help=f"seconds a dead host's lease outlives it (default {DEFAULT_LEASE_TTL})",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        help=f"period of the full kernel re-check (default {DEFAULT_RESYNC_SECONDS:g})",
+    )
+    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument("--version", action="version", version=f"overlayd {__version__}")
+    return p
+
+
+def load_settings(argv: list[str] | None = None) -> AgentConfig:
+    args = parser().parse_args(argv)
+    flags = {
+        name: getattr(args, name.replace("-", "_"))
+        for name in (
+            "etcd-endpoints",
+            "etcd-prefix",
+            "iface",
+            "public-ip",
+            "subnet-file",
+            "bridge",
+            "lease-ttl",
+            "resync-seconds",
+            "log-level",
+        )
+    }
+    file = read_toml(args.config) if args.config else None
+    return build_agent_config(flags=flags, file=file)
+
+
+async def _serve(settings: AgentConfig) -> None:
+    agent = Agent(settings)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        log.info("event=stopping data_plane=kept")
+    finally:
+        with contextlib.suppress(Exception):
+            await agent.close()
+
+
+def _overlayd_errors(exc: BaseException) -> list[OverlaydError]:
+    """The user-facing errors in an exception or a TaskGroup's group of them."""
+    if isinstance(exc, OverlaydError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for sub in exc.exceptions for e in _overlayd_errors(sub)]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except OverlaydError as exc:
+        print(f"overlayd: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except (OverlaydError, ExceptionGroup) as exc:
+        fatal = _overlayd_errors(exc)
+        if not fatal:
+            raise
+        for error in fatal:
+            log.error("event=fatal error=%r", str(error))
+            print(f"overlayd: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Config at the boundary: the cluster's network config (flannel JSON in etcd)
+and the agent's own settings (TOML file, environment, flags).
+
+Both are parsed and validated here, once; every error names the field the
+user wrote and says what is wrong with it. The rest of the code only sees
+the frozen dataclasses this module returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from overlayd.errors import ConfigError
+from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, BackendConfig, NetworkConfig
+
+SUPPORTED_BACKENDS = ("vxlan",)
+MAX_VNI = (1 << 24) - 1
+
+
+def _int_field(raw: Mapping[str, Any], name: str, field: str, default: int | None) -> int | None:
+    value = raw.get(name, default)
+    if value is None:
+        return None
+    # bool is an int in Python, and `true` is never a sensible port or length.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {json.dumps(value)}")
+    return value
+
+
+def _address_field(raw: Mapping[str, Any], name: str) -> IPv4Address | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(name, f"must be an IPv4 address string, got {json.dumps(value)}")
+    try:
+        return IPv4Address(value)
+    except AddressValueError as exc:
+        raise ConfigError(name, f"{value!r} is not an IPv4 address") from exc
+
+
+def parse_backend(raw: Any) -> BackendConfig:
+    """Parse the `Backend` object. overlayd implements only vxlan, so a missing
+    Backend means vxlan (flannel's own default, udp, is not implemented)."""
+    if raw is None:
+        return BackendConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError("Backend", "must be a JSON object")
+    backend_type = raw.get("Type", "vxlan")
+    if backend_type not in SUPPORTED_BACKENDS:
+        raise ConfigError(
+            "Backend.Type",
+            f"{json.dumps(backend_type)} is not supported"
+            f" (supported: {', '.join(SUPPORTED_BACKENDS)})",
+        )
+    vni = _int_field(raw, "VNI", "Backend.VNI", DEFAULT_VNI)
+    assert vni is not None
+    if not 1 <= vni <= MAX_VNI:
+        raise ConfigError("Backend.VNI", f"must be between 1 and {MAX_VNI}, got {vni}")
+    # flannel treats Port 0 as "the kernel's default", which is 8472 on Linux.
+    port = _int_field(raw, "Port", "Backend.Port", 0) or DEFAULT_VXLAN_PORT
+    if not 1 <= port <= 65535:
+        raise ConfigError("Backend.Port", f"must be between 1 and 65535, got {port}")
+    mtu = _int_field(raw, "MTU", "Backend.MTU", None)
+    if mtu is not None and not 576 <= mtu <= 65535:
+        raise ConfigError("Backend.MTU", f"must be between 576 and 65535, got {mtu}")
+    return BackendConfig(type=backend_type, vni=vni, port=port, mtu=mtu)
+
+
+def parse_network_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate `<prefix>/config` with flannel's rules and defaults."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("config", "must be a JSON object")
+
+    network_text = raw.get("Network")
+    if not isinstance(network_text, str) or not network_text:
+        raise ConfigError("Network", "is required and must be an IPv4 CIDR such as 10.244.0.0/16")
+    try:
+        network = IPv4Network(network_text, strict=True)
+    except (AddressValueError, NetmaskValueError, ValueError) as exc:
+        raise ConfigError("Network", f"{network_text!r} is not an IPv4 network: {exc}") from exc
+
+    subnet_len = _int_field(raw, "SubnetLen", "SubnetLen", 0) or 0
+    if subnet_len:
+        # A host needs at least a bridge address and one container address.
+        if subnet_len > 30:
+            raise ConfigError("SubnetLen", f"must be at most 30, got {subnet_len}")
+        # The first subnet is skipped, so the network must hold at least four.
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(
+                "SubnetLen",
+                f"/{subnet_len} leaves fewer than four subnets in {network}"
+                f" (use /{network.prefixlen + 2} or longer)",
+            )
+    elif network.prefixlen > 28:
+        raise ConfigError("Network", f"{network} is too small: the smallest useful network is /28")
+    elif network.prefixlen <= 22:
+        subnet_len = 24
+    else:
+        subnet_len = network.prefixlen + 2
+
+    size = 1 << (32 - subnet_len)
+    first = int(network.network_address)
+    last_subnet = first + network.num_addresses - size
+
+    subnet_min = _address_field(raw, "SubnetMin") or IPv4Address(first + size)
+    subnet_max = _address_field(raw, "SubnetMax") or IPv4Address(last_subnet)
+    for name, value in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
+        if value not in network:
+            raise ConfigError(name, f"{value} is not in Network {network}")
+        if int(value) % size:
+            raise ConfigError(name, f"{value} is not on a /{subnet_len} boundary")
+    if subnet_min > subnet_max:
+        raise ConfigError("SubnetMin", f"{subnet_min} is above SubnetMax {subnet_max}")
+
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=subnet_min,
+        subnet_max=subnet_max,
+        backend=parse_backend(raw.get("Backend")),
+    )
+
+
+def render_network_config(config: NetworkConfig) -> str:
+    """The JSON that `parse_network_config` reads back to an equal value."""
+    backend: dict[str, Any] = {
+        "Type": config.backend.type,
+        "VNI": config.backend.vni,
+        "Port": config.backend.port,
+    }
+    if config.backend.mtu is not None:
+        backend["MTU"] = config.backend.mtu
+    return json.dumps(
+        {
+            "Network": str(config.network),
+            "SubnetLen": config.subnet_len,
+            "SubnetMin": str(config.subnet_min),
+            "SubnetMax": str(config.subnet_max),
+            "Backend": backend,
+        }
+    )
+
+
+# --- the agent's own settings -------------------------------------------------
+
+DEFAULT_PREFIX = "/coreos.com/network"
+DEFAULT_SUBNET_FILE = Path("/run/flannel/subnet.env")
+DEFAULT_BRIDGE = "ovl0"
+DEFAULT_LEASE_TTL = 300
+DEFAULT_RESYNC_SECONDS = 30.0
+ENV_PREFIX = "OVERLAYD_"
+IFNAMSIZ = 15
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Per-host settings of the daemon, after flags > environment > file."""
+
+    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_prefix: str = DEFAULT_PREFIX
+    iface: str | None = None
+    public_ip: IPv4Address | None = None
+    subnet_file: Path = DEFAULT_SUBNET_FILE
+    bridge: str = DEFAULT_BRIDGE
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    log_level: str = "info"
+
+
+# Setting name (as spelled in flags, TOML and, upper-cased, the environment).
+AGENT_SETTINGS = (
+    "etcd-endpoints",
+    "etcd-prefix",
+    "iface",
+    "public-ip",
+    "subnet-file",
+    "bridge",
+    "lease-ttl",
+    "resync-seconds",
+    "log-level",
+)
+
+
+def _env_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name in AGENT_SETTINGS:
+        key = ENV_PREFIX + name.upper().replace("-", "_")
+        if key in env:
+            found[name] = env[key]
+    return found
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError("--config", f"{path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - set(AGENT_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            unknown[0], f"unknown setting in {path} (known: {', '.join(AGENT_SETTINGS)})"
+        )
+    return data
+
+
+def _endpoints(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError("etcd-endpoints", "must be a comma-separated list of URLs")
+    endpoints = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError("etcd-endpoints", f"{item!r} is not a URL")
+        item = item.strip()
+        parts = urlsplit(item)
+        if parts.scheme == "unix" and (parts.netloc or parts.path):
+            endpoints.append(item)
+            continue
+        if parts.scheme != "http":
+            raise ConfigError(
+                "etcd-endpoints", f"{item!r}: only http:// and unix:// endpoints are supported"
+            )
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError("etcd-endpoints", f"{item!r}: bad port") from exc
+        if not parts.hostname or port is None:
+            raise ConfigError("etcd-endpoints", f"{item!r} must look like http://HOST:PORT")
+        endpoints.append(item)
+    return tuple(endpoints)
+
+
+def _ifname(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > IFNAMSIZ or "/" in value:
+        raise ConfigError(field, f"{value!r} is not a valid interface name (1 to 15 characters)")
+    return value
+
+
+def _positive_number(value: Any, field: str, kind: type[int] | type[float]) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(field, f"must be a positive number, got {value!r}") from exc
+    if isinstance(value, bool) or number <= 0:
+        raise ConfigError(field, f"must be a positive number, got {value!r}")
+    return number
+
+
+def build_agent_config(
+    *,
+    flags: Mapping[str, Any],
+    file: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Merge the three sources (flags win) and validate every value."""
+    merged: dict[str, Any] = {}
+    merged.update(file or {})
+    merged.update(_env_settings(env if env is not None else os.environ))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    defaults = AgentConfig()
+
+    public_ip = merged.get("public-ip")
+    parsed_ip: IPv4Address | None = None
+    if public_ip is not None:
+        try:
+            parsed_ip = IPv4Address(str(public_ip))
+        except AddressValueError as exc:
+            raise ConfigError("public-ip", f"{public_ip!r} is not an IPv4 address") from exc
+        if parsed_ip.is_loopback or parsed_ip.is_multicast or parsed_ip.is_unspecified:
+            raise ConfigError("public-ip", f"{parsed_ip} cannot carry tunnel traffic")
+
+    prefix = str(merged.get("etcd-prefix", defaults.etcd_prefix))
+    if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
+        raise ConfigError("etcd-prefix", f"{prefix!r} must start with / and not end with /")
+
+    log_level = str(merged.get("log-level", defaults.log_level)).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log-level", f"{log_level!r} is not one of debug, info, warning, error")
+
+    iface = merged.get("iface")
+    return AgentConfig(
+        etcd_endpoints=_endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints))),
+        etcd_prefix=prefix,
+        iface=None if iface is None else str(iface),
+        public_ip=parsed_ip,
+        subnet_file=Path(str(merged.get("subnet-file", defaults.subnet_file))),
+        bridge=_ifname(merged.get("bridge", defaults.bridge), "bridge"),
+        lease_ttl=_positive_number(merged.get("lease-ttl", defaults.lease_ttl), "lease-ttl", int),
+        resync_seconds=_positive_number(
+            merged.get("resync-seconds", defaults.resync_seconds), "resync-seconds", float
+        ),
+        log_level=log_level,
+    )

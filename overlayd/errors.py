@@ -1,0 +1,22 @@
+"""Exception types that carry the name of the field or object at fault."""
+
+
+class OverlaydError(Exception):
+    """Base class of the errors overlayd reports to its user."""
+
+
+class ConfigError(OverlaydError):
+    """A config value is invalid; `field` names it as the user wrote it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class LeaseError(OverlaydError):
+    """A lease read from the store is unusable; the reason is one line."""
+
+
+class SubnetsExhaustedError(OverlaydError):
+    """No free subnet is left in the network."""

@@ -1,0 +1,368 @@
+"""The lab: N simulated hosts on an isolated underlay, a real etcd, one real
+overlayd per host, and containers attached to each host's bridge.
+
+    switch namespace  <p>sw: bridge br0, one veth port per host
+    etcd namespace    <p>etcd: 192.0.2.2 on the underlay
+    host namespaces   <p>h1..hN: eth0 = 192.0.2.(10+i), overlayd, bridge ovl0
+    containers        <p>h<i>c<k>: eth0 on host i's bridge, address from its subnet
+
+(<p> is `ovl-<lab name>-`.) Underlay addresses come from the documentation
+range 192.0.2.0/24; nothing is added to the root namespace. `down` removes
+every namespace with the lab's prefix and everything running inside them, so
+it also cleans up after a crash half way through `up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import TypeVar
+
+from overlayd.config import parse_network_config, render_network_config
+from overlayd.lab import netns
+from overlayd.lab.etcd import ETCD_CLIENT_PORT, socket_endpoint, start_etcd
+from overlayd.lab.netns import LabCommandError
+from overlayd.model import NetworkConfig
+from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
+from overlayd.store.etcd import EtcdStore
+from overlayd.subnetfile import read_subnet
+
+STATE_ROOT = Path("/run/overlayd-lab")
+PREFIX = "/coreos.com/network"
+UNDERLAY = IPv4Network("192.0.2.0/24")
+ETCD_ADDRESS = IPv4Address("192.0.2.2")
+FIRST_HOST_OCTET = 10
+DEFAULT_NETWORK = IPv4Network("10.244.0.0/16")
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+def default_network_config(
+    network: IPv4Network = DEFAULT_NETWORK, vni: int = 1, port: int = 8472
+) -> NetworkConfig:
+    return parse_network_config(
+        json.dumps(
+            {"Network": str(network), "Backend": {"Type": "vxlan", "VNI": vni, "Port": port}}
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    ns: str
+    host: int
+    address: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    src: Container
+    dst: Container
+    ok: bool
+    rtt_ms: float | None
+
+
+class Lab:
+    def __init__(self, name: str = "lab", *, state_root: Path = STATE_ROOT) -> None:
+        if not name.replace("-", "").isalnum() or len(name) > 20:
+            raise ValueError("lab name: letters, digits and dashes, at most 20 characters")
+        self.name = name
+        self.prefix = f"ovl-{name}-"
+        self.state_dir = state_root / name
+        self.etcd_endpoint = socket_endpoint(self.state_dir)
+
+    # --- names ------------------------------------------------------------
+
+    @property
+    def switch_ns(self) -> str:
+        return f"{self.prefix}sw"
+
+    @property
+    def etcd_ns(self) -> str:
+        return f"{self.prefix}etcd"
+
+    def host_ns(self, host: int) -> str:
+        return f"{self.prefix}h{host}"
+
+    def container_ns(self, host: int, index: int) -> str:
+        return f"{self.prefix}h{host}c{index}"
+
+    @staticmethod
+    def host_address(host: int) -> IPv4Address:
+        return UNDERLAY.network_address + FIRST_HOST_OCTET + host
+
+    def subnet_file(self, host: int) -> Path:
+        return self.state_dir / f"h{host}" / "subnet.env"
+
+    def daemon_log(self, host: int) -> Path:
+        return self.state_dir / f"h{host}" / "overlayd.log"
+
+    def namespaces(self) -> list[str]:
+        return [ns for ns in netns.list_namespaces() if ns.startswith(self.prefix)]
+
+    def hosts(self) -> list[int]:
+        found = []
+        for ns in self.namespaces():
+            rest = ns[len(self.prefix) :]
+            if rest.startswith("h") and rest[1:].isdigit():
+                found.append(int(rest[1:]))
+        return sorted(found)
+
+    def containers(self) -> list[Container]:
+        found = []
+        for ns in self.namespaces():
+            rest = ns[len(self.prefix) :]
+            host_part, sep, index = rest.partition("c")
+            if not (
+                sep and host_part.startswith("h") and host_part[1:].isdigit() and index.isdigit()
+            ):
+                continue
+            out = netns.ip(ns, "-j", "-4", "addr", "show", "dev", "eth0", check=False)
+            for link in json.loads(out or "[]"):
+                for info in link.get("addr_info", []):
+                    found.append(Container(ns, int(host_part[1:]), IPv4Address(info["local"])))
+        return sorted(found, key=lambda c: (c.host, c.ns))
+
+    # --- etcd -------------------------------------------------------------
+
+    def etcd(self, action: Callable[[EtcdStore], Awaitable[T]]) -> T:
+        """Run one coroutine against the lab's etcd (from the root namespace)."""
+
+        async def go() -> T:
+            async with EtcdStore([self.etcd_endpoint]) as store:
+                return await action(store)
+
+        return asyncio.run(go())
+
+    def leases(self) -> dict[str, bytes]:
+        async def get(store: EtcdStore) -> dict[str, bytes]:
+            values, _ = await store.get_prefix(subnets_prefix(PREFIX))
+            return values
+
+        return self.etcd(get)
+
+    def delete_lease(self, host: int) -> None:
+        subnet = self.subnet(host)
+        self.etcd(lambda s: s.delete(subnet_key(PREFIX, subnet)))
+
+    # --- building ---------------------------------------------------------
+
+    def up(
+        self,
+        hosts: int = 3,
+        *,
+        containers_per_host: int = 1,
+        config: NetworkConfig | None = None,
+        lease_ttl: int = 60,
+    ) -> None:
+        if hosts < 1 or hosts > 200:
+            raise ValueError("--hosts must be between 1 and 200")
+        if self.namespaces():
+            raise LabCommandError(
+                f"lab {self.name!r} already exists ({len(self.namespaces())} namespaces);"
+                f" run `overlayctl lab down --name {self.name}` first"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.lease_ttl = lease_ttl
+        netns.add_namespace(self.switch_ns)
+        netns.ip(self.switch_ns, "link", "add", "br0", "type", "bridge")
+        netns.ip(self.switch_ns, "link", "set", "br0", "up")
+        self._attach_to_switch(self.etcd_ns, "etcd", ETCD_ADDRESS)
+        start_etcd(self.etcd_ns, str(ETCD_ADDRESS), self.state_dir)
+        cfg = config or default_network_config()
+        self.etcd(lambda s: s.put(config_key(PREFIX), render_network_config(cfg)))
+        (self.state_dir / "lab.json").write_text(
+            json.dumps({"lease_ttl": lease_ttl, "containers_per_host": containers_per_host})
+        )
+        self._parallel(
+            lambda h: self.add_host(h, containers=containers_per_host), range(1, hosts + 1)
+        )
+
+    def _settings(self) -> dict[str, int]:
+        try:
+            data: dict[str, int] = json.loads((self.state_dir / "lab.json").read_text())
+            return data
+        except FileNotFoundError:
+            return {"lease_ttl": 60, "containers_per_host": 1}
+
+    def _attach_to_switch(self, ns: str, port: str, address: IPv4Address) -> None:
+        netns.add_namespace(ns)
+        netns.veth(self.switch_ns, port, ns, "eth0")
+        netns.ip(self.switch_ns, "link", "set", port, "master", "br0", "up")
+        netns.ip(ns, "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        netns.ip(ns, "link", "set", "eth0", "up")
+
+    def add_host(self, host: int, *, containers: int | None = None) -> None:
+        """A new host on the underlay, its daemon, and its containers."""
+        if containers is None:
+            containers = self._settings()["containers_per_host"]
+        self._attach_to_switch(self.host_ns(host), f"h{host}", self.host_address(host))
+        self.subnet_file(host).parent.mkdir(parents=True, exist_ok=True)
+        self.start_daemon(host)
+        self.wait_ready(host)
+        for index in range(1, containers + 1):
+            self.add_container(host, index)
+
+    def start_daemon(self, host: int) -> subprocess.Popen[bytes]:
+        log = self.daemon_log(host).open("ab")
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.host_ns(host),
+                sys.executable,
+                "-m",
+                "overlayd.cli.daemon",
+                "--etcd-endpoints",
+                f"http://{ETCD_ADDRESS}:{ETCD_CLIENT_PORT}",
+                "--etcd-prefix",
+                PREFIX,
+                "--iface",
+                "eth0",
+                "--subnet-file",
+                str(self.subnet_file(host)),
+                "--lease-ttl",
+                str(self._settings()["lease_ttl"]),
+                "--resync-seconds",
+                "10",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return proc
+
+    def stop_daemon(self, host: int) -> None:
+        """Stop the host's daemon (SIGTERM); its kernel state stays."""
+        netns.kill_namespace_processes(self.host_ns(host))
+
+    def daemon_running(self, host: int) -> bool:
+        return bool(netns.pids_in(self.host_ns(host)))
+
+    def wait_ready(self, host: int, timeout: float = 30) -> IPv4Network:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            subnet = read_subnet(self.subnet_file(host))
+            if subnet is not None and self.daemon_running(host):
+                return subnet
+            if not self.daemon_running(host):
+                break
+            time.sleep(0.05)
+        tail = self.daemon_log(host).read_text(errors="replace")[-3000:]
+        raise LabCommandError(f"overlayd on h{host} did not become ready:\n{tail}")
+
+    def subnet(self, host: int) -> IPv4Network:
+        subnet = read_subnet(self.subnet_file(host))
+        if subnet is None:
+            raise LabCommandError(f"h{host} has no subnet file")
+        return subnet
+
+    def mtu(self, host: int) -> int:
+        for line in self.subnet_file(host).read_text().splitlines():
+            if line.startswith("FLANNEL_MTU="):
+                return int(line.split("=", 1)[1])
+        raise LabCommandError(f"h{host}'s subnet file has no FLANNEL_MTU")
+
+    def add_container(self, host: int, index: int) -> Container:
+        """A namespace with eth0 on the host's bridge, addressed from its subnet
+        (the bridge holds .1, containers take .2 upwards)."""
+        subnet = self.subnet(host)
+        gateway = subnet.network_address + 1
+        address = IPv4Interface((subnet.network_address + 1 + index, subnet.prefixlen))
+        ns = self.container_ns(host, index)
+        mtu = self.mtu(host)
+        netns.add_namespace(ns)
+        netns.veth(self.host_ns(host), f"c{index}", ns, "eth0", mtu=mtu)
+        netns.ip(self.host_ns(host), "link", "set", f"c{index}", "master", "ovl0", "up")
+        netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
+        netns.ip(ns, "link", "set", "eth0", "up")
+        netns.ip(ns, "route", "add", "default", "via", str(gateway))
+        return Container(ns, host, address.ip)
+
+    # --- checking ---------------------------------------------------------
+
+    @staticmethod
+    def ping(src: Container, dst: Container, *, count: int = 1, wait: float = 1.0) -> PingResult:
+        out = netns.in_ns(
+            src.ns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            str(count),
+            "-W",
+            f"{wait:g}",
+            str(dst.address),
+            check=False,
+            timeout=count * wait + 5,
+        )
+        ok = f" {count} received" in out or (
+            count > 1 and " 0 received" not in out and "received" in out
+        )
+        rtt = None
+        for line in out.splitlines():
+            if "min/avg/max" in line:
+                rtt = float(line.split("=")[1].split("/")[1])
+        return PingResult(src, dst, ok and rtt is not None, rtt)
+
+    def cross_host_pairs(self) -> list[tuple[Container, Container]]:
+        cs = self.containers()
+        return [(a, b) for a in cs for b in cs if a.host != b.host]
+
+    def check(self, *, timeout: float = 20.0) -> list[PingResult]:
+        """Ping every container from every container on another host; pairs
+        that fail are retried until all answer or the timeout passes."""
+        pending = self.cross_host_pairs()
+        results: dict[tuple[str, str], PingResult] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            outcome = self._parallel(lambda pair: self.ping(*pair), pending)
+            for r in outcome:
+                results[(r.src.ns, r.dst.ns)] = r
+            pending = [(r.src, r.dst) for r in outcome if not r.ok]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        return sorted(results.values(), key=lambda r: (r.src.ns, r.dst.ns))
+
+    @staticmethod
+    def _parallel(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(fn, items))
+
+    # --- tearing down -----------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Remove every namespace of this lab and everything running in it."""
+        removed = []
+        # Containers and hosts first, the underlay switch last.
+        for ns in sorted(self.namespaces(), key=lambda n: (n == self.switch_ns, n)):
+            netns.delete_namespace(ns)
+            removed.append(ns)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        netns.reap_children()
+        return removed
+
+
+@contextmanager
+def running_lab(name: str, hosts: int, *, lease_ttl: int = 60) -> Iterator[Lab]:
+    """A lab that is torn down whatever happens inside the block."""
+    lab = Lab(name)
+    try:
+        lab.up(hosts, lease_ttl=lease_ttl)
+        yield lab
+    finally:
+        lab.down()

@@ -1,0 +1,87 @@
+"""Thin, synchronous wrappers around iproute2 for building lab namespaces.
+
+Every command here names a namespace: the lab never adds an address or a
+route to the root namespace, and veth pairs are created with both ends
+already inside lab namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+
+class LabCommandError(RuntimeError):
+    pass
+
+
+def sh(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise LabCommandError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def ip(ns: str, *args: str, check: bool = True) -> str:
+    return sh(["ip", "-n", ns, *args], check=check)
+
+
+def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
+    return sh(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+
+
+def list_namespaces() -> list[str]:
+    out = sh(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def add_namespace(ns: str) -> None:
+    sh(["ip", "netns", "add", ns])
+    ip(ns, "link", "set", "lo", "up")
+
+
+def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, *, mtu: int | None = None) -> None:
+    """A veth pair whose ends are created directly in two lab namespaces."""
+    extra = ["mtu", str(mtu)] if mtu else []
+    ip(ns_a, "link", "add", name_a, *extra, "type", "veth", "peer", "name", name_b, "netns", ns_b)
+
+
+def pids_in(ns: str) -> list[int]:
+    out = sh(["ip", "netns", "pids", ns], check=False)
+    return [int(x) for x in out.split() if x.isdigit()]
+
+
+def kill_namespace_processes(ns: str, *, grace: float = 3.0) -> None:
+    """SIGTERM everything running in the namespace, then SIGKILL stragglers."""
+    pids = pids_in(ns)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = pids_in(ns)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def delete_namespace(ns: str) -> None:
+    kill_namespace_processes(ns)
+    sh(["ip", "netns", "delete", ns], check=False)
+
+
+def reap_children() -> None:
+    """Collect exit statuses of children we started and have since killed, so
+    that a long-lived driver (a test session) leaves no zombies behind."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return

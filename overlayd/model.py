@@ -1,0 +1,128 @@
+"""Frozen value types shared by the pure core and the adapters.
+
+Everything here is plain data: the cluster's network config, a subnet lease,
+and the kernel entries overlayd owns. Constructors trust their input; the
+validating `parse_*` functions live in `config.py` and `plan/leases.py`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+DEFAULT_VNI = 1
+# Linux's historical VXLAN port, which flannel uses by default on Linux.
+DEFAULT_VXLAN_PORT = 8472
+# Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+VXLAN_OVERHEAD = 50
+# Private route protocol number: marks the routes overlayd owns, so that it
+# never deletes a route somebody else added (see /etc/iproute2/rt_protos).
+ROUTE_PROTOCOL = 77
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """The `Backend` object of the network config."""
+
+    type: str = "vxlan"
+    vni: int = DEFAULT_VNI
+    port: int = DEFAULT_VXLAN_PORT
+    mtu: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """The cluster-wide network config (flannel's schema), defaults applied."""
+
+    network: IPv4Network
+    subnet_len: int
+    subnet_min: IPv4Address
+    subnet_max: IPv4Address
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One host's subnet lease, as stored in etcd in flannel's format."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    vni: int
+    vtep_mac: str
+    backend_type: str = "vxlan"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """The two devices overlayd owns on a host and how they must look."""
+
+    bridge: str
+    bridge_mac: str
+    gateway: IPv4Interface
+    vtep: str
+    vtep_mac: str
+    vni: int
+    port: int
+    local_ip: IPv4Address
+    underlay_ifindex: int
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """`route <dst> via <gateway> dev <bridge> onlink proto ROUTE_PROTOCOL`."""
+
+    dst: IPv4Network
+    gateway: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbour:
+    """`neigh <ip> lladdr <mac> dev <bridge> nud permanent`."""
+
+    ip: IPv4Address
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelFdb:
+    """`fdb <mac> dev <vtep> dst <remote> self permanent`: which host."""
+
+    mac: str
+    remote: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeFdb:
+    """`fdb <mac> dev <vtep> master static`: which bridge port."""
+
+    mac: str
+
+
+Entry = Route | Neighbour | TunnelFdb | BridgeFdb
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySet:
+    """The per-peer kernel entries, keyed the way the kernel keys them."""
+
+    routes: Mapping[IPv4Network, Route] = field(default_factory=dict)
+    neighbours: Mapping[IPv4Address, Neighbour] = field(default_factory=dict)
+    tunnel_fdb: Mapping[str, TunnelFdb] = field(default_factory=dict)
+    bridge_fdb: Mapping[str, BridgeFdb] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.routes) + len(self.neighbours) + len(self.tunnel_fdb) + len(self.bridge_fdb)
+
+
+class Op(enum.Enum):
+    REPLACE = "replace"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    op: Op
+    entry: Entry

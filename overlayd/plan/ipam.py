@@ -1,0 +1,75 @@
+"""Choosing this host's subnet: which subnets exist, which are free, which one to try.
+
+The etcd transaction (create only if absent) is what guarantees that no two
+hosts hold the same subnet; this module only makes a good first guess, so
+that many hosts starting at once rarely collide.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+from overlayd.errors import SubnetsExhaustedError
+from overlayd.model import NetworkConfig
+
+# Pick at random among the first this-many free subnets: low numbers stay
+# dense (as flannel does), and simultaneous starters spread out.
+PICK_WINDOW = 256
+
+
+def candidate_subnets(config: NetworkConfig) -> Iterator[IPv4Network]:
+    size = 1 << (32 - config.subnet_len)
+    for start in range(int(config.subnet_min), int(config.subnet_max) + 1, size):
+        yield IPv4Network((start, config.subnet_len))
+
+
+def is_candidate(config: NetworkConfig, subnet: IPv4Network) -> bool:
+    return (
+        subnet.prefixlen == config.subnet_len
+        and config.subnet_min <= subnet.network_address <= config.subnet_max
+        and subnet.subnet_of(config.network)
+    )
+
+
+def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network]) -> Iterator[IPv4Network]:
+    same_len = {t.network_address for t in taken if t.prefixlen == config.subnet_len}
+    other_len = [t for t in taken if t.prefixlen != config.subnet_len]
+    for subnet in candidate_subnets(config):
+        if subnet.network_address in same_len:
+            continue
+        if any(subnet.overlaps(t) for t in other_len):
+            continue
+        yield subnet
+
+
+def pick_subnet(
+    config: NetworkConfig,
+    taken: Iterable[IPv4Network],
+    *,
+    preferred: Sequence[IPv4Network] = (),
+    rng: random.Random | None = None,
+) -> IPv4Network:
+    """The first free preferred subnet, else a random one of the first free ones."""
+    taken = list(taken)
+    for subnet in preferred:
+        if is_candidate(config, subnet) and not any(subnet.overlaps(t) for t in taken):
+            return subnet
+    window: list[IPv4Network] = []
+    for subnet in free_subnets(config, taken):
+        window.append(subnet)
+        if len(window) >= PICK_WINDOW:
+            break
+    if not window:
+        total = sum(1 for _ in candidate_subnets(config))
+        raise SubnetsExhaustedError(
+            f"no free /{config.subnet_len} subnet left in {config.network}"
+            f" between {config.subnet_min} and {config.subnet_max}: all {total} are leased"
+        )
+    return (rng or random.Random()).choice(window)
+
+
+def gateway_address(subnet: IPv4Network) -> IPv4Address:
+    """The bridge's address: the first host address of the subnet."""
+    return subnet.network_address + 1

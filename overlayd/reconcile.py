@@ -1,0 +1,148 @@
+"""The one reconcile loop: make the kernel match what the agent knows.
+
+Events (etcd watch, the resync timer, a failed apply) only mark the state
+dirty; a single task turns dirty into one pass at a time, so passes never
+overlap and a burst of events costs one pass:
+
+    desired = desired_entries(usable peers)       pure
+    actual  = read_entries(bridge, vtep)          I/O, only what we own
+    changes = diff(desired, actual)               pure
+    apply(changes)                                I/O, idempotent, ordered
+
+A pass that fails in any way is retried after a short delay; a stray entry
+goes because it is not desired, not because an event said so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from overlayd.dataplane import entries, sysctl
+from overlayd.dataplane.netlink import Netlink
+from overlayd.model import (
+    DeviceSpec,
+    Entry,
+    Lease,
+    Neighbour,
+    NetworkConfig,
+    Route,
+    TunnelFdb,
+)
+from overlayd.plan.desired import desired_entries
+from overlayd.plan.diff import diff
+from overlayd.plan.leases import select_peers
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 0.5
+# A cold start with thousands of peers logs a count, not thousands of lines.
+LOG_CHANGES_MAX = 40
+
+
+def describe(entry: Entry) -> str:
+    if isinstance(entry, Route):
+        return f"kind=route dst={entry.dst} via={entry.gateway}"
+    if isinstance(entry, Neighbour):
+        return f"kind=neigh ip={entry.ip} mac={entry.mac}"
+    if isinstance(entry, TunnelFdb):
+        return f"kind=fdb_tunnel mac={entry.mac} remote={entry.remote}"
+    return f"kind=fdb_bridge mac={entry.mac}"
+
+
+@dataclass
+class PassResult:
+    ok: bool
+    changes: int = 0
+    peers: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Knowledge:
+    """What the agent knows; the watch and the leaser write it."""
+
+    config: NetworkConfig
+    own: Lease
+    spec: DeviceSpec
+    etcd_prefix: str
+    raw_leases: dict[str, bytes] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(self, knowledge: Knowledge, netlink: Netlink) -> None:
+        self.knowledge = knowledge
+        self._netlink = netlink
+        self._dirty = asyncio.Event()
+        self._warned: dict[str, str] = {}
+        self.last: PassResult | None = None
+        self.passes = 0
+        self.on_pass: Callable[[PassResult], None] | None = None
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def _warn_rejected(self, rejected: Mapping[str, str]) -> None:
+        # One warning per bad lease (and again only if its reason changes).
+        for key, reason in rejected.items():
+            if self._warned.get(key) != reason:
+                log.warning("event=lease_skipped key=%s reason=%r", key, reason)
+        self._warned = dict(rejected)
+
+    async def reconcile_once(self) -> PassResult:
+        started = time.monotonic()
+        k = self.knowledge
+        try:
+            selection = select_peers(k.config, k.own, k.raw_leases, k.etcd_prefix)
+            self._warn_rejected({r.key: r.reason for r in selection.rejected})
+            for what in await self._netlink.ensure_devices(k.spec):
+                log.info("event=device_changed what=%r", what)
+            for what in sysctl.ensure_forwarding_and_redirects(k.spec.bridge):
+                log.info("event=sysctl what=%r", what)
+            desired = desired_entries(selection.peers)
+            actual = await entries.read_entries(k.spec.bridge, k.spec.vtep)
+            changes = diff(desired, actual)
+            if changes:
+                result = await entries.apply_changes(changes, k.spec.bridge, k.spec.vtep)
+                for change in changes[:LOG_CHANGES_MAX]:
+                    log.info("event=entry_%s %s", change.op.value, describe(change.entry))
+                if len(changes) > LOG_CHANGES_MAX:
+                    log.info(
+                        "event=entries_changed count=%d (first %d listed)",
+                        len(changes),
+                        LOG_CHANGES_MAX,
+                    )
+                if result.failed:
+                    raise RuntimeError("; ".join(result.failed[:5]))
+            outcome = PassResult(
+                ok=True,
+                changes=len(changes),
+                peers=len(selection.peers),
+                seconds=time.monotonic() - started,
+            )
+        except Exception as exc:  # any failure: re-read everything next pass
+            log.error("event=reconcile_failed error=%r", exc)
+            outcome = PassResult(ok=False, seconds=time.monotonic() - started, error=repr(exc))
+        self.last = outcome
+        self.passes += 1
+        if self.on_pass is not None:
+            self.on_pass(outcome)
+        return outcome
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            result = await self.reconcile_once()
+            if not result.ok:
+                await asyncio.sleep(RETRY_SECONDS)
+                self.mark_dirty()
+
+    async def resync_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.mark_dirty()

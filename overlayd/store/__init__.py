@@ -1,0 +1,1 @@
+"""Control-plane I/O: the etcd adapter."""

@@ -1,0 +1,61 @@
+"""flannel's subnet file (`/run/flannel/subnet.env`), which CNI plugins and
+Docker helper scripts read to learn this host's subnet and MTU."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+
+from overlayd.plan.ipam import gateway_address
+
+
+@dataclass(frozen=True, slots=True)
+class SubnetFile:
+    network: IPv4Network
+    subnet: IPv4Network
+    mtu: int
+    ipmasq: bool = False
+
+    def render(self) -> str:
+        gateway = IPv4Interface((gateway_address(self.subnet), self.subnet.prefixlen))
+        return (
+            f"FLANNEL_NETWORK={self.network}\n"
+            f"FLANNEL_SUBNET={gateway}\n"
+            f"FLANNEL_MTU={self.mtu}\n"
+            f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
+        )
+
+
+def read_subnet(path: Path) -> IPv4Network | None:
+    """The subnet recorded by a previous run, or None if there is none usable."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "FLANNEL_SUBNET":
+            try:
+                return IPv4Interface(value.strip()).network
+            except ValueError:
+                return None
+    return None
+
+
+def write_atomically(path: Path, content: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
