@@ -160,6 +160,7 @@ DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_SUBNET_FILE = Path("/run/flannel/subnet.env")
 DEFAULT_BRIDGE = "ovl0"
 DEFAULT_LEASE_TTL = 300
+MIN_LEASE_TTL = 5
 DEFAULT_RESYNC_SECONDS = 30.0
 ENV_PREFIX = "OVERLAYD_"
 IFNAMSIZ = 15
@@ -262,6 +263,15 @@ def _positive_number(value: Any, field: str, kind: type[int] | type[float]) -> A
     return number
 
 
+def _lease_ttl(value: Any) -> int:
+    ttl: int = _positive_number(value, "lease-ttl", int)
+    # Renewal runs every third of the TTL; below a few seconds one slow etcd
+    # answer would cost the lease.
+    if ttl < MIN_LEASE_TTL:
+        raise ConfigError("lease-ttl", f"must be at least {MIN_LEASE_TTL} seconds, got {ttl}")
+    return ttl
+
+
 def build_agent_config(
     *,
     flags: Mapping[str, Any],
@@ -301,7 +311,7 @@ def build_agent_config(
         public_ip=parsed_ip,
         subnet_file=Path(str(merged.get("subnet-file", defaults.subnet_file))),
         bridge=_ifname(merged.get("bridge", defaults.bridge), "bridge"),
-        lease_ttl=_positive_number(merged.get("lease-ttl", defaults.lease_ttl), "lease-ttl", int),
+        lease_ttl=_lease_ttl(merged.get("lease-ttl", defaults.lease_ttl)),
         resync_seconds=_positive_number(
             merged.get("resync-seconds", defaults.resync_seconds), "resync-seconds", float
         ),

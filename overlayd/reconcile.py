@@ -74,9 +74,10 @@ class Knowledge:
 
 
 class Reconciler:
-    def __init__(self, knowledge: Knowledge, netlink: Netlink) -> None:
+    def __init__(self, knowledge: Knowledge, netlink: Netlink, *, netns: str | None = None) -> None:
         self.knowledge = knowledge
         self._netlink = netlink
+        self._netns = netns
         self._dirty = asyncio.Event()
         self._warned: dict[str, str] = {}
         self.last: PassResult | None = None
@@ -101,13 +102,15 @@ class Reconciler:
             self._warn_rejected({r.key: r.reason for r in selection.rejected})
             for what in await self._netlink.ensure_devices(k.spec):
                 log.info("event=device_changed what=%r", what)
-            for what in sysctl.ensure_forwarding_and_redirects(k.spec.bridge):
+            for what in sysctl.ensure_forwarding_and_redirects(k.spec.bridge, netns=self._netns):
                 log.info("event=sysctl what=%r", what)
             desired = desired_entries(selection.peers)
-            actual = await entries.read_entries(k.spec.bridge, k.spec.vtep)
+            actual = await entries.read_entries(k.spec.bridge, k.spec.vtep, netns=self._netns)
             changes = diff(desired, actual)
             if changes:
-                result = await entries.apply_changes(changes, k.spec.bridge, k.spec.vtep)
+                result = await entries.apply_changes(
+                    changes, k.spec.bridge, k.spec.vtep, netns=self._netns
+                )
                 for change in changes[:LOG_CHANGES_MAX]:
                     log.info("event=entry_%s %s", change.op.value, describe(change.entry))
                 if len(changes) > LOG_CHANGES_MAX:

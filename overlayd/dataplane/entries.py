@@ -74,12 +74,17 @@ def _route_dst(text: str) -> IPv4Network:
     return IPv4Network(text if "/" in text else f"{text}/32")
 
 
-async def read_entries(bridge: str, vtep: str) -> EntrySet:
+def _tool(name: str, netns: str | None) -> list[str]:
+    return [name, "-n", netns] if netns else [name]
+
+
+async def read_entries(bridge: str, vtep: str, *, netns: str | None = None) -> EntrySet:
     """The entries overlayd owns, as the kernel holds them now."""
+    ip, br = _tool("ip", netns), _tool("bridge", netns)
     routes_raw, neigh_raw, fdb_raw = await asyncio.gather(
-        _json(["ip", "-j", "-4", "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
-        _json(["ip", "-j", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"]),
-        _json(["bridge", "-j", "fdb", "show", "dev", vtep]),
+        _json([*ip, "-j", "-4", "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
+        _json([*ip, "-j", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"]),
+        _json([*br, "-j", "fdb", "show", "dev", vtep]),
     )
     routes: dict[IPv4Network, Route] = {}
     for item in routes_raw:
@@ -132,7 +137,9 @@ def _line(change: Change, bridge: str, vtep: str) -> tuple[str, str]:
     return "bridge", f"fdb {op} {entry.mac} dev {vtep} master static"
 
 
-async def apply_changes(changes: Sequence[Change], bridge: str, vtep: str) -> ApplyResult:
+async def apply_changes(
+    changes: Sequence[Change], bridge: str, vtep: str, *, netns: str | None = None
+) -> ApplyResult:
     """Apply in the given order, batching consecutive lines of the same tool.
 
     `-force` keeps a batch going past a failed line; the failures come back
@@ -147,9 +154,8 @@ async def apply_changes(changes: Sequence[Change], bridge: str, vtep: str) -> Ap
         else:
             groups.append((tool, [line]))
     for tool, lines in groups:
-        code, _, err = await run(
-            [tool, "-force", "-batch", "-"], ("\n".join(lines) + "\n").encode()
-        )
+        batch = ("\n".join(lines) + "\n").encode()
+        code, _, err = await run([*_tool(tool, netns), "-force", "-batch", "-"], batch)
         if code != 0:
             failed.extend(x for x in err.decode(errors="replace").splitlines() if x.strip())
     return ApplyResult(applied=len(changes), failed=tuple(failed))

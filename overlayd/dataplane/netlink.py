@@ -43,10 +43,10 @@ def _info_kind(link: Any) -> str | None:
 
 
 class Netlink:
-    """An rtnetlink socket in the current network namespace."""
+    """An rtnetlink socket in the current (or the named) network namespace."""
 
-    def __init__(self) -> None:
-        self._ipr = AsyncIPRoute()
+    def __init__(self, netns: str | None = None) -> None:
+        self._ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
 
     async def close(self) -> None:
         self._ipr.close()

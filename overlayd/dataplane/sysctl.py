@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -10,25 +11,45 @@ log = logging.getLogger(__name__)
 PROC = Path("/proc/sys/net/ipv4")
 
 
-def _set(path: Path, value: str) -> bool:
-    """Write the value if it differs; True when something changed."""
-    if path.read_text().strip() == value:
+def _set(path: Path, value: str, netns: str | None) -> bool:
+    """Write the value if it differs; True when something changed.
+
+    /proc/sys/net shows the namespace of the process that reads it, so for
+    another namespace the write goes through `ip netns exec ... sysctl`.
+    """
+    if netns is None:
+        if path.read_text().strip() == value:
+            return False
+        path.write_text(value + "\n")
+        return True
+    key = ".".join(path.relative_to("/proc/sys").parts)
+    current = subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-n", key],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if current == value:
         return False
-    path.write_text(value + "\n")
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}"],
+        capture_output=True,
+        check=True,
+    )
     return True
 
 
-def ensure_forwarding_and_redirects(bridge: str) -> list[str]:
+def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = None) -> list[str]:
     """IPv4 forwarding on (hosts route between bridge and tunnel); ICMP
     redirects off for the bridge, where containers and the tunnel share one
     link and a redirect would send a container to a next hop it cannot use.
     The kernel sends redirects if either `all` or the device says so, so
     both are cleared."""
     changed = []
-    if _set(PROC / "ip_forward", "1"):
+    if _set(PROC / "ip_forward", "1", netns):
         changed.append("enabled IPv4 forwarding (net.ipv4.ip_forward=1)")
     for scope in ("all", bridge):
         path = PROC / "conf" / scope / "send_redirects"
-        if path.exists() and _set(path, "0"):
+        if _set(path, "0", netns):
             changed.append(f"disabled ICMP redirects (net.ipv4.conf.{scope}.send_redirects=0)")
     return changed

@@ -80,7 +80,10 @@ def wait_healthy(state_dir: Path, proc: subprocess.Popen[bytes], timeout: float 
         # etcdctl 3.4 prints its health verdict on stderr.
         health = subprocess.run(
             ["etcdctl", "--endpoints", endpoint, "endpoint", "health"],
-            capture_output=True, text=True, timeout=5, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         if health.returncode == 0:
             return

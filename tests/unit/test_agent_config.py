@@ -1,0 +1,78 @@
+"""Agent settings: flags beat the environment, which beats the TOML file."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from overlayd.cli.daemon import load_settings
+from overlayd.config import build_agent_config, read_toml
+from overlayd.errors import ConfigError
+
+
+def test_defaults_follow_flannel() -> None:
+    cfg = build_agent_config(flags={}, env={})
+    assert cfg.etcd_prefix == "/coreos.com/network"
+    assert cfg.subnet_file == Path("/run/flannel/subnet.env")
+    assert cfg.bridge == "ovl0"
+
+
+def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "overlayd.toml"
+    toml.write_text('bridge = "filebr"\nlease-ttl = 10\netcd-prefix = "/file"\n')
+    cfg = build_agent_config(
+        flags={"bridge": "flagbr"},
+        file=read_toml(toml),
+        env={"OVERLAYD_BRIDGE": "envbr", "OVERLAYD_LEASE_TTL": "20"},
+    )
+    assert cfg.bridge == "flagbr"
+    assert cfg.lease_ttl == 20
+    assert cfg.etcd_prefix == "/file"
+
+
+def test_the_daemon_command_line_reads_the_config_file(tmp_path: Path) -> None:
+    toml = tmp_path / "overlayd.toml"
+    toml.write_text('etcd-endpoints = ["http://192.0.2.2:2379", "http://192.0.2.3:2379"]\n')
+    cfg = load_settings(["--config", str(toml), "--public-ip", "192.0.2.11", "--iface", "eth0"])
+    assert cfg.etcd_endpoints == ("http://192.0.2.2:2379", "http://192.0.2.3:2379")
+    assert cfg.public_ip == IPv4Address("192.0.2.11")
+    assert cfg.iface == "eth0"
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        ({"etcd-endpoints": "https://x:1"}, "etcd-endpoints"),
+        ({"etcd-endpoints": "http://nohost"}, "etcd-endpoints"),
+        ({"public-ip": "127.0.0.1"}, "public-ip"),
+        ({"public-ip": "not-an-ip"}, "public-ip"),
+        ({"bridge": "a-name-that-is-far-too-long"}, "bridge"),
+        ({"lease-ttl": "0"}, "lease-ttl"),
+        ({"resync-seconds": "-1"}, "resync-seconds"),
+        ({"etcd-prefix": "no/leading/slash"}, "etcd-prefix"),
+        ({"log-level": "chatty"}, "log-level"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_setting(flags: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_agent_config(flags=flags, env={})
+    assert caught.value.field == field
+
+
+def test_unknown_or_broken_toml_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("brige = 'typo'\n")
+    with pytest.raises(ConfigError) as caught:
+        read_toml(bad)
+    assert caught.value.field == "brige"
+    bad.write_text("bridge = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_toml(bad)
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "config" / "overlayd.toml"
+    cfg = build_agent_config(flags={}, file=read_toml(example), env={})
+    assert cfg.etcd_endpoints

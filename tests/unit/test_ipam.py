@@ -1,0 +1,59 @@
+"""Subnet picking: only candidates, never a taken or overlapping one."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Network
+
+import pytest
+
+from overlayd.config import parse_network_config
+from overlayd.errors import SubnetsExhaustedError
+from overlayd.plan.ipam import candidate_subnets, pick_subnet
+
+CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
+SMALL = parse_network_config('{"Network": "10.0.0.0/26"}')  # /28s: three usable
+
+
+def test_candidates_skip_the_first_subnet_and_end_at_the_last() -> None:
+    subnets = list(candidate_subnets(CONFIG))
+    assert subnets[0] == IPv4Network("10.244.1.0/24")
+    assert subnets[-1] == IPv4Network("10.244.255.0/24")
+    assert len(subnets) == 255
+
+
+def test_a_free_preferred_subnet_wins() -> None:
+    wanted = IPv4Network("10.244.77.0/24")
+    assert pick_subnet(CONFIG, [], preferred=[wanted]) == wanted
+
+
+def test_a_taken_or_foreign_preferred_subnet_is_passed_over() -> None:
+    taken = IPv4Network("10.244.77.0/24")
+    picked = pick_subnet(
+        CONFIG, [taken], preferred=[taken, IPv4Network("10.99.0.0/24")], rng=random.Random(1)
+    )
+    assert picked != taken and picked.subnet_of(CONFIG.network)
+
+
+def test_picks_never_overlap_leases_of_another_length() -> None:
+    taken = [IPv4Network("10.0.0.0/27")]  # covers 10.0.0.16/28
+    for seed in range(20):
+        picked = pick_subnet(SMALL, taken, rng=random.Random(seed))
+        assert not picked.overlaps(taken[0])
+
+
+def test_exhaustion_names_the_network_and_the_size() -> None:
+    taken = list(candidate_subnets(SMALL))
+    with pytest.raises(SubnetsExhaustedError, match=r"/28 subnet left in 10.0.0.0/26.*all 3"):
+        pick_subnet(SMALL, taken)
+
+
+def test_every_pick_from_a_partly_full_network_is_free() -> None:
+    rng = random.Random(7)
+    taken: list[IPv4Network] = []
+    for _ in range(255):
+        picked = pick_subnet(CONFIG, taken, rng=rng)
+        assert picked not in taken
+        taken.append(picked)
+    with pytest.raises(SubnetsExhaustedError):
+        pick_subnet(CONFIG, taken, rng=rng)

@@ -1,0 +1,45 @@
+"""The subnet file is flannel's and atomic; etcd endpoints map to one gRPC target."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from overlayd.store.etcd import grpc_target
+from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
+
+
+def test_subnet_file_has_flannels_four_variables(tmp_path: Path) -> None:
+    content = SubnetFile(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 1450).render()
+    assert content == (
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+    )
+    path = tmp_path / "run" / "subnet.env"
+    write_atomically(path, content)
+    assert read_subnet(path) == IPv4Network("10.244.7.0/24")
+    assert [p.name for p in path.parent.iterdir()] == ["subnet.env"]  # no temp file left
+
+
+def test_a_missing_or_broken_subnet_file_gives_no_hint(tmp_path: Path) -> None:
+    assert read_subnet(tmp_path / "absent") is None
+    broken = tmp_path / "broken"
+    broken.write_text("FLANNEL_SUBNET=nonsense\n")
+    assert read_subnet(broken) is None
+
+
+def test_several_ip_endpoints_become_one_failover_target() -> None:
+    target = grpc_target(["http://192.0.2.2:2379", "http://192.0.2.3:2379"])
+    assert target == "ipv4:192.0.2.2:2379,192.0.2.3:2379"
+
+
+def test_a_single_host_name_is_resolved_by_grpc() -> None:
+    assert grpc_target(["http://etcd.example:2379"]) == "dns:etcd.example:2379"
+    with pytest.raises(ValueError, match="IP addresses"):
+        grpc_target(["http://a.example:2379", "http://b.example:2379"])
+
+
+def test_a_unix_socket_endpoint_is_passed_through() -> None:
+    assert grpc_target(["unix:///run/etcd.sock:0"]) == "unix:/run/etcd.sock:0"
