@@ -203,12 +203,16 @@ class Lab:
         netns.ip(ns, "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
         netns.ip(ns, "link", "set", "eth0", "up")
 
+    def attach_host_namespace(self, host: int) -> None:
+        """The host's namespace, plugged into the underlay switch."""
+        self._attach_to_switch(self.host_ns(host), f"h{host}", self.host_address(host))
+        self.subnet_file(host).parent.mkdir(parents=True, exist_ok=True)
+
     def add_host(self, host: int, *, containers: int | None = None) -> None:
         """A new host on the underlay, its daemon, and its containers."""
         if containers is None:
             containers = self._settings()["containers_per_host"]
-        self._attach_to_switch(self.host_ns(host), f"h{host}", self.host_address(host))
-        self.subnet_file(host).parent.mkdir(parents=True, exist_ok=True)
+        self.attach_host_namespace(host)
         self.start_daemon(host)
         self.wait_ready(host)
         for index in range(1, containers + 1):
@@ -276,17 +280,25 @@ class Lab:
                 return int(line.split("=", 1)[1])
         raise LabCommandError(f"h{host}'s subnet file has no FLANNEL_MTU")
 
-    def add_container(self, host: int, index: int) -> Container:
+    def add_container(
+        self,
+        host: int,
+        index: int,
+        *,
+        bridge: str = "ovl0",
+        subnet: IPv4Network | None = None,
+        mtu: int | None = None,
+    ) -> Container:
         """A namespace with eth0 on the host's bridge, addressed from its subnet
         (the bridge holds .1, containers take .2 upwards)."""
-        subnet = self.subnet(host)
+        subnet = subnet or self.subnet(host)
         gateway = subnet.network_address + 1
         address = IPv4Interface((subnet.network_address + 1 + index, subnet.prefixlen))
         ns = self.container_ns(host, index)
-        mtu = self.mtu(host)
+        mtu = mtu or self.mtu(host)
         netns.add_namespace(ns)
         netns.veth(self.host_ns(host), f"c{index}", ns, "eth0", mtu=mtu)
-        netns.ip(self.host_ns(host), "link", "set", f"c{index}", "master", "ovl0", "up")
+        netns.ip(self.host_ns(host), "link", "set", f"c{index}", "master", bridge, "up")
         netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
         netns.ip(ns, "link", "set", "eth0", "up")
         netns.ip(ns, "route", "add", "default", "via", str(gateway))

@@ -7,6 +7,7 @@ import json
 import subprocess
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def sh(ns: str, *argv: str) -> str:
     ).stdout
 
 
-def jq(ns: str, *argv: str) -> list[dict[str, object]]:
+def jq(ns: str, *argv: str) -> list[dict[str, Any]]:
     out = sh(ns, *argv)
     return json.loads(out) if out.strip() else []
 
@@ -73,7 +74,7 @@ async def host(netns: str) -> AsyncIterator[tuple[str, Reconciler]]:
 
 def routes(ns: str) -> dict[str, str]:
     return {
-        r["dst"]: f"{r['gateway']} {r['dev']} {' '.join(r['flags'])}"  # type: ignore[arg-type]
+        r["dst"]: f"{r['gateway']} {r['dev']} {' '.join(r['flags'])}"
         for r in jq(ns, "ip", "-j", "route", "show", "proto", "77")
     }
 
@@ -116,7 +117,7 @@ async def test_first_pass_builds_devices_and_every_peer_entry(host: tuple[str, R
     assert bridge["address"] == rec.knowledge.spec.bridge_mac and bridge["mtu"] == 1450
     assert "10.244.1.1/24" in sh(ns, "ip", "-4", "addr", "show", "dev", "ovl0")
     vtep = jq(ns, "ip", "-j", "-d", "link", "show", "ovl.1")[0]
-    data = vtep["linkinfo"]["info_data"]  # type: ignore[index]
+    data = vtep["linkinfo"]["info_data"]
     assert (data["id"], data["port"], data["local"], data["learning"]) == (
         1,
         8472,
@@ -124,7 +125,7 @@ async def test_first_pass_builds_devices_and_every_peer_entry(host: tuple[str, R
         False,
     )
     assert vtep["master"] == "ovl0" and vtep["mtu"] == 1450 and vtep["address"] == OWN.vtep_mac
-    port = vtep["linkinfo"]["info_slave_data"]  # type: ignore[index]
+    port = vtep["linkinfo"]["info_slave_data"]
     assert port["learning"] is False and port["flood"] is False
     assert routes(ns) == EXPECTED_ROUTES
     assert neighbours(ns) == EXPECTED_NEIGH
@@ -167,7 +168,7 @@ async def test_devices_deleted_or_altered_by_hand_are_rebuilt(host: tuple[str, R
     sh(ns, "ip", "link", "add", "ovl.1", "type", "vxlan", "id", "9", "dstport", "4789")
     assert (await rec.reconcile_once()).ok
     vtep = jq(ns, "ip", "-j", "-d", "link", "show", "ovl.1")[0]
-    assert vtep["linkinfo"]["info_data"]["id"] == 1  # type: ignore[index]
+    assert vtep["linkinfo"]["info_data"]["id"] == 1
     assert fdb(ns) == EXPECTED_FDB
 
 

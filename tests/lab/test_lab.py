@@ -1,0 +1,171 @@
+"""The multi-host lab end to end: a real etcd, one real overlayd per host,
+containers in namespaces, traffic across a namespaced underlay switch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from overlayd.lab import netns
+from overlayd.lab.flannel_style import add_flannel_style_host
+from overlayd.lab.lab import Lab, default_network_config
+from tests.conftest import SESSION_TAG, needs_root
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+VNI = 42
+PORT = 8472
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(f"{SESSION_TAG}a")
+    try:
+        lab.up(3, config=default_network_config(vni=VNI, port=PORT), lease_ttl=30)
+        yield lab
+    finally:
+        lab.down()
+
+
+def owned_routes(lab: Lab, host: int) -> set[str]:
+    out = netns.ip(lab.host_ns(host), "-j", "route", "show", "proto", "77")
+    return {r["dst"] for r in json.loads(out or "[]")}
+
+
+def kernel_mentions(lab: Lab, host: int, needle: str) -> bool:
+    ns = lab.host_ns(host)
+    text = (
+        netns.ip(ns, "route", "show", "proto", "77")
+        + netns.ip(ns, "neigh", "show", "dev", "ovl0", "nud", "permanent")
+        + netns.sh(["bridge", "-n", ns, "fdb", "show", "dev", f"ovl.{VNI}"])
+    )
+    return needle in text
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
+    """Seconds until the predicate held; fails the test at the timeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_every_container_reaches_every_other_hosts_containers(lab: Lab) -> None:
+    results = lab.check(timeout=15)
+    assert len(results) == 6
+    assert all(r.ok for r in results), [f"{r.src.ns}->{r.dst.ns}" for r in results if not r.ok]
+
+
+def test_underlay_carries_vxlan_with_the_configured_vni_and_port_and_no_nat(
+    lab: Lab, tmp_path: Path
+) -> None:
+    from scapy.all import ICMP, IP, UDP, VXLAN, bind_layers, rdpcap  # type: ignore[attr-defined]
+
+    bind_layers(UDP, VXLAN, dport=PORT)
+    src, dst = (next(c for c in lab.containers() if c.host == h) for h in (1, 2))
+    pcap = tmp_path / "underlay.pcap"
+    capture = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.switch_ns,
+            "tcpdump",
+            "-i",
+            "br0",
+            "-n",
+            "-U",
+            "-w",
+            str(pcap),
+            "-c",
+            "4",
+            "udp",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)  # let tcpdump attach
+        assert Lab.ping(src, dst, count=3, wait=1).ok
+        capture.wait(timeout=10)
+    finally:
+        capture.kill()
+        capture.wait()
+    packets = [p for p in rdpcap(str(pcap)) if VXLAN in p]
+    assert packets, "no VXLAN packet seen on the underlay"
+    first = packets[0]
+    assert first[UDP].dport == PORT
+    assert first[VXLAN].vni == VNI
+    outer = {(str(p[IP].src), str(p[IP].dst)) for p in packets}
+    assert ("192.0.2.11", "192.0.2.12") in outer
+    inner = [p[VXLAN][IP] for p in packets if ICMP in p[VXLAN]]
+    assert any(
+        IPv4Address(i.src) == src.address and IPv4Address(i.dst) == dst.address for i in inner
+    )
+
+
+def test_a_restarted_daemon_keeps_its_subnet_and_mac(lab: Lab) -> None:
+    subnet = lab.subnet(1)
+    leases_before = lab.leases()
+    lab.stop_daemon(1)
+    lab.start_daemon(1)
+    wait_until(
+        lambda: (
+            lab.daemon_running(1)
+            and "event=ready" in lab.daemon_log(1).read_text().split("event=stopping")[-1]
+        ),
+        20,
+    )
+    assert lab.subnet(1) == subnet
+    assert lab.leases() == leases_before
+    assert all(r.ok for r in lab.check(timeout=10))
+
+
+def test_a_fourth_host_becomes_reachable_from_all_others(lab: Lab) -> None:
+    lab.add_host(4)
+    new = [c for c in lab.containers() if c.host == 4]
+    others = [c for c in lab.containers() if c.host != 4]
+    assert new and others
+    for c in others:
+        assert lab.ping(c, new[0], wait=1).ok or lab.ping(c, new[0], count=3, wait=1).ok
+        assert lab.ping(new[0], c, wait=1).ok
+
+
+def test_a_flannel_programmed_host_and_overlayd_hosts_reach_each_other(lab: Lab) -> None:
+    flannel = add_flannel_style_host(lab, 9)
+    overlayd_containers = [c for c in lab.containers() if c.host != 9]
+    # The overlayd hosts learn the flannel host's lease through the etcd watch.
+    for c in overlayd_containers:
+        wait_until(partial(lambda dst: Lab.ping(flannel, dst, wait=0.5).ok, c), 10)
+        assert Lab.ping(c, flannel, wait=1).ok
+    netns.delete_namespace(flannel.ns)
+    netns.delete_namespace(lab.host_ns(9))
+    key = next(k for k, v in lab.leases().items() if b'"192.0.2.19"' in v)
+    lab.etcd(lambda s: s.delete(key))
+
+
+def test_a_host_whose_daemon_stops_and_lease_goes_disappears_everywhere(lab: Lab) -> None:
+    gone = lab.subnet(3)
+    mac = json.loads(lab.leases()[f"/coreos.com/network/subnets/{gone.network_address}-24"])[
+        "BackendData"
+    ]["VtepMAC"]
+    others = [h for h in lab.hosts() if h != 3]
+    assert all(str(gone) in owned_routes(lab, h) for h in others)
+    lab.stop_daemon(3)
+    lab.delete_lease(3)
+
+    def forgotten(host: int) -> bool:
+        return not kernel_mentions(lab, host, mac) and str(gone) not in owned_routes(lab, host)
+
+    for h in others:
+        wait_until(partial(forgotten, h), 5)
+        assert not kernel_mentions(lab, h, str(gone.network_address))
