@@ -162,6 +162,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         lab.add_host(host)
         print(f"h{host} up: subnet {lab.subnet(host)}")
         return 0
+    if args.lab_command == "timing":
+        from overlayd.lab.timing import time_joins, time_lab_up
+
+        for hosts in args.hosts:
+            print(time_lab_up(hosts, args.runs, name=f"{args.name}t").line(), flush=True)
+        for summary in time_joins(3, args.joins, name=f"{args.name}j"):
+            print(summary.line())
+        return 0
     if args.lab_command == "status":
         rows = [
             [
@@ -209,6 +217,12 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true")
     lab_sub.add_parser("add-host", parents=[common], help="add one more host")
     lab_sub.add_parser("status", parents=[common], help="the lab's hosts")
+    timing = lab_sub.add_parser(
+        "timing", parents=[common], help="figures: lab bring-up time and new-host join time (own labs)"
+    )
+    timing.add_argument("--hosts", type=int, nargs="+", default=[3, 10])
+    timing.add_argument("--runs", type=int, default=5)
+    timing.add_argument("--joins", type=int, default=7, help="hosts added one by one to 3")
     lab_sub.add_parser("down", parents=[common], help="remove everything the lab made")
     lab.set_defaults(func=cmd_lab)
     return p
