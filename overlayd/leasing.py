@@ -10,6 +10,7 @@ length and alignment, so they never partly overlap either.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -86,6 +87,18 @@ class SubnetLeaser:
         """Take back our previous subnet if etcd still has it, else the first
         free hint (the subnet file of a previous run), else a free subnet."""
         lease_id = await self._store.grant(self._ttl)
+        try:
+            held = await self._acquire_with(config, hints, lease_id)
+        except BaseException:
+            # Do not leave an unused etcd lease behind until its TTL runs out.
+            with contextlib.suppress(Exception):
+                await self._store.revoke(lease_id)
+            raise
+        return held
+
+    async def _acquire_with(
+        self, config: NetworkConfig, hints: tuple[IPv4Network, ...], lease_id: int
+    ) -> HeldLease:
         for _ in range(MAX_ATTEMPTS):
             raw, _ = await self._store.get_prefix(subnets_prefix(self._prefix))
             previous = await self._previous_subnet(config, raw)
@@ -107,7 +120,6 @@ class SubnetLeaser:
                 log.info("event=lease_acquired subnet=%s key=%s ttl=%d", subnet, key, self._ttl)
                 return HeldLease(lease=lease, key=key, lease_id=lease_id)
             log.debug("subnet %s was taken meanwhile; choosing again", subnet)
-        await self._store.revoke(lease_id)
         raise SubnetsExhaustedError(
             f"could not lease a subnet of {config.network} after {MAX_ATTEMPTS} attempts"
         )

@@ -218,7 +218,9 @@ def parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("add-host", parents=[common], help="add one more host")
     lab_sub.add_parser("status", parents=[common], help="the lab's hosts")
     timing = lab_sub.add_parser(
-        "timing", parents=[common], help="figures: lab bring-up time and new-host join time (own labs)"
+        "timing",
+        parents=[common],
+        help="figures: lab bring-up time and new-host join time (own labs)",
     )
     timing.add_argument("--hosts", type=int, nargs="+", default=[3, 10])
     timing.add_argument("--runs", type=int, default=5)

@@ -4,7 +4,9 @@ containers in namespaces, traffic across a namespaced underlay switch."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -169,3 +171,51 @@ def test_a_host_whose_daemon_stops_and_lease_goes_disappears_everywhere(lab: Lab
     for h in others:
         wait_until(partial(forgotten, h), 5)
         assert not kernel_mentions(lab, h, str(gone.network_address))
+
+
+def test_an_invalid_network_config_stops_the_daemon_naming_the_field(lab: Lab) -> None:
+    lab.etcd(lambda s: s.put("/bad/config", '{"Network": "10.0.0.0/16", "SubnetLen": 17}'))
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.host_ns(1),
+            sys.executable,
+            "-m",
+            "overlayd.cli.daemon",
+            "--etcd-endpoints",
+            "http://192.0.2.2:2379",
+            "--etcd-prefix",
+            "/bad",
+            "--iface",
+            "eth0",
+            "--bridge",
+            "badbr",
+            "--subnet-file",
+            "/nonexistent/subnet.env",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "SubnetLen: /17 leaves fewer than four subnets in 10.0.0.0/16" in proc.stderr
+    assert "badbr" not in netns.ip(lab.host_ns(1), "link")
+
+
+def test_lab_down_cleans_up_after_a_crash_half_way() -> None:
+    crashed = Lab(f"{SESSION_TAG}b")
+    netns.add_namespace(crashed.switch_ns)
+    netns.add_namespace(crashed.host_ns(1))
+    sleeper = subprocess.Popen(["ip", "netns", "exec", crashed.host_ns(1), "sleep", "300"])
+    try:
+        wait_until(lambda: bool(netns.pids_in(crashed.host_ns(1))), 5)
+        removed = crashed.down()
+        assert sorted(removed) == sorted([crashed.switch_ns, crashed.host_ns(1)])
+        assert not crashed.namespaces()
+        sleeper.wait(timeout=5)  # down() killed it (and may have reaped it already)
+        with pytest.raises(ProcessLookupError):
+            os.kill(sleeper.pid, 0)
+    finally:
+        sleeper.kill()

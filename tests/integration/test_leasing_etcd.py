@@ -1,0 +1,105 @@
+"""Subnet leases against a real etcd: atomic, distinct under contention,
+taken back after a restart, renewed, and refused clearly when exhausted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from overlayd.config import parse_network_config
+from overlayd.errors import SubnetsExhaustedError
+from overlayd.leasing import SubnetLeaser
+from overlayd.plan.leases import parse_lease, parse_subnet_key, subnet_key, subnets_prefix
+from overlayd.store.etcd import EtcdStore
+
+CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
+TINY = parse_network_config('{"Network": "10.9.0.0/26"}')  # three /28s
+
+
+def leaser(store: EtcdStore, prefix: str, host: int, ttl: int = 30) -> SubnetLeaser:
+    return SubnetLeaser(
+        store, etcd_prefix=prefix, public_ip=IPv4Address(f"192.0.2.{host}"), ttl=ttl
+    )
+
+
+async def test_many_hosts_starting_at_once_get_distinct_subnets(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        held = await asyncio.gather(
+            *(leaser(store, prefix, host).acquire(CONFIG) for host in range(1, 101))
+        )
+        subnets = [h.lease.subnet for h in held]
+        assert len(set(subnets)) == 100
+        raw, _ = await store.get_prefix(subnets_prefix(prefix))
+    assert len(raw) == 100
+    for key, value in raw.items():
+        lease = parse_lease(parse_subnet_key(key, prefix), value)
+        assert lease.subnet.subnet_of(CONFIG.network)
+        assert lease.subnet.network_address >= CONFIG.subnet_min
+
+
+async def test_the_lease_value_is_flannels(etcd_endpoint: str, prefix: str) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        held = await leaser(store, prefix, 7).acquire(CONFIG)
+        value, _ = await store.get(held.key)
+    assert value is not None
+    raw = json.loads(value)
+    assert raw["PublicIP"] == "192.0.2.7" and raw["BackendType"] == "vxlan"
+    assert raw["BackendData"] == {"VNI": 1, "VtepMAC": held.lease.vtep_mac}
+    assert held.key == subnet_key(prefix, held.lease.subnet)
+
+
+async def test_a_restarted_host_takes_back_its_subnet_and_mac(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        first = await leaser(store, prefix, 5).acquire(CONFIG)
+        for other in range(10, 20):
+            await leaser(store, prefix, other).acquire(CONFIG)
+        again = await leaser(store, prefix, 5).acquire(CONFIG)  # the old etcd lease still lives
+        assert again.lease == first.lease and again.key == first.key
+        assert again.lease_id != first.lease_id
+        # The key now hangs on the new etcd lease: revoking the old one keeps it.
+        await store.revoke(first.lease_id)
+        assert (await store.get(first.key))[0] is not None
+
+
+async def test_the_subnet_file_hint_is_used_when_free_and_skipped_when_taken(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    wanted = IPv4Network("10.244.200.0/24")
+    async with EtcdStore([etcd_endpoint]) as store:
+        held = await leaser(store, prefix, 1).acquire(CONFIG, hints=(wanted,))
+        assert held.lease.subnet == wanted
+        other = await leaser(store, prefix, 2).acquire(CONFIG, hints=(wanted,))
+        assert other.lease.subnet != wanted
+
+
+async def test_renewal_keeps_the_lease_and_reports_expiry(etcd_endpoint: str, prefix: str) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        held = await leaser(store, prefix, 1, ttl=2).acquire(CONFIG)
+        lease_holder = leaser(store, prefix, 1, ttl=2)
+        for _ in range(3):
+            await asyncio.sleep(1)
+            assert await lease_holder.renew(held)
+        assert (await store.get(held.key))[0] is not None
+        await asyncio.sleep(3.5)
+        assert not await lease_holder.renew(held)
+        assert (await store.get(held.key))[0] is None
+
+
+async def test_exhaustion_is_a_clear_error_and_an_expired_lease_is_reused(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        short = [await leaser(store, prefix, h, ttl=2).acquire(TINY) for h in (1, 2)]
+        await leaser(store, prefix, 3, ttl=60).acquire(TINY)
+        with pytest.raises(SubnetsExhaustedError, match=r"/28 subnet left in 10.9.0.0/26"):
+            await leaser(store, prefix, 4).acquire(TINY)
+        await asyncio.sleep(3.5)  # the two short leases expire
+        late = await leaser(store, prefix, 4).acquire(TINY)
+        assert late.lease.subnet in {h.lease.subnet for h in short}
