@@ -16,11 +16,12 @@ from ipaddress import IPv4Network
 from typing import TypeVar
 
 from overlayd.config import AgentConfig, parse_network_config
-from overlayd.dataplane.netlink import Netlink
+from overlayd.dataplane import Dataplane
 from overlayd.errors import ConfigError
 from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
 from overlayd.model import NetworkConfig
 from overlayd.plan.desired import device_spec, overlay_mtu
+from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.reconcile import Knowledge, Reconciler
 from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
@@ -48,14 +49,14 @@ class Agent:
     def __init__(self, settings: AgentConfig) -> None:
         self.settings = settings
         self.store = EtcdStore(settings.etcd_endpoints)
-        self.netlink = Netlink()
+        self.dataplane = Dataplane.open()
         self.ready = asyncio.Event()
         self.reconciler: Reconciler | None = None
         self._revision = 0
 
     async def close(self) -> None:
         await self.store.close()
-        await self.netlink.close()
+        await self.dataplane.close()
 
     async def _network_config(self) -> NetworkConfig:
         key = config_key(self.settings.etcd_prefix)
@@ -70,9 +71,39 @@ class Agent:
                 waited = True
             await asyncio.sleep(1.0)
 
+    async def _egress(self, config: NetworkConfig) -> EgressSpec:
+        s = self.settings
+        subnet = None
+        if s.egress == "gwbridge":
+            routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
+            subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
+        egress = EgressSpec(
+            mode=s.egress,
+            cluster=config.network,
+            overlay_bridge=s.bridge,
+            gwbridge=s.gwbridge,
+            gwbridge_subnet=subnet,
+        )
+        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
+        return egress
+
+    def _write_subnet_file(self, k: Knowledge) -> None:
+        write_atomically(
+            self.settings.subnet_file,
+            SubnetFile(
+                network=k.config.network,
+                subnet=k.own.subnet,
+                mtu=k.spec.mtu,
+                ipmasq=k.egress.mode == "masquerade",
+                egress=k.egress.mode,
+                gwbridge=k.egress.gwbridge if k.egress.mode == "gwbridge" else None,
+                gwbridge_gateway=k.egress.gwbridge_gateway,
+            ).render(),
+        )
+
     async def run(self) -> None:
         s = self.settings
-        underlay = await self.netlink.find_underlay(s.iface, s.public_ip)
+        underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
         log.info(
             "event=underlay iface=%s address=%s mtu=%d",
             underlay.name,
@@ -99,20 +130,23 @@ class Agent:
             underlay_ifindex=underlay.ifindex,
             underlay_mtu=underlay.mtu,
         )
-        knowledge = Knowledge(config=config, own=held.lease, spec=spec, etcd_prefix=s.etcd_prefix)
+        knowledge = Knowledge(
+            config=config,
+            own=held.lease,
+            spec=spec,
+            egress=await self._egress(config),
+            etcd_prefix=s.etcd_prefix,
+        )
         raw, self._revision = await retry_unavailable(
             "list leases", lambda: self.store.get_prefix(subnets_prefix(s.etcd_prefix))
         )
         knowledge.raw_leases = raw
-        self.reconciler = Reconciler(knowledge, self.netlink)
+        self.reconciler = Reconciler(knowledge, self.dataplane)
         first = await self.reconciler.reconcile_once()
         while not first.ok:
             await asyncio.sleep(1.0)
             first = await self.reconciler.reconcile_once()
-        write_atomically(
-            s.subnet_file,
-            SubnetFile(network=config.network, subnet=held.lease.subnet, mtu=mtu).render(),
-        )
+        self._write_subnet_file(knowledge)
         log.info(
             "event=ready subnet=%s vtep_mac=%s peers=%d subnet_file=%s",
             held.lease.subnet,
@@ -154,12 +188,7 @@ class Agent:
                     underlay_ifindex=knowledge.spec.underlay_ifindex,
                     underlay_mtu=knowledge.spec.mtu + 50,
                 )
-                write_atomically(
-                    self.settings.subnet_file,
-                    SubnetFile(
-                        network=config.network, subnet=held.lease.subnet, mtu=knowledge.spec.mtu
-                    ).render(),
-                )
+                self._write_subnet_file(knowledge)
             self.reconciler.mark_dirty()
 
     async def _watch(self, knowledge: Knowledge) -> None:

@@ -164,6 +164,9 @@ MIN_LEASE_TTL = 5
 DEFAULT_RESYNC_SECONDS = 30.0
 ENV_PREFIX = "OVERLAYD_"
 IFNAMSIZ = 15
+EGRESS_MODES = ("gwbridge", "masquerade", "none")
+DEFAULT_EGRESS = "gwbridge"
+DEFAULT_GWBRIDGE = "ovl_gwbridge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,9 @@ class AgentConfig:
     lease_ttl: int = DEFAULT_LEASE_TTL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
     log_level: str = "info"
+    egress: str = DEFAULT_EGRESS
+    gwbridge: str = DEFAULT_GWBRIDGE
+    gwbridge_subnet: IPv4Network | None = None  # None: the first free of GWBRIDGE_CANDIDATES
 
 
 # Setting name (as spelled in flags, TOML and, upper-cased, the environment).
@@ -192,6 +198,9 @@ AGENT_SETTINGS = (
     "lease-ttl",
     "resync-seconds",
     "log-level",
+    "egress",
+    "gwbridge",
+    "gwbridge-subnet",
 )
 
 
@@ -303,6 +312,19 @@ def build_agent_config(
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log-level", f"{log_level!r} is not one of debug, info, warning, error")
 
+    egress = str(merged.get("egress", defaults.egress))
+    if egress not in EGRESS_MODES:
+        raise ConfigError("egress", f"{egress!r} is not one of {', '.join(EGRESS_MODES)}")
+    gw_subnet_text = merged.get("gwbridge-subnet")
+    gw_subnet: IPv4Network | None = None
+    if gw_subnet_text is not None:
+        try:
+            gw_subnet = IPv4Network(str(gw_subnet_text), strict=True)
+        except ValueError as exc:
+            raise ConfigError("gwbridge-subnet", f"{gw_subnet_text!r}: {exc}") from exc
+        if gw_subnet.prefixlen > 30:
+            raise ConfigError("gwbridge-subnet", f"{gw_subnet} is too small (at most /30)")
+
     iface = merged.get("iface")
     return AgentConfig(
         etcd_endpoints=_endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints))),
@@ -316,4 +338,7 @@ def build_agent_config(
             merged.get("resync-seconds", defaults.resync_seconds), "resync-seconds", float
         ),
         log_level=log_level,
+        egress=egress,
+        gwbridge=_ifname(merged.get("gwbridge", defaults.gwbridge), "gwbridge"),
+        gwbridge_subnet=gw_subnet,
     )

@@ -21,8 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from overlayd.dataplane import entries, sysctl
-from overlayd.dataplane.netlink import Netlink
+from overlayd.dataplane import Dataplane, entries, sysctl
 from overlayd.model import (
     DeviceSpec,
     Entry,
@@ -34,6 +33,7 @@ from overlayd.model import (
 )
 from overlayd.plan.desired import desired_entries
 from overlayd.plan.diff import diff
+from overlayd.plan.egress import EgressSpec
 from overlayd.plan.leases import select_peers
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,16 @@ class Knowledge:
     config: NetworkConfig
     own: Lease
     spec: DeviceSpec
+    egress: EgressSpec
     etcd_prefix: str
     raw_leases: dict[str, bytes] = field(default_factory=dict)
 
 
 class Reconciler:
-    def __init__(self, knowledge: Knowledge, netlink: Netlink, *, netns: str | None = None) -> None:
+    def __init__(self, knowledge: Knowledge, dataplane: Dataplane) -> None:
         self.knowledge = knowledge
-        self._netlink = netlink
-        self._netns = netns
+        self._dp = dataplane
+        self._netns = dataplane.netns
         self._dirty = asyncio.Event()
         self._warned: dict[str, str] = {}
         self.last: PassResult | None = None
@@ -100,10 +101,11 @@ class Reconciler:
         try:
             selection = select_peers(k.config, k.own, k.raw_leases, k.etcd_prefix)
             self._warn_rejected({r.key: r.reason for r in selection.rejected})
-            for what in await self._netlink.ensure_devices(k.spec):
+            for what in await self._dp.netlink.ensure_devices(k.spec):
                 log.info("event=device_changed what=%r", what)
             for what in sysctl.ensure_forwarding_and_redirects(k.spec.bridge, netns=self._netns):
                 log.info("event=sysctl what=%r", what)
+            await self._ensure_egress(k.egress)
             desired = desired_entries(selection.peers)
             actual = await entries.read_entries(k.spec.bridge, k.spec.vtep, netns=self._netns)
             changes = diff(desired, actual)
@@ -135,6 +137,22 @@ class Reconciler:
         if self.on_pass is not None:
             self.on_pass(outcome)
         return outcome
+
+    async def _ensure_egress(self, egress: EgressSpec) -> None:
+        if egress.mode == "gwbridge":
+            gateway = egress.gwbridge_gateway
+            assert gateway is not None
+            for what in await self._dp.netlink.ensure_gwbridge(
+                egress.gwbridge, gateway, egress.gwbridge_mac
+            ):
+                log.info("event=device_changed what=%r", what)
+            for what in sysctl.ensure_bridge_netfilter(netns=self._netns):
+                log.info("event=sysctl what=%r", what)
+        done = await self._dp.nft.ensure(egress)
+        if done is not None:
+            log.info("event=nftables what=%r mode=%s", done, egress.mode)
+        for what in await self._dp.forward.ensure(egress):
+            log.info("event=iptables what=%r", what)
 
     async def run(self) -> None:
         while True:

@@ -18,31 +18,50 @@ class SubnetFile:
     subnet: IPv4Network
     mtu: int
     ipmasq: bool = False
+    egress: str = "none"
+    gwbridge: str | None = None
+    gwbridge_gateway: IPv4Interface | None = None
 
     def render(self) -> str:
+        """flannel's four variables, then overlayd's own (which flannel's
+        readers ignore): the egress mode and, in gwbridge mode, the egress
+        bridge and its gateway for the container's second interface."""
         gateway = IPv4Interface((gateway_address(self.subnet), self.subnet.prefixlen))
-        return (
+        text = (
             f"FLANNEL_NETWORK={self.network}\n"
             f"FLANNEL_SUBNET={gateway}\n"
             f"FLANNEL_MTU={self.mtu}\n"
             f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
+            f"OVERLAYD_EGRESS={self.egress}\n"
         )
+        if self.gwbridge and self.gwbridge_gateway:
+            text += (
+                f"OVERLAYD_GWBRIDGE={self.gwbridge}\n"
+                f"OVERLAYD_GWBRIDGE_SUBNET={self.gwbridge_gateway}\n"
+            )
+        return text
+
+
+def read_variables(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            found[key.strip()] = value.strip()
+    return found
 
 
 def read_subnet(path: Path) -> IPv4Network | None:
     """The subnet recorded by a previous run, or None if there is none usable."""
+    value = read_variables(path).get("FLANNEL_SUBNET")
     try:
-        text = path.read_text()
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return IPv4Interface(value).network if value else None
+    except ValueError:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "FLANNEL_SUBNET":
-            try:
-                return IPv4Interface(value.strip()).network
-            except ValueError:
-                return None
-    return None
 
 
 def write_atomically(path: Path, content: str) -> None:

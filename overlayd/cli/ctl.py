@@ -13,9 +13,15 @@ from collections.abc import Sequence
 from ipaddress import IPv4Network
 
 from overlayd import __version__
-from overlayd.config import parse_network_config
+from overlayd.config import DEFAULT_EGRESS, EGRESS_MODES, parse_network_config
 from overlayd.errors import LeaseError, OverlaydError
-from overlayd.lab.lab import DEFAULT_NETWORK, Lab, PingResult, default_network_config
+from overlayd.lab.lab import (
+    DEFAULT_NETWORK,
+    OUTSIDE_SERVER,
+    Lab,
+    LabSettings,
+    default_network_config,
+)
 from overlayd.lab.netns import LabCommandError
 from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnets_prefix
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
@@ -73,16 +79,27 @@ def _require_root() -> None:
         raise LabCommandError("the lab creates network namespaces: run it as root")
 
 
-def _report(results: list[PingResult], as_json: bool, elapsed: float) -> int:
-    ok = sum(r.ok for r in results)
+def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
+    """All-pairs reachability across hosts, then (unless egress is off) every
+    container's way out: the outside server must see its host's address."""
+    started = time.monotonic()
+    pings = lab.check(timeout=timeout)
+    egress_mode = lab.settings().egress
+    egress = lab.check_egress() if egress_mode != "none" else []
+    elapsed = time.monotonic() - started
+    reachable = sum(r.ok for r in pings)
+    egress_ok = sum(e.seen_as == str(e.expected) for e in egress)
+    healthy = bool(pings) and reachable == len(pings) and egress_ok == len(egress)
     if as_json:
         print(
             json.dumps(
                 {
-                    "pairs": len(results),
-                    "reachable": ok,
+                    "ok": healthy,
                     "seconds": round(elapsed, 3),
-                    "results": [
+                    "egress_mode": egress_mode,
+                    "pairs": len(pings),
+                    "reachable": reachable,
+                    "pings": [
                         {
                             "src": r.src.ns,
                             "src_ip": str(r.src.address),
@@ -91,28 +108,47 @@ def _report(results: list[PingResult], as_json: bool, elapsed: float) -> int:
                             "ok": r.ok,
                             "rtt_ms": r.rtt_ms,
                         }
-                        for r in results
+                        for r in pings
+                    ],
+                    "egress": [
+                        {
+                            "container": e.container.ns,
+                            "seen_as": e.seen_as,
+                            "expected": str(e.expected),
+                        }
+                        for e in egress
                     ],
                 },
                 indent=2,
             )
         )
-    else:
-        failed = [r for r in results if not r.ok]
-        rtts = sorted(r.rtt_ms for r in results if r.rtt_ms is not None)
-        hosts = len({r.src.host for r in results})
+        return 0 if healthy else 1
+    hosts = len({r.src.host for r in pings})
+    print(
+        f"lab check: {reachable}/{len(pings)} cross-host container pairs reachable"
+        f" across {hosts} hosts in {elapsed:.1f} s"
+    )
+    rtts = sorted(r.rtt_ms for r in pings if r.rtt_ms is not None)
+    if rtts:
         print(
-            f"lab check: {ok}/{len(results)} cross-host container pairs reachable"
-            f" across {hosts} hosts in {elapsed:.1f} s"
+            f"  ping RTT ms: min {rtts[0]:.3f}  median {rtts[len(rtts) // 2]:.3f}"
+            f"  max {rtts[-1]:.3f}"
         )
-        if rtts:
-            print(
-                f"  ping RTT ms: min {rtts[0]:.3f}  median {rtts[len(rtts) // 2]:.3f}"
-                f"  max {rtts[-1]:.3f}"
-            )
-        for r in failed:
+    for r in pings:
+        if not r.ok:
             print(f"  UNREACHABLE {r.src.ns} ({r.src.address}) -> {r.dst.ns} ({r.dst.address})")
-    return 0 if results and ok == len(results) else 1
+    if egress_mode == "none":
+        print("  egress: off (egress = none)")
+    else:
+        print(
+            f"  egress ({egress_mode}): {egress_ok}/{len(egress)} containers reach"
+            f" {OUTSIDE_SERVER} as their host's address"
+        )
+        for e in egress:
+            if e.seen_as != str(e.expected):
+                seen = e.seen_as or "unreachable"
+                print(f"  EGRESS {e.container.ns}: seen as {seen}, expected {e.expected}")
+    return 0 if healthy else 1
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -124,9 +160,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
         try:
             lab.up(
                 args.hosts,
-                containers_per_host=args.containers,
                 config=config,
-                lease_ttl=args.lease_ttl,
+                settings=LabSettings(
+                    lease_ttl=args.lease_ttl,
+                    containers_per_host=args.containers,
+                    egress=args.egress,
+                ),
             )
         except BaseException:
             print(
@@ -146,17 +185,11 @@ def cmd_lab(args: argparse.Namespace) -> int:
                 f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}"
                 f"  subnet {lab.subnet(host)}"
             )
-        if args.check:
-            results = lab.check(timeout=args.timeout)
-            code = _report(results, False, time.monotonic() - started)
-            return code
-        return 0
+        return _check(lab, timeout=args.timeout, as_json=False) if args.check else 0
     if args.lab_command == "check":
         if not lab.hosts():
             raise LabCommandError(f"lab {args.name!r} is not up")
-        started = time.monotonic()
-        results = lab.check(timeout=args.timeout)
-        return _report(results, args.json, time.monotonic() - started)
+        return _check(lab, timeout=args.timeout, as_json=args.json)
     if args.lab_command == "add-host":
         host = max(lab.hosts(), default=0) + 1
         lab.add_host(host)
@@ -210,6 +243,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--vni", type=int, default=1)
     up.add_argument("--port", type=int, default=8472)
     up.add_argument("--lease-ttl", type=int, default=60)
+    up.add_argument(
+        "--egress",
+        choices=EGRESS_MODES,
+        default=DEFAULT_EGRESS,
+        help="containers' way out (default %(default)s)",
+    )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)
     check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")

@@ -15,11 +15,15 @@ from pathlib import Path
 from overlayd import __version__
 from overlayd.agent import Agent
 from overlayd.config import (
+    AGENT_SETTINGS,
     DEFAULT_BRIDGE,
+    DEFAULT_EGRESS,
+    DEFAULT_GWBRIDGE,
     DEFAULT_LEASE_TTL,
     DEFAULT_PREFIX,
     DEFAULT_RESYNC_SECONDS,
     DEFAULT_SUBNET_FILE,
+    EGRESS_MODES,
     AgentConfig,
     build_agent_config,
     read_toml,
@@ -63,26 +67,25 @@ def parser() -> argparse.ArgumentParser:
         help=f"period of the full kernel re-check (default {DEFAULT_RESYNC_SECONDS:g})",
     )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument(
+        "--egress",
+        choices=EGRESS_MODES,
+        help=f"how containers reach the outside world (default {DEFAULT_EGRESS})",
+    )
+    p.add_argument(
+        "--gwbridge", help=f"egress bridge in gwbridge mode (default {DEFAULT_GWBRIDGE})"
+    )
+    p.add_argument(
+        "--gwbridge-subnet",
+        help="subnet of the egress bridge (default: the first of 172.18-31.0.0/16 that is free)",
+    )
     p.add_argument("--version", action="version", version=f"overlayd {__version__}")
     return p
 
 
 def load_settings(argv: list[str] | None = None) -> AgentConfig:
     args = parser().parse_args(argv)
-    flags = {
-        name: getattr(args, name.replace("-", "_"))
-        for name in (
-            "etcd-endpoints",
-            "etcd-prefix",
-            "iface",
-            "public-ip",
-            "subnet-file",
-            "bridge",
-            "lease-ttl",
-            "resync-seconds",
-            "log-level",
-        )
-    }
+    flags = {name: getattr(args, name.replace("-", "_")) for name in AGENT_SETTINGS}
     file = read_toml(args.config) if args.config else None
     return build_agent_config(flags=flags, file=file)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from overlayd.dataplane.command import run
 from overlayd.model import (
     ROUTE_PROTOCOL,
     BridgeFdb,
@@ -44,18 +45,6 @@ class CommandError(Exception):
 class ApplyResult:
     applied: int
     failed: tuple[str, ...]  # iproute2's error lines, empty when all went in
-
-
-async def run(argv: Sequence[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate(stdin)
-    assert proc.returncode is not None
-    return proc.returncode, out, err
 
 
 async def _json(argv: Sequence[str]) -> list[dict[str, Any]]:

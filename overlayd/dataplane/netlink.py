@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address, IPv4Interface
+from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
@@ -111,57 +111,55 @@ class Netlink:
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         """Make the bridge and VTEP match the spec; returns what was changed."""
         changed: list[str] = []
-        bridge_index = await self._ensure_bridge(spec, changed)
-        await self._ensure_gateway(spec, bridge_index, changed)
+        bridge_index = await self._ensure_bridge(spec.bridge, spec.bridge_mac, spec.mtu, changed)
+        await self._ensure_gateway(spec.bridge, bridge_index, spec.gateway, changed)
         await self._ensure_vtep(spec, bridge_index, changed)
         return changed
 
-    async def _ensure_bridge(self, spec: DeviceSpec, changed: list[str]) -> int:
-        link = await self._link(ifname=spec.bridge)
+    async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:
+        link = await self._link(ifname=name)
         if link is not None and _info_kind(link) != "bridge":
             raise DeviceError(
-                f"{spec.bridge} exists and is a {_info_kind(link)}, not a bridge: "
-                "choose another --bridge or remove it"
+                f"{name} exists and is a {_info_kind(link)}, not a bridge: "
+                "choose another name or remove it"
             )
         if link is None:
-            await self._ipr.link(
-                "add", ifname=spec.bridge, kind="bridge", address=spec.bridge_mac, mtu=spec.mtu
-            )
-            changed.append(f"created bridge {spec.bridge}")
-            link = await self._link(ifname=spec.bridge)
+            extra = {"mtu": mtu} if mtu is not None else {}
+            await self._ipr.link("add", ifname=name, kind="bridge", address=mac, **extra)
+            changed.append(f"created bridge {name}")
+            link = await self._link(ifname=name)
             assert link is not None
         index = int(link["index"])
         updates: dict[str, Any] = {}
-        if link.get("IFLA_ADDRESS") != spec.bridge_mac:
-            updates["address"] = spec.bridge_mac
-        if link.get("IFLA_MTU") != spec.mtu:
-            updates["mtu"] = spec.mtu
+        if link.get("IFLA_ADDRESS") != mac:
+            updates["address"] = mac
+        if mtu is not None and link.get("IFLA_MTU") != mtu:
+            updates["mtu"] = mtu
         if updates:
             await self._ipr.link("set", index=index, **updates)
-            changed.append(f"set {', '.join(sorted(updates))} of {spec.bridge}")
+            changed.append(f"set {', '.join(sorted(updates))} of {name}")
         if not link["flags"] & 1:  # IFF_UP
             await self._ipr.link("set", index=index, state="up")
-            changed.append(f"brought {spec.bridge} up")
+            changed.append(f"brought {name} up")
         return index
 
-    async def _ensure_gateway(self, spec: DeviceSpec, index: int, changed: list[str]) -> None:
+    async def _ensure_gateway(
+        self, name: str, index: int, gateway: IPv4Interface, changed: list[str]
+    ) -> None:
         present = await self._ipv4_addresses(index)
         for address in present:
             # The bridge is ours: an address of a previous lease must go, or
             # the host would keep answering for a subnet it no longer holds.
-            if address != spec.gateway:
+            if address != gateway:
                 await self._ipr.addr(
                     "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
                 )
-                changed.append(f"removed {address} from {spec.bridge}")
-        if spec.gateway not in present:
+                changed.append(f"removed {address} from {name}")
+        if gateway not in present:
             await self._ipr.addr(
-                "add",
-                index=index,
-                address=str(spec.gateway.ip),
-                prefixlen=spec.gateway.network.prefixlen,
+                "add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen
             )
-            changed.append(f"added {spec.gateway} to {spec.bridge}")
+            changed.append(f"added {gateway} to {name}")
 
     def _vtep_compatible(self, link: Any, spec: DeviceSpec) -> bool:
         if _info_kind(link) != "vxlan":
@@ -227,6 +225,30 @@ class Netlink:
                 "set", index=index, kind="bridge_slave", learning=0, unicast_flood=0
             )
             changed.append(f"turned learning and flooding off on {spec.vtep}'s bridge port")
+
+    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+        """The egress bridge of gwbridge mode: a plain bridge with the gateway
+        address of the gwbridge subnet; containers attach their second
+        interface to it."""
+        changed: list[str] = []
+        # MTU left to the kernel: the gwbridge's traffic is not encapsulated.
+        index = await self._ensure_bridge(name, mac, None, changed)
+        await self._ensure_gateway(name, index, gateway, changed)
+        return changed
+
+    async def ipv4_routes(self, *, exclude_dev: str | None = None) -> list[IPv4Network]:
+        """Destinations of the main table's IPv4 routes, except one device's."""
+        skip = None
+        if exclude_dev is not None:
+            link = await self._link(ifname=exclude_dev)
+            skip = link["index"] if link is not None else None
+        found = []
+        async for route in await self._ipr.route("dump", family=2, table=254):
+            if skip is not None and route.get("RTA_OIF") == skip:
+                continue
+            dst = route.get("RTA_DST") or "0.0.0.0"
+            found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+        return found
 
     async def delete_link(self, name: str) -> bool:
         link = await self._link(ifname=name)

@@ -6,6 +6,8 @@ import logging
 import subprocess
 from pathlib import Path
 
+from overlayd.errors import OverlaydError
+
 log = logging.getLogger(__name__)
 
 PROC = Path("/proc/sys/net/ipv4")
@@ -53,3 +55,24 @@ def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = None) ->
         if _set(path, "0", netns):
             changed.append(f"disabled ICMP redirects (net.ipv4.conf.{scope}.send_redirects=0)")
     return changed
+
+
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+def ensure_bridge_netfilter(*, netns: str | None = None) -> list[str]:
+    """Bridged IPv4 frames must pass the IPv4 forward hook, or the rule that
+    stops containers talking to each other through the gwbridge never sees
+    them. The setting exists only while br_netfilter is loaded."""
+    try:
+        changed = _set(BRIDGE_NF, "1", netns)
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        raise SysctlError(
+            "net.bridge.bridge-nf-call-iptables is missing: load br_netfilter"
+            " (modprobe br_netfilter) so that the gwbridge can isolate containers"
+        ) from exc
+    return ["enabled net.bridge.bridge-nf-call-iptables=1 (gwbridge isolation)"] if changed else []
+
+
+class SysctlError(OverlaydError):
+    pass

@@ -2,12 +2,15 @@
 overlayd per host, and containers attached to each host's bridge.
 
     switch namespace  <p>sw: bridge br0, one veth port per host
+    outside           <p>inet: 192.0.2.1 on the underlay, the hosts' default
+                      router, and 203.0.113.10, "a server on the internet"
     etcd namespace    <p>etcd: 192.0.2.2 on the underlay
     host namespaces   <p>h1..hN: eth0 = 192.0.2.(10+i), overlayd, bridge ovl0
-    containers        <p>h<i>c<k>: eth0 on host i's bridge, address from its subnet
+    containers        <p>h<i>c<k>: eth0 on host i's bridge, address from its
+                      subnet; in gwbridge mode also eth1 on the host's gwbridge
 
-(<p> is `ovl-<lab name>-`.) Underlay addresses come from the documentation
-range 192.0.2.0/24; nothing is added to the root namespace. `down` removes
+(<p> is `ovl-<lab name>-`.) Underlay and outside addresses come from the
+documentation ranges; nothing is added to the root namespace. `down` removes
 every namespace with the lab's prefix and everything running inside them, so
 it also cleans up after a crash half way through `up`.
 """
@@ -20,10 +23,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import TypeVar
@@ -35,12 +37,15 @@ from overlayd.lab.netns import LabCommandError
 from overlayd.model import NetworkConfig
 from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
 from overlayd.store.etcd import EtcdStore
-from overlayd.subnetfile import read_subnet
+from overlayd.subnetfile import read_subnet, read_variables
 
 STATE_ROOT = Path("/run/overlayd-lab")
 PREFIX = "/coreos.com/network"
 UNDERLAY = IPv4Network("192.0.2.0/24")
 ETCD_ADDRESS = IPv4Address("192.0.2.2")
+OUTSIDE_ROUTER = IPv4Address("192.0.2.1")
+OUTSIDE_SERVER = IPv4Address("203.0.113.10")
+WHOAMI_PORT = 8080
 FIRST_HOST_OCTET = 10
 DEFAULT_NETWORK = IPv4Network("10.244.0.0/16")
 
@@ -56,6 +61,23 @@ def default_network_config(
             {"Network": str(network), "Backend": {"Type": "vxlan", "VNI": vni, "Port": port}}
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LabSettings:
+    """What every host of a lab shares; kept in the state dir for later commands."""
+
+    lease_ttl: int = 60
+    containers_per_host: int = 1
+    egress: str = "gwbridge"
+    resync_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EgressResult:
+    container: Container
+    seen_as: str | None  # the source address the outside server saw, None if unreachable
+    expected: IPv4Address  # the host's public address
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +103,19 @@ class Lab:
         self.prefix = f"ovl-{name}-"
         self.state_dir = state_root / name
         self.etcd_endpoint = socket_endpoint(self.state_dir)
+        # Called with a host's namespace before its daemon starts (tests use
+        # it to put other owners' firewall rules in place first).
+        self.prepare_host: Callable[[str], None] | None = None
 
     # --- names ------------------------------------------------------------
 
     @property
     def switch_ns(self) -> str:
         return f"{self.prefix}sw"
+
+    @property
+    def outside_ns(self) -> str:
+        return f"{self.prefix}inet"
 
     @property
     def etcd_ns(self) -> str:
@@ -128,10 +157,10 @@ class Lab:
                 sep and host_part.startswith("h") and host_part[1:].isdigit() and index.isdigit()
             ):
                 continue
-            out = netns.ip(ns, "-j", "-4", "addr", "show", "dev", "eth0", check=False)
-            for link in json.loads(out or "[]"):
-                for info in link.get("addr_info", []):
-                    found.append(Container(ns, int(host_part[1:]), IPv4Address(info["local"])))
+            container = Container(ns, int(host_part[1:]), IPv4Address(0))
+            address = self.address_on(container, "eth0")
+            if address is not None:
+                found.append(Container(ns, container.host, address))
         return sorted(found, key=lambda c: (c.host, c.ns))
 
     # --- etcd -------------------------------------------------------------
@@ -162,9 +191,8 @@ class Lab:
         self,
         hosts: int = 3,
         *,
-        containers_per_host: int = 1,
         config: NetworkConfig | None = None,
-        lease_ttl: int = 60,
+        settings: LabSettings | None = None,
     ) -> None:
         if hosts < 1 or hosts > 200:
             raise ValueError("--hosts must be between 1 and 200")
@@ -173,28 +201,55 @@ class Lab:
                 f"lab {self.name!r} already exists ({len(self.namespaces())} namespaces);"
                 f" run `overlayctl lab down --name {self.name}` first"
             )
+        settings = settings or LabSettings()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.lease_ttl = lease_ttl
+        (self.state_dir / "lab.json").write_text(json.dumps(asdict(settings)))
         netns.add_namespace(self.switch_ns)
         netns.ip(self.switch_ns, "link", "add", "br0", "type", "bridge")
         netns.ip(self.switch_ns, "link", "set", "br0", "up")
+        self._add_outside()
         self._attach_to_switch(self.etcd_ns, "etcd", ETCD_ADDRESS)
         start_etcd(self.etcd_ns, str(ETCD_ADDRESS), self.state_dir)
         cfg = config or default_network_config()
         self.etcd(lambda s: s.put(config_key(PREFIX), render_network_config(cfg)))
-        (self.state_dir / "lab.json").write_text(
-            json.dumps({"lease_ttl": lease_ttl, "containers_per_host": containers_per_host})
-        )
-        self._parallel(
-            lambda h: self.add_host(h, containers=containers_per_host), range(1, hosts + 1)
-        )
+        self._parallel(self.add_host, range(1, hosts + 1))
 
-    def _settings(self) -> dict[str, int]:
+    def settings(self) -> LabSettings:
         try:
-            data: dict[str, int] = json.loads((self.state_dir / "lab.json").read_text())
-            return data
+            return LabSettings(**json.loads((self.state_dir / "lab.json").read_text()))
         except FileNotFoundError:
-            return {"lease_ttl": 60, "containers_per_host": 1}
+            return LabSettings()
+
+    def _add_outside(self) -> None:
+        """The hosts' default router, which also plays a server on the internet."""
+        self._attach_to_switch(self.outside_ns, "inet", OUTSIDE_ROUTER)
+        netns.ip(self.outside_ns, "addr", "add", f"{OUTSIDE_SERVER}/32", "dev", "lo")
+        self.serve_whoami(self.outside_ns)
+
+    def serve_whoami(self, ns: str) -> None:
+        """Start the whoami service in a namespace and wait until it listens."""
+        subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-m",
+                "overlayd.lab.whoami",
+                "serve",
+                str(WHOAMI_PORT),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if f":{WHOAMI_PORT}" in netns.in_ns(ns, "ss", "-Htln", check=False):
+                return
+            time.sleep(0.05)
+        raise LabCommandError(f"whoami did not start in {ns}")
 
     def _attach_to_switch(self, ns: str, port: str, address: IPv4Address) -> None:
         netns.add_namespace(ns)
@@ -204,21 +259,25 @@ class Lab:
         netns.ip(ns, "link", "set", "eth0", "up")
 
     def attach_host_namespace(self, host: int) -> None:
-        """The host's namespace, plugged into the underlay switch."""
-        self._attach_to_switch(self.host_ns(host), f"h{host}", self.host_address(host))
+        """The host's namespace, plugged into the underlay switch, with the
+        outside router as its default route."""
+        ns = self.host_ns(host)
+        self._attach_to_switch(ns, f"h{host}", self.host_address(host))
+        netns.ip(ns, "route", "add", "default", "via", str(OUTSIDE_ROUTER))
         self.subnet_file(host).parent.mkdir(parents=True, exist_ok=True)
 
-    def add_host(self, host: int, *, containers: int | None = None) -> None:
+    def add_host(self, host: int) -> None:
         """A new host on the underlay, its daemon, and its containers."""
-        if containers is None:
-            containers = self._settings()["containers_per_host"]
         self.attach_host_namespace(host)
+        if self.prepare_host is not None:
+            self.prepare_host(self.host_ns(host))
         self.start_daemon(host)
         self.wait_ready(host)
-        for index in range(1, containers + 1):
+        for index in range(1, self.settings().containers_per_host + 1):
             self.add_container(host, index)
 
     def start_daemon(self, host: int) -> subprocess.Popen[bytes]:
+        settings = self.settings()
         log = self.daemon_log(host).open("ab")
         proc = subprocess.Popen(
             [
@@ -238,9 +297,11 @@ class Lab:
                 "--subnet-file",
                 str(self.subnet_file(host)),
                 "--lease-ttl",
-                str(self._settings()["lease_ttl"]),
+                str(settings.lease_ttl),
                 "--resync-seconds",
-                "10",
+                str(settings.resync_seconds),
+                "--egress",
+                settings.egress,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -275,10 +336,17 @@ class Lab:
         return subnet
 
     def mtu(self, host: int) -> int:
-        for line in self.subnet_file(host).read_text().splitlines():
-            if line.startswith("FLANNEL_MTU="):
-                return int(line.split("=", 1)[1])
-        raise LabCommandError(f"h{host}'s subnet file has no FLANNEL_MTU")
+        value = read_variables(self.subnet_file(host)).get("FLANNEL_MTU")
+        if value is None:
+            raise LabCommandError(f"h{host}'s subnet file has no FLANNEL_MTU")
+        return int(value)
+
+    def gwbridge(self, host: int) -> tuple[str, IPv4Interface] | None:
+        """The host's egress bridge and its gateway, in gwbridge mode."""
+        found = read_variables(self.subnet_file(host))
+        if "OVERLAYD_GWBRIDGE" not in found:
+            return None
+        return found["OVERLAYD_GWBRIDGE"], IPv4Interface(found["OVERLAYD_GWBRIDGE_SUBNET"])
 
     def add_container(
         self,
@@ -290,7 +358,10 @@ class Lab:
         mtu: int | None = None,
     ) -> Container:
         """A namespace with eth0 on the host's bridge, addressed from its subnet
-        (the bridge holds .1, containers take .2 upwards)."""
+        (the bridge holds .1, containers take .2 upwards). In gwbridge mode
+        eth0 carries only the cluster route, and eth1 on the gwbridge the
+        default route, as Docker attaches a container to an overlay."""
+        gwbridge = self.gwbridge(host) if bridge == "ovl0" else None
         subnet = subnet or self.subnet(host)
         gateway = subnet.network_address + 1
         address = IPv4Interface((subnet.network_address + 1 + index, subnet.prefixlen))
@@ -301,8 +372,27 @@ class Lab:
         netns.ip(self.host_ns(host), "link", "set", f"c{index}", "master", bridge, "up")
         netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
         netns.ip(ns, "link", "set", "eth0", "up")
-        netns.ip(ns, "route", "add", "default", "via", str(gateway))
+        if gwbridge is None:
+            netns.ip(ns, "route", "add", "default", "via", str(gateway))
+            return Container(ns, host, address.ip)
+        cluster = read_variables(self.subnet_file(host))["FLANNEL_NETWORK"]
+        netns.ip(ns, "route", "add", cluster, "via", str(gateway))
+        name, gw_gateway = gwbridge
+        gw_address = IPv4Interface((gw_gateway.ip + index, gw_gateway.network.prefixlen))
+        netns.veth(self.host_ns(host), f"g{index}", ns, "eth1")
+        netns.ip(self.host_ns(host), "link", "set", f"g{index}", "master", name, "up")
+        netns.ip(ns, "addr", "add", str(gw_address), "dev", "eth1")
+        netns.ip(ns, "link", "set", "eth1", "up")
+        netns.ip(ns, "route", "add", "default", "via", str(gw_gateway.ip))
         return Container(ns, host, address.ip)
+
+    @staticmethod
+    def address_on(container: Container, ifname: str) -> IPv4Address | None:
+        out = netns.ip(container.ns, "-j", "-4", "addr", "show", "dev", ifname, check=False)
+        for link in json.loads(out or "[]"):
+            for info in link.get("addr_info", []):
+                return IPv4Address(info["local"])
+        return None
 
     # --- checking ---------------------------------------------------------
 
@@ -351,6 +441,32 @@ class Lab:
         return sorted(results.values(), key=lambda r: (r.src.ns, r.dst.ns))
 
     @staticmethod
+    def whoami(ns: str, address: IPv4Address, *, timeout: float = 2.0) -> str | None:
+        """The source address `address`'s whoami service sees for a connection
+        from `ns`; None if the connection fails."""
+        out = netns.in_ns(
+            ns,
+            sys.executable,
+            "-m",
+            "overlayd.lab.whoami",
+            "ask",
+            str(address),
+            str(WHOAMI_PORT),
+            f"{timeout:g}",
+            check=False,
+            timeout=timeout + 10,
+        ).strip()
+        return out or None
+
+    def check_egress(self) -> list[EgressResult]:
+        """Every container connects to the outside server, which must see the
+        container's host's public address (source NAT)."""
+        return self._parallel(
+            lambda c: EgressResult(c, self.whoami(c.ns, OUTSIDE_SERVER), self.host_address(c.host)),
+            self.containers(),
+        )
+
+    @staticmethod
     def _parallel(fn: Callable[[A], T], items: Iterable[A]) -> list[T]:
         with ThreadPoolExecutor(max_workers=16) as pool:
             return list(pool.map(fn, items))
@@ -367,14 +483,3 @@ class Lab:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         netns.reap_children()
         return removed
-
-
-@contextmanager
-def running_lab(name: str, hosts: int, *, lease_ttl: int = 60) -> Iterator[Lab]:
-    """A lab that is torn down whatever happens inside the block."""
-    lab = Lab(name)
-    try:
-        lab.up(hosts, lease_ttl=lease_ttl)
-        yield lab
-    finally:
-        lab.down()

@@ -17,7 +17,7 @@ import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.flannel_style import add_flannel_style_host
-from overlayd.lab.lab import Lab, default_network_config
+from overlayd.lab.lab import Lab, LabSettings, default_network_config
 from tests.conftest import SESSION_TAG, needs_root
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -30,7 +30,9 @@ PORT = 8472
 def lab() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}a")
     try:
-        lab.up(3, config=default_network_config(vni=VNI, port=PORT), lease_ttl=30)
+        lab.up(
+            3, config=default_network_config(vni=VNI, port=PORT), settings=LabSettings(lease_ttl=30)
+        )
         yield lab
     finally:
         lab.down()

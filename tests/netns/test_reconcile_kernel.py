@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from overlayd.config import parse_network_config
-from overlayd.dataplane.netlink import Netlink
+from overlayd.dataplane import Dataplane
 from overlayd.model import Lease
 from overlayd.plan.desired import device_spec, stable_mac
+from overlayd.plan.egress import EgressSpec
 from overlayd.plan.leases import render_lease, subnet_key
 from overlayd.reconcile import Knowledge, Reconciler
 from tests.conftest import needs_root
@@ -30,6 +31,7 @@ OWN = Lease(
     stable_mac("vtep", IPv4Network("10.244.1.0/24"), 1),
 )
 B = Lease(IPv4Network("10.244.2.0/24"), IPv4Address("192.0.2.12"), 1, "02:00:00:00:00:02")
+NO_EGRESS = EgressSpec("none", CONFIG.network, "ovl0", "ovl_gwbridge")
 C = Lease(IPv4Network("10.244.3.0/24"), IPv4Address("192.0.2.13"), 1, "02:00:00:00:00:03")
 
 
@@ -54,8 +56,8 @@ async def host(netns: str) -> AsyncIterator[tuple[str, Reconciler]]:
     sh(netns, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
     sh(netns, "ip", "link", "set", "eth0", "up")
     sh(netns, "ip", "link", "set", "wire", "up")
-    netlink = Netlink(netns)
-    underlay = await netlink.find_underlay("eth0", None)
+    dataplane = Dataplane.open(netns)
+    underlay = await dataplane.netlink.find_underlay("eth0", None)
     spec = device_spec(
         config=CONFIG,
         own=OWN,
@@ -64,12 +66,17 @@ async def host(netns: str) -> AsyncIterator[tuple[str, Reconciler]]:
         underlay_mtu=underlay.mtu,
     )
     knowledge = Knowledge(
-        config=CONFIG, own=OWN, spec=spec, etcd_prefix=PREFIX, raw_leases=raw(OWN, B, C)
+        config=CONFIG,
+        own=OWN,
+        spec=spec,
+        egress=NO_EGRESS,
+        etcd_prefix=PREFIX,
+        raw_leases=raw(OWN, B, C),
     )
     try:
-        yield netns, Reconciler(knowledge, netlink, netns=netns)
+        yield netns, Reconciler(knowledge, dataplane)
     finally:
-        await netlink.close()
+        await dataplane.close()
 
 
 def routes(ns: str) -> dict[str, str]:

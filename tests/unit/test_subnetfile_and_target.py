@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,36 @@ def test_subnet_file_has_flannels_four_variables(tmp_path: Path) -> None:
     content = SubnetFile(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 1450).render()
     assert content == (
         "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n"
-        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\nOVERLAYD_EGRESS=none\n"
     )
     path = tmp_path / "run" / "subnet.env"
     write_atomically(path, content)
     assert read_subnet(path) == IPv4Network("10.244.7.0/24")
     assert [p.name for p in path.parent.iterdir()] == ["subnet.env"]  # no temp file left
+
+
+def test_subnet_file_names_the_gwbridge_in_gwbridge_mode() -> None:
+    content = SubnetFile(
+        IPv4Network("10.244.0.0/16"),
+        IPv4Network("10.244.7.0/24"),
+        1450,
+        ipmasq=False,
+        egress="gwbridge",
+        gwbridge="ovl_gwbridge",
+        gwbridge_gateway=IPv4Interface("172.18.0.1/16"),
+    ).render()
+    assert content.endswith(
+        "OVERLAYD_EGRESS=gwbridge\nOVERLAYD_GWBRIDGE=ovl_gwbridge\n"
+        "OVERLAYD_GWBRIDGE_SUBNET=172.18.0.1/16\n"
+    )
+    masq = SubnetFile(
+        IPv4Network("10.244.0.0/16"),
+        IPv4Network("10.244.7.0/24"),
+        1450,
+        ipmasq=True,
+        egress="masquerade",
+    ).render()
+    assert "FLANNEL_IPMASQ=true\n" in masq and "GWBRIDGE" not in masq
 
 
 def test_a_missing_or_broken_subnet_file_gives_no_hint(tmp_path: Path) -> None:
