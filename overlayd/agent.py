@@ -117,6 +117,7 @@ class Agent:
                 "Backend.MTU",
                 f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu} minus 50",
             )
+        egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
         leaser = SubnetLeaser(
             self.store, etcd_prefix=s.etcd_prefix, public_ip=underlay.address, ttl=s.lease_ttl
         )
@@ -134,7 +135,7 @@ class Agent:
             config=config,
             own=held.lease,
             spec=spec,
-            egress=await self._egress(config),
+            egress=egress,
             etcd_prefix=s.etcd_prefix,
         )
         raw, self._revision = await retry_unavailable(

@@ -206,6 +206,39 @@ def test_an_invalid_network_config_stops_the_daemon_naming_the_field(lab: Lab) -
     assert "badbr" not in netns.ip(lab.host_ns(1), "link")
 
 
+def test_an_overlapping_gwbridge_subnet_stops_the_daemon_before_it_leases(lab: Lab) -> None:
+    leases = lab.leases()
+    proc = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.host_ns(1),
+            sys.executable,
+            "-m",
+            "overlayd.cli.daemon",
+            "--etcd-endpoints",
+            "http://192.0.2.2:2379",
+            "--iface",
+            "eth0",
+            "--bridge",
+            "badbr",
+            "--egress",
+            "gwbridge",
+            "--gwbridge-subnet",
+            "10.244.128.0/20",
+            "--subnet-file",
+            "/nonexistent/subnet.env",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "gwbridge-subnet: 10.244.128.0/20 overlaps the cluster network" in proc.stderr
+    assert lab.leases() == leases
+
+
 def test_lab_down_cleans_up_after_a_crash_half_way() -> None:
     crashed = Lab(f"{SESSION_TAG}b")
     netns.add_namespace(crashed.switch_ns)
