@@ -1,28 +1,33 @@
 """The composition root: builds the adapters and runs the agent's tasks.
 
-Start-up is sequential (underlay, network config, lease, first reconcile,
-subnet file); after that a TaskGroup runs the lease keep-alive, the etcd
-watch, the resync timer and the reconcile loop until the process is told
-to stop. Stopping leaves the data plane in place, so a restart is hitless.
+Start-up is sequential (underlay, network config, egress plan, lease, first
+reconcile, subnet file); after that a TaskGroup runs the lease keep-alive,
+the etcd watch, the netlink drift monitor, the resync timer and the
+reconcile loop until the process is told to stop. Stopping leaves the data
+plane in place, so a restart is hitless; `teardown` removes it on purpose.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from ipaddress import IPv4Network
 from typing import TypeVar
 
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.dataplane import Dataplane
-from overlayd.errors import ConfigError
+from overlayd.dataplane.netlink import Underlay
+from overlayd.errors import ConfigError, LeaseError
 from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
-from overlayd.model import NetworkConfig
-from overlayd.plan.desired import device_spec, overlay_mtu
+from overlayd.model import VXLAN_OVERHEAD, NetworkConfig
+from overlayd.plan.desired import device_spec, overlay_mtu, vtep_name
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
-from overlayd.plan.leases import config_key, subnets_prefix
+from overlayd.plan.ipam import is_candidate
+from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnet_key
 from overlayd.reconcile import Knowledge, Reconciler
 from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
 from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
@@ -45,6 +50,16 @@ async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
             attempt += 1
 
 
+def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
+    mtu = overlay_mtu(config, underlay.mtu)
+    if mtu > underlay.mtu - VXLAN_OVERHEAD:
+        raise ConfigError(
+            "Backend.MTU",
+            f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu} minus {VXLAN_OVERHEAD}",
+        )
+    return mtu
+
+
 class Agent:
     def __init__(self, settings: AgentConfig) -> None:
         self.settings = settings
@@ -53,21 +68,30 @@ class Agent:
         self.ready = asyncio.Event()
         self.reconciler: Reconciler | None = None
         self._revision = 0
+        self._prefix = settings.etcd_prefix.rstrip("/") + "/"
+        self._config_key = config_key(settings.etcd_prefix)
+        self._rejected_config: bytes | None = None
+        self._lease_doubt = asyncio.Event()  # our key vanished or no longer fits
 
     async def close(self) -> None:
         await self.store.close()
         await self.dataplane.close()
 
+    async def _list(self) -> tuple[dict[str, bytes], int]:
+        """Config and leases in one read, so that both come from one revision."""
+        return await retry_unavailable("list", lambda: self.store.get_prefix(self._prefix))
+
     async def _network_config(self) -> NetworkConfig:
-        key = config_key(self.settings.etcd_prefix)
         waited = False
         while True:
-            value, _ = await retry_unavailable("read config", lambda: self.store.get(key))
+            value, _ = await retry_unavailable(
+                "read config", partial(self.store.get, self._config_key)
+            )
             if value is not None:
                 # An invalid config is fatal at start: ConfigError names the field.
                 return parse_network_config(value)
             if not waited:
-                log.warning("event=waiting_for_config key=%s", key)
+                log.warning("event=waiting_for_config key=%s", self._config_key)
                 waited = True
             await asyncio.sleep(1.0)
 
@@ -77,15 +101,14 @@ class Agent:
         if s.egress == "gwbridge":
             routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
             subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
-        egress = EgressSpec(
+        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
+        return EgressSpec(
             mode=s.egress,
             cluster=config.network,
             overlay_bridge=s.bridge,
             gwbridge=s.gwbridge,
             gwbridge_subnet=subnet,
         )
-        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
-        return egress
 
     def _write_subnet_file(self, k: Knowledge) -> None:
         write_atomically(
@@ -111,37 +134,31 @@ class Agent:
             underlay.mtu,
         )
         config = await self._network_config()
-        mtu = overlay_mtu(config, underlay.mtu)
-        if mtu > underlay.mtu - 50:
-            raise ConfigError(
-                "Backend.MTU",
-                f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu} minus 50",
-            )
+        check_mtu(config, underlay)
         egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
         leaser = SubnetLeaser(
             self.store, etcd_prefix=s.etcd_prefix, public_ip=underlay.address, ttl=s.lease_ttl
         )
         hint = read_subnet(s.subnet_file)
         hints: tuple[IPv4Network, ...] = (hint,) if hint is not None else ()
-        held = await retry_unavailable("acquire lease", lambda: leaser.acquire(config, hints=hints))
-        spec = device_spec(
-            config=config,
-            own=held.lease,
-            bridge=s.bridge,
-            underlay_ifindex=underlay.ifindex,
-            underlay_mtu=underlay.mtu,
+        held = await retry_unavailable(
+            "acquire lease", partial(leaser.acquire, config, hints=hints)
         )
         knowledge = Knowledge(
             config=config,
             own=held.lease,
-            spec=spec,
+            spec=device_spec(
+                config=config,
+                own=held.lease,
+                bridge=s.bridge,
+                underlay_ifindex=underlay.ifindex,
+                underlay_mtu=underlay.mtu,
+            ),
             egress=egress,
             etcd_prefix=s.etcd_prefix,
         )
-        raw, self._revision = await retry_unavailable(
-            "list leases", lambda: self.store.get_prefix(subnets_prefix(s.etcd_prefix))
-        )
-        knowledge.raw_leases = raw
+        everything, self._revision = await self._list()
+        knowledge.raw_leases = self._leases_of(everything)
         self.reconciler = Reconciler(knowledge, self.dataplane)
         first = await self.reconciler.reconcile_once()
         while not first.ok:
@@ -156,65 +173,181 @@ class Agent:
             s.subnet_file,
         )
         self.ready.set()
+        reconciler = self.reconciler
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._keep_alive(leaser, held, knowledge), name="keep-alive")
-            group.create_task(self._watch(knowledge), name="watch")
-            group.create_task(self.reconciler.resync_every(s.resync_seconds), name="resync")
-            group.create_task(self.reconciler.run(), name="reconcile")
+            group.create_task(
+                self._keep_alive(leaser, held, knowledge, underlay), name="keep-alive"
+            )
+            group.create_task(self._watch(knowledge, held, underlay), name="watch")
+            group.create_task(
+                self.dataplane.monitor.run(
+                    partial(self._owned_names, knowledge), reconciler.note_drift
+                ),
+                name="netlink-monitor",
+            )
+            group.create_task(reconciler.resync_every(s.resync_seconds), name="resync")
+            group.create_task(reconciler.run(), name="reconcile")
+
+    @staticmethod
+    def _owned_names(k: Knowledge) -> set[str]:
+        names = {k.spec.bridge, k.spec.vtep}
+        if k.egress.mode == "gwbridge":
+            names.add(k.egress.gwbridge)
+        return names
+
+    def _leases_of(self, everything: dict[str, bytes]) -> dict[str, bytes]:
+        subnets = self._prefix + "subnets/"
+        return {k: v for k, v in everything.items() if k.startswith(subnets)}
+
+    def _rebuild(self, k: Knowledge, underlay: Underlay) -> None:
+        k.spec = device_spec(
+            config=k.config,
+            own=k.own,
+            bridge=self.settings.bridge,
+            underlay_ifindex=underlay.ifindex,
+            underlay_mtu=underlay.mtu,
+        )
+        k.egress = replace(k.egress, cluster=k.config.network)
+        self._write_subnet_file(k)
 
     async def _keep_alive(
-        self, leaser: SubnetLeaser, held: HeldLease, knowledge: Knowledge
+        self, leaser: SubnetLeaser, held: HeldLease, knowledge: Knowledge, underlay: Underlay
     ) -> None:
         assert self.reconciler is not None
         while True:
-            await asyncio.sleep(leaser.renew_interval)
-            alive = await retry_unavailable("renew lease", partial(leaser.renew, held))
-            if alive and held.key in knowledge.raw_leases:
-                continue
-            # Expired (etcd unreachable for longer than the TTL) or deleted by
-            # someone: lease again, preferring the subnet we had.
-            log.warning("event=lease_lost key=%s", held.key)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(leaser.renew_interval):
+                    await self._lease_doubt.wait()
+            if not self._lease_doubt.is_set():
+                if await retry_unavailable("renew lease", partial(leaser.renew, held)):
+                    continue
+                log.warning("event=lease_expired key=%s", held.key)
+            self._lease_doubt.clear()
+            # Expired (etcd out of reach for longer than the TTL), deleted by
+            # someone, or no longer fitting the config: lease again, preferring
+            # the subnet we had, so that peers see no change if it is free.
             held = await retry_unavailable(
                 "re-acquire lease",
                 partial(leaser.acquire, knowledge.config, hints=(held.lease.subnet,)),
             )
-            config = knowledge.config
             if held.lease != knowledge.own:
-                log.warning("event=lease_changed subnet=%s", held.lease.subnet)
-                knowledge.own = held.lease
-                knowledge.spec = device_spec(
-                    config=config,
-                    own=held.lease,
-                    bridge=knowledge.spec.bridge,
-                    underlay_ifindex=knowledge.spec.underlay_ifindex,
-                    underlay_mtu=knowledge.spec.mtu + 50,
+                log.warning(
+                    "event=lease_changed subnet=%s vtep_mac=%s",
+                    held.lease.subnet,
+                    held.lease.vtep_mac,
                 )
-                self._write_subnet_file(knowledge)
+                knowledge.own = held.lease
+                self._rebuild(knowledge, underlay)
             self.reconciler.mark_dirty()
 
-    async def _watch(self, knowledge: Knowledge) -> None:
+    def _config_event(self, knowledge: Knowledge, value: bytes | None, underlay: Underlay) -> None:
+        """A config written while running: keep the last good one if it is bad."""
+        if value is None:
+            log.error("event=config_deleted key=%s keeping=last_good", self._config_key)
+            return
+        try:
+            config = parse_network_config(value)
+            check_mtu(config, underlay)
+        except ConfigError as exc:
+            if value != self._rejected_config:
+                log.error(
+                    "event=config_rejected field=%s reason=%r keeping=last_good",
+                    exc.field,
+                    exc.reason,
+                )
+                self._rejected_config = value
+            return
+        self._rejected_config = None
+        if config == knowledge.config:
+            return
+        log.warning(
+            "event=config_changed network=%s subnet_len=%d vni=%d port=%d",
+            config.network,
+            config.subnet_len,
+            config.backend.vni,
+            config.backend.port,
+        )
+        knowledge.config = config
+        if (
+            not is_candidate(config, knowledge.own.subnet)
+            or config.backend.vni != knowledge.own.vni
+        ):
+            self._lease_doubt.set()
+        self._rebuild(knowledge, underlay)
+
+    def _own_key_event(self, held: HeldLease, value: bytes | None) -> None:
+        if value is None:
+            log.warning("event=own_lease_deleted key=%s", held.key)
+            self._lease_doubt.set()
+            return
+        with contextlib.suppress(LeaseError):
+            lease = parse_lease(parse_subnet_key(held.key, self.settings.etcd_prefix), value)
+            if lease.public_ip != held.lease.public_ip:
+                log.warning("event=own_lease_taken key=%s by=%s", held.key, lease.public_ip)
+                self._lease_doubt.set()
+
+    async def _watch(self, knowledge: Knowledge, held: HeldLease, underlay: Underlay) -> None:
         assert self.reconciler is not None
-        prefix = subnets_prefix(self.settings.etcd_prefix)
         attempt = 0
         while True:
             try:
-                async for event in self.store.watch_prefix(prefix, self._revision + 1):
+                async for event in self.store.watch_prefix(self._prefix, self._revision + 1):
                     attempt = 0
                     self._revision = max(self._revision, event.revision)
-                    if event.value is None:
-                        knowledge.raw_leases.pop(event.key, None)
-                    else:
-                        knowledge.raw_leases[event.key] = event.value
+                    if event.key == self._config_key:
+                        self._config_event(knowledge, event.value, underlay)
+                    elif event.key.startswith(self._prefix + "subnets/"):
+                        if event.value is None:
+                            knowledge.raw_leases.pop(event.key, None)
+                        else:
+                            knowledge.raw_leases[event.key] = event.value
+                        if event.key == subnet_key(knowledge.etcd_prefix, knowledge.own.subnet):
+                            self._own_key_event(held, event.value)
                     self.reconciler.mark_dirty()
             except WatchCompacted:
                 log.warning("event=watch_compacted revision=%d; listing again", self._revision)
-                raw, self._revision = await retry_unavailable(
-                    "list leases", lambda: self.store.get_prefix(prefix)
-                )
-                knowledge.raw_leases = raw
+                everything, self._revision = await self._list()
+                knowledge.raw_leases = self._leases_of(everything)
+                self._config_event(knowledge, everything.get(self._config_key), underlay)
                 self.reconciler.mark_dirty()
             except StoreUnavailable as exc:
                 if attempt == 0:
                     log.warning("event=watch_interrupted error=%r", str(exc)[:200])
                 await sleep_backoff(attempt)
                 attempt += 1
+
+    async def teardown(self) -> list[str]:
+        """Remove everything this daemon creates, and nothing else: its devices
+        (and with them its routes and entries), its nftables table and iptables
+        chain, its subnet file, and its lease in etcd."""
+        s = self.settings
+        done: list[str] = []
+        config_value, _ = await retry_unavailable(
+            "read config", partial(self.store.get, self._config_key)
+        )
+        vni = parse_network_config(config_value).backend.vni if config_value else None
+        names = [s.bridge, s.gwbridge] + ([vtep_name(vni)] if vni is not None else [])
+        for name in names:
+            if await self.dataplane.netlink.delete_link(name):
+                done.append(f"deleted {name}")
+        if await self.dataplane.nft.delete():
+            done.append("deleted nftables table ip overlayd")
+        done += await self.dataplane.forward.remove()
+        subnet = read_subnet(s.subnet_file)
+        if s.subnet_file.exists():
+            s.subnet_file.unlink()
+            done.append(f"removed {s.subnet_file}")
+        if subnet is not None:
+            key = subnet_key(s.etcd_prefix, subnet)
+            value, _ = await retry_unavailable("read lease", partial(self.store.get, key))
+            underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
+            try:
+                ours = (
+                    value is not None and parse_lease(subnet, value).public_ip == underlay.address
+                )
+            except LeaseError:
+                ours = False
+            # Only our own lease: the subnet may belong to another host by now.
+            if ours and await retry_unavailable("release lease", partial(self.store.delete, key)):
+                done.append(f"released lease {key}")
+        return done

@@ -83,9 +83,16 @@ class Reconciler:
         self._warned: dict[str, str] = {}
         self.last: PassResult | None = None
         self.passes = 0
+        self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
 
     def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def note_drift(self, reason: str) -> None:
+        """A netlink event that may be someone else's change to what we own."""
+        log.debug("event=drift_suspected reason=%r", reason)
+        self.drift_events += 1
         self._dirty.set()
 
     def _warn_rejected(self, rejected: Mapping[str, str]) -> None:

@@ -79,6 +79,12 @@ def parser() -> argparse.ArgumentParser:
         "--gwbridge-subnet",
         help="subnet of the egress bridge (default: the first of 172.18-31.0.0/16 that is free)",
     )
+    p.add_argument(
+        "--teardown",
+        action="store_true",
+        help="remove everything overlayd created on this host (devices, rules, subnet file,"
+        " lease) and exit; a plain stop leaves the data plane in place",
+    )
     p.add_argument("--version", action="version", version=f"overlayd {__version__}")
     return p
 
@@ -88,6 +94,16 @@ def load_settings(argv: list[str] | None = None) -> AgentConfig:
     flags = {name: getattr(args, name.replace("-", "_")) for name in AGENT_SETTINGS}
     file = read_toml(args.config) if args.config else None
     return build_agent_config(flags=flags, file=file)
+
+
+async def _teardown(settings: AgentConfig) -> None:
+    agent = Agent(settings)
+    try:
+        for what in await agent.teardown():
+            log.info("event=teardown what=%r", what)
+            print(what)
+    finally:
+        await agent.close()
 
 
 async def _serve(settings: AgentConfig) -> None:
@@ -118,6 +134,7 @@ def _overlayd_errors(exc: BaseException) -> list[OverlaydError]:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
+        teardown = parser().parse_args(argv).teardown
     except OverlaydError as exc:
         print(f"overlayd: config error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_teardown(settings) if teardown else _serve(settings))
     except (OverlaydError, ExceptionGroup) as exc:
         fatal = _overlayd_errors(exc)
         if not fatal:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from overlayd.dataplane.iptables import ForwardAccept
-from overlayd.dataplane.netlink import Netlink
+from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import NftTable
 
 
@@ -18,11 +18,14 @@ class Dataplane:
     netlink: Netlink
     nft: NftTable
     forward: ForwardAccept
+    monitor: DriftMonitor
     netns: str | None = None
 
     @classmethod
     def open(cls, netns: str | None = None) -> Dataplane:
-        return cls(Netlink(netns), NftTable(netns), ForwardAccept(netns), netns)
+        return cls(
+            Netlink(netns), NftTable(netns), ForwardAccept(netns), DriftMonitor(netns), netns
+        )
 
     async def close(self) -> None:
         await self.netlink.close()

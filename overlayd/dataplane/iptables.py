@@ -68,3 +68,15 @@ class ForwardAccept:
                 raise IptablesError(f"iptables -I FORWARD failed: {err.strip()}")
             done.append(f"inserted the jump to {FORWARD_CHAIN} at the top of FORWARD")
         return done
+
+    async def remove(self) -> list[str]:
+        """Our jump and our chain, for teardown; nobody else's rule."""
+        if not self._available or not await self._forward_chain_exists():
+            return []
+        done = []
+        while (await self._iptables("iptables", "-w", "-D", "FORWARD", *JUMP))[0] == 0:
+            done.append(f"removed the jump to {FORWARD_CHAIN} from FORWARD")
+        if (await self._iptables("iptables", "-w", "-F", FORWARD_CHAIN))[0] == 0:
+            await self._iptables("iptables", "-w", "-X", FORWARD_CHAIN)
+            done.append(f"removed iptables chain {FORWARD_CHAIN}")
+        return done

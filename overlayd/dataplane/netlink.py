@@ -9,16 +9,24 @@ in place and is recreated.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+)
 
 from overlayd.errors import OverlaydError
-from overlayd.model import DeviceSpec
+from overlayd.model import ROUTE_PROTOCOL, DeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +264,75 @@ class Netlink:
             return False
         await self._ipr.link("del", index=link["index"])
         return True
+
+
+# Neighbour states of the entries we own: permanent (neighbours, tunnel FDB)
+# and static (NUD_NOARP: bridge FDB). Dynamic ARP churn is none of our business.
+_OWNED_NUD = 0x80 | 0x40
+_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR
+
+
+class DriftMonitor:
+    """Netlink events that may mean someone changed what we own.
+
+    It only calls `on_drift` with a short reason; the reconcile pass that
+    follows decides what, if anything, to repair. A lost or failed read
+    (ENOBUFS when events come faster than we read them) is reported as drift
+    too, because the events it dropped could have been ours.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
+        self._indexes: dict[int, str] = {}
+
+    def _relevant(self, msg: Any, names: set[str]) -> str | None:
+        event = msg.get("event", "")
+        if event in ("RTM_NEWLINK", "RTM_DELLINK"):
+            name = msg.get("IFLA_IFNAME")
+            if name in names:
+                if event == "RTM_DELLINK":
+                    self._indexes.pop(msg["index"], None)
+                else:
+                    self._indexes[msg["index"]] = name
+                return f"{event.lower()[4:]} {name}"
+            return None
+        if event in ("RTM_NEWADDR", "RTM_DELADDR"):
+            name = self._indexes.get(msg.get("index"))
+            return f"{event.lower()[4:]} on {name}" if name else None
+        if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+            if msg.get("proto") == ROUTE_PROTOCOL:
+                return f"{event.lower()[4:]} {msg.get('RTA_DST')}"
+            return None
+        if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+            name = self._indexes.get(msg.get("ifindex"))
+            if name and msg.get("state", 0) & _OWNED_NUD:
+                what = "fdb" if msg.get("family") == 7 else "neigh"
+                return f"{event.lower()[4:]} {what} on {name}"
+        return None
+
+    async def _learn_indexes(self, ipr: Any, names: set[str]) -> None:
+        self._indexes = {}
+        async for link in await ipr.link("dump"):
+            name = link.get("IFLA_IFNAME")
+            if name in names:
+                self._indexes[int(link["index"])] = str(name)
+
+    async def run(self, names: Callable[[], set[str]], on_drift: Callable[[str], None]) -> None:
+        while True:
+            ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
+            try:
+                await ipr.bind(groups=_GROUPS)
+                await self._learn_indexes(ipr, names())
+                while True:
+                    async for msg in ipr.get():
+                        reason = self._relevant(msg, names())
+                        if reason is not None:
+                            on_drift(reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # ENOBUFS and friends: resync, then listen again
+                log.warning("event=netlink_monitor_error error=%r; resyncing", exc)
+                on_drift(f"netlink monitor error {exc!r}")
+                await asyncio.sleep(0.1)
+            finally:
+                ipr.close()
