@@ -312,7 +312,11 @@ class Agent:
                 self.reconciler.mark_dirty()
             except StoreUnavailable as exc:
                 if attempt == 0:
-                    log.warning("event=watch_interrupted error=%r", str(exc)[:200])
+                    log.warning(
+                        "event=watch_interrupted resume_from=%d error=%r",
+                        self._revision + 1,
+                        str(exc)[:200],
+                    )
                 await sleep_backoff(attempt)
                 attempt += 1
 

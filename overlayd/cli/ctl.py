@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Network
+from pathlib import Path
 
 from overlayd import __version__
 from overlayd.config import DEFAULT_EGRESS, EGRESS_MODES, parse_network_config
@@ -23,8 +24,15 @@ from overlayd.lab.lab import (
     default_network_config,
 )
 from overlayd.lab.netns import LabCommandError
-from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnets_prefix
+from overlayd.plan.leases import (
+    config_key,
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+    subnets_prefix,
+)
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
+from overlayd.subnetfile import read_subnet
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
@@ -71,6 +79,32 @@ def cmd_leases(args: argparse.Namespace) -> int:
                 ["SUBNET", "PUBLIC IP", "VTEP MAC", "STATUS"],
             )
         )
+    return 0
+
+
+async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
+    subnet = read_subnet(subnet_file)
+    if subnet is None:
+        raise LeaseError(f"{subnet_file} names no subnet: this host holds no lease to release")
+    key = subnet_key(prefix, subnet)
+    async with EtcdStore(endpoints) as store:
+        if not await store.delete(key):
+            return f"{key} was not leased"
+        await asyncio.sleep(2)
+        if (await store.get(key))[0] is not None:
+            return (
+                f"released {key}, but it was leased again at once: overlayd is still"
+                " running on this host; stop it first (or use `overlayd --teardown`)"
+            )
+    return f"released {key}; peers remove this host's entries now"
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    print(
+        asyncio.run(
+            _leave(args.etcd_endpoints.split(","), args.etcd_prefix, Path(args.subnet_file))
+        )
+    )
     return 0
 
 
@@ -231,6 +265,15 @@ def parser() -> argparse.ArgumentParser:
     leases.add_argument("--etcd-prefix", default="/coreos.com/network")
     leases.add_argument("--json", action="store_true", help="machine-readable output")
     leases.set_defaults(func=cmd_leases)
+
+    leave = sub.add_parser(
+        "leave",
+        help="release this host's lease on purpose (stop overlayd first); peers forget the host",
+    )
+    leave.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379")
+    leave.add_argument("--etcd-prefix", default="/coreos.com/network")
+    leave.add_argument("--subnet-file", default="/run/flannel/subnet.env")
+    leave.set_defaults(func=cmd_leave)
 
     lab = sub.add_parser("lab", help="a multi-host lab in network namespaces on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -305,7 +305,9 @@ class DriftMonitor:
             return None
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
-            if name and msg.get("state", 0) & _OWNED_NUD:
+            # A deleted entry no longer reports the state it had, so every
+            # deletion on our devices counts (ARP garbage collection is rare).
+            if name and (event == "RTM_DELNEIGH" or msg.get("state", 0) & _OWNED_NUD):
                 what = "fdb" if msg.get("family") == 7 else "neigh"
                 return f"{event.lower()[4:]} {what} on {name}"
         return None

@@ -1,8 +1,9 @@
-"""A throwaway single-member etcd server for the lab, inside its own namespace.
+"""The lab's etcd: one or three real members, each in its own namespace.
 
-It listens on the lab underlay (for the daemons) and on a unix socket in the
-lab's state directory (for the lab driver, which runs in the root namespace
-and must not get an address there).
+Each member listens on the lab underlay (for the daemons) and on a unix
+socket in its own state directory (for the lab driver, which runs in the
+root namespace and must not get an address there). Members can be stopped
+and started again with their data, to inject outages.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from overlayd.lab.netns import LabCommandError
@@ -20,72 +23,101 @@ ETCD_PEER_PORT = 2380
 SOCKET_NAME = "etcd.sock:0"
 
 
-def socket_endpoint(state_dir: Path) -> str:
-    return f"unix://{state_dir / SOCKET_NAME}"
+@dataclass(frozen=True, slots=True)
+class Member:
+    name: str
+    ns: str
+    address: IPv4Address
+    state_dir: Path
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.address}:{ETCD_CLIENT_PORT}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.address}:{ETCD_PEER_PORT}"
+
+    @property
+    def socket_endpoint(self) -> str:
+        return f"unix://{self.state_dir / SOCKET_NAME}"
 
 
-def start_etcd(ns: str, address: str, state_dir: Path) -> subprocess.Popen[bytes]:
+def start_member(member: Member, cluster: list[Member]) -> subprocess.Popen[bytes]:
+    """Start (or restart, with its data) one member of the cluster."""
     if shutil.which("etcd") is None:
         raise LabCommandError("etcd is not installed (apt-get install etcd-server)")
-    data = state_dir / "etcd-data"
-    log = (state_dir / "etcd.log").open("ab")
-    client = f"http://{address}:{ETCD_CLIENT_PORT}"
-    peer = f"http://{address}:{ETCD_PEER_PORT}"
+    member.state_dir.mkdir(parents=True, exist_ok=True)
+    (member.state_dir / SOCKET_NAME).unlink(missing_ok=True)
+    log = (member.state_dir / "etcd.log").open("ab")
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster)
+    # Short timers: all members share one machine, so elections can be quick.
+    timers = ["--heartbeat-interval", "10", "--election-timeout", "50"]
+    if len(cluster) > 1:
+        timers = ["--heartbeat-interval", "50", "--election-timeout", "500"]
     proc = subprocess.Popen(
         [
             "ip",
             "netns",
             "exec",
-            ns,
+            member.ns,
             "etcd",
             "--name",
-            "lab",
+            member.name,
             "--data-dir",
-            str(data),
+            str(member.state_dir / "data"),
             "--listen-client-urls",
-            f"{client},unix://{SOCKET_NAME}",
+            f"{member.client_url},unix://{SOCKET_NAME}",
             "--advertise-client-urls",
-            client,
+            member.client_url,
             "--listen-peer-urls",
-            peer,
+            member.peer_url,
             "--initial-advertise-peer-urls",
-            peer,
+            member.peer_url,
             "--initial-cluster",
-            f"lab={peer}",
-            # A one-member cluster on one machine: elect a leader at once.
-            "--heartbeat-interval",
-            "10",
-            "--election-timeout",
-            "50",
+            initial,
+            "--initial-cluster-state",
+            "new",
+            *timers,
             "--log-level",
             "warn",
         ],
-        cwd=state_dir,
+        cwd=member.state_dir,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     log.close()
-    wait_healthy(state_dir, proc)
     return proc
 
 
-def wait_healthy(state_dir: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+def healthy(member: Member) -> bool:
+    # etcdctl 3.4 prints its verdict on stderr; the exit status is enough.
+    probe = subprocess.run(
+        [
+            "etcdctl",
+            "--endpoints",
+            member.socket_endpoint,
+            "--command-timeout",
+            "2s",
+            "endpoint",
+            "health",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+def wait_healthy(member: Member, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    endpoint = socket_endpoint(state_dir)
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (state_dir / "etcd.log").read_text(errors="replace")[-2000:]
-            raise LabCommandError(f"etcd exited with {proc.returncode}:\n{tail}")
-        # etcdctl 3.4 prints its health verdict on stderr.
-        health = subprocess.run(
-            ["etcdctl", "--endpoints", endpoint, "endpoint", "health"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if health.returncode == 0:
+        if proc is not None and proc.poll() is not None:
+            tail = (member.state_dir / "etcd.log").read_text(errors="replace")[-2000:]
+            raise LabCommandError(f"etcd {member.name} exited with {proc.returncode}:\n{tail}")
+        if healthy(member):
             return
         time.sleep(0.1)
-    raise LabCommandError(f"etcd did not become healthy within {timeout:g} s")
+    raise LabCommandError(f"etcd {member.name} did not become healthy within {timeout:g} s")

@@ -4,7 +4,8 @@ overlayd per host, and containers attached to each host's bridge.
     switch namespace  <p>sw: bridge br0, one veth port per host
     outside           <p>inet: 192.0.2.1 on the underlay, the hosts' default
                       router, and 203.0.113.10, "a server on the internet"
-    etcd namespace    <p>etcd: 192.0.2.2 on the underlay
+    etcd namespaces   <p>etcd (192.0.2.2), and <p>etcd2, <p>etcd3 (.3, .4) for a
+                      three-member cluster
     host namespaces   <p>h1..hN: eth0 = 192.0.2.(10+i), overlayd, bridge ovl0
     containers        <p>h<i>c<k>: eth0 on host i's bridge, address from its
                       subnet; in gwbridge mode also eth1 on the host's gwbridge
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ from typing import TypeVar
 
 from overlayd.config import parse_network_config, render_network_config
 from overlayd.lab import netns
-from overlayd.lab.etcd import ETCD_CLIENT_PORT, socket_endpoint, start_etcd
+from overlayd.lab.etcd import Member, start_member, wait_healthy
 from overlayd.lab.netns import LabCommandError
 from overlayd.model import NetworkConfig
 from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
@@ -71,6 +73,7 @@ class LabSettings:
     containers_per_host: int = 1
     egress: str = "gwbridge"
     resync_seconds: float = 10.0
+    etcd_members: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +105,10 @@ class Lab:
         self.name = name
         self.prefix = f"ovl-{name}-"
         self.state_dir = state_root / name
-        self.etcd_endpoint = socket_endpoint(self.state_dir)
         # Called with a host's namespace before its daemon starts (tests use
         # it to put other owners' firewall rules in place first).
         self.prepare_host: Callable[[str], None] | None = None
+        self._daemons: dict[int, subprocess.Popen[bytes]] = {}
 
     # --- names ------------------------------------------------------------
 
@@ -117,9 +120,33 @@ class Lab:
     def outside_ns(self) -> str:
         return f"{self.prefix}inet"
 
+    def etcd_members(self, count: int | None = None) -> list[Member]:
+        count = count or self.settings().etcd_members
+        return [
+            Member(
+                name=f"etcd{i}",
+                ns=f"{self.prefix}etcd" + (str(i) if i > 1 else ""),
+                address=ETCD_ADDRESS + (i - 1),
+                state_dir=self.state_dir / f"etcd{i}",
+            )
+            for i in range(1, count + 1)
+        ]
+
     @property
-    def etcd_ns(self) -> str:
-        return f"{self.prefix}etcd"
+    def etcd_endpoint(self) -> str:
+        """The unix socket of the first member that is running, for the driver."""
+        members = self.etcd_members()
+        running = [m for m in members if netns.pids_in(m.ns)]
+        return (running or members)[0].socket_endpoint
+
+    def stop_etcd(self, member: int = 1) -> None:
+        """An outage: the member's process is stopped; its data stays."""
+        netns.kill_namespace_processes(self.etcd_members()[member - 1].ns)
+
+    def start_etcd(self, member: int = 1) -> None:
+        members = self.etcd_members()
+        proc = start_member(members[member - 1], members)
+        wait_healthy(members[member - 1], proc)
 
     def host_ns(self, host: int) -> str:
         return f"{self.prefix}h{host}"
@@ -208,8 +235,12 @@ class Lab:
         netns.ip(self.switch_ns, "link", "add", "br0", "type", "bridge")
         netns.ip(self.switch_ns, "link", "set", "br0", "up")
         self._add_outside()
-        self._attach_to_switch(self.etcd_ns, "etcd", ETCD_ADDRESS)
-        start_etcd(self.etcd_ns, str(ETCD_ADDRESS), self.state_dir)
+        members = self.etcd_members(settings.etcd_members)
+        for member in members:
+            self._attach_to_switch(member.ns, member.name, member.address)
+        procs = [start_member(member, members) for member in members]
+        for member, proc in zip(members, procs, strict=True):
+            wait_healthy(member, proc)
         cfg = config or default_network_config()
         self.etcd(lambda s: s.put(config_key(PREFIX), render_network_config(cfg)))
         self._parallel(self.add_host, range(1, hosts + 1))
@@ -289,7 +320,7 @@ class Lab:
                 "-m",
                 "overlayd.cli.daemon",
                 "--etcd-endpoints",
-                f"http://{ETCD_ADDRESS}:{ETCD_CLIENT_PORT}",
+                ",".join(m.client_url for m in self.etcd_members()),
                 "--etcd-prefix",
                 PREFIX,
                 "--iface",
@@ -308,13 +339,48 @@ class Lab:
             start_new_session=True,
         )
         log.close()
+        self._daemons[host] = proc
         return proc
 
-    def stop_daemon(self, host: int) -> None:
-        """Stop the host's daemon (SIGTERM); its kernel state stays."""
-        netns.kill_namespace_processes(self.host_ns(host))
+    def stop_daemon(self, host: int, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the host's daemon (and whatever else runs in the host's
+        namespace); its kernel state stays."""
+        netns.kill_namespace_processes(self.host_ns(host), sig=sig)
+
+    def restart_daemon(self, host: int, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the daemon with `sig`, start it again, wait until it is ready."""
+        readies = self.daemon_log(host).read_text().count("event=ready")
+        self.stop_daemon(host, sig)
+        self.start_daemon(host)
+        deadline = time.monotonic() + 30
+        while self.daemon_log(host).read_text().count("event=ready") == readies:
+            if time.monotonic() > deadline or not self.daemon_running(host):
+                tail = self.daemon_log(host).read_text(errors="replace")[-3000:]
+                raise LabCommandError(f"overlayd on h{host} did not come back:\n{tail}")
+            time.sleep(0.02)
+
+    def remove_host(self, host: int) -> None:
+        """The host and its containers are gone, as if powered off."""
+        for ns in self.namespaces():
+            if ns == self.host_ns(host) or ns.startswith(f"{self.host_ns(host)}c"):
+                netns.delete_namespace(ns)
+        # /run is a tmpfs: a reboot loses the subnet file (the log stays).
+        self.subnet_file(host).unlink(missing_ok=True)
+        self._daemons.pop(host, None)
+        # The kernel dismantles a deleted namespace in the background; the
+        # switch's end of the host's veth goes with it, a moment later.
+        deadline = time.monotonic() + 10
+        while netns.ip(self.switch_ns, "link", "show", f"h{host}", check=False):
+            if time.monotonic() > deadline:
+                raise LabCommandError(f"h{host}'s switch port outlived its namespace")
+            time.sleep(0.02)
 
     def daemon_running(self, host: int) -> bool:
+        proc = self._daemons.get(host)
+        if proc is not None:
+            # Right after start, `ip netns exec` may not have entered the
+            # namespace yet, so our own child is asked first.
+            return proc.poll() is None
         return bool(netns.pids_in(self.host_ns(host)))
 
     def wait_ready(self, host: int, timeout: float = 30) -> IPv4Network:

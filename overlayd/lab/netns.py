@@ -55,12 +55,15 @@ def pids_in(ns: str) -> list[int]:
     return [int(x) for x in out.split() if x.isdigit()]
 
 
-def kill_namespace_processes(ns: str, *, grace: float = 3.0) -> None:
-    """SIGTERM everything running in the namespace, then SIGKILL stragglers."""
+def kill_namespace_processes(
+    ns: str, *, sig: signal.Signals = signal.SIGTERM, grace: float = 3.0
+) -> None:
+    """Signal everything running in the namespace (SIGTERM by default) and
+    wait for it to go; SIGKILL what is still there after the grace time."""
     pids = pids_in(ns)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)

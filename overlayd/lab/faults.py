@@ -1,0 +1,251 @@
+"""Fault injection for the lab, shared by the resilience tests and by
+`overlayctl lab faults`, which prints the figures: packets lost while a
+daemon restarts, repair time for each kind of hand-made drift, and time to
+re-converge after an etcd outage.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from overlayd.lab import netns
+from overlayd.lab.lab import Container, Lab
+from overlayd.model import ROUTE_PROTOCOL
+
+POLL = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class PingCount:
+    sent: int
+    received: int
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.received
+
+
+class ContinuousPing:
+    """`ping -i 0.01` from one container to another until stopped: 100
+    packets a second, so a gap of 10 ms shows as a lost packet."""
+
+    def __init__(self, src: Container, dst: Container, *, interval: float = 0.01) -> None:
+        self._proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                src.ns,
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                f"{interval:g}",
+                "-W",
+                "1",
+                str(dst.address),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def stop(self) -> PingCount:
+        time.sleep(1.2)  # let the last packets' replies arrive (ping waits -W 1)
+        self._proc.send_signal(signal.SIGINT)
+        out, _ = self._proc.communicate(timeout=10)
+        for line in out.splitlines():
+            if "packets transmitted" in line:
+                parts = line.split(",")
+                return PingCount(int(parts[0].split()[0]), int(parts[1].split()[0]))
+        raise RuntimeError(f"ping printed no summary: {out[-500:]}")
+
+    def __enter__(self) -> ContinuousPing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def owned_state(lab: Lab, host: int) -> tuple[str, ...]:
+    """Everything overlayd owns on a host, as a comparable snapshot."""
+    ns = lab.host_ns(host)
+    vtep = f"ovl.{lab_vni(lab)}"
+    routes = netns.ip(ns, "-j", "route", "show", "proto", str(ROUTE_PROTOCOL), check=False)
+    neigh = netns.ip(ns, "-j", "neigh", "show", "dev", "ovl0", "nud", "permanent", check=False)
+    fdb = netns.sh(["bridge", "-n", ns, "-j", "fdb", "show", "dev", vtep], check=False)
+    addrs = netns.ip(ns, "-j", "-4", "addr", "show", "dev", "ovl0", check=False)
+    links = netns.ip(ns, "-j", "-d", "link", "show", check=False)
+
+    def canon(text: str, keep: Callable[[dict[str, Any]], object]) -> str:
+        items = json.loads(text) if text.strip() else []
+        return json.dumps(sorted((keep(i) for i in items), key=json.dumps))
+
+    return (
+        canon(routes, lambda r: [r.get("dst"), r.get("gateway"), r.get("dev")]),
+        canon(neigh, lambda n: [n.get("dst"), n.get("lladdr")]),
+        canon(fdb, lambda f: [f.get("mac"), f.get("dst"), f.get("state"), f.get("master")]),
+        canon(
+            addrs, lambda a: [(i.get("local"), i.get("prefixlen")) for i in a.get("addr_info", [])]
+        ),
+        canon(
+            links,
+            lambda link: (
+                [link.get("ifname"), link.get("address"), link.get("mtu"), link.get("master")]
+                if str(link.get("ifname", "")).startswith("ovl")
+                else None
+            ),
+        ),
+    )
+
+
+def lab_vni(lab: Lab) -> int:
+    vtep = [
+        line
+        for line in netns.ip(lab.host_ns(lab.hosts()[0]), "-o", "link").splitlines()
+        if ": ovl." in line
+    ]
+    return int(vtep[0].split(": ovl.")[1].split("@")[0].split(":")[0]) if vtep else 1
+
+
+def _first(lab: Lab, host: int, argv: list[str], key: str) -> str:
+    items = json.loads(netns.sh(argv) or "[]")
+    if not items:
+        raise RuntimeError(f"h{host}: nothing to break ({' '.join(argv)})")
+    return str(items[0][key])
+
+
+DRIFT_KINDS = (
+    "route",
+    "neighbour",
+    "fdb-tunnel",
+    "fdb-bridge",
+    "vtep",
+    "bridge-address",
+    "bridge",
+    "stray-route",
+    "stray-fdb",
+)
+
+
+def inject(lab: Lab, host: int, kind: str) -> None:
+    """Change by hand one thing overlayd owns on the host."""
+    ns, vtep = lab.host_ns(host), f"ovl.{lab_vni(lab)}"
+    ip = ["ip", "-n", ns]
+    if kind == "route":
+        dst = _first(lab, host, [*ip, "-j", "route", "show", "proto", "77"], "dst")
+        netns.ip(ns, "route", "del", dst)
+    elif kind == "neighbour":
+        dst = _first(
+            lab, host, [*ip, "-j", "neigh", "show", "dev", "ovl0", "nud", "permanent"], "dst"
+        )
+        netns.ip(ns, "neigh", "del", dst, "dev", "ovl0")
+    elif kind in ("fdb-tunnel", "fdb-bridge"):
+        entries = json.loads(netns.sh(["bridge", "-n", ns, "-j", "fdb", "show", "dev", vtep]))
+        if kind == "fdb-tunnel":
+            entry = next(e for e in entries if e.get("dst"))
+            netns.sh(
+                [
+                    "bridge",
+                    "-n",
+                    ns,
+                    "fdb",
+                    "del",
+                    entry["mac"],
+                    "dev",
+                    vtep,
+                    "dst",
+                    entry["dst"],
+                    "self",
+                ]
+            )
+        else:
+            entry = next(e for e in entries if e.get("state") == "static")
+            netns.sh(["bridge", "-n", ns, "fdb", "del", entry["mac"], "dev", vtep, "master"])
+    elif kind == "vtep":
+        netns.ip(ns, "link", "del", vtep)
+    elif kind == "bridge-address":
+        netns.ip(ns, "addr", "flush", "dev", "ovl0")
+    elif kind == "bridge":
+        netns.ip(ns, "link", "del", "ovl0")
+    elif kind == "stray-route":
+        netns.ip(
+            ns,
+            "route",
+            "add",
+            "10.244.250.0/24",
+            "via",
+            "10.244.250.0",
+            "dev",
+            "ovl0",
+            "onlink",
+            "proto",
+            "77",
+        )
+    elif kind == "stray-fdb":
+        netns.sh(
+            [
+                "bridge",
+                "-n",
+                ns,
+                "fdb",
+                "add",
+                "02:00:00:00:99:99",
+                "dev",
+                vtep,
+                "dst",
+                "192.0.2.99",
+                "self",
+                "permanent",
+            ]
+        )
+    else:
+        raise ValueError(f"unknown drift kind {kind!r}")
+
+
+def reattach_containers(lab: Lab, host: int) -> None:
+    """After the bridge itself was deleted, the containers' host-side veths
+    hang loose: attaching them is the runtime's job (the lab's here), not
+    overlayd's, which only owns the bridge."""
+    for line in netns.ip(lab.host_ns(host), "-o", "link").splitlines():
+        name = line.split(": ")[1].split("@")[0]
+        if name.startswith("c") and name[1:].isdigit():
+            netns.ip(lab.host_ns(host), "link", "set", name, "master", "ovl0")
+
+
+def repair_seconds(lab: Lab, host: int, kind: str, *, timeout: float = 30.0) -> float:
+    """Break one thing by hand and time until the host's owned state is back."""
+    baseline = owned_state(lab, host)
+    started = time.monotonic()
+    inject(lab, host, kind)
+    while time.monotonic() - started < timeout:
+        if owned_state(lab, host) == baseline:
+            elapsed = time.monotonic() - started
+            if kind == "bridge":
+                reattach_containers(lab, host)
+            return elapsed
+        time.sleep(POLL)
+    raise RuntimeError(f"h{host}: {kind} not repaired within {timeout:g} s")
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    what: str
+    samples: tuple[float, ...]
+    unit: str = "s"
+
+    def line(self) -> str:
+        s = sorted(self.samples)
+        return (
+            f"{self.what:<34} median {statistics.median(s):8.3f} {self.unit}"
+            f"  min {s[0]:.3f}  max {s[-1]:.3f}  (n={len(s)})"
+        )
