@@ -237,6 +237,12 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for summary in time_joins(3, args.joins, name=f"{args.name}j"):
             print(summary.line())
         return 0
+    if args.lab_command == "faults":
+        from overlayd.lab.faults import fault_figures
+
+        for line in fault_figures(f"{args.name}f", args.runs, args.outage):
+            print(line, flush=True)
+        return 0
     if args.lab_command == "status":
         rows = [
             [
@@ -307,6 +313,13 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--hosts", type=int, nargs="+", default=[3, 10])
     timing.add_argument("--runs", type=int, default=5)
     timing.add_argument("--joins", type=int, default=7, help="hosts added one by one to 3")
+    faults = lab_sub.add_parser(
+        "faults",
+        parents=[common],
+        help="figures: packets lost and repair/convergence times per injected fault (own labs)",
+    )
+    faults.add_argument("--runs", type=int, default=5)
+    faults.add_argument("--outage", type=float, default=60.0, help="etcd outage, seconds")
     lab_sub.add_parser("down", parents=[common], help="remove everything the lab made")
     lab.set_defaults(func=cmd_lab)
     return p

@@ -11,13 +11,15 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from overlayd.lab import netns
-from overlayd.lab.lab import Container, Lab
+from overlayd.lab.lab import Container, Lab, LabSettings
 from overlayd.model import ROUTE_PROTOCOL
+from overlayd.store.etcd import EtcdStore
 
 POLL = 0.005
 
@@ -249,3 +251,128 @@ class Figures:
             f"{self.what:<34} median {statistics.median(s):8.3f} {self.unit}"
             f"  min {s[0]:.3f}  max {s[-1]:.3f}  (n={len(s)})"
         )
+
+
+def _ping_both_ways_during(lab: Lab, a: int, b: int, action: Callable[[], None]) -> int:
+    src, dst = (next(c for c in lab.containers() if c.host == h) for h in (a, b))
+    with ContinuousPing(src, dst) as there, ContinuousPing(dst, src) as back:
+        time.sleep(0.5)
+        action()
+        time.sleep(0.5)
+        return there.stop().lost + back.stop().lost
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"not converged within {timeout:g} s")
+        time.sleep(POLL * 4)
+    return time.monotonic() - started
+
+
+def _has_route(lab: Lab, host: int, dst: str) -> bool:
+    return dst in netns.ip(lab.host_ns(host), "route", "show", "proto", "77")
+
+
+def fault_figures(name: str, runs: int, outage: float, ttl: int = 10) -> Iterator[str]:
+    """Every fault of the resilience suite once more, with figures."""
+    lab = Lab(name)
+    lab.down()
+    try:
+        lab.up(3, settings=LabSettings(lease_ttl=ttl, resync_seconds=5.0))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            restart_lost = tuple(
+                float(_ping_both_ways_during(lab, 1, 2, partial(lab.restart_daemon, 1, sig)))
+                for _ in range(runs)
+            )
+            yield Figures(f"packets lost, restart ({sig.name})", restart_lost, "pkts").line()
+        for kind in DRIFT_KINDS:
+            samples = tuple(repair_seconds(lab, 1, kind) for _ in range(runs))
+            yield Figures(f"repair: {kind}", samples).line()
+        ns = lab.host_ns(2)
+        samples_sysctl = []
+        for _ in range(runs):
+            netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+            samples_sysctl.append(
+                _wait(
+                    lambda: netns.in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1",
+                    30,
+                )
+            )
+        yield Figures("repair: ip_forward (resync 5 s)", tuple(samples_sysctl)).line()
+
+        gone = str(lab.subnet(3))
+        lab.stop_daemon(3, signal.SIGKILL)
+        expired = _wait(lambda: not _has_route(lab, 1, gone), ttl + 30)
+        yield Figures(f"dead host removed (TTL {ttl} s)", (expired,)).line()
+        lab.start_daemon(3)
+        lab.wait_ready(3)
+        back = _wait(lambda: _has_route(lab, 1, gone), 30)
+        yield Figures("returning host re-added", (back,)).line()
+
+        def outage_with_joiner() -> None:
+            lab.stop_etcd()
+            lab.attach_host_namespace(4)
+            lab.start_daemon(4)
+            time.sleep(outage)
+            lab.start_etcd()
+
+        outage_lost = _ping_both_ways_during(lab, 1, 2, outage_with_joiner)
+        returned = time.monotonic()
+        lab.wait_ready(4, timeout=60)
+        subnet4 = str(lab.subnet(4))
+        for host in (1, 2, 3):
+            _wait(partial(_has_route, lab, host, subnet4), 60)
+        converged = time.monotonic() - returned
+        yield Figures(
+            f"packets lost, etcd outage {outage:g} s", (float(outage_lost),), "pkts"
+        ).line()
+        yield Figures("re-converged after etcd returned", (converged,)).line()
+    finally:
+        lab.down()
+
+    lab = Lab(f"{name}3")
+    lab.down()
+    try:
+        lab.up(2, settings=LabSettings(lease_ttl=ttl, etcd_members=3))
+        samples_failover = []
+        for run in range(runs):
+            members = lab.etcd_members()
+            used = _member_in_use(lab, 1)
+            index = next(i for i, m in enumerate(members, 1) if str(m.address) == used)
+            lab.stop_etcd(index)
+            key = f"/coreos.com/network/subnets/10.244.{220 + run}.0-24"
+            value = json.dumps(
+                {
+                    "PublicIP": f"198.51.100.{20 + run}",
+                    "BackendType": "vxlan",
+                    "BackendData": {"VNI": 1, "VtepMAC": f"02:00:00:00:02:{run:02x}"},
+                }
+            )
+            started = time.monotonic()
+            lab.etcd(partial(_put, key, value))
+            _wait(partial(_has_route, lab, 1, f"10.244.{220 + run}.0/24"), 60)
+            samples_failover.append(time.monotonic() - started)
+            lab.start_etcd(index)
+        yield Figures(
+            "3-member etcd: new lease seen after member stop", tuple(samples_failover)
+        ).line()
+    finally:
+        lab.down()
+
+
+async def _put(key: str, value: str, store: EtcdStore) -> None:
+    await store.put(key, value)
+
+
+def _member_in_use(lab: Lab, host: int) -> str:
+    out = netns.in_ns(lab.host_ns(host), "ss", "-Htn", "state", "established", "( dport = :2379 )")
+    # gRPC's sockets are dual-stack: [::ffff:192.0.2.3]:2379
+    peers = {
+        line.split()[-1].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+        for line in out.splitlines()
+    }
+    if len(peers) != 1:
+        raise RuntimeError(f"h{host} talks to {len(peers)} etcd members: {out}")
+    return peers.pop()
