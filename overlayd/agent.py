@@ -24,7 +24,7 @@ from overlayd.dataplane.netlink import Underlay
 from overlayd.errors import ConfigError, LeaseError
 from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
 from overlayd.model import VXLAN_OVERHEAD, NetworkConfig
-from overlayd.plan.desired import device_spec, overlay_mtu, vtep_name
+from overlayd.plan.desired import device_spec, overlay_mtu
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnet_key
@@ -33,6 +33,7 @@ from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
 from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
 
 T = TypeVar("T")
+TEARDOWN_ETCD_SECONDS = 10.0
 
 log = logging.getLogger("overlayd")
 
@@ -323,14 +324,11 @@ class Agent:
     async def teardown(self) -> list[str]:
         """Remove everything this daemon creates, and nothing else: its devices
         (and with them its routes and entries), its nftables table and iptables
-        chain, its subnet file, and its lease in etcd."""
+        chain, its subnet file, and its lease in etcd. The data plane goes even
+        when etcd cannot be reached; only the lease release needs it."""
         s = self.settings
         done: list[str] = []
-        config_value, _ = await retry_unavailable(
-            "read config", partial(self.store.get, self._config_key)
-        )
-        vni = parse_network_config(config_value).backend.vni if config_value else None
-        names = [s.bridge, s.gwbridge] + ([vtep_name(vni)] if vni is not None else [])
+        names = [s.bridge, s.gwbridge, *await self.dataplane.netlink.vtep_names()]
         for name in names:
             if await self.dataplane.netlink.delete_link(name):
                 done.append(f"deleted {name}")
@@ -342,16 +340,24 @@ class Agent:
             s.subnet_file.unlink()
             done.append(f"removed {s.subnet_file}")
         if subnet is not None:
-            key = subnet_key(s.etcd_prefix, subnet)
-            value, _ = await retry_unavailable("read lease", partial(self.store.get, key))
-            underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
             try:
-                ours = (
-                    value is not None and parse_lease(subnet, value).public_ip == underlay.address
-                )
-            except LeaseError:
-                ours = False
-            # Only our own lease: the subnet may belong to another host by now.
-            if ours and await retry_unavailable("release lease", partial(self.store.delete, key)):
-                done.append(f"released lease {key}")
+                async with asyncio.timeout(TEARDOWN_ETCD_SECONDS):
+                    if await self._release(subnet):
+                        done.append(f"released lease {subnet_key(s.etcd_prefix, subnet)}")
+            except (TimeoutError, StoreUnavailable):
+                done.append(f"could not reach etcd: the lease of {subnet} expires by its TTL")
         return done
+
+    async def _release(self, subnet: IPv4Network) -> bool:
+        """Delete our lease, only if it is still ours: after an expiry the
+        subnet may belong to another host."""
+        key = subnet_key(self.settings.etcd_prefix, subnet)
+        value, _ = await self.store.get(key)
+        underlay = await self.dataplane.netlink.find_underlay(
+            self.settings.iface, self.settings.public_ip
+        )
+        try:
+            ours = value is not None and parse_lease(subnet, value).public_ip == underlay.address
+        except LeaseError:
+            ours = False
+        return ours and await self.store.delete(key)

@@ -258,6 +258,15 @@ class Netlink:
             found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
+    async def vtep_names(self) -> list[str]:
+        """VXLAN devices named like ours (ovl.<VNI>), whatever the VNI was."""
+        found = []
+        async for link in await self._ipr.link("dump"):
+            name = str(link.get("IFLA_IFNAME"))
+            if _info_kind(link) == "vxlan" and name.startswith("ovl.") and name[4:].isdigit():
+                found.append(name)
+        return found
+
     async def delete_link(self, name: str) -> bool:
         link = await self._link(ifname=name)
         if link is None:

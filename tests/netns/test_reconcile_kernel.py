@@ -3,6 +3,7 @@ creates, repairs and removes exactly the entries overlayd owns."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from overlayd.config import parse_network_config
-from overlayd.dataplane import Dataplane
+from overlayd.dataplane import Dataplane, entries
 from overlayd.model import Lease
 from overlayd.plan.desired import device_spec, stable_mac
 from overlayd.plan.egress import EgressSpec
@@ -278,3 +279,34 @@ async def test_a_malformed_peer_lease_programs_nothing_and_warns_once(
     assert routes(ns) == {"10.244.2.0/24": "10.244.2.0 ovl0 onlink"}
     warnings = [r for r in caplog.records if "lease_skipped" in r.getMessage()]
     assert len(warnings) == 1 and "10.244.9.0-24" in warnings[0].getMessage()
+
+
+async def test_a_pass_that_fails_half_way_is_retried_until_nothing_is_missing(
+    host: tuple[str, Reconciler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel refuses a batch (here because the VTEP vanished between the
+    read and the write, as it would under a concurrent delete or a lost
+    netlink message): the loop re-reads everything and repairs it."""
+    ns, rec = host
+    real_apply = entries.apply_changes
+    calls = 0
+
+    async def apply_after_vtep_vanished(*args: Any, **kwargs: Any) -> entries.ApplyResult:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            sh(ns, "ip", "link", "del", "ovl.1")
+        return await real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(entries, "apply_changes", apply_after_vtep_vanished)
+    succeeded = asyncio.Event()
+    rec.on_pass = lambda result: succeeded.set() if result.ok else None
+    loop = asyncio.create_task(rec.run())
+    rec.mark_dirty()
+    try:
+        async with asyncio.timeout(10):
+            await succeeded.wait()
+    finally:
+        loop.cancel()
+    assert calls >= 2 and rec.passes >= 2
+    assert (routes(ns), neighbours(ns), fdb(ns)) == (EXPECTED_ROUTES, EXPECTED_NEIGH, EXPECTED_FDB)
