@@ -239,7 +239,7 @@ class Agent:
                 )
                 knowledge.own = held.lease
                 self._rebuild(knowledge, underlay)
-            self.reconciler.mark_dirty()
+            self.reconciler.mark_dirty(full=True)
 
     def _config_event(self, knowledge: Knowledge, value: bytes | None, underlay: Underlay) -> None:
         """A config written while running: keep the last good one if it is bad."""
@@ -297,6 +297,7 @@ class Agent:
                     self._revision = max(self._revision, event.revision)
                     if event.key == self._config_key:
                         self._config_event(knowledge, event.value, underlay)
+                        self.reconciler.mark_dirty(full=True)
                     elif event.key.startswith(self._prefix + "subnets/"):
                         if event.value is None:
                             knowledge.raw_leases.pop(event.key, None)
@@ -310,7 +311,7 @@ class Agent:
                 everything, self._revision = await self._list()
                 knowledge.raw_leases = self._leases_of(everything)
                 self._config_event(knowledge, everything.get(self._config_key), underlay)
-                self.reconciler.mark_dirty()
+                self.reconciler.mark_dirty(full=True)
             except StoreUnavailable as exc:
                 if attempt == 0:
                     log.warning(

@@ -8,7 +8,7 @@ validating `parse_*` functions live in `config.py` and `plan/leases.py`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -104,14 +104,41 @@ class BridgeFdb:
 Entry = Route | Neighbour | TunnelFdb | BridgeFdb
 
 
+# Keys as the kernel keys the entries, in plain ints: hashing ipaddress
+# objects costs microseconds each, and a pass over thousands of peers hashes
+# tens of thousands of keys.
+RouteKey = tuple[int, int]
+
+
+def route_key(dst: IPv4Network) -> RouteKey:
+    return (int(dst.network_address), dst.prefixlen)
+
+
 @dataclass(frozen=True, slots=True)
 class EntrySet:
     """The per-peer kernel entries, keyed the way the kernel keys them."""
 
-    routes: Mapping[IPv4Network, Route] = field(default_factory=dict)
-    neighbours: Mapping[IPv4Address, Neighbour] = field(default_factory=dict)
+    routes: Mapping[RouteKey, Route] = field(default_factory=dict)
+    neighbours: Mapping[int, Neighbour] = field(default_factory=dict)
     tunnel_fdb: Mapping[str, TunnelFdb] = field(default_factory=dict)
     bridge_fdb: Mapping[str, BridgeFdb] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> EntrySet:
+        routes: dict[RouteKey, Route] = {}
+        neighbours: dict[int, Neighbour] = {}
+        tunnel: dict[str, TunnelFdb] = {}
+        bridge: dict[str, BridgeFdb] = {}
+        for entry in entries:
+            if isinstance(entry, Route):
+                routes[route_key(entry.dst)] = entry
+            elif isinstance(entry, Neighbour):
+                neighbours[int(entry.ip)] = entry
+            elif isinstance(entry, TunnelFdb):
+                tunnel[entry.mac] = entry
+            else:
+                bridge[entry.mac] = entry
+        return cls(routes, neighbours, tunnel, bridge)
 
     def __len__(self) -> int:
         return len(self.routes) + len(self.neighbours) + len(self.tunnel_fdb) + len(self.bridge_fdb)
@@ -126,3 +153,13 @@ class Op(enum.Enum):
 class Change:
     op: Op
     entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One netlink event about something we may own: an entry that appeared
+    (`present`) or went, or (entry None) a change to one of our devices."""
+
+    present: bool
+    entry: Entry | None = None
+    detail: str = ""

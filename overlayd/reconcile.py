@@ -25,16 +25,18 @@ from overlayd.dataplane import Dataplane, entries, sysctl
 from overlayd.model import (
     DeviceSpec,
     Entry,
+    EntrySet,
     Lease,
     Neighbour,
     NetworkConfig,
+    Observed,
     Route,
     TunnelFdb,
 )
-from overlayd.plan.desired import desired_entries
-from overlayd.plan.diff import diff
+from overlayd.plan.desired import EntryMemo, desired_entries
+from overlayd.plan.diff import diff, expected
 from overlayd.plan.egress import EgressSpec
-from overlayd.plan.leases import select_peers
+from overlayd.plan.leases import ParseCache, select_peers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class PassResult:
     peers: int = 0
     seconds: float = 0.0
     error: str | None = None
+    full: bool = True
 
 
 @dataclass
@@ -75,25 +78,39 @@ class Knowledge:
 
 
 class Reconciler:
+    """Runs passes, one at a time. A full pass checks devices, sysctls and
+    rules and re-reads the entries from the kernel; a light pass (after an
+    etcd event) diffs against what the last pass left in the kernel, so that
+    one peer joining a cluster of thousands costs milliseconds. Anything that
+    casts doubt on that belief (a netlink event that is not our own change
+    coming back, a failed pass, the resync timer) makes the next pass full."""
+
     def __init__(self, knowledge: Knowledge, dataplane: Dataplane) -> None:
         self.knowledge = knowledge
-        self._dp = dataplane
+        self.dataplane = dataplane
         self._netns = dataplane.netns
         self._dirty = asyncio.Event()
+        self._full = True
+        self._believed: EntrySet | None = None
+        self._parse_cache: ParseCache = {}
+        self._entry_memo: EntryMemo = {}
         self._warned: dict[str, str] = {}
         self.last: PassResult | None = None
         self.passes = 0
         self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
 
-    def mark_dirty(self) -> None:
+    def mark_dirty(self, *, full: bool = False) -> None:
+        self._full = self._full or full
         self._dirty.set()
 
-    def note_drift(self, reason: str) -> None:
-        """A netlink event that may be someone else's change to what we own."""
-        log.debug("event=drift_suspected reason=%r", reason)
+    def note_drift(self, observed: Observed) -> None:
+        """A netlink event: our own change coming back, or somebody else's."""
+        if expected(observed, self._believed):
+            return
+        log.debug("event=drift_suspected what=%r", observed.detail)
         self.drift_events += 1
-        self._dirty.set()
+        self.mark_dirty(full=True)
 
     def _warn_rejected(self, rejected: Mapping[str, str]) -> None:
         # One warning per bad lease (and again only if its reason changes).
@@ -102,24 +119,35 @@ class Reconciler:
                 log.warning("event=lease_skipped key=%s reason=%r", key, reason)
         self._warned = dict(rejected)
 
-    async def reconcile_once(self) -> PassResult:
+    async def reconcile_once(self, *, full: bool = True) -> PassResult:
         started = time.monotonic()
         k = self.knowledge
+        full = full or self._believed is None
         try:
-            selection = select_peers(k.config, k.own, k.raw_leases, k.etcd_prefix)
+            selection = select_peers(
+                k.config, k.own, k.raw_leases, k.etcd_prefix, cache=self._parse_cache
+            )
             self._warn_rejected({r.key: r.reason for r in selection.rejected})
-            for what in await self._dp.netlink.ensure_devices(k.spec):
-                log.info("event=device_changed what=%r", what)
-            for what in sysctl.ensure_forwarding_and_redirects(k.spec.bridge, netns=self._netns):
-                log.info("event=sysctl what=%r", what)
-            await self._ensure_egress(k.egress)
-            desired = desired_entries(selection.peers)
-            actual = await entries.read_entries(k.spec.bridge, k.spec.vtep, netns=self._netns)
+            if full:
+                for what in await self.dataplane.netlink.ensure_devices(k.spec):
+                    log.info("event=device_changed what=%r", what)
+                for what in sysctl.ensure_forwarding_and_redirects(
+                    k.spec.bridge, netns=self._netns
+                ):
+                    log.info("event=sysctl what=%r", what)
+                await self._ensure_egress(k.egress)
+                actual = await entries.read_entries(k.spec.bridge, k.spec.vtep, netns=self._netns)
+            else:
+                assert self._believed is not None
+                actual = self._believed
+            desired = desired_entries(selection.peers, memo=self._entry_memo)
             changes = diff(desired, actual)
+            # Believed before it is true, so that the netlink events of our
+            # own changes, which may arrive while the batch still runs, are
+            # recognised as ours.
+            self._believed = desired
             if changes:
-                result = await entries.apply_changes(
-                    changes, k.spec.bridge, k.spec.vtep, netns=self._netns
-                )
+                result = await self.dataplane.apply(changes, k.spec.bridge, k.spec.vtep)
                 for change in changes[:LOG_CHANGES_MAX]:
                     log.info("event=entry_%s %s", change.op.value, describe(change.entry))
                 if len(changes) > LOG_CHANGES_MAX:
@@ -135,10 +163,19 @@ class Reconciler:
                 changes=len(changes),
                 peers=len(selection.peers),
                 seconds=time.monotonic() - started,
+                full=full,
             )
         except Exception as exc:  # any failure: re-read everything next pass
             log.error("event=reconcile_failed error=%r", exc)
+            self._believed = None
             outcome = PassResult(ok=False, seconds=time.monotonic() - started, error=repr(exc))
+        log.debug(
+            "event=pass full=%s ok=%s changes=%d seconds=%.4f",
+            outcome.full,
+            outcome.ok,
+            outcome.changes,
+            outcome.seconds,
+        )
         self.last = outcome
         self.passes += 1
         if self.on_pass is not None:
@@ -149,28 +186,29 @@ class Reconciler:
         if egress.mode == "gwbridge":
             gateway = egress.gwbridge_gateway
             assert gateway is not None
-            for what in await self._dp.netlink.ensure_gwbridge(
+            for what in await self.dataplane.netlink.ensure_gwbridge(
                 egress.gwbridge, gateway, egress.gwbridge_mac
             ):
                 log.info("event=device_changed what=%r", what)
             for what in sysctl.ensure_bridge_netfilter(netns=self._netns):
                 log.info("event=sysctl what=%r", what)
-        done = await self._dp.nft.ensure(egress)
+        done = await self.dataplane.nft.ensure(egress)
         if done is not None:
             log.info("event=nftables what=%r mode=%s", done, egress.mode)
-        for what in await self._dp.forward.ensure(egress):
+        for what in await self.dataplane.forward.ensure(egress):
             log.info("event=iptables what=%r", what)
 
     async def run(self) -> None:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            result = await self.reconcile_once()
+            full, self._full = self._full, False
+            result = await self.reconcile_once(full=full)
             if not result.ok:
                 await asyncio.sleep(RETRY_SECONDS)
-                self.mark_dirty()
+                self.mark_dirty(full=True)
 
     async def resync_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            self.mark_dirty()
+            self.mark_dirty(full=True)

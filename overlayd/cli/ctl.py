@@ -14,7 +14,12 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from overlayd import __version__
-from overlayd.config import DEFAULT_EGRESS, EGRESS_MODES, parse_network_config
+from overlayd.config import (
+    DEFAULT_EGRESS,
+    DEFAULT_RESYNC_SECONDS,
+    EGRESS_MODES,
+    parse_network_config,
+)
 from overlayd.errors import LeaseError, OverlaydError
 from overlayd.lab.lab import (
     DEFAULT_NETWORK,
@@ -243,6 +248,25 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for line in fault_figures(f"{args.name}f", args.runs, args.outage):
             print(line, flush=True)
         return 0
+    if args.lab_command == "cpbench":
+        from overlayd.lab import cpbench
+
+        print(
+            f"control plane: {args.changes} adds and removes per size, idle {args.idle:g} s,"
+            f" resync {args.resync:g} s"
+        )
+        print(cpbench.HEADER)
+        for peers in args.peers:
+            result = cpbench.run_one(
+                f"{args.name}c", peers, args.changes, args.idle, resync_seconds=args.resync
+            )
+            print(result.row(), flush=True)
+        seconds, distinct = cpbench.acquisition(f"{args.name}a", args.acquirers)
+        print(
+            f"lease acquisition: {args.acquirers} acquirers at once, {distinct} distinct"
+            f" subnets, {seconds:.2f} s"
+        )
+        return 0
     if args.lab_command == "status":
         rows = [
             [
@@ -313,6 +337,17 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--hosts", type=int, nargs="+", default=[3, 10])
     timing.add_argument("--runs", type=int, default=5)
     timing.add_argument("--joins", type=int, default=7, help="hosts added one by one to 3")
+    cp = lab_sub.add_parser(
+        "cpbench",
+        parents=[common],
+        help="figures: control plane with N synthetic peers (cold start, add/remove latency,"
+        " RSS, idle CPU) and concurrent lease acquisition",
+    )
+    cp.add_argument("--peers", type=int, nargs="+", default=[100, 1000, 5000])
+    cp.add_argument("--changes", type=int, default=100, help="adds and removes to time")
+    cp.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
+    cp.add_argument("--resync", type=float, default=DEFAULT_RESYNC_SECONDS)
+    cp.add_argument("--acquirers", type=int, default=200)
     faults = lab_sub.add_parser(
         "faults",
         parents=[common],

@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, TypeVar
 
 from overlayd.dataplane.command import run
 from overlayd.model import (
@@ -31,7 +32,9 @@ from overlayd.model import (
     Neighbour,
     Op,
     Route,
+    RouteKey,
     TunnelFdb,
+    route_key,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,45 @@ def _tool(name: str, netns: str | None) -> list[str]:
     return [name, "-n", netns] if netns else [name]
 
 
+# Entry objects (with their keys) by the text iproute2 printed for them. A
+# resync reads the same thousands of entries every time, and building
+# ipaddress objects from text is most of its cost, so each distinct entry is
+# built once and reused; a cache is emptied when it outgrows what it serves.
+_routes: dict[tuple[str, str], tuple[RouteKey, Route]] = {}
+_neighbours: dict[tuple[str, str], tuple[int, Neighbour]] = {}
+_tunnels: dict[tuple[str, str], TunnelFdb] = {}
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _interned(cache: dict[K, V], text: K, build: Callable[[], V]) -> V:
+    hit = cache.get(text)
+    if hit is None:
+        hit = cache[text] = build()
+    return hit
+
+
+def _trim(cache: dict[K, V], in_use: int) -> None:
+    if len(cache) > 2 * in_use + 1024:
+        cache.clear()
+
+
+def _route(dst: str, gateway: str) -> tuple[RouteKey, Route]:
+    network = _route_dst(dst)
+    # A route of ours that lost its shape (another device, no gateway) gets
+    # an impossible gateway, so the diff replaces it.
+    return route_key(network), Route(network, IPv4Address(gateway or 0))
+
+
+def _tunnel(mac: str, remote: str) -> TunnelFdb:
+    return TunnelFdb(mac, IPv4Address(remote))
+
+
+def _neigh(ip: str, mac: str) -> tuple[int, Neighbour]:
+    address = IPv4Address(ip)
+    return int(address), Neighbour(address, mac)
+
+
 async def read_entries(bridge: str, vtep: str, *, netns: str | None = None) -> EntrySet:
     """The entries overlayd owns, as the kernel holds them now."""
     ip, br = _tool("ip", netns), _tool("bridge", netns)
@@ -75,31 +117,33 @@ async def read_entries(bridge: str, vtep: str, *, netns: str | None = None) -> E
         _json([*ip, "-j", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"]),
         _json([*br, "-j", "fdb", "show", "dev", vtep]),
     )
-    routes: dict[IPv4Network, Route] = {}
-    for item in routes_raw:
-        dst = _route_dst(item["dst"])
-        # A route of ours that lost its shape (another device, no gateway)
-        # gets an impossible gateway, so the diff replaces it.
-        on_bridge = item.get("dev") == bridge and "gateway" in item
-        gateway = IPv4Address(item["gateway"]) if on_bridge else IPv4Address(0)
-        routes[dst] = Route(dst=dst, gateway=gateway)
-    neighbours = {
-        IPv4Address(item["dst"]): Neighbour(ip=IPv4Address(item["dst"]), mac=item["lladdr"])
-        for item in neigh_raw
-        if "lladdr" in item
-    }
+    routes: dict[RouteKey, Route] = {}
+    neighbours: dict[int, Neighbour] = {}
     tunnel: dict[str, TunnelFdb] = {}
     bridge_fdb: dict[str, BridgeFdb] = {}
+    for item in routes_raw:
+        gateway = item.get("gateway", "") if item.get("dev") == bridge else ""
+        dst = item["dst"]
+        route_at, route = _interned(_routes, (dst, gateway), partial(_route, dst, gateway))
+        routes[route_at] = route
+    for item in neigh_raw:
+        if "lladdr" in item:
+            dst, mac = item["dst"], item["lladdr"]
+            neigh_at, neigh = _interned(_neighbours, (dst, mac), partial(_neigh, dst, mac))
+            neighbours[neigh_at] = neigh
     for item in fdb_raw:
         mac = item.get("mac", "")
-        flags = item.get("flags", [])
-        if "self" in flags and "dst" in item:
+        if "self" in item.get("flags", []) and "dst" in item:
+            remote = item["dst"]
             try:
-                tunnel[mac] = TunnelFdb(mac=mac, remote=IPv4Address(item["dst"]))
+                tunnel[mac] = _interned(_tunnels, (mac, remote), partial(_tunnel, mac, remote))
             except ValueError:
-                continue
+                continue  # an IPv6 remote: not ours
         elif item.get("master") == bridge and item.get("state") == "static":
-            bridge_fdb[mac] = BridgeFdb(mac=mac)
+            bridge_fdb[mac] = BridgeFdb(mac)
+    _trim(_routes, len(routes))
+    _trim(_neighbours, len(neighbours))
+    _trim(_tunnels, len(tunnel))
     return EntrySet(routes=routes, neighbours=neighbours, tunnel_fdb=tunnel, bridge_fdb=bridge_fdb)
 
 

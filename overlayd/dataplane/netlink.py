@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -26,11 +26,27 @@ from pyroute2.netlink.rtnl import (
 )
 
 from overlayd.errors import OverlaydError
-from overlayd.model import ROUTE_PROTOCOL, DeviceSpec
+from overlayd.model import (
+    ROUTE_PROTOCOL,
+    BridgeFdb,
+    Change,
+    DeviceSpec,
+    Neighbour,
+    Observed,
+    Op,
+    Route,
+    TunnelFdb,
+)
 
 log = logging.getLogger(__name__)
 
+ENOENT = 2
+ESRCH = 3
 ENODEV = 19
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+RTNH_F_ONLINK = 0x04
 
 
 class DeviceError(OverlaydError):
@@ -258,6 +274,71 @@ class Netlink:
             found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
+    async def apply_entries(self, changes: Sequence[Change], bridge: str, vtep: str) -> list[str]:
+        """Apply a few entry changes straight through netlink, with no process
+        to start (entries.py's batches win only when there are many). The
+        same entries, flags and states as the batch lines; returns the
+        failures, one line each."""
+        bridge_link, vtep_link = await self._link(ifname=bridge), await self._link(ifname=vtep)
+        if bridge_link is None or vtep_link is None:
+            return [f"{bridge if bridge_link is None else vtep} is missing"]
+        br, vx = int(bridge_link["index"]), int(vtep_link["index"])
+        failed = []
+        for change in changes:
+            try:
+                await self._apply_one(change, br, vx)
+            except NetlinkError as exc:
+                if change.op is Op.DELETE and exc.code in (ENOENT, ESRCH):
+                    continue  # already gone, which is what we wanted
+                failed.append(f"{change.op.value} {change.entry}: {exc}")
+        return failed
+
+    async def _apply_one(self, change: Change, br: int, vx: int) -> None:
+        entry, replace = change.entry, change.op is Op.REPLACE
+        if isinstance(entry, Route):
+            if replace:
+                await self._ipr.route(
+                    "replace",
+                    dst=str(entry.dst),
+                    gateway=str(entry.gateway),
+                    oif=br,
+                    flags=RTNH_F_ONLINK,
+                    proto=ROUTE_PROTOCOL,
+                    table=254,
+                )
+            else:
+                await self._ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254)
+        elif isinstance(entry, Neighbour):
+            if replace:
+                await self._ipr.neigh(
+                    "replace",
+                    dst=str(entry.ip),
+                    lladdr=entry.mac,
+                    ifindex=br,
+                    state=NUD_PERMANENT,
+                )
+            else:
+                await self._ipr.neigh("del", dst=str(entry.ip), ifindex=br)
+        elif isinstance(entry, TunnelFdb):
+            # pyroute2's fdb("replace") does not set these itself (FACTS.md):
+            # without NTF_SELF the entry lands in the bridge and loses `dst`.
+            await self._ipr.fdb(
+                "replace" if replace else "del",
+                ifindex=vx,
+                lladdr=entry.mac,
+                dst=str(entry.remote),
+                state=NUD_PERMANENT,
+                flags=NTF_SELF,
+            )
+        else:
+            await self._ipr.fdb(
+                "replace" if replace else "del",
+                ifindex=vx,
+                lladdr=entry.mac,
+                state=_NUD_NOARP,
+                flags=NTF_MASTER,
+            )
+
     async def vtep_names(self) -> list[str]:
         """VXLAN devices named like ours (ovl.<VNI>), whatever the VNI was."""
         found = []
@@ -277,48 +358,69 @@ class Netlink:
 
 # Neighbour states of the entries we own: permanent (neighbours, tunnel FDB)
 # and static (NUD_NOARP: bridge FDB). Dynamic ARP churn is none of our business.
-_OWNED_NUD = 0x80 | 0x40
+_NUD_NOARP = 0x40
+_OWNED_NUD = 0x80 | _NUD_NOARP
 _GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR
 
 
 class DriftMonitor:
     """Netlink events that may mean someone changed what we own.
 
-    It only calls `on_drift` with a short reason; the reconcile pass that
-    follows decides what, if anything, to repair. A lost or failed read
-    (ENOBUFS when events come faster than we read them) is reported as drift
-    too, because the events it dropped could have been ours.
+    It turns each relevant message into an `Observed` and hands it on; the
+    reconciler tells our own changes coming back from drift and decides what
+    to repair. A lost or failed read (ENOBUFS when events come faster than
+    we read them) is reported as drift too, because the events it dropped
+    could have been anybody's.
     """
 
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._indexes: dict[int, str] = {}
 
-    def _relevant(self, msg: Any, names: set[str]) -> str | None:
+    def _observe(self, msg: Any, names: set[str]) -> Observed | None:
+        """What a netlink message says about things we may own; None when it
+        concerns nothing of ours."""
         event = msg.get("event", "")
+        present = event.startswith("RTM_NEW")
         if event in ("RTM_NEWLINK", "RTM_DELLINK"):
             name = msg.get("IFLA_IFNAME")
-            if name in names:
-                if event == "RTM_DELLINK":
-                    self._indexes.pop(msg["index"], None)
-                else:
-                    self._indexes[msg["index"]] = name
-                return f"{event.lower()[4:]} {name}"
-            return None
+            if name not in names:
+                return None
+            if present:
+                self._indexes[msg["index"]] = name
+            else:
+                self._indexes.pop(msg["index"], None)
+            return Observed(present, None, f"link {name}")
         if event in ("RTM_NEWADDR", "RTM_DELADDR"):
             name = self._indexes.get(msg.get("index"))
-            return f"{event.lower()[4:]} on {name}" if name else None
+            return Observed(present, None, f"address on {name}") if name else None
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-            if msg.get("proto") == ROUTE_PROTOCOL:
-                return f"{event.lower()[4:]} {msg.get('RTA_DST')}"
-            return None
+            if msg.get("proto") != ROUTE_PROTOCOL or msg.get("family") != 2:
+                return None
+            dst = IPv4Network(f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}", strict=False)
+            gateway = msg.get("RTA_GATEWAY")
+            on_bridge = self._indexes.get(msg.get("RTA_OIF")) is not None and gateway
+            hop = IPv4Address(gateway) if on_bridge else IPv4Address(0)
+            return Observed(present, Route(dst, hop), f"route {dst}")
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
-            # A deleted entry no longer reports the state it had, so every
-            # deletion on our devices counts (ARP garbage collection is rare).
-            if name and (event == "RTM_DELNEIGH" or msg.get("state", 0) & _OWNED_NUD):
-                what = "fdb" if msg.get("family") == 7 else "neigh"
-                return f"{event.lower()[4:]} {what} on {name}"
+            if name is None:
+                return None
+            mac = str(msg.get("NDA_LLADDR") or "")
+            state = msg.get("state", 0)
+            if msg.get("family") == 2:
+                if present and not state & _OWNED_NUD:
+                    return None  # dynamic ARP: not ours
+                ip = IPv4Address(msg.get("NDA_DST"))
+                return Observed(present, Neighbour(ip, mac), f"neigh {ip}")
+            if msg.get("family") == 7:
+                remote = msg.get("NDA_DST")
+                if remote:
+                    return Observed(present, TunnelFdb(mac, IPv4Address(remote)), f"fdb {mac}")
+                # The bridge reports its own entries with NDA_MASTER set;
+                # static (NOARP) ones are ours, permanent ones are local MACs.
+                if msg.get("NDA_MASTER") and state & _NUD_NOARP and not state & 0x80:
+                    return Observed(present, BridgeFdb(mac), f"fdb {mac} master")
         return None
 
     async def _learn_indexes(self, ipr: Any, names: set[str]) -> None:
@@ -328,7 +430,9 @@ class DriftMonitor:
             if name in names:
                 self._indexes[int(link["index"])] = str(name)
 
-    async def run(self, names: Callable[[], set[str]], on_drift: Callable[[str], None]) -> None:
+    async def run(
+        self, names: Callable[[], set[str]], on_drift: Callable[[Observed], None]
+    ) -> None:
         while True:
             ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
             try:
@@ -336,14 +440,14 @@ class DriftMonitor:
                 await self._learn_indexes(ipr, names())
                 while True:
                     async for msg in ipr.get():
-                        reason = self._relevant(msg, names())
-                        if reason is not None:
-                            on_drift(reason)
+                        observed = self._observe(msg, names())
+                        if observed is not None:
+                            on_drift(observed)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # ENOBUFS and friends: resync, then listen again
                 log.warning("event=netlink_monitor_error error=%r; resyncing", exc)
-                on_drift(f"netlink monitor error {exc!r}")
+                on_drift(Observed(False, None, f"netlink monitor error {exc!r}"))
                 await asyncio.sleep(0.1)
             finally:
                 ipr.close()

@@ -74,6 +74,7 @@ class LabSettings:
     egress: str = "gwbridge"
     resync_seconds: float = 10.0
     etcd_members: int = 1
+    log_level: str = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +222,8 @@ class Lab:
         config: NetworkConfig | None = None,
         settings: LabSettings | None = None,
     ) -> None:
-        if hosts < 1 or hosts > 200:
-            raise ValueError("--hosts must be between 1 and 200")
+        if hosts < 0 or hosts > 200:
+            raise ValueError("--hosts must be between 0 and 200")
         if self.namespaces():
             raise LabCommandError(
                 f"lab {self.name!r} already exists ({len(self.namespaces())} namespaces);"
@@ -333,6 +334,8 @@ class Lab:
                 str(settings.resync_seconds),
                 "--egress",
                 settings.egress,
+                "--log-level",
+                settings.log_level,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -39,7 +39,9 @@ from overlayd.model import (
     Neighbour,
     NetworkConfig,
     Route,
+    RouteKey,
     TunnelFdb,
+    route_key,
 )
 from overlayd.plan.ipam import gateway_address
 
@@ -89,16 +91,46 @@ def next_hop(subnet: IPv4Network) -> IPv4Address:
     return subnet.network_address
 
 
-def desired_entries(peers: Iterable[Lease]) -> EntrySet:
-    """The route, neighbour and two FDB entries of every peer."""
-    routes: dict[IPv4Network, Route] = {}
-    neighbours: dict[IPv4Address, Neighbour] = {}
+# A peer's four entries, with their route and neighbour keys precomputed.
+PeerEntries = tuple["Lease", Route, Neighbour, TunnelFdb, BridgeFdb, RouteKey, int]
+EntryMemo = dict[int, PeerEntries]
+
+
+def peer_entries(peer: Lease) -> PeerEntries:
+    hop = next_hop(peer.subnet)
+    return (
+        peer,
+        Route(dst=peer.subnet, gateway=hop),
+        Neighbour(ip=hop, mac=peer.vtep_mac),
+        TunnelFdb(mac=peer.vtep_mac, remote=peer.public_ip),
+        BridgeFdb(mac=peer.vtep_mac),
+        route_key(peer.subnet),
+        int(hop),
+    )
+
+
+def desired_entries(peers: Iterable[Lease], *, memo: EntryMemo | None = None) -> EntrySet:
+    """The route, neighbour and two FDB entries of every peer.
+
+    `memo` (keyed by the lease object's id, checked by identity) lets a pass
+    reuse the entries of leases it has seen before instead of building them
+    again, which matters with thousands of peers."""
+    routes: dict[RouteKey, Route] = {}
+    neighbours: dict[int, Neighbour] = {}
     tunnel: dict[str, TunnelFdb] = {}
     bridge: dict[str, BridgeFdb] = {}
+    fresh: EntryMemo = {}
     for peer in peers:
-        hop = next_hop(peer.subnet)
-        routes[peer.subnet] = Route(dst=peer.subnet, gateway=hop)
-        neighbours[hop] = Neighbour(ip=hop, mac=peer.vtep_mac)
-        tunnel[peer.vtep_mac] = TunnelFdb(mac=peer.vtep_mac, remote=peer.public_ip)
-        bridge[peer.vtep_mac] = BridgeFdb(mac=peer.vtep_mac)
+        found = memo.get(id(peer)) if memo is not None else None
+        if found is None or found[0] is not peer:
+            found = peer_entries(peer)
+        fresh[id(peer)] = found
+        _, route, neighbour, tunnel_fdb, bridge_fdb, rkey, nkey = found
+        routes[rkey] = route
+        neighbours[nkey] = neighbour
+        tunnel[tunnel_fdb.mac] = tunnel_fdb
+        bridge[bridge_fdb.mac] = bridge_fdb
+    if memo is not None:
+        memo.clear()
+        memo.update(fresh)
     return EntrySet(routes=routes, neighbours=neighbours, tunnel_fdb=tunnel, bridge_fdb=bridge)

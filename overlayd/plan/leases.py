@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from typing import Any
@@ -137,45 +137,95 @@ class PeerSelection:
     rejected: tuple[Rejected, ...]
 
 
+# key -> (value, lease or the reason it is unusable, first and last address)
+ParseCache = dict[str, tuple[bytes, "Lease | str", int, int]]
+
+
+def _parse_cached(
+    key: str, value: bytes, etcd_prefix: str, cache: ParseCache | None
+) -> tuple[Lease, int, int]:
+    """Parse a lease, reusing the result for an unchanged value: with
+    thousands of peers, a pass must not parse every JSON value again."""
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None and hit[0] == value:
+            if isinstance(hit[1], str):
+                raise LeaseError(hit[1])
+            return hit[1], hit[2], hit[3]
+    try:
+        lease = parse_lease(parse_subnet_key(key, etcd_prefix), value)
+    except LeaseError as exc:
+        if cache is not None:
+            cache[key] = (value, str(exc), 0, 0)
+        raise
+    first, last = int(lease.subnet.network_address), int(lease.subnet.broadcast_address)
+    if cache is not None:
+        cache[key] = (value, lease, first, last)
+    return lease, first, last
+
+
 def select_peers(
     config: NetworkConfig,
     own: Lease | None,
     raw_leases: Mapping[str, bytes],
     etcd_prefix: str,
+    *,
+    cache: ParseCache | None = None,
 ) -> PeerSelection:
     """Turn every raw `<prefix>/subnets/*` key and value into usable peers.
 
     A lease is rejected when its key or value is malformed, its subnet lies
-    outside the network or overlaps this host's own or an earlier peer's,
-    its VNI differs from ours, or its public IP is ours (a stale lease of
-    this very host under another subnet must not become a route to itself).
+    outside the network or overlaps this host's own, its VNI differs from
+    ours, or its public IP is ours (a stale lease of this very host under
+    another subnet must not become a route to itself). Of two peer leases
+    that overlap, the one with the lower address (then the shorter prefix)
+    wins; the other is rejected. O(n log n), so that thousands of peers stay
+    cheap.
     """
-    peers: list[Lease] = []
+    candidates: list[tuple[int, int, str, Lease]] = []
     rejected: list[Rejected] = []
-    for key in sorted(raw_leases):
+    # Plain integers: ipaddress's own overlap tests cost microseconds each.
+    net_first, net_last = int(config.network.network_address), int(config.network.broadcast_address)
+    own_first = int(own.subnet.network_address) if own is not None else -1
+    own_last = int(own.subnet.broadcast_address) if own is not None else -1
+    vni = config.backend.vni
+    for key, value in raw_leases.items():
         try:
-            subnet = parse_subnet_key(key, etcd_prefix)
-            lease = parse_lease(subnet, raw_leases[key])
-            if not subnet.subnet_of(config.network):
+            lease, first, last = _parse_cached(key, value, etcd_prefix, cache)
+            subnet = lease.subnet
+            if first < net_first or last > net_last:
                 raise LeaseError(f"subnet {subnet} is outside Network {config.network}")
             if own is not None:
-                if subnet == own.subnet:
+                if first == own_first and last == own_last:
                     continue
-                if subnet.overlaps(own.subnet):
+                if first <= own_last and own_first <= last:
                     raise LeaseError(f"subnet {subnet} overlaps this host's {own.subnet}")
                 if lease.public_ip == own.public_ip:
                     raise LeaseError(f"PublicIP {lease.public_ip} is this host's own address")
-            if lease.vni != config.backend.vni:
-                raise LeaseError(f"VNI {lease.vni} differs from the network's {config.backend.vni}")
-            clash = next((p for p in peers if p.subnet.overlaps(subnet)), None)
-            if clash is not None:
-                raise LeaseError(f"subnet {subnet} overlaps the lease for {clash.subnet}")
+            if lease.vni != vni:
+                raise LeaseError(f"VNI {lease.vni} differs from the network's {vni}")
         except LeaseError as exc:
             rejected.append(Rejected(key=key, reason=str(exc)))
             continue
+        candidates.append((first, last, key, lease))
+    # By start, then the larger (shorter prefix) first.
+    candidates.sort(key=lambda c: (c[0], -c[1]))
+    peers: list[Lease] = []
+    kept_last = -1
+    for first, last, key, lease in candidates:
+        # Sorted by start: a lease overlaps a kept one only if it starts
+        # before the end of the last kept one (kept leases never overlap).
+        if first <= kept_last:
+            rejected.append(
+                Rejected(
+                    key=key,
+                    reason=f"subnet {lease.subnet} overlaps the lease for {peers[-1].subnet}",
+                )
+            )
+            continue
         peers.append(lease)
-    return PeerSelection(peers=tuple(peers), rejected=tuple(rejected))
-
-
-def leases_by_subnet(leases: Iterable[Lease]) -> dict[IPv4Network, Lease]:
-    return {lease.subnet: lease for lease in leases}
+        kept_last = last
+    if cache is not None and len(cache) > len(raw_leases):
+        for gone in set(cache) - set(raw_leases):
+            del cache[gone]
+    return PeerSelection(peers=tuple(peers), rejected=tuple(sorted(rejected, key=lambda r: r.key)))

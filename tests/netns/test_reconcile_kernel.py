@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from overlayd.config import parse_network_config
-from overlayd.dataplane import Dataplane, entries
+from overlayd.dataplane import Dataplane
+from overlayd.dataplane.entries import ApplyResult
 from overlayd.model import Lease
 from overlayd.plan.desired import device_spec, stable_mac
 from overlayd.plan.egress import EgressSpec
@@ -51,13 +52,17 @@ def raw(*leases: Lease) -> dict[str, bytes]:
     return {subnet_key(PREFIX, lease.subnet): render_lease(lease).encode() for lease in leases}
 
 
-@pytest.fixture
-async def host(netns: str) -> AsyncIterator[tuple[str, Reconciler]]:
+@pytest.fixture(params=["iproute2-batch", "netlink"])
+async def host(netns: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Reconciler]]:
+    """A host namespace with an underlay, and a reconciler that writes its
+    entries through iproute2 batches or through netlink (both paths must
+    program exactly the same kernel state)."""
     sh(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "wire")
     sh(netns, "ip", "addr", "add", "192.0.2.11/24", "dev", "eth0")
     sh(netns, "ip", "link", "set", "eth0", "up")
     sh(netns, "ip", "link", "set", "wire", "up")
     dataplane = Dataplane.open(netns)
+    dataplane.netlink_max_changes = 0 if request.param == "iproute2-batch" else 1000
     underlay = await dataplane.netlink.find_underlay("eth0", None)
     spec = device_spec(
         config=CONFIG,
@@ -288,17 +293,17 @@ async def test_a_pass_that_fails_half_way_is_retried_until_nothing_is_missing(
     read and the write, as it would under a concurrent delete or a lost
     netlink message): the loop re-reads everything and repairs it."""
     ns, rec = host
-    real_apply = entries.apply_changes
+    real_apply = rec.dataplane.apply
     calls = 0
 
-    async def apply_after_vtep_vanished(*args: Any, **kwargs: Any) -> entries.ApplyResult:
+    async def apply_after_vtep_vanished(*args: Any, **kwargs: Any) -> ApplyResult:
         nonlocal calls
         calls += 1
         if calls == 1:
             sh(ns, "ip", "link", "del", "ovl.1")
         return await real_apply(*args, **kwargs)
 
-    monkeypatch.setattr(entries, "apply_changes", apply_after_vtep_vanished)
+    monkeypatch.setattr(rec.dataplane, "apply", apply_after_vtep_vanished)
     succeeded = asyncio.Event()
     rec.on_pass = lambda result: succeeded.set() if result.ok else None
     loop = asyncio.create_task(rec.run())

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.config import parse_network_config
 from overlayd.model import BridgeFdb, Change, EntrySet, Lease, Neighbour, Op, Route, TunnelFdb
-from overlayd.plan.desired import desired_entries, device_spec, stable_mac
+from overlayd.plan.desired import EntryMemo, desired_entries, device_spec, stable_mac
 from overlayd.plan.diff import diff
 
 CONFIG = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"VNI": 4, "Port": 4789}}')
@@ -21,13 +21,14 @@ def kinds(changes: list[Change]) -> list[tuple[str, str]]:
 
 
 def test_each_peer_gets_flannels_four_entries() -> None:
-    entries = desired_entries([B])
-    assert entries.routes == {B.subnet: Route(B.subnet, IPv4Address("10.244.2.0"))}
-    assert entries.neighbours == {
-        IPv4Address("10.244.2.0"): Neighbour(IPv4Address("10.244.2.0"), B.vtep_mac)
-    }
-    assert entries.tunnel_fdb == {B.vtep_mac: TunnelFdb(B.vtep_mac, B.public_ip)}
-    assert entries.bridge_fdb == {B.vtep_mac: BridgeFdb(B.vtep_mac)}
+    assert desired_entries([B]) == EntrySet.of(
+        [
+            Route(B.subnet, IPv4Address("10.244.2.0")),
+            Neighbour(IPv4Address("10.244.2.0"), B.vtep_mac),
+            TunnelFdb(B.vtep_mac, B.public_ip),
+            BridgeFdb(B.vtep_mac),
+        ]
+    )
 
 
 def test_device_spec_follows_the_lease_and_the_underlay() -> None:
@@ -52,6 +53,14 @@ def test_macs_are_stable_unicast_and_differ_per_subnet() -> None:
     assert a != stable_mac("vtep", B.subnet, 1) != stable_mac("bridge", OWN.subnet, 1)
     first = int(a[:2], 16)
     assert first & 0x01 == 0 and first & 0x02 == 2
+
+
+def test_the_entry_memo_reuses_entries_and_gives_the_same_result() -> None:
+    memo: EntryMemo = {}
+    first = desired_entries([B, C], memo=memo)
+    again = desired_entries([B, C], memo=memo)
+    assert first == again == desired_entries([C, B])
+    assert next(iter(first.routes.values())) is next(iter(again.routes.values()))
 
 
 def test_no_changes_when_the_kernel_matches() -> None:
@@ -101,14 +110,17 @@ def test_a_peer_with_a_new_public_ip_only_updates_the_tunnel_entry() -> None:
 
 
 def test_a_stray_entry_is_deleted_and_a_wrong_one_replaced() -> None:
-    actual = desired_entries([B])
+    right = desired_entries([B])
     stray = IPv4Network("10.244.50.0/24")
     wrong = Route(B.subnet, IPv4Address("0.0.0.0"))
-    actual = EntrySet(
-        routes={stray: Route(stray, IPv4Address("10.244.50.0")), B.subnet: wrong},
-        neighbours=actual.neighbours,
-        tunnel_fdb=actual.tunnel_fdb,
-        bridge_fdb=actual.bridge_fdb,
+    actual = EntrySet.of(
+        [
+            Route(stray, IPv4Address("10.244.50.0")),
+            wrong,
+            *right.neighbours.values(),
+            *right.tunnel_fdb.values(),
+            *right.bridge_fdb.values(),
+        ]
     )
     changes = diff(desired_entries([B]), actual)
     assert changes == [
