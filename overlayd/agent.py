@@ -23,8 +23,8 @@ from overlayd.dataplane import Dataplane
 from overlayd.dataplane.netlink import Underlay
 from overlayd.errors import ConfigError, LeaseError
 from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
-from overlayd.model import VXLAN_OVERHEAD, NetworkConfig
-from overlayd.plan.desired import device_spec, overlay_mtu
+from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig
+from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnet_key
@@ -53,10 +53,10 @@ async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
 
 def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
     mtu = overlay_mtu(config, underlay.mtu)
-    if mtu > underlay.mtu - VXLAN_OVERHEAD:
+    if mtu > max_overlay_mtu(config, underlay.mtu):
+        overhead = f" minus {VXLAN_OVERHEAD}" if config.backend.type == "vxlan" else ""
         raise ConfigError(
-            "Backend.MTU",
-            f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu} minus {VXLAN_OVERHEAD}",
+            "Backend.MTU", f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu}{overhead}"
         )
     return mtu
 
@@ -148,13 +148,7 @@ class Agent:
         knowledge = Knowledge(
             config=config,
             own=held.lease,
-            spec=device_spec(
-                config=config,
-                own=held.lease,
-                bridge=s.bridge,
-                underlay_ifindex=underlay.ifindex,
-                underlay_mtu=underlay.mtu,
-            ),
+            spec=self._spec(config, held.lease, underlay),
             egress=egress,
             etcd_prefix=s.etcd_prefix,
         )
@@ -190,24 +184,32 @@ class Agent:
             group.create_task(reconciler.run(), name="reconcile")
 
     @staticmethod
-    def _owned_names(k: Knowledge) -> set[str]:
-        names = {k.spec.bridge, k.spec.vtep}
+    def _owned_names(k: Knowledge) -> dict[str, str]:
+        """Device name -> role, for the drift monitor. The underlay is watched
+        too: its addresses decide which peers are on our link."""
+        names = {k.spec.bridge: "bridge", k.spec.underlay: "underlay"}
+        if k.spec.vtep:
+            names[k.spec.vtep] = "vtep"
         if k.egress.mode == "gwbridge":
-            names.add(k.egress.gwbridge)
+            names[k.egress.gwbridge] = "gwbridge"
         return names
 
     def _leases_of(self, everything: dict[str, bytes]) -> dict[str, bytes]:
         subnets = self._prefix + "subnets/"
         return {k: v for k, v in everything.items() if k.startswith(subnets)}
 
-    def _rebuild(self, k: Knowledge, underlay: Underlay) -> None:
-        k.spec = device_spec(
-            config=k.config,
-            own=k.own,
+    def _spec(self, config: NetworkConfig, own: Lease, underlay: Underlay) -> DeviceSpec:
+        return device_spec(
+            config=config,
+            own=own,
             bridge=self.settings.bridge,
             underlay_ifindex=underlay.ifindex,
             underlay_mtu=underlay.mtu,
+            underlay=underlay.name,
         )
+
+    def _rebuild(self, k: Knowledge, underlay: Underlay) -> None:
+        k.spec = self._spec(k.config, k.own, underlay)
         k.egress = replace(k.egress, cluster=k.config.network)
         self._write_subnet_file(k)
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from overlayd.errors import ConfigError
 from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, BackendConfig, NetworkConfig
 
-SUPPORTED_BACKENDS = ("vxlan",)
+SUPPORTED_BACKENDS = ("vxlan", "host-gw")
 MAX_VNI = (1 << 24) - 1
 
 
@@ -48,8 +48,8 @@ def _address_field(raw: Mapping[str, Any], name: str) -> IPv4Address | None:
 
 
 def parse_backend(raw: Any) -> BackendConfig:
-    """Parse the `Backend` object. overlayd implements only vxlan, so a missing
-    Backend means vxlan (flannel's own default, udp, is not implemented)."""
+    """Parse the `Backend` object. overlayd implements vxlan and host-gw; a
+    missing Backend means vxlan (flannel's own default, udp, is not implemented)."""
     if raw is None:
         return BackendConfig()
     if not isinstance(raw, dict):
@@ -72,7 +72,14 @@ def parse_backend(raw: Any) -> BackendConfig:
     mtu = _int_field(raw, "MTU", "Backend.MTU", None)
     if mtu is not None and not 576 <= mtu <= 65535:
         raise ConfigError("Backend.MTU", f"must be between 576 and 65535, got {mtu}")
-    return BackendConfig(type=backend_type, vni=vni, port=port, mtu=mtu)
+    direct = raw.get("DirectRouting", False)
+    if not isinstance(direct, bool):
+        raise ConfigError(
+            "Backend.DirectRouting", f"must be true or false, got {json.dumps(direct)}"
+        )
+    if direct and backend_type != "vxlan":
+        raise ConfigError("Backend.DirectRouting", "only applies to the vxlan backend")
+    return BackendConfig(type=backend_type, vni=vni, port=port, mtu=mtu, direct_routing=direct)
 
 
 def parse_network_config(text: str | bytes) -> NetworkConfig:
@@ -143,6 +150,8 @@ def render_network_config(config: NetworkConfig) -> str:
     }
     if config.backend.mtu is not None:
         backend["MTU"] = config.backend.mtu
+    if config.backend.direct_routing:
+        backend["DirectRouting"] = True
     return json.dumps(
         {
             "Network": str(config.network),

@@ -43,6 +43,8 @@ class HeldLease:
 
 
 def own_lease(config: NetworkConfig, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+    if config.backend.type == "host-gw":
+        return Lease(subnet=subnet, public_ip=public_ip, vni=0, vtep_mac="", backend_type="host-gw")
     vni = config.backend.vni
     return Lease(
         subnet=subnet,

@@ -30,6 +30,7 @@ class BackendConfig:
     vni: int = DEFAULT_VNI
     port: int = DEFAULT_VXLAN_PORT
     mtu: int | None = None
+    direct_routing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +62,25 @@ class DeviceSpec:
     bridge: str
     bridge_mac: str
     gateway: IPv4Interface
-    vtep: str
+    vtep: str  # "" in host-gw mode: no tunnel
     vtep_mac: str
     vni: int
     port: int
     local_ip: IPv4Address
     underlay_ifindex: int
     mtu: int
+    underlay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """`route <dst> via <gateway> dev <bridge> onlink proto ROUTE_PROTOCOL`."""
+    """`route <dst> via <gateway> dev <bridge> onlink proto ROUTE_PROTOCOL`
+    through the tunnel, or, with `direct` (host-gw, DirectRouting),
+    `route <dst> via <peer's public IP> dev <underlay> proto ROUTE_PROTOCOL`."""
 
     dst: IPv4Network
     gateway: IPv4Address
+    direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)

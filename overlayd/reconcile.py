@@ -5,7 +5,7 @@ dirty; a single task turns dirty into one pass at a time, so passes never
 overlap and a burst of events costs one pass:
 
     desired = desired_entries(usable peers)       pure
-    actual  = read_entries(bridge, vtep)          I/O, only what we own
+    actual  = read_entries(devices)               I/O, only what we own
     changes = diff(desired, actual)               pure
     apply(changes)                                I/O, idempotent, ordered
 
@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 
 from overlayd.dataplane import Dataplane, entries, sysctl
 from overlayd.model import (
@@ -33,10 +34,10 @@ from overlayd.model import (
     Route,
     TunnelFdb,
 )
-from overlayd.plan.desired import EntryMemo, desired_entries
+from overlayd.plan.desired import EntryMemo, Routing, desired_entries, plan_peers
 from overlayd.plan.diff import diff, expected
 from overlayd.plan.egress import EgressSpec
-from overlayd.plan.leases import ParseCache, select_peers
+from overlayd.plan.leases import ParseCache, select_peers, subnet_key
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Reconciler:
         self._believed: EntrySet | None = None
         self._parse_cache: ParseCache = {}
         self._entry_memo: EntryMemo = {}
+        self._onlink: tuple[IPv4Network, ...] = ()
         self._warned: dict[str, str] = {}
         self.last: PassResult | None = None
         self.passes = 0
@@ -127,7 +129,18 @@ class Reconciler:
             selection = select_peers(
                 k.config, k.own, k.raw_leases, k.etcd_prefix, cache=self._parse_cache
             )
-            self._warn_rejected({r.key: r.reason for r in selection.rejected})
+            if full:
+                self._onlink = tuple(
+                    await self.dataplane.netlink.connected_networks(k.spec.underlay_ifindex)
+                )
+            plan = plan_peers(selection.peers, Routing.of(k.config, self._onlink))
+            rejected = {r.key: r.reason for r in selection.rejected}
+            for peer in plan.unreachable:
+                rejected[subnet_key(k.etcd_prefix, peer.subnet)] = (
+                    f"PublicIP {peer.public_ip} is not on {k.spec.underlay or 'the underlay'}'s"
+                    " link: host-gw cannot route to it, so it gets no route"
+                )
+            self._warn_rejected(rejected)
             if full:
                 for what in await self.dataplane.netlink.ensure_devices(k.spec):
                     log.info("event=device_changed what=%r", what)
@@ -136,18 +149,18 @@ class Reconciler:
                 ):
                     log.info("event=sysctl what=%r", what)
                 await self._ensure_egress(k.egress)
-                actual = await entries.read_entries(k.spec.bridge, k.spec.vtep, netns=self._netns)
+                actual = await entries.read_entries(k.spec, netns=self._netns)
             else:
                 assert self._believed is not None
                 actual = self._believed
-            desired = desired_entries(selection.peers, memo=self._entry_memo)
+            desired = desired_entries(plan.tunneled, direct=plan.direct, memo=self._entry_memo)
             changes = diff(desired, actual)
             # Believed before it is true, so that the netlink events of our
             # own changes, which may arrive while the batch still runs, are
             # recognised as ours.
             self._believed = desired
             if changes:
-                result = await self.dataplane.apply(changes, k.spec.bridge, k.spec.vtep)
+                result = await self.dataplane.apply(changes, k.spec)
                 for change in changes[:LOG_CHANGES_MAX]:
                     log.info("event=entry_%s %s", change.op.value, describe(change.entry))
                 if len(changes) > LOG_CHANGES_MAX:
@@ -161,7 +174,7 @@ class Reconciler:
             outcome = PassResult(
                 ok=True,
                 changes=len(changes),
-                peers=len(selection.peers),
+                peers=len(plan.tunneled) + len(plan.direct),
                 seconds=time.monotonic() - started,
                 full=full,
             )

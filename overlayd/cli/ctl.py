@@ -195,7 +195,13 @@ def cmd_lab(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
     if args.lab_command == "up":
         started = time.monotonic()
-        config = default_network_config(IPv4Network(args.network), args.vni, args.port)
+        config = default_network_config(
+            IPv4Network(args.network),
+            args.vni,
+            args.port,
+            backend=args.backend,
+            direct_routing=args.direct_routing,
+        )
         try:
             lab.up(
                 args.hosts,
@@ -313,6 +319,17 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--hosts", type=int, default=3)
     up.add_argument("--containers", type=int, default=1, help="containers per host")
     up.add_argument("--network", default=str(DEFAULT_NETWORK))
+    up.add_argument(
+        "--backend",
+        choices=["vxlan", "host-gw"],
+        default="vxlan",
+        help="overlay (vxlan) or routed (host-gw) (default %(default)s)",
+    )
+    up.add_argument(
+        "--direct-routing",
+        action="store_true",
+        help="vxlan: route peers on the same link directly, as flannel's DirectRouting",
+    )
     up.add_argument("--vni", type=int, default=1)
     up.add_argument("--port", type=int, default=8472)
     up.add_argument("--lease-ttl", type=int, default=60)

@@ -12,7 +12,7 @@ from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import NftTable
-from overlayd.model import Change
+from overlayd.model import Change, DeviceSpec
 
 
 @dataclass
@@ -36,11 +36,11 @@ class Dataplane:
     async def close(self) -> None:
         await self.netlink.close()
 
-    async def apply(self, changes: Sequence[Change], bridge: str, vtep: str) -> ApplyResult:
+    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
         """A handful of changes (one peer joining) through netlink, in
         milliseconds; many (a cold start) through one iproute2 batch per
         tool, which encodes thousands of messages far faster than pyroute2."""
         if len(changes) <= self.netlink_max_changes:
-            failed = await self.netlink.apply_entries(changes, bridge, vtep)
+            failed = await self.netlink.apply_entries(changes, spec)
             return ApplyResult(applied=len(changes), failed=tuple(failed))
-        return await entries.apply_changes(changes, bridge, vtep, netns=self.netns)
+        return await entries.apply_changes(changes, spec, netns=self.netns)

@@ -28,6 +28,7 @@ from overlayd.model import (
     ROUTE_PROTOCOL,
     BridgeFdb,
     Change,
+    DeviceSpec,
     EntrySet,
     Neighbour,
     Op,
@@ -74,7 +75,7 @@ def _tool(name: str, netns: str | None) -> list[str]:
 # resync reads the same thousands of entries every time, and building
 # ipaddress objects from text is most of its cost, so each distinct entry is
 # built once and reused; a cache is emptied when it outgrows what it serves.
-_routes: dict[tuple[str, str], tuple[RouteKey, Route]] = {}
+_routes: dict[tuple[str, str, str], tuple[RouteKey, Route]] = {}
 _neighbours: dict[tuple[str, str], tuple[int, Neighbour]] = {}
 _tunnels: dict[tuple[str, str], TunnelFdb] = {}
 K = TypeVar("K")
@@ -93,11 +94,11 @@ def _trim(cache: dict[K, V], in_use: int) -> None:
         cache.clear()
 
 
-def _route(dst: str, gateway: str) -> tuple[RouteKey, Route]:
+def _route(dst: str, gateway: str, direct: bool) -> tuple[RouteKey, Route]:
     network = _route_dst(dst)
     # A route of ours that lost its shape (another device, no gateway) gets
     # an impossible gateway, so the diff replaces it.
-    return route_key(network), Route(network, IPv4Address(gateway or 0))
+    return route_key(network), Route(network, IPv4Address(gateway or 0), direct)
 
 
 def _tunnel(mac: str, remote: str) -> TunnelFdb:
@@ -109,22 +110,30 @@ def _neigh(ip: str, mac: str) -> tuple[int, Neighbour]:
     return int(address), Neighbour(address, mac)
 
 
-async def read_entries(bridge: str, vtep: str, *, netns: str | None = None) -> EntrySet:
+async def _nothing() -> list[dict[str, Any]]:
+    return []
+
+
+async def read_entries(spec: DeviceSpec, *, netns: str | None = None) -> EntrySet:
     """The entries overlayd owns, as the kernel holds them now."""
     ip, br = _tool("ip", netns), _tool("bridge", netns)
+    bridge = spec.bridge
     routes_raw, neigh_raw, fdb_raw = await asyncio.gather(
         _json([*ip, "-j", "-4", "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
         _json([*ip, "-j", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"]),
-        _json([*br, "-j", "fdb", "show", "dev", vtep]),
+        _json([*br, "-j", "fdb", "show", "dev", spec.vtep]) if spec.vtep else _nothing(),
     )
     routes: dict[RouteKey, Route] = {}
     neighbours: dict[int, Neighbour] = {}
     tunnel: dict[str, TunnelFdb] = {}
     bridge_fdb: dict[str, BridgeFdb] = {}
     for item in routes_raw:
-        gateway = item.get("gateway", "") if item.get("dev") == bridge else ""
-        dst = item["dst"]
-        route_at, route = _interned(_routes, (dst, gateway), partial(_route, dst, gateway))
+        dev, dst = item.get("dev"), item["dst"]
+        gateway = item.get("gateway", "") if dev in (bridge, spec.underlay) else ""
+        direct = "direct" if dev == spec.underlay and dev != bridge else ""
+        route_at, route = _interned(
+            _routes, (dst, gateway, direct), partial(_route, dst, gateway, bool(direct))
+        )
         routes[route_at] = route
     for item in neigh_raw:
         if "lladdr" in item:
@@ -147,12 +156,18 @@ async def read_entries(bridge: str, vtep: str, *, netns: str | None = None) -> E
     return EntrySet(routes=routes, neighbours=neighbours, tunnel_fdb=tunnel, bridge_fdb=bridge_fdb)
 
 
-def _line(change: Change, bridge: str, vtep: str) -> tuple[str, str]:
+def _line(change: Change, spec: DeviceSpec) -> tuple[str, str]:
     """The tool ("ip" or "bridge") and the batch line for one change."""
     entry, op = change.entry, change.op.value
+    bridge, vtep = spec.bridge, spec.vtep
     if isinstance(entry, Route):
         if change.op is Op.DELETE:
             return "ip", f"route delete {entry.dst} proto {ROUTE_PROTOCOL}"
+        if entry.direct:
+            return "ip", (
+                f"route replace {entry.dst} via {entry.gateway} dev {spec.underlay}"
+                f" proto {ROUTE_PROTOCOL}"
+            )
         return "ip", (
             f"route replace {entry.dst} via {entry.gateway} dev {bridge} onlink"
             f" proto {ROUTE_PROTOCOL}"
@@ -171,7 +186,7 @@ def _line(change: Change, bridge: str, vtep: str) -> tuple[str, str]:
 
 
 async def apply_changes(
-    changes: Sequence[Change], bridge: str, vtep: str, *, netns: str | None = None
+    changes: Sequence[Change], spec: DeviceSpec, *, netns: str | None = None
 ) -> ApplyResult:
     """Apply in the given order, batching consecutive lines of the same tool.
 
@@ -181,7 +196,7 @@ async def apply_changes(
     failed: list[str] = []
     groups: list[tuple[str, list[str]]] = []
     for change in changes:
-        tool, line = _line(change, bridge, vtep)
+        tool, line = _line(change, spec)
         if groups and groups[-1][0] == tool:
             groups[-1][1].append(line)
         else:

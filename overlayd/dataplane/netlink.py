@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -137,8 +137,17 @@ class Netlink:
         changed: list[str] = []
         bridge_index = await self._ensure_bridge(spec.bridge, spec.bridge_mac, spec.mtu, changed)
         await self._ensure_gateway(spec.bridge, bridge_index, spec.gateway, changed)
-        await self._ensure_vtep(spec, bridge_index, changed)
+        if spec.vtep:
+            await self._ensure_vtep(spec, bridge_index, changed)
+        else:
+            for name in await self.vtep_names():  # host-gw has no tunnel
+                await self.delete_link(name)
+                changed.append(f"removed {name} (no tunnel in host-gw mode)")
         return changed
+
+    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+        """The networks directly on a link: whose addresses need no router."""
+        return [address.network for address in await self._ipv4_addresses(ifindex)]
 
     async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:
         link = await self._link(ifname=name)
@@ -274,29 +283,40 @@ class Netlink:
             found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
-    async def apply_entries(self, changes: Sequence[Change], bridge: str, vtep: str) -> list[str]:
+    async def apply_entries(self, changes: Sequence[Change], spec: DeviceSpec) -> list[str]:
         """Apply a few entry changes straight through netlink, with no process
         to start (entries.py's batches win only when there are many). The
         same entries, flags and states as the batch lines; returns the
         failures, one line each."""
-        bridge_link, vtep_link = await self._link(ifname=bridge), await self._link(ifname=vtep)
-        if bridge_link is None or vtep_link is None:
-            return [f"{bridge if bridge_link is None else vtep} is missing"]
-        br, vx = int(bridge_link["index"]), int(vtep_link["index"])
+        bridge_link = await self._link(ifname=spec.bridge)
+        vtep_link = await self._link(ifname=spec.vtep) if spec.vtep else None
+        if bridge_link is None or (spec.vtep and vtep_link is None):
+            return [f"{spec.bridge if bridge_link is None else spec.vtep} is missing"]
+        br = int(bridge_link["index"])
+        vx = int(vtep_link["index"]) if vtep_link is not None else 0
         failed = []
         for change in changes:
             try:
-                await self._apply_one(change, br, vx)
+                await self._apply_one(change, br, vx, spec.underlay_ifindex)
             except NetlinkError as exc:
                 if change.op is Op.DELETE and exc.code in (ENOENT, ESRCH):
                     continue  # already gone, which is what we wanted
                 failed.append(f"{change.op.value} {change.entry}: {exc}")
         return failed
 
-    async def _apply_one(self, change: Change, br: int, vx: int) -> None:
+    async def _apply_one(self, change: Change, br: int, vx: int, underlay: int) -> None:
         entry, replace = change.entry, change.op is Op.REPLACE
         if isinstance(entry, Route):
-            if replace:
+            if replace and entry.direct:
+                await self._ipr.route(
+                    "replace",
+                    dst=str(entry.dst),
+                    gateway=str(entry.gateway),
+                    oif=underlay,
+                    proto=ROUTE_PROTOCOL,
+                    table=254,
+                )
+            elif replace:
                 await self._ipr.route(
                     "replace",
                     dst=str(entry.dst),
@@ -377,10 +397,12 @@ class DriftMonitor:
         self._netns = netns
         self._indexes: dict[int, str] = {}
 
-    def _observe(self, msg: Any, names: set[str]) -> Observed | None:
+    def _observe(self, msg: Any, names: Mapping[str, str]) -> Observed | None:
         """What a netlink message says about things we may own; None when it
         concerns nothing of ours."""
-        event = msg.get("event", "")
+        event = msg.get("event")
+        if not isinstance(event, str):
+            return None  # a message type pyroute2 does not name: not one of ours
         present = event.startswith("RTM_NEW")
         if event in ("RTM_NEWLINK", "RTM_DELLINK"):
             name = msg.get("IFLA_IFNAME")
@@ -399,12 +421,13 @@ class DriftMonitor:
                 return None
             dst = IPv4Network(f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}", strict=False)
             gateway = msg.get("RTA_GATEWAY")
-            on_bridge = self._indexes.get(msg.get("RTA_OIF")) is not None and gateway
-            hop = IPv4Address(gateway) if on_bridge else IPv4Address(0)
-            return Observed(present, Route(dst, hop), f"route {dst}")
+            role = names.get(self._indexes.get(msg.get("RTA_OIF"), ""))
+            hop = IPv4Address(gateway) if gateway and role in ("bridge", "underlay") else None
+            route = Route(dst, hop or IPv4Address(0), direct=role == "underlay")
+            return Observed(present, route, f"route {dst}")
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
-            if name is None:
+            if name is None or names.get(name) not in ("bridge", "vtep"):
                 return None
             mac = str(msg.get("NDA_LLADDR") or "")
             state = msg.get("state", 0)
@@ -423,7 +446,7 @@ class DriftMonitor:
                     return Observed(present, BridgeFdb(mac), f"fdb {mac} master")
         return None
 
-    async def _learn_indexes(self, ipr: Any, names: set[str]) -> None:
+    async def _learn_indexes(self, ipr: Any, names: Mapping[str, str]) -> None:
         self._indexes = {}
         async for link in await ipr.link("dump"):
             name = link.get("IFLA_IFNAME")
@@ -431,13 +454,18 @@ class DriftMonitor:
                 self._indexes[int(link["index"])] = str(name)
 
     async def run(
-        self, names: Callable[[], set[str]], on_drift: Callable[[Observed], None]
+        self, names: Callable[[], Mapping[str, str]], on_drift: Callable[[Observed], None]
     ) -> None:
+        missed: str | None = None
         while True:
             ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
             try:
                 await ipr.bind(groups=_GROUPS)
                 await self._learn_indexes(ipr, names())
+                if missed is not None:
+                    # Listening again: whatever happened meanwhile is unknown.
+                    on_drift(Observed(False, None, missed))
+                    missed = None
                 while True:
                     async for msg in ipr.get():
                         observed = self._observe(msg, names())
@@ -445,9 +473,9 @@ class DriftMonitor:
                             on_drift(observed)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # ENOBUFS and friends: resync, then listen again
+            except Exception as exc:  # ENOBUFS and friends: listen again, then resync
                 log.warning("event=netlink_monitor_error error=%r; resyncing", exc)
-                on_drift(Observed(False, None, f"netlink monitor error {exc!r}"))
+                missed = f"netlink monitor error {exc!r}"
                 await asyncio.sleep(0.1)
             finally:
                 ipr.close()

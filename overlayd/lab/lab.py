@@ -56,13 +56,17 @@ A = TypeVar("A")
 
 
 def default_network_config(
-    network: IPv4Network = DEFAULT_NETWORK, vni: int = 1, port: int = 8472
+    network: IPv4Network = DEFAULT_NETWORK,
+    vni: int = 1,
+    port: int = 8472,
+    *,
+    backend: str = "vxlan",
+    direct_routing: bool = False,
 ) -> NetworkConfig:
-    return parse_network_config(
-        json.dumps(
-            {"Network": str(network), "Backend": {"Type": "vxlan", "VNI": vni, "Port": port}}
-        )
-    )
+    backend_json: dict[str, object] = {"Type": backend}
+    if backend == "vxlan":
+        backend_json.update(VNI=vni, Port=port, DirectRouting=direct_routing)
+    return parse_network_config(json.dumps({"Network": str(network), "Backend": backend_json}))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from overlayd.model import (
@@ -57,11 +58,18 @@ def vtep_name(vni: int) -> str:
     return f"ovl.{vni}"
 
 
+def max_overlay_mtu(config: NetworkConfig, underlay_mtu: int) -> int:
+    """The largest MTU containers can have: host-gw adds no header."""
+    if config.backend.type == "host-gw":
+        return underlay_mtu
+    return underlay_mtu - VXLAN_OVERHEAD
+
+
 def overlay_mtu(config: NetworkConfig, underlay_mtu: int) -> int:
-    """The configured MTU if any, else the underlay's minus the VXLAN overhead."""
+    """The configured MTU if any, else the largest that fits."""
     if config.backend.mtu is not None:
         return config.backend.mtu
-    return underlay_mtu - VXLAN_OVERHEAD
+    return max_overlay_mtu(config, underlay_mtu)
 
 
 def device_spec(
@@ -71,18 +79,20 @@ def device_spec(
     bridge: str,
     underlay_ifindex: int,
     underlay_mtu: int,
+    underlay: str = "",
 ) -> DeviceSpec:
     return DeviceSpec(
         bridge=bridge,
         bridge_mac=stable_mac("bridge", own.subnet, own.vni),
         gateway=IPv4Interface((gateway_address(own.subnet), own.subnet.prefixlen)),
-        vtep=vtep_name(own.vni),
+        vtep=vtep_name(own.vni) if config.backend.type == "vxlan" else "",
         vtep_mac=own.vtep_mac,
         vni=own.vni,
         port=config.backend.port,
         local_ip=own.public_ip,
         underlay_ifindex=underlay_ifindex,
         mtu=overlay_mtu(config, underlay_mtu),
+        underlay=underlay,
     )
 
 
@@ -91,15 +101,64 @@ def next_hop(subnet: IPv4Network) -> IPv4Address:
     return subnet.network_address
 
 
-# A peer's four entries, with their route and neighbour keys precomputed.
-PeerEntries = tuple["Lease", Route, Neighbour, TunnelFdb, BridgeFdb, RouteKey, int]
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """How peers are reached: through the tunnel (vxlan), straight over the
+    underlay (host-gw), or, with DirectRouting, straight when the peer is on
+    the underlay's link and through the tunnel otherwise."""
+
+    backend: str = "vxlan"
+    direct_routing: bool = False
+    onlink: tuple[IPv4Network, ...] = ()  # the underlay's connected networks
+
+    @classmethod
+    def of(cls, config: NetworkConfig, onlink: Iterable[IPv4Network] = ()) -> Routing:
+        return cls(config.backend.type, config.backend.direct_routing, tuple(onlink))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPlan:
+    tunneled: tuple[Lease, ...]
+    direct: tuple[Lease, ...]
+    unreachable: tuple[Lease, ...]  # host-gw peers off the underlay's link: no route
+
+
+def plan_peers(peers: Iterable[Lease], routing: Routing) -> PeerPlan:
+    if routing.backend == "vxlan" and not routing.direct_routing:
+        return PeerPlan(tuple(peers), (), ())
+    ranges = [(int(n.network_address), int(n.broadcast_address)) for n in routing.onlink]
+    tunneled: list[Lease] = []
+    direct: list[Lease] = []
+    unreachable: list[Lease] = []
+    for peer in peers:
+        address = int(peer.public_ip)
+        if any(first <= address <= last for first, last in ranges):
+            direct.append(peer)
+        elif routing.backend == "vxlan":
+            tunneled.append(peer)
+        else:
+            # A route via an address that is not on our link would be
+            # refused, or worse, black-hole the subnet: no route at all.
+            unreachable.append(peer)
+    return PeerPlan(tuple(tunneled), tuple(direct), tuple(unreachable))
+
+
+# A peer's entries (four through the tunnel, one route when direct), with the
+# route and neighbour keys precomputed.
+PeerEntries = tuple[
+    "Lease", bool, Route, "Neighbour | None", "TunnelFdb | None", "BridgeFdb | None", RouteKey, int
+]
 EntryMemo = dict[int, PeerEntries]
 
 
-def peer_entries(peer: Lease) -> PeerEntries:
+def peer_entries(peer: Lease, *, direct: bool = False) -> PeerEntries:
+    if direct:
+        route = Route(dst=peer.subnet, gateway=peer.public_ip, direct=True)
+        return (peer, True, route, None, None, None, route_key(peer.subnet), 0)
     hop = next_hop(peer.subnet)
     return (
         peer,
+        False,
         Route(dst=peer.subnet, gateway=hop),
         Neighbour(ip=hop, mac=peer.vtep_mac),
         TunnelFdb(mac=peer.vtep_mac, remote=peer.public_ip),
@@ -109,8 +168,11 @@ def peer_entries(peer: Lease) -> PeerEntries:
     )
 
 
-def desired_entries(peers: Iterable[Lease], *, memo: EntryMemo | None = None) -> EntrySet:
-    """The route, neighbour and two FDB entries of every peer.
+def desired_entries(
+    peers: Iterable[Lease], *, direct: Iterable[Lease] = (), memo: EntryMemo | None = None
+) -> EntrySet:
+    """The route, neighbour and two FDB entries of every tunneled peer, and
+    the one route of every direct peer.
 
     `memo` (keyed by the lease object's id, checked by identity) lets a pass
     reuse the entries of leases it has seen before instead of building them
@@ -120,16 +182,18 @@ def desired_entries(peers: Iterable[Lease], *, memo: EntryMemo | None = None) ->
     tunnel: dict[str, TunnelFdb] = {}
     bridge: dict[str, BridgeFdb] = {}
     fresh: EntryMemo = {}
-    for peer in peers:
-        found = memo.get(id(peer)) if memo is not None else None
-        if found is None or found[0] is not peer:
-            found = peer_entries(peer)
-        fresh[id(peer)] = found
-        _, route, neighbour, tunnel_fdb, bridge_fdb, rkey, nkey = found
-        routes[rkey] = route
-        neighbours[nkey] = neighbour
-        tunnel[tunnel_fdb.mac] = tunnel_fdb
-        bridge[bridge_fdb.mac] = bridge_fdb
+    for is_direct, group in ((False, peers), (True, direct)):
+        for peer in group:
+            found = memo.get(id(peer)) if memo is not None else None
+            if found is None or found[0] is not peer or found[1] is not is_direct:
+                found = peer_entries(peer, direct=is_direct)
+            fresh[id(peer)] = found
+            _, _, route, neighbour, tunnel_fdb, bridge_fdb, rkey, nkey = found
+            routes[rkey] = route
+            if neighbour is not None and tunnel_fdb is not None and bridge_fdb is not None:
+                neighbours[nkey] = neighbour
+                tunnel[tunnel_fdb.mac] = tunnel_fdb
+                bridge[bridge_fdb.mac] = bridge_fdb
     if memo is not None:
         memo.clear()
         memo.update(fresh)

@@ -94,8 +94,11 @@ def parse_lease(subnet: IPv4Network, value: bytes | str) -> Lease:
     if not isinstance(raw, dict):
         raise LeaseError("value is not a JSON object")
     backend_type = raw.get("BackendType", "vxlan")
+    if backend_type == "host-gw":
+        # flannel's host-gw leases carry no backend data: the public IP is all.
+        return Lease(subnet, check_public_ip(raw.get("PublicIP")), 0, "", "host-gw")
     if backend_type != "vxlan":
-        raise LeaseError(f"BackendType {json.dumps(backend_type)[:40]} is not vxlan")
+        raise LeaseError(f"BackendType {json.dumps(backend_type)[:40]} is not vxlan or host-gw")
     data = raw.get("BackendData")
     if not isinstance(data, dict):
         raise LeaseError("BackendData is missing or not an object")
@@ -118,7 +121,11 @@ def render_lease(lease: Lease) -> str:
             "PublicIP": str(lease.public_ip),
             "PublicIPv6": None,
             "BackendType": lease.backend_type,
-            "BackendData": {"VNI": lease.vni, "VtepMAC": lease.vtep_mac},
+            "BackendData": (
+                {"VNI": lease.vni, "VtepMAC": lease.vtep_mac}
+                if lease.backend_type == "vxlan"
+                else None
+            ),
         }
     )
 
@@ -188,7 +195,7 @@ def select_peers(
     net_first, net_last = int(config.network.network_address), int(config.network.broadcast_address)
     own_first = int(own.subnet.network_address) if own is not None else -1
     own_last = int(own.subnet.broadcast_address) if own is not None else -1
-    vni = config.backend.vni
+    vni, backend = config.backend.vni, config.backend.type
     for key, value in raw_leases.items():
         try:
             lease, first, last = _parse_cached(key, value, etcd_prefix, cache)
@@ -202,7 +209,11 @@ def select_peers(
                     raise LeaseError(f"subnet {subnet} overlaps this host's {own.subnet}")
                 if lease.public_ip == own.public_ip:
                     raise LeaseError(f"PublicIP {lease.public_ip} is this host's own address")
-            if lease.vni != vni:
+            if lease.backend_type != backend:
+                raise LeaseError(
+                    f"BackendType {lease.backend_type} differs from the network's {backend}"
+                )
+            if backend == "vxlan" and lease.vni != vni:
                 raise LeaseError(f"VNI {lease.vni} differs from the network's {vni}")
         except LeaseError as exc:
             rejected.append(Rejected(key=key, reason=str(exc)))

@@ -70,6 +70,7 @@ async def host(netns: str, request: pytest.FixtureRequest) -> AsyncIterator[tupl
         bridge="ovl0",
         underlay_ifindex=underlay.ifindex,
         underlay_mtu=underlay.mtu,
+        underlay="eth0",
     )
     knowledge = Knowledge(
         config=CONFIG,

@@ -121,3 +121,17 @@ def test_valid_configs_have_aligned_bounds_inside_the_network(
     assert cfg.subnet_min in cfg.network and cfg.subnet_max in cfg.network
     assert int(cfg.subnet_min) % size == 0 and int(cfg.subnet_max) % size == 0
     assert cfg.subnet_min <= cfg.subnet_max
+
+
+def test_host_gw_and_direct_routing_are_read_and_checked() -> None:
+    host_gw = parse_network_config('{"Network": "10.0.0.0/16", "Backend": {"Type": "host-gw"}}')
+    assert host_gw.backend.type == "host-gw" and not host_gw.backend.direct_routing
+    direct = parse_network_config(
+        '{"Network": "10.0.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}'
+    )
+    assert direct.backend.direct_routing
+    assert parse_network_config(render_network_config(direct)) == direct
+    for bad in ('{"Type": "host-gw", "DirectRouting": true}', '{"DirectRouting": "yes"}'):
+        with pytest.raises(ConfigError) as caught:
+            parse_network_config('{"Network": "10.0.0.0/16", "Backend": ' + bad + "}")
+        assert caught.value.field == "Backend.DirectRouting"
