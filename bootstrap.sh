@@ -19,7 +19,7 @@ fi
 
 install_system_packages() {
     local missing=()
-    for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl; do
+    for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl iperf3 sockperf; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -31,7 +31,7 @@ install_system_packages() {
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-pip etcd-server etcd-client iproute2 \
-        iputils-ping tcpdump nftables iptables procps >/dev/null
+        iputils-ping tcpdump nftables iptables procps iperf3 sockperf >/dev/null
 }
 
 install_python_packages() {

@@ -254,6 +254,17 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for line in fault_figures(f"{args.name}f", args.runs, args.outage):
             print(line, flush=True)
         return 0
+    if args.lab_command == "bench":
+        from overlayd.lab.bench import bench
+
+        def progress(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        for text in bench(
+            f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), progress
+        ):
+            print(text)
+        return 0
     if args.lab_command == "cpbench":
         from overlayd.lab import cpbench
 
@@ -354,6 +365,16 @@ def parser() -> argparse.ArgumentParser:
     timing.add_argument("--hosts", type=int, nargs="+", default=[3, 10])
     timing.add_argument("--runs", type=int, default=5)
     timing.add_argument("--joins", type=int, default=7, help="hosts added one by one to 3")
+    bench = lab_sub.add_parser(
+        "bench",
+        parents=[common],
+        help="figures: underlay, routed, overlay and flannel-style paths, interleaved rounds,"
+        " Markdown table, JSON and SVG chart",
+    )
+    bench.add_argument("--rounds", type=int, default=10)
+    bench.add_argument("--seconds", type=float, default=3.0, help="per iperf3 test")
+    bench.add_argument("--congestion", default="cubic", help="TCP congestion control, fixed")
+    bench.add_argument("--out", default="bench-results", help="directory for the outputs")
     cp = lab_sub.add_parser(
         "cpbench",
         parents=[common],

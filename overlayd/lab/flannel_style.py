@@ -18,7 +18,7 @@ from overlayd.config import parse_network_config
 from overlayd.errors import LeaseError
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Container, Lab
-from overlayd.model import Lease
+from overlayd.model import Lease, NetworkConfig
 from overlayd.plan.ipam import pick_subnet
 from overlayd.plan.leases import (
     config_key,
@@ -36,10 +36,7 @@ def _random_mac(rng: random.Random) -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
-def add_flannel_style_host(lab: Lab, host: int) -> Container:
-    ns = lab.host_ns(host)
-    public_ip = lab.host_address(host)
-
+def _cluster(lab: Lab) -> tuple[NetworkConfig, list[Lease]]:
     async def read(store: EtcdStore) -> tuple[bytes | None, dict[str, bytes]]:
         config, _ = await store.get(config_key(PREFIX))
         leases, _ = await store.get_prefix(f"{PREFIX}/subnets/")
@@ -47,14 +44,22 @@ def add_flannel_style_host(lab: Lab, host: int) -> Container:
 
     config_raw, raw = lab.etcd(read)
     assert config_raw is not None
-    config = parse_network_config(config_raw)
-    peers: list[Lease] = []
+    leases: list[Lease] = []
     for key, value in raw.items():
         try:
-            peers.append(parse_lease(parse_subnet_key(key, PREFIX), value))
+            leases.append(parse_lease(parse_subnet_key(key, PREFIX), value))
         except LeaseError:
             continue
-    subnet = pick_subnet(config, [p.subnet for p in peers])
+    return parse_network_config(config_raw), leases
+
+
+def add_flannel_style_host(lab: Lab, host: int) -> Container:
+    """Lease a subnet, build the host's devices, attach one container, and
+    program the peers known at this moment."""
+    ns = lab.host_ns(host)
+    public_ip = lab.host_address(host)
+    config, leases = _cluster(lab)
+    subnet = pick_subnet(config, [p.subnet for p in leases])
     vni, port = config.backend.vni, config.backend.port
     mac = _random_mac(random.Random())
     lease = Lease(subnet=subnet, public_ip=public_ip, vni=vni, vtep_mac=mac)
@@ -90,7 +95,19 @@ def add_flannel_style_host(lab: Lab, host: int) -> Container:
     netns.ip(ns, "addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", "cni0")
     netns.ip(ns, "link", "set", "cni0", "up")
     netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-    for peer in peers:
+    program_flannel_peers(lab, host)
+    return lab.add_container(host, 1, bridge="cni0", subnet=subnet, mtu=1450)
+
+
+def program_flannel_peers(lab: Lab, host: int) -> None:
+    """(Re)program a flannel-style host's entries for every other lease, as
+    flannel's vxlan backend does: neighbour and FDB first, then the route."""
+    ns, own_ip = lab.host_ns(host), lab.host_address(host)
+    config, leases = _cluster(lab)
+    vtep = f"flannel.{config.backend.vni}"
+    for peer in leases:
+        if peer.public_ip == own_ip:
+            continue
         hop = peer.subnet.network_address
         netns.ip(
             ns,
@@ -121,7 +138,6 @@ def add_flannel_style_host(lab: Lab, host: int) -> Container:
             ]
         )
         netns.ip(ns, "route", "replace", str(peer.subnet), "via", str(hop), "dev", vtep, "onlink")
-    return lab.add_container(host, 1, bridge="cni0", subnet=subnet, mtu=1450)
 
 
 def flannel_subnet(lab: Lab, host: int) -> IPv4Network:
