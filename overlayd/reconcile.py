@@ -48,7 +48,8 @@ LOG_CHANGES_MAX = 40
 
 def describe(entry: Entry) -> str:
     if isinstance(entry, Route):
-        return f"kind=route dst={entry.dst} via={entry.gateway}"
+        how = " direct=yes" if entry.direct else ""
+        return f"kind=route dst={entry.dst} via={entry.gateway}{how}"
     if isinstance(entry, Neighbour):
         return f"kind=neigh ip={entry.ip} mac={entry.mac}"
     if isinstance(entry, TunnelFdb):
@@ -91,7 +92,8 @@ class Reconciler:
         self.dataplane = dataplane
         self._netns = dataplane.netns
         self._dirty = asyncio.Event()
-        self._full = True
+        # The first pass is full anyway (nothing believed yet).
+        self._full = False
         self._believed: EntrySet | None = None
         self._parse_cache: ParseCache = {}
         self._entry_memo: EntryMemo = {}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,49 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 # Every namespace a test makes starts with this, so a last sweep at the end
 # of the session can remove whatever a crashed test left behind.
 SESSION_TAG = f"ovt{uuid.uuid4().hex[:6]}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
+    """Seconds until the predicate held; fails the test at the timeout."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def capture(
+    ns: str, iface: str, bpf: str, count: int, pcap: Path, action: Callable[[], None]
+) -> None:
+    """tcpdump in a namespace while `action` runs, until `count` packets."""
+    tcpdump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "-w",
+            str(pcap),
+            "-c",
+            str(count),
+            *bpf.split(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)  # let tcpdump attach
+        action()
+        tcpdump.wait(timeout=10)
+    finally:
+        tcpdump.kill()
+        tcpdump.wait()
 
 
 def unique_name(kind: str) -> str:

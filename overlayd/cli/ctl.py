@@ -265,6 +265,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
         ):
             print(text)
         return 0
+    if args.lab_command == "tune":
+        from overlayd.lab.tune import tune
+
+        print(
+            f"overlay path, {args.pairs} alternating pairs of runs per variant,"
+            f" {args.seconds:g} s iperf3 -C {args.congestion}"
+        )
+        for line in tune(f"{args.name}t", args.pairs, args.seconds, args.congestion):
+            print(line, flush=True)
+        return 0
     if args.lab_command == "cpbench":
         from overlayd.lab import cpbench
 
@@ -375,6 +385,14 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=3.0, help="per iperf3 test")
     bench.add_argument("--congestion", default="cubic", help="TCP congestion control, fixed")
     bench.add_argument("--out", default="bench-results", help="directory for the outputs")
+    tune_cmd = lab_sub.add_parser(
+        "tune",
+        parents=[common],
+        help="figures: each kernel setting overlayd controls against the other choice",
+    )
+    tune_cmd.add_argument("--pairs", type=int, default=6)
+    tune_cmd.add_argument("--seconds", type=float, default=3.0)
+    tune_cmd.add_argument("--congestion", default="cubic")
     cp = lab_sub.add_parser(
         "cpbench",
         parents=[common],

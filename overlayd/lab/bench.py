@@ -227,6 +227,14 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def rounds_for_5pct(ratios: list[float]) -> float:
+    """Rounds needed for a 95 % interval of +-5 % on the mean paired ratio."""
+    if len(ratios) < 2:
+        return float("nan")
+    mean = statistics.mean(ratios)
+    return float((1.96 * statistics.stdev(ratios) / (0.05 * mean)) ** 2)
+
+
 def summarise(raw: dict[str, object]) -> dict[str, object]:
     samples: dict[str, dict[str, list[float]]] = raw["samples"]  # type: ignore[assignment]
     out: dict[str, object] = {"paths": {}, "ratios": {}}
@@ -244,7 +252,7 @@ def summarise(raw: dict[str, object]) -> dict[str, object]:
             paired = [
                 x / y for x, y in zip(samples[num][metric], samples[den][metric], strict=True)
             ]
-            ratios[metric] = _summary(paired)
+            ratios[metric] = {**_summary(paired), "rounds_for_5pct": rounds_for_5pct(paired)}
         out["ratios"][f"{num}/{den}"] = ratios  # type: ignore[index]
     return out
 
@@ -281,6 +289,17 @@ def markdown(summary: dict[str, object], meta: dict[str, object]) -> str:
             f"{r[metric]['median']:.2f} ({r[metric]['min']:.2f} to {r[metric]['max']:.2f})"
             for r in ratios.values()
         ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rounds needed to resolve a 5 % difference (95 % interval of +-5 % on the"
+        " mean paired ratio), from this run's spread:",
+        "",
+        "| metric | " + " | ".join(ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for metric, label, _ in METRICS:
+        cells = [f"{r[metric]['rounds_for_5pct']:.0f}" for r in ratios.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -338,9 +338,7 @@ def fault_figures(name: str, runs: int, outage: float, ttl: int = 10) -> Iterato
         lab.up(2, settings=LabSettings(lease_ttl=ttl, etcd_members=3))
         samples_failover = []
         for run in range(runs):
-            members = lab.etcd_members()
-            used = _member_in_use(lab, 1)
-            index = next(i for i, m in enumerate(members, 1) if str(m.address) == used)
+            index = lab.etcd_member_in_use(1)
             lab.stop_etcd(index)
             key = f"/coreos.com/network/subnets/10.244.{220 + run}.0-24"
             value = json.dumps(
@@ -364,15 +362,3 @@ def fault_figures(name: str, runs: int, outage: float, ttl: int = 10) -> Iterato
 
 async def _put(key: str, value: str, store: EtcdStore) -> None:
     await store.put(key, value)
-
-
-def _member_in_use(lab: Lab, host: int) -> str:
-    out = netns.in_ns(lab.host_ns(host), "ss", "-Htn", "state", "established", "( dport = :2379 )")
-    # gRPC's sockets are dual-stack: [::ffff:192.0.2.3]:2379
-    peers = {
-        line.split()[-1].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
-        for line in out.splitlines()
-    }
-    if len(peers) != 1:
-        raise RuntimeError(f"h{host} talks to {len(peers)} etcd members: {out}")
-    return peers.pop()

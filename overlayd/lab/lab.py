@@ -144,6 +144,21 @@ class Lab:
         running = [m for m in members if netns.pids_in(m.ns)]
         return (running or members)[0].socket_endpoint
 
+    def etcd_member_in_use(self, host: int) -> int:
+        """Which etcd member (1-based) the host's daemon is connected to."""
+        out = netns.in_ns(
+            self.host_ns(host), "ss", "-Htn", "state", "established", "( dport = :2379 )"
+        )
+        # gRPC's sockets are dual-stack: [::ffff:192.0.2.3]:2379
+        peers = {
+            line.split()[-1].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            for line in out.splitlines()
+        }
+        if len(peers) != 1:
+            raise LabCommandError(f"h{host} talks to {len(peers)} etcd members: {out}")
+        used = peers.pop()
+        return next(i for i, m in enumerate(self.etcd_members(), 1) if str(m.address) == used)
+
     def stop_etcd(self, member: int = 1) -> None:
         """An outage: the member's process is stopped; its data stays."""
         netns.kill_namespace_processes(self.etcd_members()[member - 1].ns)

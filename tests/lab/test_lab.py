@@ -7,8 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from overlayd.lab import netns
 from overlayd.lab.flannel_style import add_flannel_style_host
 from overlayd.lab.lab import Lab, LabSettings, default_network_config
-from tests.conftest import SESSION_TAG, needs_root
+from tests.conftest import SESSION_TAG, capture, needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -53,14 +52,31 @@ def kernel_mentions(lab: Lab, host: int, needle: str) -> bool:
     return needle in text
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> float:
-    """Seconds until the predicate held; fails the test at the timeout."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
+def run_daemon_once(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """overlayd in h1's namespace with the lab's etcd and underlay, to the end."""
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.host_ns(1),
+            sys.executable,
+            "-m",
+            "overlayd.cli.daemon",
+            "--etcd-endpoints",
+            "http://192.0.2.2:2379",
+            "--iface",
+            "eth0",
+            "--bridge",
+            "badbr",
+            "--subnet-file",
+            "/nonexistent/subnet.env",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_every_container_reaches_every_other_hosts_containers(lab: Lab) -> None:
@@ -77,33 +93,11 @@ def test_underlay_carries_vxlan_with_the_configured_vni_and_port_and_no_nat(
     bind_layers(UDP, VXLAN, dport=PORT)
     src, dst = (next(c for c in lab.containers() if c.host == h) for h in (1, 2))
     pcap = tmp_path / "underlay.pcap"
-    capture = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.switch_ns,
-            "tcpdump",
-            "-i",
-            "br0",
-            "-n",
-            "-U",
-            "-w",
-            str(pcap),
-            "-c",
-            "4",
-            "udp",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)  # let tcpdump attach
+
+    def ping() -> None:
         assert Lab.ping(src, dst, count=3, wait=1).ok
-        capture.wait(timeout=10)
-    finally:
-        capture.kill()
-        capture.wait()
+
+    capture(lab.switch_ns, "br0", "udp", 4, pcap, ping)
     packets = [p for p in rdpcap(str(pcap)) if VXLAN in p]
     assert packets, "no VXLAN packet seen on the underlay"
     first = packets[0]
@@ -177,30 +171,7 @@ def test_a_host_whose_daemon_stops_and_lease_goes_disappears_everywhere(lab: Lab
 
 def test_an_invalid_network_config_stops_the_daemon_naming_the_field(lab: Lab) -> None:
     lab.etcd(lambda s: s.put("/bad/config", '{"Network": "10.0.0.0/16", "SubnetLen": 17}'))
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.host_ns(1),
-            sys.executable,
-            "-m",
-            "overlayd.cli.daemon",
-            "--etcd-endpoints",
-            "http://192.0.2.2:2379",
-            "--etcd-prefix",
-            "/bad",
-            "--iface",
-            "eth0",
-            "--bridge",
-            "badbr",
-            "--subnet-file",
-            "/nonexistent/subnet.env",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_daemon_once(lab, "--etcd-prefix", "/bad")
     assert proc.returncode == 1
     assert "SubnetLen: /17 leaves fewer than four subnets in 10.0.0.0/16" in proc.stderr
     assert "badbr" not in netns.ip(lab.host_ns(1), "link")
@@ -208,32 +179,7 @@ def test_an_invalid_network_config_stops_the_daemon_naming_the_field(lab: Lab) -
 
 def test_an_overlapping_gwbridge_subnet_stops_the_daemon_before_it_leases(lab: Lab) -> None:
     leases = lab.leases()
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.host_ns(1),
-            sys.executable,
-            "-m",
-            "overlayd.cli.daemon",
-            "--etcd-endpoints",
-            "http://192.0.2.2:2379",
-            "--iface",
-            "eth0",
-            "--bridge",
-            "badbr",
-            "--egress",
-            "gwbridge",
-            "--gwbridge-subnet",
-            "10.244.128.0/20",
-            "--subnet-file",
-            "/nonexistent/subnet.env",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_daemon_once(lab, "--egress", "gwbridge", "--gwbridge-subnet", "10.244.128.0/20")
     assert proc.returncode == 1
     assert "gwbridge-subnet: 10.244.128.0/20 overlaps the cluster network" in proc.stderr
     assert lab.leases() == leases

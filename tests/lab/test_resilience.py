@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 
@@ -22,21 +22,12 @@ from overlayd.lab.lab import PREFIX, Container, Lab, LabSettings
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease
 from overlayd.store.etcd import EtcdStore
-from tests.conftest import SESSION_TAG, needs_root
+from tests.conftest import SESSION_TAG, needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 TTL = 6
 OUTAGE_SECONDS = float(os.environ.get("OVERLAYD_TEST_OUTAGE_SECONDS", "60"))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -358,20 +349,7 @@ def test_three_member_etcd_losing_the_daemons_member_loses_nothing() -> None:
         lab.up(2, settings=LabSettings(lease_ttl=TTL, etcd_members=3))
         lease = lease_of(lab, 1)
 
-        def member_in_use() -> str:
-            out = netns.in_ns(
-                lab.host_ns(1), "ss", "-Htn", "state", "established", "( dport = :2379 )"
-            )
-            # gRPC's sockets are dual-stack: [::ffff:192.0.2.3]:2379
-            peers = {
-                line.split()[-1].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
-                for line in out.splitlines()
-            }
-            assert len(peers) == 1, out
-            return peers.pop()
-
-        used = member_in_use()
-        index = next(i for i, m in enumerate(lab.etcd_members(), 1) if str(m.address) == used)
+        index = lab.etcd_member_in_use(1)
         with ContinuousPing(container(lab, 1), container(lab, 2)) as ping:
             lab.stop_etcd(index)
             key, value = fake_peer(203)
@@ -382,6 +360,6 @@ def test_three_member_etcd_losing_the_daemons_member_loses_nothing() -> None:
         assert count.lost == 0, count
         assert switched < 15
         assert lease_of(lab, 1) == lease
-        assert member_in_use() != used
+        assert lab.etcd_member_in_use(1) != index
     finally:
         lab.down()

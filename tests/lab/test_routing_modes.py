@@ -4,25 +4,17 @@ containers, reached without a tunnel where the underlay allows it."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings, default_network_config
-from tests.conftest import SESSION_TAG, needs_root
+from tests.conftest import SESSION_TAG, capture, needs_root, wait_until
 
 pytestmark = [needs_root, pytest.mark.lab]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def our_routes(lab: Lab, host: int) -> dict[str, str]:
@@ -63,33 +55,11 @@ def test_host_gw_traffic_on_the_wire_is_plain_ip_between_containers(
 
     src, dst = (next(c for c in host_gw.containers() if c.host == h) for h in (1, 2))
     pcap = tmp_path / "wire.pcap"
-    capture = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            host_gw.switch_ns,
-            "tcpdump",
-            "-i",
-            "br0",
-            "-n",
-            "-U",
-            "-w",
-            str(pcap),
-            "-c",
-            "2",
-            "icmp",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        time.sleep(0.5)
+
+    def ping() -> None:
         assert Lab.ping(src, dst, count=2, wait=1).ok
-        capture.wait(timeout=10)
-    finally:
-        capture.kill()
-        capture.wait()
+
+    capture(host_gw.switch_ns, "br0", "icmp", 2, pcap, ping)
     packets = rdpcap(str(pcap))
     assert packets and all(UDP not in p for p in packets)
     assert any(
