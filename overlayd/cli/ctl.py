@@ -1,5 +1,7 @@
 """`overlayctl`: the operator CLI. For now: the cluster's leases as etcd holds
-them, and the multi-host lab (`overlayctl lab up|check|down|status`)."""
+them, `leave` (release this host's lease), and the multi-host lab: `lab up`,
+`check`, `add-host`, `status`, `down`, and the figure commands `timing`,
+`faults`, `bench`, `tune` and `cpbench`."""
 
 from __future__ import annotations
 
