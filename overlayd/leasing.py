@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from overlayd.errors import LeaseError, OverlaydError, SubnetsExhaustedError
+from overlayd.errors import LeaseError, SubnetsExhaustedError
 from overlayd.model import Lease, NetworkConfig
 from overlayd.plan.desired import stable_mac
 from overlayd.plan.ipam import is_candidate, pick_subnet
@@ -150,7 +150,3 @@ class SubnetLeaser:
 async def sleep_backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> None:
     """Exponential backoff with full jitter, so that hosts do not retry in step."""
     await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
-
-
-class LeaseLost(OverlaydError):
-    """Our etcd lease expired or our key was deleted."""

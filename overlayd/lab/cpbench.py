@@ -182,7 +182,6 @@ def run_one(
     idle_seconds: float,
     *,
     resync_seconds: float = 60.0,
-    log_level: str = "info",
 ) -> CpResult:
     lab = Lab(name)
     lab.down()
@@ -191,9 +190,7 @@ def run_one(
         lab.up(
             0,
             config=config,
-            settings=LabSettings(
-                egress="none", resync_seconds=resync_seconds, lease_ttl=300, log_level=log_level
-            ),
+            settings=LabSettings(egress="none", resync_seconds=resync_seconds, lease_ttl=300),
         )
         leases = [synthetic_lease(i) for i in range(peers)]
         lab.etcd(lambda store: _put_many(store, leases))
@@ -229,8 +226,6 @@ def run_one(
             idle_cpu_pct=idle,
         )
     finally:
-        if log_level == "debug":
-            print(lab.daemon_log(1).read_text())
         lab.down()
 
 
