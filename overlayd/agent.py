@@ -1,9 +1,12 @@
 """The composition root: builds the adapters and runs the agent's tasks.
 
-Start-up is sequential (underlay, network config, egress plan, lease, first
-reconcile, subnet file); after that a TaskGroup runs the lease keep-alive,
-the etcd watch, the netlink drift monitor, the resync timer and the
-reconcile loop until the process is told to stop. Stopping leaves the data
+The control socket and the metrics endpoint open first, so that a start
+that waits for etcd can be seen waiting. Start-up is then sequential
+(underlay, network config, egress plan, lease, first reconcile, subnet
+file, READY to systemd); after that a TaskGroup runs the lease keep-alive,
+the etcd watch, the netlink drift monitor, the resync timer, the reconcile
+loop, the heartbeat and watchdog, and the MQTT publisher if one is
+configured, until the process is told to stop. Stopping leaves the data
 plane in place, so a restart is hitless; `teardown` removes it on purpose.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -19,11 +23,15 @@ from ipaddress import IPv4Network
 from typing import TypeVar
 
 from overlayd.config import AgentConfig, parse_network_config
+from overlayd.control import serve_control
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.netlink import Underlay
 from overlayd.errors import ConfigError, LeaseError
+from overlayd.events import MqttPublisher
+from overlayd.httpd import MetricsServer
 from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
 from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig
+from overlayd.notify import Notifier
 from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.ipam import is_candidate
@@ -31,6 +39,7 @@ from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subn
 from overlayd.reconcile import Knowledge, Reconciler
 from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
 from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
+from overlayd.telemetry import Telemetry
 
 T = TypeVar("T")
 TEARDOWN_ETCD_SECONDS = 10.0
@@ -51,6 +60,29 @@ async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
             attempt += 1
 
 
+def describe_mode(config: NetworkConfig) -> str:
+    if config.backend.type == "vxlan" and config.backend.direct_routing:
+        return "vxlan+direct-routing"
+    return config.backend.type
+
+
+def public_settings(s: AgentConfig) -> dict[str, object]:
+    """The settings `overlayctl` may need to act like the daemon (diagnose)."""
+    return {
+        "etcd_endpoints": list(s.etcd_endpoints),
+        "etcd_prefix": s.etcd_prefix,
+        "iface": s.iface,
+        "public_ip": str(s.public_ip) if s.public_ip else None,
+        "subnet_file": str(s.subnet_file),
+        "bridge": s.bridge,
+        "lease_ttl": s.lease_ttl,
+        "resync_seconds": s.resync_seconds,
+        "egress": s.egress,
+        "metrics_address": "{}:{}".format(*s.metrics_address) if s.metrics_address else None,
+        "mqtt_url": s.mqtt_url,
+    }
+
+
 def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
     mtu = overlay_mtu(config, underlay.mtu)
     if mtu > max_overlay_mtu(config, underlay.mtu):
@@ -67,6 +99,9 @@ class Agent:
         self.store = EtcdStore(settings.etcd_endpoints)
         self.dataplane = Dataplane.open()
         self.ready = asyncio.Event()
+        self.telemetry = Telemetry(settings=public_settings(settings), egress=settings.egress)
+        self.notifier = Notifier()
+        self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
         self._revision = 0
         self._prefix = settings.etcd_prefix.rstrip("/") + "/"
@@ -122,10 +157,35 @@ class Agent:
                 egress=k.egress.mode,
                 gwbridge=k.egress.gwbridge if k.egress.mode == "gwbridge" else None,
                 gwbridge_gateway=k.egress.gwbridge_gateway,
+                bridge=k.spec.bridge,
             ).render(),
         )
+        self.telemetry.subnet_file_written = True
 
     async def run(self) -> None:
+        s = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                serve_control(
+                    s.control_socket,
+                    {"status": self.telemetry.status, "peers": self.telemetry.peer_list},
+                )
+            )
+            if s.metrics_address is not None:
+                server = MetricsServer(s.metrics_address, self.telemetry)
+                server.start()
+                stack.callback(server.stop)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._heartbeat(), name="heartbeat")
+                group.create_task(self.notifier.feed_watchdog(self.telemetry), name="watchdog")
+                await self._run(group)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.telemetry.beat()
+            await asyncio.sleep(1.0)
+
+    async def _run(self, group: asyncio.TaskGroup) -> None:
         s = self.settings
         underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
         log.info(
@@ -134,17 +194,26 @@ class Agent:
             underlay.address,
             underlay.mtu,
         )
+        if s.mqtt_url is not None:
+            self.publisher = MqttPublisher(
+                s.mqtt_url, s.mqtt_topic, str(underlay.address), self.telemetry
+            )
+            group.create_task(self.publisher.run(), name="mqtt")
+        self.notifier.status("waiting for the network config in etcd")
         config = await self._network_config()
         check_mtu(config, underlay)
+        self.telemetry.mode = describe_mode(config)
         egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
         leaser = SubnetLeaser(
             self.store, etcd_prefix=s.etcd_prefix, public_ip=underlay.address, ttl=s.lease_ttl
         )
         hint = read_subnet(s.subnet_file)
         hints: tuple[IPv4Network, ...] = (hint,) if hint is not None else ()
+        self.notifier.status("leasing a subnet")
         held = await retry_unavailable(
             "acquire lease", partial(leaser.acquire, config, hints=hints)
         )
+        self.telemetry.lease_acquired(held.lease, held.key, s.lease_ttl)
         knowledge = Knowledge(
             config=config,
             own=held.lease,
@@ -154,7 +223,8 @@ class Agent:
         )
         everything, self._revision = await self._list()
         knowledge.raw_leases = self._leases_of(everything)
-        self.reconciler = Reconciler(knowledge, self.dataplane)
+        self.reconciler = Reconciler(knowledge, self.dataplane, self.telemetry)
+        self.notifier.status(f"programming {held.lease.subnet}")
         first = await self.reconciler.reconcile_once()
         while not first.ok:
             await asyncio.sleep(1.0)
@@ -168,20 +238,18 @@ class Agent:
             s.subnet_file,
         )
         self.ready.set()
+        self.notifier.ready(f"subnet {held.lease.subnet}, {first.peers} peers")
         reconciler = self.reconciler
-        async with asyncio.TaskGroup() as group:
-            group.create_task(
-                self._keep_alive(leaser, held, knowledge, underlay), name="keep-alive"
-            )
-            group.create_task(self._watch(knowledge, held, underlay), name="watch")
-            group.create_task(
-                self.dataplane.monitor.run(
-                    partial(self._owned_names, knowledge), reconciler.note_drift
-                ),
-                name="netlink-monitor",
-            )
-            group.create_task(reconciler.resync_every(s.resync_seconds), name="resync")
-            group.create_task(reconciler.run(), name="reconcile")
+        group.create_task(self._keep_alive(leaser, held, knowledge, underlay), name="keep-alive")
+        group.create_task(self._watch(knowledge, held, underlay), name="watch")
+        group.create_task(
+            self.dataplane.monitor.run(
+                partial(self._owned_names, knowledge), reconciler.note_drift
+            ),
+            name="netlink-monitor",
+        )
+        group.create_task(reconciler.resync_every(s.resync_seconds), name="resync")
+        group.create_task(reconciler.run(), name="reconcile")
 
     @staticmethod
     def _owned_names(k: Knowledge) -> dict[str, str]:
@@ -223,8 +291,10 @@ class Agent:
                     await self._lease_doubt.wait()
             if not self._lease_doubt.is_set():
                 if await retry_unavailable("renew lease", partial(leaser.renew, held)):
+                    self.telemetry.lease_renewed(self.settings.lease_ttl)
                     continue
                 log.warning("event=lease_expired key=%s", held.key)
+                self.telemetry.lease_lost("expired")
             self._lease_doubt.clear()
             # Expired (etcd out of reach for longer than the TTL), deleted by
             # someone, or no longer fitting the config: lease again, preferring
@@ -241,6 +311,7 @@ class Agent:
                 )
                 knowledge.own = held.lease
                 self._rebuild(knowledge, underlay)
+            self.telemetry.lease_acquired(held.lease, held.key, self.settings.lease_ttl)
             self.reconciler.mark_dirty(full=True)
 
     def _config_event(self, knowledge: Knowledge, value: bytes | None, underlay: Underlay) -> None:
@@ -281,12 +352,14 @@ class Agent:
     def _own_key_event(self, held: HeldLease, value: bytes | None) -> None:
         if value is None:
             log.warning("event=own_lease_deleted key=%s", held.key)
+            self.telemetry.lease_lost("deleted from etcd")
             self._lease_doubt.set()
             return
         with contextlib.suppress(LeaseError):
             lease = parse_lease(parse_subnet_key(held.key, self.settings.etcd_prefix), value)
             if lease.public_ip != held.lease.public_ip:
                 log.warning("event=own_lease_taken key=%s by=%s", held.key, lease.public_ip)
+                self.telemetry.lease_lost(f"taken by {lease.public_ip}")
                 self._lease_doubt.set()
 
     async def _watch(self, knowledge: Knowledge, held: HeldLease, underlay: Underlay) -> None:
@@ -295,6 +368,9 @@ class Agent:
         while True:
             try:
                 async for event in self.store.watch_prefix(self._prefix, self._revision + 1):
+                    arrived = time.monotonic()
+                    if attempt:
+                        self.telemetry.etcd_reconnected()
                     attempt = 0
                     self._revision = max(self._revision, event.revision)
                     if event.key == self._config_key:
@@ -307,7 +383,7 @@ class Agent:
                             knowledge.raw_leases[event.key] = event.value
                         if event.key == subnet_key(knowledge.etcd_prefix, knowledge.own.subnet):
                             self._own_key_event(held, event.value)
-                    self.reconciler.mark_dirty()
+                    self.reconciler.mark_dirty(event_at=arrived)
             except WatchCompacted:
                 log.warning("event=watch_compacted revision=%d; listing again", self._revision)
                 everything, self._revision = await self._list()

@@ -176,6 +176,10 @@ IFNAMSIZ = 15
 EGRESS_MODES = ("gwbridge", "masquerade", "none")
 DEFAULT_EGRESS = "gwbridge"
 DEFAULT_GWBRIDGE = "ovl_gwbridge"
+DEFAULT_CONTROL_SOCKET = Path("/run/overlayd/overlayd.sock")
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9469"
+LOG_FORMATS = ("kv", "json")
+DEFAULT_MQTT_TOPIC = "overlayd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,11 @@ class AgentConfig:
     egress: str = DEFAULT_EGRESS
     gwbridge: str = DEFAULT_GWBRIDGE
     gwbridge_subnet: IPv4Network | None = None  # None: the first free of GWBRIDGE_CANDIDATES
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    metrics_address: tuple[str, int] | None = ("127.0.0.1", 9469)  # None: off
+    log_format: str = "kv"
+    mqtt_url: str | None = None  # None: no MQTT
+    mqtt_topic: str = DEFAULT_MQTT_TOPIC
 
 
 # Setting name (as spelled in flags, TOML and, upper-cased, the environment).
@@ -210,6 +219,11 @@ AGENT_SETTINGS = (
     "egress",
     "gwbridge",
     "gwbridge-subnet",
+    "control-socket",
+    "metrics-address",
+    "log-format",
+    "mqtt-url",
+    "mqtt-topic",
 )
 
 
@@ -263,6 +277,47 @@ def _endpoints(value: Any) -> tuple[str, ...]:
             raise ConfigError("etcd-endpoints", f"{item!r} must look like http://HOST:PORT")
         endpoints.append(item)
     return tuple(endpoints)
+
+
+def _metrics_address(value: Any) -> tuple[str, int] | None:
+    text = str(value).strip()
+    if text in ("", "off", "none"):
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        IPv4Address(host)
+        number = int(port)
+    except ValueError as exc:
+        raise ConfigError(
+            "metrics-address", f"{text!r} must look like 127.0.0.1:9469 (or off)"
+        ) from exc
+    if not 1 <= number <= 65535:
+        raise ConfigError("metrics-address", f"port {number} is not between 1 and 65535")
+    return host, number
+
+
+def _mqtt_url(value: Any) -> str | None:
+    if value is None or str(value).strip() in ("", "off", "none"):
+        return None
+    text = str(value).strip()
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError("mqtt-url", f"{text!r}: bad port") from exc
+    if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
+        raise ConfigError("mqtt-url", f"{text!r} must look like mqtt://HOST[:PORT]")
+    del port
+    return text
+
+
+def _mqtt_topic(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in "+#\0") or text.startswith("/") or text.endswith("/"):
+        raise ConfigError(
+            "mqtt-topic", f"{text!r} must be a plain topic prefix (no wildcards, no outer /)"
+        )
+    return text
 
 
 def _ifname(value: Any, field: str) -> str:
@@ -334,6 +389,10 @@ def build_agent_config(
         if gw_subnet.prefixlen > 30:
             raise ConfigError("gwbridge-subnet", f"{gw_subnet} is too small (at most /30)")
 
+    log_format = str(merged.get("log-format", defaults.log_format)).lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("log-format", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+
     iface = merged.get("iface")
     return AgentConfig(
         etcd_endpoints=_endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints))),
@@ -350,4 +409,9 @@ def build_agent_config(
         egress=egress,
         gwbridge=_ifname(merged.get("gwbridge", defaults.gwbridge), "gwbridge"),
         gwbridge_subnet=gw_subnet,
+        control_socket=Path(str(merged.get("control-socket", defaults.control_socket))),
+        metrics_address=_metrics_address(merged.get("metrics-address", DEFAULT_METRICS_ADDRESS)),
+        log_format=log_format,
+        mqtt_url=_mqtt_url(merged.get("mqtt-url")),
+        mqtt_topic=_mqtt_topic(merged.get("mqtt-topic", defaults.mqtt_topic)),
     )

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from overlayd.dataplane import Dataplane, entries, sysctl
 from overlayd.model import (
+    Change,
     DeviceSpec,
     Entry,
     EntrySet,
@@ -34,10 +35,12 @@ from overlayd.model import (
     Route,
     TunnelFdb,
 )
-from overlayd.plan.desired import EntryMemo, Routing, desired_entries, plan_peers
+from overlayd.plan.cluster import cluster_plan
+from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff, expected
 from overlayd.plan.egress import EgressSpec
-from overlayd.plan.leases import ParseCache, select_peers, subnet_key
+from overlayd.plan.leases import ParseCache
+from overlayd.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,12 @@ class Reconciler:
     casts doubt on that belief (a netlink event that is not our own change
     coming back, a failed pass, the resync timer) makes the next pass full."""
 
-    def __init__(self, knowledge: Knowledge, dataplane: Dataplane) -> None:
+    def __init__(
+        self, knowledge: Knowledge, dataplane: Dataplane, telemetry: Telemetry | None = None
+    ) -> None:
         self.knowledge = knowledge
+        self.telemetry = telemetry or Telemetry()
+        self._event_at: float | None = None
         self.dataplane = dataplane
         self._netns = dataplane.netns
         self._dirty = asyncio.Event()
@@ -104,8 +111,12 @@ class Reconciler:
         self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
 
-    def mark_dirty(self, *, full: bool = False) -> None:
+    def mark_dirty(self, *, full: bool = False, event_at: float | None = None) -> None:
+        """`event_at`: when the etcd event behind this arrived (monotonic),
+        for the watch-lag figure."""
         self._full = self._full or full
+        if event_at is not None and self._event_at is None:
+            self._event_at = event_at
         self._dirty.set()
 
     def note_drift(self, observed: Observed) -> None:
@@ -125,37 +136,42 @@ class Reconciler:
 
     async def reconcile_once(self, *, full: bool = True) -> PassResult:
         started = time.monotonic()
+        self.telemetry.pass_started_now()
+        event_at, self._event_at = self._event_at, None
         k = self.knowledge
         full = full or self._believed is None
+        prior = self._believed
+        changes: list[Change] = []
         try:
-            selection = select_peers(
-                k.config, k.own, k.raw_leases, k.etcd_prefix, cache=self._parse_cache
-            )
             if full:
                 self._onlink = tuple(
                     await self.dataplane.netlink.connected_networks(k.spec.underlay_ifindex)
                 )
-            plan = plan_peers(selection.peers, Routing.of(k.config, self._onlink))
-            rejected = {r.key: r.reason for r in selection.rejected}
-            for peer in plan.unreachable:
-                rejected[subnet_key(k.etcd_prefix, peer.subnet)] = (
-                    f"PublicIP {peer.public_ip} is not on {k.spec.underlay or 'the underlay'}'s"
-                    " link: host-gw cannot route to it, so it gets no route"
-                )
-            self._warn_rejected(rejected)
+            planned = cluster_plan(
+                k.config,
+                k.own,
+                k.raw_leases,
+                k.etcd_prefix,
+                self._onlink,
+                underlay=k.spec.underlay,
+                cache=self._parse_cache,
+                memo=self._entry_memo,
+            )
+            self._warn_rejected(planned.rejected)
+            self.telemetry.leases_skipped(planned.rejected)
             if full:
                 for what in await self.dataplane.netlink.ensure_devices(k.spec):
-                    log.info("event=device_changed what=%r", what)
+                    self._repaired("device", what)
                 for what in sysctl.ensure_forwarding_and_redirects(
                     k.spec.bridge, netns=self._netns
                 ):
-                    log.info("event=sysctl what=%r", what)
+                    self._repaired("sysctl", what)
                 await self._ensure_egress(k.egress)
                 actual = await entries.read_entries(k.spec, netns=self._netns)
             else:
                 assert self._believed is not None
                 actual = self._believed
-            desired = desired_entries(plan.tunneled, direct=plan.direct, memo=self._entry_memo)
+            desired = planned.desired
             changes = diff(desired, actual)
             # Believed before it is true, so that the netlink events of our
             # own changes, which may arrive while the batch still runs, are
@@ -163,23 +179,25 @@ class Reconciler:
             self._believed = desired
             if changes:
                 result = await self.dataplane.apply(changes, k.spec)
-                for change in changes[:LOG_CHANGES_MAX]:
-                    log.info("event=entry_%s %s", change.op.value, describe(change.entry))
-                if len(changes) > LOG_CHANGES_MAX:
-                    log.info(
-                        "event=entries_changed count=%d (first %d listed)",
-                        len(changes),
-                        LOG_CHANGES_MAX,
-                    )
+                self._log_changes(changes)
+                if full and prior is not None:
+                    # What the kernel lost or gained behind our back, as
+                    # opposed to what the cluster changed since the last pass.
+                    wanted = set(diff(desired, prior))
+                    self.telemetry.entries_drifted(c for c in changes if c not in wanted)
                 if result.failed:
                     raise RuntimeError("; ".join(result.failed[:5]))
+            peers = planned.peers
             outcome = PassResult(
                 ok=True,
                 changes=len(changes),
-                peers=len(plan.tunneled) + len(plan.direct),
+                peers=len(peers.tunneled) + len(peers.direct),
                 seconds=time.monotonic() - started,
                 full=full,
             )
+            self.telemetry.peers_programmed(peers.tunneled, peers.direct)
+            if event_at is not None:
+                self.telemetry.watch_lag(time.monotonic() - event_at)
         except Exception as exc:  # any failure: re-read everything next pass
             log.error("event=reconcile_failed error=%r", exc)
             self._believed = None
@@ -191,11 +209,35 @@ class Reconciler:
             outcome.changes,
             outcome.seconds,
         )
+        self.telemetry.pass_finished(
+            ok=outcome.ok,
+            full=outcome.full,
+            seconds=outcome.seconds,
+            changes=changes if outcome.ok else (),
+            error=outcome.error,
+        )
         self.last = outcome
         self.passes += 1
         if self.on_pass is not None:
             self.on_pass(outcome)
         return outcome
+
+    def _log_changes(self, changes: Sequence[Change]) -> None:
+        for change in changes[:LOG_CHANGES_MAX]:
+            log.info("event=entry_%s %s", change.op.value, describe(change.entry))
+        if len(changes) > LOG_CHANGES_MAX:
+            log.info(
+                "event=entries_changed count=%d (first %d listed)",
+                len(changes),
+                LOG_CHANGES_MAX,
+            )
+
+    def _repaired(self, kind: str, what: str) -> None:
+        """A device, sysctl or rule that a full pass had to (re)make. On the
+        first pass that is set-up; afterwards somebody undid it."""
+        log.info("event=%s_changed what=%r", kind, what)
+        if self.telemetry.first_reconcile_ok:
+            self.telemetry.drift_repaired(kind, what)
 
     async def _ensure_egress(self, egress: EgressSpec) -> None:
         if egress.mode == "gwbridge":
@@ -204,14 +246,14 @@ class Reconciler:
             for what in await self.dataplane.netlink.ensure_gwbridge(
                 egress.gwbridge, gateway, egress.gwbridge_mac
             ):
-                log.info("event=device_changed what=%r", what)
+                self._repaired("device", what)
             for what in sysctl.ensure_bridge_netfilter(netns=self._netns):
-                log.info("event=sysctl what=%r", what)
+                self._repaired("sysctl", what)
         done = await self.dataplane.nft.ensure(egress)
         if done is not None:
-            log.info("event=nftables what=%r mode=%s", done, egress.mode)
+            self._repaired("nftables", f"{done} (egress {egress.mode})")
         for what in await self.dataplane.forward.ensure(egress):
-            log.info("event=iptables what=%r", what)
+            self._repaired("iptables", what)
 
     async def run(self) -> None:
         while True:

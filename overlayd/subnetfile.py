@@ -21,6 +21,7 @@ class SubnetFile:
     egress: str = "none"
     gwbridge: str | None = None
     gwbridge_gateway: IPv4Interface | None = None
+    bridge: str | None = None
 
     def render(self) -> str:
         """flannel's four variables, then overlayd's own (which flannel's
@@ -34,6 +35,8 @@ class SubnetFile:
             f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
             f"OVERLAYD_EGRESS={self.egress}\n"
         )
+        if self.bridge:
+            text += f"OVERLAYD_BRIDGE={self.bridge}\n"
         if self.gwbridge and self.gwbridge_gateway:
             text += (
                 f"OVERLAYD_GWBRIDGE={self.gwbridge}\n"

@@ -1,7 +1,8 @@
-"""`overlayctl`: the operator CLI. For now: the cluster's leases as etcd holds
-them, `leave` (release this host's lease), and the multi-host lab: `lab up`,
-`check`, `add-host`, `status`, `down`, and the figure commands `timing`,
-`faults`, `bench`, `tune` and `cpbench`."""
+"""`overlayctl`: the operator CLI. This module holds the parser and the lab
+commands (`lab up`, `check`, `add-host`, `status`, `down`, and the figure
+commands `timing`, `faults`, `bench`, `tune`, `cpbench`); the commands for a
+real host (status, peers, leases, diagnose, network, events, docker-opts,
+leave) live in `operator.py`."""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from ipaddress import IPv4Network
 from pathlib import Path
 
 from overlayd import __version__
+from overlayd.cli import operator
+from overlayd.cli.operator import table
 from overlayd.config import (
     DEFAULT_EGRESS,
     DEFAULT_RESYNC_SECONDS,
     EGRESS_MODES,
-    parse_network_config,
 )
 from overlayd.errors import LeaseError, OverlaydError
 from overlayd.lab.lab import (
@@ -32,61 +34,10 @@ from overlayd.lab.lab import (
 )
 from overlayd.lab.netns import LabCommandError
 from overlayd.plan.leases import (
-    config_key,
-    parse_lease,
-    parse_subnet_key,
     subnet_key,
-    subnets_prefix,
 )
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.subnetfile import read_subnet
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
-
-
-async def _leases(endpoints: list[str], prefix: str) -> list[dict[str, str]]:
-    async with EtcdStore(endpoints) as store:
-        config_raw, _ = await store.get(config_key(prefix))
-        raw, _ = await store.get_prefix(subnets_prefix(prefix))
-    config = parse_network_config(config_raw) if config_raw is not None else None
-    rows = []
-    for key, value in sorted(raw.items()):
-        row = {"key": key, "subnet": "", "public_ip": "", "vtep_mac": "", "status": "ok"}
-        try:
-            lease = parse_lease(parse_subnet_key(key, prefix), value)
-            row.update(
-                subnet=str(lease.subnet), public_ip=str(lease.public_ip), vtep_mac=lease.vtep_mac
-            )
-            if config is not None and not lease.subnet.subnet_of(config.network):
-                row["status"] = f"outside {config.network}"
-        except LeaseError as exc:
-            row["status"] = f"invalid: {exc}"
-        rows.append(row)
-    return rows
-
-
-def cmd_leases(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_leases(args.etcd_endpoints.split(","), args.etcd_prefix))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(
-            table(
-                [
-                    [r["subnet"] or r["key"], r["public_ip"], r["vtep_mac"], r["status"]]
-                    for r in rows
-                ],
-                ["SUBNET", "PUBLIC IP", "VTEP MAC", "STATUS"],
-            )
-        )
-    return 0
 
 
 async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
@@ -107,11 +58,8 @@ async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
 
 
 def cmd_leave(args: argparse.Namespace) -> int:
-    print(
-        asyncio.run(
-            _leave(args.etcd_endpoints.split(","), args.etcd_prefix, Path(args.subnet_file))
-        )
-    )
+    s = operator.settings_from(args)
+    print(asyncio.run(_leave(list(s.etcd_endpoints), s.etcd_prefix, s.subnet_file)))
     return 0
 
 
@@ -319,20 +267,80 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"overlayctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    leases = sub.add_parser("leases", help="the cluster's subnet leases as etcd holds them")
-    leases.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379")
-    leases.add_argument("--etcd-prefix", default="/coreos.com/network")
-    leases.add_argument("--json", action="store_true", help="machine-readable output")
-    leases.set_defaults(func=cmd_leases)
+    def command(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help_text: str,
+        *,
+        json_flag: bool = True,
+    ) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        operator.add_settings_flags(c)
+        if json_flag:
+            c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.set_defaults(func=func)
+        return c
 
-    leave = sub.add_parser(
-        "leave",
-        help="release this host's lease on purpose (stop overlayd first); peers forget the host",
+    command(
+        "status",
+        operator.cmd_status,
+        "this host's lease, mode, peers, last reconcile and drift repairs, from the daemon"
+        " (exit status 1 when it is not ready)",
     )
-    leave.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379")
-    leave.add_argument("--etcd-prefix", default="/coreos.com/network")
-    leave.add_argument("--subnet-file", default="/run/flannel/subnet.env")
-    leave.set_defaults(func=cmd_leave)
+    command("peers", operator.cmd_peers, "the peers as the daemon has programmed them")
+    command("leases", operator.cmd_leases, "the cluster's subnet leases as etcd holds them")
+    command(
+        "diagnose",
+        operator.cmd_diagnose,
+        "compare the kernel with the desired state and the cluster's leases, check devices,"
+        " MTU, offload, forwarding and firewall; exit status 0 only when all is well",
+    )
+    network = command(
+        "network",
+        operator.cmd_network,
+        "read or write the cluster network config in etcd",
+        json_flag=False,
+    )
+    network_sub = network.add_subparsers(dest="network_command", required=True)
+    show = network_sub.add_parser("show", help="print the config and whether it is valid")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    set_cmd = network_sub.add_parser(
+        "set",
+        help="validate and write a config (refused when invalid or when it would orphan"
+        " existing leases, unless --force)",
+    )
+    set_cmd.add_argument("file", help="flannel-style JSON file, or - for stdin")
+    set_cmd.add_argument("--force", action="store_true", help="write even if leases are orphaned")
+    set_cmd.add_argument("--dry-run", action="store_true", help="validate only")
+    events = command(
+        "events",
+        operator.cmd_events,
+        "print the MQTT status and event stream of every host, live",
+    )
+    events.add_argument("--mqtt-url", help="mqtt://HOST[:PORT] (default: the config's)")
+    events.add_argument("--count", type=int, help="stop after this many messages")
+    docker = command(
+        "docker-opts",
+        operator.cmd_docker_opts,
+        "write Docker daemon options that put Docker on overlayd's bridge, subnet and MTU"
+        " (what flannel's mk-docker-opts.sh does)",
+        json_flag=False,
+    )
+    docker.add_argument(
+        "--format",
+        choices=["env", "daemon-json", "network-create"],
+        default="env",
+        help="env file for DOCKER_OPTS, /etc/docker/daemon.json keys, or a"
+        " `docker network create` command (default %(default)s)",
+    )
+    docker.add_argument("--out", default="/run/docker_opts.env", help="file to write, - for stdout")
+    docker.add_argument("--key", default="DOCKER_OPTS", help="variable name in env format")
+    command(
+        "leave",
+        cmd_leave,
+        "release this host's lease on purpose (stop overlayd first); peers forget the host",
+        json_flag=False,
+    )
 
     lab = sub.add_parser("lab", help="a multi-host lab in network namespaces on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (OverlaydError, LabCommandError, StoreUnavailable, ValueError) as exc:
+    except (OverlaydError, LabCommandError, StoreUnavailable, ValueError, OSError) as exc:
         print(f"overlayctl: {exc}", file=sys.stderr)
         return 1
 

@@ -17,18 +17,23 @@ from overlayd.agent import Agent
 from overlayd.config import (
     AGENT_SETTINGS,
     DEFAULT_BRIDGE,
+    DEFAULT_CONTROL_SOCKET,
     DEFAULT_EGRESS,
     DEFAULT_GWBRIDGE,
     DEFAULT_LEASE_TTL,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_MQTT_TOPIC,
     DEFAULT_PREFIX,
     DEFAULT_RESYNC_SECONDS,
     DEFAULT_SUBNET_FILE,
     EGRESS_MODES,
+    LOG_FORMATS,
     AgentConfig,
     build_agent_config,
     read_toml,
 )
 from overlayd.errors import OverlaydError
+from overlayd.logs import setup_logging
 
 log = logging.getLogger("overlayd")
 
@@ -67,6 +72,24 @@ def parser() -> argparse.ArgumentParser:
         help=f"period of the full kernel re-check (default {DEFAULT_RESYNC_SECONDS:g})",
     )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="one event per line, as key=value pairs or JSON (default kv)",
+    )
+    p.add_argument(
+        "--control-socket",
+        help=f"Unix socket for overlayctl, root only (default {DEFAULT_CONTROL_SOCKET})",
+    )
+    p.add_argument(
+        "--metrics-address",
+        help=f"IP:PORT for /metrics, /healthz, /readyz, or off (default {DEFAULT_METRICS_ADDRESS})",
+    )
+    p.add_argument(
+        "--mqtt-url",
+        help="publish status and events to this broker, mqtt://HOST[:PORT] (default off)",
+    )
+    p.add_argument("--mqtt-topic", help=f"MQTT topic prefix (default {DEFAULT_MQTT_TOPIC})")
     p.add_argument(
         "--egress",
         choices=EGRESS_MODES,
@@ -116,6 +139,7 @@ async def _serve(settings: AgentConfig) -> None:
     try:
         await agent.run()
     except asyncio.CancelledError:
+        agent.notifier.stopping()
         log.info("event=stopping data_plane=kept")
     finally:
         with contextlib.suppress(Exception):
@@ -138,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except OverlaydError as exc:
         print(f"overlayd: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(_teardown(settings) if teardown else _serve(settings))
     except (OverlaydError, ExceptionGroup) as exc:

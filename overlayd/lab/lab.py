@@ -48,6 +48,8 @@ ETCD_ADDRESS = IPv4Address("192.0.2.2")
 OUTSIDE_ROUTER = IPv4Address("192.0.2.1")
 OUTSIDE_SERVER = IPv4Address("203.0.113.10")
 WHOAMI_PORT = 8080
+MQTT_ADDRESS = IPv4Address("192.0.2.6")
+MQTT_PORT = 1883
 FIRST_HOST_OCTET = 10
 DEFAULT_NETWORK = IPv4Network("10.244.0.0/16")
 
@@ -79,6 +81,7 @@ class LabSettings:
     resync_seconds: float = 10.0
     etcd_members: int = 1
     log_level: str = "info"
+    mqtt: bool = False  # a mosquitto broker, and every daemon publishing to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,40 @@ class Lab:
     @property
     def outside_ns(self) -> str:
         return f"{self.prefix}inet"
+
+    @property
+    def mqtt_ns(self) -> str:
+        return f"{self.prefix}mqtt"
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://{MQTT_ADDRESS}:{MQTT_PORT}"
+
+    def start_mqtt(self) -> None:
+        """mosquitto in its own namespace on the underlay, as a shared broker."""
+        if self.mqtt_ns not in netns.list_namespaces():
+            self._attach_to_switch(self.mqtt_ns, "mqtt", MQTT_ADDRESS)
+        conf = self.state_dir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {MQTT_PORT} {MQTT_ADDRESS}\nallow_anonymous true\npersistence false\n"
+        )
+        log = (self.state_dir / "mosquitto.log").open("ab")
+        subprocess.Popen(
+            ["ip", "netns", "exec", self.mqtt_ns, "mosquitto", "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if f":{MQTT_PORT}" in netns.in_ns(self.mqtt_ns, "ss", "-Htln", check=False):
+                return
+            time.sleep(0.05)
+        raise LabCommandError(f"mosquitto did not start in {self.mqtt_ns}")
+
+    def stop_mqtt(self) -> None:
+        netns.kill_namespace_processes(self.mqtt_ns)
 
     def etcd_members(self, count: int | None = None) -> list[Member]:
         count = count or self.settings().etcd_members
@@ -180,6 +217,9 @@ class Lab:
 
     def subnet_file(self, host: int) -> Path:
         return self.state_dir / f"h{host}" / "subnet.env"
+
+    def control_socket(self, host: int) -> Path:
+        return self.state_dir / f"h{host}" / "overlayd.sock"
 
     def daemon_log(self, host: int) -> Path:
         return self.state_dir / f"h{host}" / "overlayd.log"
@@ -261,6 +301,8 @@ class Lab:
         procs = [start_member(member, members) for member in members]
         for member, proc in zip(members, procs, strict=True):
             wait_healthy(member, proc)
+        if settings.mqtt:
+            self.start_mqtt()
         cfg = config or default_network_config()
         self.etcd(lambda s: s.put(config_key(PREFIX), render_network_config(cfg)))
         self._parallel(self.add_host, range(1, hosts + 1))
@@ -327,7 +369,7 @@ class Lab:
         for index in range(1, self.settings().containers_per_host + 1):
             self.add_container(host, index)
 
-    def start_daemon(self, host: int) -> subprocess.Popen[bytes]:
+    def start_daemon(self, host: int, *extra_args: str) -> subprocess.Popen[bytes]:
         settings = self.settings()
         log = self.daemon_log(host).open("ab")
         proc = subprocess.Popen(
@@ -355,6 +397,10 @@ class Lab:
                 settings.egress,
                 "--log-level",
                 settings.log_level,
+                "--control-socket",
+                str(self.control_socket(host)),
+                *(["--mqtt-url", self.mqtt_url] if settings.mqtt else []),
+                *extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

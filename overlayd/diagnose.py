@@ -1,0 +1,281 @@
+"""`overlayctl diagnose`, the pure part: from facts gathered on the host
+(kernel entries, devices, sysctls, firewall, etcd's leases, the daemon's
+answer) to a list of findings in plain words. Every check appears, passed
+or not, so that an operator sees what was looked at."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlayd.dataplane.inspect import DeviceFacts
+from overlayd.model import (
+    BridgeFdb,
+    Change,
+    DeviceSpec,
+    Entry,
+    EntrySet,
+    Neighbour,
+    Op,
+    Route,
+    TunnelFdb,
+    route_key,
+)
+from overlayd.plan.diff import diff
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    check: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class HostFacts:
+    """What `overlayctl diagnose` gathered; None where it could not look."""
+
+    daemon_status: dict[str, Any] | None = None
+    daemon_peers: list[dict[str, Any]] | None = None
+    daemon_error: str | None = None
+    config_error: str | None = None
+    lease_problem: str | None = None
+    own_subnet: str | None = None
+    spec: DeviceSpec | None = None
+    desired: EntrySet | None = None
+    actual: EntrySet | None = None
+    cluster_peers: dict[str, str] = field(default_factory=dict)  # subnet -> public IP
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    devices: dict[str, DeviceFacts | None] = field(default_factory=dict)
+    vtep_tx_checksumming: bool | None = None
+    sysctls: dict[str, str | None] = field(default_factory=dict)
+    ruleset: list[dict[str, Any]] = field(default_factory=list)
+    subnet_file_mtu: int | None = None
+
+
+def _entry_words(entry: Entry, spec: DeviceSpec) -> str:
+    if isinstance(entry, Route):
+        dev = spec.underlay if entry.direct else spec.bridge
+        return f"route to {entry.dst} via {entry.gateway} dev {dev}"
+    if isinstance(entry, Neighbour):
+        return f"ARP entry {entry.ip} -> {entry.mac} on {spec.bridge}"
+    if isinstance(entry, TunnelFdb):
+        return f"FDB entry {entry.mac} -> {entry.remote} on {spec.vtep}"
+    return f"bridge FDB entry {entry.mac} on {spec.vtep} (master {spec.bridge})"
+
+
+def _current(entry: Entry, actual: EntrySet) -> Entry | None:
+    if isinstance(entry, Route):
+        return actual.routes.get(route_key(entry.dst))
+    if isinstance(entry, Neighbour):
+        return actual.neighbours.get(int(entry.ip))
+    if isinstance(entry, TunnelFdb):
+        return actual.tunnel_fdb.get(entry.mac)
+    assert isinstance(entry, BridgeFdb)
+    return actual.bridge_fdb.get(entry.mac)
+
+
+def describe_change(change: Change, actual: EntrySet, spec: DeviceSpec) -> str:
+    if change.op is Op.DELETE:
+        return f"stale {_entry_words(change.entry, spec)}: no lease asks for it"
+    current = _current(change.entry, actual)
+    if current is None:
+        return f"missing {_entry_words(change.entry, spec)}"
+    return f"wrong {_entry_words(current, spec)}: should be {_entry_words(change.entry, spec)}"
+
+
+def _chains_with_input_hook(ruleset: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """(family, table, chain) -> policy, for base chains on the input hook."""
+    found = {}
+    for item in ruleset:
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "input" and chain.get("family") in ("ip", "inet"):
+            found[(chain["family"], chain["table"], chain["name"])] = chain.get("policy", "accept")
+    return found
+
+
+def _matches_port(value: Any, port: int) -> bool:
+    if isinstance(value, int):
+        return value == port
+    if isinstance(value, dict) and "set" in value:
+        return any(_matches_port(v, port) for v in value["set"])
+    if isinstance(value, dict) and "range" in value:
+        low, high = value["range"]
+        return isinstance(low, int) and isinstance(high, int) and low <= port <= high
+    if isinstance(value, list):
+        return any(_matches_port(v, port) for v in value)
+    return False
+
+
+def _rule_port_match(expr: Sequence[dict[str, Any]], port: int) -> bool | None:
+    """True: the rule matches UDP to `port`; False: it matches some other
+    port; None: it does not look at destination ports at all."""
+    verdict: bool | None = None
+    for e in expr:
+        match = e.get("match")
+        if not match:
+            continue
+        left = match.get("left", {})
+        payload = left.get("payload", {}) if isinstance(left, dict) else {}
+        if payload.get("field") == "dport" and payload.get("protocol") in ("udp", "th"):
+            if match.get("op", "==") in ("==", "in") and _matches_port(match.get("right"), port):
+                verdict = True if verdict is None else verdict
+            else:
+                return False
+        if payload.get("field") == "dport" and payload.get("protocol") == "tcp":
+            return False
+    return verdict
+
+
+def firewall_blocks(ruleset: Sequence[dict[str, Any]], port: int) -> list[str]:
+    """Rules (or a drop policy) on the input hook that would drop VXLAN."""
+    chains = _chains_with_input_hook(ruleset)
+    problems = []
+    accepted: set[tuple[str, str, str]] = set()
+    for item in ruleset:
+        rule = item.get("rule")
+        if not rule:
+            continue
+        where = (rule.get("family"), rule.get("table"), rule.get("chain"))
+        if where not in chains:
+            continue
+        expr = rule.get("expr", [])
+        verdicts = {k for e in expr for k in e if k in ("drop", "reject", "accept")}
+        hit = _rule_port_match(expr, port)
+        if hit and verdicts & {"drop", "reject"}:
+            problems.append(
+                f"{where[0]} {where[1]} chain {where[2]}: a rule drops UDP port {port}"
+                f" (handle {rule.get('handle')})"
+            )
+        if "accept" in verdicts and hit is not False:
+            accepted.add(where)
+    for where, policy in chains.items():
+        if policy == "drop" and where not in accepted:
+            problems.append(
+                f"{where[0]} {where[1]} chain {where[2]}: policy drop and no rule accepts"
+                f" UDP port {port}"
+            )
+    return problems
+
+
+def diagnose(f: HostFacts) -> list[Finding]:
+    out: list[Finding] = []
+
+    def add(check: str, ok: bool, detail: str) -> None:
+        out.append(Finding(check, ok, detail))
+
+    if f.daemon_error is not None:
+        add("daemon", False, f.daemon_error)
+    elif f.daemon_status is not None:
+        s = f.daemon_status
+        last = s.get("last_reconcile") or {}
+        if not s.get("ready"):
+            add("daemon", False, f"not ready: {s.get('ready_reason')}")
+        elif not last.get("ok", False):
+            add("daemon", False, f"last reconcile failed: {last.get('error')}")
+        else:
+            add("daemon", True, f"running, ready, last reconcile {last.get('ago_seconds')} s ago")
+    if f.config_error is not None:
+        add("network config", False, f.config_error)
+    if f.lease_problem is not None:
+        add("lease", False, f.lease_problem)
+    elif f.own_subnet is not None:
+        add("lease", True, f"{f.own_subnet} is held in etcd by this host")
+    spec = f.spec
+    if spec is None:
+        return out
+
+    # Devices and MTU.
+    names = [spec.bridge] + ([spec.vtep] if spec.vtep else [])
+    for name in names:
+        dev = f.devices.get(name)
+        if dev is None:
+            add(f"device {name}", False, f"{name} does not exist")
+            continue
+        problems = []
+        if not dev.up:
+            problems.append("is down")
+        if dev.mtu != spec.mtu:
+            problems.append(f"MTU {dev.mtu}, expected {spec.mtu}")
+        if name == spec.vtep and dev.master != spec.bridge:
+            problems.append(f"is not a port of {spec.bridge}")
+        add(f"device {name}", not problems, "; ".join(problems) or f"up, MTU {dev.mtu}")
+    if f.subnet_file_mtu is not None and f.subnet_file_mtu != spec.mtu:
+        add(
+            "subnet file",
+            False,
+            f"FLANNEL_MTU={f.subnet_file_mtu} but the overlay MTU is {spec.mtu}:"
+            " containers made from it will fragment or drop large packets",
+        )
+    if spec.vtep:
+        if f.vtep_tx_checksumming is False:
+            add(
+                "offload",
+                False,
+                f"tx checksum offload is off on {spec.vtep} (TSO goes with it; throughput"
+                f" drops about 5x): ethtool -K {spec.vtep} tx on",
+            )
+        elif f.vtep_tx_checksumming is True:
+            add("offload", True, f"tx checksum offload on {spec.vtep}")
+
+    # Forwarding.
+    forwarding = f.sysctls.get("net.ipv4.ip_forward")
+    bridge_fwd = f.sysctls.get(f"net.ipv4.conf.{spec.bridge}.forwarding")
+    if forwarding != "1" or bridge_fwd == "0":
+        add(
+            "forwarding",
+            False,
+            f"IPv4 forwarding is off (net.ipv4.ip_forward={forwarding},"
+            f" {spec.bridge}.forwarding={bridge_fwd}): this host routes no container traffic",
+        )
+    else:
+        add("forwarding", True, "IPv4 forwarding on")
+
+    # Firewall.
+    if spec.vtep:
+        blocks = firewall_blocks(f.ruleset, spec.port)
+        for block in blocks:
+            add("firewall", False, f"VXLAN port may be blocked: {block}")
+        if not blocks:
+            add("firewall", True, f"no input rule drops UDP port {spec.port}")
+
+    # Kernel entries against the desired state.
+    if f.desired is not None and f.actual is not None:
+        changes = diff(f.desired, f.actual)
+        for change in changes:
+            add("kernel entries", False, describe_change(change, f.actual, spec))
+        if not changes:
+            add(
+                "kernel entries",
+                True,
+                f"{len(f.desired)} entries for {len(f.cluster_peers)} peer(s), as desired",
+            )
+
+    # The daemon's view against etcd's.
+    for key, reason in sorted(f.rejected.items()):
+        add("leases", False, f"skipped {key}: {reason}")
+    if f.daemon_peers is not None:
+        programmed = {p["subnet"]: p["public_ip"] for p in f.daemon_peers}
+        missing = sorted(set(f.cluster_peers) - set(programmed))
+        gone = sorted(set(programmed) - set(f.cluster_peers))
+        for subnet in missing:
+            add(
+                "peers",
+                False,
+                f"{subnet} ({f.cluster_peers[subnet]}) is leased in etcd but the daemon has"
+                " not programmed it",
+            )
+        for subnet in gone:
+            add("peers", False, f"the daemon programs {subnet}, whose lease etcd no longer has")
+        for subnet in sorted(set(programmed) & set(f.cluster_peers)):
+            if programmed[subnet] != f.cluster_peers[subnet]:
+                add(
+                    "peers",
+                    False,
+                    f"{subnet}: the daemon uses {programmed[subnet]}, etcd says"
+                    f" {f.cluster_peers[subnet]}",
+                )
+        if not missing and not gone:
+            add("peers", True, f"the daemon programs all {len(programmed)} peer(s) etcd has")
+    return out

@@ -1,0 +1,301 @@
+"""What the daemon tells the outside about itself: Prometheus metrics, the
+status that `overlayctl status` shows, health and readiness, and a stream
+of events (lease and peer changes, drift repairs) for the MQTT publisher.
+
+The agent and the reconciler report facts here; the HTTP endpoint, the
+control socket and the MQTT publisher only read. Nothing in this module
+does I/O: metrics are in-memory counters until somebody scrapes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+
+from overlayd import __version__
+from overlayd.model import Change, Entry, Lease, Neighbour, Route, TunnelFdb
+
+log = logging.getLogger(__name__)
+
+# A pass is "stuck" (healthz fails, the watchdog starves) after this long.
+STUCK_PASS_SECONDS = 120.0
+# The heartbeat task ticks every second; healthz allows a few missed ticks.
+HEARTBEAT_STALE_SECONDS = 10.0
+
+EventListener = Callable[[str, dict[str, Any]], None]
+
+
+def entry_kind(entry: Entry) -> str:
+    if isinstance(entry, Route):
+        return "route"
+    if isinstance(entry, Neighbour):
+        return "neigh"
+    if isinstance(entry, TunnelFdb):
+        return "fdb_tunnel"
+    return "fdb_bridge"
+
+
+def peer_view(peer: Lease, *, direct: bool) -> dict[str, Any]:
+    return {
+        "subnet": str(peer.subnet),
+        "public_ip": str(peer.public_ip),
+        "vtep_mac": peer.vtep_mac,
+        "path": "direct" if direct else "vxlan",
+    }
+
+
+@dataclass
+class LastPass:
+    at: float  # wall clock
+    ok: bool
+    full: bool
+    changes: int
+    seconds: float
+    error: str | None
+
+
+@dataclass
+class Telemetry:
+    """Metrics, status and events of one daemon."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    started_at: float = field(default_factory=time.time)
+    lease: Lease | None = None
+    lease_key: str = ""
+    lease_expires_at: float | None = None  # monotonic
+    mode: str = ""
+    egress: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    last_pass: LastPass | None = None
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drift_repairs: Counter[str] = field(default_factory=Counter)
+    skipped: dict[str, str] = field(default_factory=dict)
+    subnet_file_written: bool = False
+    first_reconcile_ok: bool = False
+    heartbeat: float = field(default_factory=time.monotonic)
+    pass_started: float | None = None  # monotonic, while a pass runs
+    listeners: list[EventListener] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.m_lease_ttl = Gauge(
+            "overlayd_lease_ttl_seconds",
+            "Seconds until this host's subnet lease expires unless renewed",
+            registry=r,
+        )
+        self.m_lease_ttl.set_function(self._lease_ttl)
+        self.m_peers = Gauge(
+            "overlayd_peers", "Peer hosts programmed, by path", ["path"], registry=r
+        )
+        self.m_reconcile = Histogram(
+            "overlayd_reconcile_duration_seconds",
+            "Duration of reconcile passes (full: kernel re-read; light: after an etcd event)",
+            ["pass_type"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.m_passes = PromCounter(
+            "overlayd_reconcile_passes", "Reconcile passes, by result", ["result"], registry=r
+        )
+        self.m_changes = PromCounter(
+            "overlayd_changes_applied",
+            "Kernel entries written or removed, by kind and operation",
+            ["kind", "op"],
+            registry=r,
+        )
+        self.m_drift = PromCounter(
+            "overlayd_drift_repaired",
+            "Things somebody else changed that overlayd put back, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.m_reconnects = PromCounter(
+            "overlayd_etcd_reconnects",
+            "Times the etcd watch was resumed after a failure",
+            registry=r,
+        )
+        self.m_watch_lag = Gauge(
+            "overlayd_watch_lag_seconds",
+            "From an etcd event's arrival to the end of the pass that programmed it (last event)",
+            registry=r,
+        )
+        self.m_skipped = Gauge(
+            "overlayd_leases_skipped", "Peer leases skipped as invalid or unusable", registry=r
+        )
+        self.m_ready = Gauge("overlayd_ready", "1 when /readyz would answer 200", registry=r)
+        self.m_ready.set_function(lambda: 1.0 if self.ready()[0] else 0.0)
+        self.m_mqtt_dropped = PromCounter(
+            "overlayd_mqtt_events_dropped",
+            "MQTT events dropped because the broker was out of reach and the queue was full",
+            registry=r,
+        )
+        self.m_peers.labels("vxlan").set(0)
+        self.m_peers.labels("direct").set(0)
+
+    # --- facts reported by the agent and the reconciler --------------------
+
+    def _lease_ttl(self) -> float:
+        if self.lease_expires_at is None:
+            return 0.0
+        return max(0.0, self.lease_expires_at - time.monotonic())
+
+    def lease_acquired(self, lease: Lease, key: str, ttl: float) -> None:
+        changed = self.lease is not None and self.lease != lease
+        self.lease, self.lease_key = lease, key
+        self.lease_expires_at = time.monotonic() + ttl
+        self.emit(
+            "lease_acquired", {"key": key, **peer_view(lease, direct=False), "changed": changed}
+        )
+
+    def lease_renewed(self, ttl: float) -> None:
+        self.lease_expires_at = time.monotonic() + ttl
+        self.emit("lease_renewed", {"key": self.lease_key, "ttl": ttl})
+
+    def lease_lost(self, reason: str) -> None:
+        self.lease_expires_at = None
+        self.emit("lease_lost", {"key": self.lease_key, "reason": reason})
+
+    def etcd_reconnected(self) -> None:
+        self.m_reconnects.inc()
+
+    def watch_lag(self, seconds: float) -> None:
+        self.m_watch_lag.set(seconds)
+
+    def pass_started_now(self) -> None:
+        self.pass_started = time.monotonic()
+
+    def pass_finished(
+        self,
+        *,
+        ok: bool,
+        full: bool,
+        seconds: float,
+        changes: Sequence[Change] = (),
+        error: str | None = None,
+    ) -> None:
+        self.pass_started = None
+        self.m_reconcile.labels("full" if full else "light").observe(seconds)
+        self.m_passes.labels("ok" if ok else "failed").inc()
+        for change in changes:
+            self.m_changes.labels(entry_kind(change.entry), change.op.value).inc()
+        self.last_pass = LastPass(time.time(), ok, full, len(changes), seconds, error)
+        if ok:
+            self.first_reconcile_ok = True
+
+    def drift_repaired(self, kind: str, what: str, count: int = 1) -> None:
+        self.drift_repairs[kind] += count
+        self.m_drift.labels(kind).inc(count)
+        self.emit("drift_repaired", {"kind": kind, "what": what, "count": count})
+
+    def entries_drifted(self, changes: Iterable[Change]) -> None:
+        kinds = Counter(entry_kind(c.entry) for c in changes)
+        for kind, count in sorted(kinds.items()):
+            self.drift_repaired(kind, f"{count} {kind} entries put back", count)
+
+    def leases_skipped(self, rejected: Mapping[str, str]) -> None:
+        self.skipped = dict(rejected)
+        self.m_skipped.set(len(rejected))
+
+    def peers_programmed(self, tunneled: Iterable[Lease], direct: Iterable[Lease]) -> None:
+        """The peers after a successful pass; emits added/changed/removed."""
+        now = {str(p.subnet): peer_view(p, direct=False) for p in tunneled}
+        now.update({str(p.subnet): peer_view(p, direct=True) for p in direct})
+        if self.listeners:
+            for subnet, view in now.items():
+                before = self.peers.get(subnet)
+                if before is None:
+                    self.emit("peer_added", view)
+                elif before != view:
+                    self.emit("peer_changed", {**view, "before": before})
+            for subnet, view in self.peers.items():
+                if subnet not in now:
+                    self.emit("peer_removed", view)
+        self.peers = now
+        paths = Counter(view["path"] for view in now.values())
+        self.m_peers.labels("vxlan").set(paths["vxlan"])
+        self.m_peers.labels("direct").set(paths["direct"])
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    # --- what readers see ---------------------------------------------------
+
+    def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, payload)
+            except Exception:  # a listener's bug must not stop the daemon
+                log.exception("event=listener_failed kind=%s", kind)
+
+    def healthy(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        if now - self.heartbeat > HEARTBEAT_STALE_SECONDS:
+            return False, f"event loop stalled for {now - self.heartbeat:.0f} s"
+        if self.pass_started is not None and now - self.pass_started > STUCK_PASS_SECONDS:
+            return False, f"reconcile pass running for {now - self.pass_started:.0f} s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.lease is None or self.lease_expires_at is None:
+            return False, "no lease held"
+        if not self.subnet_file_written:
+            return False, "subnet file not written yet"
+        if not self.first_reconcile_ok:
+            return False, "first reconcile has not succeeded yet"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        lease = None
+        if self.lease is not None:
+            lease = {
+                "key": self.lease_key,
+                **peer_view(self.lease, direct=False),
+                "expires_in_seconds": round(self._lease_ttl(), 1)
+                if self.lease_expires_at is not None
+                else None,
+            }
+            del lease["path"]
+        last = None
+        if self.last_pass is not None:
+            p = self.last_pass
+            last = {
+                "at": p.at,
+                "ago_seconds": round(time.time() - p.at, 1),
+                "ok": p.ok,
+                "full": p.full,
+                "changes": p.changes,
+                "seconds": round(p.seconds, 4),
+                "error": p.error,
+            }
+        ready, why = self.ready()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "mode": self.mode,
+            "egress": self.egress,
+            "lease": lease,
+            "peers": len(self.peers),
+            "last_reconcile": last,
+            "drift_repairs": dict(sorted(self.drift_repairs.items())),
+            "skipped_leases": dict(sorted(self.skipped.items())),
+            "ready": ready,
+            "ready_reason": why,
+            "settings": self.settings,
+        }
+
+    def peer_list(self) -> list[dict[str, Any]]:
+        return [self.peers[k] for k in sorted(self.peers, key=_subnet_sort_key)]
+
+
+def _subnet_sort_key(subnet: str) -> tuple[int, ...]:
+    address, _, length = subnet.partition("/")
+    return (*map(int, address.split(".")), int(length or 0))
