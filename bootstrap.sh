@@ -2,8 +2,18 @@
 # One-command set-up for a fresh Debian 12 machine, run as root:
 #   ./bootstrap.sh lab    install what is needed, bring up a 3-host lab, check it
 #   ./bootstrap.sh test   install what is needed, run linters and the whole test suite
+#   ./bootstrap.sh install
+#                         install overlayd on this host for real: /opt/overlayd,
+#                         overlayd and overlayctl in /usr/local/bin, overlay-cni in
+#                         /opt/cni/bin, /etc/overlayd/overlayd.toml, the systemd unit
+#                         (enabled and started when systemd runs)
+#   ./bootstrap.sh install-etcd IP
+#                         a single-member etcd listening on IP:2379, with the
+#                         default network config (config/network.json) if none is set
 # Environment: HOSTS (lab size, default 3), LAB_KEEP=0 (remove the lab after
-# its check; by default it stays up to be explored).
+# its check; by default it stays up to be explored). For install:
+# OVERLAYD_ETCD_ENDPOINTS, OVERLAYD_IFACE, OVERLAYD_EGRESS go into the new
+# /etc/overlayd/overlayd.toml (an existing one is left alone).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,9 +29,11 @@ fi
 
 install_system_packages() {
     local missing=()
-    for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl iperf3 sockperf; do
+    for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl iperf3 sockperf \
+        ethtool mosquitto vagrant systemd-analyze; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
+    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(cni-plugins)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     if [ ${#missing[@]} -eq 0 ]; then
         return
@@ -31,7 +43,70 @@ install_system_packages() {
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-pip etcd-server etcd-client iproute2 \
-        iputils-ping tcpdump nftables iptables procps iperf3 sockperf >/dev/null
+        iputils-ping tcpdump nftables iptables procps iperf3 sockperf ethtool \
+        mosquitto containernetworking-plugins vagrant systemd >/dev/null
+}
+
+install_host() {
+    say "installing Debian packages overlayd needs at run time"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-venv iproute2 \
+        iputils-ping nftables iptables ethtool kmod containernetworking-plugins >/dev/null
+    say "installing overlayd into /opt/overlayd"
+    python3 -m venv /opt/overlayd
+    /opt/overlayd/bin/pip install -q --upgrade pip
+    /opt/overlayd/bin/pip install -q "$here"
+    ln -sf /opt/overlayd/bin/overlayd /usr/local/bin/overlayd
+    ln -sf /opt/overlayd/bin/overlayctl /usr/local/bin/overlayctl
+    install -d /opt/cni/bin /etc/overlayd
+    ln -sf /opt/overlayd/bin/overlay-cni /opt/cni/bin/overlay-cni
+    if [ ! -f /etc/overlayd/overlayd.toml ]; then
+        /opt/overlayd/bin/python - "$here/config/overlayd.toml" /etc/overlayd/overlayd.toml <<'PY'
+import os, sys
+text = open(sys.argv[1]).read()
+endpoints = os.environ.get("OVERLAYD_ETCD_ENDPOINTS")
+if endpoints:
+    quoted = ", ".join(f'"{e.strip()}"' for e in endpoints.split(","))
+    text = text.replace('etcd-endpoints = ["http://127.0.0.1:2379"]', f"etcd-endpoints = [{quoted}]")
+if os.environ.get("OVERLAYD_IFACE"):
+    text = text.replace('# iface = "eth0"', f'iface = "{os.environ["OVERLAYD_IFACE"]}"')
+if os.environ.get("OVERLAYD_EGRESS"):
+    text += f'egress = "{os.environ["OVERLAYD_EGRESS"]}"\n'
+open(sys.argv[2], "w").write(text)
+PY
+        say "wrote /etc/overlayd/overlayd.toml"
+    fi
+    install -m 0644 "$here/systemd/overlayd.service" /etc/systemd/system/overlayd.service
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable --now overlayd.service
+        say "overlayd is running: 'overlayctl status' shows it"
+    else
+        say "systemd is not running here: start overlayd by hand (overlayd --config /etc/overlayd/overlayd.toml)"
+    fi
+}
+
+install_etcd() {
+    local address=$1
+    say "installing etcd on $address:2379"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
+    cat >/etc/default/etcd <<ENV
+ETCD_NAME=overlayd
+ETCD_LISTEN_CLIENT_URLS=http://$address:2379,http://127.0.0.1:2379
+ETCD_ADVERTISE_CLIENT_URLS=http://$address:2379
+ENV
+    systemctl restart etcd
+    for _ in $(seq 50); do
+        etcdctl --endpoints "http://$address:2379" endpoint health >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    if [ -z "$(etcdctl --endpoints "http://$address:2379" get /coreos.com/network/config --print-value-only)" ]; then
+        etcdctl --endpoints "http://$address:2379" put /coreos.com/network/config "$(cat "$here/config/network.json")" >/dev/null
+        say "wrote the network config from config/network.json"
+    fi
 }
 
 install_python_packages() {
@@ -76,8 +151,14 @@ test)
     say "pytest"
     exec "$venv/bin/python" -m pytest -ra tests
     ;;
+install)
+    install_host
+    ;;
+install-etcd)
+    install_etcd "${2:?usage: $0 install-etcd IP}"
+    ;;
 *)
-    echo "usage: $0 lab|test" >&2
+    echo "usage: $0 lab|test|install|install-etcd IP" >&2
     exit 2
     ;;
 esac

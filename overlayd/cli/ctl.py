@@ -335,6 +335,19 @@ def parser() -> argparse.ArgumentParser:
     )
     docker.add_argument("--out", default="/run/docker_opts.env", help="file to write, - for stdout")
     docker.add_argument("--key", default="DOCKER_OPTS", help="variable name in env format")
+    check_cmd = command(
+        "check",
+        operator.cmd_check,
+        "from a probe container attached through overlay-cni, ping every peer host's"
+        " overlay gateway; exit status 0 only when all answer",
+    )
+    check_cmd.add_argument(
+        "--expect-hosts", type=int, default=1, help="wait until this many hosts hold leases"
+    )
+    check_cmd.add_argument("--timeout", type=float, default=60.0)
+    check_cmd.add_argument(
+        "--probe-name", default="overlayd-probe", help="name of the probe's network namespace"
+    )
     command(
         "leave",
         cmd_leave,

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -498,3 +501,96 @@ def cmd_events(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+# --- check (a real host's version of `lab check`) --------------------------------
+
+PROBE_CNI_CONFIG = {"cniVersion": "1.0.0", "name": "overlayd-probe", "type": "overlay-cni"}
+
+
+def _run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False, **kwargs)
+
+
+def _overlay_cni(command: str, probe: str, s: AgentConfig) -> dict[str, Any] | None:
+    """Attach or detach the probe exactly as a runtime would: overlay-cni."""
+    plugin = shutil.which("overlay-cni") or str(Path(sys.executable).parent / "overlay-cni")
+    env = {
+        **os.environ,
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": probe,
+        "CNI_NETNS": f"/run/netns/{probe}",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin:/usr/lib/cni",
+    }
+    conf = {
+        **PROBE_CNI_CONFIG,
+        "subnetFile": str(s.subnet_file),
+        "dataDir": str(s.subnet_file.parent / "overlayd-probe-cni"),
+    }
+    proc = _run([plugin], input=json.dumps(conf), env=env, timeout=60)
+    if proc.returncode != 0:
+        raise OverlaydError(f"overlay-cni {command} for the probe failed: {proc.stdout.strip()}")
+    return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+def ping_from(ns: str, address: str, *, count: int = 3) -> float | None:
+    """Median-ish RTT in ms of `count` pings from a namespace, None if none came back."""
+    proc = _run(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2",
+                 "-W", "1", address], timeout=count + 10)  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if "min/avg/max" in line:
+            return float(line.split("=")[1].split("/")[1])
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """From a probe container on this host, ping every peer host's overlay
+    gateway (its bridge address, behind its VTEP): the tunnel both ways."""
+    s = settings_from(args)
+    own = read_subnet(s.subnet_file)
+    if own is None:
+        raise OverlaydError(f"{s.subnet_file} names no subnet: is overlayd running here?")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        rows = asyncio.run(lease_rows(s.etcd_endpoints, s.etcd_prefix))
+        peers = [r for r in rows if r["status"] == "ok" and r["subnet"] != str(own)]
+        if len(peers) + 1 >= args.expect_hosts or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    probe = args.probe_name
+    if _run(["ip", "netns", "add", probe]).returncode != 0:
+        raise OverlaydError(f"cannot create the probe namespace {probe!r} (does it exist?)")
+    try:
+        _overlay_cni("ADD", probe, s)
+        results: list[dict[str, Any]] = []
+        for peer in peers:
+            gateway = str(IPv4Network(peer["subnet"]).network_address + 1)
+            rtt = None
+            while rtt is None:
+                rtt = ping_from(probe, gateway)
+                if rtt is not None or time.monotonic() > deadline:
+                    break
+            results.append({**peer, "target": gateway, "ok": rtt is not None, "rtt_ms": rtt})
+    finally:
+        try:
+            _overlay_cni("DEL", probe, s)
+        finally:
+            _run(["ip", "netns", "delete", probe])
+    reachable = sum(r["ok"] for r in results)
+    healthy = reachable == len(results) and len(results) + 1 >= args.expect_hosts
+    if args.json:
+        _print_json({"ok": healthy, "hosts": len(results) + 1, "peers": results})
+    else:
+        print(
+            f"check: {reachable}/{len(results)} peer hosts reachable through the overlay"
+            f" from a container on {own}"
+        )
+        for r in results:
+            shown = f"{r['rtt_ms']:.3f} ms" if r["ok"] else "UNREACHABLE"
+            print(f"  {r['subnet']:<18} via {r['public_ip']:<15} {r['target']:<15} {shown}")
+        if len(results) + 1 < args.expect_hosts:
+            print(
+                f"  only {len(results) + 1} of the {args.expect_hosts} expected hosts hold leases"
+            )
+    return 0 if healthy else 1

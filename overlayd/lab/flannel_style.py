@@ -96,7 +96,7 @@ def add_flannel_style_host(lab: Lab, host: int) -> Container:
     netns.ip(ns, "link", "set", "cni0", "up")
     netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     program_flannel_peers(lab, host)
-    return lab.add_container(host, 1, bridge="cni0", subnet=subnet, mtu=1450)
+    return lab.add_container_by_hand(host, 1, bridge="cni0", subnet=subnet, mtu=1450)
 
 
 def program_flannel_peers(lab: Lab, host: int) -> None:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from overlayd.config import parse_network_config, render_network_config
 from overlayd.lab import netns
@@ -49,6 +49,7 @@ OUTSIDE_ROUTER = IPv4Address("192.0.2.1")
 OUTSIDE_SERVER = IPv4Address("203.0.113.10")
 WHOAMI_PORT = 8080
 MQTT_ADDRESS = IPv4Address("192.0.2.6")
+CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 MQTT_PORT = 1883
 FIRST_HOST_OCTET = 10
 DEFAULT_NETWORK = IPv4Network("10.244.0.0/16")
@@ -482,42 +483,73 @@ class Lab:
             return None
         return found["OVERLAYD_GWBRIDGE"], IPv4Interface(found["OVERLAYD_GWBRIDGE_SUBNET"])
 
-    def add_container(
-        self,
-        host: int,
-        index: int,
-        *,
-        bridge: str = "ovl0",
-        subnet: IPv4Network | None = None,
-        mtu: int | None = None,
+    def cni_config(self, host: int) -> dict[str, Any]:
+        return {
+            "cniVersion": "1.0.0",
+            "name": "overlay",
+            "type": "overlay-cni",
+            "subnetFile": str(self.subnet_file(host)),
+            "dataDir": str(self.state_dir / f"h{host}" / "cni"),
+        }
+
+    def cni(
+        self, host: int, command: str, container_ns: str, config: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Invoke overlay-cni in the host's namespace as a container runtime
+        does: CNI_* variables, the network config on stdin, the result (or a
+        CNI error) on stdout."""
+        plugin = Path(sys.executable).parent / "overlay-cni"
+        argv = [str(plugin)] if plugin.exists() else [sys.executable, "-m", "overlayd.cli.cni"]
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_ns,
+            "CNI_NETNS": f"/run/netns/{container_ns}",
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": CNI_PLUGIN_DIR,
+        }
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.host_ns(host), *argv],
+            input=json.dumps(config or self.cni_config(host)).encode(),
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        out = proc.stdout.decode().strip()
+        if proc.returncode != 0:
+            raise LabCommandError(f"overlay-cni {command} {container_ns}: {out or proc.stderr!r}")
+        result: dict[str, Any] | None = json.loads(out) if out else None
+        return result
+
+    def add_container(self, host: int, index: int) -> Container:
+        """A container namespace attached through overlay-cni, as a runtime
+        would attach it: eth0 on the overlay bridge, and in gwbridge mode eth1
+        on the gwbridge with the default route."""
+        ns = self.container_ns(host, index)
+        netns.add_namespace(ns)
+        result = self.cni(host, "ADD", ns) or {}
+        interfaces = result.get("interfaces", [])
+        for ip in result.get("ips", []):
+            if interfaces[ip["interface"]].get("name") == "eth0":
+                return Container(ns, host, IPv4Interface(ip["address"]).ip)
+        raise LabCommandError(f"overlay-cni gave {ns} no address on eth0: {result}")
+
+    def add_container_by_hand(
+        self, host: int, index: int, *, bridge: str, subnet: IPv4Network, mtu: int
     ) -> Container:
-        """A namespace with eth0 on the host's bridge, addressed from its subnet
-        (the bridge holds .1, containers take .2 upwards). In gwbridge mode
-        eth0 carries only the cluster route, and eth1 on the gwbridge the
-        default route, as Docker attaches a container to an overlay."""
-        gwbridge = self.gwbridge(host) if bridge == "ovl0" else None
-        subnet = subnet or self.subnet(host)
+        """A namespace with eth0 on `bridge`, addressed from `subnet` with
+        iproute2 (for the flannel-style host, which has no subnet file of
+        overlayd's): the bridge holds .1, containers take .2 upwards."""
         gateway = subnet.network_address + 1
         address = IPv4Interface((subnet.network_address + 1 + index, subnet.prefixlen))
         ns = self.container_ns(host, index)
-        mtu = mtu or self.mtu(host)
         netns.add_namespace(ns)
         netns.veth(self.host_ns(host), f"c{index}", ns, "eth0", mtu=mtu)
         netns.ip(self.host_ns(host), "link", "set", f"c{index}", "master", bridge, "up")
         netns.ip(ns, "addr", "add", str(address), "dev", "eth0")
         netns.ip(ns, "link", "set", "eth0", "up")
-        if gwbridge is None:
-            netns.ip(ns, "route", "add", "default", "via", str(gateway))
-            return Container(ns, host, address.ip)
-        cluster = read_variables(self.subnet_file(host))["FLANNEL_NETWORK"]
-        netns.ip(ns, "route", "add", cluster, "via", str(gateway))
-        name, gw_gateway = gwbridge
-        gw_address = IPv4Interface((gw_gateway.ip + index, gw_gateway.network.prefixlen))
-        netns.veth(self.host_ns(host), f"g{index}", ns, "eth1")
-        netns.ip(self.host_ns(host), "link", "set", f"g{index}", "master", name, "up")
-        netns.ip(ns, "addr", "add", str(gw_address), "dev", "eth1")
-        netns.ip(ns, "link", "set", "eth1", "up")
-        netns.ip(ns, "route", "add", "default", "via", str(gw_gateway.ip))
+        netns.ip(ns, "route", "add", "default", "via", str(gateway))
         return Container(ns, host, address.ip)
 
     @staticmethod

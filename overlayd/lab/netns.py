@@ -8,6 +8,7 @@ already inside lab namespaces.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,18 @@ def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, *, mtu: int | None = No
     """A veth pair whose ends are created directly in two lab namespaces."""
     extra = ["mtu", str(mtu)] if mtu else []
     ip(ns_a, "link", "add", name_a, *extra, "type", "veth", "peer", "name", name_b, "netns", ns_b)
+
+
+def host_side_veth(container_ns: str, ifname: str = "eth0") -> str:
+    """The name of the other end of a container's veth, in its host."""
+    link = json.loads(ip(container_ns, "-j", "link", "show", "dev", ifname))[0]
+    peer_index = link["link_index"]
+    # Lab container namespaces are named <host namespace>c<index>.
+    host_ns = container_ns.rsplit("c", 1)[0]
+    for candidate in json.loads(ip(host_ns, "-j", "link", "show")):
+        if candidate["ifindex"] == peer_index:
+            return str(candidate["ifname"])
+    raise LabCommandError(f"no veth peer of {container_ns}/{ifname} in {host_ns}")
 
 
 def pids_in(ns: str) -> list[int]:

@@ -88,7 +88,7 @@ def _mtu(lab: Lab, mtu: int) -> None:
             netns.ip(ns, "link", "set", dev, "mtu", str(mtu))
         for c in (c for c in lab.containers() if c.host == host):
             netns.ip(c.ns, "link", "set", "eth0", "mtu", str(mtu))
-            netns.ip(ns, "link", "set", "c1", "mtu", str(mtu))
+            netns.ip(ns, "link", "set", netns.host_side_veth(c.ns), "mtu", str(mtu))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,312 @@
+"""`overlay-cni`: a CNI plugin that attaches a container to overlayd's
+network the way the host's egress mode needs.
+
+It does what flannel's CNI plugin does: read the subnet file that overlayd
+writes and delegate to the standard `bridge` plugin with `host-local` IPAM
+(containernetworking-plugins), once per interface:
+
+    eth0 on the overlay bridge (ovl0), an address from the leased subnet;
+         the default route in masquerade/none mode, the cluster route in
+         gwbridge mode
+    eth1 on the gwbridge (gwbridge mode only), an address from the gwbridge
+         subnet and the default route, as Docker attaches overlay containers
+
+Veths, addresses, routes and address bookkeeping are the standard plugins'
+work; this program only decides what to ask them for, merges their results,
+and remembers what it asked so that DEL and CHECK hit the same delegates
+even if the subnet file changed since.
+
+Network config keys (besides cniVersion, name, type):
+    subnetFile    default /run/flannel/subnet.env
+    dataDir       default /var/lib/cni/overlay (delegate records, host-local state)
+    egressIfName  default eth1 (the second interface in gwbridge mode)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from pathlib import Path
+from typing import Any
+
+from overlayd.subnetfile import read_variables
+
+SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+DEFAULT_DATA_DIR = "/var/lib/cni/overlay"
+DEFAULT_PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
+
+# CNI error codes (SPEC.md): 4 invalid network config, 7 invalid environment
+# variables, 11 try again later, 999 plugin-specific.
+ERR_CONFIG = 4
+ERR_ENV = 7
+ERR_TRY_LATER = 11
+ERR_PLUGIN = 999
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(frozen=True)
+class Invocation:
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    args: str
+    path: list[str]
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Invocation:
+        command = env.get("CNI_COMMAND", "")
+        needed = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")}.get(
+            command, ("CNI_CONTAINERID", "CNI_IFNAME")
+        )
+        for name in needed:
+            if not env.get(name):
+                raise CniError(ERR_ENV, f"{name} is not set")
+        return cls(
+            command=command,
+            container_id=env.get("CNI_CONTAINERID", ""),
+            netns=env.get("CNI_NETNS", ""),
+            ifname=env.get("CNI_IFNAME", ""),
+            args=env.get("CNI_ARGS", ""),
+            path=[p for p in env.get("CNI_PATH", "").split(":") if p],
+        )
+
+
+def find_plugin(name: str, path: list[str]) -> str:
+    for directory in [*path, *DEFAULT_PLUGIN_DIRS]:
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise CniError(
+        ERR_PLUGIN,
+        f"the {name!r} CNI plugin was not found in CNI_PATH or {', '.join(DEFAULT_PLUGIN_DIRS)}",
+        "install containernetworking-plugins",
+    )
+
+
+def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[str, Any]]]:
+    """(interface, bridge plugin config) for each interface the mode needs."""
+    subnet_file = Path(conf.get("subnetFile", DEFAULT_SUBNET_FILE))
+    found = read_variables(subnet_file)
+    if "FLANNEL_SUBNET" not in found or "FLANNEL_MTU" not in found:
+        raise CniError(
+            ERR_TRY_LATER,
+            f"{subnet_file} has no FLANNEL_SUBNET/FLANNEL_MTU",
+            "overlayd is not running or not ready on this host",
+        )
+    try:
+        gateway = IPv4Interface(found["FLANNEL_SUBNET"])
+        mtu = int(found["FLANNEL_MTU"])
+    except ValueError as exc:
+        raise CniError(ERR_CONFIG, f"{subnet_file} is malformed: {exc}") from exc
+    version = conf.get("cniVersion", "1.0.0")
+    name = str(conf.get("name", "overlay"))
+    data_dir = Path(conf.get("dataDir", DEFAULT_DATA_DIR))
+    egress = found.get("OVERLAYD_EGRESS", "masquerade")
+    two_interfaces = egress == "gwbridge" and "OVERLAYD_GWBRIDGE" in found
+    overlay_route = found.get("FLANNEL_NETWORK") if two_interfaces else "0.0.0.0/0"
+
+    def bridge_conf(
+        net_name: str, bridge: str, subnet: IPv4Interface, route: str, mtu: int | None
+    ) -> dict[str, Any]:
+        delegate: dict[str, Any] = {
+            "cniVersion": version,
+            "name": net_name,
+            "type": "bridge",
+            "bridge": bridge,
+            # overlayd owns the bridges' addresses and all NAT.
+            "isGateway": False,
+            "isDefaultGateway": False,
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": str(data_dir / "ipam"),
+                "ranges": [[{"subnet": str(subnet.network), "gateway": str(subnet.ip)}]],
+                # The gateway spelled out: the bridge plugin's CHECK compares
+                # routes with the result, and the kernel's route has one.
+                "routes": [{"dst": route, "gw": str(subnet.ip)}],
+            },
+        }
+        if mtu is not None:
+            delegate["mtu"] = mtu
+        return delegate
+
+    bridge = found.get("OVERLAYD_BRIDGE", "ovl0")
+    delegates = [(ifname, bridge_conf(name, bridge, gateway, str(overlay_route), mtu))]
+    if two_interfaces:
+        egress_if = str(conf.get("egressIfName", "eth1"))
+        if egress_if == ifname:
+            raise CniError(ERR_CONFIG, f"egressIfName {egress_if!r} is CNI_IFNAME itself")
+        try:
+            gw = IPv4Interface(found["OVERLAYD_GWBRIDGE_SUBNET"])
+        except (KeyError, ValueError) as exc:
+            raise CniError(ERR_CONFIG, f"{subnet_file}: bad OVERLAYD_GWBRIDGE_SUBNET") from exc
+        delegates.append(
+            (
+                egress_if,
+                bridge_conf(f"{name}-egress", found["OVERLAYD_GWBRIDGE"], gw, "0.0.0.0/0", None),
+            )
+        )
+    return delegates
+
+
+def run_delegate(
+    inv: Invocation, command: str, ifname: str, conf: dict[str, Any]
+) -> dict[str, Any] | None:
+    env = dict(os.environ)
+    env.update(
+        CNI_COMMAND=command, CNI_IFNAME=ifname, CNI_PATH=":".join(inv.path or DEFAULT_PLUGIN_DIRS)
+    )
+    proc = subprocess.run(
+        [find_plugin(str(conf["type"]), inv.path)],
+        input=json.dumps(conf).encode(),
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    out = proc.stdout.decode().strip()
+    if proc.returncode != 0:
+        try:
+            error = json.loads(out)
+            raise CniError(
+                int(error.get("code", ERR_PLUGIN)),
+                f"bridge plugin {command} for {ifname}: {error.get('msg')}",
+                str(error.get("details", "")),
+            )
+        except ValueError:
+            raise CniError(
+                ERR_PLUGIN, f"bridge plugin {command} for {ifname} failed", proc.stderr.decode()
+            ) from None
+    result: dict[str, Any] | None = json.loads(out) if out else None
+    return result
+
+
+def merge_results(version: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"cniVersion": version, "interfaces": [], "ips": [], "routes": []}
+    for result in results:
+        offset = len(merged["interfaces"])
+        merged["interfaces"].extend(result.get("interfaces", []))
+        for ip in result.get("ips", []):
+            ip = dict(ip)
+            if "interface" in ip:
+                ip["interface"] += offset
+            merged["ips"].append(ip)
+        merged["routes"].extend(result.get("routes", []))
+    merged["dns"] = {}
+    return merged
+
+
+def _record_path(conf: dict[str, Any], inv: Invocation) -> Path:
+    data_dir = Path(conf.get("dataDir", DEFAULT_DATA_DIR))
+    return data_dir / "delegates" / f"{inv.container_id}-{inv.ifname}.json"
+
+
+def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+    done: list[tuple[str, dict[str, Any]]] = []
+    results = []
+    try:
+        for ifname, delegate in delegate_configs(conf, inv.ifname):
+            result = run_delegate(inv, "ADD", ifname, delegate)
+            done.append((ifname, delegate))
+            results.append(result or {})
+    except CniError:
+        for ifname, delegate in reversed(done):  # leave nothing half made
+            with contextlib.suppress(CniError):
+                run_delegate(inv, "DEL", ifname, delegate)
+        raise
+    record = _record_path(conf, inv)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps(
+            [{"ifname": i, "conf": d, "result": r} for (i, d), r in zip(done, results, strict=True)]
+        )
+    )
+    return merge_results(conf.get("cniVersion", "1.0.0"), results)
+
+
+def delete(conf: dict[str, Any], inv: Invocation) -> None:
+    record = _record_path(conf, inv)
+    try:
+        delegates = json.loads(record.read_text())
+    except FileNotFoundError:
+        return  # DEL is idempotent: nothing was added, or it is gone already
+    errors = []
+    for item in reversed(delegates):
+        try:
+            run_delegate(inv, "DEL", item["ifname"], item["conf"])
+        except CniError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    record.unlink(missing_ok=True)
+
+
+def check(conf: dict[str, Any], inv: Invocation) -> None:
+    if "prevResult" not in conf:
+        raise CniError(ERR_CONFIG, "CHECK needs prevResult in the network config")
+    try:
+        delegates = json.loads(_record_path(conf, inv).read_text())
+    except FileNotFoundError as exc:
+        raise CniError(ERR_PLUGIN, f"no record of ADD for {inv.container_id}/{inv.ifname}") from exc
+    wanted = {ip["address"] for item in delegates for ip in item["result"].get("ips", [])}
+    have = {ip["address"] for ip in conf["prevResult"].get("ips", [])}
+    if wanted - have:
+        raise CniError(ERR_PLUGIN, f"prevResult lacks {sorted(wanted - have)}")
+    for item in delegates:
+        run_delegate(inv, "CHECK", item["ifname"], {**item["conf"], "prevResult": item["result"]})
+
+
+def main() -> int:
+    env = dict(os.environ)
+    try:
+        if env.get("CNI_COMMAND") == "VERSION":
+            print(json.dumps({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}))
+            return 0
+        try:
+            conf = json.loads(sys.stdin.read())
+        except ValueError as exc:
+            raise CniError(ERR_CONFIG, f"network config is not JSON: {exc}") from exc
+        if not isinstance(conf, dict):
+            raise CniError(ERR_CONFIG, "network config must be a JSON object")
+        if conf.get("cniVersion", "1.0.0") not in SUPPORTED_VERSIONS:
+            raise CniError(1, f"cniVersion {conf.get('cniVersion')} is not supported")
+        inv = Invocation.from_env(env)
+        if inv.command == "ADD":
+            print(json.dumps(add(conf, inv)))
+        elif inv.command == "DEL":
+            delete(conf, inv)
+        elif inv.command == "CHECK":
+            check(conf, inv)
+        else:
+            raise CniError(
+                ERR_ENV, f"CNI_COMMAND {inv.command!r} is not ADD, DEL, CHECK or VERSION"
+            )
+        return 0
+    except CniError as exc:
+        print(
+            json.dumps(
+                {
+                    "cniVersion": "1.0.0",
+                    "code": exc.code,
+                    "msg": exc.msg,
+                    "details": exc.details,
+                }
+            )
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
