@@ -60,6 +60,7 @@ class MetricsServer:
             handler_class=_QuietHandler,
         )
         self.address = address
+        self.port = self._server.server_port  # the real one when asked for port 0
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         )

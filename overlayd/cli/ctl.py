@@ -295,20 +295,19 @@ def parser() -> argparse.ArgumentParser:
         "compare the kernel with the desired state and the cluster's leases, check devices,"
         " MTU, offload, forwarding and firewall; exit status 0 only when all is well",
     )
-    network = command(
-        "network",
-        operator.cmd_network,
-        "read or write the cluster network config in etcd",
-        json_flag=False,
-    )
+    network_help = "read or write the cluster network config in etcd"
+    network = sub.add_parser("network", help=network_help, description=network_help)
+    network.set_defaults(func=operator.cmd_network)
     network_sub = network.add_subparsers(dest="network_command", required=True)
     show = network_sub.add_parser("show", help="print the config and whether it is valid")
+    operator.add_settings_flags(show)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     set_cmd = network_sub.add_parser(
         "set",
         help="validate and write a config (refused when invalid or when it would orphan"
         " existing leases, unless --force)",
     )
+    operator.add_settings_flags(set_cmd)
     set_cmd.add_argument("file", help="flannel-style JSON file, or - for stdin")
     set_cmd.add_argument("--force", action="store_true", help="write even if leases are orphaned")
     set_cmd.add_argument("--dry-run", action="store_true", help="validate only")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -370,7 +371,9 @@ class Lab:
         for index in range(1, self.settings().containers_per_host + 1):
             self.add_container(host, index)
 
-    def start_daemon(self, host: int, *extra_args: str) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, host: int, *extra_args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         settings = self.settings()
         log = self.daemon_log(host).open("ab")
         proc = subprocess.Popen(
@@ -406,6 +409,7 @@ class Lab:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         self._daemons[host] = proc

@@ -61,6 +61,18 @@ def first(lab: Lab, host: int) -> Container:
     return next(c for c in lab.containers() if c.host == host)
 
 
+def test_overlay_cni_gives_one_interface_in_masquerade_mode_and_two_in_gwbridge(
+    lab: Lab,
+) -> None:
+    wanted = ["eth0", "eth1"] if lab.settings().egress == "gwbridge" else ["eth0"]
+    for container in lab.containers():
+        links = netns.ip(container.ns, "-br", "link").split("\n")
+        names = sorted(line.split()[0].split("@")[0] for line in links if line.strip())
+        assert names == sorted(["lo", *wanted]), (container.ns, names)
+        default = netns.ip(container.ns, "route", "show", "default")
+        assert f"dev {wanted[-1]}" in default
+
+
 def test_containers_reach_the_outside_as_their_hosts_address(lab: Lab) -> None:
     results = lab.check_egress()
     assert len(results) == 4

@@ -1,0 +1,94 @@
+"""The files that install overlayd on real machines: the systemd unit and
+the Vagrantfile, checked by the tools that will read them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = ROOT / "systemd" / "overlayd.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_unit_passes_systemd_analyze_verify_without_warnings(tmp_path: Path) -> None:
+    # verify checks that ExecStart exists; point it at this checkout's overlayd
+    # (the install script puts it at /usr/local/bin/overlayd).
+    overlayd = Path(sys.executable).parent / "overlayd"
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/overlayd " in text
+    copy = tmp_path / "overlayd.service"
+    copy.write_text(text.replace("/usr/local/bin/overlayd", str(overlayd)))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_the_unit_waits_for_readiness_feeds_a_watchdog_and_drops_privileges() -> None:
+    s = unit_settings()
+    assert s["Type"] == ["notify"]
+    assert s["WatchdogSec"] and s["Restart"] == ["on-failure"]
+    assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
+    assert s["ProtectSystem"] == ["strict"] and s["PrivateTmp"] == ["yes"]
+    assert s["NoNewPrivileges"] == ["yes"]
+    assert s["RuntimeDirectory"] == ["overlayd flannel"] and s["StateDirectory"] == ["overlayd"]
+    # The daemon writes /proc/sys/net: kernel tunables must stay writable.
+    assert "ProtectKernelTunables" not in s
+
+
+def vagrant(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["vagrant", "validate"],
+        cwd=ROOT / "vagrant",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={
+            **os.environ,
+            # Vagrant's own state goes to the test's directory, not the checkout.
+            "VAGRANT_HOME": str(tmp_path / "home"),
+            "VAGRANT_DOTFILE_PATH": str(tmp_path / "dotfile"),
+            "VAGRANT_CHECKPOINT_DISABLE": "1",
+            **env,
+        },
+    )
+
+
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="needs vagrant")
+def test_the_vagrantfile_validates_for_three_and_for_five_vms(tmp_path: Path) -> None:
+    for count in ("3", "5"):
+        proc = vagrant(tmp_path, OVERLAYD_VMS=count)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "validated successfully" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="needs vagrant")
+def test_the_vagrantfile_refuses_a_bad_vm_count(tmp_path: Path) -> None:
+    proc = vagrant(tmp_path, OVERLAYD_VMS="0")
+    assert proc.returncode != 0
+    assert "OVERLAYD_VMS must be between 1 and 50" in proc.stdout + proc.stderr
+
+
+def test_the_vagrantfile_provisions_with_the_readme_install_script() -> None:
+    text = (ROOT / "vagrant" / "Vagrantfile").read_text()
+    assert "bootstrap.sh install-etcd" in text and 'bootstrap.sh install"' in text
+    assert "overlayctl check --expect-hosts" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "./bootstrap.sh install" in readme

@@ -1,0 +1,395 @@
+"""Running overlayd like real infrastructure, in the lab: overlayctl against
+live daemons, metrics and health, logs, MQTT events through a real
+mosquitto, systemd's notify protocol, and overlay-cni invoked as a runtime
+invokes it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlayd.lab import netns
+from overlayd.lab.lab import Lab, LabSettings
+from overlayd.model import Lease
+from overlayd.plan.leases import render_lease, subnet_key
+from tests.conftest import SESSION_TAG, needs_root, wait_until
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+PREFIX = "/coreos.com/network"
+ETCD = "http://192.0.2.2:2379"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(f"{SESSION_TAG}o")
+    try:
+        lab.up(2, settings=LabSettings(mqtt=True, resync_seconds=2.0))
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def events(lab: Lab) -> Iterator[Path]:
+    """`overlayctl events --json`, running from the start, into a file."""
+    path = lab.state_dir / "events.jsonl"
+    with path.open("w") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.mqtt_ns, sys.executable, "-m", "overlayd.cli.ctl",
+             "events", "--json", "--mqtt-url", lab.mqtt_url],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: path.read_text().count('"online": true') >= 2, 10)
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def messages(path: Path) -> list[dict[str, Any]]:
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
+def ctl(lab: Lab, host: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_ns(host), sys.executable, "-m", "overlayd.cli.ctl",
+         *args, "--control-socket", str(lab.control_socket(host))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+def diagnose(lab: Lab, host: int) -> tuple[int, list[dict[str, Any]]]:
+    proc = ctl(lab, host, "diagnose", "--json", "--etcd-endpoints", ETCD, "--iface", "eth0",
+               "--subnet-file", str(lab.subnet_file(host)))  # fmt: skip
+    return proc.returncode, json.loads(proc.stdout)["findings"]
+
+
+def http_get(lab: Lab, host: int, path: str) -> tuple[int, str]:
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:9469{path}', timeout=5)\n"
+        "    print(r.status); print(r.read().decode(), end='')\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code); print(e.read().decode(), end='')\n"
+    )
+    out = netns.in_ns(lab.host_ns(host), sys.executable, "-c", script)
+    code, _, body = out.partition("\n")
+    return int(code), body
+
+
+def test_status_shows_the_lease_mode_peers_and_last_reconcile(lab: Lab) -> None:
+    proc = ctl(lab, 1, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["lease"]["subnet"] == str(lab.subnet(1))
+    assert status["lease"]["public_ip"] == "192.0.2.11"
+    assert 0 < status["lease"]["expires_in_seconds"] <= 60
+    assert status["mode"] == "vxlan" and status["egress"] == "gwbridge"
+    assert status["peers"] == 1 and status["ready"] is True
+    assert status["last_reconcile"]["ok"] is True
+    human = ctl(lab, 1, "status").stdout
+    assert f"subnet          {lab.subnet(1)}" in human
+    assert "ready           yes" in human
+
+
+def test_peers_lists_the_other_host_as_programmed(lab: Lab) -> None:
+    proc = ctl(lab, 1, "peers")
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["SUBNET", "PUBLIC", "IP", "VTEP", "MAC", "PATH"]
+    assert len(rows) == 1 and rows[0].split()[:2] == [str(lab.subnet(2)), "192.0.2.12"]
+    assert rows[0].split()[3] == "vxlan"
+
+
+def test_leases_lists_every_host_from_etcd(lab: Lab) -> None:
+    proc = ctl(lab, 1, "leases", "--json", "--etcd-endpoints", ETCD)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {r["subnet"] for r in rows} == {str(lab.subnet(1)), str(lab.subnet(2))}
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_metrics_health_and_readiness_are_served_on_loopback(lab: Lab) -> None:
+    assert http_get(lab, 1, "/healthz") == (200, "ok\n")
+    assert http_get(lab, 1, "/readyz") == (200, "ok\n")
+    code, text = http_get(lab, 1, "/metrics")
+    assert code == 200
+    assert 'overlayd_peers{path="vxlan"} 1.0' in text
+    assert "overlayd_ready 1.0" in text
+    listening = netns.in_ns(lab.host_ns(1), "ss", "-Htln", "( sport = :9469 )")
+    assert [line.split()[3] for line in listening.splitlines()] == ["127.0.0.1:9469"]
+
+
+def test_logs_say_nothing_in_steady_state(lab: Lab) -> None:
+    log = lab.daemon_log(1)
+    before = log.read_text()
+    time.sleep(5)  # two full resyncs (every 2 s here) and a few MQTT status refreshes
+    assert log.read_text() == before
+    for line in before.splitlines():
+        assert line.startswith("ts=") and " level=" in line and " event=" in line, line
+
+
+def test_drift_is_repaired_counted_and_published(lab: Lab, events: Path) -> None:
+    peer = str(lab.subnet(2))
+    netns.ip(lab.host_ns(1), "route", "del", peer)
+    wait_until(lambda: peer in netns.ip(lab.host_ns(1), "route"), 5)
+    status = json.loads(ctl(lab, 1, "status", "--json").stdout)
+    assert status["drift_repairs"].get("route", 0) >= 1
+    assert 'overlayd_drift_repaired_total{kind="route"}' in http_get(lab, 1, "/metrics")[1]
+    wait_until(
+        lambda: any(
+            m.get("event") == "drift_repaired" and m["host"] == "192.0.2.11"
+            for m in messages(events)
+        ),
+        5,
+    )
+
+
+def test_overlayctl_check_reaches_every_peer_from_a_cni_probe(lab: Lab) -> None:
+    probe = f"ovl-{SESSION_TAG}o-probe"
+    proc = ctl(lab, 1, "check", "--json", "--probe-name", probe, "--expect-hosts", "2",
+               "--etcd-endpoints", ETCD, "--subnet-file", str(lab.subnet_file(1)))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] and [p["subnet"] for p in result["peers"]] == [str(lab.subnet(2))]
+    assert probe not in netns.list_namespaces()
+
+
+def test_a_new_host_s_lease_and_peer_events_reach_mqtt_and_its_death_too(
+    lab: Lab, events: Path
+) -> None:
+    lab.attach_host_namespace(3)
+    lab.start_daemon(3, "--log-format", "json")
+    lab.wait_ready(3)
+    subnet = str(lab.subnet(3))
+
+    def seen(event: str, host: str) -> bool:
+        return any(
+            m.get("event") == event and m["host"] == host and m.get("subnet") == subnet
+            for m in messages(events)
+        )
+
+    wait_until(lambda: seen("lease_acquired", "192.0.2.13"), 10)
+    wait_until(lambda: seen("peer_added", "192.0.2.11") and seen("peer_added", "192.0.2.12"), 10)
+    # The JSON log format: every line one object.
+    lines = lab.daemon_log(3).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert any(r.get("event") == "ready" and r.get("subnet") == subnet for r in records)
+    # Killed without a goodbye: the broker publishes the last will.
+    lab.stop_daemon(3, signal.SIGKILL)
+    wait_until(
+        lambda: any(
+            m["topic"].endswith("192.0.2.13/status")
+            and m["online"] is False
+            and m["reason"] == "connection lost"
+            for m in messages(events)
+        ),
+        10,
+    )
+
+
+def test_the_broker_being_down_never_blocks_the_daemon(lab: Lab, events: Path) -> None:
+    lab.stop_mqtt()
+    lease = Lease(IPv4Network("10.244.250.0/24"), IPv4Address("192.0.2.99"), 1, "02:00:00:00:fa:01")
+    key = subnet_key(PREFIX, lease.subnet)
+    started = time.monotonic()
+    lab.etcd(lambda s: s.put(key, render_lease(lease)))
+    wait_until(lambda: "10.244.250.0/24" in netns.ip(lab.host_ns(1), "route"), 5)
+    assert time.monotonic() - started < 2.0
+    assert json.loads(ctl(lab, 1, "status", "--json").stdout)["ready"] is True
+    lab.etcd(lambda s: s.delete(key))
+    wait_until(lambda: "10.244.250.0/24" not in netns.ip(lab.host_ns(1), "route"), 5)
+    # The broker comes back: the daemon reconnects by itself and says it is online.
+    lab.start_mqtt()
+    subscriber_log = lab.state_dir / "events-again.jsonl"
+    with subscriber_log.open("w") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.mqtt_ns, sys.executable, "-m", "overlayd.cli.ctl",
+             "events", "--json", "--mqtt-url", lab.mqtt_url],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: any(
+                m["topic"].endswith("192.0.2.11/status") and m["online"]
+                for m in messages(subscriber_log)
+            ),
+            45,
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_diagnose_reports_what_is_broken_in_plain_words(lab: Lab) -> None:
+    code, findings = diagnose(lab, 2)
+    assert code == 0, findings
+    ns = lab.host_ns(2)
+    lab.stop_daemon(2)
+    peer = str(lab.subnet(1))
+    netns.ip(ns, "route", "del", peer)
+    netns.in_ns(ns, "ethtool", "-K", "ovl.1", "tx", "off")
+    netns.in_ns(ns, "iptables", "-A", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
+    netns.in_ns(ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+    netns.ip(ns, "link", "set", "ovl0", "mtu", "1400")
+    code, findings = diagnose(lab, 2)
+    failed = {f["check"]: f["detail"] for f in findings if not f["ok"]}
+    assert code == 1
+    assert "is overlayd running?" in failed["daemon"]
+    assert f"missing route to {peer}" in failed["kernel entries"]
+    assert "tx checksum offload is off on ovl.1" in failed["offload"]
+    assert "a rule drops UDP port 8472" in failed["firewall"]
+    assert "IPv4 forwarding is off" in failed["forwarding"]
+    assert "MTU 1400, expected 1450" in failed["device ovl0"]
+    # The daemon repairs what it owns; the operator's offload and firewall stay.
+    lab.start_daemon(2)
+    wait_until(lambda: peer in netns.ip(ns, "route"), 15)
+    wait_until(lambda: diagnose(lab, 2)[1][0]["ok"], 10)
+    code, findings = diagnose(lab, 2)
+    assert sorted(f["check"] for f in findings if not f["ok"]) == ["firewall", "offload"]
+    netns.in_ns(ns, "ethtool", "-K", "ovl.1", "tx", "on")
+    netns.in_ns(ns, "iptables", "-D", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
+    assert diagnose(lab, 2)[0] == 0
+
+
+def test_network_show_and_set_validate_before_writing(lab: Lab, tmp_path: Path) -> None:
+    endpoint = ["--etcd-endpoints", lab.etcd_endpoint]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "overlayd.cli.ctl", "network", *args, *endpoint],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    shown = run("show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    current = json.loads(shown.stdout)["config"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**current, "SubnetLen": "24"}))
+    refused = run("set", str(bad))
+    assert refused.returncode == 1
+    assert refused.stderr.strip().startswith("overlayctl: SubnetLen")
+    moved = tmp_path / "moved.json"
+    elsewhere = {k: v for k, v in current.items() if k not in ("SubnetMin", "SubnetMax")}
+    moved.write_text(json.dumps({**elsewhere, "Network": "10.99.0.0/16"}))
+    refused = run("set", str(moved))
+    assert refused.returncode == 1 and "would not fit the new config" in refused.stderr
+    assert "--force" in refused.stderr
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(current))
+    dry = run("set", str(same), "--dry-run")
+    assert dry.returncode == 0 and "not written" in dry.stdout
+    assert run("set", str(same)).returncode == 0
+    assert json.loads(run("show", "--json").stdout)["config"] == current
+
+
+def test_systemd_sees_ready_after_the_first_reconcile_and_a_fed_watchdog(
+    lab: Lab, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    host = 4
+    lab.attach_host_namespace(host)
+    received: list[tuple[float, str, bool]] = []  # (when, message, subnet file present)
+    lab.start_daemon(host, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            received.append((time.monotonic(), data, lab.subnet_file(host).exists()))
+            if sum("WATCHDOG=1" in m for _, m, _ in received) >= 4 and any(
+                "READY=1" in m for _, m, _ in received
+            ):
+                break
+        lab.stop_daemon(host)
+        stop_deadline = time.monotonic() + 5
+        while time.monotonic() < stop_deadline:
+            try:
+                received.append((time.monotonic(), sock.recv(4096).decode(), True))
+            except TimeoutError:
+                continue
+            if "STOPPING=1" in received[-1][1]:
+                break
+    finally:
+        sock.close()
+    texts = [m for _, m, _ in received]
+    ready = [(m, present) for _, m, present in received if "READY=1" in m]
+    assert len(ready) == 1, texts
+    assert ready[0][1], "READY came before the subnet file was written"
+    assert "STATUS=subnet " in ready[0][0]
+    before_ready = texts[: texts.index(ready[0][0])]
+    assert any("STATUS=leasing a subnet" in m for m in before_ready), texts
+    assert sum("WATCHDOG=1" in m for m in texts) >= 4
+    assert "STOPPING=1" in texts[-1]
+
+
+def test_overlay_cni_add_check_del_as_a_runtime_invokes_it(lab: Lab) -> None:
+    ns = f"{lab.host_ns(1)}c9"
+    netns.add_namespace(ns)
+    result = lab.cni(1, "ADD", ns) or {}
+    names = [i["name"] for i in result["interfaces"]]
+    assert names[0] == "ovl0" and names[2] == "eth0" and names[3] == "ovl_gwbridge"
+    assert names[5] == "eth1"
+    overlay_ip = result["ips"][0]["address"].split("/")[0]
+    assert result["ips"][0]["interface"] == 2 and result["ips"][1]["interface"] == 5
+    routes = netns.ip(ns, "route")
+    assert "default via 172.18.0.1 dev eth1" in routes
+    assert "10.244.0.0/16 via" in routes and "dev eth0" in routes
+    peer = lab.containers()[-1] if lab.containers()[-1].host != 1 else lab.containers()[0]
+    assert " 0% packet loss" in netns.in_ns(ns, "ping", "-c", "1", "-W", "2", str(peer.address))
+    check = {**lab.cni_config(1), "prevResult": result}
+    assert lab.cni(1, "CHECK", ns, check) is None
+    netns.ip(ns, "addr", "flush", "dev", "eth1")
+    with pytest.raises(Exception, match="Failed to match addr"):
+        lab.cni(1, "CHECK", ns, check)
+    reserved = lab.state_dir / "h1" / "cni" / "ipam" / "overlay" / overlay_ip
+    assert reserved.exists()
+    assert lab.cni(1, "DEL", ns) is None
+    assert not reserved.exists()
+    assert netns.ip(ns, "-br", "link").split()[0] == "lo"
+    assert lab.cni(1, "DEL", ns) is None  # twice is fine
+    netns.delete_namespace(ns)
+
+
+def test_overlay_cni_refuses_to_attach_before_overlayd_is_ready(lab: Lab, tmp_path: Path) -> None:
+    ns = f"{lab.host_ns(1)}c8"
+    netns.add_namespace(ns)
+    try:
+        config = {**lab.cni_config(1), "subnetFile": str(tmp_path / "absent.env")}
+        with pytest.raises(Exception, match='"code": 11'):
+            lab.cni(1, "ADD", ns, config)
+        assert netns.ip(ns, "-br", "link").split()[0] == "lo"
+    finally:
+        netns.delete_namespace(ns)

@@ -1,0 +1,128 @@
+"""overlay-cni without root: what it asks the bridge plugin for, how it
+merges results, and the CNI error it prints for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlayd.cli.cni import CniError, delegate_configs, merge_results
+
+MASQUERADE = (
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=true\nOVERLAYD_EGRESS=masquerade\nOVERLAYD_BRIDGE=ovl0\n"
+)
+GWBRIDGE = (
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=false\nOVERLAYD_EGRESS=gwbridge\nOVERLAYD_BRIDGE=ovl0\n"
+    "OVERLAYD_GWBRIDGE=ovl_gwbridge\nOVERLAYD_GWBRIDGE_SUBNET=172.18.0.1/16\n"
+)
+
+
+def conf(tmp_path: Path, subnet_env: str) -> dict[str, Any]:
+    (tmp_path / "subnet.env").write_text(subnet_env)
+    return {
+        "cniVersion": "1.0.0",
+        "name": "overlay",
+        "type": "overlay-cni",
+        "subnetFile": str(tmp_path / "subnet.env"),
+        "dataDir": str(tmp_path / "cni"),
+    }
+
+
+def test_masquerade_mode_asks_for_one_interface_with_the_default_route(tmp_path: Path) -> None:
+    delegates = delegate_configs(conf(tmp_path, MASQUERADE), "eth0")
+    assert [ifname for ifname, _ in delegates] == ["eth0"]
+    bridge = delegates[0][1]
+    assert bridge["type"] == "bridge" and bridge["bridge"] == "ovl0" and bridge["mtu"] == 1450
+    assert bridge["isGateway"] is False and bridge["ipMasq"] is False
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24", "gateway": "10.244.7.1"}]]
+    assert bridge["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.244.7.1"}]
+
+
+def test_gwbridge_mode_asks_for_a_second_interface_with_the_default_route(
+    tmp_path: Path,
+) -> None:
+    delegates = delegate_configs(conf(tmp_path, GWBRIDGE), "eth0")
+    assert [ifname for ifname, _ in delegates] == ["eth0", "eth1"]
+    overlay, egress = delegates[0][1], delegates[1][1]
+    assert overlay["ipam"]["routes"] == [{"dst": "10.244.0.0/16", "gw": "10.244.7.1"}]
+    assert egress["bridge"] == "ovl_gwbridge" and "mtu" not in egress
+    assert egress["name"] == "overlay-egress"  # its own host-local state
+    assert egress["ipam"]["ranges"] == [[{"subnet": "172.18.0.0/16", "gateway": "172.18.0.1"}]]
+    assert egress["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "172.18.0.1"}]
+
+
+def test_a_missing_subnet_file_means_try_again_later(tmp_path: Path) -> None:
+    c = conf(tmp_path, "")
+    with pytest.raises(CniError) as error:
+        delegate_configs(c, "eth0")
+    assert error.value.code == 11
+    assert "FLANNEL_SUBNET" in error.value.msg
+
+
+def test_the_egress_interface_cannot_be_the_runtime_s_interface(tmp_path: Path) -> None:
+    c = {**conf(tmp_path, GWBRIDGE), "egressIfName": "eth0"}
+    with pytest.raises(CniError, match="egressIfName"):
+        delegate_configs(c, "eth0")
+
+
+def test_results_are_merged_with_interface_indexes_shifted() -> None:
+    first = {
+        "interfaces": [{"name": "ovl0"}, {"name": "veth1"}, {"name": "eth0", "sandbox": "/n"}],
+        "ips": [{"interface": 2, "address": "10.244.7.2/24", "gateway": "10.244.7.1"}],
+        "routes": [{"dst": "10.244.0.0/16"}],
+    }
+    second = {
+        "interfaces": [{"name": "ovl_gwbridge"}, {"name": "veth2"}, {"name": "eth1"}],
+        "ips": [{"interface": 2, "address": "172.18.0.2/16", "gateway": "172.18.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}],
+    }
+    merged = merge_results("1.0.0", [first, second])
+    assert [i["name"] for i in merged["interfaces"]][5] == "eth1"
+    assert [ip["interface"] for ip in merged["ips"]] == [2, 5]
+    assert len(merged["routes"]) == 2
+
+
+def run_plugin(stdin: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "overlayd.cli.cni"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], **env},
+        check=False,
+    )
+
+
+def test_version_lists_the_supported_spec_versions() -> None:
+    proc = run_plugin("", CNI_COMMAND="VERSION")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["supportedVersions"] == ["0.4.0", "1.0.0"]
+
+
+def test_bad_input_is_a_cni_error_on_stdout() -> None:
+    proc = run_plugin("{not json", CNI_COMMAND="ADD")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["code"] == 4
+    proc = run_plugin(
+        '{"cniVersion": "1.0.0", "name": "n", "type": "overlay-cni"}', CNI_COMMAND="ADD"
+    )
+    error = json.loads(proc.stdout)
+    assert error["code"] == 7 and "CNI_CONTAINERID" in error["msg"]
+
+
+def test_del_of_something_never_added_succeeds(tmp_path: Path) -> None:
+    proc = run_plugin(
+        json.dumps(conf(tmp_path, MASQUERADE)),
+        CNI_COMMAND="DEL",
+        CNI_CONTAINERID="nothing",
+        CNI_IFNAME="eth0",
+    )
+    assert proc.returncode == 0, proc.stdout

@@ -1,0 +1,161 @@
+"""diagnose(): facts about a host become findings in plain words."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from overlayd.dataplane.inspect import DeviceFacts
+from overlayd.diagnose import HostFacts, diagnose, firewall_blocks
+from overlayd.model import BridgeFdb, DeviceSpec, EntrySet, Lease, Neighbour, Route, TunnelFdb
+from overlayd.plan.desired import desired_entries
+
+SPEC = DeviceSpec(
+    bridge="ovl0",
+    bridge_mac="02:00:00:00:00:aa",
+    gateway=IPv4Interface("10.1.1.1/24"),
+    vtep="ovl.1",
+    vtep_mac="02:00:00:00:00:bb",
+    vni=1,
+    port=8472,
+    local_ip=IPv4Address("192.0.2.11"),
+    underlay_ifindex=2,
+    mtu=1450,
+    underlay="eth0",
+)
+PEER = Lease(IPv4Network("10.1.2.0/24"), IPv4Address("192.0.2.12"), 1, "02:00:00:00:00:02")
+
+
+def healthy_facts() -> HostFacts:
+    desired = desired_entries([PEER])
+    return HostFacts(
+        daemon_status={"ready": True, "last_reconcile": {"ok": True, "ago_seconds": 2}},
+        daemon_peers=[{"subnet": "10.1.2.0/24", "public_ip": "192.0.2.12"}],
+        own_subnet="10.1.1.0/24",
+        spec=SPEC,
+        desired=desired,
+        actual=desired,
+        cluster_peers={"10.1.2.0/24": "192.0.2.12"},
+        devices={
+            "ovl0": DeviceFacts("ovl0", "bridge", 1450, True, None),
+            "ovl.1": DeviceFacts("ovl.1", "vxlan", 1450, True, "ovl0"),
+        },
+        vtep_tx_checksumming=True,
+        sysctls={"net.ipv4.ip_forward": "1", "net.ipv4.conf.ovl0.forwarding": "1"},
+    )
+
+
+def failures(facts: HostFacts) -> list[str]:
+    return [f"{f.check}: {f.detail}" for f in diagnose(facts) if not f.ok]
+
+
+def test_a_healthy_host_has_no_failed_check() -> None:
+    findings = diagnose(healthy_facts())
+    assert all(f.ok for f in findings)
+    assert {f.check for f in findings} >= {
+        "daemon",
+        "lease",
+        "device ovl0",
+        "device ovl.1",
+        "offload",
+        "forwarding",
+        "firewall",
+        "kernel entries",
+        "peers",
+    }
+
+
+def test_missing_wrong_and_stale_entries_are_named() -> None:
+    facts = healthy_facts()
+    stranger = TunnelFdb("02:00:00:00:00:99", IPv4Address("192.0.2.99"))
+    facts.actual = EntrySet.of(
+        [
+            Route(PEER.subnet, IPv4Address("10.1.2.0")),
+            Neighbour(IPv4Address("10.1.2.0"), "02:00:00:00:00:77"),  # wrong MAC
+            BridgeFdb(PEER.vtep_mac),
+            stranger,
+        ]
+    )
+    problems = failures(facts)
+    assert "kernel entries: missing FDB entry 02:00:00:00:00:02 -> 192.0.2.12 on ovl.1" in problems
+    assert (
+        "kernel entries: wrong ARP entry 10.1.2.0 -> 02:00:00:00:00:77 on ovl0: should be ARP"
+        " entry 10.1.2.0 -> 02:00:00:00:00:02 on ovl0" in problems
+    )
+    assert (
+        "kernel entries: stale FDB entry 02:00:00:00:00:99 -> 192.0.2.99 on ovl.1: no lease asks"
+        " for it" in problems
+    )
+
+
+def test_device_mtu_offload_and_forwarding_problems_are_reported() -> None:
+    facts = healthy_facts()
+    facts.devices["ovl0"] = DeviceFacts("ovl0", "bridge", 1400, False, None)
+    facts.vtep_tx_checksumming = False
+    facts.sysctls["net.ipv4.ip_forward"] = "0"
+    facts.subnet_file_mtu = 1500
+    problems = "\n".join(failures(facts))
+    assert "device ovl0: is down; MTU 1400, expected 1450" in problems
+    assert "tx checksum offload is off on ovl.1" in problems
+    assert "IPv4 forwarding is off" in problems
+    assert "FLANNEL_MTU=1500 but the overlay MTU is 1450" in problems
+
+
+def test_daemon_down_and_peer_mismatch_are_reported() -> None:
+    facts = healthy_facts()
+    facts.daemon_peers = [{"subnet": "10.1.9.0/24", "public_ip": "192.0.2.19"}]
+    problems = "\n".join(failures(facts))
+    assert "10.1.2.0/24 (192.0.2.12) is leased in etcd but the daemon has not programmed it" in (
+        problems
+    )
+    assert "the daemon programs 10.1.9.0/24, whose lease etcd no longer has" in problems
+    facts.daemon_status, facts.daemon_peers = None, None
+    facts.daemon_error = "/run/overlayd/overlayd.sock does not exist: is overlayd running?"
+    assert failures(facts)[0].startswith("daemon: /run/overlayd/overlayd.sock does not exist")
+
+
+def input_chain(policy: str = "accept") -> dict[str, Any]:
+    return {
+        "chain": {
+            "family": "inet",
+            "table": "filter",
+            "name": "input",
+            "hook": "input",
+            "policy": policy,
+        }
+    }
+
+
+def rule(expr: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rule": {"family": "inet", "table": "filter", "chain": "input", "handle": 7, "expr": expr}
+    }
+
+
+def dport(right: Any, protocol: str = "udp") -> dict[str, Any]:
+    return {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": protocol, "field": "dport"}},
+            "right": right,
+        }
+    }
+
+
+def test_a_drop_rule_for_the_vxlan_port_is_found_as_value_set_or_range() -> None:
+    for right in (8472, {"set": [53, 8472]}, {"range": [8000, 9000]}):
+        assert firewall_blocks([input_chain(), rule([dport(right), {"drop": None}])], 8472)
+    assert not firewall_blocks([input_chain(), rule([dport(53), {"drop": None}])], 8472)
+    assert not firewall_blocks([input_chain(), rule([dport(8472, "tcp"), {"drop": None}])], 8472)
+
+
+def test_a_drop_policy_counts_unless_something_accepts_the_port() -> None:
+    assert firewall_blocks([input_chain("drop")], 8472)
+    assert firewall_blocks([input_chain("drop"), rule([dport(22, "tcp"), {"accept": None}])], 8472)
+    assert not firewall_blocks([input_chain("drop"), rule([dport(8472), {"accept": None}])], 8472)
+
+
+def test_chains_on_other_hooks_are_ignored() -> None:
+    forward = input_chain("drop")
+    forward["chain"]["hook"] = "forward"
+    assert not firewall_blocks([forward], 8472)

@@ -1,0 +1,164 @@
+"""Operator plumbing that needs no root: the control socket, the HTTP
+endpoint, docker-opts, and the settings overlayctl and the daemon share."""
+
+from __future__ import annotations
+
+import json
+import stat
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from overlayd.cli import ctl
+from overlayd.cli.operator import docker_options
+from overlayd.config import build_agent_config
+from overlayd.control import DaemonUnreachable, ask, serve_control
+from overlayd.errors import ConfigError, OverlaydError
+from overlayd.httpd import MetricsServer
+from overlayd.notify import watchdog_interval
+from overlayd.telemetry import Telemetry
+
+
+async def test_control_socket_answers_and_is_root_only(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "overlayd.sock"
+    async with serve_control(path, {"status": lambda: {"ready": True}}):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert await ask(path, "status") == {"ready": True}
+        with pytest.raises(DaemonUnreachable, match="unknown command 'nope'"):
+            await ask(path, "nope")
+    assert not path.exists()
+
+
+async def test_no_daemon_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnreachable, match="does not exist: is overlayd running"):
+        await ask(tmp_path / "missing.sock", "status")
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_http_endpoint_serves_metrics_health_and_readiness() -> None:
+    telemetry = Telemetry()
+    server = MetricsServer(("127.0.0.1", 0), telemetry)
+    port = server.port
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert fetch(base + "/healthz") == (200, "ok\n")
+        assert fetch(base + "/readyz") == (503, "no lease held\n")
+        status, text = fetch(base + "/metrics")
+        assert status == 200
+        for name in (
+            "overlayd_lease_ttl_seconds",
+            "overlayd_peers",
+            "overlayd_reconcile_duration_seconds",
+            "overlayd_changes_applied",
+            "overlayd_drift_repaired",
+            "overlayd_etcd_reconnects_total",
+            "overlayd_watch_lag_seconds",
+            "overlayd_leases_skipped",
+        ):
+            assert name in text
+        assert fetch(base + "/other")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_watchdog_interval_is_half_of_systemds_and_only_for_us() -> None:
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "field"),
+    [
+        ("metrics-address", "localhost", "metrics-address"),
+        ("metrics-address", "127.0.0.1:99999", "metrics-address"),
+        ("mqtt-url", "http://broker", "mqtt-url"),
+        ("mqtt-url", "mqtt://", "mqtt-url"),
+        ("mqtt-topic", "a/#", "mqtt-topic"),
+        ("log-format", "xml", "log-format"),
+    ],
+)
+def test_bad_operator_settings_name_their_field(setting: str, value: str, field: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_agent_config(flags={setting: value}, env={})
+    assert error.value.field == field
+
+
+def test_operator_settings_have_sane_defaults() -> None:
+    s = build_agent_config(flags={}, env={})
+    assert s.metrics_address == ("127.0.0.1", 9469)
+    assert s.mqtt_url is None
+    assert str(s.control_socket) == "/run/overlayd/overlayd.sock"
+    assert build_agent_config(flags={"metrics-address": "off"}, env={}).metrics_address is None
+
+
+SUBNET_ENV = (
+    "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=true\nOVERLAYD_EGRESS=masquerade\nOVERLAYD_BRIDGE=ovl0\n"
+)
+
+
+def test_docker_opts_put_docker_on_the_bridge_subnet_and_mtu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = tmp_path / "subnet.env"
+    env.write_text(SUBNET_ENV)
+    options = docker_options(env)
+    assert options["subnet"] == "10.244.7.0/24" and options["mtu"] == 1450
+    out = tmp_path / "docker_opts.env"
+    assert ctl.main(["docker-opts", "--subnet-file", str(env), "--out", str(out)]) == 0
+    assert (
+        'DOCKER_OPTS="--bridge=ovl0 --fixed-cidr=10.244.7.0/24 --mtu=1450 --ip-masq=false"'
+        in out.read_text()
+    )
+    capsys.readouterr()
+    assert ctl.main(["docker-opts", "--subnet-file", str(env), "--format", "daemon-json",
+                     "--out", "-"]) == 0  # fmt: skip
+    daemon_json = json.loads(capsys.readouterr().out)
+    assert daemon_json == {
+        "bridge": "ovl0",
+        "fixed-cidr": "10.244.7.0/24",
+        "mtu": 1450,
+        "ip-masq": False,
+    }
+
+
+def test_docker_opts_without_a_subnet_file_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl.main(["docker-opts", "--subnet-file", str(tmp_path / "none"), "--out", "-"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("overlayctl: ") and "is overlayd ready?" in err
+    assert "\n" not in err
+    with pytest.raises(OverlaydError):
+        docker_options(tmp_path / "none")
+
+
+def test_status_without_a_daemon_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ctl.main(["status", "--control-socket", str(tmp_path / "x.sock")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"overlayctl: {tmp_path / 'x.sock'} does not exist: is overlayd running?"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["peers"], ["leases"], ["diagnose"], ["network", "show"], ["network", "set"],
+     ["events"], ["docker-opts"], ["check"], ["leave"]],
+)  # fmt: skip
+def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        ctl.main([*command, "--help"])
+    assert done.value.code == 0
+    assert "usage: overlayctl" in capsys.readouterr().out
