@@ -70,6 +70,12 @@ class MqttPublisher:
         self._queue.append({"event": kind, "host": self.host, "ts": time.time(), **payload})
         self._wakeup.set()
 
+    def _will(self) -> bytes:
+        """Fixed when the connection is made, so it says only what stays true."""
+        return json.dumps(
+            {"host": self.host, "online": False, "reason": "connection lost", "ready": False}
+        ).encode()
+
     def _status(self, *, online: bool, reason: str) -> bytes:
         t = self._telemetry
         lease = t.lease
@@ -94,7 +100,7 @@ class MqttPublisher:
         while True:
             will = aiomqtt.Will(
                 status_topic(self._prefix, self.host),
-                self._status(online=False, reason="connection lost"),
+                self._will(),
                 qos=1,
                 retain=True,
             )

@@ -151,9 +151,9 @@ class Telemetry:
         changed = self.lease is not None and self.lease != lease
         self.lease, self.lease_key = lease, key
         self.lease_expires_at = time.monotonic() + ttl
-        self.emit(
-            "lease_acquired", {"key": key, **peer_view(lease, direct=False), "changed": changed}
-        )
+        view = peer_view(lease, direct=False)
+        del view["path"]
+        self.emit("lease_acquired", {"key": key, **view, "changed": changed})
 
     def lease_renewed(self, ttl: float) -> None:
         self.lease_expires_at = time.monotonic() + ttl

@@ -160,6 +160,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
                     lease_ttl=args.lease_ttl,
                     containers_per_host=args.containers,
                     egress=args.egress,
+                    mqtt=args.mqtt,
                 ),
             )
         except BaseException:
@@ -381,6 +382,9 @@ def parser() -> argparse.ArgumentParser:
         choices=EGRESS_MODES,
         default=DEFAULT_EGRESS,
         help="containers' way out (default %(default)s)",
+    )
+    up.add_argument(
+        "--mqtt", action="store_true", help="run mosquitto and have every daemon publish to it"
     )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)

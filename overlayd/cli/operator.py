@@ -183,7 +183,12 @@ async def lease_rows(endpoints: Sequence[str], prefix: str) -> list[dict[str, st
         except LeaseError as exc:
             row["status"] = f"invalid: {exc}"
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda r: _subnet_order(r["subnet"]) if r["subnet"] else (999,))
+
+
+def _subnet_order(subnet: str) -> tuple[int, ...]:
+    network = IPv4Network(subnet)
+    return (int(network.network_address), network.prefixlen)
 
 
 def cmd_leases(args: argparse.Namespace) -> int:

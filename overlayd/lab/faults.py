@@ -218,10 +218,11 @@ def reattach_containers(lab: Lab, host: int) -> None:
     """After the bridge itself was deleted, the containers' host-side veths
     hang loose: attaching them is the runtime's job (the lab's here), not
     overlayd's, which only owns the bridge."""
-    for line in netns.ip(lab.host_ns(host), "-o", "link").splitlines():
-        name = line.split(": ")[1].split("@")[0]
-        if name.startswith("c") and name[1:].isdigit():
-            netns.ip(lab.host_ns(host), "link", "set", name, "master", "ovl0")
+    ns = lab.host_ns(host)
+    for link in json.loads(netns.ip(ns, "-j", "-d", "link", "show", "type", "veth")):
+        # The underlay's eth0 is a veth too, but it has a peer in the switch.
+        if "master" not in link and link["ifname"] != "eth0":
+            netns.ip(ns, "link", "set", link["ifname"], "master", "ovl0")
 
 
 def repair_seconds(lab: Lab, host: int, kind: str, *, timeout: float = 30.0) -> float:

@@ -439,6 +439,10 @@ class Lab:
                 netns.delete_namespace(ns)
         # /run is a tmpfs: a reboot loses the subnet file (the log stays).
         self.subnet_file(host).unlink(missing_ok=True)
+        # And the containers' CNI records: the lab keeps host-local's
+        # reservations under the state dir, in /run, so they go too (a runtime
+        # on a real host calls DEL for the sandboxes that died with it).
+        shutil.rmtree(self.state_dir / f"h{host}" / "cni", ignore_errors=True)
         self._daemons.pop(host, None)
         # The kernel dismantles a deleted namespace in the background; the
         # switch's end of the host's veth goes with it, a moment later.
