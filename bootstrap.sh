@@ -89,6 +89,10 @@ PY
 
 install_etcd() {
     local address=$1
+    if [ ! -d /run/systemd/system ]; then
+        echo "bootstrap.sh install-etcd: needs systemd to run etcd as a service" >&2
+        exit 1
+    fi
     say "installing etcd on $address:2379"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from overlayd.errors import ConfigError
 from overlayd.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,18 @@ def wsgi_app(telemetry: Telemetry) -> Callable[[dict[str, Any], StartResponse], 
 
 class MetricsServer:
     def __init__(self, address: tuple[str, int], telemetry: Telemetry) -> None:
-        self._server = make_server(
-            address[0],
-            address[1],
-            wsgi_app(telemetry),
-            server_class=_ThreadingServer,
-            handler_class=_QuietHandler,
-        )
+        try:
+            self._server = make_server(
+                address[0],
+                address[1],
+                wsgi_app(telemetry),
+                server_class=_ThreadingServer,
+                handler_class=_QuietHandler,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "metrics-address", f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
+            ) from exc
         self.address = address
         self.port = self._server.server_port  # the real one when asked for port 0
         self._thread = threading.Thread(
@@ -70,5 +76,6 @@ class MetricsServer:
         log.info("event=metrics_listening address=%s:%d", *self.address)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for a serve_forever() that must run
+            self._server.shutdown()
         self._server.server_close()

@@ -71,6 +71,16 @@ def test_http_endpoint_serves_metrics_health_and_readiness() -> None:
         server.stop()
 
 
+def test_a_metrics_port_in_use_is_a_clear_config_error() -> None:
+    first = MetricsServer(("127.0.0.1", 0), Telemetry())
+    try:
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:") as error:
+            MetricsServer(("127.0.0.1", first.port), Telemetry())
+        assert error.value.field == "metrics-address"
+    finally:
+        first.stop()
+
+
 def test_watchdog_interval_is_half_of_systemds_and_only_for_us() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
     assert watchdog_interval({}) is None
