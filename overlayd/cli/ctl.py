@@ -59,7 +59,8 @@ async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
 
 def cmd_leave(args: argparse.Namespace) -> int:
     s = operator.settings_from(args)
-    print(asyncio.run(_leave(list(s.etcd_endpoints), s.etcd_prefix, s.subnet_file)))
+    outcome = asyncio.run(_leave(list(s.etcd_endpoints), s.etcd_prefix, s.subnet_file))
+    print(json.dumps({"result": outcome}) if args.json else outcome)
     return 0
 
 
@@ -272,13 +273,10 @@ def parser() -> argparse.ArgumentParser:
         name: str,
         func: Callable[[argparse.Namespace], int],
         help_text: str,
-        *,
-        json_flag: bool = True,
     ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text, description=help_text)
         operator.add_settings_flags(c)
-        if json_flag:
-            c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(func=func)
         return c
 
@@ -312,6 +310,7 @@ def parser() -> argparse.ArgumentParser:
     set_cmd.add_argument("file", help="flannel-style JSON file, or - for stdin")
     set_cmd.add_argument("--force", action="store_true", help="write even if leases are orphaned")
     set_cmd.add_argument("--dry-run", action="store_true", help="validate only")
+    set_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     events = command(
         "events",
         operator.cmd_events,
@@ -324,7 +323,6 @@ def parser() -> argparse.ArgumentParser:
         operator.cmd_docker_opts,
         "write Docker daemon options that put Docker on overlayd's bridge, subnet and MTU"
         " (what flannel's mk-docker-opts.sh does)",
-        json_flag=False,
     )
     docker.add_argument(
         "--format",
@@ -352,7 +350,6 @@ def parser() -> argparse.ArgumentParser:
         "leave",
         cmd_leave,
         "release this host's lease on purpose (stop overlayd first); peers forget the host",
-        json_flag=False,
     )
 
     lab = sub.add_parser("lab", help="a multi-host lab in network namespaces on this machine")

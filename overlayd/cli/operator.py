@@ -386,7 +386,8 @@ def cmd_network(args: argparse.Namespace) -> int:
             print(f"# {key}: {'valid' if error is None else 'INVALID: ' + error}")
         return 0 if error is None else 1
     text = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-    print(asyncio.run(_network_set(s, text, force=args.force, dry_run=args.dry_run)))
+    outcome = asyncio.run(_network_set(s, text, force=args.force, dry_run=args.dry_run))
+    print(json.dumps({"result": outcome}) if args.json else outcome)
     return 0
 
 
@@ -444,7 +445,9 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             f"DOCKER_OPT_MTU=--mtu={o['mtu']}\nDOCKER_OPT_IPMASQ=--ip-masq=false\n"
             f'{args.key}="{opts}"'
         )
-    if args.out == "-":
+    if args.json:  # the derived options themselves, for scripts
+        print(json.dumps(o, indent=2))
+    elif args.out == "-":
         print(text)
     else:
         out = Path(args.out)

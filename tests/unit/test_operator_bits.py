@@ -74,7 +74,7 @@ def test_http_endpoint_serves_metrics_health_and_readiness() -> None:
 def test_a_metrics_port_in_use_is_a_clear_config_error() -> None:
     first = MetricsServer(("127.0.0.1", 0), Telemetry())
     try:
-        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:") as error:
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:") as error:
             MetricsServer(("127.0.0.1", first.port), Telemetry())
         assert error.value.field == "metrics-address"
     finally:
@@ -167,8 +167,11 @@ def test_status_without_a_daemon_is_one_line_error(
     [["status"], ["peers"], ["leases"], ["diagnose"], ["network", "show"], ["network", "set"],
      ["events"], ["docker-opts"], ["check"], ["leave"]],
 )  # fmt: skip
-def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_has_help_and_json(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as done:
         ctl.main([*command, "--help"])
     assert done.value.code == 0
-    assert "usage: overlayctl" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: overlayctl" in out and "--json" in out
