@@ -39,7 +39,7 @@ from overlayd.plan.cluster import cluster_plan
 from overlayd.plan.desired import device_spec
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnets_prefix
-from overlayd.store.etcd import EtcdStore
+from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.subnetfile import read_subnet, read_variables
 
 DEFAULT_CONFIG_FILE = Path("/etc/overlayd/overlayd.toml")
@@ -242,8 +242,12 @@ async def gather(s: AgentConfig) -> HostFacts:
     subnet = read_subnet(s.subnet_file)
     mtu_text = read_variables(s.subnet_file).get("FLANNEL_MTU")
     facts.subnet_file_mtu = int(mtu_text) if mtu_text and mtu_text.isdigit() else None
-    async with EtcdStore(s.etcd_endpoints) as store:
-        everything, _ = await store.get_prefix(s.etcd_prefix.rstrip("/") + "/")
+    try:
+        async with EtcdStore(s.etcd_endpoints) as store:
+            everything, _ = await store.get_prefix(s.etcd_prefix.rstrip("/") + "/")
+    except StoreUnavailable as exc:
+        facts.config_error = f"cannot read etcd: {exc}"
+        return facts
     raw_config = everything.get(config_key(s.etcd_prefix))
     if raw_config is None:
         facts.config_error = f"no network config at {config_key(s.etcd_prefix)}"
