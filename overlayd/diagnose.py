@@ -9,10 +9,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlayd.dataplane.inspect import DeviceFacts
 from overlayd.model import (
     BridgeFdb,
     Change,
+    DeviceFacts,
     DeviceSpec,
     Entry,
     EntrySet,

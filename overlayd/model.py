@@ -73,6 +73,17 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    """How a network device looks now (what `overlayctl diagnose` checks)."""
+
+    name: str
+    kind: str
+    mtu: int
+    up: bool
+    master: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """`route <dst> via <gateway> dev <bridge> onlink proto ROUTE_PROTOCOL`
     through the tunnel, or, with `direct` (host-gw, DirectRouting),

@@ -83,6 +83,8 @@ class Telemetry:
     heartbeat: float = field(default_factory=time.monotonic)
     pass_started: float | None = None  # monotonic, while a pass runs
     listeners: list[EventListener] = field(default_factory=list)
+    # id(lease) -> (lease, direct, subnet text, view): see peers_programmed.
+    _views: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -204,24 +206,36 @@ class Telemetry:
         self.skipped = dict(rejected)
         self.m_skipped.set(len(rejected))
 
-    def peers_programmed(self, tunneled: Iterable[Lease], direct: Iterable[Lease]) -> None:
-        """The peers after a successful pass; emits added/changed/removed."""
-        now = {str(p.subnet): peer_view(p, direct=False) for p in tunneled}
-        now.update({str(p.subnet): peer_view(p, direct=True) for p in direct})
+    def peers_programmed(self, tunneled: Sequence[Lease], direct: Sequence[Lease]) -> None:
+        """The peers after a successful pass; emits added/changed/removed.
+
+        Runs after every pass, light ones included, so views are memoized by
+        lease object (the parse cache hands back the same object for an
+        unchanged lease): with thousands of peers, rebuilding them all would
+        cost tens of milliseconds a pass."""
+        fresh: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
+        now: dict[str, dict[str, Any]] = {}
+        for is_direct, group in ((False, tunneled), (True, direct)):
+            for peer in group:
+                found = self._views.get(id(peer))
+                if found is None or found[0] is not peer or found[1] is not is_direct:
+                    found = (peer, is_direct, str(peer.subnet), peer_view(peer, direct=is_direct))
+                fresh[id(peer)] = found
+                now[found[2]] = found[3]
+        self._views = fresh
         if self.listeners:
             for subnet, view in now.items():
                 before = self.peers.get(subnet)
                 if before is None:
                     self.emit("peer_added", view)
-                elif before != view:
+                elif before is not view and before != view:
                     self.emit("peer_changed", {**view, "before": before})
             for subnet, view in self.peers.items():
                 if subnet not in now:
                     self.emit("peer_removed", view)
         self.peers = now
-        paths = Counter(view["path"] for view in now.values())
-        self.m_peers.labels("vxlan").set(paths["vxlan"])
-        self.m_peers.labels("direct").set(paths["direct"])
+        self.m_peers.labels("vxlan").set(len(tunneled))
+        self.m_peers.labels("direct").set(len(direct))
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -293,9 +307,10 @@ class Telemetry:
         }
 
     def peer_list(self) -> list[dict[str, Any]]:
-        return [self.peers[k] for k in sorted(self.peers, key=_subnet_sort_key)]
+        return [self.peers[k] for k in sorted(self.peers, key=subnet_order)]
 
 
-def _subnet_sort_key(subnet: str) -> tuple[int, ...]:
+def subnet_order(subnet: str) -> tuple[int, ...]:
+    """Sort key for subnets written as text: numerically, not as strings."""
     address, _, length = subnet.partition("/")
     return (*map(int, address.split(".")), int(length or 0))

@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -161,6 +162,42 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
     return delegates
 
 
+def call_plugin(
+    argv: Sequence[str], conf: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[bool, dict[str, Any] | None, str]:
+    """Run a CNI plugin as a runtime does: config on stdin, CNI_* in the
+    environment. Returns (succeeded, the parsed result or error, raw text)."""
+    proc = subprocess.run(
+        list(argv),
+        input=json.dumps(conf).encode(),
+        capture_output=True,
+        env=dict(env),
+        timeout=60,
+        check=False,
+    )
+    out = proc.stdout.decode().strip()
+    try:
+        parsed = json.loads(out) if out else None
+    except ValueError:
+        parsed = None
+    return proc.returncode == 0, parsed, out or proc.stderr.decode().strip()
+
+
+def runtime_env(
+    command: str, netns_name: str, cni_path: str, base: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables a runtime sets for a container whose network namespace
+    is the named one in /run/netns (and whose ID is that name)."""
+    return {
+        **base,
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": netns_name,
+        "CNI_NETNS": f"/run/netns/{netns_name}",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": cni_path,
+    }
+
+
 def run_delegate(
     inv: Invocation, command: str, ifname: str, conf: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -168,29 +205,16 @@ def run_delegate(
     env.update(
         CNI_COMMAND=command, CNI_IFNAME=ifname, CNI_PATH=":".join(inv.path or DEFAULT_PLUGIN_DIRS)
     )
-    proc = subprocess.run(
-        [find_plugin(str(conf["type"]), inv.path)],
-        input=json.dumps(conf).encode(),
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    out = proc.stdout.decode().strip()
-    if proc.returncode != 0:
-        try:
-            error = json.loads(out)
-            raise CniError(
-                int(error.get("code", ERR_PLUGIN)),
-                f"bridge plugin {command} for {ifname}: {error.get('msg')}",
-                str(error.get("details", "")),
-            )
-        except ValueError:
-            raise CniError(
-                ERR_PLUGIN, f"bridge plugin {command} for {ifname} failed", proc.stderr.decode()
-            ) from None
-    result: dict[str, Any] | None = json.loads(out) if out else None
-    return result
+    ok, parsed, raw = call_plugin([find_plugin(str(conf["type"]), inv.path)], conf, env)
+    if not ok:
+        if parsed is None:
+            raise CniError(ERR_PLUGIN, f"bridge plugin {command} for {ifname} failed", raw)
+        raise CniError(
+            int(parsed.get("code", ERR_PLUGIN)),
+            f"bridge plugin {command} for {ifname}: {parsed.get('msg')}",
+            str(parsed.get("details", "")),
+        )
+    return parsed
 
 
 def merge_results(version: str, results: list[dict[str, Any]]) -> dict[str, Any]:

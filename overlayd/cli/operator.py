@@ -22,6 +22,7 @@ from typing import Any
 
 import aiomqtt
 
+from overlayd.cli.cni import call_plugin, runtime_env
 from overlayd.config import (
     AGENT_SETTINGS,
     AgentConfig,
@@ -38,9 +39,16 @@ from overlayd.events import broker_address
 from overlayd.plan.cluster import cluster_plan
 from overlayd.plan.desired import device_spec
 from overlayd.plan.ipam import is_candidate
-from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnets_prefix
+from overlayd.plan.leases import (
+    config_key,
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+    subnets_prefix,
+)
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.subnetfile import read_subnet, read_variables
+from overlayd.telemetry import subnet_order
 
 DEFAULT_CONFIG_FILE = Path("/etc/overlayd/overlayd.toml")
 
@@ -183,12 +191,8 @@ async def lease_rows(endpoints: Sequence[str], prefix: str) -> list[dict[str, st
         except LeaseError as exc:
             row["status"] = f"invalid: {exc}"
         rows.append(row)
-    return sorted(rows, key=lambda r: _subnet_order(r["subnet"]) if r["subnet"] else (999,))
-
-
-def _subnet_order(subnet: str) -> tuple[int, ...]:
-    network = IPv4Network(subnet)
-    return (int(network.network_address), network.prefixlen)
+    # Invalid leases (no subnet) last.
+    return sorted(rows, key=lambda r: subnet_order(r["subnet"]) if r["subnet"] else (999,))
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
@@ -262,7 +266,7 @@ async def gather(s: AgentConfig) -> HostFacts:
         return facts
     facts.own_subnet = str(subnet)
     leases = {k: v for k, v in everything.items() if k.startswith(subnets_prefix(s.etcd_prefix))}
-    own_key = f"{subnets_prefix(s.etcd_prefix)}{subnet.network_address}-{subnet.prefixlen}"
+    own_key = subnet_key(s.etcd_prefix, subnet)
     netlink = Netlink()
     try:
         underlay = await netlink.find_underlay(s.iface, s.public_ip)
@@ -527,23 +531,16 @@ def _run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]
 def _overlay_cni(command: str, probe: str, s: AgentConfig) -> dict[str, Any] | None:
     """Attach or detach the probe exactly as a runtime would: overlay-cni."""
     plugin = shutil.which("overlay-cni") or str(Path(sys.executable).parent / "overlay-cni")
-    env = {
-        **os.environ,
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": probe,
-        "CNI_NETNS": f"/run/netns/{probe}",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": "/opt/cni/bin:/usr/lib/cni",
-    }
+    env = runtime_env(command, probe, "/opt/cni/bin:/usr/lib/cni", os.environ)
     conf = {
         **PROBE_CNI_CONFIG,
         "subnetFile": str(s.subnet_file),
         "dataDir": str(s.subnet_file.parent / "overlayd-probe-cni"),
     }
-    proc = _run([plugin], input=json.dumps(conf), env=env, timeout=60)
-    if proc.returncode != 0:
-        raise OverlaydError(f"overlay-cni {command} for the probe failed: {proc.stdout.strip()}")
-    return json.loads(proc.stdout) if proc.stdout.strip() else None
+    ok, result, raw = call_plugin([plugin], conf, env)
+    if not ok:
+        raise OverlaydError(f"overlay-cni {command} for the probe failed: {raw}")
+    return result
 
 
 def ping_from(ns: str, address: str, *, count: int = 3) -> float | None:

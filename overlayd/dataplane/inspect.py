@@ -5,20 +5,11 @@ nft) in the current network namespace. Nothing here changes anything."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from overlayd.dataplane.command import run
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceFacts:
-    name: str
-    kind: str
-    mtu: int
-    up: bool
-    master: str | None
+from overlayd.model import DeviceFacts
 
 
 async def device(name: str) -> DeviceFacts | None:

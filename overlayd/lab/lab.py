@@ -33,6 +33,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from overlayd.cli.cni import call_plugin, runtime_env
 from overlayd.config import parse_network_config, render_network_config
 from overlayd.lab import netns
 from overlayd.lab.etcd import Member, start_member, wait_healthy
@@ -508,26 +509,16 @@ class Lab:
         CNI error) on stdout."""
         plugin = Path(sys.executable).parent / "overlay-cni"
         argv = [str(plugin)] if plugin.exists() else [sys.executable, "-m", "overlayd.cli.cni"]
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": container_ns,
-            "CNI_NETNS": f"/run/netns/{container_ns}",
-            "CNI_IFNAME": "eth0",
-            "CNI_PATH": CNI_PLUGIN_DIR,
-        }
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.host_ns(host), *argv],
-            input=json.dumps(config or self.cni_config(host)).encode(),
-            capture_output=True,
-            env=env,
-            timeout=60,
-            check=False,
+        env = runtime_env(
+            command, container_ns, CNI_PLUGIN_DIR, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         )
-        out = proc.stdout.decode().strip()
-        if proc.returncode != 0:
-            raise LabCommandError(f"overlay-cni {command} {container_ns}: {out or proc.stderr!r}")
-        result: dict[str, Any] | None = json.loads(out) if out else None
+        ok, result, raw = call_plugin(
+            ["ip", "netns", "exec", self.host_ns(host), *argv],
+            config or self.cni_config(host),
+            env,
+        )
+        if not ok:
+            raise LabCommandError(f"overlay-cni {command} {container_ns}: {raw}")
         return result
 
     def add_container(self, host: int, index: int) -> Container:

@@ -40,17 +40,22 @@ def lab() -> Iterator[Lab]:
         lab.down()
 
 
-@pytest.fixture(scope="module")
-def events(lab: Lab) -> Iterator[Path]:
-    """`overlayctl events --json`, running from the start, into a file."""
-    path = lab.state_dir / "events.jsonl"
+def subscribe(lab: Lab, path: Path) -> subprocess.Popen[bytes]:
+    """`overlayctl events --json` in the broker's namespace, into a file."""
     with path.open("w") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             ["ip", "netns", "exec", lab.mqtt_ns, sys.executable, "-m", "overlayd.cli.ctl",
              "events", "--json", "--mqtt-url", lab.mqtt_url],
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def events(lab: Lab) -> Iterator[Path]:
+    """`overlayctl events --json`, running from the start, into a file."""
+    path = lab.state_dir / "events.jsonl"
+    proc = subscribe(lab, path)
     try:
         wait_until(lambda: path.read_text().count('"online": true') >= 2, 10)
         yield path
@@ -225,13 +230,7 @@ def test_the_broker_being_down_never_blocks_the_daemon(lab: Lab, events: Path) -
     # The broker comes back: the daemon reconnects by itself and says it is online.
     lab.start_mqtt()
     subscriber_log = lab.state_dir / "events-again.jsonl"
-    with subscriber_log.open("w") as out:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.mqtt_ns, sys.executable, "-m", "overlayd.cli.ctl",
-             "events", "--json", "--mqtt-url", lab.mqtt_url],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc = subscribe(lab, subscriber_log)
     try:
         wait_until(
             lambda: any(

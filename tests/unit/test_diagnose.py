@@ -5,9 +5,17 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from overlayd.dataplane.inspect import DeviceFacts
 from overlayd.diagnose import HostFacts, diagnose, firewall_blocks
-from overlayd.model import BridgeFdb, DeviceSpec, EntrySet, Lease, Neighbour, Route, TunnelFdb
+from overlayd.model import (
+    BridgeFdb,
+    DeviceFacts,
+    DeviceSpec,
+    EntrySet,
+    Lease,
+    Neighbour,
+    Route,
+    TunnelFdb,
+)
 from overlayd.plan.desired import desired_entries
 
 SPEC = DeviceSpec(
