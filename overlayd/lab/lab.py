@@ -67,11 +67,15 @@ def default_network_config(
     *,
     backend: str = "vxlan",
     direct_routing: bool = False,
+    subnet_max: IPv4Address | None = None,
 ) -> NetworkConfig:
     backend_json: dict[str, object] = {"Type": backend}
     if backend == "vxlan":
         backend_json.update(VNI=vni, Port=port, DirectRouting=direct_routing)
-    return parse_network_config(json.dumps({"Network": str(network), "Backend": backend_json}))
+    raw: dict[str, object] = {"Network": str(network), "Backend": backend_json}
+    if subnet_max is not None:
+        raw["SubnetMax"] = str(subnet_max)
+    return parse_network_config(json.dumps(raw))
 
 
 @dataclass(frozen=True, slots=True)

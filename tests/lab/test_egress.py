@@ -14,6 +14,7 @@ import pytest
 from overlayd.lab import netns
 from overlayd.lab.lab import Container, Lab, LabSettings
 from tests.conftest import SESSION_TAG, needs_root
+from tests.lab.fakes import lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -50,7 +51,9 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     lab.prepare_host = prepare_like_docker
     try:
         lab.up(
-            2, settings=LabSettings(egress=request.param, containers_per_host=2, resync_seconds=1.0)
+            2,
+            config=lab_network(),
+            settings=LabSettings(egress=request.param, containers_per_host=2, resync_seconds=1.0),
         )
         yield lab
     finally:

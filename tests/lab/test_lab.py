@@ -16,8 +16,9 @@ import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.flannel_style import add_flannel_style_host
-from overlayd.lab.lab import Lab, LabSettings, default_network_config
+from overlayd.lab.lab import Lab, LabSettings
 from tests.conftest import SESSION_TAG, capture, needs_root, wait_until
+from tests.lab.fakes import lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -29,9 +30,7 @@ PORT = 8472
 def lab() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}a")
     try:
-        lab.up(
-            3, config=default_network_config(vni=VNI, port=PORT), settings=LabSettings(lease_ttl=30)
-        )
+        lab.up(3, config=lab_network(vni=VNI, port=PORT), settings=LabSettings(lease_ttl=30))
         yield lab
     finally:
         lab.down()

@@ -23,6 +23,7 @@ from overlayd.lab.lab import Lab, LabSettings
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease, subnet_key
 from tests.conftest import SESSION_TAG, needs_root, wait_until
+from tests.lab.fakes import lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -34,7 +35,7 @@ ETCD = "http://192.0.2.2:2379"
 def lab() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}o")
     try:
-        lab.up(2, settings=LabSettings(mqtt=True, resync_seconds=2.0))
+        lab.up(2, config=lab_network(), settings=LabSettings(mqtt=True, resync_seconds=2.0))
         yield lab
     finally:
         lab.down()

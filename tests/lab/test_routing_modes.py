@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from overlayd.lab import netns
-from overlayd.lab.lab import PREFIX, Lab, LabSettings, default_network_config
+from overlayd.lab.lab import PREFIX, Lab, LabSettings
 from tests.conftest import SESSION_TAG, capture, needs_root, wait_until
+from tests.lab.fakes import lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -33,7 +34,7 @@ def put(lab: Lab, key: str, value: dict[str, object]) -> None:
 def host_gw() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}g")
     try:
-        lab.up(3, config=default_network_config(backend="host-gw"), settings=LabSettings())
+        lab.up(3, config=lab_network(backend="host-gw"), settings=LabSettings())
         yield lab
     finally:
         lab.down()
@@ -84,7 +85,7 @@ def test_host_gw_gives_an_off_link_peer_no_route_and_one_warning(host_gw: Lab) -
 def direct() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}d")
     try:
-        lab.up(2, config=default_network_config(direct_routing=True), settings=LabSettings())
+        lab.up(2, config=lab_network(direct_routing=True), settings=LabSettings())
         yield lab
     finally:
         lab.down()
