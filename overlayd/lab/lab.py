@@ -329,17 +329,7 @@ class Lab:
     def serve_whoami(self, ns: str) -> None:
         """Start the whoami service in a namespace and wait until it listens."""
         subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                sys.executable,
-                "-m",
-                "overlayd.lab.whoami",
-                "serve",
-                str(WHOAMI_PORT),
-            ],
+            netns.module_argv(ns, "overlayd.lab.whoami", "serve", str(WHOAMI_PORT)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -382,13 +372,8 @@ class Lab:
         settings = self.settings()
         log = self.daemon_log(host).open("ab")
         proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
+            netns.module_argv(
                 self.host_ns(host),
-                sys.executable,
-                "-m",
                 "overlayd.cli.daemon",
                 "--etcd-endpoints",
                 ",".join(m.client_url for m in self.etcd_members()),
@@ -410,7 +395,7 @@ class Lab:
                 str(self.control_socket(host)),
                 *(["--mqtt-url", self.mqtt_url] if settings.mqtt else []),
                 *extra_args,
-            ],
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -613,18 +598,10 @@ class Lab:
     def whoami(ns: str, address: IPv4Address, *, timeout: float = 2.0) -> str | None:
         """The source address `address`'s whoami service sees for a connection
         from `ns`; None if the connection fails."""
-        out = netns.in_ns(
-            ns,
-            sys.executable,
-            "-m",
-            "overlayd.lab.whoami",
-            "ask",
-            str(address),
-            str(WHOAMI_PORT),
-            f"{timeout:g}",
-            check=False,
-            timeout=timeout + 10,
-        ).strip()
+        argv = netns.module_argv(
+            ns, "overlayd.lab.whoami", "ask", str(address), str(WHOAMI_PORT), f"{timeout:g}"
+        )
+        out = netns.sh(argv, check=False, timeout=timeout + 10).strip()
         return out or None
 
     def check_egress(self) -> list[EgressResult]:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -33,6 +34,12 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
 
 def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
     return sh(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+
+
+def module_argv(ns: str, module: str, *args: str) -> list[str]:
+    """The command line that runs one of overlayd's modules in `ns`, with the
+    interpreter (and so the venv) the caller runs under."""
+    return ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args]
 
 
 def list_namespaces() -> list[str]:

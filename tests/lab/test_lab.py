@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from functools import partial
 from ipaddress import IPv4Address
@@ -54,13 +53,8 @@ def kernel_mentions(lab: Lab, host: int, needle: str) -> bool:
 def run_daemon_once(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
     """overlayd in h1's namespace with the lab's etcd and underlay, to the end."""
     return subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
+        netns.module_argv(
             lab.host_ns(1),
-            sys.executable,
-            "-m",
             "overlayd.cli.daemon",
             "--etcd-endpoints",
             "http://192.0.2.2:2379",
@@ -75,7 +69,7 @@ def run_daemon_once(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
             "--metrics-address",
             "off",
             *args,
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=30,

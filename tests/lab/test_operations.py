@@ -45,11 +45,12 @@ def subscribe(lab: Lab, path: Path) -> subprocess.Popen[bytes]:
     """`overlayctl events --json` in the broker's namespace, into a file."""
     with path.open("w") as out:
         return subprocess.Popen(
-            ["ip", "netns", "exec", lab.mqtt_ns, sys.executable, "-m", "overlayd.cli.ctl",
-             "events", "--json", "--mqtt-url", lab.mqtt_url],
+            netns.module_argv(
+                lab.mqtt_ns, "overlayd.cli.ctl", "events", "--json", "--mqtt-url", lab.mqtt_url
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +78,18 @@ def messages(path: Path) -> list[dict[str, Any]]:
 
 def ctl(lab: Lab, host: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["ip", "netns", "exec", lab.host_ns(host), sys.executable, "-m", "overlayd.cli.ctl",
-         *args, "--control-socket", str(lab.control_socket(host))],
+        netns.module_argv(
+            lab.host_ns(host),
+            "overlayd.cli.ctl",
+            *args,
+            "--control-socket",
+            str(lab.control_socket(host)),
+        ),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-    )  # fmt: skip
+    )
 
 
 def diagnose(lab: Lab, host: int) -> tuple[int, list[dict[str, Any]]]:

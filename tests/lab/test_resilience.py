@@ -293,13 +293,8 @@ def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
     subnet = str(lab.subnet(3))
     lab.stop_daemon(3)
     proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
+        netns.module_argv(
             ns,
-            sys.executable,
-            "-m",
             "overlayd.cli.daemon",
             "--teardown",
             "--etcd-endpoints",
@@ -308,7 +303,7 @@ def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
             "eth0",
             "--subnet-file",
             str(lab.subnet_file(3)),
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=30,
