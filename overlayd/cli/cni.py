@@ -35,7 +35,7 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
-from overlayd.subnetfile import read_variables
+from overlayd.surfaces.subnetfile import read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"

@@ -37,7 +37,7 @@ from overlayd.plan.leases import (
     subnet_key,
 )
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
-from overlayd.subnetfile import read_subnet
+from overlayd.surfaces.subnetfile import read_subnet
 
 
 async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:

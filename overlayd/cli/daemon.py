@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from overlayd import __version__
-from overlayd.agent import Agent
 from overlayd.config import (
     AGENT_SETTINGS,
     DEFAULT_BRIDGE,
@@ -32,8 +31,9 @@ from overlayd.config import (
     build_agent_config,
     read_toml,
 )
+from overlayd.daemon.agent import Agent
 from overlayd.errors import OverlaydError
-from overlayd.logs import setup_logging
+from overlayd.surfaces.logs import setup_logging
 
 log = logging.getLogger("overlayd")
 

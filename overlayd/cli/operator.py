@@ -30,14 +30,12 @@ from overlayd.config import (
     parse_network_config,
     read_toml,
 )
-from overlayd.control import DaemonUnreachable, ask
 from overlayd.dataplane import entries, inspect
 from overlayd.dataplane.netlink import Netlink
-from overlayd.diagnose import Finding, HostFacts, diagnose
 from overlayd.errors import ConfigError, LeaseError, OverlaydError
-from overlayd.events import broker_address
 from overlayd.plan.cluster import cluster_plan
 from overlayd.plan.desired import device_spec
+from overlayd.plan.diagnose import Finding, HostFacts, diagnose
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import (
     config_key,
@@ -47,8 +45,10 @@ from overlayd.plan.leases import (
     subnets_prefix,
 )
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
-from overlayd.subnetfile import read_subnet, read_variables
-from overlayd.telemetry import subnet_order
+from overlayd.surfaces.control import DaemonUnreachable, ask
+from overlayd.surfaces.mqtt import broker_address
+from overlayd.surfaces.subnetfile import read_subnet, read_variables
+from overlayd.surfaces.telemetry import subnet_order
 
 DEFAULT_CONFIG_FILE = Path("/etc/overlayd/overlayd.toml")
 

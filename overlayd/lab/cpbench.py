@@ -29,9 +29,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from overlayd.config import parse_network_config
+from overlayd.daemon.leasing import SubnetLeaser
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
-from overlayd.leasing import SubnetLeaser
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease, subnet_key
 from overlayd.store.etcd import EtcdStore

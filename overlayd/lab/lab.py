@@ -41,7 +41,7 @@ from overlayd.lab.netns import LabCommandError
 from overlayd.model import NetworkConfig
 from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
 from overlayd.store.etcd import EtcdStore
-from overlayd.subnetfile import read_subnet, read_variables
+from overlayd.surfaces.subnetfile import read_subnet, read_variables
 
 STATE_ROOT = Path("/run/overlayd-lab")
 PREFIX = "/coreos.com/network"

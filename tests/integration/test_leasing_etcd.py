@@ -10,8 +10,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from overlayd.config import parse_network_config
+from overlayd.daemon.leasing import SubnetLeaser
 from overlayd.errors import SubnetsExhaustedError
-from overlayd.leasing import SubnetLeaser
 from overlayd.plan.leases import parse_lease, parse_subnet_key, subnet_key, subnets_prefix
 from overlayd.store.etcd import EtcdStore
 

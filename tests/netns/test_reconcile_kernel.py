@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from overlayd.config import parse_network_config
+from overlayd.daemon.loop import Knowledge, Reconciler
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.model import Lease
 from overlayd.plan.desired import device_spec, stable_mac
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.leases import render_lease, subnet_key
-from overlayd.reconcile import Knowledge, Reconciler
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.root]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
-from overlayd.diagnose import HostFacts, diagnose, firewall_blocks
 from overlayd.model import (
     BridgeFdb,
     DeviceFacts,
@@ -17,6 +16,7 @@ from overlayd.model import (
     TunnelFdb,
 )
 from overlayd.plan.desired import desired_entries
+from overlayd.plan.diagnose import HostFacts, diagnose, firewall_blocks
 
 SPEC = DeviceSpec(
     bridge="ovl0",

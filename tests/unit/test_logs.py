@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from overlayd.logs import parse_fields, setup_logging
+from overlayd.surfaces.logs import parse_fields, setup_logging
 
 
 def test_fields_are_split_and_quoted_values_unquoted() -> None:

@@ -14,11 +14,11 @@ import pytest
 from overlayd.cli import ctl
 from overlayd.cli.operator import docker_options
 from overlayd.config import build_agent_config
-from overlayd.control import DaemonUnreachable, ask, serve_control
 from overlayd.errors import ConfigError, OverlaydError
-from overlayd.httpd import MetricsServer
-from overlayd.notify import watchdog_interval
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.control import DaemonUnreachable, ask, serve_control
+from overlayd.surfaces.httpd import MetricsServer
+from overlayd.surfaces.notify import watchdog_interval
+from overlayd.surfaces.telemetry import Telemetry
 
 
 async def test_control_socket_answers_and_is_root_only(tmp_path: Path) -> None:

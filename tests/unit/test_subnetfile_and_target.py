@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from overlayd.store.etcd import grpc_target
-from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
+from overlayd.surfaces.subnetfile import SubnetFile, read_subnet, write_atomically
 
 
 def test_subnet_file_has_flannels_four_variables(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from overlayd.model import Change, Lease, Op, Route
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.telemetry import Telemetry
 
 
 def lease(n: int, ip: str = "192.0.2.20", mac: str = "02:00:00:00:00:01") -> Lease:

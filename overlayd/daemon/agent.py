@@ -22,24 +22,25 @@ from functools import partial
 from ipaddress import IPv4Network
 from typing import TypeVar
 
+from overlayd.backoff import sleep_backoff
 from overlayd.config import AgentConfig, parse_network_config
-from overlayd.control import serve_control
+from overlayd.daemon.leasing import HeldLease, SubnetLeaser
+from overlayd.daemon.loop import Knowledge, Reconciler
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.netlink import Underlay
 from overlayd.errors import ConfigError, LeaseError
-from overlayd.events import MqttPublisher
-from overlayd.httpd import MetricsServer
-from overlayd.leasing import HeldLease, SubnetLeaser, sleep_backoff
 from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig
-from overlayd.notify import Notifier
 from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnet_key
-from overlayd.reconcile import Knowledge, Reconciler
 from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
-from overlayd.subnetfile import SubnetFile, read_subnet, write_atomically
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.control import serve_control
+from overlayd.surfaces.httpd import MetricsServer
+from overlayd.surfaces.mqtt import MqttPublisher
+from overlayd.surfaces.notify import Notifier
+from overlayd.surfaces.subnetfile import SubnetFile, read_subnet, write_atomically
+from overlayd.surfaces.telemetry import Telemetry
 
 T = TypeVar("T")
 TEARDOWN_ETCD_SECONDS = 10.0

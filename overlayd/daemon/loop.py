@@ -40,7 +40,7 @@ from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff, expected
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.leases import ParseCache
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

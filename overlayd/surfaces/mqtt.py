@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from overlayd.leasing import sleep_backoff
-from overlayd.telemetry import Telemetry
+from overlayd.backoff import sleep_backoff
+from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 
 from overlayd.errors import ConfigError
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 
 import sdnotify
 
-from overlayd.telemetry import Telemetry
+from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

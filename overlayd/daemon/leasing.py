@@ -9,7 +9,6 @@ length and alignment, so they never partly overlap either.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -145,8 +144,3 @@ class SubnetLeaser:
     @property
     def renew_interval(self) -> float:
         return max(1.0, self._ttl / 3)
-
-
-async def sleep_backoff(attempt: int, *, base: float = 0.2, cap: float = 5.0) -> None:
-    """Exponential backoff with full jitter, so that hosts do not retry in step."""
-    await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
