@@ -170,7 +170,12 @@ DEFAULT_SUBNET_FILE = Path("/run/flannel/subnet.env")
 DEFAULT_BRIDGE = "ovl0"
 DEFAULT_LEASE_TTL = 300
 MIN_LEASE_TTL = 5
+DEFAULT_OVERLAYD_PREFIX = "/overlayd"
 DEFAULT_RESYNC_SECONDS = 60.0
+# Re-reading every entry costs time in proportion to the peers (about half
+# a second of CPU at 5,000), and netlink events already tell us of every
+# change, so a re-read with no reason to doubt happens only this often.
+DEFAULT_FULL_RESYNC_SECONDS = 900.0
 ENV_PREFIX = "OVERLAYD_"
 IFNAMSIZ = 15
 EGRESS_MODES = ("gwbridge", "masquerade", "none")
@@ -188,12 +193,14 @@ class AgentConfig:
 
     etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
     etcd_prefix: str = DEFAULT_PREFIX
+    overlayd_prefix: str = DEFAULT_OVERLAYD_PREFIX
     iface: str | None = None
     public_ip: IPv4Address | None = None
     subnet_file: Path = DEFAULT_SUBNET_FILE
     bridge: str = DEFAULT_BRIDGE
     lease_ttl: int = DEFAULT_LEASE_TTL
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    full_resync_seconds: float = DEFAULT_FULL_RESYNC_SECONDS
     log_level: str = "info"
     egress: str = DEFAULT_EGRESS
     gwbridge: str = DEFAULT_GWBRIDGE
@@ -209,12 +216,14 @@ class AgentConfig:
 AGENT_SETTINGS = (
     "etcd-endpoints",
     "etcd-prefix",
+    "overlayd-prefix",
     "iface",
     "public-ip",
     "subnet-file",
     "bridge",
     "lease-ttl",
     "resync-seconds",
+    "full-resync-seconds",
     "log-level",
     "egress",
     "gwbridge",
@@ -336,6 +345,17 @@ def _positive_number(value: Any, field: str, kind: type[int] | type[float]) -> A
     return number
 
 
+def _prefix(value: Any, field: str) -> str:
+    text = str(value)
+    if not text.startswith("/") or (text.endswith("/") and text != "/"):
+        raise ConfigError(field, f"{text!r} must start with / and not end with /")
+    return text
+
+
+def _nested(a: str, b: str) -> bool:
+    return (a + "/").startswith(b + "/") or (b + "/").startswith(a + "/")
+
+
 def _lease_ttl(value: Any) -> int:
     ttl: int = _positive_number(value, "lease-ttl", int)
     # Renewal runs every third of the TTL; below a few seconds one slow etcd
@@ -368,9 +388,14 @@ def build_agent_config(
         if parsed_ip.is_loopback or parsed_ip.is_multicast or parsed_ip.is_unspecified:
             raise ConfigError("public-ip", f"{parsed_ip} cannot carry tunnel traffic")
 
-    prefix = str(merged.get("etcd-prefix", defaults.etcd_prefix))
-    if not prefix.startswith("/") or (prefix.endswith("/") and prefix != "/"):
-        raise ConfigError("etcd-prefix", f"{prefix!r} must start with / and not end with /")
+    prefix = _prefix(merged.get("etcd-prefix", defaults.etcd_prefix), "etcd-prefix")
+    own_prefix = _prefix(merged.get("overlayd-prefix", defaults.overlayd_prefix), "overlayd-prefix")
+    # flannel hosts must never see overlayd's keys, and overlayd must never
+    # read its own keys as flannel's (a key under both would be both).
+    if _nested(prefix, own_prefix):
+        raise ConfigError(
+            "overlayd-prefix", f"{own_prefix!r} and etcd-prefix {prefix!r} must not nest"
+        )
 
     log_level = str(merged.get("log-level", defaults.log_level)).lower()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -397,6 +422,7 @@ def build_agent_config(
     return AgentConfig(
         etcd_endpoints=_endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints))),
         etcd_prefix=prefix,
+        overlayd_prefix=own_prefix,
         iface=None if iface is None else str(iface),
         public_ip=parsed_ip,
         subnet_file=Path(str(merged.get("subnet-file", defaults.subnet_file))),
@@ -404,6 +430,11 @@ def build_agent_config(
         lease_ttl=_lease_ttl(merged.get("lease-ttl", defaults.lease_ttl)),
         resync_seconds=_positive_number(
             merged.get("resync-seconds", defaults.resync_seconds), "resync-seconds", float
+        ),
+        full_resync_seconds=_positive_number(
+            merged.get("full-resync-seconds", defaults.full_resync_seconds),
+            "full-resync-seconds",
+            float,
         ),
         log_level=log_level,
         egress=egress,

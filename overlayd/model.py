@@ -8,9 +8,10 @@ validating `parse_*` functions live in `config.py` and `plan/leases.py`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
 
 DEFAULT_VNI = 1
 # Linux's historical VXLAN port, which flannel uses by default on Linux.
@@ -73,6 +74,16 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Underlay:
+    """The interface tunnel traffic leaves by, as found at start."""
+
+    name: str
+    ifindex: int
+    mtu: int
+    address: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceFacts:
     """How a network device looks now (what `overlayctl diagnose` checks)."""
 
@@ -131,6 +142,70 @@ def route_key(dst: IPv4Network) -> RouteKey:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryKind:
+    """What every part of overlayd needs to know about one kind of entry, so
+    that none of them switches on the entry's type: the name (log and metric
+    label), its key as the kernel keys it, and its words in a log line.
+
+    `layer` orders changes: an entry may depend on entries of lower layers
+    (a route on its neighbour and FDB entries), so additions go up the layers
+    and deletions come down, with the top layer's deletions first, so that
+    nothing ever points at something missing."""
+
+    name: str
+    type: type[Entry]
+    key: Callable[[Any], Hashable]
+    describe: Callable[[Any], str]
+    layer: int
+
+
+def _describe_route(entry: Route) -> str:
+    how = " direct=yes" if entry.direct else ""
+    return f"kind=route dst={entry.dst} via={entry.gateway}{how}"
+
+
+KINDS: tuple[EntryKind, ...] = (
+    EntryKind(
+        "fdb_tunnel",
+        TunnelFdb,
+        lambda e: e.mac,
+        lambda e: f"kind=fdb_tunnel mac={e.mac} remote={e.remote}",
+        layer=0,
+    ),
+    EntryKind(
+        "fdb_bridge", BridgeFdb, lambda e: e.mac, lambda e: f"kind=fdb_bridge mac={e.mac}", 1
+    ),
+    EntryKind(
+        "neigh",
+        Neighbour,
+        lambda e: int(e.ip),
+        lambda e: f"kind=neigh ip={e.ip} mac={e.mac}",
+        layer=2,
+    ),
+    EntryKind("route", Route, lambda e: route_key(e.dst), _describe_route, layer=3),
+)
+KIND_OF: Mapping[type, EntryKind] = {kind.type: kind for kind in KINDS}
+KIND_NAMED: Mapping[str, EntryKind] = {kind.name: kind for kind in KINDS}
+
+
+def kind_of(entry: Entry) -> EntryKind:
+    return KIND_OF[type(entry)]
+
+
+def describe(entry: Entry) -> str:
+    return KIND_OF[type(entry)].describe(entry)
+
+
+# The attribute of EntrySet that holds each kind.
+_FIELD = {
+    "route": "routes",
+    "neigh": "neighbours",
+    "fdb_tunnel": "tunnel_fdb",
+    "fdb_bridge": "bridge_fdb",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class EntrySet:
     """The per-peer kernel entries, keyed the way the kernel keys them."""
 
@@ -141,20 +216,24 @@ class EntrySet:
 
     @classmethod
     def of(cls, entries: Iterable[Entry]) -> EntrySet:
-        routes: dict[RouteKey, Route] = {}
-        neighbours: dict[int, Neighbour] = {}
-        tunnel: dict[str, TunnelFdb] = {}
-        bridge: dict[str, BridgeFdb] = {}
+        tables: dict[str, dict[Hashable, Entry]] = {kind.name: {} for kind in KINDS}
         for entry in entries:
-            if isinstance(entry, Route):
-                routes[route_key(entry.dst)] = entry
-            elif isinstance(entry, Neighbour):
-                neighbours[int(entry.ip)] = entry
-            elif isinstance(entry, TunnelFdb):
-                tunnel[entry.mac] = entry
-            else:
-                bridge[entry.mac] = entry
-        return cls(routes, neighbours, tunnel, bridge)
+            kind = KIND_OF[type(entry)]
+            tables[kind.name][kind.key(entry)] = entry
+        return cls.from_tables(tables)
+
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, Mapping[Any, Any]]) -> EntrySet:
+        return cls(**{_FIELD[name]: table for name, table in tables.items()})
+
+    def table(self, kind: EntryKind) -> Mapping[Any, Entry]:
+        table: Mapping[Any, Entry] = getattr(self, _FIELD[kind.name])
+        return table
+
+    def get(self, entry: Entry) -> Entry | None:
+        """Our entry with the same key as `entry`, if any."""
+        kind = KIND_OF[type(entry)]
+        return self.table(kind).get(kind.key(entry))
 
     def __len__(self) -> int:
         return len(self.routes) + len(self.neighbours) + len(self.tunnel_fdb) + len(self.bridge_fdb)

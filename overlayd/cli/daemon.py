@@ -18,10 +18,12 @@ from overlayd.config import (
     DEFAULT_BRIDGE,
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_EGRESS,
+    DEFAULT_FULL_RESYNC_SECONDS,
     DEFAULT_GWBRIDGE,
     DEFAULT_LEASE_TTL,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_MQTT_TOPIC,
+    DEFAULT_OVERLAYD_PREFIX,
     DEFAULT_PREFIX,
     DEFAULT_RESYNC_SECONDS,
     DEFAULT_SUBNET_FILE,
@@ -51,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--etcd-prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
     p.add_argument(
+        "--overlayd-prefix",
+        help=f"etcd key prefix of overlayd's own keys (default {DEFAULT_OVERLAYD_PREFIX})",
+    )
+    p.add_argument(
         "--iface",
         help="underlay interface, by name or address (default: the default route's interface)",
     )
@@ -69,7 +75,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resync-seconds",
         type=float,
-        help=f"period of the full kernel re-check (default {DEFAULT_RESYNC_SECONDS:g})",
+        help="period of the check of devices, sysctls and rules"
+        f" (default {DEFAULT_RESYNC_SECONDS:g})",
+    )
+    p.add_argument(
+        "--full-resync-seconds",
+        type=float,
+        help="period of the re-read of every kernel entry when nothing cast doubt on them"
+        f" (default {DEFAULT_FULL_RESYNC_SECONDS:g})",
     )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     p.add_argument(

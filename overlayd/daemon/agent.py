@@ -1,13 +1,17 @@
-"""The composition root: builds the adapters and runs the agent's tasks.
+"""The composition root: builds the adapters, the mirror, the managers and
+the surfaces, wires them together and runs them in one TaskGroup.
 
 The control socket and the metrics endpoint open first, so that a start
 that waits for etcd can be seen waiting. Start-up is then sequential
-(underlay, network config, egress plan, lease, first reconcile, subnet
-file, READY to systemd); after that a TaskGroup runs the lease keep-alive,
-the etcd watch, the netlink drift monitor, the resync timer, the reconcile
-loop, the heartbeat and watchdog, and the MQTT publisher if one is
-configured, until the process is told to stop. Stopping leaves the data
+(underlay, etcd listed, network config, egress plan, lease, first pass,
+subnet file, READY to systemd); after that the TaskGroup runs the mirror's
+watch, the lease keeper, the netlink drift monitor, the resync timer, the
+reconcile loop, the heartbeat and watchdog, and the MQTT publisher if one
+is configured, until the process is told to stop. Stopping leaves the data
 plane in place, so a restart is hitless; `teardown` removes it on purpose.
+
+Nothing here decides anything: policy is in plan/, state in HostState and
+LeaseKeeper, the watch in the mirror, the kernel in the managers.
 """
 
 from __future__ import annotations
@@ -16,25 +20,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from functools import partial
 from ipaddress import IPv4Network
-from typing import TypeVar
 
-from overlayd.backoff import sleep_backoff
 from overlayd.config import AgentConfig, parse_network_config
-from overlayd.daemon.leasing import HeldLease, SubnetLeaser
-from overlayd.daemon.loop import Knowledge, Reconciler
+from overlayd.daemon.host import HostState
+from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
+from overlayd.daemon.loop import Reconciler, standard_managers
 from overlayd.dataplane import Dataplane
-from overlayd.dataplane.netlink import Underlay
-from overlayd.errors import ConfigError, LeaseError
-from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig
-from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
+from overlayd.errors import LeaseError
+from overlayd.model import NetworkConfig, Underlay
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
-from overlayd.plan.ipam import is_candidate
-from overlayd.plan.leases import config_key, parse_lease, parse_subnet_key, subnet_key
-from overlayd.store.etcd import EtcdStore, StoreUnavailable, WatchCompacted
+from overlayd.plan.host import Host, check_mtu, describe_mode, host_plan
+from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
+from overlayd.store.base import StoreUnavailable, retry_unavailable
+from overlayd.store.etcd import EtcdStore
+from overlayd.store.mirror import Mirror
 from overlayd.surfaces.control import serve_control
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
@@ -42,29 +43,9 @@ from overlayd.surfaces.notify import Notifier
 from overlayd.surfaces.subnetfile import SubnetFile, read_subnet, write_atomically
 from overlayd.surfaces.telemetry import Telemetry
 
-T = TypeVar("T")
 TEARDOWN_ETCD_SECONDS = 10.0
 
 log = logging.getLogger("overlayd")
-
-
-async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Call until etcd answers, backing off with jitter between attempts."""
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except StoreUnavailable as exc:
-            if attempt % 10 == 0:
-                log.warning("event=etcd_unavailable during=%s error=%r", what, str(exc)[:200])
-            await sleep_backoff(attempt)
-            attempt += 1
-
-
-def describe_mode(config: NetworkConfig) -> str:
-    if config.backend.type == "vxlan" and config.backend.direct_routing:
-        return "vxlan+direct-routing"
-    return config.backend.type
 
 
 def public_settings(s: AgentConfig) -> dict[str, object]:
@@ -72,26 +53,18 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
     return {
         "etcd_endpoints": list(s.etcd_endpoints),
         "etcd_prefix": s.etcd_prefix,
+        "overlayd_prefix": s.overlayd_prefix,
         "iface": s.iface,
         "public_ip": str(s.public_ip) if s.public_ip else None,
         "subnet_file": str(s.subnet_file),
         "bridge": s.bridge,
         "lease_ttl": s.lease_ttl,
         "resync_seconds": s.resync_seconds,
+        "full_resync_seconds": s.full_resync_seconds,
         "egress": s.egress,
         "metrics_address": "{}:{}".format(*s.metrics_address) if s.metrics_address else None,
         "mqtt_url": s.mqtt_url,
     }
-
-
-def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
-    mtu = overlay_mtu(config, underlay.mtu)
-    if mtu > max_overlay_mtu(config, underlay.mtu):
-        overhead = f" minus {VXLAN_OVERHEAD}" if config.backend.type == "vxlan" else ""
-        raise ConfigError(
-            "Backend.MTU", f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu}{overhead}"
-        )
-    return mtu
 
 
 class Agent:
@@ -104,64 +77,17 @@ class Agent:
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
-        self._revision = 0
-        self._prefix = settings.etcd_prefix.rstrip("/") + "/"
         self._config_key = config_key(settings.etcd_prefix)
-        self._rejected_config: bytes | None = None
-        self._lease_doubt = asyncio.Event()  # our key vanished or no longer fits
+        self._subnets = subnets_prefix(settings.etcd_prefix)
+        self.mirror = Mirror(
+            self.store,
+            [settings.etcd_prefix, settings.overlayd_prefix],
+            on_reconnect=self.telemetry.etcd_reconnected,
+        )
 
     async def close(self) -> None:
         await self.store.close()
         await self.dataplane.close()
-
-    async def _list(self) -> tuple[dict[str, bytes], int]:
-        """Config and leases in one read, so that both come from one revision."""
-        return await retry_unavailable("list", lambda: self.store.get_prefix(self._prefix))
-
-    async def _network_config(self) -> NetworkConfig:
-        waited = False
-        while True:
-            value, _ = await retry_unavailable(
-                "read config", partial(self.store.get, self._config_key)
-            )
-            if value is not None:
-                # An invalid config is fatal at start: ConfigError names the field.
-                return parse_network_config(value)
-            if not waited:
-                log.warning("event=waiting_for_config key=%s", self._config_key)
-                waited = True
-            await asyncio.sleep(1.0)
-
-    async def _egress(self, config: NetworkConfig) -> EgressSpec:
-        s = self.settings
-        subnet = None
-        if s.egress == "gwbridge":
-            routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
-            subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
-        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
-        return EgressSpec(
-            mode=s.egress,
-            cluster=config.network,
-            overlay_bridge=s.bridge,
-            gwbridge=s.gwbridge,
-            gwbridge_subnet=subnet,
-        )
-
-    def _write_subnet_file(self, k: Knowledge) -> None:
-        write_atomically(
-            self.settings.subnet_file,
-            SubnetFile(
-                network=k.config.network,
-                subnet=k.own.subnet,
-                mtu=k.spec.mtu,
-                ipmasq=k.egress.mode == "masquerade",
-                egress=k.egress.mode,
-                gwbridge=k.egress.gwbridge if k.egress.mode == "gwbridge" else None,
-                gwbridge_gateway=k.egress.gwbridge_gateway,
-                bridge=k.spec.bridge,
-            ).render(),
-        )
-        self.telemetry.subnet_file_written = True
 
     async def run(self) -> None:
         s = self.settings
@@ -179,14 +105,60 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._heartbeat(), name="heartbeat")
                 group.create_task(self.notifier.feed_watchdog(self.telemetry), name="watchdog")
-                await self._run(group)
+                await self._start(group)
 
     async def _heartbeat(self) -> None:
         while True:
             self.telemetry.beat()
             await asyncio.sleep(1.0)
 
-    async def _run(self, group: asyncio.TaskGroup) -> None:
+    async def _network_config(self) -> NetworkConfig:
+        """The config from the mirror, waiting for it to be written if need be."""
+        arrived = asyncio.Event()
+        self.mirror.subscribe(self._config_key, lambda key, value: arrived.set())
+        value = self.mirror.get(self._config_key)
+        if value is None:
+            log.warning("event=waiting_for_config key=%s", self._config_key)
+        while value is None:
+            await arrived.wait()
+            arrived.clear()
+            value = self.mirror.get(self._config_key)
+        # An invalid config is fatal at start: ConfigError names the field.
+        return parse_network_config(value)
+
+    async def _egress(self, config: NetworkConfig) -> EgressSpec:
+        s = self.settings
+        subnet = None
+        if s.egress == "gwbridge":
+            routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
+            subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
+        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
+        return EgressSpec(
+            mode=s.egress,
+            cluster=config.network,
+            overlay_bridge=s.bridge,
+            gwbridge=s.gwbridge,
+            gwbridge_subnet=subnet,
+        )
+
+    def _write_subnet_file(self, host: Host) -> None:
+        egress = host.egress
+        write_atomically(
+            self.settings.subnet_file,
+            SubnetFile(
+                network=host.config.network,
+                subnet=host.own.subnet,
+                mtu=host.spec.mtu,
+                ipmasq=egress.mode == "masquerade",
+                egress=egress.mode,
+                gwbridge=egress.gwbridge if egress.mode == "gwbridge" else None,
+                gwbridge_gateway=egress.gwbridge_gateway,
+                bridge=host.spec.bridge,
+            ).render(),
+        )
+        self.telemetry.subnet_file_written = True
+
+    async def _start(self, group: asyncio.TaskGroup) -> None:
         s = self.settings
         underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
         log.info(
@@ -201,6 +173,8 @@ class Agent:
             )
             group.create_task(self.publisher.run(), name="mqtt")
         self.notifier.status("waiting for the network config in etcd")
+        await self.mirror.load()
+        group.create_task(self.mirror.run(), name="etcd-mirror")
         config = await self._network_config()
         check_mtu(config, underlay)
         self.telemetry.mode = describe_mode(config)
@@ -215,22 +189,27 @@ class Agent:
             "acquire lease", partial(leaser.acquire, config, hints=hints)
         )
         self.telemetry.lease_acquired(held.lease, held.key, s.lease_ttl)
-        knowledge = Knowledge(
-            config=config,
-            own=held.lease,
-            spec=self._spec(config, held.lease, underlay),
-            egress=egress,
+        host = HostState(
+            host_plan(config, held.lease, underlay, bridge=s.bridge, egress=egress),
+            underlay=underlay,
+            bridge=s.bridge,
             etcd_prefix=s.etcd_prefix,
+            config_key=self._config_key,
+            leases=self.mirror.collection(self._subnets),
         )
-        everything, self._revision = await self._list()
-        knowledge.raw_leases = self._leases_of(everything)
-        self.reconciler = Reconciler(knowledge, self.dataplane, self.telemetry)
+        reconciler = self.reconciler = Reconciler(
+            host,
+            self.dataplane,
+            self.telemetry,
+            managers=standard_managers(self.dataplane, self.telemetry),
+        )
+        keeper = self._wire(host, reconciler, leaser, held)
         self.notifier.status(f"programming {held.lease.subnet}")
-        first = await self.reconciler.reconcile_once()
+        first = await reconciler.reconcile_once()
         while not first.ok:
             await asyncio.sleep(1.0)
-            first = await self.reconciler.reconcile_once()
-        self._write_subnet_file(knowledge)
+            first = await reconciler.reconcile_once()
+        self._write_subnet_file(host.host)
         log.info(
             "event=ready subnet=%s vtep_mac=%s peers=%d subnet_file=%s",
             held.lease.subnet,
@@ -240,166 +219,62 @@ class Agent:
         )
         self.ready.set()
         self.notifier.ready(f"subnet {held.lease.subnet}, {first.peers} peers")
-        reconciler = self.reconciler
-        group.create_task(self._keep_alive(leaser, held, knowledge, underlay), name="keep-alive")
-        group.create_task(self._watch(knowledge, held, underlay), name="watch")
+        group.create_task(keeper.run(), name="keep-alive")
         group.create_task(
-            self.dataplane.monitor.run(
-                partial(self._owned_names, knowledge), reconciler.note_drift
-            ),
+            self.dataplane.monitor.run(partial(self._owned_names, host), reconciler.note_drift),
             name="netlink-monitor",
         )
-        group.create_task(reconciler.resync_every(s.resync_seconds), name="resync")
+        group.create_task(
+            reconciler.resync_every(s.resync_seconds, s.full_resync_seconds), name="resync"
+        )
         group.create_task(reconciler.run(), name="reconcile")
 
+    def _wire(
+        self, host: HostState, reconciler: Reconciler, leaser: SubnetLeaser, held: HeldLease
+    ) -> LeaseKeeper:
+        """Who tells whom: etcd changes go to the host state, the lease keeper
+        and the loop; host changes to the subnet file and the loop."""
+
+        def new_lease(held: HeldLease) -> None:
+            host.lease_changed(held.lease)
+            reconciler.mark_dirty(full=True)
+
+        keeper = LeaseKeeper(
+            leaser,
+            held,
+            config=lambda: host.config,
+            on_new_lease=new_lease,
+            telemetry=self.telemetry,
+            ttl=self.settings.lease_ttl,
+        )
+
+        def config_event(key: str, value: bytes | None) -> None:
+            if key == self._config_key:
+                host.config_changed(key, value)
+                reconciler.mark_dirty(full=True)
+
+        def lease_event(key: str, value: bytes | None) -> None:
+            keeper.own_key_changed(key, value)
+            reconciler.mark_dirty(event_at=time.monotonic())
+
+        host.on_change.append(self._write_subnet_file)
+        host.on_lease_doubt.append(keeper.doubt)
+        self.mirror.subscribe(self._config_key, config_event)
+        self.mirror.subscribe(self._subnets, lease_event)
+        self.mirror.on_relist.append(partial(reconciler.mark_dirty, full=True))
+        return keeper
+
     @staticmethod
-    def _owned_names(k: Knowledge) -> dict[str, str]:
+    def _owned_names(host: HostState) -> dict[str, str]:
         """Device name -> role, for the drift monitor. The underlay is watched
         too: its addresses decide which peers are on our link."""
-        names = {k.spec.bridge: "bridge", k.spec.underlay: "underlay"}
-        if k.spec.vtep:
-            names[k.spec.vtep] = "vtep"
-        if k.egress.mode == "gwbridge":
-            names[k.egress.gwbridge] = "gwbridge"
+        spec, egress = host.spec, host.egress
+        names = {spec.bridge: "bridge", spec.underlay: "underlay"}
+        if spec.vtep:
+            names[spec.vtep] = "vtep"
+        if egress.mode == "gwbridge":
+            names[egress.gwbridge] = "gwbridge"
         return names
-
-    def _leases_of(self, everything: dict[str, bytes]) -> dict[str, bytes]:
-        subnets = self._prefix + "subnets/"
-        return {k: v for k, v in everything.items() if k.startswith(subnets)}
-
-    def _spec(self, config: NetworkConfig, own: Lease, underlay: Underlay) -> DeviceSpec:
-        return device_spec(
-            config=config,
-            own=own,
-            bridge=self.settings.bridge,
-            underlay_ifindex=underlay.ifindex,
-            underlay_mtu=underlay.mtu,
-            underlay=underlay.name,
-        )
-
-    def _rebuild(self, k: Knowledge, underlay: Underlay) -> None:
-        k.spec = self._spec(k.config, k.own, underlay)
-        k.egress = replace(k.egress, cluster=k.config.network)
-        self._write_subnet_file(k)
-
-    async def _keep_alive(
-        self, leaser: SubnetLeaser, held: HeldLease, knowledge: Knowledge, underlay: Underlay
-    ) -> None:
-        assert self.reconciler is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(leaser.renew_interval):
-                    await self._lease_doubt.wait()
-            if not self._lease_doubt.is_set():
-                if await retry_unavailable("renew lease", partial(leaser.renew, held)):
-                    self.telemetry.lease_renewed(self.settings.lease_ttl)
-                    continue
-                log.warning("event=lease_expired key=%s", held.key)
-                self.telemetry.lease_lost("expired")
-            self._lease_doubt.clear()
-            # Expired (etcd out of reach for longer than the TTL), deleted by
-            # someone, or no longer fitting the config: lease again, preferring
-            # the subnet we had, so that peers see no change if it is free.
-            held = await retry_unavailable(
-                "re-acquire lease",
-                partial(leaser.acquire, knowledge.config, hints=(held.lease.subnet,)),
-            )
-            if held.lease != knowledge.own:
-                log.warning(
-                    "event=lease_changed subnet=%s vtep_mac=%s",
-                    held.lease.subnet,
-                    held.lease.vtep_mac,
-                )
-                knowledge.own = held.lease
-                self._rebuild(knowledge, underlay)
-            self.telemetry.lease_acquired(held.lease, held.key, self.settings.lease_ttl)
-            self.reconciler.mark_dirty(full=True)
-
-    def _config_event(self, knowledge: Knowledge, value: bytes | None, underlay: Underlay) -> None:
-        """A config written while running: keep the last good one if it is bad."""
-        if value is None:
-            log.error("event=config_deleted key=%s keeping=last_good", self._config_key)
-            return
-        try:
-            config = parse_network_config(value)
-            check_mtu(config, underlay)
-        except ConfigError as exc:
-            if value != self._rejected_config:
-                log.error(
-                    "event=config_rejected field=%s reason=%r keeping=last_good",
-                    exc.field,
-                    exc.reason,
-                )
-                self._rejected_config = value
-            return
-        self._rejected_config = None
-        if config == knowledge.config:
-            return
-        log.warning(
-            "event=config_changed network=%s subnet_len=%d vni=%d port=%d",
-            config.network,
-            config.subnet_len,
-            config.backend.vni,
-            config.backend.port,
-        )
-        knowledge.config = config
-        if (
-            not is_candidate(config, knowledge.own.subnet)
-            or config.backend.vni != knowledge.own.vni
-        ):
-            self._lease_doubt.set()
-        self._rebuild(knowledge, underlay)
-
-    def _own_key_event(self, held: HeldLease, value: bytes | None) -> None:
-        if value is None:
-            log.warning("event=own_lease_deleted key=%s", held.key)
-            self.telemetry.lease_lost("deleted from etcd")
-            self._lease_doubt.set()
-            return
-        with contextlib.suppress(LeaseError):
-            lease = parse_lease(parse_subnet_key(held.key, self.settings.etcd_prefix), value)
-            if lease.public_ip != held.lease.public_ip:
-                log.warning("event=own_lease_taken key=%s by=%s", held.key, lease.public_ip)
-                self.telemetry.lease_lost(f"taken by {lease.public_ip}")
-                self._lease_doubt.set()
-
-    async def _watch(self, knowledge: Knowledge, held: HeldLease, underlay: Underlay) -> None:
-        assert self.reconciler is not None
-        attempt = 0
-        while True:
-            try:
-                async for event in self.store.watch_prefix(self._prefix, self._revision + 1):
-                    arrived = time.monotonic()
-                    if attempt:
-                        self.telemetry.etcd_reconnected()
-                    attempt = 0
-                    self._revision = max(self._revision, event.revision)
-                    if event.key == self._config_key:
-                        self._config_event(knowledge, event.value, underlay)
-                        self.reconciler.mark_dirty(full=True)
-                    elif event.key.startswith(self._prefix + "subnets/"):
-                        if event.value is None:
-                            knowledge.raw_leases.pop(event.key, None)
-                        else:
-                            knowledge.raw_leases[event.key] = event.value
-                        if event.key == subnet_key(knowledge.etcd_prefix, knowledge.own.subnet):
-                            self._own_key_event(held, event.value)
-                    self.reconciler.mark_dirty(event_at=arrived)
-            except WatchCompacted:
-                log.warning("event=watch_compacted revision=%d; listing again", self._revision)
-                everything, self._revision = await self._list()
-                knowledge.raw_leases = self._leases_of(everything)
-                self._config_event(knowledge, everything.get(self._config_key), underlay)
-                self.reconciler.mark_dirty(full=True)
-            except StoreUnavailable as exc:
-                if attempt == 0:
-                    log.warning(
-                        "event=watch_interrupted resume_from=%d error=%r",
-                        self._revision + 1,
-                        str(exc)[:200],
-                    )
-                await sleep_backoff(attempt)
-                attempt += 1
 
     async def teardown(self) -> list[str]:
         """Remove everything this daemon creates, and nothing else: its devices
@@ -433,7 +308,7 @@ class Agent:
         subnet may belong to another host."""
         key = subnet_key(self.settings.etcd_prefix, subnet)
         value, _ = await self.store.get(key)
-        underlay = await self.dataplane.netlink.find_underlay(
+        underlay: Underlay = await self.dataplane.netlink.find_underlay(
             self.settings.iface, self.settings.public_ip
         )
         try:

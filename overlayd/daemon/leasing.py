@@ -1,5 +1,6 @@
-"""Holding this host's subnet lease in etcd: acquire it, keep it alive, take
-it back after a restart.
+"""Holding this host's subnet lease in etcd: acquire it (`SubnetLeaser`),
+keep it alive and lease again when it is lost (`LeaseKeeper`), take it back
+after a restart.
 
 Safety comes from etcd: a subnet key is only ever created by a transaction
 that succeeds when the key is absent, bound to an etcd lease, so two hosts
@@ -9,11 +10,15 @@ length and alignment, so they never partly overlap either.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 from overlayd.errors import LeaseError, SubnetsExhaustedError
 from overlayd.model import Lease, NetworkConfig
@@ -26,12 +31,22 @@ from overlayd.plan.leases import (
     subnet_key,
     subnets_prefix,
 )
-from overlayd.store.etcd import EtcdStore
+from overlayd.store.base import Store, retry_unavailable
 
 log = logging.getLogger(__name__)
 
 # Attempts before giving up when other hosts keep taking the subnet we chose.
 MAX_ATTEMPTS = 50
+
+
+class LeaseTelemetry(Protocol):
+    """What the lease keeper reports (surfaces.telemetry.Telemetry does)."""
+
+    def lease_acquired(self, lease: Lease, key: str, ttl: float) -> None: ...
+
+    def lease_renewed(self, ttl: float) -> None: ...
+
+    def lease_lost(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +73,7 @@ class SubnetLeaser:
 
     def __init__(
         self,
-        store: EtcdStore,
+        store: Store,
         *,
         etcd_prefix: str,
         public_ip: IPv4Address,
@@ -144,3 +159,74 @@ class SubnetLeaser:
     @property
     def renew_interval(self) -> float:
         return max(1.0, self._ttl / 3)
+
+
+class LeaseKeeper:
+    """Keeps this host's lease: renews it every third of its TTL, and leases
+    again, preferring the same subnet, when it expired (etcd out of reach for
+    longer than the TTL), was deleted or taken by someone, or no longer fits
+    the config. It is the only writer of the held lease; the mirror tells it
+    about its own key (`own_key_changed`)."""
+
+    def __init__(
+        self,
+        leaser: SubnetLeaser,
+        held: HeldLease,
+        *,
+        config: Callable[[], NetworkConfig],
+        on_new_lease: Callable[[HeldLease], None],
+        telemetry: LeaseTelemetry,
+        ttl: int,
+    ) -> None:
+        self._leaser = leaser
+        self.held = held
+        self._config = config
+        self._on_new_lease = on_new_lease
+        self._telemetry = telemetry
+        self._ttl = ttl
+        self._doubt = asyncio.Event()
+
+    def doubt(self, reason: str) -> None:
+        """Lease again at once (the reason is logged by the caller)."""
+        self._doubt.set()
+
+    def own_key_changed(self, key: str, value: bytes | None) -> None:
+        """A change to any lease key; only our own current key matters."""
+        held = self.held
+        if key != held.key:
+            return
+        if value is None:
+            log.warning("event=own_lease_deleted key=%s", held.key)
+            self._telemetry.lease_lost("deleted from etcd")
+            self._doubt.set()
+            return
+        with contextlib.suppress(LeaseError):
+            lease = parse_lease(held.lease.subnet, value)
+            if lease.public_ip != held.lease.public_ip:
+                log.warning("event=own_lease_taken key=%s by=%s", held.key, lease.public_ip)
+                self._telemetry.lease_lost(f"taken by {lease.public_ip}")
+                self._doubt.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._leaser.renew_interval):
+                    await self._doubt.wait()
+            if not self._doubt.is_set():
+                if await retry_unavailable("renew lease", partial(self._leaser.renew, self.held)):
+                    self._telemetry.lease_renewed(self._ttl)
+                    continue
+                log.warning("event=lease_expired key=%s", self.held.key)
+                self._telemetry.lease_lost("expired")
+            self._doubt.clear()
+            await self._lease_again()
+
+    async def _lease_again(self) -> None:
+        # Preferring the subnet we had, so that peers see no change if it is free.
+        held = await retry_unavailable(
+            "re-acquire lease",
+            partial(self._leaser.acquire, self._config(), hints=(self.held.lease.subnet,)),
+        )
+        self.held = held
+        self._telemetry.lease_acquired(held.lease, held.key, self._ttl)
+        self._on_new_lease(held)

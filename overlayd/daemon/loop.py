@@ -1,16 +1,19 @@
-"""The one reconcile loop: make the kernel match what the agent knows.
+"""The one reconcile loop: make the kernel match what the daemon knows.
 
-Events (etcd watch, the resync timer, a failed apply) only mark the state
-dirty; a single task turns dirty into one pass at a time, so passes never
-overlap and a burst of events costs one pass:
+Events (etcd changes through the mirror, netlink drift, the resync timer, a
+failed pass) only mark the state dirty; a single task turns dirty into one
+pass at a time, so passes never overlap and a burst of events costs one
+pass. A pass runs the managers in their fixed order (devices, sysctls,
+egress rules, peer entries); each computes its desired state with a pure
+function and applies the difference from what it believes or reads.
 
-    desired = desired_entries(usable peers)       pure
-    actual  = read_entries(devices)               I/O, only what we own
-    changes = diff(desired, actual)               pure
-    apply(changes)                                I/O, idempotent, ordered
-
-A pass that fails in any way is retried after a short delay; a stray entry
-goes because it is not desired, not because an event said so.
+How much a pass looks at is its level (see managers.Level): an etcd event
+asks for a light pass, the resync timer for a check, and anything that
+casts doubt (a failed pass, a netlink event no manager expected, a
+re-listed etcd, a new config or lease, the long full-resync period) for a
+full one. A pass that fails in any way is retried, full, after a short
+delay; a stray entry goes because it is not desired, not because an event
+said so.
 """
 
 from __future__ import annotations
@@ -20,26 +23,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
-from overlayd.dataplane import Dataplane, entries, sysctl
-from overlayd.model import (
-    Change,
-    DeviceSpec,
-    Entry,
-    EntrySet,
-    Lease,
-    Neighbour,
-    NetworkConfig,
-    Observed,
-    Route,
-    TunnelFdb,
-)
-from overlayd.plan.cluster import cluster_plan
-from overlayd.plan.desired import EntryMemo
-from overlayd.plan.diff import diff, expected
+from overlayd.daemon.managers import Inputs, Level, Manager, PassContext, PassInputs
+from overlayd.daemon.managers.devices import DeviceManager
+from overlayd.daemon.managers.egress import EgressManager
+from overlayd.daemon.managers.peers import PeerEntryManager
+from overlayd.daemon.managers.sysctls import SysctlManager
+from overlayd.dataplane import DataplanePort
+from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed, describe
 from overlayd.plan.egress import EgressSpec
-from overlayd.plan.leases import ParseCache
 from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -47,17 +39,6 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 0.5
 # A cold start with thousands of peers logs a count, not thousands of lines.
 LOG_CHANGES_MAX = 40
-
-
-def describe(entry: Entry) -> str:
-    if isinstance(entry, Route):
-        how = " direct=yes" if entry.direct else ""
-        return f"kind=route dst={entry.dst} via={entry.gateway}{how}"
-    if isinstance(entry, Neighbour):
-        return f"kind=neigh ip={entry.ip} mac={entry.mac}"
-    if isinstance(entry, TunnelFdb):
-        return f"kind=fdb_tunnel mac={entry.mac} remote={entry.remote}"
-    return f"kind=fdb_bridge mac={entry.mac}"
 
 
 @dataclass
@@ -68,143 +49,125 @@ class PassResult:
     seconds: float = 0.0
     error: str | None = None
     full: bool = True
+    level: Level = Level.FULL
 
 
 @dataclass
 class Knowledge:
-    """What the agent knows; the watch and the leaser write it."""
+    """Fixed pass inputs, for tests and one-shot tools; the daemon passes its
+    `HostState`, which the mirror and the lease keeper keep current."""
 
     config: NetworkConfig
     own: Lease
     spec: DeviceSpec
     egress: EgressSpec
     etcd_prefix: str
-    raw_leases: dict[str, bytes] = field(default_factory=dict)
+    raw_leases: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def standard_managers(dataplane: DataplanePort, telemetry: Telemetry) -> list[Manager]:
+    """Today's managers, in the order a pass runs them: devices before the
+    sysctls that name them, both before the rules, all before the entries
+    that hang off the devices."""
+    return [
+        DeviceManager(dataplane),
+        SysctlManager(dataplane),
+        EgressManager(dataplane),
+        PeerEntryManager(dataplane, telemetry),
+    ]
 
 
 class Reconciler:
-    """Runs passes, one at a time. A full pass checks devices, sysctls and
-    rules and re-reads the entries from the kernel; a light pass (after an
-    etcd event) diffs against what the last pass left in the kernel, so that
-    one peer joining a cluster of thousands costs milliseconds. Anything that
-    casts doubt on that belief (a netlink event that is not our own change
-    coming back, a failed pass, the resync timer) makes the next pass full."""
+    """Runs passes over the managers, one pass at a time."""
 
     def __init__(
-        self, knowledge: Knowledge, dataplane: Dataplane, telemetry: Telemetry | None = None
+        self,
+        knowledge: PassInputs,
+        dataplane: DataplanePort,
+        telemetry: Telemetry | None = None,
+        *,
+        managers: Sequence[Manager] | None = None,
     ) -> None:
         self.knowledge = knowledge
-        self.telemetry = telemetry or Telemetry()
-        self._event_at: float | None = None
         self.dataplane = dataplane
-        self._netns = dataplane.netns
+        self.telemetry = telemetry or Telemetry()
+        self.managers = (
+            list(managers) if managers is not None else standard_managers(dataplane, self.telemetry)
+        )
         self._dirty = asyncio.Event()
         # The first pass is full anyway (nothing believed yet).
-        self._full = False
-        self._believed: EntrySet | None = None
-        self._parse_cache: ParseCache = {}
-        self._entry_memo: EntryMemo = {}
-        self._onlink: tuple[IPv4Network, ...] = ()
-        self._warned: dict[str, str] = {}
+        self._level = Level.LIGHT
+        self._event_at: float | None = None
+        self._succeeded_once = False
+        self._last_full: float | None = None  # monotonic
         self.last: PassResult | None = None
         self.passes = 0
         self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
 
-    def mark_dirty(self, *, full: bool = False, event_at: float | None = None) -> None:
-        """`event_at`: when the etcd event behind this arrived (monotonic),
-        for the watch-lag figure."""
-        self._full = self._full or full
+    def mark_dirty(
+        self, *, full: bool = False, check: bool = False, event_at: float | None = None
+    ) -> None:
+        """Ask for a pass of at least the given level. `event_at`: when the
+        etcd event behind this arrived (monotonic), for the watch-lag figure."""
+        wanted = Level.FULL if full else Level.CHECK if check else Level.LIGHT
+        self._level = max(self._level, wanted)
         if event_at is not None and self._event_at is None:
             self._event_at = event_at
         self._dirty.set()
 
     def note_drift(self, observed: Observed) -> None:
         """A netlink event: our own change coming back, or somebody else's."""
-        if expected(observed, self._believed):
+        if any(manager.expects(observed) for manager in self.managers):
             return
         log.debug("event=drift_suspected what=%r", observed.detail)
         self.drift_events += 1
         self.mark_dirty(full=True)
 
-    def _warn_rejected(self, rejected: Mapping[str, str]) -> None:
-        # One warning per bad lease (and again only if its reason changes).
-        for key, reason in rejected.items():
-            if self._warned.get(key) != reason:
-                log.warning("event=lease_skipped key=%s reason=%r", key, reason)
-        self._warned = dict(rejected)
-
-    async def reconcile_once(self, *, full: bool = True) -> PassResult:
+    async def reconcile_once(self, *, full: bool = True, level: Level | None = None) -> PassResult:
+        if level is None:
+            level = Level.FULL if full else Level.LIGHT
+        if self._last_full is None:
+            level = Level.FULL  # nothing is believed before the first full pass
         started = time.monotonic()
         self.telemetry.pass_started_now()
         event_at, self._event_at = self._event_at, None
-        k = self.knowledge
-        full = full or self._believed is None
-        prior = self._believed
-        changes: list[Change] = []
+        context = PassContext(Inputs.of(self.knowledge), level)
         try:
-            if full:
-                self._onlink = tuple(
-                    await self.dataplane.netlink.connected_networks(k.spec.underlay_ifindex)
-                )
-            planned = cluster_plan(
-                k.config,
-                k.own,
-                k.raw_leases,
-                k.etcd_prefix,
-                self._onlink,
-                underlay=k.spec.underlay,
-                cache=self._parse_cache,
-                memo=self._entry_memo,
-            )
-            self._warn_rejected(planned.rejected)
-            self.telemetry.leases_skipped(planned.rejected)
-            if full:
-                for what in await self.dataplane.netlink.ensure_devices(k.spec):
-                    self._repaired("device", what)
-                for what in sysctl.ensure_forwarding_and_redirects(
-                    k.spec.bridge, netns=self._netns
-                ):
-                    self._repaired("sysctl", what)
-                await self._ensure_egress(k.egress)
-                actual = await entries.read_entries(k.spec, netns=self._netns)
-            else:
-                assert self._believed is not None
-                actual = self._believed
-            desired = planned.desired
-            changes = diff(desired, actual)
-            # Believed before it is true, so that the netlink events of our
-            # own changes, which may arrive while the batch still runs, are
-            # recognised as ours.
-            self._believed = desired
-            if changes:
-                result = await self.dataplane.apply(changes, k.spec)
-                self._log_changes(changes)
-                if full and prior is not None:
-                    # What the kernel lost or gained behind our back, as
-                    # opposed to what the cluster changed since the last pass.
-                    wanted = set(diff(desired, prior))
-                    self.telemetry.entries_drifted(c for c in changes if c not in wanted)
-                if result.failed:
-                    raise RuntimeError("; ".join(result.failed[:5]))
-            peers = planned.peers
+            for manager in self.managers:
+                await manager.sync(context)
+            for kind, what in context.remade:
+                self._remade(kind, what)
+            if context.changes:
+                self._log_changes(context.changes)
             outcome = PassResult(
                 ok=True,
-                changes=len(changes),
-                peers=len(peers.tunneled) + len(peers.direct),
+                changes=len(context.changes),
+                peers=context.peers,
                 seconds=time.monotonic() - started,
-                full=full,
+                full=level is Level.FULL,
+                level=level,
             )
-            self.telemetry.peers_programmed(peers.tunneled, peers.direct)
+            if level is Level.FULL:
+                self._last_full = started
+            self._succeeded_once = True
             if event_at is not None:
                 self.telemetry.watch_lag(time.monotonic() - event_at)
         except Exception as exc:  # any failure: re-read everything next pass
             log.error("event=reconcile_failed error=%r", exc)
-            self._believed = None
-            outcome = PassResult(ok=False, seconds=time.monotonic() - started, error=repr(exc))
+            for manager in self.managers:
+                manager.forget()
+            self._last_full = None
+            outcome = PassResult(
+                ok=False,
+                seconds=time.monotonic() - started,
+                error=repr(exc),
+                full=level is Level.FULL,
+                level=level,
+            )
         log.debug(
-            "event=pass full=%s ok=%s changes=%d seconds=%.4f",
-            outcome.full,
+            "event=pass level=%s ok=%s changes=%d seconds=%.4f",
+            level.name.lower(),
             outcome.ok,
             outcome.changes,
             outcome.seconds,
@@ -213,7 +176,7 @@ class Reconciler:
             ok=outcome.ok,
             full=outcome.full,
             seconds=outcome.seconds,
-            changes=changes if outcome.ok else (),
+            changes=context.changes if outcome.ok else (),
             error=outcome.error,
         )
         self.last = outcome
@@ -232,40 +195,29 @@ class Reconciler:
                 LOG_CHANGES_MAX,
             )
 
-    def _repaired(self, kind: str, what: str) -> None:
-        """A device, sysctl or rule that a full pass had to (re)make. On the
-        first pass that is set-up; afterwards somebody undid it."""
+    def _remade(self, kind: str, what: str) -> None:
+        """A device, sysctl or rule that a pass had to (re)make. Before the
+        first successful pass that is set-up; afterwards somebody undid it."""
         log.info("event=%s_changed what=%r", kind, what)
-        if self.telemetry.first_reconcile_ok:
+        if self._succeeded_once:
             self.telemetry.drift_repaired(kind, what)
-
-    async def _ensure_egress(self, egress: EgressSpec) -> None:
-        if egress.mode == "gwbridge":
-            gateway = egress.gwbridge_gateway
-            assert gateway is not None
-            for what in await self.dataplane.netlink.ensure_gwbridge(
-                egress.gwbridge, gateway, egress.gwbridge_mac
-            ):
-                self._repaired("device", what)
-            for what in sysctl.ensure_bridge_netfilter(netns=self._netns):
-                self._repaired("sysctl", what)
-        done = await self.dataplane.nft.ensure(egress)
-        if done is not None:
-            self._repaired("nftables", f"{done} (egress {egress.mode})")
-        for what in await self.dataplane.forward.ensure(egress):
-            self._repaired("iptables", what)
 
     async def run(self) -> None:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            full, self._full = self._full, False
-            result = await self.reconcile_once(full=full)
+            level, self._level = self._level, Level.LIGHT
+            result = await self.reconcile_once(level=level)
             if not result.ok:
                 await asyncio.sleep(RETRY_SECONDS)
                 self.mark_dirty(full=True)
 
-    async def resync_every(self, seconds: float) -> None:
+    async def resync_every(self, seconds: float, full_seconds: float | None = None) -> None:
+        """A check every `seconds`; a full pass when none has run for
+        `full_seconds` (by default, every check is full)."""
+        full_seconds = seconds if full_seconds is None else full_seconds
         while True:
             await asyncio.sleep(seconds)
-            self.mark_dirty(full=True)
+            last = self._last_full
+            due = last is None or time.monotonic() - last >= full_seconds - seconds / 2
+            self.mark_dirty(full=due, check=True)

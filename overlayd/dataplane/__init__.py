@@ -1,18 +1,51 @@
-"""Data-plane I/O: devices through netlink (pyroute2), per-peer entries
-through iproute2's batch mode, the nftables table, the iptables FORWARD
-exception, and the few sysctls overlayd needs."""
+"""Data-plane I/O, one adapter per kind of kernel interface: devices through
+netlink (pyroute2, netlink.py), per-peer entries through iproute2's batch
+mode (entries.py), the nftables table (nft.py), the iptables FORWARD
+exception (iptables.py), sysctls (sysctl.py), and read-only looks for
+diagnose (inspect.py).
+
+`Dataplane` is the facade the managers program against; `DataplanePort` is
+its Protocol, so the daemon's loop can be unit-tested with a fake.
+May import: model, errors, plan (for rendering), and the tools' libraries.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from typing import Protocol
 
-from overlayd.dataplane import entries
+from overlayd.dataplane import entries, sysctl
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import NftTable
-from overlayd.model import Change, DeviceSpec
+from overlayd.model import Change, DeviceSpec, EntrySet
+from overlayd.plan.egress import EgressSpec
+
+
+class DataplanePort(Protocol):
+    """What the managers ask of the kernel. Every `ensure_*` makes one kind
+    of object match and returns what it had to change, in words."""
+
+    async def ensure_devices(self, spec: DeviceSpec) -> list[str]: ...
+
+    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]: ...
+
+    async def connected_networks(self, ifindex: int) -> list[IPv4Network]: ...
+
+    async def ensure_forwarding(self, bridge: str) -> list[str]: ...
+
+    async def ensure_bridge_netfilter(self) -> list[str]: ...
+
+    async def ensure_egress_table(self, egress: EgressSpec) -> str | None: ...
+
+    async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]: ...
+
+    async def read_entries(self, spec: DeviceSpec) -> EntrySet: ...
+
+    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult: ...
 
 
 @dataclass
@@ -35,6 +68,30 @@ class Dataplane:
 
     async def close(self) -> None:
         await self.netlink.close()
+
+    async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
+        return await self.netlink.ensure_devices(spec)
+
+    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+        return await self.netlink.ensure_gwbridge(name, gateway, mac)
+
+    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+        return await self.netlink.connected_networks(ifindex)
+
+    async def ensure_forwarding(self, bridge: str) -> list[str]:
+        return await sysctl.ensure_forwarding_and_redirects(bridge, netns=self.netns)
+
+    async def ensure_bridge_netfilter(self) -> list[str]:
+        return await sysctl.ensure_bridge_netfilter(netns=self.netns)
+
+    async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
+        return await self.nft.ensure(egress)
+
+    async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]:
+        return await self.forward.ensure(egress)
+
+    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+        return await entries.read_entries(spec, netns=self.netns)
 
     async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
         """A handful of changes (one peer joining) through netlink, in

@@ -35,6 +35,7 @@ from overlayd.model import (
     Route,
     RouteKey,
     TunnelFdb,
+    kind_of,
     route_key,
 )
 
@@ -156,33 +157,51 @@ async def read_entries(spec: DeviceSpec, *, netns: str | None = None) -> EntrySe
     return EntrySet(routes=routes, neighbours=neighbours, tunnel_fdb=tunnel, bridge_fdb=bridge_fdb)
 
 
-def _line(change: Change, spec: DeviceSpec) -> tuple[str, str]:
-    """The tool ("ip" or "bridge") and the batch line for one change."""
-    entry, op = change.entry, change.op.value
-    bridge, vtep = spec.bridge, spec.vtep
-    if isinstance(entry, Route):
-        if change.op is Op.DELETE:
-            return "ip", f"route delete {entry.dst} proto {ROUTE_PROTOCOL}"
-        if entry.direct:
-            return "ip", (
-                f"route replace {entry.dst} via {entry.gateway} dev {spec.underlay}"
-                f" proto {ROUTE_PROTOCOL}"
-            )
+def _route_line(entry: Route, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+    if delete:
+        return "ip", f"route delete {entry.dst} proto {ROUTE_PROTOCOL}"
+    if entry.direct:
         return "ip", (
-            f"route replace {entry.dst} via {entry.gateway} dev {bridge} onlink"
+            f"route replace {entry.dst} via {entry.gateway} dev {spec.underlay}"
             f" proto {ROUTE_PROTOCOL}"
         )
-    if isinstance(entry, Neighbour):
-        if change.op is Op.DELETE:
-            return "ip", f"neigh delete {entry.ip} dev {bridge}"
-        return "ip", f"neigh replace {entry.ip} lladdr {entry.mac} dev {bridge} nud permanent"
-    if isinstance(entry, TunnelFdb):
-        if change.op is Op.DELETE:
-            return "bridge", f"fdb delete {entry.mac} dev {vtep} dst {entry.remote} self"
-        return "bridge", f"fdb replace {entry.mac} dev {vtep} dst {entry.remote} self permanent"
-    if change.op is Op.DELETE:
-        return "bridge", f"fdb delete {entry.mac} dev {vtep} master"
-    return "bridge", f"fdb {op} {entry.mac} dev {vtep} master static"
+    return "ip", (
+        f"route replace {entry.dst} via {entry.gateway} dev {spec.bridge} onlink"
+        f" proto {ROUTE_PROTOCOL}"
+    )
+
+
+def _neighbour_line(entry: Neighbour, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+    if delete:
+        return "ip", f"neigh delete {entry.ip} dev {spec.bridge}"
+    return "ip", f"neigh replace {entry.ip} lladdr {entry.mac} dev {spec.bridge} nud permanent"
+
+
+def _tunnel_fdb_line(entry: TunnelFdb, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+    if delete:
+        return "bridge", f"fdb delete {entry.mac} dev {spec.vtep} dst {entry.remote} self"
+    return "bridge", f"fdb replace {entry.mac} dev {spec.vtep} dst {entry.remote} self permanent"
+
+
+def _bridge_fdb_line(entry: BridgeFdb, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+    if delete:
+        return "bridge", f"fdb delete {entry.mac} dev {spec.vtep} master"
+    return "bridge", f"fdb replace {entry.mac} dev {spec.vtep} master static"
+
+
+# One encoder per kind of entry (see model.KINDS), by kind name: the tool
+# ("ip" or "bridge") and the batch line.
+_LINES: dict[str, Callable[[Any, bool, DeviceSpec], tuple[str, str]]] = {
+    "route": _route_line,
+    "neigh": _neighbour_line,
+    "fdb_tunnel": _tunnel_fdb_line,
+    "fdb_bridge": _bridge_fdb_line,
+}
+
+
+def _line(change: Change, spec: DeviceSpec) -> tuple[str, str]:
+    """The tool ("ip" or "bridge") and the batch line for one change."""
+    return _LINES[kind_of(change.entry).name](change.entry, change.op is Op.DELETE, spec)
 
 
 async def apply_changes(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -36,7 +36,10 @@ from overlayd.model import (
     Op,
     Route,
     TunnelFdb,
+    Underlay,
+    kind_of,
 )
+from overlayd.plan.desired import VTEP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +54,6 @@ RTNH_F_ONLINK = 0x04
 
 class DeviceError(OverlaydError):
     """A device cannot be made to match the spec without harming somebody."""
-
-
-@dataclass(frozen=True, slots=True)
-class Underlay:
-    name: str
-    ifindex: int
-    mtu: int
-    address: IPv4Address
 
 
 def _info_kind(link: Any) -> str | None:
@@ -305,66 +300,16 @@ class Netlink:
         return failed
 
     async def _apply_one(self, change: Change, br: int, vx: int, underlay: int) -> None:
-        entry, replace = change.entry, change.op is Op.REPLACE
-        if isinstance(entry, Route):
-            if replace and entry.direct:
-                await self._ipr.route(
-                    "replace",
-                    dst=str(entry.dst),
-                    gateway=str(entry.gateway),
-                    oif=underlay,
-                    proto=ROUTE_PROTOCOL,
-                    table=254,
-                )
-            elif replace:
-                await self._ipr.route(
-                    "replace",
-                    dst=str(entry.dst),
-                    gateway=str(entry.gateway),
-                    oif=br,
-                    flags=RTNH_F_ONLINK,
-                    proto=ROUTE_PROTOCOL,
-                    table=254,
-                )
-            else:
-                await self._ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254)
-        elif isinstance(entry, Neighbour):
-            if replace:
-                await self._ipr.neigh(
-                    "replace",
-                    dst=str(entry.ip),
-                    lladdr=entry.mac,
-                    ifindex=br,
-                    state=NUD_PERMANENT,
-                )
-            else:
-                await self._ipr.neigh("del", dst=str(entry.ip), ifindex=br)
-        elif isinstance(entry, TunnelFdb):
-            # pyroute2's fdb("replace") does not set these itself (FACTS.md):
-            # without NTF_SELF the entry lands in the bridge and loses `dst`.
-            await self._ipr.fdb(
-                "replace" if replace else "del",
-                ifindex=vx,
-                lladdr=entry.mac,
-                dst=str(entry.remote),
-                state=NUD_PERMANENT,
-                flags=NTF_SELF,
-            )
-        else:
-            await self._ipr.fdb(
-                "replace" if replace else "del",
-                ifindex=vx,
-                lladdr=entry.mac,
-                state=_NUD_NOARP,
-                flags=NTF_MASTER,
-            )
+        write = _WRITERS[kind_of(change.entry).name]
+        await write(self._ipr, change.entry, change.op is Op.REPLACE, _Devices(br, vx, underlay))
 
     async def vtep_names(self) -> list[str]:
-        """VXLAN devices named like ours (ovl.<VNI>), whatever the VNI was."""
+        """VXLAN devices named like ours (VTEP_PREFIX + VNI), whatever the VNI was."""
         found = []
         async for link in await self._ipr.link("dump"):
             name = str(link.get("IFLA_IFNAME"))
-            if _info_kind(link) == "vxlan" and name.startswith("ovl.") and name[4:].isdigit():
+            vni = name.removeprefix(VTEP_PREFIX)
+            if _info_kind(link) == "vxlan" and name.startswith(VTEP_PREFIX) and vni.isdigit():
                 found.append(name)
         return found
 
@@ -374,6 +319,80 @@ class Netlink:
             return False
         await self._ipr.link("del", index=link["index"])
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Devices:
+    """Interface indexes a write needs: bridge, VTEP, underlay."""
+
+    bridge: int
+    vtep: int
+    underlay: int
+
+
+async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> None:
+    if not replace:
+        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254)
+    elif entry.direct:
+        await ipr.route(
+            "replace",
+            dst=str(entry.dst),
+            gateway=str(entry.gateway),
+            oif=dev.underlay,
+            proto=ROUTE_PROTOCOL,
+            table=254,
+        )
+    else:
+        await ipr.route(
+            "replace",
+            dst=str(entry.dst),
+            gateway=str(entry.gateway),
+            oif=dev.bridge,
+            flags=RTNH_F_ONLINK,
+            proto=ROUTE_PROTOCOL,
+            table=254,
+        )
+
+
+async def _write_neighbour(ipr: Any, entry: Neighbour, replace: bool, dev: _Devices) -> None:
+    if replace:
+        await ipr.neigh(
+            "replace", dst=str(entry.ip), lladdr=entry.mac, ifindex=dev.bridge, state=NUD_PERMANENT
+        )
+    else:
+        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge)
+
+
+async def _write_tunnel_fdb(ipr: Any, entry: TunnelFdb, replace: bool, dev: _Devices) -> None:
+    # pyroute2's fdb("replace") does not set these itself (FACTS.md):
+    # without NTF_SELF the entry lands in the bridge and loses `dst`.
+    await ipr.fdb(
+        "replace" if replace else "del",
+        ifindex=dev.vtep,
+        lladdr=entry.mac,
+        dst=str(entry.remote),
+        state=NUD_PERMANENT,
+        flags=NTF_SELF,
+    )
+
+
+async def _write_bridge_fdb(ipr: Any, entry: BridgeFdb, replace: bool, dev: _Devices) -> None:
+    await ipr.fdb(
+        "replace" if replace else "del",
+        ifindex=dev.vtep,
+        lladdr=entry.mac,
+        state=_NUD_NOARP,
+        flags=NTF_MASTER,
+    )
+
+
+# One writer per kind of entry (see model.KINDS), by kind name.
+_WRITERS: dict[str, Callable[[Any, Any, bool, _Devices], Awaitable[None]]] = {
+    "route": _write_route,
+    "neigh": _write_neighbour,
+    "fdb_tunnel": _write_tunnel_fdb,
+    "fdb_bridge": _write_bridge_fdb,
+}
 
 
 # Neighbour states of the entries we own: permanent (neighbours, tunnel FDB)

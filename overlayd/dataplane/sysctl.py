@@ -1,11 +1,14 @@
-"""The kernel settings overlayd needs in its network namespace."""
+"""The kernel settings overlayd needs in its network namespace.
+
+Async throughout: for another namespace the values go through `ip netns
+exec ... sysctl` processes, which must not block the event loop."""
 
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from overlayd.dataplane.command import run
 from overlayd.errors import OverlaydError
 
 log = logging.getLogger(__name__)
@@ -13,46 +16,53 @@ log = logging.getLogger(__name__)
 PROC = Path("/proc/sys/net/ipv4")
 
 
-def _set(path: Path, value: str, netns: str | None) -> bool:
+class _CommandFailed(Exception):
+    pass
+
+
+async def _sysctl(netns: str, *args: str) -> str:
+    code, out, err = await run(["ip", "netns", "exec", netns, "sysctl", *args])
+    if code != 0:
+        raise _CommandFailed(err.decode(errors="replace").strip())
+    return out.decode().strip()
+
+
+def _swap_proc(path: Path, value: str) -> bool:
+    # procfs reads and writes are kernel memory operations, not disk I/O:
+    # they do not block the loop the way a process start does.
+    if path.read_text().strip() == value:
+        return False
+    path.write_text(value + "\n")
+    return True
+
+
+async def _set(path: Path, value: str, netns: str | None) -> bool:
     """Write the value if it differs; True when something changed.
 
     /proc/sys/net shows the namespace of the process that reads it, so for
     another namespace the write goes through `ip netns exec ... sysctl`.
     """
     if netns is None:
-        if path.read_text().strip() == value:
-            return False
-        path.write_text(value + "\n")
-        return True
+        return _swap_proc(path, value)
     key = ".".join(path.relative_to("/proc/sys").parts)
-    current = subprocess.run(
-        ["ip", "netns", "exec", netns, "sysctl", "-n", key],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    if current == value:
+    if await _sysctl(netns, "-n", key) == value:
         return False
-    subprocess.run(
-        ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"{key}={value}"],
-        capture_output=True,
-        check=True,
-    )
+    await _sysctl(netns, "-q", "-w", f"{key}={value}")
     return True
 
 
-def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = None) -> list[str]:
+async def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = None) -> list[str]:
     """IPv4 forwarding on (hosts route between bridge and tunnel); ICMP
     redirects off for the bridge, where containers and the tunnel share one
     link and a redirect would send a container to a next hop it cannot use.
     The kernel sends redirects if either `all` or the device says so, so
     both are cleared."""
     changed = []
-    if _set(PROC / "ip_forward", "1", netns):
+    if await _set(PROC / "ip_forward", "1", netns):
         changed.append("enabled IPv4 forwarding (net.ipv4.ip_forward=1)")
     for scope in ("all", bridge):
         path = PROC / "conf" / scope / "send_redirects"
-        if _set(path, "0", netns):
+        if await _set(path, "0", netns):
             changed.append(f"disabled ICMP redirects (net.ipv4.conf.{scope}.send_redirects=0)")
     return changed
 
@@ -60,13 +70,13 @@ def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = None) ->
 BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 
 
-def ensure_bridge_netfilter(*, netns: str | None = None) -> list[str]:
+async def ensure_bridge_netfilter(*, netns: str | None = None) -> list[str]:
     """Bridged IPv4 frames must pass the IPv4 forward hook, or the rule that
     stops containers talking to each other through the gwbridge never sees
     them. The setting exists only while br_netfilter is loaded."""
     try:
-        changed = _set(BRIDGE_NF, "1", netns)
-    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        changed = await _set(BRIDGE_NF, "1", netns)
+    except (FileNotFoundError, _CommandFailed) as exc:
         raise SysctlError(
             "net.bridge.bridge-nf-call-iptables is missing: load br_netfilter"
             " (modprobe br_netfilter) so that the gwbridge can isolate containers"

@@ -54,8 +54,12 @@ def stable_mac(role: str, subnet: IPv4Network, vni: int) -> str:
     return ":".join(f"{octet:02x}" for octet in digest)
 
 
+# The VTEP is named VTEP_PREFIX + VNI, flannel-style (flannel.<VNI>).
+VTEP_PREFIX = "ovl."
+
+
 def vtep_name(vni: int) -> str:
-    return f"ovl.{vni}"
+    return f"{VTEP_PREFIX}{vni}"
 
 
 def max_overlay_mtu(config: NetworkConfig, underlay_mtu: int) -> int:

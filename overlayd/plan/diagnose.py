@@ -5,23 +5,11 @@ or not, so that an operator sees what was looked at."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlayd.model import (
-    BridgeFdb,
-    Change,
-    DeviceFacts,
-    DeviceSpec,
-    Entry,
-    EntrySet,
-    Neighbour,
-    Op,
-    Route,
-    TunnelFdb,
-    route_key,
-)
+from overlayd.model import Change, DeviceFacts, DeviceSpec, Entry, EntrySet, Op, kind_of
 from overlayd.plan.diff import diff
 
 
@@ -54,32 +42,25 @@ class HostFacts:
     subnet_file_mtu: int | None = None
 
 
+# How an operator would name each kind of entry, with the device it sits on.
+_WORDS: dict[str, Callable[[Any, DeviceSpec], str]] = {
+    "route": lambda e, spec: (
+        f"route to {e.dst} via {e.gateway} dev {spec.underlay if e.direct else spec.bridge}"
+    ),
+    "neigh": lambda e, spec: f"ARP entry {e.ip} -> {e.mac} on {spec.bridge}",
+    "fdb_tunnel": lambda e, spec: f"FDB entry {e.mac} -> {e.remote} on {spec.vtep}",
+    "fdb_bridge": lambda e, spec: f"bridge FDB entry {e.mac} on {spec.vtep} (master {spec.bridge})",
+}
+
+
 def _entry_words(entry: Entry, spec: DeviceSpec) -> str:
-    if isinstance(entry, Route):
-        dev = spec.underlay if entry.direct else spec.bridge
-        return f"route to {entry.dst} via {entry.gateway} dev {dev}"
-    if isinstance(entry, Neighbour):
-        return f"ARP entry {entry.ip} -> {entry.mac} on {spec.bridge}"
-    if isinstance(entry, TunnelFdb):
-        return f"FDB entry {entry.mac} -> {entry.remote} on {spec.vtep}"
-    return f"bridge FDB entry {entry.mac} on {spec.vtep} (master {spec.bridge})"
-
-
-def _current(entry: Entry, actual: EntrySet) -> Entry | None:
-    if isinstance(entry, Route):
-        return actual.routes.get(route_key(entry.dst))
-    if isinstance(entry, Neighbour):
-        return actual.neighbours.get(int(entry.ip))
-    if isinstance(entry, TunnelFdb):
-        return actual.tunnel_fdb.get(entry.mac)
-    assert isinstance(entry, BridgeFdb)
-    return actual.bridge_fdb.get(entry.mac)
+    return _WORDS[kind_of(entry).name](entry, spec)
 
 
 def describe_change(change: Change, actual: EntrySet, spec: DeviceSpec) -> str:
     if change.op is Op.DELETE:
         return f"stale {_entry_words(change.entry, spec)}: no lease asks for it"
-    current = _current(change.entry, actual)
+    current = actual.get(change.entry)
     if current is None:
         return f"missing {_entry_words(change.entry, spec)}"
     return f"wrong {_entry_words(current, spec)}: should be {_entry_words(change.entry, spec)}"

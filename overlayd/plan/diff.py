@@ -1,10 +1,12 @@
 """The keyed diff between desired and actual entries, in a safe order.
 
 Order matters for traffic in flight: a route must never point at a next hop
-whose neighbour or FDB entry is missing. So routes of departed peers go
-first, then FDB and neighbour entries are added or replaced, then routes are
-added, and only at the end are stale FDB and neighbour entries removed (a
-peer whose MAC changed keeps working through the switch).
+whose neighbour or FDB entry is missing. So the top layer's stale entries
+(routes of departed peers) go first, then entries are added or replaced
+from the bottom layer up (FDB, neighbour, route), and only at the end are
+the other stale entries removed from the top down (a peer whose MAC changed
+keeps working through the switch). The layers come from the table of entry
+kinds in model.py; nothing here knows one kind from another.
 """
 
 from __future__ import annotations
@@ -12,73 +14,60 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-from overlayd.model import (
-    BridgeFdb,
-    Change,
-    Entry,
-    EntrySet,
-    Neighbour,
-    Observed,
-    Op,
-    Route,
-    TunnelFdb,
-    route_key,
-)
+from overlayd.model import KIND_OF, KINDS, Change, Entry, EntryKind, EntrySet, Observed, Op
 
 K = TypeVar("K")
-E = TypeVar("E", bound=Entry)
+V = TypeVar("V")
+
+_BOTTOM_UP = sorted(KINDS, key=lambda kind: kind.layer)
+_TOP_LAYER = max(kind.layer for kind in KINDS)
 
 
-def _replace_and_delete(
-    desired: Mapping[K, E], actual: Mapping[K, E]
-) -> tuple[list[Change], list[Change]]:
+def replace_and_delete(desired: Mapping[K, V], actual: Mapping[K, V]) -> tuple[list[V], list[V]]:
+    """What to write (new or different) and what to remove (not desired),
+    for one kind of keyed object."""
     replace = []
     current_of = actual.get
-    for key, entry in desired.items():
+    for key, value in desired.items():
         current = current_of(key)
         # Identity first: unchanged peers keep their (memoized) entry objects,
         # and comparing dataclasses field by field costs more.
-        if current is not entry and current != entry:
-            replace.append(Change(Op.REPLACE, entry))
-    delete = [Change(Op.DELETE, entry) for key, entry in actual.items() if key not in desired]
+        if current is not value and current != value:
+            replace.append(value)
+    delete = [value for key, value in actual.items() if key not in desired]
     return replace, delete
+
+
+def ordered_changes(pending: Mapping[EntryKind, tuple[list[Entry], list[Entry]]]) -> list[Change]:
+    """(to write, to delete) per kind, as one list of changes in the safe order."""
+    first: list[Change] = []
+    replaces: list[Change] = []
+    last: list[Change] = []
+    for kind in _BOTTOM_UP:
+        replace, delete = pending.get(kind, ([], []))
+        replaces += [Change(Op.REPLACE, entry) for entry in replace]
+        deletions = [Change(Op.DELETE, entry) for entry in delete]
+        if kind.layer == _TOP_LAYER:
+            first += deletions
+        else:
+            last[:0] = deletions  # top down
+    return [*first, *replaces, *last]
 
 
 def diff(desired: EntrySet, actual: EntrySet) -> list[Change]:
     """Changes that turn `actual` into `desired`; empty when they match."""
-    route_replace, route_delete = _replace_and_delete(desired.routes, actual.routes)
-    tunnel_replace, tunnel_delete = _replace_and_delete(desired.tunnel_fdb, actual.tunnel_fdb)
-    bridge_replace, bridge_delete = _replace_and_delete(desired.bridge_fdb, actual.bridge_fdb)
-    neigh_replace, neigh_delete = _replace_and_delete(desired.neighbours, actual.neighbours)
-    return [
-        *route_delete,
-        *tunnel_replace,
-        *bridge_replace,
-        *neigh_replace,
-        *route_replace,
-        *neigh_delete,
-        *bridge_delete,
-        *tunnel_delete,
-    ]
+    return ordered_changes(
+        {kind: replace_and_delete(desired.table(kind), actual.table(kind)) for kind in KINDS}
+    )
 
 
 def expected(observed: Observed, believed: EntrySet | None) -> bool:
     """Whether a kernel event only confirms what we believe the kernel holds
-    (our own change coming back to us). Anything else is drift."""
+    (our own change coming back to us). Anything else is drift; an entry
+    that vanished is expected only if we believed it gone (a neighbour we
+    do not own vanishing is ARP housekeeping, not ours to judge)."""
     entry = observed.entry
-    if believed is None or entry is None:
+    if believed is None or entry is None or type(entry) not in KIND_OF:
         return False
-    if isinstance(entry, Route):
-        current: Entry | None = believed.routes.get(route_key(entry.dst))
-    elif isinstance(entry, Neighbour):
-        current = believed.neighbours.get(int(entry.ip))
-        if not observed.present:
-            # A vanished neighbour we do not own is ARP housekeeping.
-            return current is None
-    elif isinstance(entry, TunnelFdb):
-        current = believed.tunnel_fdb.get(entry.mac)
-    elif isinstance(entry, BridgeFdb):
-        current = believed.bridge_fdb.get(entry.mac)
-    else:
-        return False
+    current = believed.get(entry)
     return current == entry if observed.present else current is None

@@ -1,8 +1,9 @@
 """The etcd adapter: the only module that imports aetcd.
 
-It speaks bytes and revisions and hides aetcd's and gRPC's types: callers get
-`StoreUnavailable` for "etcd cannot be reached right now, try again" and
-`WatchCompacted` for "re-list, then watch from the new revision".
+It implements `store.base.Store`: bytes and revisions, with aetcd's and
+gRPC's types hidden; callers get `StoreUnavailable` for "etcd cannot be
+reached right now, try again" and `WatchCompacted` for "re-list, then watch
+from the new revision".
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,22 +18,9 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 
-from overlayd.errors import OverlaydError
+from overlayd.store.base import KeyEvent, StoreUnavailable, WatchCompacted
 
-
-class StoreUnavailable(OverlaydError):
-    """etcd did not answer; the caller retries with backoff."""
-
-
-class WatchCompacted(OverlaydError):
-    """The watch's start revision was compacted away; list again."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyEvent:
-    key: str
-    value: bytes | None  # None: the key was deleted (or its lease expired)
-    revision: int
+__all__ = ["EtcdStore", "KeyEvent", "StoreUnavailable", "WatchCompacted", "grpc_target"]
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:

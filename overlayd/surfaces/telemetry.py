@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
 from overlayd import __version__
-from overlayd.model import Change, Entry, Lease, Neighbour, Route, TunnelFdb
+from overlayd.model import Change, Entry, Lease, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,7 @@ EventListener = Callable[[str, dict[str, Any]], None]
 
 
 def entry_kind(entry: Entry) -> str:
-    if isinstance(entry, Route):
-        return "route"
-    if isinstance(entry, Neighbour):
-        return "neigh"
-    if isinstance(entry, TunnelFdb):
-        return "fdb_tunnel"
-    return "fdb_bridge"
+    return kind_of(entry).name
 
 
 def peer_view(peer: Lease, *, direct: bool) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""Dataplane managers, one per kind of kernel object, in the shape of Calico
+Felix's (`vxlan_mgr`, `route_mgr`): each owns exactly its objects, computes
+what they must be from the pass's inputs with a pure function (plan/),
+reads or believes what they are, and applies the difference.
+
+The loop runs them in a fixed order, `ORDER` below: devices before the
+sysctls that name them, both before the rules that use them, and all of
+those before the per-peer entries that hang off the devices. A new
+capability (the VXLAN allow-list, IPv6 entries, policy sets, service maps)
+is a new manager here, not a branch in the loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
+from overlayd.plan.egress import EgressSpec
+
+
+class Level(enum.IntEnum):
+    """How much a pass checks, cheapest first.
+
+    LIGHT  after an etcd event: entries diffed against what we believe the
+           kernel holds; nothing else is looked at.
+    CHECK  every resync period: devices, sysctls and rules are compared with
+           the kernel too (some of them send no netlink event when changed);
+           entries are still diffed against belief, which netlink events keep
+           honest.
+    FULL   at start, after a failure, after an event nobody can attribute, or
+           every full-resync period: everything is read back from the kernel.
+    """
+
+    LIGHT = 0
+    CHECK = 1
+    FULL = 2
+
+
+class PassInputs(Protocol):
+    """What a pass reads, once, at its start."""
+
+    @property
+    def config(self) -> NetworkConfig: ...
+
+    @property
+    def own(self) -> Lease: ...
+
+    @property
+    def spec(self) -> DeviceSpec: ...
+
+    @property
+    def egress(self) -> EgressSpec: ...
+
+    @property
+    def etcd_prefix(self) -> str: ...
+
+    # The raw lease keys and values (the mirror's live collection).
+    raw_leases: Mapping[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """A snapshot of `PassInputs`, so that every manager in one pass sees the
+    same host even if the config or the lease changes meanwhile."""
+
+    config: NetworkConfig
+    own: Lease
+    spec: DeviceSpec
+    egress: EgressSpec
+    etcd_prefix: str
+    raw_leases: Mapping[str, bytes]
+
+    @classmethod
+    def of(cls, source: PassInputs) -> Inputs:
+        return cls(
+            source.config,
+            source.own,
+            source.spec,
+            source.egress,
+            source.etcd_prefix,
+            source.raw_leases,
+        )
+
+
+@dataclass
+class PassContext:
+    """One pass: its inputs and level, and what the managers report back."""
+
+    inputs: Inputs
+    level: Level
+    # Changes of kernel entries (for logs and metrics).
+    changes: list[Change] = field(default_factory=list)
+    # (kind, what): devices, sysctls and rules a manager had to (re)make.
+    remade: list[tuple[str, str]] = field(default_factory=list)
+    peers: int = 0
+
+    def remade_all(self, kind: str, what: list[str]) -> None:
+        self.remade += [(kind, item) for item in what]
+
+
+class Manager(Protocol):
+    """One kind of kernel object."""
+
+    name: str
+
+    async def sync(self, context: PassContext) -> None:
+        """Make the kernel's objects of this kind match the inputs, as far as
+        the pass's level asks; raise on any failure (the loop retries)."""
+        ...
+
+    def expects(self, observed: Observed) -> bool:
+        """Whether a netlink event only confirms what this manager wrote."""
+        ...
+
+    def forget(self) -> None:
+        """Believe nothing about the kernel: the next pass reads it back."""
+        ...

@@ -1,0 +1,89 @@
+"""What the rest of overlayd may ask of etcd, as a Protocol, and the two
+conditions every caller handles: "not reachable right now" and "your watch
+revision was compacted". The etcd adapter implements it; unit tests of the
+mirror and the lease keeper implement it with a dictionary."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from overlayd.backoff import sleep_backoff
+from overlayd.errors import OverlaydError
+
+T = TypeVar("T")
+log = logging.getLogger("overlayd")
+
+
+class StoreUnavailable(OverlaydError):
+    """etcd did not answer; the caller retries with backoff."""
+
+
+class WatchCompacted(OverlaydError):
+    """The watch's start revision was compacted away; list again."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    key: str
+    value: bytes | None  # None: the key was deleted (or its lease expired)
+    revision: int
+
+
+class Store(Protocol):
+    """A key-value store with revisions, leases and create-if-absent."""
+
+    async def close(self) -> None: ...
+
+    async def get(self, key: str) -> tuple[bytes | None, int]:
+        """The value (None if absent) and the store's revision."""
+        ...
+
+    async def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
+        """All keys under `prefix` and the revision they were read at."""
+        ...
+
+    async def get_with_revision(self, key: str) -> tuple[bytes, int] | None:
+        """The value and its mod revision, or None if absent."""
+        ...
+
+    async def put(self, key: str, value: str | bytes) -> None: ...
+
+    async def put_many(self, items: Sequence[tuple[str, str]]) -> None: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def grant(self, ttl: int) -> int: ...
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive; returns its new TTL, 0 when it has expired."""
+        ...
+
+    async def revoke(self, lease_id: int) -> None: ...
+
+    async def create(self, key: str, value: str, lease_id: int) -> bool:
+        """Put the key bound to the lease only if it does not exist; atomic."""
+        ...
+
+    async def take_over(self, key: str, value: str, lease_id: int, mod_revision: int) -> bool:
+        """Rebind an existing key to our lease if nobody changed it meanwhile."""
+        ...
+
+    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[KeyEvent]:
+        """Events under `prefix` from `start_revision` on, until an error."""
+        ...
+
+
+async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Call until etcd answers, backing off with jitter between attempts."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            if attempt % 10 == 0:
+                log.warning("event=etcd_unavailable during=%s error=%r", what, str(exc)[:200])
+            await sleep_backoff(attempt)
+            attempt += 1

@@ -1,0 +1,182 @@
+"""The reconcile loop over the managers, with a fake dataplane that records
+every call: the fixed order, what each level of pass looks at, retry after
+a failure, and telling our own netlink echoes from drift."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from overlayd.config import parse_network_config
+from overlayd.daemon.loop import Knowledge, Reconciler
+from overlayd.daemon.managers import Level
+from overlayd.dataplane.entries import ApplyResult
+from overlayd.model import (
+    Change,
+    DeviceSpec,
+    Entry,
+    EntrySet,
+    Lease,
+    Observed,
+    Op,
+    Route,
+    Underlay,
+    kind_of,
+)
+from overlayd.plan.egress import EgressSpec
+from overlayd.plan.host import host_plan
+from overlayd.plan.leases import render_lease, subnet_key
+
+PREFIX = "/coreos.com/network"
+CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
+UNDERLAY = Underlay("eth0", 2, 1500, IPv4Address("192.0.2.11"))
+OWN = Lease(IPv4Network("10.244.1.0/24"), UNDERLAY.address, 1, "02:00:00:00:00:01")
+PEER = Lease(IPv4Network("10.244.2.0/24"), IPv4Address("192.0.2.12"), 1, "02:00:00:00:00:02")
+GWBRIDGE = EgressSpec(
+    "gwbridge", CONFIG.network, "ovl0", "ovl_gwbridge", IPv4Network("172.18.0.0/16")
+)
+
+
+class FakeDataplane:
+    """Holds entries in a dict and records the order of calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.kernel: EntrySet = EntrySet()
+        self.fail_next_apply = False
+
+    async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
+        self.calls.append("devices")
+        return []
+
+    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+        self.calls.append("gwbridge")
+        return []
+
+    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+        return [IPv4Network("192.0.2.0/24")]
+
+    async def ensure_forwarding(self, bridge: str) -> list[str]:
+        self.calls.append("sysctl")
+        return []
+
+    async def ensure_bridge_netfilter(self) -> list[str]:
+        self.calls.append("bridge-nf")
+        return []
+
+    async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
+        self.calls.append("nft")
+        return None
+
+    async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]:
+        self.calls.append("iptables")
+        return []
+
+    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+        self.calls.append("read")
+        return self.kernel
+
+    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+        self.calls.append(f"apply {len(changes)}")
+        if self.fail_next_apply:
+            self.fail_next_apply = False
+            return ApplyResult(len(changes), ("RTNETLINK answers: No such device",))
+        held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(self.kernel)}
+        for change in changes:
+            key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
+            if change.op is Op.REPLACE:
+                held[key] = change.entry
+            else:
+                held.pop(key, None)
+        self.kernel = EntrySet.of(held.values())
+        return ApplyResult(len(changes), ())
+
+
+def _all(entries: EntrySet) -> list[Entry]:
+    return [
+        *entries.routes.values(),
+        *entries.neighbours.values(),
+        *entries.tunnel_fdb.values(),
+        *entries.bridge_fdb.values(),
+    ]
+
+
+def knowledge(*peers: Lease, egress: EgressSpec = GWBRIDGE) -> Knowledge:
+    host = host_plan(CONFIG, OWN, UNDERLAY, bridge="ovl0", egress=egress)
+    return Knowledge(
+        config=CONFIG,
+        own=OWN,
+        spec=host.spec,
+        egress=host.egress,
+        etcd_prefix=PREFIX,
+        raw_leases={subnet_key(PREFIX, p.subnet): render_lease(p).encode() for p in (OWN, *peers)},
+    )
+
+
+async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() -> None:
+    dataplane = FakeDataplane()
+    loop = Reconciler(knowledge(PEER), dataplane)
+    result = await loop.reconcile_once()
+    assert result.ok and result.changes == 4 and result.peers == 1
+    assert dataplane.calls == [
+        "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables", "read", "apply 4"
+    ]  # fmt: skip
+    assert len(dataplane.kernel) == 4
+
+
+async def test_light_and_check_passes_use_belief_and_only_full_passes_read_the_kernel() -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge()
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    dataplane.calls.clear()
+    inputs.raw_leases = knowledge(PEER).raw_leases
+    assert (await loop.reconcile_once(level=Level.LIGHT)).changes == 4
+    assert dataplane.calls == ["apply 4"]  # no devices, no rules, no dump
+    dataplane.calls.clear()
+    assert (await loop.reconcile_once(level=Level.CHECK)).changes == 0
+    assert "read" not in dataplane.calls and "devices" in dataplane.calls
+    dataplane.calls.clear()
+    # Positive control: a full pass does read, and repairs what went missing.
+    dataplane.kernel = EntrySet()
+    assert (await loop.reconcile_once(level=Level.FULL)).changes == 4
+    assert "read" in dataplane.calls
+
+
+async def test_a_failed_pass_is_retried_in_full_until_it_succeeds() -> None:
+    dataplane = FakeDataplane()
+    dataplane.fail_next_apply = True
+    loop = Reconciler(knowledge(PEER), dataplane)
+    results: list[bool] = []
+    done = asyncio.Event()
+
+    def on_pass(result: object) -> None:
+        ok = bool(getattr(result, "ok", False))
+        results.append(ok)
+        if ok:
+            done.set()
+
+    loop.on_pass = on_pass
+    task = asyncio.create_task(loop.run())
+    loop.mark_dirty()
+    try:
+        async with asyncio.timeout(30):
+            await done.wait()
+    finally:
+        task.cancel()
+    assert results[:2] == [False, True]
+    assert dataplane.calls.count("read") == 2  # the retry re-read the kernel
+    assert len(dataplane.kernel) == 4
+
+
+async def test_our_own_echo_is_not_drift_but_a_strange_entry_is() -> None:
+    dataplane = FakeDataplane()
+    loop = Reconciler(knowledge(PEER), dataplane)
+    await loop.reconcile_once()
+    ours = Route(PEER.subnet, PEER.subnet.network_address)
+    loop.note_drift(Observed(True, ours, "route"))
+    assert loop.drift_events == 0
+    loop.note_drift(Observed(True, Route(PEER.subnet, IPv4Address("192.0.2.99")), "route"))
+    loop.note_drift(Observed(False, None, "link ovl0"))
+    assert loop.drift_events == 2
