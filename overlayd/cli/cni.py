@@ -27,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
+from overlayd.nsexec import call_plugin
 from overlayd.surfaces.subnetfile import read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
@@ -160,42 +159,6 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
             )
         )
     return delegates
-
-
-def call_plugin(
-    argv: Sequence[str], conf: Mapping[str, Any], env: Mapping[str, str]
-) -> tuple[bool, dict[str, Any] | None, str]:
-    """Run a CNI plugin as a runtime does: config on stdin, CNI_* in the
-    environment. Returns (succeeded, the parsed result or error, raw text)."""
-    proc = subprocess.run(
-        list(argv),
-        input=json.dumps(conf).encode(),
-        capture_output=True,
-        env=dict(env),
-        timeout=60,
-        check=False,
-    )
-    out = proc.stdout.decode().strip()
-    try:
-        parsed = json.loads(out) if out else None
-    except ValueError:
-        parsed = None
-    return proc.returncode == 0, parsed, out or proc.stderr.decode().strip()
-
-
-def runtime_env(
-    command: str, netns_name: str, cni_path: str, base: Mapping[str, str]
-) -> dict[str, str]:
-    """The variables a runtime sets for a container whose network namespace
-    is the named one in /run/netns (and whose ID is that name)."""
-    return {
-        **base,
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": netns_name,
-        "CNI_NETNS": f"/run/netns/{netns_name}",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": cni_path,
-    }
 
 
 def run_delegate(

@@ -38,6 +38,7 @@ from pathlib import Path
 from overlayd.lab import netns
 from overlayd.lab.flannel_style import add_flannel_style_host, program_flannel_peers
 from overlayd.lab.lab import Container, Lab, LabSettings, default_network_config
+from overlayd.nsexec import netns_argv, ping_rtt_ms
 
 PATHS = ("underlay", "routed", "overlay", "flannel")
 IPERF_PORT = 5201
@@ -115,7 +116,7 @@ def _servers(a: Endpoint, b: Endpoint) -> None:
         sockperf = ["sockperf", "sr", "--tcp", "-i", str(end.address), "-p", str(SOCKPERF_PORT)]
         for argv in (["iperf3", "-s", "-p", str(IPERF_PORT)], ["taskset", "-c", "0", *sockperf]):
             subprocess.Popen(
-                ["ip", "netns", "exec", end.ns, *argv],
+                netns_argv(end.ns, *argv),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -153,8 +154,10 @@ def _iperf(
 
 def _ping_us(src: Endpoint, dst: Endpoint) -> float:
     out = netns.in_ns(src.ns, "ping", "-n", "-q", "-c", "50", "-i", "0.01", str(dst.address))
-    line = next(x for x in out.splitlines() if "min/avg/max" in x)
-    return float(line.split("=")[1].split("/")[1]) * 1000
+    rtt = ping_rtt_ms(out)
+    if rtt is None:
+        raise RuntimeError(f"ping {src.ns} -> {dst.address}: no reply")
+    return rtt * 1000
 
 
 def _rr_p50_us(src: Endpoint, dst: Endpoint, seconds: float) -> float:

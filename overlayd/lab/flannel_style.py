@@ -19,7 +19,7 @@ from overlayd.errors import LeaseError
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Container, Lab
 from overlayd.model import Lease, NetworkConfig
-from overlayd.plan.ipam import pick_subnet
+from overlayd.plan.ipam import gateway_address, pick_subnet
 from overlayd.plan.leases import (
     config_key,
     parse_lease,
@@ -90,7 +90,7 @@ def add_flannel_style_host(lab: Lab, host: int) -> Container:
     )
     netns.ip(ns, "addr", "add", f"{subnet.network_address}/32", "dev", vtep)
     netns.ip(ns, "link", "set", vtep, "up")
-    gateway = subnet.network_address + 1
+    gateway = gateway_address(subnet)
     netns.ip(ns, "link", "add", "cni0", "mtu", "1450", "type", "bridge")
     netns.ip(ns, "addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", "cni0")
     netns.ip(ns, "link", "set", "cni0", "up")

@@ -2,7 +2,8 @@
 
 Every command here names a namespace: the lab never adds an address or a
 route to the root namespace, and veth pairs are created with both ends
-already inside lab namespaces.
+already inside lab namespaces. The `ip netns exec` command line itself is
+overlayd.nsexec's, which overlayctl uses too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from overlayd.nsexec import netns_argv
 
 
 class LabCommandError(RuntimeError):
@@ -33,13 +36,13 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
 
 
 def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
-    return sh(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+    return sh(netns_argv(ns, *argv), check=check, timeout=timeout)
 
 
 def module_argv(ns: str, module: str, *args: str) -> list[str]:
     """The command line that runs one of overlayd's modules in `ns`, with the
     interpreter (and so the venv) the caller runs under."""
-    return ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args]
+    return netns_argv(ns, sys.executable, "-m", module, *args)
 
 
 def list_namespaces() -> list[str]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from overlayd.lab.checks import parallel, ping
 from overlayd.lab.lab import Container, Lab
 
 PROBE_WAIT = 0.2
@@ -23,7 +24,7 @@ def _all_reachable(pairs: Sequence[tuple[Container, Container]], timeout: float)
     pending = list(pairs)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        results = Lab._parallel(lambda p: Lab.ping(*p, wait=PROBE_WAIT), pending)
+        results = parallel(lambda p: ping(*p, wait=PROBE_WAIT), pending)
         pending = [(r.src, r.dst) for r in results if not r.ok]
         if pending:
             time.sleep(PROBE_STEP)

@@ -136,6 +136,40 @@ def test_peers_lists_the_other_host_as_programmed(lab: Lab) -> None:
     assert rows[0].split()[3] == "vxlan"
 
 
+def lab_ctl(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """`overlayctl lab ctl ...` from the root namespace, as a user types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "overlayd.cli.ctl", "lab", "ctl", "--name", lab.name, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_lab_ctl_runs_overlayctl_in_the_host_against_its_daemon(lab: Lab) -> None:
+    proc = lab_ctl(lab, "h1", "--", "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["lease"]["subnet"] == str(lab.subnet(1))
+    assert status["lease"]["public_ip"] == "192.0.2.11"
+    # No etcd flags given: the host daemon's endpoints and prefix reach
+    # overlayctl too, so commands that read etcd work as well.
+    proc = lab_ctl(lab, "h2", "--", "leases", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["subnet"] for r in json.loads(proc.stdout)} == {
+        str(lab.subnet(1)),
+        str(lab.subnet(2)),
+    }
+
+
+def test_lab_ctl_names_a_host_that_is_not_there(lab: Lab) -> None:
+    proc = lab_ctl(lab, "h9", "--", "status")
+    assert proc.returncode == 1
+    assert f"lab {lab.name!r} has no host 'h9'" in proc.stderr
+    assert proc.stdout == ""
+
+
 def test_leases_lists_every_host_from_etcd(lab: Lab) -> None:
     proc = ctl(lab, 1, "leases", "--json", "--etcd-endpoints", ETCD)
     assert proc.returncode == 0, proc.stderr

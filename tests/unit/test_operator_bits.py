@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from overlayd.cli import ctl
-from overlayd.cli.operator import docker_options
+from overlayd.cli.docker import docker_options
 from overlayd.config import build_agent_config
 from overlayd.errors import ConfigError, OverlaydError
 from overlayd.surfaces.control import DaemonUnreachable, ask, serve_control

@@ -1,0 +1,142 @@
+"""`overlayctl diagnose`: asks the daemon and also looks at the kernel and
+etcd itself, so that it still helps when the daemon is down; the verdicts
+are overlayd.plan.diagnose's."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from overlayd.cli.common import print_json, settings_from, table
+from overlayd.config import AgentConfig, parse_network_config
+from overlayd.dataplane import entries, inspect
+from overlayd.dataplane.netlink import Netlink
+from overlayd.errors import ConfigError, LeaseError
+from overlayd.plan.cluster import cluster_plan
+from overlayd.plan.desired import device_spec
+from overlayd.plan.diagnose import Finding, HostFacts, diagnose
+from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
+from overlayd.store.etcd import EtcdStore, StoreUnavailable
+from overlayd.surfaces.control import DaemonUnreachable, ask
+from overlayd.surfaces.subnetfile import read_subnet, read_variables
+
+
+def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig:
+    """The running daemon knows best where it looks: use its settings."""
+    d = status.get("settings") or {}
+    try:
+        return replace(
+            s,
+            etcd_endpoints=tuple(d.get("etcd_endpoints") or s.etcd_endpoints),
+            etcd_prefix=d.get("etcd_prefix") or s.etcd_prefix,
+            iface=d.get("iface") or s.iface,
+            public_ip=IPv4Address(d["public_ip"]) if d.get("public_ip") else s.public_ip,
+            subnet_file=Path(d["subnet_file"]) if d.get("subnet_file") else s.subnet_file,
+            bridge=d.get("bridge") or s.bridge,
+        )
+    except (TypeError, ValueError):
+        return s
+
+
+async def gather(s: AgentConfig) -> HostFacts:
+    facts = HostFacts()
+    try:
+        facts.daemon_status = await ask(s.control_socket, "status")
+        facts.daemon_peers = await ask(s.control_socket, "peers")
+        s = _with_daemon_settings(s, facts.daemon_status or {})
+    except DaemonUnreachable as exc:
+        facts.daemon_error = str(exc)
+    subnet = read_subnet(s.subnet_file)
+    mtu_text = read_variables(s.subnet_file).get("FLANNEL_MTU")
+    facts.subnet_file_mtu = int(mtu_text) if mtu_text and mtu_text.isdigit() else None
+    try:
+        async with EtcdStore(s.etcd_endpoints) as store:
+            everything, _ = await store.get_prefix(s.etcd_prefix.rstrip("/") + "/")
+    except StoreUnavailable as exc:
+        facts.config_error = f"cannot read etcd: {exc}"
+        return facts
+    raw_config = everything.get(config_key(s.etcd_prefix))
+    if raw_config is None:
+        facts.config_error = f"no network config at {config_key(s.etcd_prefix)}"
+        return facts
+    try:
+        config = parse_network_config(raw_config)
+    except ConfigError as exc:
+        facts.config_error = f"the network config in etcd is invalid: {exc}"
+        return facts
+    if subnet is None:
+        facts.lease_problem = f"{s.subnet_file} names no subnet: overlayd has not started here"
+        return facts
+    facts.own_subnet = str(subnet)
+    leases = {k: v for k, v in everything.items() if k.startswith(subnets_prefix(s.etcd_prefix))}
+    own_key = subnet_key(s.etcd_prefix, subnet)
+    netlink = Netlink()
+    try:
+        underlay = await netlink.find_underlay(s.iface, s.public_ip)
+        onlink = await netlink.connected_networks(underlay.ifindex)
+    finally:
+        await netlink.close()
+    own_raw = leases.get(own_key)
+    try:
+        own = parse_lease(subnet, own_raw) if own_raw is not None else None
+    except LeaseError as exc:
+        facts.lease_problem = f"{own_key} is not a valid lease: {exc}"
+        return facts
+    if own is None:
+        facts.lease_problem = f"{own_key} is not in etcd: the lease expired or was deleted"
+        return facts
+    if own.public_ip != underlay.address:
+        facts.lease_problem = f"{own_key} belongs to {own.public_ip}, not to this host"
+        return facts
+    spec = device_spec(
+        config=config,
+        own=own,
+        bridge=s.bridge,
+        underlay_ifindex=underlay.ifindex,
+        underlay_mtu=underlay.mtu,
+        underlay=underlay.name,
+    )
+    facts.spec = spec
+    plan = cluster_plan(config, own, leases, s.etcd_prefix, onlink, underlay=underlay.name)
+    facts.desired = plan.desired
+    facts.rejected = plan.rejected
+    facts.cluster_peers = {
+        str(p.subnet): str(p.public_ip) for p in (*plan.peers.tunneled, *plan.peers.direct)
+    }
+    facts.actual = await entries.read_entries(spec)
+    for name in (spec.bridge, spec.vtep):
+        if name:
+            facts.devices[name] = await inspect.device(name)
+    if spec.vtep and facts.devices.get(spec.vtep) is not None:
+        facts.vtep_tx_checksumming = await inspect.tx_checksumming(spec.vtep)
+    for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{spec.bridge}.forwarding"):
+        facts.sysctls[key] = inspect.sysctl(key)
+    facts.ruleset = await inspect.nft_ruleset()
+    return facts
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    findings = diagnose(asyncio.run(gather(settings_from(args))))
+    healthy = all(f.ok for f in findings)
+    if args.json:
+        print_json({"ok": healthy, "findings": [asdict(f) for f in findings]})
+    else:
+        print(render_findings(findings))
+    return 0 if healthy else 1
+
+
+def render_findings(findings: Sequence[Finding]) -> str:
+    lines = [
+        table(
+            [["ok" if f.ok else "FAIL", f.check, f.detail] for f in findings],
+            ["", "CHECK", "DETAIL"],
+        )
+    ]
+    failed = sum(not f.ok for f in findings)
+    lines.append("all is well" if not failed else f"{failed} problem(s) found")
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
+`status`, `ctl`, `down`) and the figure commands (`timing`, `faults`,
+`bench`, `tune`, `cpbench`).
+
+overlayd.lab is imported inside the commands only, never at module level,
+so that overlayctl on a real host (status, diagnose, ...) loads no lab code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from overlayd.cli.common import table
+from overlayd.errors import OverlaydError
+
+if TYPE_CHECKING:
+    from overlayd.lab.lab import Lab
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise OverlaydError("the lab creates network namespaces: run it as root")
+
+
+def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
+    """All-pairs reachability across hosts, then (unless egress is off) every
+    container's way out: the outside server must see its host's address."""
+    from overlayd.lab.topology import OUTSIDE_SERVER
+
+    started = time.monotonic()
+    pings = lab.check(timeout=timeout)
+    egress_mode = lab.settings().egress
+    egress = lab.check_egress() if egress_mode != "none" else []
+    elapsed = time.monotonic() - started
+    reachable = sum(r.ok for r in pings)
+    egress_ok = sum(e.seen_as == str(e.expected) for e in egress)
+    healthy = bool(pings) and reachable == len(pings) and egress_ok == len(egress)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "ok": healthy,
+                    "seconds": round(elapsed, 3),
+                    "egress_mode": egress_mode,
+                    "pairs": len(pings),
+                    "reachable": reachable,
+                    "pings": [
+                        {
+                            "src": r.src.ns,
+                            "src_ip": str(r.src.address),
+                            "dst": r.dst.ns,
+                            "dst_ip": str(r.dst.address),
+                            "ok": r.ok,
+                            "rtt_ms": r.rtt_ms,
+                        }
+                        for r in pings
+                    ],
+                    "egress": [
+                        {
+                            "container": e.container.ns,
+                            "seen_as": e.seen_as,
+                            "expected": str(e.expected),
+                        }
+                        for e in egress
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0 if healthy else 1
+    hosts = len({r.src.host for r in pings})
+    print(
+        f"lab check: {reachable}/{len(pings)} cross-host container pairs reachable"
+        f" across {hosts} hosts in {elapsed:.1f} s"
+    )
+    rtts = sorted(r.rtt_ms for r in pings if r.rtt_ms is not None)
+    if rtts:
+        print(
+            f"  ping RTT ms: min {rtts[0]:.3f}  median {rtts[len(rtts) // 2]:.3f}"
+            f"  max {rtts[-1]:.3f}"
+        )
+    for r in pings:
+        if not r.ok:
+            print(f"  UNREACHABLE {r.src.ns} ({r.src.address}) -> {r.dst.ns} ({r.dst.address})")
+    if egress_mode == "none":
+        print("  egress: off (egress = none)")
+    else:
+        print(
+            f"  egress ({egress_mode}): {egress_ok}/{len(egress)} containers reach"
+            f" {OUTSIDE_SERVER} as their host's address"
+        )
+        for e in egress:
+            if e.seen_as != str(e.expected):
+                seen = e.seen_as or "unreachable"
+                print(f"  EGRESS {e.container.ns}: seen as {seen}, expected {e.expected}")
+    return 0 if healthy else 1
+
+
+def _up(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.lab import DEFAULT_NETWORK, LabSettings, default_network_config
+
+    started = time.monotonic()
+    config = default_network_config(
+        IPv4Network(args.network) if args.network else DEFAULT_NETWORK,
+        args.vni,
+        args.port,
+        backend=args.backend,
+        direct_routing=args.direct_routing,
+    )
+    try:
+        lab.up(
+            args.hosts,
+            config=config,
+            settings=LabSettings(
+                lease_ttl=args.lease_ttl,
+                containers_per_host=args.containers,
+                egress=args.egress,
+                mqtt=args.mqtt,
+            ),
+        )
+    except BaseException:
+        print(
+            f"lab up failed; `overlayctl lab down --name {args.name}` removes what"
+            " was made (logs are in "
+            f"{lab.state_dir} until then)",
+            file=sys.stderr,
+        )
+        raise
+    built = time.monotonic() - started
+    print(
+        f"lab {args.name!r}: {args.hosts} hosts up in {built:.1f} s"
+        f" (state and logs in {lab.state_dir})"
+    )
+    for host in lab.hosts():
+        print(
+            f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}"
+            f"  subnet {lab.subnet(host)}"
+        )
+    return _check(lab, timeout=args.timeout, as_json=False) if args.check else 0
+
+
+def _lab_check(lab: Lab, args: argparse.Namespace) -> int:
+    if not lab.hosts():
+        raise OverlaydError(f"lab {args.name!r} is not up")
+    return _check(lab, timeout=args.timeout, as_json=args.json)
+
+
+def _add_host(lab: Lab, args: argparse.Namespace) -> int:
+    host = max(lab.hosts(), default=0) + 1
+    lab.add_host(host)
+    print(f"h{host} up: subnet {lab.subnet(host)}")
+    return 0
+
+
+def _status(lab: Lab, args: argparse.Namespace) -> int:
+    rows = [
+        [
+            f"h{h}",
+            lab.host_ns(h),
+            lab.host_address(h),
+            lab.subnet(h),
+            "running" if lab.daemon_running(h) else "stopped",
+        ]
+        for h in lab.hosts()
+    ]
+    print(table(rows, ["HOST", "NAMESPACE", "UNDERLAY", "SUBNET", "OVERLAYD"]))
+    return 0
+
+
+def _ctl(lab: Lab, args: argparse.Namespace) -> int:
+    """overlayctl inside a lab host, against that host's daemon; its output
+    goes straight to ours and its exit status is ours."""
+    host = lab.host_named(args.host)
+    # argparse keeps the `--` that separates the host's overlayctl arguments.
+    ctl_args = args.ctl_args[1:] if args.ctl_args[:1] == ["--"] else args.ctl_args
+    if not ctl_args:
+        raise OverlaydError("lab ctl: name the overlayctl command to run, e.g. -- status")
+    argv, env = lab.ctl_command(host, ctl_args)
+    return subprocess.run(argv, env=env, check=False).returncode
+
+
+def _down(lab: Lab, args: argparse.Namespace) -> int:
+    removed = lab.down()
+    print(f"lab {args.name!r} down: removed {len(removed)} namespaces")
+    return 0
+
+
+def _timing(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.timing import time_joins, time_lab_up
+
+    for hosts in args.hosts:
+        print(time_lab_up(hosts, args.runs, name=f"{args.name}t").line(), flush=True)
+    for summary in time_joins(3, args.joins, name=f"{args.name}j"):
+        print(summary.line())
+    return 0
+
+
+def _faults(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.faults import fault_figures
+
+    for line in fault_figures(f"{args.name}f", args.runs, args.outage):
+        print(line, flush=True)
+    return 0
+
+
+def _bench(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.bench import bench
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    for text in bench(
+        f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), progress
+    ):
+        print(text)
+    return 0
+
+
+def _tune(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.tune import tune
+
+    print(
+        f"overlay path, {args.pairs} alternating pairs of runs per variant,"
+        f" {args.seconds:g} s iperf3 -C {args.congestion}"
+    )
+    for line in tune(f"{args.name}t", args.pairs, args.seconds, args.congestion):
+        print(line, flush=True)
+    return 0
+
+
+def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab import cpbench
+
+    print(
+        f"control plane: {args.changes} adds and removes per size, idle {args.idle:g} s,"
+        f" resync {args.resync:g} s"
+    )
+    print(cpbench.HEADER)
+    for peers in args.peers:
+        result = cpbench.run_one(
+            f"{args.name}c", peers, args.changes, args.idle, resync_seconds=args.resync
+        )
+        print(result.row(), flush=True)
+    seconds, distinct = cpbench.acquisition(f"{args.name}a", args.acquirers)
+    print(
+        f"lease acquisition: {args.acquirers} acquirers at once, {distinct} distinct"
+        f" subnets, {seconds:.2f} s"
+    )
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
+    "up": _up,
+    "check": _lab_check,
+    "add-host": _add_host,
+    "status": _status,
+    "ctl": _ctl,
+    "down": _down,
+    "timing": _timing,
+    "faults": _faults,
+    "bench": _bench,
+    "tune": _tune,
+    "cpbench": _cpbench,
+}
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    _require_root()
+    from overlayd.lab.lab import Lab
+    from overlayd.lab.netns import LabCommandError
+
+    try:
+        return COMMANDS[args.lab_command](Lab(args.name), args)
+    except LabCommandError as exc:
+        # main() reports OverlaydError as one line; it knows nothing of the lab.
+        raise OverlaydError(str(exc)) from exc
