@@ -1,6 +1,7 @@
 """What the daemon tells the outside about itself: Prometheus metrics, the
-status that `overlayctl status` shows, health and readiness, and a stream
-of events (lease and peer changes, drift repairs) for the MQTT publisher.
+status that `overlayctl status` shows, and health and readiness. Events
+(lease and peer changes, drift repairs) go out through the event bus and
+peer changes of surfaces/events.py, which this record feeds.
 
 The agent and the reconciler report facts here; the HTTP endpoint, the
 control socket and the MQTT publisher only read. Nothing in this module
@@ -9,11 +10,10 @@ does I/O: metrics are in-memory counters until somebody scrapes them.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,28 +22,16 @@ from prometheus_client import Counter as PromCounter
 
 from overlayd import __version__
 from overlayd.model import Change, Entry, Lease, kind_of
-
-log = logging.getLogger(__name__)
+from overlayd.surfaces.events import EventBus, EventListener, PeerChanges, peer_view
 
 # A pass is "stuck" (healthz fails, the watchdog starves) after this long.
 STUCK_PASS_SECONDS = 120.0
 # The heartbeat task ticks every second; healthz allows a few missed ticks.
 HEARTBEAT_STALE_SECONDS = 10.0
 
-EventListener = Callable[[str, dict[str, Any]], None]
-
 
 def entry_kind(entry: Entry) -> str:
     return kind_of(entry).name
-
-
-def peer_view(peer: Lease, *, direct: bool) -> dict[str, Any]:
-    return {
-        "subnet": str(peer.subnet),
-        "public_ip": str(peer.public_ip),
-        "vtep_mac": peer.vtep_mac,
-        "path": "direct" if direct else "vxlan",
-    }
 
 
 @dataclass
@@ -69,18 +57,16 @@ class Telemetry:
     egress: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     last_pass: LastPass | None = None
-    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
     drift_repairs: Counter[str] = field(default_factory=Counter)
     skipped: dict[str, str] = field(default_factory=dict)
     subnet_file_written: bool = False
     first_reconcile_ok: bool = False
     heartbeat: float = field(default_factory=time.monotonic)
     pass_started: float | None = None  # monotonic, while a pass runs
-    listeners: list[EventListener] = field(default_factory=list)
-    # id(lease) -> (lease, direct, subnet text, view): see peers_programmed.
-    _views: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = field(default_factory=dict)
+    bus: EventBus = field(default_factory=EventBus)
 
     def __post_init__(self) -> None:
+        self._peer_changes = PeerChanges(self.bus)
         r = self.registry
         self.m_lease_ttl = Gauge(
             "overlayd_lease_ttl_seconds",
@@ -201,35 +187,18 @@ class Telemetry:
         self.m_skipped.set(len(rejected))
 
     def peers_programmed(self, tunneled: Sequence[Lease], direct: Sequence[Lease]) -> None:
-        """The peers after a successful pass; emits added/changed/removed.
-
-        Runs after every pass, light ones included, so views are memoized by
-        lease object (the parse cache hands back the same object for an
-        unchanged lease): with thousands of peers, rebuilding them all would
-        cost tens of milliseconds a pass."""
-        fresh: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
-        now: dict[str, dict[str, Any]] = {}
-        for is_direct, group in ((False, tunneled), (True, direct)):
-            for peer in group:
-                found = self._views.get(id(peer))
-                if found is None or found[0] is not peer or found[1] is not is_direct:
-                    found = (peer, is_direct, str(peer.subnet), peer_view(peer, direct=is_direct))
-                fresh[id(peer)] = found
-                now[found[2]] = found[3]
-        self._views = fresh
-        if self.listeners:
-            for subnet, view in now.items():
-                before = self.peers.get(subnet)
-                if before is None:
-                    self.emit("peer_added", view)
-                elif before is not view and before != view:
-                    self.emit("peer_changed", {**view, "before": before})
-            for subnet, view in self.peers.items():
-                if subnet not in now:
-                    self.emit("peer_removed", view)
-        self.peers = now
+        """The peers after a successful pass; emits added/changed/removed."""
+        self._peer_changes.update(tunneled, direct)
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
+
+    @property
+    def peers(self) -> dict[str, dict[str, Any]]:
+        return self._peer_changes.peers
+
+    @property
+    def listeners(self) -> list[EventListener]:
+        return self.bus.listeners
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -237,11 +206,7 @@ class Telemetry:
     # --- what readers see ---------------------------------------------------
 
     def emit(self, kind: str, payload: dict[str, Any]) -> None:
-        for listener in self.listeners:
-            try:
-                listener(kind, payload)
-            except Exception:  # a listener's bug must not stop the daemon
-                log.exception("event=listener_failed kind=%s", kind)
+        self.bus.emit(kind, payload)
 
     def healthy(self) -> tuple[bool, str]:
         now = time.monotonic()

@@ -1,0 +1,78 @@
+"""The daemon's event stream, in memory: listeners (the MQTT publisher,
+tests) subscribe; the lease keeper, the loop and the managers emit. And the
+one producer of peer events that needs memory of its own: `PeerChanges`
+turns the peers of successive passes into added, changed and removed.
+
+No I/O here: a listener that talks to the world queues the event itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from overlayd.model import Lease
+
+log = logging.getLogger("overlayd.surfaces.telemetry")
+
+EventListener = Callable[[str, dict[str, Any]], None]
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self.listeners: list[EventListener] = []
+
+    def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, payload)
+            except Exception:  # a listener's bug must not stop the daemon
+                log.exception("event=listener_failed kind=%s", kind)
+
+
+def peer_view(peer: Lease, *, direct: bool) -> dict[str, Any]:
+    return {
+        "subnet": str(peer.subnet),
+        "public_ip": str(peer.public_ip),
+        "vtep_mac": peer.vtep_mac,
+        "path": "direct" if direct else "vxlan",
+    }
+
+
+class PeerChanges:
+    """The peers after the last successful pass, as views by subnet, and the
+    events that tell how they changed from the pass before."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._bus = bus
+        self.peers: dict[str, dict[str, Any]] = {}
+        # id(lease) -> (lease, direct, subnet text, view): see update.
+        self._views: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
+
+    def update(self, tunneled: Sequence[Lease], direct: Sequence[Lease]) -> None:
+        """Runs after every pass, light ones included, so views are memoized
+        by lease object (the parse cache hands back the same object for an
+        unchanged lease): with thousands of peers, rebuilding them all would
+        cost tens of milliseconds a pass."""
+        fresh: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
+        now: dict[str, dict[str, Any]] = {}
+        for is_direct, group in ((False, tunneled), (True, direct)):
+            for peer in group:
+                found = self._views.get(id(peer))
+                if found is None or found[0] is not peer or found[1] is not is_direct:
+                    found = (peer, is_direct, str(peer.subnet), peer_view(peer, direct=is_direct))
+                fresh[id(peer)] = found
+                now[found[2]] = found[3]
+        self._views = fresh
+        if self._bus.listeners:
+            for subnet, view in now.items():
+                before = self.peers.get(subnet)
+                if before is None:
+                    self._bus.emit("peer_added", view)
+                elif before is not view and before != view:
+                    self._bus.emit("peer_changed", {**view, "before": before})
+            for subnet, view in self.peers.items():
+                if subnet not in now:
+                    self._bus.emit("peer_removed", view)
+        self.peers = now
