@@ -10,14 +10,44 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 DEFAULT_VNI = 1
 # Linux's historical VXLAN port, which flannel uses by default on Linux.
 DEFAULT_VXLAN_PORT = 8472
-# Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
-VXLAN_OVERHEAD = 50
+
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """An address family, as every family-specific step needs it: dual-stack
+    runs the same plan and the same managers once per family with one of
+    these, instead of a copied IPv6 branch of every function."""
+
+    version: int
+    netlink: int  # AF_INET or AF_INET6 as netlink numbers it
+    iproute2_flag: str
+    # Outer IP header + UDP (8) + VXLAN (8) + inner Ethernet (14).
+    vxlan_overhead: int
+    any_network: str  # the default route's destination
+
+    def network(self, text: str) -> IPNetwork:
+        """A route destination as iproute2 prints it ("default" included)."""
+        if text == "default":
+            text = self.any_network
+        return ip_network(text if "/" in text else f"{text}/{32 if self.version == 4 else 128}")
+
+    def address(self, text: str | int) -> IPAddress:
+        return IPv4Address(text) if self.version == 4 else IPv6Address(text)
+
+
+IPV4 = Family(4, 2, "-4", 20 + 30, "0.0.0.0/0")
+IPV6 = Family(6, 10, "-6", 40 + 30, "::/0")
+# The IPv4 figure, which is all flannel's schema has had until dual-stack.
+VXLAN_OVERHEAD = IPV4.vxlan_overhead
 # Private route protocol number: marks the routes overlayd owns, so that it
 # never deletes a route somebody else added (see /etc/iproute2/rt_protos).
 ROUTE_PROTOCOL = 77
@@ -100,8 +130,8 @@ class Route:
     through the tunnel, or, with `direct` (host-gw, DirectRouting),
     `route <dst> via <peer's public IP> dev <underlay> proto ROUTE_PROTOCOL`."""
 
-    dst: IPv4Network
-    gateway: IPv4Address
+    dst: IPNetwork
+    gateway: IPAddress
     direct: bool = False
 
 
@@ -109,7 +139,7 @@ class Route:
 class Neighbour:
     """`neigh <ip> lladdr <mac> dev <bridge> nud permanent`."""
 
-    ip: IPv4Address
+    ip: IPAddress
     mac: str
 
 
@@ -118,7 +148,7 @@ class TunnelFdb:
     """`fdb <mac> dev <vtep> dst <remote> self permanent`: which host."""
 
     mac: str
-    remote: IPv4Address
+    remote: IPAddress
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +167,7 @@ Entry = Route | Neighbour | TunnelFdb | BridgeFdb
 RouteKey = tuple[int, int]
 
 
-def route_key(dst: IPv4Network) -> RouteKey:
+def route_key(dst: IPNetwork) -> RouteKey:
     return (int(dst.network_address), dst.prefixlen)
 
 

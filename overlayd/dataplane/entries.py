@@ -20,16 +20,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
 from overlayd.dataplane.command import run
 from overlayd.model import (
+    IPV4,
     ROUTE_PROTOCOL,
     BridgeFdb,
     Change,
     DeviceSpec,
     EntrySet,
+    Family,
     Neighbour,
     Op,
     Route,
@@ -62,12 +63,6 @@ async def _json(argv: Sequence[str]) -> list[dict[str, Any]]:
     return json.loads(text) if text else []
 
 
-def _route_dst(text: str) -> IPv4Network:
-    if text == "default":
-        return IPv4Network("0.0.0.0/0")
-    return IPv4Network(text if "/" in text else f"{text}/32")
-
-
 def _tool(name: str, netns: str | None) -> list[str]:
     return [name, "-n", netns] if netns else [name]
 
@@ -95,19 +90,19 @@ def _trim(cache: dict[K, V], in_use: int) -> None:
         cache.clear()
 
 
-def _route(dst: str, gateway: str, direct: bool) -> tuple[RouteKey, Route]:
-    network = _route_dst(dst)
+def _route(family: Family, dst: str, gateway: str, direct: bool) -> tuple[RouteKey, Route]:
+    network = family.network(dst)
     # A route of ours that lost its shape (another device, no gateway) gets
     # an impossible gateway, so the diff replaces it.
-    return route_key(network), Route(network, IPv4Address(gateway or 0), direct)
+    return route_key(network), Route(network, family.address(gateway or 0), direct)
 
 
-def _tunnel(mac: str, remote: str) -> TunnelFdb:
-    return TunnelFdb(mac, IPv4Address(remote))
+def _tunnel(family: Family, mac: str, remote: str) -> TunnelFdb:
+    return TunnelFdb(mac, family.address(remote))
 
 
-def _neigh(ip: str, mac: str) -> tuple[int, Neighbour]:
-    address = IPv4Address(ip)
+def _neigh(family: Family, ip: str, mac: str) -> tuple[int, Neighbour]:
+    address = family.address(ip)
     return int(address), Neighbour(address, mac)
 
 
@@ -115,13 +110,16 @@ async def _nothing() -> list[dict[str, Any]]:
     return []
 
 
-async def read_entries(spec: DeviceSpec, *, netns: str | None = None) -> EntrySet:
-    """The entries overlayd owns, as the kernel holds them now."""
+async def read_entries(
+    spec: DeviceSpec, *, netns: str | None = None, family: Family = IPV4
+) -> EntrySet:
+    """The entries of one address family overlayd owns, as the kernel holds
+    them now."""
     ip, br = _tool("ip", netns), _tool("bridge", netns)
-    bridge = spec.bridge
+    bridge, flag = spec.bridge, family.iproute2_flag
     routes_raw, neigh_raw, fdb_raw = await asyncio.gather(
-        _json([*ip, "-j", "-4", "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
-        _json([*ip, "-j", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"]),
+        _json([*ip, "-j", flag, "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
+        _json([*ip, "-j", flag, "neigh", "show", "dev", bridge, "nud", "permanent"]),
         _json([*br, "-j", "fdb", "show", "dev", spec.vtep]) if spec.vtep else _nothing(),
     )
     routes: dict[RouteKey, Route] = {}
@@ -133,22 +131,24 @@ async def read_entries(spec: DeviceSpec, *, netns: str | None = None) -> EntrySe
         gateway = item.get("gateway", "") if dev in (bridge, spec.underlay) else ""
         direct = "direct" if dev == spec.underlay and dev != bridge else ""
         route_at, route = _interned(
-            _routes, (dst, gateway, direct), partial(_route, dst, gateway, bool(direct))
+            _routes, (dst, gateway, direct), partial(_route, family, dst, gateway, bool(direct))
         )
         routes[route_at] = route
     for item in neigh_raw:
         if "lladdr" in item:
             dst, mac = item["dst"], item["lladdr"]
-            neigh_at, neigh = _interned(_neighbours, (dst, mac), partial(_neigh, dst, mac))
+            neigh_at, neigh = _interned(_neighbours, (dst, mac), partial(_neigh, family, dst, mac))
             neighbours[neigh_at] = neigh
     for item in fdb_raw:
         mac = item.get("mac", "")
         if "self" in item.get("flags", []) and "dst" in item:
             remote = item["dst"]
             try:
-                tunnel[mac] = _interned(_tunnels, (mac, remote), partial(_tunnel, mac, remote))
+                tunnel[mac] = _interned(
+                    _tunnels, (mac, remote), partial(_tunnel, family, mac, remote)
+                )
             except ValueError:
-                continue  # an IPv6 remote: not ours
+                continue  # a remote of the other family: not this reader's
         elif item.get("master") == bridge and item.get("state") == "static":
             bridge_fdb[mac] = BridgeFdb(mac)
     _trim(_routes, len(routes))

@@ -13,7 +13,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
@@ -27,10 +34,12 @@ from pyroute2.netlink.rtnl import (
 
 from overlayd.errors import OverlaydError
 from overlayd.model import (
+    IPV4,
     ROUTE_PROTOCOL,
     BridgeFdb,
     Change,
     DeviceSpec,
+    Family,
     Neighbour,
     Observed,
     Op,
@@ -43,6 +52,7 @@ from overlayd.plan.desired import VTEP_PREFIX
 
 log = logging.getLogger(__name__)
 
+AF_BRIDGE = 7
 ENOENT = 2
 ESRCH = 3
 ENODEV = 19
@@ -412,9 +422,11 @@ class DriftMonitor:
     could have been anybody's.
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, families: Sequence[Family] = (IPV4,)) -> None:
         self._netns = netns
         self._indexes: dict[int, str] = {}
+        # Netlink's family number -> the family, for the families we program.
+        self._families = {family.netlink: family for family in families}
 
     def _observe(self, msg: Any, names: Mapping[str, str]) -> Observed | None:
         """What a netlink message says about things we may own; None when it
@@ -436,13 +448,15 @@ class DriftMonitor:
             name = self._indexes.get(msg.get("index"))
             return Observed(present, None, f"address on {name}") if name else None
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-            if msg.get("proto") != ROUTE_PROTOCOL or msg.get("family") != 2:
+            family = self._families.get(msg.get("family"))
+            if msg.get("proto") != ROUTE_PROTOCOL or family is None:
                 return None
-            dst = IPv4Network(f"{msg.get('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}", strict=False)
+            base = family.network(msg.get("RTA_DST") or "default").network_address
+            dst = ip_network(f"{base}/{msg['dst_len']}", strict=False)
             gateway = msg.get("RTA_GATEWAY")
             role = names.get(self._indexes.get(msg.get("RTA_OIF"), ""))
-            hop = IPv4Address(gateway) if gateway and role in ("bridge", "underlay") else None
-            route = Route(dst, hop or IPv4Address(0), direct=role == "underlay")
+            hop = family.address(gateway) if gateway and role in ("bridge", "underlay") else None
+            route = Route(dst, hop or family.address(0), direct=role == "underlay")
             return Observed(present, route, f"route {dst}")
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
@@ -450,15 +464,16 @@ class DriftMonitor:
                 return None
             mac = str(msg.get("NDA_LLADDR") or "")
             state = msg.get("state", 0)
-            if msg.get("family") == 2:
+            family = self._families.get(msg.get("family"))
+            if family is not None:
                 if present and not state & _OWNED_NUD:
-                    return None  # dynamic ARP: not ours
-                ip = IPv4Address(msg.get("NDA_DST"))
+                    return None  # dynamic ARP or NDP: not ours
+                ip = family.address(msg.get("NDA_DST"))
                 return Observed(present, Neighbour(ip, mac), f"neigh {ip}")
-            if msg.get("family") == 7:
+            if msg.get("family") == AF_BRIDGE:
                 remote = msg.get("NDA_DST")
                 if remote:
-                    return Observed(present, TunnelFdb(mac, IPv4Address(remote)), f"fdb {mac}")
+                    return Observed(present, TunnelFdb(mac, ip_address(remote)), f"fdb {mac}")
                 # The bridge reports its own entries with NDA_MASTER set;
                 # static (NOARP) ones are ours, permanent ones are local MACs.
                 if msg.get("NDA_MASTER") and state & _NUD_NOARP and not state & 0x80:

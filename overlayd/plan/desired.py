@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from overlayd.model import (
-    VXLAN_OVERHEAD,
+    IPV4,
     BridgeFdb,
     DeviceSpec,
     EntrySet,
+    Family,
     Lease,
     Neighbour,
     NetworkConfig,
@@ -62,18 +63,19 @@ def vtep_name(vni: int) -> str:
     return f"{VTEP_PREFIX}{vni}"
 
 
-def max_overlay_mtu(config: NetworkConfig, underlay_mtu: int) -> int:
-    """The largest MTU containers can have: host-gw adds no header."""
+def max_overlay_mtu(config: NetworkConfig, underlay_mtu: int, family: Family = IPV4) -> int:
+    """The largest MTU containers can have over an underlay of `family`:
+    host-gw adds no header."""
     if config.backend.type == "host-gw":
         return underlay_mtu
-    return underlay_mtu - VXLAN_OVERHEAD
+    return underlay_mtu - family.vxlan_overhead
 
 
-def overlay_mtu(config: NetworkConfig, underlay_mtu: int) -> int:
+def overlay_mtu(config: NetworkConfig, underlay_mtu: int, family: Family = IPV4) -> int:
     """The configured MTU if any, else the largest that fits."""
     if config.backend.mtu is not None:
         return config.backend.mtu
-    return max_overlay_mtu(config, underlay_mtu)
+    return max_overlay_mtu(config, underlay_mtu, family)
 
 
 def device_spec(
