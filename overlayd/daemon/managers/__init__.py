@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from overlayd.dataplane import DataplanePort
 from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
 from overlayd.plan.egress import EgressSpec
 
@@ -118,3 +119,29 @@ class Manager(Protocol):
     def forget(self) -> None:
         """Believe nothing about the kernel: the next pass reads it back."""
         ...
+
+
+class CheckedEachPeriod:
+    """Base of the managers whose objects are few and cheap to compare with
+    the kernel (devices, sysctls, rules): they keep no belief and look again
+    on every check and full pass, and skip light passes."""
+
+    name = ""
+
+    def __init__(self, dataplane: DataplanePort) -> None:
+        self._dataplane = dataplane
+
+    async def sync(self, context: PassContext) -> None:
+        if context.level >= Level.CHECK:
+            await self.check(context)
+
+    async def check(self, context: PassContext) -> None:
+        raise NotImplementedError
+
+    def expects(self, observed: Observed) -> bool:
+        # An event about these objects is never just an echo: somebody else
+        # changed them, or we did in a pass that looks again anyway.
+        return False
+
+    def forget(self) -> None:
+        pass  # nothing believed

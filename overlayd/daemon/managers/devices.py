@@ -4,20 +4,13 @@ are compared with the kernel on every check; netlink tells of changes too."""
 
 from __future__ import annotations
 
-from overlayd.daemon.managers import Level, PassContext
-from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
+from overlayd.daemon.managers import CheckedEachPeriod, PassContext
 
 
-class DeviceManager:
+class DeviceManager(CheckedEachPeriod):
     name = "devices"
 
-    def __init__(self, dataplane: DataplanePort) -> None:
-        self._dataplane = dataplane
-
-    async def sync(self, context: PassContext) -> None:
-        if context.level < Level.CHECK:
-            return
+    async def check(self, context: PassContext) -> None:
         inputs = context.inputs
         context.remade_all("device", await self._dataplane.ensure_devices(inputs.spec))
         egress = inputs.egress
@@ -29,11 +22,3 @@ class DeviceManager:
                     egress.gwbridge, egress.gwbridge_gateway, egress.gwbridge_mac
                 ),
             )
-
-    def expects(self, observed: Observed) -> bool:
-        # A device event is never just an echo: somebody else changed it, or
-        # we did on a pass that will look again anyway.
-        return False
-
-    def forget(self) -> None:
-        pass

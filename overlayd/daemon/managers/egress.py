@@ -5,28 +5,15 @@ so a check that finds the table as written changes nothing."""
 
 from __future__ import annotations
 
-from overlayd.daemon.managers import Level, PassContext
-from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
+from overlayd.daemon.managers import CheckedEachPeriod, PassContext
 
 
-class EgressManager:
+class EgressManager(CheckedEachPeriod):
     name = "egress"
 
-    def __init__(self, dataplane: DataplanePort) -> None:
-        self._dataplane = dataplane
-
-    async def sync(self, context: PassContext) -> None:
-        if context.level < Level.CHECK:
-            return
+    async def check(self, context: PassContext) -> None:
         egress = context.inputs.egress
         done = await self._dataplane.ensure_egress_table(egress)
         if done is not None:
             context.remade.append(("nftables", f"{done} (egress {egress.mode})"))
         context.remade_all("iptables", await self._dataplane.ensure_forward_accept(egress))
-
-    def expects(self, observed: Observed) -> bool:
-        return False
-
-    def forget(self) -> None:
-        pass

@@ -5,27 +5,14 @@ looks at it."""
 
 from __future__ import annotations
 
-from overlayd.daemon.managers import Level, PassContext
-from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
+from overlayd.daemon.managers import CheckedEachPeriod, PassContext
 
 
-class SysctlManager:
+class SysctlManager(CheckedEachPeriod):
     name = "sysctls"
 
-    def __init__(self, dataplane: DataplanePort) -> None:
-        self._dataplane = dataplane
-
-    async def sync(self, context: PassContext) -> None:
-        if context.level < Level.CHECK:
-            return
+    async def check(self, context: PassContext) -> None:
         inputs = context.inputs
         context.remade_all("sysctl", await self._dataplane.ensure_forwarding(inputs.spec.bridge))
         if inputs.egress.mode == "gwbridge":
             context.remade_all("sysctl", await self._dataplane.ensure_bridge_netfilter())
-
-    def expects(self, observed: Observed) -> bool:
-        return False
-
-    def forget(self) -> None:
-        pass
