@@ -178,6 +178,7 @@ class Reconciler:
             seconds=outcome.seconds,
             changes=context.changes if outcome.ok else (),
             error=outcome.error,
+            level=level.name.lower(),
         )
         self.last = outcome
         self.passes += 1

@@ -79,7 +79,8 @@ class Telemetry:
         )
         self.m_reconcile = Histogram(
             "overlayd_reconcile_duration_seconds",
-            "Duration of reconcile passes (full: kernel re-read; light: after an etcd event)",
+            "Duration of reconcile passes (light: after an etcd event; check: devices, sysctls"
+            " and rules compared too; full: kernel entries re-read)",
             ["pass_type"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
@@ -162,9 +163,11 @@ class Telemetry:
         seconds: float,
         changes: Sequence[Change] = (),
         error: str | None = None,
+        level: str | None = None,
     ) -> None:
+        """`level`: light, check or full; by default full or light by `full`."""
         self.pass_started = None
-        self.m_reconcile.labels("full" if full else "light").observe(seconds)
+        self.m_reconcile.labels(level or ("full" if full else "light")).observe(seconds)
         self.m_passes.labels("ok" if ok else "failed").inc()
         for change in changes:
             self.m_changes.labels(entry_kind(change.entry), change.op.value).inc()
