@@ -281,10 +281,24 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkFacts:
+    """A device as a netlink link message describes it: what the device
+    manager compares with what it made."""
+
+    name: str
+    mac: str
+    mtu: int
+    master: str | None  # the master's name when it is one of ours, else None
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     """One netlink event about something we may own: an entry that appeared
-    (`present`) or went, or (entry None) a change to one of our devices."""
+    (`present`) or went, or (entry None) a change to one of our devices, with
+    the device's facts when the event carried them (`link`)."""
 
     present: bool
     entry: Entry | None = None
     detail: str = ""
+    link: LinkFacts | None = None

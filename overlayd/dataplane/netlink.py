@@ -40,6 +40,7 @@ from overlayd.model import (
     Change,
     DeviceSpec,
     Family,
+    LinkFacts,
     Neighbour,
     Observed,
     Op,
@@ -439,11 +440,18 @@ class DriftMonitor:
             name = msg.get("IFLA_IFNAME")
             if name not in names:
                 return None
-            if present:
-                self._indexes[msg["index"]] = name
-            else:
+            if not present:
                 self._indexes.pop(msg["index"], None)
-            return Observed(present, None, f"link {name}")
+                return Observed(False, None, f"link {name}")
+            self._indexes[msg["index"]] = name
+            facts = LinkFacts(
+                name=str(name),
+                mac=str(msg.get("IFLA_ADDRESS") or ""),
+                mtu=int(msg.get("IFLA_MTU") or 0),
+                master=self._indexes.get(msg.get("IFLA_MASTER") or 0),
+                up=bool(msg.get("flags", 0) & 1),  # IFF_UP
+            )
+            return Observed(True, None, f"link {name}", link=facts)
         if event in ("RTM_NEWADDR", "RTM_DELADDR"):
             name = self._indexes.get(msg.get("index"))
             return Observed(present, None, f"address on {name}") if name else None

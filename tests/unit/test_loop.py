@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from overlayd.config import parse_network_config
@@ -18,6 +19,7 @@ from overlayd.model import (
     Entry,
     EntrySet,
     Lease,
+    LinkFacts,
     Observed,
     Op,
     Route,
@@ -180,3 +182,26 @@ async def test_our_own_echo_is_not_drift_but_a_strange_entry_is() -> None:
     loop.note_drift(Observed(True, Route(PEER.subnet, IPv4Address("192.0.2.99")), "route"))
     loop.note_drift(Observed(False, None, "link ovl0"))
     assert loop.drift_events == 2
+
+
+async def test_a_link_event_that_shows_a_device_as_made_is_an_echo_and_any_other_is_drift() -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, dataplane)
+    spec = inputs.spec
+    vtep_as_made = LinkFacts(spec.vtep, spec.vtep_mac, spec.mtu, spec.bridge, True)
+    # Before any pass nothing was made: every event is drift.
+    loop.note_drift(Observed(True, None, "link", link=vtep_as_made))
+    assert loop.drift_events == 1
+    await loop.reconcile_once()
+    loop.note_drift(Observed(True, None, "link", link=vtep_as_made))
+    assert loop.drift_events == 1
+    for changed in (
+        replace(vtep_as_made, mtu=1400),
+        replace(vtep_as_made, master=None),
+        replace(vtep_as_made, up=False),
+        replace(vtep_as_made, mac="02:00:00:00:00:99"),
+    ):
+        loop.note_drift(Observed(True, None, "link", link=changed))
+    loop.note_drift(Observed(False, None, f"link {spec.vtep}"))
+    assert loop.drift_events == 6
