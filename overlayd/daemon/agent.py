@@ -27,23 +27,21 @@ from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.daemon.loop import Reconciler, standard_managers
+from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
-from overlayd.errors import LeaseError
-from overlayd.model import NetworkConfig, Underlay
+from overlayd.model import NetworkConfig
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.host import Host, check_mtu, describe_mode, host_plan
-from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
-from overlayd.store.base import StoreUnavailable, retry_unavailable
+from overlayd.plan.leases import config_key, subnets_prefix
+from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
 from overlayd.surfaces.control import serve_control
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
-from overlayd.surfaces.subnetfile import SubnetFile, read_subnet, write_atomically
+from overlayd.surfaces.subnetfile import read_subnet, subnet_file_for, write_atomically
 from overlayd.surfaces.telemetry import Telemetry
-
-TEARDOWN_ETCD_SECONDS = 10.0
 
 log = logging.getLogger("overlayd")
 
@@ -142,20 +140,7 @@ class Agent:
         )
 
     def _write_subnet_file(self, host: Host) -> None:
-        egress = host.egress
-        write_atomically(
-            self.settings.subnet_file,
-            SubnetFile(
-                network=host.config.network,
-                subnet=host.own.subnet,
-                mtu=host.spec.mtu,
-                ipmasq=egress.mode == "masquerade",
-                egress=egress.mode,
-                gwbridge=egress.gwbridge if egress.mode == "gwbridge" else None,
-                gwbridge_gateway=egress.gwbridge_gateway,
-                bridge=host.spec.bridge,
-            ).render(),
-        )
+        write_atomically(self.settings.subnet_file, subnet_file_for(host).render())
         self.telemetry.subnet_file_written = True
 
     async def _start(self, group: asyncio.TaskGroup) -> None:
@@ -277,42 +262,5 @@ class Agent:
         return names
 
     async def teardown(self) -> list[str]:
-        """Remove everything this daemon creates, and nothing else: its devices
-        (and with them its routes and entries), its nftables table and iptables
-        chain, its subnet file, and its lease in etcd. The data plane goes even
-        when etcd cannot be reached; only the lease release needs it."""
-        s = self.settings
-        done: list[str] = []
-        names = [s.bridge, s.gwbridge, *await self.dataplane.netlink.vtep_names()]
-        for name in names:
-            if await self.dataplane.netlink.delete_link(name):
-                done.append(f"deleted {name}")
-        if await self.dataplane.nft.delete():
-            done.append("deleted nftables table ip overlayd")
-        done += await self.dataplane.forward.remove()
-        subnet = read_subnet(s.subnet_file)
-        if s.subnet_file.exists():
-            s.subnet_file.unlink()
-            done.append(f"removed {s.subnet_file}")
-        if subnet is not None:
-            try:
-                async with asyncio.timeout(TEARDOWN_ETCD_SECONDS):
-                    if await self._release(subnet):
-                        done.append(f"released lease {subnet_key(s.etcd_prefix, subnet)}")
-            except (TimeoutError, StoreUnavailable):
-                done.append(f"could not reach etcd: the lease of {subnet} expires by its TTL")
-        return done
-
-    async def _release(self, subnet: IPv4Network) -> bool:
-        """Delete our lease, only if it is still ours: after an expiry the
-        subnet may belong to another host."""
-        key = subnet_key(self.settings.etcd_prefix, subnet)
-        value, _ = await self.store.get(key)
-        underlay: Underlay = await self.dataplane.netlink.find_underlay(
-            self.settings.iface, self.settings.public_ip
-        )
-        try:
-            ours = value is not None and parse_lease(subnet, value).public_ip == underlay.address
-        except LeaseError:
-            ours = False
-        return ours and await self.store.delete(key)
+        """Remove everything this daemon creates (see daemon/teardown.py)."""
+        return await teardown(self.settings, self.store, self.dataplane)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
+from overlayd.plan.host import Host
 from overlayd.plan.ipam import gateway_address
 
 
@@ -43,6 +44,21 @@ class SubnetFile:
                 f"OVERLAYD_GWBRIDGE_SUBNET={self.gwbridge_gateway}\n"
             )
         return text
+
+
+def subnet_file_for(host: Host) -> SubnetFile:
+    """What this host's subnet file says."""
+    egress = host.egress
+    return SubnetFile(
+        network=host.config.network,
+        subnet=host.own.subnet,
+        mtu=host.spec.mtu,
+        ipmasq=egress.mode == "masquerade",
+        egress=egress.mode,
+        gwbridge=egress.gwbridge if egress.mode == "gwbridge" else None,
+        gwbridge_gateway=egress.gwbridge_gateway,
+        bridge=host.spec.bridge,
+    )
 
 
 def read_variables(path: Path) -> dict[str, str]:
