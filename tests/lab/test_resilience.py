@@ -155,18 +155,21 @@ def restart_with(lab: Lab, host: int, *args: str) -> None:
     assert lab.daemon_running(host), lab.daemon_log(host).read_text()[-3000:]
 
 
+@pytest.fixture(scope="class")
+def h1_without_resync(lab: Lab) -> Iterator[None]:
+    """h1's daemon with its resync put off by an hour, for one class of tests."""
+    restart_with(lab, 1, "--resync-seconds", "3600")
+    try:
+        yield
+    finally:
+        restart_with(lab, 1)
+
+
+@pytest.mark.usefixtures("h1_without_resync")
 class TestDriftByHand:
     """Drift by hand is repaired from the netlink events alone: h1's resync is
-    put off by an hour while these run, so no repair can come from it. (How
-    fast a repair is, is a benchmark's business: `overlayctl lab faults`.)"""
-
-    @pytest.fixture(scope="class", autouse=True)
-    def h1_without_resync(self, lab: Lab) -> Iterator[None]:
-        restart_with(lab, 1, "--resync-seconds", "3600")
-        try:
-            yield
-        finally:
-            restart_with(lab, 1)
+    put off while these run, so no repair can come from it. (How fast a
+    repair is, is a benchmark's business: `overlayctl lab faults`.)"""
 
     @pytest.mark.parametrize("kind", DRIFT_KINDS)
     def test_is_repaired_from_netlink_events(self, lab: Lab, kind: str) -> None:
