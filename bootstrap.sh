@@ -30,7 +30,7 @@ fi
 install_system_packages() {
     local missing=()
     for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl iperf3 sockperf \
-        ethtool mosquitto vagrant systemd-analyze; do
+        ethtool mosquitto vagrant systemd-analyze modprobe; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
     [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(cni-plugins)
@@ -44,7 +44,16 @@ install_system_packages() {
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-pip etcd-server etcd-client iproute2 \
         iputils-ping tcpdump nftables iptables procps iperf3 sockperf ethtool \
-        mosquitto containernetworking-plugins vagrant systemd >/dev/null
+        mosquitto containernetworking-plugins vagrant systemd kmod >/dev/null
+}
+
+load_bridge_netfilter() {
+    # The lab's default egress mode (gwbridge) needs br_netfilter, which Debian
+    # builds as a module and loads for nobody; without it every gwbridge host
+    # in the lab and the tests stops with "load br_netfilter".
+    [ -e /proc/sys/net/bridge ] && return
+    modprobe br_netfilter 2>/dev/null ||
+        say "warning: cannot load br_netfilter; gwbridge labs and tests will fail"
 }
 
 install_host() {
@@ -131,6 +140,7 @@ case "${1:-}" in
 lab)
     install_system_packages
     install_python_packages
+    load_bridge_netfilter
     "$venv/bin/overlayctl" lab down --name lab >/dev/null
     say "bringing up a ${HOSTS:-3}-host lab"
     status=0
@@ -147,6 +157,7 @@ lab)
 test)
     install_system_packages
     install_python_packages
+    load_bridge_netfilter
     say "ruff"
     "$venv/bin/ruff" check overlayd tests
     "$venv/bin/ruff" format --check overlayd tests

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CONVERGE
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -20,65 +22,83 @@ def _free_port() -> int:
         return port
 
 
+def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    with (data / "etcd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                "etcd",
+                "--name",
+                "t",
+                "--data-dir",
+                str(data / "d"),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"t={peer}",
+                "--heartbeat-interval",
+                "10",
+                "--election-timeout",
+                "50",
+                "--log-level",
+                "warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, client
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _healthy(client: str) -> bool:
+    argv = ["etcdctl", "--endpoints", client, "endpoint", "health"]
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
 @pytest.fixture(scope="session")
 def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shutil.which("etcd") is None:
         pytest.skip("etcd is not installed (./bootstrap.sh test installs it)")
-    data = tmp_path_factory.mktemp("etcd")
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    log = (data / "etcd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "etcd",
-            "--name",
-            "t",
-            "--data-dir",
-            str(data / "d"),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"t={peer}",
-            "--heartbeat-interval",
-            "10",
-            "--election-timeout",
-            "50",
-            "--log-level",
-            "warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            ok = (
-                subprocess.run(
-                    ["etcdctl", "--endpoints", client, "endpoint", "health"],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            )
-            if ok:
-                break
-            if proc.poll() is not None:
-                pytest.fail((data / "etcd.log").read_text()[-2000:])
+    # A free port can be taken by something else (another test run) between
+    # _free_port() and etcd's bind: then etcd exits at once, and a fresh pair
+    # of ports is tried.
+    for _ in range(5):
+        data = tmp_path_factory.mktemp("etcd")
+        proc, client = _start_etcd(data)
+        deadline = time.monotonic() + CONVERGE
+        while proc.poll() is None and not _healthy(client):
+            if time.monotonic() > deadline:
+                _stop(proc)
+                pytest.fail(f"etcd not healthy within {CONVERGE:g} s: " + _log_tail(data))
             time.sleep(0.1)
+        if proc.poll() is None:
+            break
+        if "address already in use" not in _log_tail(data):
+            pytest.fail("etcd exited: " + _log_tail(data))
+    else:
+        pytest.fail("etcd found no free ports in five tries")
+    try:
         yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        _stop(proc)
+
+
+def _log_tail(data: Path) -> str:
+    return (data / "etcd.log").read_text(errors="replace")[-2000:]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from overlayd.daemon.leasing import SubnetLeaser
 from overlayd.errors import SubnetsExhaustedError
 from overlayd.plan.leases import parse_lease, parse_subnet_key, subnet_key, subnets_prefix
 from overlayd.store.etcd import EtcdStore
+from tests.conftest import CONVERGE
 
 CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
 TINY = parse_network_config('{"Network": "10.9.0.0/26"}')  # three /28s
@@ -79,17 +80,29 @@ async def test_the_subnet_file_hint_is_used_when_free_and_skipped_when_taken(
         assert other.lease.subnet != wanted
 
 
+async def gone(store: EtcdStore, *keys: str) -> None:
+    """Until etcd has expired the keys (it revokes a lease some time after its
+    TTL, later on a busy machine); fails after CONVERGE seconds."""
+    async with asyncio.timeout(CONVERGE):
+        while True:
+            values = [(await store.get(key))[0] for key in keys]
+            if all(value is None for value in values):
+                return
+            await asyncio.sleep(0.1)
+
+
 async def test_renewal_keeps_the_lease_and_reports_expiry(etcd_endpoint: str, prefix: str) -> None:
     async with EtcdStore([etcd_endpoint]) as store:
-        held = await leaser(store, prefix, 1, ttl=2).acquire(CONFIG)
-        lease_holder = leaser(store, prefix, 1, ttl=2)
-        for _ in range(3):
+        # Renewed every second, well inside the TTL even on a loaded machine,
+        # for longer than the TTL: the key must outlive it.
+        held = await leaser(store, prefix, 1, ttl=3).acquire(CONFIG)
+        lease_holder = leaser(store, prefix, 1, ttl=3)
+        for _ in range(4):
             await asyncio.sleep(1)
             assert await lease_holder.renew(held)
         assert (await store.get(held.key))[0] is not None
-        await asyncio.sleep(3.5)
+        await gone(store, held.key)  # no more renewals: it expires
         assert not await lease_holder.renew(held)
-        assert (await store.get(held.key))[0] is None
 
 
 async def test_exhaustion_is_a_clear_error_and_an_expired_lease_is_reused(
@@ -100,6 +113,6 @@ async def test_exhaustion_is_a_clear_error_and_an_expired_lease_is_reused(
         await leaser(store, prefix, 3, ttl=60).acquire(TINY)
         with pytest.raises(SubnetsExhaustedError, match=r"/28 subnet left in 10.9.0.0/26"):
             await leaser(store, prefix, 4).acquire(TINY)
-        await asyncio.sleep(3.5)  # the two short leases expire
+        await gone(store, *(h.key for h in short))  # the two short leases expire
         late = await leaser(store, prefix, 4).acquire(TINY)
         assert late.lease.subnet in {h.lease.subnet for h in short}

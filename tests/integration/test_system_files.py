@@ -54,7 +54,9 @@ def test_the_unit_waits_for_readiness_feeds_a_watchdog_and_drops_privileges() ->
 
 def vagrant(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["vagrant", "validate"],
+        # --ignore-provider: validate needs no hypervisor then; a fresh machine
+        # (and CI) has none, and without one vagrant refuses to validate at all.
+        ["vagrant", "validate", "--ignore-provider"],
         cwd=ROOT / "vagrant",
         capture_output=True,
         text=True,

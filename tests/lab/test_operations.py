@@ -22,7 +22,7 @@ from overlayd.lab import netns
 from overlayd.lab.lab import Lab, LabSettings
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease, subnet_key
-from tests.conftest import SESSION_TAG, needs_root, wait_until
+from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -59,7 +59,7 @@ def events(lab: Lab) -> Iterator[Path]:
     path = lab.state_dir / "events.jsonl"
     proc = subscribe(lab, path)
     try:
-        wait_until(lambda: path.read_text().count('"online": true') >= 2, 10)
+        wait_until(lambda: path.read_text().count('"online": true') >= 2)
         yield path
     finally:
         proc.kill()
@@ -102,7 +102,7 @@ def http_get(lab: Lab, host: int, path: str) -> tuple[int, str]:
     script = (
         "import sys, urllib.request, urllib.error\n"
         "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:9469{path}', timeout=5)\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:9469{path}', timeout=30)\n"
         "    print(r.status); print(r.read().decode(), end='')\n"
         "except urllib.error.HTTPError as e:\n"
         "    print(e.code); print(e.read().decode(), end='')\n"
@@ -201,7 +201,7 @@ def test_logs_say_nothing_in_steady_state(lab: Lab) -> None:
 def test_drift_is_repaired_counted_and_published(lab: Lab, events: Path) -> None:
     peer = str(lab.subnet(2))
     netns.ip(lab.host_ns(1), "route", "del", peer)
-    wait_until(lambda: peer in netns.ip(lab.host_ns(1), "route"), 5)
+    wait_until(lambda: peer in netns.ip(lab.host_ns(1), "route"))
     status = json.loads(ctl(lab, 1, "status", "--json").stdout)
     assert status["drift_repairs"].get("route", 0) >= 1
     assert 'overlayd_drift_repaired_total{kind="route"}' in http_get(lab, 1, "/metrics")[1]
@@ -210,7 +210,6 @@ def test_drift_is_repaired_counted_and_published(lab: Lab, events: Path) -> None
             m.get("event") == "drift_repaired" and m["host"] == "192.0.2.11"
             for m in messages(events)
         ),
-        5,
     )
 
 
@@ -238,8 +237,8 @@ def test_a_new_host_s_lease_and_peer_events_reach_mqtt_and_its_death_too(
             for m in messages(events)
         )
 
-    wait_until(lambda: seen("lease_acquired", "192.0.2.13"), 10)
-    wait_until(lambda: seen("peer_added", "192.0.2.11") and seen("peer_added", "192.0.2.12"), 10)
+    wait_until(lambda: seen("lease_acquired", "192.0.2.13"))
+    wait_until(lambda: seen("peer_added", "192.0.2.11") and seen("peer_added", "192.0.2.12"))
     # The JSON log format: every line one object.
     lines = lab.daemon_log(3).read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -253,7 +252,6 @@ def test_a_new_host_s_lease_and_peer_events_reach_mqtt_and_its_death_too(
             and m["reason"] == "connection lost"
             for m in messages(events)
         ),
-        10,
     )
 
 
@@ -261,13 +259,14 @@ def test_the_broker_being_down_never_blocks_the_daemon(lab: Lab, events: Path) -
     lab.stop_mqtt()
     lease = Lease(IPv4Network("10.244.250.0/24"), IPv4Address("192.0.2.99"), 1, "02:00:00:00:fa:01")
     key = subnet_key(PREFIX, lease.subnet)
-    started = time.monotonic()
     lab.etcd(lambda s: s.put(key, render_lease(lease)))
-    wait_until(lambda: "10.244.250.0/24" in netns.ip(lab.host_ns(1), "route"), 5)
-    assert time.monotonic() - started < 2.0
+    # The broker stays down throughout: a daemon that waited for it before
+    # programming (or answering) would never get here.
+    wait_until(lambda: "10.244.250.0/24" in netns.ip(lab.host_ns(1), "route"))
     assert json.loads(ctl(lab, 1, "status", "--json").stdout)["ready"] is True
     lab.etcd(lambda s: s.delete(key))
-    wait_until(lambda: "10.244.250.0/24" not in netns.ip(lab.host_ns(1), "route"), 5)
+    wait_until(lambda: "10.244.250.0/24" not in netns.ip(lab.host_ns(1), "route"))
+    assert not netns.pids_in(lab.mqtt_ns), "the broker was meant to be down all along"
     # The broker comes back: the daemon reconnects by itself and says it is online.
     lab.start_mqtt()
     subscriber_log = lab.state_dir / "events-again.jsonl"
@@ -278,7 +277,6 @@ def test_the_broker_being_down_never_blocks_the_daemon(lab: Lab, events: Path) -
                 m["topic"].endswith("192.0.2.11/status") and m["online"]
                 for m in messages(subscriber_log)
             ),
-            45,
         )
     finally:
         proc.kill()
@@ -307,8 +305,8 @@ def test_diagnose_reports_what_is_broken_in_plain_words(lab: Lab) -> None:
     assert "MTU 1400, expected 1450" in failed["device ovl0"]
     # The daemon repairs what it owns; the operator's offload and firewall stay.
     lab.start_daemon(2)
-    wait_until(lambda: peer in netns.ip(ns, "route"), 15)
-    wait_until(lambda: diagnose(lab, 2)[1][0]["ok"], 10)
+    wait_until(lambda: peer in netns.ip(ns, "route"))
+    wait_until(lambda: diagnose(lab, 2)[1][0]["ok"])
     code, findings = diagnose(lab, 2)
     assert sorted(f["check"] for f in findings if not f["ok"]) == ["firewall", "offload"]
     netns.in_ns(ns, "ethtool", "-K", "ovl.1", "tx", "on")
@@ -361,7 +359,7 @@ def test_systemd_sees_ready_after_the_first_reconcile_and_a_fed_watchdog(
     lab.attach_host_namespace(host)
     received: list[tuple[float, str, bool]] = []  # (when, message, subnet file present)
     lab.start_daemon(host, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + CONVERGE
     try:
         while time.monotonic() < deadline:
             try:
@@ -374,7 +372,7 @@ def test_systemd_sees_ready_after_the_first_reconcile_and_a_fed_watchdog(
             ):
                 break
         lab.stop_daemon(host)
-        stop_deadline = time.monotonic() + 5
+        stop_deadline = time.monotonic() + CONVERGE
         while time.monotonic() < stop_deadline:
             try:
                 received.append((time.monotonic(), sock.recv(4096).decode(), True))
@@ -398,6 +396,13 @@ def test_systemd_sees_ready_after_the_first_reconcile_and_a_fed_watchdog(
 def test_overlay_cni_add_check_del_as_a_runtime_invokes_it(lab: Lab) -> None:
     ns = f"{lab.host_ns(1)}c9"
     netns.add_namespace(ns)
+    try:
+        cni_add_check_del(lab, ns)
+    finally:
+        netns.delete_namespace(ns)
+
+
+def cni_add_check_del(lab: Lab, ns: str) -> None:
     result = lab.cni(1, "ADD", ns) or {}
     names = [i["name"] for i in result["interfaces"]]
     assert names[0] == "ovl0" and names[2] == "eth0" and names[3] == "ovl_gwbridge"
@@ -408,7 +413,12 @@ def test_overlay_cni_add_check_del_as_a_runtime_invokes_it(lab: Lab) -> None:
     assert "default via 172.18.0.1 dev eth1" in routes
     assert "10.244.0.0/16 via" in routes and "dev eth0" in routes
     peer = lab.containers()[-1] if lab.containers()[-1].host != 1 else lab.containers()[0]
-    assert " 0% packet loss" in netns.in_ns(ns, "ping", "-c", "1", "-W", "2", str(peer.address))
+    wait_until(
+        lambda: (
+            " 0% packet loss"
+            in netns.in_ns(ns, "ping", "-c", "1", "-W", "1", str(peer.address), check=False)
+        )
+    )
     check = {**lab.cni_config(1), "prevResult": result}
     assert lab.cni(1, "CHECK", ns, check) is None
     netns.ip(ns, "addr", "flush", "dev", "eth1")
@@ -420,7 +430,6 @@ def test_overlay_cni_add_check_del_as_a_runtime_invokes_it(lab: Lab) -> None:
     assert not reserved.exists()
     assert netns.ip(ns, "-br", "link").split()[0] == "lo"
     assert lab.cni(1, "DEL", ns) is None  # twice is fine
-    netns.delete_namespace(ns)
 
 
 def test_overlay_cni_refuses_to_attach_before_overlayd_is_ready(lab: Lab, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from overlayd.lab.lab import PREFIX, Container, Lab, LabSettings
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease
 from overlayd.store.etcd import EtcdStore
-from tests.conftest import SESSION_TAG, needs_root, wait_until
+from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import FIRST_FAKE_OCTET, lab_network
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -57,6 +57,10 @@ def lease_of(lab: Lab, host: int) -> bytes:
 
 def log_count(lab: Lab, host: int, needle: str) -> int:
     return lab.daemon_log(host).read_text().count(needle)
+
+
+def logged(lab: Lab, host: int, needle: str, times: int) -> bool:
+    return log_count(lab, host, needle) >= times
 
 
 def fake_peer(octet: int) -> tuple[str, str]:
@@ -136,22 +140,48 @@ def test_a_rebooted_host_comes_back_with_the_same_subnet_and_mac(lab: Lab) -> No
     assert lease_of(lab, 3) == lease
     for h in (1, 2):
         assert owned_state(lab, h) == peers_before[h]  # the peers needed no change
-    assert all(r.ok for r in lab.check(timeout=10))
+    assert all(r.ok for r in lab.check(timeout=CONVERGE))
 
 
-@pytest.mark.parametrize("kind", DRIFT_KINDS)
-def test_drift_by_hand_is_repaired_within_a_second(lab: Lab, kind: str) -> None:
-    seconds = sorted(repair_seconds(lab, 1, kind) for _ in range(3))
-    assert seconds[1] < 1.0, seconds
-    assert all(r.ok for r in lab.check(timeout=10))
+def restart_with(lab: Lab, host: int, *args: str) -> None:
+    """Restart the host's daemon with extra flags (the last of a repeated flag
+    wins) and wait until it is ready again."""
+    readies = log_count(lab, host, "event=ready")
+    lab.stop_daemon(host)
+    lab.start_daemon(host, *args)
+    wait_until(
+        lambda: log_count(lab, host, "event=ready") > readies or not lab.daemon_running(host)
+    )
+    assert lab.daemon_running(host), lab.daemon_log(host).read_text()[-3000:]
+
+
+@pytest.fixture(scope="class")
+def h1_without_resync(lab: Lab) -> Iterator[None]:
+    """h1's daemon with its resync put off by an hour, for one class of tests."""
+    restart_with(lab, 1, "--resync-seconds", "3600")
+    try:
+        yield
+    finally:
+        restart_with(lab, 1)
+
+
+@pytest.mark.usefixtures("h1_without_resync")
+class TestDriftByHand:
+    """Drift by hand is repaired from the netlink events alone: h1's resync is
+    put off while these run, so no repair can come from it. (How fast a
+    repair is, is a benchmark's business: `overlayctl lab faults`.)"""
+
+    @pytest.mark.parametrize("kind", DRIFT_KINDS)
+    def test_is_repaired_from_netlink_events(self, lab: Lab, kind: str) -> None:
+        for _ in range(3):
+            repair_seconds(lab, 1, kind, timeout=CONVERGE)
+        assert all(r.ok for r in lab.check(timeout=CONVERGE))
 
 
 def test_drift_without_netlink_events_is_repaired_by_the_resync(lab: Lab) -> None:
     ns = lab.host_ns(2)
     netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
-    wait_until(
-        lambda: netns.in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1", 2.0 + 1.5
-    )
+    wait_until(lambda: netns.in_ns(ns, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1")
 
 
 def test_an_etcd_outage_loses_nothing_and_a_waiting_host_joins_when_it_ends(lab: Lab) -> None:
@@ -161,19 +191,16 @@ def test_an_etcd_outage_loses_nothing_and_a_waiting_host_joins_when_it_ends(lab:
         lab.attach_host_namespace(4)  # a host that boots during the outage
         lab.start_daemon(4)
         time.sleep(OUTAGE_SECONDS)
-        assert all(r.ok for r in lab.check(timeout=5))  # the data plane carried on
+        assert all(r.ok for r in lab.check(timeout=CONVERGE))  # the data plane carried on
         lab.start_etcd()
-        back = time.monotonic()
-        lab.wait_ready(4, timeout=30)
+        lab.wait_ready(4, timeout=CONVERGE)
         for index in range(1, lab.settings().containers_per_host + 1):
             lab.add_container(4, index)
         new = container(lab, 4)
         for h in (1, 2, 3):
-            wait_until(partial(reaches, lab, container(lab, h), new), 15)
-        converged = time.monotonic() - back
+            wait_until(partial(reaches, lab, container(lab, h), new))
         count = ping.stop()
     assert count.lost == 0, count
-    assert converged < 15
     after = lab.leases()
     for key, value in leases.items():
         assert after.get(key) == value  # every lease survived the outage unchanged
@@ -202,39 +229,36 @@ def test_a_compacted_watch_revision_leads_to_a_full_relist(lab: Lab) -> None:
     finally:
         for pid in daemon:
             os.kill(pid, signal.SIGCONT)
-    wait_until(lambda: log_count(lab, 1, "event=watch_compacted") >= 1, 20)
-    wait_until(lambda: "10.244.201.0/24" in routes(lab, 1), 5)
+    wait_until(lambda: log_count(lab, 1, "event=watch_compacted") >= 1)
+    wait_until(lambda: "10.244.201.0/24" in routes(lab, 1))
     assert lab.daemon_running(1)
     lab.etcd(lambda s: s.delete(key))
-    wait_until(lambda: "10.244.201.0/24" not in routes(lab, 1), 5)
+    wait_until(lambda: "10.244.201.0/24" not in routes(lab, 1))
 
 
 def test_a_dead_hosts_entries_go_after_the_ttl_and_come_back_with_it(lab: Lab) -> None:
     gone = str(lab.subnet(2))
     lab.stop_daemon(2, signal.SIGKILL)  # dies without a word; its lease runs out
-    killed = time.monotonic()
     for h in (1, 3):
-        wait_until(partial(lacks_route, lab, h, gone), TTL + 5)
-    removed_after = time.monotonic() - killed
-    assert removed_after <= TTL + 5
+        wait_until(partial(lacks_route, lab, h, gone))
     lab.start_daemon(2)
-    lab.wait_ready(2)
+    lab.wait_ready(2, timeout=CONVERGE)
     assert str(lab.subnet(2)) == gone  # the subnet file brought the same subnet back
     for h in (1, 3):
-        wait_until(partial(has_route, lab, h, gone), 5)
-    assert all(r.ok for r in lab.check(timeout=10))
+        wait_until(partial(has_route, lab, h, gone))
+    assert all(r.ok for r in lab.check(timeout=CONVERGE))
 
 
 def test_a_peer_that_left_while_a_daemon_was_down_is_cleaned_when_it_returns(lab: Lab) -> None:
     key, value = fake_peer(202)
     lab.etcd(lambda s: s.put(key, value))
-    wait_until(lambda: "10.244.202.0/24" in routes(lab, 1), 5)
+    wait_until(lambda: "10.244.202.0/24" in routes(lab, 1))
     lab.stop_daemon(1)
     lab.etcd(lambda s: s.delete(key))
     time.sleep(0.5)
     assert "10.244.202.0/24" in routes(lab, 1)  # nobody home to remove it
     lab.start_daemon(1)
-    wait_until(lambda: "10.244.202.0/24" not in routes(lab, 1), 10)
+    wait_until(lambda: "10.244.202.0/24" not in routes(lab, 1))
 
 
 def test_bad_input_is_skipped_with_one_warning_and_never_programmed(lab: Lab) -> None:
@@ -264,27 +288,64 @@ def test_bad_input_is_skipped_with_one_warning_and_never_programmed(lab: Lab) ->
         f"{PREFIX}/subnets/10.99.0.0-24": fake_peer(214)[1],
         f"{PREFIX}/subnets/nonsense": "x" * 100_000,
     }
-    before = {h: log_count(lab, h, "event=lease_skipped") for h in lab.hosts()}
-    for key, value in bad.items():
-        lab.etcd(partial(put, key, value))
-    time.sleep(2.0 * 2 + 0.5)  # several resync passes
-    for h in lab.hosts():
-        assert lab.daemon_running(h)
-        assert log_count(lab, h, "event=lease_skipped") - before[h] == len(bad)
-        peers = {str(lab.subnet(p)) for p in lab.hosts() if p != h}
-        assert routes(lab, h) == peers  # the real peers' routes, and nothing of the bad leases
-    bad_config = '{"Network": "10.0.0.0/16", "SubnetLen": 31}'
+    hosts = lab.hosts()
+    before = {h: log_count(lab, h, "event=lease_skipped") for h in hosts}
     good_config = lab.etcd(lambda s: s.get(f"{PREFIX}/config"))[0]
-    lab.etcd(lambda s: s.put(f"{PREFIX}/config", bad_config))
-    time.sleep(2.0 * 2 + 0.5)
-    for h in lab.hosts():
-        assert log_count(lab, h, "event=config_rejected") == 1
-    failed = [f"{r.src.ns}->{r.dst.ns}" for r in lab.check(timeout=10) if not r.ok]
-    assert not failed, failed  # the last good config still rules
     assert good_config is not None
-    lab.etcd(lambda s: s.put(f"{PREFIX}/config", good_config))
-    for key in bad:
-        lab.etcd(partial(delete, key))
+    try:
+        for key, value in bad.items():
+            lab.etcd(partial(put, key, value))
+        for h in hosts:
+            wait_until(partial(logged, lab, h, "event=lease_skipped", before[h] + len(bad)))
+        two_full_passes(lab, hosts)  # which must not warn again
+        for h in hosts:
+            assert lab.daemon_running(h)
+            assert log_count(lab, h, "event=lease_skipped") - before[h] == len(bad)
+            peers = {str(lab.subnet(p)) for p in hosts if p != h}
+            assert routes(lab, h) == peers  # the real peers' routes, nothing of the bad leases
+        bad_config = '{"Network": "10.0.0.0/16", "SubnetLen": 31}'
+        lab.etcd(lambda s: s.put(f"{PREFIX}/config", bad_config))
+        for h in hosts:
+            wait_until(partial(logged, lab, h, "event=config_rejected", 1))
+        two_full_passes(lab, hosts)
+        for h in hosts:
+            assert log_count(lab, h, "event=config_rejected") == 1
+        failed = [f"{r.src.ns}->{r.dst.ns}" for r in lab.check(timeout=CONVERGE) if not r.ok]
+        assert not failed, failed  # the last good config still rules
+    finally:
+        # Even after a failure: the later tests need a sound cluster.
+        lab.etcd(lambda s: s.put(f"{PREFIX}/config", good_config))
+        for key in bad:
+            lab.etcd(partial(delete, key))
+
+
+def last_full_pass_at(lab: Lab, host: int) -> float:
+    """When the host's daemon finished its last full reconcile pass (wall
+    clock), from `overlayctl status`; 0 if the last pass was not full."""
+    proc = subprocess.run(
+        netns.module_argv(
+            lab.host_ns(host),
+            "overlayd.cli.ctl",
+            "status",
+            "--json",
+            "--control-socket",
+            str(lab.control_socket(host)),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=CONVERGE,
+        check=True,
+    )
+    last = json.loads(proc.stdout)["last_reconcile"]
+    return float(last["at"]) if last and last["full"] else 0.0
+
+
+def two_full_passes(lab: Lab, hosts: list[int]) -> None:
+    """Until every host's daemon has run two full passes (its resync) from now."""
+    for _ in range(2):
+        since = time.time()
+        for h in hosts:
+            wait_until(partial(lambda host, t: last_full_pass_at(lab, host) > t, h, since))
 
 
 def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
@@ -306,7 +367,7 @@ def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
         ),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=CONVERGE,
     )
     assert proc.returncode == 0, proc.stderr
     links = netns.ip(ns, "-o", "link")
@@ -316,7 +377,7 @@ def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
     assert not any(subnet.split("/")[0] in k for k in lab.leases())
     assert "198.51.100.0/24 via 192.0.2.1" in netns.ip(ns, "route")
     for h in (1, 2):
-        wait_until(partial(lacks_route, lab, h, subnet), 5)
+        wait_until(partial(lacks_route, lab, h, subnet))
 
 
 def test_overlayctl_leave_releases_the_lease_on_purpose(lab: Lab) -> None:
@@ -335,10 +396,10 @@ def test_overlayctl_leave_releases_the_lease_on_purpose(lab: Lab) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=CONVERGE,
     )
     assert proc.returncode == 0 and "released" in proc.stdout, proc.stdout + proc.stderr
-    wait_until(lambda: subnet not in routes(lab, 1), 5)
+    wait_until(lambda: subnet not in routes(lab, 1))
 
 
 def test_three_member_etcd_losing_the_daemons_member_loses_nothing() -> None:
@@ -352,11 +413,10 @@ def test_three_member_etcd_losing_the_daemons_member_loses_nothing() -> None:
             lab.stop_etcd(index)
             key, value = fake_peer(203)
             lab.etcd(lambda s: s.put(key, value))
-            switched = wait_until(lambda: "10.244.203.0/24" in routes(lab, 1), 15)
+            wait_until(lambda: "10.244.203.0/24" in routes(lab, 1))
             time.sleep(2 * TTL)  # renewals must go on through another member
             count = ping.stop()
         assert count.lost == 0, count
-        assert switched < 15
         assert lease_of(lab, 1) == lease
         assert lab.etcd_member_in_use(1) != index
     finally:

@@ -4,6 +4,7 @@ creates, repairs and removes exactly the entries overlayd owns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from overlayd.model import Lease
 from overlayd.plan.desired import device_spec, stable_mac
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.leases import render_lease, subnet_key
-from tests.conftest import needs_root
+from tests.conftest import CONVERGE, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -310,9 +311,11 @@ async def test_a_pass_that_fails_half_way_is_retried_until_nothing_is_missing(
     loop = asyncio.create_task(rec.run())
     rec.mark_dirty()
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(CONVERGE):
             await succeeded.wait()
     finally:
         loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
     assert calls >= 2 and rec.passes >= 2
     assert (routes(ns), neighbours(ns), fdb(ns)) == (EXPECTED_ROUTES, EXPECTED_NEIGH, EXPECTED_FDB)

@@ -5,8 +5,29 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
+
+import pytest
 
 from overlayd.surfaces.logs import parse_fields, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """setup_logging reconfigures the process's root logger; put it back, so
+    that no later test depends on running before or after these."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quiet = {
+        name: logging.getLogger(name).level for name in ("aetcd", "grpc", "aiomqtt", "asyncio")
+    }
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, saved in quiet.items():
+            logging.getLogger(name).setLevel(saved)
 
 
 def test_fields_are_split_and_quoted_values_unquoted() -> None:
