@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from overlayd.lab.netns import LabCommandError
+from overlayd.lab.netns import LAB_WAIT_SECONDS, LabCommandError
 
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
@@ -111,7 +111,9 @@ def healthy(member: Member) -> bool:
     return probe.returncode == 0
 
 
-def wait_healthy(member: Member, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+def wait_healthy(
+    member: Member, proc: subprocess.Popen[bytes] | None, timeout: float = LAB_WAIT_SECONDS
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:

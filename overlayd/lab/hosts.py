@@ -119,7 +119,7 @@ def wait_ready_again(
     host: int, files: HostFiles, readies: int, running: Callable[[], bool]
 ) -> None:
     """Wait until the log holds more ready events than `readies`."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + netns.LAB_WAIT_SECONDS
     while ready_count(files) == readies:
         if time.monotonic() > deadline or not running():
             raise LabCommandError(f"overlayd on h{host} did not come back:\n{files.log_tail()}")
@@ -127,7 +127,10 @@ def wait_ready_again(
 
 
 def wait_ready(
-    host: int, files: HostFiles, running: Callable[[], bool], timeout: float = 30
+    host: int,
+    files: HostFiles,
+    running: Callable[[], bool],
+    timeout: float = netns.LAB_WAIT_SECONDS,
 ) -> IPv4Network:
     """Wait until the daemon has written its subnet file, and is still running."""
     deadline = time.monotonic() + timeout

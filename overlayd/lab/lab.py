@@ -336,7 +336,7 @@ class Lab:
             return proc.poll() is None
         return bool(netns.pids_in(self.host_ns(host)))
 
-    def wait_ready(self, host: int, timeout: float = 30) -> IPv4Network:
+    def wait_ready(self, host: int, timeout: float = netns.LAB_WAIT_SECONDS) -> IPv4Network:
         return hosts.wait_ready(host, self.files(host), lambda: self.daemon_running(host), timeout)
 
     def subnet(self, host: int) -> IPv4Network:

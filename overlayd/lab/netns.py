@@ -19,6 +19,12 @@ from collections.abc import Sequence
 
 from overlayd.nsexec import netns_argv
 
+# How long the lab waits for something to come up (etcd healthy, a daemon
+# ready or back, a server listening) before it calls it failed. Waits return
+# as soon as the thing is there, so only a failure pays for the margin,
+# which a loaded 2-vCPU machine needs.
+LAB_WAIT_SECONDS = 60.0
+
 
 class LabCommandError(RuntimeError):
     pass
@@ -79,7 +85,7 @@ def pids_in(ns: str) -> list[int]:
 
 
 def kill_namespace_processes(
-    ns: str, *, sig: signal.Signals = signal.SIGTERM, grace: float = 3.0
+    ns: str, *, sig: signal.Signals = signal.SIGTERM, grace: float = 10.0
 ) -> None:
     """Signal everything running in the namespace (SIGTERM by default) and
     wait for it to go; SIGKILL what is still there after the grace time."""

@@ -119,7 +119,7 @@ def attach_host(names: Names, host: int) -> None:
 def wait_switch_port_gone(names: Names, host: int) -> None:
     """The kernel dismantles a deleted namespace in the background; the
     switch's end of the host's veth goes with it, a moment later."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + netns.LAB_WAIT_SECONDS
     while netns.ip(names.switch_ns, "link", "show", f"h{host}", check=False):
         if time.monotonic() > deadline:
             raise LabCommandError(f"h{host}'s switch port outlived its namespace")
@@ -134,7 +134,7 @@ def add_outside(names: Names) -> None:
 
 
 def _wait_listening(ns: str, port: int, what: str) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + netns.LAB_WAIT_SECONDS
     while time.monotonic() < deadline:
         if f":{port}" in netns.in_ns(ns, "ss", "-Htln", check=False):
             return
