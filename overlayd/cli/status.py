@@ -16,9 +16,10 @@ def render_status(s: dict[str, Any]) -> str:
     last = s.get("last_reconcile")
     if last:
         outcome = "ok" if last["ok"] else f"FAILED ({last['error']})"
+        level = last.get("level") or ("full" if last["full"] else "light")
         reconcile = (
             f"{outcome} {duration(last['ago_seconds'])} ago"
-            f" ({'full' if last['full'] else 'light'}, {last['changes']} changes,"
+            f" ({level}, {last['changes']} changes,"
             f" {last['seconds'] * 1000:.1f} ms)"
         )
     else:

@@ -42,6 +42,7 @@ class LastPass:
     changes: int
     seconds: float
     error: str | None
+    level: str = ""
 
 
 @dataclass
@@ -171,7 +172,8 @@ class Telemetry:
         self.m_passes.labels("ok" if ok else "failed").inc()
         for change in changes:
             self.m_changes.labels(entry_kind(change.entry), change.op.value).inc()
-        self.last_pass = LastPass(time.time(), ok, full, len(changes), seconds, error)
+        kind = level or ("full" if full else "light")
+        self.last_pass = LastPass(time.time(), ok, full, len(changes), seconds, error, kind)
         if ok:
             self.first_reconcile_ok = True
 
@@ -247,6 +249,7 @@ class Telemetry:
                 "ago_seconds": round(time.time() - p.at, 1),
                 "ok": p.ok,
                 "full": p.full,
+                "level": p.level,
                 "changes": p.changes,
                 "seconds": round(p.seconds, 4),
                 "error": p.error,

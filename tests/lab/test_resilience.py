@@ -297,7 +297,7 @@ def test_bad_input_is_skipped_with_one_warning_and_never_programmed(lab: Lab) ->
             lab.etcd(partial(put, key, value))
         for h in hosts:
             wait_until(partial(logged, lab, h, "event=lease_skipped", before[h] + len(bad)))
-        two_full_passes(lab, hosts)  # which must not warn again
+        two_resync_passes(lab, hosts)  # which must not warn again
         for h in hosts:
             assert lab.daemon_running(h)
             assert log_count(lab, h, "event=lease_skipped") - before[h] == len(bad)
@@ -307,7 +307,7 @@ def test_bad_input_is_skipped_with_one_warning_and_never_programmed(lab: Lab) ->
         lab.etcd(lambda s: s.put(f"{PREFIX}/config", bad_config))
         for h in hosts:
             wait_until(partial(logged, lab, h, "event=config_rejected", 1))
-        two_full_passes(lab, hosts)
+        two_resync_passes(lab, hosts)
         for h in hosts:
             assert log_count(lab, h, "event=config_rejected") == 1
         failed = [f"{r.src.ns}->{r.dst.ns}" for r in lab.check(timeout=CONVERGE) if not r.ok]
@@ -319,9 +319,10 @@ def test_bad_input_is_skipped_with_one_warning_and_never_programmed(lab: Lab) ->
             lab.etcd(partial(delete, key))
 
 
-def last_full_pass_at(lab: Lab, host: int) -> float:
-    """When the host's daemon finished its last full reconcile pass (wall
-    clock), from `overlayctl status`; 0 if the last pass was not full."""
+def last_resync_pass_at(lab: Lab, host: int) -> float:
+    """When the host's daemon finished its last pass of the resync timer (a
+    check or a full pass; wall clock), from `overlayctl status`; 0 if the
+    last pass was a light one."""
     proc = subprocess.run(
         netns.module_argv(
             lab.host_ns(host),
@@ -337,15 +338,15 @@ def last_full_pass_at(lab: Lab, host: int) -> float:
         check=True,
     )
     last = json.loads(proc.stdout)["last_reconcile"]
-    return float(last["at"]) if last and last["full"] else 0.0
+    return float(last["at"]) if last and last["level"] in ("check", "full") else 0.0
 
 
-def two_full_passes(lab: Lab, hosts: list[int]) -> None:
-    """Until every host's daemon has run two full passes (its resync) from now."""
+def two_resync_passes(lab: Lab, hosts: list[int]) -> None:
+    """Until every host's daemon has run two passes of its resync timer from now."""
     for _ in range(2):
         since = time.time()
         for h in hosts:
-            wait_until(partial(lambda host, t: last_full_pass_at(lab, host) > t, h, since))
+            wait_until(partial(lambda host, t: last_resync_pass_at(lab, host) > t, h, since))
 
 
 def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
