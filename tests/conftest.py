@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -162,3 +162,31 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         delete_namespace(name)
+
+
+# Lines of each lab daemon's log attached to a failed lab test's report: the
+# lab and its logs are gone once the module's fixture tears it down, and a
+# failure seen once in CI must be diagnosable from the report alone.
+DAEMON_LOG_LINES = 80
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if call.when == "call" and report.failed:
+        from overlayd.lab.lab import Lab
+
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Lab):
+                for host in value.hosts():
+                    with contextlib.suppress(OSError):
+                        lines = value.daemon_log(host).read_text().splitlines()
+                        report.sections.append(
+                            (
+                                f"overlayd log of h{host} (last {DAEMON_LOG_LINES} lines)",
+                                "\n".join(lines[-DAEMON_LOG_LINES:]),
+                            )
+                        )
+    return report
