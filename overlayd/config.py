@@ -353,7 +353,8 @@ def _prefix(value: Any, field: str) -> str:
 
 
 def _nested(a: str, b: str) -> bool:
-    return (a + "/").startswith(b + "/") or (b + "/").startswith(a + "/")
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"  # "/" holds every prefix
+    return a.startswith(b) or b.startswith(a)
 
 
 def _lease_ttl(value: Any) -> int:

@@ -215,7 +215,6 @@ KINDS: tuple[EntryKind, ...] = (
     EntryKind("route", Route, lambda e: route_key(e.dst), _describe_route, layer=3),
 )
 KIND_OF: Mapping[type, EntryKind] = {kind.type: kind for kind in KINDS}
-KIND_NAMED: Mapping[str, EntryKind] = {kind.name: kind for kind in KINDS}
 
 
 def kind_of(entry: Entry) -> EntryKind:
@@ -302,3 +301,7 @@ class Observed:
     entry: Entry | None = None
     detail: str = ""
     link: LinkFacts | None = None
+    # Not an entry of ours (another route protocol, a dynamic neighbour, a
+    # learned FDB entry), but keyed like one: drift only if it sits where we
+    # believe one of ours is, i.e. somebody replaced ours with it.
+    foreign: bool = False

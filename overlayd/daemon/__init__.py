@@ -3,6 +3,7 @@ dataplane managers and the one loop that drives them, and the agent that
 composes it all.
 
 May import: model, errors, config, plan, store, dataplane, surfaces.
-Only `agent` builds concrete adapters; everything else takes them as
-Protocols, so the watch, lease and loop logic run in unit tests with fakes.
+Only `agent` builds the concrete adapters (etcd, the kernel); the mirror,
+the lease keeper and the loop take them as Protocols, so they run in unit
+tests with fakes.
 """

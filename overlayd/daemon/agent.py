@@ -113,14 +113,17 @@ class Agent:
     async def _network_config(self) -> NetworkConfig:
         """The config from the mirror, waiting for it to be written if need be."""
         arrived = asyncio.Event()
-        self.mirror.subscribe(self._config_key, lambda key, value: arrived.set())
-        value = self.mirror.get(self._config_key)
-        if value is None:
-            log.warning("event=waiting_for_config key=%s", self._config_key)
-        while value is None:
-            await arrived.wait()
-            arrived.clear()
+        unsubscribe = self.mirror.subscribe(self._config_key, lambda key, value: arrived.set())
+        try:
             value = self.mirror.get(self._config_key)
+            if value is None:
+                log.warning("event=waiting_for_config key=%s", self._config_key)
+            while value is None:
+                await arrived.wait()
+                arrived.clear()
+                value = self.mirror.get(self._config_key)
+        finally:
+            unsubscribe()
         # An invalid config is fatal at start: ConfigError names the field.
         return parse_network_config(value)
 
@@ -195,6 +198,9 @@ class Agent:
             await asyncio.sleep(1.0)
             first = await reconciler.reconcile_once()
         self._write_subnet_file(host.host)
+        # Only now: the subnet file must never name a subnet before the data
+        # plane for it is programmed.
+        host.on_change.append(self._write_subnet_file)
         log.info(
             "event=ready subnet=%s vtep_mac=%s peers=%d subnet_file=%s",
             held.lease.subnet,
@@ -218,7 +224,8 @@ class Agent:
         self, host: HostState, reconciler: Reconciler, leaser: SubnetLeaser, held: HeldLease
     ) -> LeaseKeeper:
         """Who tells whom: etcd changes go to the host state, the lease keeper
-        and the loop; host changes to the subnet file and the loop."""
+        and the loop; a new lease to the host state and the loop; a lease that
+        no longer fits to the keeper."""
 
         def new_lease(held: HeldLease) -> None:
             host.lease_changed(held.lease)
@@ -235,18 +242,22 @@ class Agent:
 
         def config_event(key: str, value: bytes | None) -> None:
             if key == self._config_key:
-                host.config_changed(key, value)
-                reconciler.mark_dirty(full=True)
+                try:
+                    host.config_changed(key, value)
+                finally:
+                    reconciler.mark_dirty(full=True)
 
         def lease_event(key: str, value: bytes | None) -> None:
             keeper.own_key_changed(key, value)
             reconciler.mark_dirty(event_at=time.monotonic())
 
-        host.on_change.append(self._write_subnet_file)
         host.on_lease_doubt.append(keeper.doubt)
         self.mirror.subscribe(self._config_key, config_event)
         self.mirror.subscribe(self._subnets, lease_event)
         self.mirror.on_relist.append(partial(reconciler.mark_dirty, full=True))
+        # A config written between the mirror's listing and these
+        # subscriptions reached no one: look at the current value once.
+        host.config_changed(self._config_key, self.mirror.get(self._config_key))
         return keeper
 
     @staticmethod

@@ -78,7 +78,10 @@ class HostState:
             config, own, self._underlay, bridge=self._bridge, egress=self._host.egress
         )
         for listener in self.on_change:
-            listener(self._host)
+            try:
+                listener(self._host)
+            except Exception:  # one listener's failure must not stop the others
+                log.exception("event=host_listener_failed")
 
     def config_changed(self, key: str, value: bytes | None) -> None:
         """A config written while running: keep the last good one if it is bad."""
@@ -107,10 +110,15 @@ class HostState:
             config.backend.vni,
             config.backend.port,
         )
-        self._replace(config, self._host.own)
         if not lease_fits(config, self._host.own):
+            log.warning(
+                "event=lease_no_longer_fits subnet=%s network=%s",
+                self._host.own.subnet,
+                config.network,
+            )
             for listener in self.on_lease_doubt:
                 listener("no longer fits the network config")
+        self._replace(config, self._host.own)
 
     def lease_changed(self, own: Lease) -> None:
         if own == self._host.own:

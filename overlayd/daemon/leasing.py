@@ -23,6 +23,7 @@ from typing import Protocol
 from overlayd.errors import LeaseError, SubnetsExhaustedError
 from overlayd.model import Lease, NetworkConfig
 from overlayd.plan.desired import stable_mac
+from overlayd.plan.host import lease_fits
 from overlayd.plan.ipam import is_candidate, pick_subnet
 from overlayd.plan.leases import (
     parse_lease,
@@ -151,6 +152,13 @@ class SubnetLeaser:
         log.info("event=lease_reclaimed subnet=%s key=%s ttl=%d", subnet, key, self._ttl)
         return HeldLease(lease=lease, key=key, lease_id=lease_id)
 
+    async def revoke(self, lease_id: int) -> None:
+        """Give up an etcd lease we no longer use. Best effort: if etcd cannot
+        be reached, or the lease has already expired (etcd answers "not
+        found"), it is gone or goes by its TTL, which is as good."""
+        with contextlib.suppress(Exception):
+            await self._store.revoke(lease_id)
+
     async def renew(self, held: HeldLease) -> bool:
         """Refresh the etcd lease; False when it has expired."""
         ttl = await self._store.refresh(held.lease_id)
@@ -187,7 +195,8 @@ class LeaseKeeper:
         self._doubt = asyncio.Event()
 
     def doubt(self, reason: str) -> None:
-        """Lease again at once (the reason is logged by the caller)."""
+        """Lease again at once."""
+        log.info("event=lease_again reason=%r", reason)
         self._doubt.set()
 
     def own_key_changed(self, key: str, value: bytes | None) -> None:
@@ -223,10 +232,19 @@ class LeaseKeeper:
 
     async def _lease_again(self) -> None:
         # Preferring the subnet we had, so that peers see no change if it is free.
+        old = self.held
         held = await retry_unavailable(
             "re-acquire lease",
-            partial(self._leaser.acquire, self._config(), hints=(self.held.lease.subnet,)),
+            partial(self._leaser.acquire, self._config(), hints=(old.lease.subnet,)),
         )
         self.held = held
+        # Events about the old key that came in while we leased again (its
+        # deletion, say) are about a lease we no longer rely on; what matters
+        # is whether the new one fits the config as it is now.
+        self._doubt.clear()
+        if not lease_fits(self._config(), held.lease):
+            self._doubt.set()
+        if old.lease_id != held.lease_id:
+            await self._leaser.revoke(old.lease_id)  # keeps nothing any more
         self._telemetry.lease_acquired(held.lease, held.key, self._ttl)
         self._on_new_lease(held)

@@ -134,12 +134,16 @@ class Reconciler:
         event_at, self._event_at = self._event_at, None
         context = PassContext(Inputs.of(self.knowledge), level)
         try:
-            for manager in self.managers:
-                await manager.sync(context)
-            for kind, what in context.remade:
-                self._remade(kind, what)
-            if context.changes:
-                self._log_changes(context.changes)
+            try:
+                for manager in self.managers:
+                    await manager.sync(context)
+            finally:
+                # Told even when a later manager fails: it was done all the same.
+                for kind, what in context.remade:
+                    self._remade(kind, what)
+                if context.changes:
+                    self._log_changes(context.changes)
+            level = context.level  # a manager may have raised it
             outcome = PassResult(
                 ok=True,
                 changes=len(context.changes),

@@ -457,7 +457,7 @@ class DriftMonitor:
             return Observed(present, None, f"address on {name}") if name else None
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
             family = self._families.get(msg.get("family"))
-            if msg.get("proto") != ROUTE_PROTOCOL or family is None:
+            if family is None:
                 return None
             base = family.network(msg.get("RTA_DST") or "default").network_address
             dst = ip_network(f"{base}/{msg['dst_len']}", strict=False)
@@ -465,7 +465,8 @@ class DriftMonitor:
             role = names.get(self._indexes.get(msg.get("RTA_OIF"), ""))
             hop = family.address(gateway) if gateway and role in ("bridge", "underlay") else None
             route = Route(dst, hop or family.address(0), direct=role == "underlay")
-            return Observed(present, route, f"route {dst}")
+            foreign = msg.get("proto") != ROUTE_PROTOCOL
+            return Observed(present, route, f"route {dst}", foreign=foreign)
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
             if name is None or names.get(name) not in ("bridge", "vtep"):
@@ -474,18 +475,19 @@ class DriftMonitor:
             state = msg.get("state", 0)
             family = self._families.get(msg.get("family"))
             if family is not None:
-                if present and not state & _OWNED_NUD:
-                    return None  # dynamic ARP or NDP: not ours
                 ip = family.address(msg.get("NDA_DST"))
-                return Observed(present, Neighbour(ip, mac), f"neigh {ip}")
+                # Dynamic ARP or NDP is not ours, unless it took our entry's place.
+                foreign = present and not state & _OWNED_NUD
+                return Observed(present, Neighbour(ip, mac), f"neigh {ip}", foreign=foreign)
             if msg.get("family") == AF_BRIDGE:
                 remote = msg.get("NDA_DST")
                 if remote:
                     return Observed(present, TunnelFdb(mac, ip_address(remote)), f"fdb {mac}")
                 # The bridge reports its own entries with NDA_MASTER set;
                 # static (NOARP) ones are ours, permanent ones are local MACs.
-                if msg.get("NDA_MASTER") and state & _NUD_NOARP and not state & 0x80:
-                    return Observed(present, BridgeFdb(mac), f"fdb {mac} master")
+                if msg.get("NDA_MASTER"):
+                    foreign = not (state & _NUD_NOARP and not state & 0x80)
+                    return Observed(present, BridgeFdb(mac), f"fdb {mac} master", foreign=foreign)
         return None
 
     async def _learn_indexes(self, ipr: Any, names: Mapping[str, str]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-from overlayd.model import KIND_OF, KINDS, Change, Entry, EntryKind, EntrySet, Observed, Op
+from overlayd.model import KINDS, Change, Entry, EntryKind, EntrySet, Op
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -59,15 +59,3 @@ def diff(desired: EntrySet, actual: EntrySet) -> list[Change]:
     return ordered_changes(
         {kind: replace_and_delete(desired.table(kind), actual.table(kind)) for kind in KINDS}
     )
-
-
-def expected(observed: Observed, believed: EntrySet | None) -> bool:
-    """Whether a kernel event only confirms what we believe the kernel holds
-    (our own change coming back to us). Anything else is drift; an entry
-    that vanished is expected only if we believed it gone (a neighbour we
-    do not own vanishing is ARP housekeeping, not ours to judge)."""
-    entry = observed.entry
-    if believed is None or entry is None or type(entry) not in KIND_OF:
-        return False
-    current = believed.get(entry)
-    return current == entry if observed.present else current is None

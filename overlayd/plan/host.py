@@ -46,9 +46,12 @@ def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
 
 def lease_fits(config: NetworkConfig, own: Lease) -> bool:
     """Whether a lease taken under an older config is still valid under this
-    one: its subnet is still a candidate and its VNI is still the network's.
-    When not, the host must lease again."""
-    return is_candidate(config, own.subnet) and config.backend.vni == own.vni
+    one: its subnet is still a candidate, its backend type is the network's
+    (a host-gw lease carries no VtepMAC), and for vxlan its VNI is still the
+    network's. When not, the host must lease again."""
+    if not is_candidate(config, own.subnet) or config.backend.type != own.backend_type:
+        return False
+    return config.backend.type != "vxlan" or config.backend.vni == own.vni
 
 
 def host_plan(

@@ -115,5 +115,9 @@ class EntryTracker:
         kind = KIND_OF.get(type(entry)) if entry is not None else None
         if kind is None:
             return False
+        tracker = self._trackers[kind.name]
+        if observed.foreign:
+            # Somebody else's entry: none of ours unless it replaced ours.
+            return tracker.actual is not None and kind.key(entry) not in tracker.actual
         value = entry if observed.present else None
-        return self._trackers[kind.name].expects(kind.key(entry), value)
+        return tracker.expects(kind.key(entry), value)

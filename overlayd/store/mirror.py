@@ -77,11 +77,14 @@ class Mirror:
         self._collections.append((prefix, values))
         return values
 
-    def subscribe(self, prefix: str, subscriber: Subscriber) -> None:
+    def subscribe(self, prefix: str, subscriber: Subscriber) -> Callable[[], None]:
         """Call `subscriber(key, value)` for every later change under `prefix`
-        (a subscriber added before `load` hears of every key listed)."""
+        (a subscriber added before `load` hears of every key listed); returns
+        what ends the subscription."""
         self._root_of(prefix)
-        self._subscribers.append((prefix, subscriber))
+        entry = (prefix, subscriber)
+        self._subscribers.append(entry)
+        return lambda: self._subscribers.remove(entry)
 
     async def load(self) -> None:
         """List every root (waiting, with backoff, until etcd answers)."""

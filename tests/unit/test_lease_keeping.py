@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.model import Lease, Underlay
 from overlayd.plan.egress import EgressSpec
-from overlayd.plan.host import Host, host_plan
+from overlayd.plan.host import Host, host_plan, lease_fits
 from overlayd.plan.leases import render_lease, subnets_prefix
 from tests.unit.fake_store import FakeStore, eventually
 
@@ -155,3 +155,28 @@ async def test_a_bad_config_while_running_keeps_the_last_good_one(
         f"{PREFIX}/config", b'{"Network": "10.244.0.0/16", "Backend": {"Port": 4789}}'
     )
     assert host.spec.port == 4789 and len(hosts) == 1
+
+
+async def test_losing_our_key_leases_again_once_and_gives_the_old_etcd_lease_back(
+    kept: tuple[FakeStore, LeaseKeeper, HostState, Record, list[Host]],
+) -> None:
+    store, keeper, _, record, _ = kept
+    before = keeper.held
+    await store.delete(before.key)
+    keeper.own_key_changed(before.key, None)
+    await eventually(lambda: keeper.held.lease_id != before.lease_id)
+    await eventually(lambda: store.leases[before.lease_id] == 0)  # revoked
+    await asyncio.sleep(0.2)  # room for a second, spurious re-lease
+    assert [fact for fact in record.facts if fact[0] == "acquired"] == [("acquired", before.key)]
+
+
+def test_a_lease_fits_a_config_of_its_own_backend_only() -> None:
+    vxlan = Lease(IPv4Network("10.244.5.0/24"), UNDERLAY.address, 1, "02:00:00:00:00:05")
+    host_gw = Lease(IPv4Network("10.244.5.0/24"), UNDERLAY.address, 0, "", "host-gw")
+    hgw_config = parse_network_config(
+        '{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}'
+    )
+    other_vni = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"VNI": 7}}')
+    assert lease_fits(CONFIG, vxlan) and lease_fits(hgw_config, host_gw)
+    assert not lease_fits(hgw_config, vxlan) and not lease_fits(CONFIG, host_gw)
+    assert not lease_fits(other_vni, vxlan)

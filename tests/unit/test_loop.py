@@ -205,3 +205,36 @@ async def test_a_link_event_that_shows_a_device_as_made_is_an_echo_and_any_other
         loop.note_drift(Observed(True, None, "link", link=changed))
     loop.note_drift(Observed(False, None, f"link {spec.vtep}"))
     assert loop.drift_events == 6
+
+
+async def test_somebody_elses_entry_in_place_of_ours_is_drift_and_elsewhere_is_not() -> None:
+    dataplane = FakeDataplane()
+    loop = Reconciler(knowledge(PEER), dataplane)
+    await loop.reconcile_once()
+    elsewhere = Route(IPv4Network("198.51.100.0/24"), IPv4Address("192.0.2.1"))
+    loop.note_drift(Observed(True, elsewhere, "route", foreign=True))
+    assert loop.drift_events == 0
+    # `ip route replace` of our peer route with another protocol.
+    in_our_place = Route(PEER.subnet, IPv4Address("192.0.2.1"))
+    loop.note_drift(Observed(True, in_our_place, "route", foreign=True))
+    assert loop.drift_events == 1
+
+
+async def test_a_device_made_again_on_a_check_makes_the_pass_read_the_entries_back() -> None:
+    dataplane = FakeDataplane()
+    loop = Reconciler(knowledge(PEER), dataplane)
+    await loop.reconcile_once()
+    dataplane.calls.clear()
+    assert (await loop.reconcile_once(level=Level.CHECK)).level is Level.CHECK
+    assert "read" not in dataplane.calls
+    # The VTEP was deleted by hand: its entries went with it.
+    dataplane.kernel = EntrySet()
+    remade = ["created ovl.1"]
+
+    async def devices_remade(spec: DeviceSpec) -> list[str]:
+        return remade
+
+    dataplane.ensure_devices = devices_remade  # type: ignore[method-assign]
+    result = await loop.reconcile_once(level=Level.CHECK)
+    assert result.level is Level.FULL and result.changes == 4
+    assert len(dataplane.kernel) == 4

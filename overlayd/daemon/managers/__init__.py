@@ -3,7 +3,7 @@ Felix's (`vxlan_mgr`, `route_mgr`): each owns exactly its objects, computes
 what they must be from the pass's inputs with a pure function (plan/),
 reads or believes what they are, and applies the difference.
 
-The loop runs them in a fixed order, `ORDER` below: devices before the
+The loop runs them in a fixed order (`daemon.loop.standard_managers`): devices before the
 sysctls that name them, both before the rules that use them, and all of
 those before the per-peer entries that hang off the devices. A new
 capability (the VXLAN allow-list, IPv6 entries, policy sets, service maps)
@@ -65,7 +65,8 @@ class PassInputs(Protocol):
 @dataclass(frozen=True, slots=True)
 class Inputs:
     """A snapshot of `PassInputs`, so that every manager in one pass sees the
-    same host even if the config or the lease changes meanwhile."""
+    same host even if the config or the lease changes meanwhile. The leases
+    are the mirror's live collection, read without awaiting in between."""
 
     config: NetworkConfig
     own: Lease

@@ -9,7 +9,7 @@ about our devices (gone, another MAC, MTU or master, down) does."""
 
 from __future__ import annotations
 
-from overlayd.daemon.managers import CheckedEachPeriod, PassContext
+from overlayd.daemon.managers import CheckedEachPeriod, Level, PassContext
 from overlayd.dataplane import DataplanePort
 from overlayd.model import LinkFacts, Observed
 
@@ -36,6 +36,10 @@ class DeviceManager(CheckedEachPeriod):
                     egress.gwbridge, egress.gwbridge_gateway, egress.gwbridge_mac
                 ),
             )
+        if any(kind == "device" for kind, _ in context.remade):
+            # A device made again lost the routes, neighbours and FDB entries
+            # on it: the rest of this pass reads the kernel instead of belief.
+            context.level = Level.FULL
         spec = inputs.spec
         made: Made = {spec.bridge: (spec.bridge_mac, spec.mtu, None)}
         if spec.vtep:
