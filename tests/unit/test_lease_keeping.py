@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -19,7 +20,7 @@ from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.model import Lease, Underlay
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import Host, host_plan, lease_fits
-from overlayd.plan.leases import render_lease, subnets_prefix
+from overlayd.plan.leases import render_lease, subnet_key
 from tests.unit.fake_store import FakeStore, eventually
 
 PREFIX = "/coreos.com/network"
@@ -48,7 +49,9 @@ class Record:
 async def kept() -> AsyncIterator[tuple[FakeStore, LeaseKeeper, HostState, Record, list[Host]]]:
     store = FakeStore()
     # TTL 3: the keeper renews every second (its floor).
-    leaser = SubnetLeaser(store, etcd_prefix=PREFIX, public_ip=UNDERLAY.address, ttl=3)
+    leaser = SubnetLeaser(
+        store, etcd_prefix=PREFIX, public_ip=UNDERLAY.address, ttl=3, rng=random.Random(0)
+    )
     held = await leaser.acquire(CONFIG)
     record = Record()
     host = HostState(
@@ -119,7 +122,10 @@ async def test_our_key_deleted_or_taken_by_another_host_is_leased_again(
     await eventually(lambda: keeper.held is not taken_before)
     assert ("lost", "taken by 192.0.2.99") in record.facts
     # Someone else's key changing is none of the keeper's business.
-    other = subnets_prefix(PREFIX) + "10.244.77.0-24"
+    ours = keeper.held.lease.subnet
+    neighbour = ours.network_address + (256 if ours.network_address.packed[2] < 255 else -256)
+    other = subnet_key(PREFIX, IPv4Network((neighbour, 24)))
+    assert other != keeper.held.key
     keeper.own_key_changed(other, None)
     assert record.facts.count(("lost", "deleted from etcd")) == 1
 
