@@ -48,8 +48,11 @@ class PassResult:
     peers: int = 0
     seconds: float = 0.0
     error: str | None = None
-    full: bool = True
     level: Level = Level.FULL
+
+    @property
+    def full(self) -> bool:
+        return self.level is Level.FULL
 
 
 @dataclass
@@ -149,7 +152,6 @@ class Reconciler:
                 changes=len(context.changes),
                 peers=context.peers,
                 seconds=time.monotonic() - started,
-                full=level is Level.FULL,
                 level=level,
             )
             if level is Level.FULL:
@@ -166,7 +168,6 @@ class Reconciler:
                 ok=False,
                 seconds=time.monotonic() - started,
                 error=repr(exc),
-                full=level is Level.FULL,
                 level=level,
             )
         log.debug(
