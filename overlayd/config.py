@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from overlayd.errors import ConfigError
 from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, BackendConfig, NetworkConfig
+from overlayd.store.access import EtcdAccess
 
 SUPPORTED_BACKENDS = ("vxlan", "host-gw")
 MAX_VNI = (1 << 24) - 1
@@ -192,6 +193,12 @@ class AgentConfig:
     """Per-host settings of the daemon, after flags > environment > file."""
 
     etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_cafile: Path | None = None
+    etcd_certfile: Path | None = None
+    etcd_keyfile: Path | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    etcd_password_setting: str = "etcd-password"
     etcd_prefix: str = DEFAULT_PREFIX
     overlayd_prefix: str = DEFAULT_OVERLAYD_PREFIX
     iface: str | None = None
@@ -211,10 +218,34 @@ class AgentConfig:
     mqtt_url: str | None = None  # None: no MQTT
     mqtt_topic: str = DEFAULT_MQTT_TOPIC
 
+    @property
+    def etcd(self) -> EtcdAccess:
+        """How to reach etcd: endpoints and credentials, as the store takes them."""
+        return EtcdAccess(
+            endpoints=self.etcd_endpoints,
+            cafile=self.etcd_cafile,
+            certfile=self.etcd_certfile,
+            keyfile=self.etcd_keyfile,
+            username=self.etcd_username,
+            password=self.etcd_password,
+            password_setting=self.etcd_password_setting,
+        )
+
+
+# The settings that say how to reach etcd; overlayctl and overlay-cni take them too.
+ETCD_ACCESS_SETTINGS = (
+    "etcd-endpoints",
+    "etcd-cafile",
+    "etcd-certfile",
+    "etcd-keyfile",
+    "etcd-username",
+    "etcd-password",
+    "etcd-password-file",
+)
 
 # Setting name (as spelled in flags, TOML and, upper-cased, the environment).
 AGENT_SETTINGS = (
-    "etcd-endpoints",
+    *ETCD_ACCESS_SETTINGS,
     "etcd-prefix",
     "overlayd-prefix",
     "iface",
@@ -274,9 +305,10 @@ def _endpoints(value: Any) -> tuple[str, ...]:
         if parts.scheme == "unix" and (parts.netloc or parts.path):
             endpoints.append(item)
             continue
-        if parts.scheme != "http":
+        if parts.scheme not in ("http", "https"):
             raise ConfigError(
-                "etcd-endpoints", f"{item!r}: only http:// and unix:// endpoints are supported"
+                "etcd-endpoints",
+                f"{item!r}: only http://, https:// and unix:// endpoints are supported",
             )
         try:
             port = parts.port
@@ -285,7 +317,64 @@ def _endpoints(value: Any) -> tuple[str, ...]:
         if not parts.hostname or port is None:
             raise ConfigError("etcd-endpoints", f"{item!r} must look like http://HOST:PORT")
         endpoints.append(item)
+    if len({urlsplit(e).scheme for e in endpoints}) > 1:
+        raise ConfigError("etcd-endpoints", "mixes schemes: use https:// (or http://) for all")
     return tuple(endpoints)
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return Path(str(value))
+
+
+def _etcd_credentials(merged: Mapping[str, Any], endpoints: tuple[str, ...]) -> dict[str, Any]:
+    """The TLS files and the user and password, checked for consistency.
+    (The files' contents are checked when the store opens them, see
+    store/access.py, so that a rotation on disk is checked the same way.)"""
+    tls = any(urlsplit(e).scheme == "https" for e in endpoints)
+    cafile = _optional_path(merged.get("etcd-cafile"))
+    certfile = _optional_path(merged.get("etcd-certfile"))
+    keyfile = _optional_path(merged.get("etcd-keyfile"))
+    for name, path in (("etcd-cafile", cafile), ("etcd-certfile", certfile)):
+        if path is not None and not tls:
+            raise ConfigError(
+                name, "is set, but etcd-endpoints are not https://: TLS would not be used"
+            )
+    if certfile is not None and keyfile is None:
+        raise ConfigError("etcd-keyfile", "is required with etcd-certfile")
+    if keyfile is not None and certfile is None:
+        raise ConfigError("etcd-certfile", "is required with etcd-keyfile")
+    username = merged.get("etcd-username")
+    password = merged.get("etcd-password")
+    password_file = _optional_path(merged.get("etcd-password-file"))
+    setting = "etcd-password"
+    if password is not None and password_file is not None:
+        raise ConfigError("etcd-password-file", "give either etcd-password or etcd-password-file")
+    if password_file is not None:
+        setting = "etcd-password-file"
+        try:
+            password = password_file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                "etcd-password-file", f"{password_file} cannot be read: {exc.strerror}"
+            ) from exc
+        if not password:
+            raise ConfigError("etcd-password-file", f"{password_file} is empty")
+    if password is not None and not username:
+        raise ConfigError("etcd-username", f"is required with {setting}")
+    if username and password is None:
+        raise ConfigError(
+            "etcd-password", "is required with etcd-username (or use etcd-password-file)"
+        )
+    return {
+        "etcd_cafile": cafile,
+        "etcd_certfile": certfile,
+        "etcd_keyfile": keyfile,
+        "etcd_username": str(username) if username else None,
+        "etcd_password": None if password is None else str(password),
+        "etcd_password_setting": setting,
+    }
 
 
 def _metrics_address(value: Any) -> tuple[str, int] | None:
@@ -420,8 +509,10 @@ def build_agent_config(
         raise ConfigError("log-format", f"{log_format!r} is not one of {', '.join(LOG_FORMATS)}")
 
     iface = merged.get("iface")
+    endpoints = _endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints)))
     return AgentConfig(
-        etcd_endpoints=_endpoints(merged.get("etcd-endpoints", list(defaults.etcd_endpoints))),
+        etcd_endpoints=endpoints,
+        **_etcd_credentials(merged, endpoints),
         etcd_prefix=prefix,
         overlayd_prefix=own_prefix,
         iface=None if iface is None else str(iface),

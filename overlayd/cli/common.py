@@ -23,6 +23,24 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     )
 
 
+def add_etcd_access_flags(p: argparse.ArgumentParser) -> None:
+    """How to reach etcd, in flannel's spelling; overlayd and overlayctl share them."""
+    p.add_argument(
+        "--etcd-endpoints",
+        help="comma-separated etcd URLs, http(s)://IP:PORT or unix:///PATH"
+        " (default http://127.0.0.1:2379)",
+    )
+    p.add_argument("--etcd-cafile", help="CA certificate(s) that sign etcd's server certificate")
+    p.add_argument("--etcd-certfile", help="client certificate for mutual TLS with etcd")
+    p.add_argument("--etcd-keyfile", help="the client certificate's private key")
+    p.add_argument("--etcd-username", help="etcd user (when etcd authentication is on)")
+    p.add_argument(
+        "--etcd-password",
+        help="the etcd user's password (visible in ps: prefer --etcd-password-file)",
+    )
+    p.add_argument("--etcd-password-file", help="file holding the etcd user's password")
+
+
 def add_settings_flags(p: argparse.ArgumentParser) -> None:
     """The daemon's settings that overlayctl needs, read the way the daemon
     reads them: flags, then OVERLAYD_* variables, then the config file."""
@@ -31,7 +49,7 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help=f"the daemon's TOML settings (default {DEFAULT_CONFIG_FILE} if it exists)",
     )
-    p.add_argument("--etcd-endpoints", help="comma-separated etcd URLs")
+    add_etcd_access_flags(p)
     p.add_argument("--etcd-prefix", help="etcd key prefix")
     p.add_argument("--control-socket", help="the daemon's control socket")
     p.add_argument("--subnet-file", help="the daemon's subnet file")

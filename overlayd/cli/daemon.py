@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from overlayd import __version__
+from overlayd.cli.common import add_etcd_access_flags
 from overlayd.config import (
     AGENT_SETTINGS,
     DEFAULT_BRIDGE,
@@ -47,10 +48,7 @@ def parser() -> argparse.ArgumentParser:
         "the VTEP, routes, neighbour and FDB entries of every peer host in step.",
     )
     p.add_argument("--config", type=Path, help="TOML file with the settings below")
-    p.add_argument(
-        "--etcd-endpoints",
-        help="comma-separated etcd URLs, http://IP:PORT or unix:///PATH (default http://127.0.0.1:2379)",
-    )
+    add_etcd_access_flags(p)
     p.add_argument("--etcd-prefix", help=f"etcd key prefix (default {DEFAULT_PREFIX})")
     p.add_argument(
         "--overlayd-prefix",

@@ -19,8 +19,9 @@ from overlayd.dataplane.netlink import Netlink
 from overlayd.errors import ConfigError, LeaseError
 from overlayd.plan.cluster import cluster_plan
 from overlayd.plan.desired import device_spec
-from overlayd.plan.diagnose import Finding, HostFacts, diagnose
+from overlayd.plan.diagnose import CertificateExpiry, Finding, HostFacts, diagnose
 from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
+from overlayd.store.access import certificate_facts
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.surfaces.control import DaemonUnreachable, ask
 from overlayd.surfaces.subnetfile import read_subnet, read_variables
@@ -33,6 +34,9 @@ def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig
         return replace(
             s,
             etcd_endpoints=tuple(d.get("etcd_endpoints") or s.etcd_endpoints),
+            etcd_cafile=Path(d["etcd_cafile"]) if d.get("etcd_cafile") else s.etcd_cafile,
+            etcd_certfile=Path(d["etcd_certfile"]) if d.get("etcd_certfile") else s.etcd_certfile,
+            etcd_keyfile=Path(d["etcd_keyfile"]) if d.get("etcd_keyfile") else s.etcd_keyfile,
             etcd_prefix=d.get("etcd_prefix") or s.etcd_prefix,
             iface=d.get("iface") or s.iface,
             public_ip=IPv4Address(d["public_ip"]) if d.get("public_ip") else s.public_ip,
@@ -54,10 +58,14 @@ async def gather(s: AgentConfig) -> HostFacts:
     subnet = read_subnet(s.subnet_file)
     mtu_text = read_variables(s.subnet_file).get("FLANNEL_MTU")
     facts.subnet_file_mtu = int(mtu_text) if mtu_text and mtu_text.isdigit() else None
+    facts.etcd_certificates = [
+        CertificateExpiry(c.setting, str(c.path), c.subject, c.not_after, c.problem)
+        for c in certificate_facts(s.etcd)
+    ]
     try:
-        async with EtcdStore(s.etcd_endpoints) as store:
+        async with EtcdStore(s.etcd) as store:
             everything, _ = await store.get_prefix(s.etcd_prefix.rstrip("/") + "/")
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, ConfigError) as exc:
         facts.config_error = f"cannot read etcd: {exc}"
         return facts
     raw_config = everything.get(config_key(s.etcd_prefix))

@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from overlayd.cli.common import print_json, settings_from, table
@@ -22,13 +21,13 @@ from overlayd.plan.leases import (
     subnet_key,
     subnets_prefix,
 )
-from overlayd.store.etcd import EtcdStore
+from overlayd.store.etcd import EtcdAccess, EtcdStore
 from overlayd.surfaces.subnetfile import read_subnet
 from overlayd.surfaces.telemetry import subnet_order
 
 
-async def lease_rows(endpoints: Sequence[str], prefix: str) -> list[dict[str, str]]:
-    async with EtcdStore(endpoints) as store:
+async def lease_rows(access: EtcdAccess, prefix: str) -> list[dict[str, str]]:
+    async with EtcdStore(access) as store:
         config_raw, _ = await store.get(config_key(prefix))
         raw, _ = await store.get_prefix(subnets_prefix(prefix))
     config = None
@@ -56,7 +55,7 @@ async def lease_rows(endpoints: Sequence[str], prefix: str) -> list[dict[str, st
 
 def cmd_leases(args: argparse.Namespace) -> int:
     s = settings_from(args)
-    rows = asyncio.run(lease_rows(s.etcd_endpoints, s.etcd_prefix))
+    rows = asyncio.run(lease_rows(s.etcd, s.etcd_prefix))
     if args.json:
         print_json(rows)
     elif not rows:
@@ -76,7 +75,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
 async def _network_show(s: AgentConfig) -> tuple[str, bytes | None]:
     key = config_key(s.etcd_prefix)
-    async with EtcdStore(s.etcd_endpoints) as store:
+    async with EtcdStore(s.etcd) as store:
         value, _ = await store.get(key)
     return key, value
 
@@ -84,7 +83,7 @@ async def _network_show(s: AgentConfig) -> tuple[str, bytes | None]:
 async def _network_set(s: AgentConfig, text: bytes, *, force: bool, dry_run: bool) -> str:
     config = parse_network_config(text)  # ConfigError names the field
     key = config_key(s.etcd_prefix)
-    async with EtcdStore(s.etcd_endpoints) as store:
+    async with EtcdStore(s.etcd) as store:
         raw, _ = await store.get_prefix(subnets_prefix(s.etcd_prefix))
         orphans = []
         for lease_key in sorted(raw):
@@ -139,12 +138,12 @@ def cmd_network(args: argparse.Namespace) -> int:
 # --- leave ---
 
 
-async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
+async def _leave(access: EtcdAccess, prefix: str, subnet_file: Path) -> str:
     subnet = read_subnet(subnet_file)
     if subnet is None:
         raise LeaseError(f"{subnet_file} names no subnet: this host holds no lease to release")
     key = subnet_key(prefix, subnet)
-    async with EtcdStore(endpoints) as store:
+    async with EtcdStore(access) as store:
         if not await store.delete(key):
             return f"{key} was not leased"
         await asyncio.sleep(2)
@@ -158,6 +157,6 @@ async def _leave(endpoints: list[str], prefix: str, subnet_file: Path) -> str:
 
 def cmd_leave(args: argparse.Namespace) -> int:
     s = settings_from(args)
-    outcome = asyncio.run(_leave(list(s.etcd_endpoints), s.etcd_prefix, s.subnet_file))
+    outcome = asyncio.run(_leave(s.etcd, s.etcd_prefix, s.subnet_file))
     print(json.dumps({"result": outcome}) if args.json else outcome)
     return 0

@@ -61,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise OverlaydError(f"{s.subnet_file} names no subnet: is overlayd running here?")
     deadline = time.monotonic() + args.timeout
     while True:
-        rows = asyncio.run(lease_rows(s.etcd_endpoints, s.etcd_prefix))
+        rows = asyncio.run(lease_rows(s.etcd, s.etcd_prefix))
         peers = [r for r in rows if r["status"] == "ok" and r["subnet"] != str(own)]
         if len(peers) + 1 >= args.expect_hosts or time.monotonic() > deadline:
             break

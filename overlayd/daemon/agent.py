@@ -49,7 +49,7 @@ log = logging.getLogger("overlayd")
 def public_settings(s: AgentConfig) -> dict[str, object]:
     """The settings `overlayctl` may need to act like the daemon (diagnose)."""
     return {
-        "etcd_endpoints": list(s.etcd_endpoints),
+        **s.etcd.public(),
         "etcd_prefix": s.etcd_prefix,
         "overlayd_prefix": s.overlayd_prefix,
         "iface": s.iface,
@@ -68,7 +68,7 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
 class Agent:
     def __init__(self, settings: AgentConfig) -> None:
         self.settings = settings
-        self.store = EtcdStore(settings.etcd_endpoints)
+        self.store = EtcdStore(settings.etcd)
         self.dataplane = Dataplane.open()
         self.ready = asyncio.Event()
         self.telemetry = Telemetry(settings=public_settings(settings), egress=settings.egress)
@@ -161,6 +161,14 @@ class Agent:
             )
             group.create_task(self.publisher.run(), name="mqtt")
         self.notifier.status("waiting for the network config in etcd")
+        # A refusal (certificate, CA, password) stops the start with the
+        # setting named; an outage is waited out, as later on.
+        await retry_unavailable(
+            "first contact",
+            lambda: self.store.get(self._config_key),
+            refusal_is_fatal=True,
+        )
+        group.create_task(self.store.follow_credentials(), name="etcd-credentials")
         await self.mirror.load()
         group.create_task(self.mirror.run(), name="etcd-mirror")
         config = await self._network_config()

@@ -5,6 +5,7 @@ or not, so that an operator sees what was looked at."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,21 @@ class Finding:
     check: str
     ok: bool
     detail: str
+
+
+# A certificate that expires sooner than this fails diagnose: time to renew.
+CERT_WARNING_DAYS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateExpiry:
+    """One etcd TLS file: which setting, its subject and expiry, or what is wrong."""
+
+    setting: str
+    path: str
+    subject: str | None
+    not_after: datetime.datetime | None
+    problem: str | None = None
 
 
 @dataclass
@@ -40,6 +56,8 @@ class HostFacts:
     sysctls: dict[str, str | None] = field(default_factory=dict)
     ruleset: list[dict[str, Any]] = field(default_factory=list)
     subnet_file_mtu: int | None = None
+    etcd_certificates: list[CertificateExpiry] = field(default_factory=list)
+    now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
 # How an operator would name each kind of entry, with the device it sits on.
@@ -140,6 +158,19 @@ def firewall_blocks(ruleset: Sequence[dict[str, Any]], port: int) -> list[str]:
     return problems
 
 
+def certificate_verdict(cert: CertificateExpiry, now: datetime.datetime) -> tuple[bool, str]:
+    if cert.problem is not None or cert.not_after is None:
+        return False, f"{cert.path}: {cert.problem}"
+    left = cert.not_after - now
+    when = f"{cert.path} ({cert.subject}) expires {cert.not_after:%Y-%m-%d %H:%M} UTC"
+    if left <= datetime.timedelta(0):
+        return False, f"{when}: expired; renew it"
+    days = left.total_seconds() / 86400
+    if left < datetime.timedelta(days=CERT_WARNING_DAYS):
+        return False, f"{when}, in {days:.1f} days: renew it (under {CERT_WARNING_DAYS} days)"
+    return True, f"{when}, in {days:.0f} days"
+
+
 def diagnose(f: HostFacts) -> list[Finding]:
     out: list[Finding] = []
 
@@ -157,6 +188,8 @@ def diagnose(f: HostFacts) -> list[Finding]:
             add("daemon", False, f"last reconcile failed: {last.get('error')}")
         else:
             add("daemon", True, f"running, ready, last reconcile {last.get('ago_seconds')} s ago")
+    for cert in f.etcd_certificates:
+        add(f"etcd {cert.setting}", *certificate_verdict(cert, f.now))
     if f.config_error is not None:
         add("network config", False, f.config_error)
     if f.lease_problem is not None:

@@ -2,5 +2,5 @@
 `Store` protocol the rest of overlayd programs against, and the mirror
 (the one component that lists and watches etcd).
 
-May import: model, errors, backoff.
+May import: model, errors, backoff (and `cryptography`, in access.py).
 """

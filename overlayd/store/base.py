@@ -21,6 +21,12 @@ class StoreUnavailable(OverlaydError):
     """etcd did not answer; the caller retries with backoff."""
 
 
+class StoreRefused(StoreUnavailable):
+    """etcd refuses us, or we refuse it: TLS or authentication. The message
+    names the setting at fault. Fatal when a daemon starts; while it runs,
+    retried like an outage (the files may be fixed on disk meanwhile)."""
+
+
 class WatchCompacted(OverlaydError):
     """The watch's start revision was compacted away; list again."""
 
@@ -76,12 +82,21 @@ class Store(Protocol):
         ...
 
 
-async def retry_unavailable(what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Call until etcd answers, backing off with jitter between attempts."""
+async def retry_unavailable(
+    what: str, call: Callable[[], Awaitable[T]], *, refusal_is_fatal: bool = False
+) -> T:
+    """Call until etcd answers, backing off with jitter between attempts.
+    With `refusal_is_fatal`, a refusal (TLS, authentication) is raised at
+    once instead: what a daemon wants when it starts."""
     attempt = 0
     while True:
         try:
             return await call()
+        except StoreRefused:
+            if refusal_is_fatal:
+                raise
+            await sleep_backoff(attempt)
+            attempt += 1
         except StoreUnavailable as exc:
             if attempt % 10 == 0:
                 log.warning("event=etcd_unavailable during=%s error=%r", what, str(exc)[:200])

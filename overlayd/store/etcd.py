@@ -2,25 +2,83 @@
 
 It implements `store.base.Store`: bytes and revisions, with aetcd's and
 gRPC's types hidden; callers get `StoreUnavailable` for "etcd cannot be
-reached right now, try again" and `WatchCompacted` for "re-list, then watch
-from the new revision".
+reached right now, try again", `StoreRefused` (a kind of it) for "etcd or
+our own credentials refuse the connection: TLS or authentication", and
+`WatchCompacted` for "re-list, then watch from the new revision".
+
+TLS and authentication, and why a subclass of aetcd's client: aetcd 1.0.0
+is the asyncio etcd v3 client we measured (FACTS.md), but it always dials
+`grpc.aio.insecure_channel` (TLS was removed upstream and its TLS pull
+request is unmerged) and authenticates once, never renewing the token. No
+other maintained asyncio etcd v3 client does better (etcd3-py and
+python-etcd3 are synchronous and unmaintained). `_Client` below replaces
+only aetcd's `connect()`: it opens a `grpc.aio.secure_channel` with
+`grpc.ssl_channel_credentials` when the endpoints are https, authenticates
+when a user is given, and then sets up aetcd's own stubs and watcher, so
+every other call is aetcd's. Everything else is done here, around it:
+
+- certificate rotation: gRPC cannot swap a channel's certificate, so when
+  the files change on disk (`follow_credentials`) a new client is built and
+  the old one closed; open watches end and the mirror resumes them from the
+  last revision it saw, so no event is missed;
+- token renewal: a call refused for an invalid or expired auth token (etcd
+  forgets simple tokens after `--auth-token-ttl` idle seconds and on every
+  restart) reconnects, which authenticates again, and is tried once more;
+- several https endpoints: gRPC checks a server's certificate against the
+  channel's one authority, so one channel cannot span several members with
+  TLS; the store keeps one endpoint at a time and moves to the next when
+  the current one is unreachable (plain http keeps gRPC's own failover).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
 
+# gRPC's C core prints TLS failures on stderr as OpenSSL codes; the errors
+# raised here say the same with the setting named. GRPC_VERBOSITY=error
+# brings its lines back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import aetcd
+import aetcd.client
 import aetcd.exceptions
+import aetcd.watcher
+import grpc
+from aetcd import rpc
 
-from overlayd.store.base import KeyEvent, StoreUnavailable, WatchCompacted
+from overlayd.errors import ConfigError
+from overlayd.store.access import EtcdAccess, TlsMaterial, file_stamp, load_tls
+from overlayd.store.base import KeyEvent, StoreRefused, StoreUnavailable, WatchCompacted
 
-__all__ = ["EtcdStore", "KeyEvent", "StoreUnavailable", "WatchCompacted", "grpc_target"]
+__all__ = [
+    "EtcdAccess",
+    "EtcdStore",
+    "KeyEvent",
+    "StoreRefused",
+    "StoreUnavailable",
+    "WatchCompacted",
+    "grpc_target",
+    "grpc_targets",
+]
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_POLL_SECONDS = 1.0
+
+
+def _host_target(host: str, port: int) -> str:
+    try:
+        IPv4Address(host)
+    except AddressValueError:
+        return f"dns:{host}:{port}"
+    return f"ipv4:{host}:{port}"
 
 
 def grpc_target(endpoints: Sequence[str]) -> str:
@@ -49,34 +107,267 @@ def grpc_target(endpoints: Sequence[str]) -> str:
     return "ipv4:" + ",".join(f"{host}:{port}" for host, port in hosts)
 
 
+def grpc_targets(access: EtcdAccess) -> list[str]:
+    """The targets the store dials in turn: one for plain endpoints (gRPC
+    fails over inside it), one per endpoint with TLS (see the docstring)."""
+    if not access.tls:
+        return [grpc_target(access.endpoints)]
+    targets = []
+    for endpoint in access.endpoints:
+        parts = urlsplit(endpoint)
+        assert parts.hostname is not None and parts.port is not None
+        targets.append(_host_target(parts.hostname, parts.port))
+    return targets
+
+
 _TRANSIENT = (
     aetcd.exceptions.ConnectionFailedError,
     aetcd.exceptions.ConnectionTimeoutError,
     aetcd.exceptions.InternalError,
 )
 
+# Request builders only (no connection): usable with whichever client is current.
+_TX = aetcd.client.Transactions()
+
+_KEEPALIVE = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2_000,
+}
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
+    """aetcd's client with a TLS channel and a token (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+    ) -> None:
+        # aetcd joins host and port as f"{host}:{port}"; splitting our target
+        # at its last colon lets it pass any gRPC target through unchanged.
+        host, port = target.rsplit(":", 1)
+        super().__init__(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            timeout=timeout,
+            options=_KEEPALIVE,
+        )
+        self._credentials = credentials
+        self._is_connecting: bool = False
+        self.auth_disabled = False
+
+    async def connect(self) -> None:
+        """aetcd's connect, with `secure_channel` when credentials are given."""
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            options = list(self._options.items())
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(target, self._credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
+            self.channel = channel
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                try:
+                    reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                    self.metadata = (("token", reply.token),)
+                except grpc.aio.AioRpcError as exc:
+                    # A password for an etcd without authentication: flannel
+                    # goes on too; say so once, then work without a token.
+                    if "authentication is not enabled" not in (exc.details() or ""):
+                        raise
+                    self.auth_disabled = True
+            self.kvstub = rpc.KVStub(channel)
+            self.clusterstub = rpc.ClusterStub(channel)
+            self.leasestub = rpc.LeaseStub(channel)
+            self.maintenancestub = rpc.MaintenanceStub(channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if self.channel is not None:
+                    await self.channel.close()
+            self._init_channel_attrs()
+            raise
+        finally:
+            self._is_connecting = False
+
+
+def _token_expired(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, aetcd.exceptions.UnauthenticatedError) or (
+        "invalid auth token" in text or "auth token is expired" in text
+    )
+
 
 class EtcdStore:
     """A connection to etcd, rooted at nothing: keys are absolute strings."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
-        target = grpc_target(endpoints)
-        # aetcd joins host and port as f"{host}:{port}"; splitting our target
-        # at its last colon lets it pass any gRPC target through unchanged.
-        host, port = target.rsplit(":", 1)
-        self._client = aetcd.Client(
-            host=host,
-            port=port,
-            timeout=timeout,
-            options={
-                "grpc.keepalive_time_ms": 10_000,
-                "grpc.keepalive_timeout_ms": 5_000,
-                "grpc.keepalive_permit_without_calls": 1,
-                "grpc.initial_reconnect_backoff_ms": 200,
-                "grpc.max_reconnect_backoff_ms": 2_000,
-            },
+    def __init__(self, access: EtcdAccess | Sequence[str], *, timeout: float = 5.0) -> None:
+        if not isinstance(access, EtcdAccess):
+            access = EtcdAccess(endpoints=tuple(access))
+        self.access = access
+        self._timeout = timeout
+        self._targets = grpc_targets(access)
+        self._index = 0
+        # Read and checked now, so that a bad file stops a start with the
+        # setting named; later changes are picked up by follow_credentials.
+        self._material: TlsMaterial | None = load_tls(access) if access.tls else None
+        self._client = self._new_client()
+        self._refusal: str | None = None  # the refusal last logged, to log it once
+        self._reconnect_lock = asyncio.Lock()
+
+    @property
+    def target(self) -> str:
+        return self._targets[self._index]
+
+    @property
+    def material(self) -> TlsMaterial | None:
+        """The TLS files now in use (None without TLS)."""
+        return self._material
+
+    def _new_client(self) -> _Client:
+        credentials = None
+        if self._material is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self._material.ca,
+                private_key=self._material.key,
+                certificate_chain=self._material.cert,
+            )
+        return _Client(
+            self.target,
+            credentials=credentials,
+            username=self.access.username,
+            password=self.access.password,
+            timeout=self._timeout,
         )
-        self.target = target
+
+    async def _reconnect(self, old: _Client, why: str, *, next_target: bool = False) -> None:
+        """Replace `old` (unless another caller already did) with a new client."""
+        async with self._reconnect_lock:
+            if self._client is not old:
+                return
+            if next_target:
+                self._index = (self._index + 1) % len(self._targets)
+            self._client = self._new_client()
+            log.info("event=etcd_reconnect target=%s why=%r", self.target, why)
+        with contextlib.suppress(Exception):
+            await old.close()
+
+    async def follow_credentials(self, interval: float = CREDENTIAL_POLL_SECONDS) -> None:
+        """Reload the TLS files when they change on disk, until cancelled.
+
+        A change is used once the files read back whole and consistent (a
+        new certificate with the old key is a rotation half done: it is
+        tried again on the next poll, and reported only if it stays so)."""
+        if self._material is None:
+            return
+        reported: str | None = None
+        unsettled = 0
+        while True:
+            await asyncio.sleep(interval)
+            if file_stamp(self.access.credential_files) == self._material.stamp:
+                unsettled = 0
+                continue
+            try:
+                material = load_tls(self.access)
+            except ConfigError as exc:
+                unsettled += 1
+                if unsettled >= 3 and str(exc) != reported:
+                    reported = str(exc)
+                    log.error(
+                        "event=etcd_credentials_unusable error=%r keeping=current_connection",
+                        reported,
+                    )
+                continue
+            unsettled, reported = 0, None
+            self._material = material
+            log.info(
+                "event=etcd_credentials_reloaded subject=%r not_after=%s",
+                material.cert_subject,
+                material.cert_not_after.isoformat() if material.cert_not_after else None,
+            )
+            await self._reconnect(self._client, "credentials changed on disk")
+
+    def _refused(self, exc: BaseException) -> StoreRefused | None:
+        """A refusal, named by the setting that causes it, or None if `exc`
+        is an ordinary outage."""
+        text = str(exc)
+        access = self.access
+        where = f"etcd at {self.target}"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            trust = f"etcd-cafile {access.cafile}" if access.cafile else "the system's CAs"
+            return StoreRefused(
+                f"{where}: its server certificate is not signed by {trust}, or has expired"
+            )
+        if "Hostname Verification" in text:
+            return StoreRefused(
+                f"{where}: its server certificate does not name the address dialled"
+                " (it needs it among its subject alternative names)"
+            )
+        if "WRONG_VERSION_NUMBER" in text:
+            return StoreRefused(f"{where} does not speak TLS: use http:// in etcd-endpoints")
+        if "TSI_DATA_CORRUPTED" in text or "Unwrap failed" in text or "_ALERT_" in text:
+            if access.certfile is None:
+                return StoreRefused(
+                    f"{where} requires a client certificate: set etcd-certfile and etcd-keyfile"
+                )
+            return StoreRefused(
+                f"{where} refused the client certificate etcd-certfile {access.certfile}"
+                " (signed by a CA it does not trust, or expired)"
+            )
+        if "authentication failed" in text:
+            return StoreRefused(
+                f"{where} refused user {access.username!r}:"
+                f" wrong etcd-username or {access.password_setting}"
+            )
+        if "user name is empty" in text or "user name not found" in text:
+            return StoreRefused(
+                f"{where} has authentication on and no user for this client: use a client"
+                " certificate whose CN is an etcd user (etcd-certfile), or etcd-username and"
+                " etcd-password-file"
+            )
+        if "permission denied" in text:
+            who = access.username or (
+                self._material.cert_subject if self._material is not None else None
+            )
+            return StoreRefused(f"{where}: permission denied to {who or 'this client'}")
+        return None
+
+    def _failed(self, exc: BaseException, what: str) -> StoreUnavailable:
+        refusal = self._refused(exc)
+        if refusal is not None:
+            if str(refusal) != self._refusal:
+                self._refusal = str(refusal)
+                log.error("event=etcd_refused error=%r", str(refusal))
+            return refusal
+        return StoreUnavailable(f"{what} at {self.target}: {exc}")
+
+    def _succeeded(self) -> None:
+        if self._refusal is not None:
+            log.info("event=etcd_accepted target=%s after=%r", self.target, self._refusal)
+            self._refusal = None
+        if self._client.auth_disabled:
+            self._client.auth_disabled = False
+            log.warning("event=etcd_auth_not_enabled user=%r", self.access.username)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -88,15 +379,31 @@ class EtcdStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"etcd at {self.target}: {exc}") from exc
+    async def _call(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one aetcd call (named by its method), translating its errors,
+        renewing an expired token and moving to the next TLS endpoint."""
+        for attempt in range(2):
+            client = self._client
+            try:
+                result = await getattr(client, operation)(*args, **kwargs)
+            except aetcd.exceptions.ClientError as exc:
+                if client is not self._client:
+                    # The channel was replaced (a rotation) while this call ran.
+                    raise StoreUnavailable(f"etcd connection renewed during {operation}") from exc
+                if _token_expired(exc) and attempt == 0:
+                    await self._reconnect(client, "auth token expired or invalid")
+                    continue
+                failure = self._failed(exc, f"etcd {operation}")
+                if isinstance(exc, _TRANSIENT) and len(self._targets) > 1:
+                    await self._reconnect(client, str(exc)[:120], next_target=True)
+                raise failure from exc
+            self._succeeded()
+            return result
+        raise AssertionError("unreachable")
 
     async def get(self, key: str) -> tuple[bytes | None, int]:
         """The value (None if absent) and the store's revision."""
-        result = await self._call(self._client.get_prefix(key.encode()))
+        result = await self._call("get_prefix", key.encode())
         revision = int(result.header.revision) if result.header else 0
         for kv in result:
             if kv.key == key.encode():
@@ -105,13 +412,13 @@ class EtcdStore:
 
     async def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """All keys under `prefix` and the revision they were read at."""
-        result = await self._call(self._client.get_prefix(prefix.encode()))
+        result = await self._call("get_prefix", prefix.encode())
         values = {kv.key.decode(errors="replace"): bytes(kv.value) for kv in result}
         return values, int(result.header.revision)
 
     async def get_with_revision(self, key: str) -> tuple[bytes, int] | None:
         """The value and its mod revision, or None if absent."""
-        result = await self._call(self._client.get_prefix(key.encode()))
+        result = await self._call("get_prefix", key.encode())
         for kv in result:
             if kv.key == key.encode():
                 return bytes(kv.value), int(kv.mod_revision)
@@ -119,61 +426,66 @@ class EtcdStore:
 
     async def put(self, key: str, value: str | bytes) -> None:
         data = value.encode() if isinstance(value, str) else value
-        await self._call(self._client.put(key.encode(), data))
+        await self._call("put", key.encode(), data)
 
     async def put_many(self, items: Sequence[tuple[str, str]]) -> None:
         """Several puts in one transaction (etcd allows 128 operations in one)."""
-        tx = self._client.transactions
+        tx = _TX
         await self._call(
-            self._client.transaction(
-                compare=[], success=[tx.put(k.encode(), v.encode()) for k, v in items], failure=[]
-            )
+            "transaction",
+            compare=[],
+            success=[tx.put(k.encode(), v.encode()) for k, v in items],
+            failure=[],
         )
 
     async def delete(self, key: str) -> bool:
-        result = await self._call(self._client.delete(key.encode()))
+        result = await self._call("delete", key.encode())
         return bool(result and result.deleted)
 
     async def grant(self, ttl: int) -> int:
-        lease = await self._call(self._client.lease(ttl))
+        lease = await self._call("lease", ttl)
         return int(lease.id)
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; returns its new TTL, 0 when it has expired."""
-        reply = await self._call(self._client.refresh_lease(lease_id))
+        reply = await self._call("refresh_lease", lease_id)
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke(self, lease_id: int) -> None:
-        await self._call(self._client.revoke_lease(lease_id))
+        await self._call("revoke_lease", lease_id)
 
     async def create(self, key: str, value: str, lease_id: int) -> bool:
         """Put the key bound to the lease only if it does not exist; atomic."""
-        tx = self._client.transactions
+        tx = _TX
         succeeded, _ = await self._call(
-            self._client.transaction(
-                compare=[tx.create(key.encode()) == 0],
-                success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
-                failure=[],
-            )
+            "transaction",
+            compare=[tx.create(key.encode()) == 0],
+            success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
+            failure=[],
         )
         return bool(succeeded)
 
     async def take_over(self, key: str, value: str, lease_id: int, mod_revision: int) -> bool:
         """Rebind an existing key to our lease if nobody changed it meanwhile."""
-        tx = self._client.transactions
+        tx = _TX
         succeeded, _ = await self._call(
-            self._client.transaction(
-                compare=[tx.mod(key.encode()) == mod_revision],
-                success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
-                failure=[],
-            )
+            "transaction",
+            compare=[tx.mod(key.encode()) == mod_revision],
+            success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
+            failure=[],
         )
         return bool(succeeded)
 
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[KeyEvent]:
-        """Events under `prefix` from `start_revision` on, until an error."""
+        """Events under `prefix` from `start_revision` on, until an error.
+
+        Ends with StoreUnavailable when the connection is replaced (a
+        rotation, a token renewal, another endpoint), so that the caller
+        resumes from the last revision it saw, on the new connection."""
+        client = self._client
         try:
-            watch = await self._client.watch_prefix(prefix.encode(), start_revision=start_revision)
+            watch = await client.watch_prefix(prefix.encode(), start_revision=start_revision)
+            self._succeeded()
             try:
                 async for event in watch:
                     kind = event.kind
@@ -187,5 +499,12 @@ class EtcdStore:
                     await asyncio.shield(watch.cancel())
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise WatchCompacted(f"revision {start_revision} was compacted") from exc
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"etcd watch at {self.target}: {exc}") from exc
+        except aetcd.exceptions.ClientError as exc:
+            if client is self._client:
+                if _token_expired(exc):
+                    await self._reconnect(client, "auth token expired or invalid")
+                elif isinstance(exc, _TRANSIENT) and len(self._targets) > 1:
+                    await self._reconnect(client, str(exc)[:120], next_target=True)
+            raise self._failed(exc, "etcd watch") from exc
+        # aetcd ends a watch quietly when its client is closed.
+        raise StoreUnavailable(f"etcd watch of {prefix} ended (connection renewed)")

@@ -44,7 +44,18 @@ def test_the_daemon_command_line_reads_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "field"),
     [
-        ({"etcd-endpoints": "https://x:1"}, "etcd-endpoints"),
+        ({"etcd-endpoints": "ftp://x:1"}, "etcd-endpoints"),
+        ({"etcd-endpoints": "http://192.0.2.1:1,https://192.0.2.2:1"}, "etcd-endpoints"),
+        ({"etcd-cafile": "/ca.pem"}, "etcd-cafile"),
+        ({"etcd-endpoints": "https://x:1", "etcd-certfile": "/c.pem"}, "etcd-keyfile"),
+        ({"etcd-endpoints": "https://x:1", "etcd-keyfile": "/k.pem"}, "etcd-certfile"),
+        ({"etcd-username": "u"}, "etcd-password"),
+        ({"etcd-password": "p"}, "etcd-username"),
+        (
+            {"etcd-username": "u", "etcd-password": "p", "etcd-password-file": "/p"},
+            "etcd-password-file",
+        ),
+        ({"etcd-username": "u", "etcd-password-file": "/nonexistent/pw"}, "etcd-password-file"),
         ({"etcd-endpoints": "http://nohost"}, "etcd-endpoints"),
         ({"public-ip": "127.0.0.1"}, "public-ip"),
         ({"public-ip": "not-an-ip"}, "public-ip"),
