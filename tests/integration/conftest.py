@@ -7,7 +7,8 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ def _free_port() -> int:
         return port
 
 
-def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+def _start_etcd(
+    data: Path, scheme: str, extra: Sequence[str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    client, peer = f"{scheme}://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
     with (data / "etcd.log").open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -48,6 +51,7 @@ def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
                 "50",
                 "--log-level",
                 "warn",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -55,7 +59,7 @@ def _start_etcd(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, client
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_etcd(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -64,37 +68,73 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _healthy(client: str) -> bool:
-    argv = ["etcdctl", "--endpoints", client, "endpoint", "health"]
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+def etcdctl(client: str, *args: str, auth: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """etcdctl against `client`; `auth` holds its TLS or user flags."""
+    argv = ["etcdctl", "--endpoints", client, "--command-timeout", "5s", *auth, *args]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+
+
+@dataclass
+class RunningEtcd:
+    proc: subprocess.Popen[bytes]
+    client: str
+    data: Path
+    auth: tuple[str, ...]
+
+    def restart(self) -> None:
+        """Stop and start again with the same data, address and flags."""
+        argv = self.proc.args
+        stop_etcd(self.proc)
+        with (self.data / "etcd.log").open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        _wait_healthy(self.proc, self.client, self.data, self.auth)
+
+
+def _wait_healthy(
+    proc: subprocess.Popen[bytes], client: str, data: Path, auth: Sequence[str]
+) -> None:
+    deadline = time.monotonic() + CONVERGE
+    while proc.poll() is None:
+        if etcdctl(client, "endpoint", "health", auth=auth).returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            stop_etcd(proc)
+            pytest.fail(f"etcd not healthy within {CONVERGE:g} s: " + _log_tail(data))
+        time.sleep(0.1)
+
+
+def start_etcd(
+    make_dir: Callable[[], Path],
+    *,
+    scheme: str = "http",
+    extra: Sequence[str] = (),
+    auth: Sequence[str] = (),
+) -> RunningEtcd:
+    """A healthy etcd on loopback (`auth`: etcdctl's flags to reach it).
+
+    A free port can be taken by something else (another test run) between
+    _free_port() and etcd's bind: then etcd exits at once, and a fresh pair
+    of ports is tried."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (./bootstrap.sh test installs it)")
+    for _ in range(5):
+        data = make_dir()
+        proc, client = _start_etcd(data, scheme, extra)
+        _wait_healthy(proc, client, data, auth)
+        if proc.poll() is None:
+            return RunningEtcd(proc, client, data, tuple(auth))
+        if "address already in use" not in _log_tail(data):
+            pytest.fail("etcd exited: " + _log_tail(data))
+    pytest.fail("etcd found no free ports in five tries")
 
 
 @pytest.fixture(scope="session")
 def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd is not installed (./bootstrap.sh test installs it)")
-    # A free port can be taken by something else (another test run) between
-    # _free_port() and etcd's bind: then etcd exits at once, and a fresh pair
-    # of ports is tried.
-    for _ in range(5):
-        data = tmp_path_factory.mktemp("etcd")
-        proc, client = _start_etcd(data)
-        deadline = time.monotonic() + CONVERGE
-        while proc.poll() is None and not _healthy(client):
-            if time.monotonic() > deadline:
-                _stop(proc)
-                pytest.fail(f"etcd not healthy within {CONVERGE:g} s: " + _log_tail(data))
-            time.sleep(0.1)
-        if proc.poll() is None:
-            break
-        if "address already in use" not in _log_tail(data):
-            pytest.fail("etcd exited: " + _log_tail(data))
-    else:
-        pytest.fail("etcd found no free ports in five tries")
+    etcd = start_etcd(lambda: tmp_path_factory.mktemp("etcd"))
     try:
-        yield client
+        yield etcd.client
     finally:
-        _stop(proc)
+        stop_etcd(etcd.proc)
 
 
 def _log_tail(data: Path) -> str:

@@ -87,3 +87,35 @@ def test_the_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "config" / "overlayd.toml"
     cfg = build_agent_config(flags={}, file=read_toml(example), env={})
     assert cfg.etcd_endpoints
+
+
+def test_etcd_credentials_are_read_with_the_password_from_its_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    cfg = build_agent_config(
+        flags={
+            "etcd-endpoints": "https://192.0.2.2:2379,https://192.0.2.3:2379",
+            "etcd-cafile": "/etc/overlayd/ca.pem",
+            "etcd-certfile": "/etc/overlayd/h1.pem",
+            "etcd-keyfile": "/etc/overlayd/h1-key.pem",
+            "etcd-username": "h1",
+            "etcd-password-file": str(secret),
+        },
+        env={},
+    )
+    access = cfg.etcd
+    assert access.tls and access.password == "s3cret"
+    assert access.password_setting == "etcd-password-file"
+    assert access.certfile == Path("/etc/overlayd/h1.pem")
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(access.public())
+
+
+def test_etcd_tls_files_come_from_the_environment_too() -> None:
+    cfg = build_agent_config(
+        flags={},
+        env={
+            "OVERLAYD_ETCD_ENDPOINTS": "https://192.0.2.2:2379",
+            "OVERLAYD_ETCD_CAFILE": "/ca.pem",
+        },
+    )
+    assert cfg.etcd.cafile == Path("/ca.pem") and cfg.etcd.certfile is None

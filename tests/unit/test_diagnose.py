@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
@@ -16,7 +18,7 @@ from overlayd.model import (
     TunnelFdb,
 )
 from overlayd.plan.desired import desired_entries
-from overlayd.plan.diagnose import HostFacts, diagnose, firewall_blocks
+from overlayd.plan.diagnose import CertificateExpiry, HostFacts, diagnose, firewall_blocks
 
 SPEC = DeviceSpec(
     bridge="ovl0",
@@ -167,3 +169,29 @@ def test_chains_on_other_hooks_are_ignored() -> None:
     forward = input_chain("drop")
     forward["chain"]["hook"] = "forward"
     assert not firewall_blocks([forward], 8472)
+
+
+def test_an_etcd_certificate_expiring_within_seven_days_fails_and_one_with_a_month_passes() -> None:
+    now = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+
+    def cert(days: float) -> CertificateExpiry:
+        return CertificateExpiry(
+            "etcd-certfile", "/etc/overlayd/h1.pem", "CN=h1", now + datetime.timedelta(days=days)
+        )
+
+    def verdict(facts: HostFacts) -> Any:
+        return next(f for f in diagnose(facts) if f.check == "etcd etcd-certfile")
+
+    soon = verdict(replace(healthy_facts(), etcd_certificates=[cert(6.5)], now=now))
+    assert not soon.ok and "in 6.5 days: renew it" in soon.detail
+    later = verdict(replace(healthy_facts(), etcd_certificates=[cert(30)], now=now))
+    assert later.ok and "in 30 days" in later.detail
+    gone = verdict(replace(healthy_facts(), etcd_certificates=[cert(-1)], now=now))
+    assert not gone.ok and "expired" in gone.detail
+    unreadable = CertificateExpiry("etcd-cafile", "/x.pem", None, None, "/x.pem does not exist")
+    missing = next(
+        f
+        for f in diagnose(replace(healthy_facts(), etcd_certificates=[unreadable]))
+        if f.check == "etcd etcd-cafile"
+    )
+    assert not missing.ok and "does not exist" in missing.detail
