@@ -223,7 +223,7 @@ async def test_a_certificate_rotated_on_disk_is_used_without_a_restart_and_no_ev
         await mirror.load()
         tasks = [
             asyncio.create_task(mirror.run()),
-            asyncio.create_task(store.follow_credentials(interval=0.2)),
+            asyncio.create_task(store.follow_credentials()),
         ]
         written: list[str] = []
 
