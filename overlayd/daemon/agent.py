@@ -71,7 +71,11 @@ class Agent:
         self.store = EtcdStore(settings.etcd)
         self.dataplane = Dataplane.open()
         self.ready = asyncio.Event()
-        self.telemetry = Telemetry(settings=public_settings(settings), egress=settings.egress)
+        self.telemetry = Telemetry(
+            settings=public_settings(settings),
+            egress=settings.egress,
+            etcd_cert_not_after=self._cert_not_after,
+        )
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
@@ -82,6 +86,12 @@ class Agent:
             [settings.etcd_prefix, settings.overlayd_prefix],
             on_reconnect=self.telemetry.etcd_reconnected,
         )
+
+    def _cert_not_after(self) -> float | None:
+        material = self.store.material
+        if material is None or material.cert_not_after is None:
+            return None
+        return material.cert_not_after.timestamp()
 
     async def close(self) -> None:
         await self.store.close()

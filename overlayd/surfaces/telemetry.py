@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,8 @@ class Telemetry:
     heartbeat: float = field(default_factory=time.monotonic)
     pass_started: float | None = None  # monotonic, while a pass runs
     bus: EventBus = field(default_factory=EventBus)
+    # When the etcd client certificate in use expires (Unix time), if any.
+    etcd_cert_not_after: Callable[[], float | None] = lambda: None
 
     def __post_init__(self) -> None:
         self._peer_changes = PeerChanges(self.bus)
@@ -121,6 +123,12 @@ class Telemetry:
             "MQTT events dropped because the broker was out of reach and the queue was full",
             registry=r,
         )
+        self.m_cert_expiry = Gauge(
+            "overlayd_etcd_client_certificate_expiry_timestamp_seconds",
+            "When the etcd client certificate in use expires (0 without one)",
+            registry=r,
+        )
+        self.m_cert_expiry.set_function(lambda: self.etcd_cert_not_after() or 0.0)
         self.m_peers.labels("vxlan").set(0)
         self.m_peers.labels("direct").set(0)
 
