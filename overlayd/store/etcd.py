@@ -211,6 +211,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
             self._is_connecting = False
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _token_expired(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, aetcd.exceptions.UnauthenticatedError) or (
@@ -386,6 +391,12 @@ class EtcdStore:
             client = self._client
             try:
                 result = await getattr(client, operation)(*args, **kwargs)
+            except asyncio.CancelledError:
+                if client is not self._client and not _being_cancelled():
+                    # gRPC cancels the calls of a channel that is closed; here
+                    # that is our rotation, not the caller's cancellation.
+                    raise StoreUnavailable(f"etcd connection renewed during {operation}") from None
+                raise
             except aetcd.exceptions.ClientError as exc:
                 if client is not self._client:
                     # The channel was replaced (a rotation) while this call ran.
@@ -499,6 +510,11 @@ class EtcdStore:
                     await asyncio.shield(watch.cancel())
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise WatchCompacted(f"revision {start_revision} was compacted") from exc
+        except asyncio.CancelledError:
+            if client is not self._client and not _being_cancelled():
+                ended = f"etcd watch of {prefix} ended (connection renewed)"
+                raise StoreUnavailable(ended) from None
+            raise
         except aetcd.exceptions.ClientError as exc:
             if client is self._client:
                 if _token_expired(exc):
