@@ -148,6 +148,16 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--mqtt", action="store_true", help="run mosquitto and have every daemon publish to it"
     )
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain etcd: no TLS, no client certificates (the lab's default is mutual TLS)",
+    )
+    up.add_argument(
+        "--rbac",
+        action="store_true",
+        help="etcd users and roles: each host writes only leases, root the config (needs TLS)",
+    )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)
     check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")
@@ -161,6 +171,11 @@ def parser() -> argparse.ArgumentParser:
     )
     ctl = lab_sub.add_parser("ctl", parents=[common], help=ctl_help, description=ctl_help)
     ctl.add_argument("host", help="h1, h2, ...")
+    ctl.add_argument(
+        "--admin",
+        action="store_true",
+        help="dial etcd with the lab's admin certificate (CN root) instead of the host's",
+    )
     ctl.add_argument("ctl_args", nargs=argparse.REMAINDER, help="-- and overlayctl's arguments")
     timing = lab_sub.add_parser(
         "timing",

@@ -108,6 +108,8 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
 def _up(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.lab import DEFAULT_NETWORK, LabSettings, default_network_config
 
+    if args.rbac and args.insecure:
+        raise OverlaydError("lab up: --rbac needs TLS; it cannot be combined with --insecure")
     started = time.monotonic()
     config = default_network_config(
         IPv4Network(args.network) if args.network else DEFAULT_NETWORK,
@@ -125,6 +127,8 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
                 containers_per_host=args.containers,
                 egress=args.egress,
                 mqtt=args.mqtt,
+                tls=not args.insecure,
+                rbac=args.rbac,
             ),
         )
     except BaseException:
@@ -140,12 +144,23 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
         f"lab {args.name!r}: {args.hosts} hosts up in {built:.1f} s"
         f" (state and logs in {lab.state_dir})"
     )
+    print(f"  etcd: {_security_line(lab)}")
     for host in lab.hosts():
         print(
             f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}"
             f"  subnet {lab.subnet(host)}"
         )
     return _check(lab, timeout=args.timeout, as_json=False) if args.check else 0
+
+
+def _security_line(lab: Lab) -> str:
+    settings = lab.settings()
+    if not settings.tls:
+        return "plain http, no client certificates (--insecure)"
+    text = f"mutual TLS, certificates in {lab.pki.directory}"
+    if settings.rbac:
+        text += f"; RBAC on, root's password in {lab.pki.password_file}"
+    return text
 
 
 def _lab_check(lab: Lab, args: argparse.Namespace) -> int:
@@ -173,6 +188,7 @@ def _status(lab: Lab, args: argparse.Namespace) -> int:
         for h in lab.hosts()
     ]
     print(table(rows, ["HOST", "NAMESPACE", "UNDERLAY", "SUBNET", "OVERLAYD"]))
+    print(f"etcd: {_security_line(lab)}")
     return 0
 
 
@@ -184,7 +200,7 @@ def _ctl(lab: Lab, args: argparse.Namespace) -> int:
     ctl_args = args.ctl_args[1:] if args.ctl_args[:1] == ["--"] else args.ctl_args
     if not ctl_args:
         raise OverlaydError("lab ctl: name the overlayctl command to run, e.g. -- status")
-    argv, env = lab.ctl_command(host, ctl_args)
+    argv, env = lab.ctl_command(host, ctl_args, admin=args.admin)
     return subprocess.run(argv, env=env, check=False).returncode
 
 

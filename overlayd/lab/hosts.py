@@ -18,6 +18,7 @@ from pathlib import Path
 from overlayd.config import ENV_PREFIX
 from overlayd.lab import netns
 from overlayd.lab.netns import LabCommandError
+from overlayd.lab.pki import Issued
 from overlayd.surfaces.subnetfile import read_subnet, read_variables
 
 PREFIX = "/coreos.com/network"  # the etcd prefix of every lab daemon (flannel's default)
@@ -34,6 +35,16 @@ class LabSettings:
     etcd_members: int = 1
     log_level: str = "info"
     mqtt: bool = False  # a mosquitto broker, and every daemon publishing to it
+    # etcd over TLS, every client with a certificate (`lab up --insecure`: off)
+    tls: bool = True
+    # etcd users and roles, a host's certificate its identity (`lab up --rbac`)
+    rbac: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rbac and not self.tls:
+            # Without TLS a host has no certificate, so etcd could not tell
+            # hosts apart: RBAC would mean passwords on every host instead.
+            raise ValueError("--rbac needs TLS: it cannot be combined with --insecure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +73,26 @@ class HostFiles:
         return self.daemon_log.read_text(errors="replace")[-3000:]
 
 
+def etcd_settings(
+    etcd_urls: Sequence[str], ca: Path | None, client: Issued | None
+) -> dict[str, str]:
+    """How a client in a lab namespace reaches etcd, by AGENT_SETTINGS names."""
+    found = {"etcd-endpoints": ",".join(etcd_urls)}
+    if ca is not None:
+        found["etcd-cafile"] = str(ca)
+    if client is not None:
+        found |= {"etcd-certfile": str(client.cert), "etcd-keyfile": str(client.key)}
+    return found
+
+
 def daemon_settings(
-    files: HostFiles, settings: LabSettings, etcd_urls: Sequence[str], mqtt_url: str | None
+    files: HostFiles, settings: LabSettings, etcd: Mapping[str, str], mqtt_url: str | None
 ) -> dict[str, str]:
     """The host's daemon settings by their names in AGENT_SETTINGS: the
     daemon gets them as flags, overlayctl (`lab ctl`) as OVERLAYD_* variables,
-    so both always agree."""
+    so both always agree. `etcd` is etcd_settings' answer for the host."""
     found = {
-        "etcd-endpoints": ",".join(etcd_urls),
+        **etcd,
         "etcd-prefix": PREFIX,
         "iface": "eth0",
         "subnet-file": str(files.subnet_file),

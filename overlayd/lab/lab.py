@@ -7,12 +7,19 @@ ties the pieces together and keeps the lab's state directory:
     topology.py    namespace names, underlay switch and addresses, the
                    outside router and its whoami server, the MQTT broker
     etcd.py        the etcd members
+    security.py    the lab's CA and certificates, etcd's TLS and RBAC
     hosts.py       each host's daemon: files, settings, start, stop, wait
     containers.py  containers attached through overlay-cni (or by hand)
     checks.py      cross-host pings and the egress check
 
 `down` removes every namespace with the lab's prefix and everything running
 inside them, so it also cleans up after a crash half way through `up`.
+
+A lab is secure unless made with `insecure` settings (LabSettings.tls off):
+etcd speaks TLS and wants a client certificate from everyone on the
+underlay; with `rbac`, etcd users and roles decide who writes what. The
+settings are kept in the state dir (lab.json), so later commands (check,
+ctl, add-host, the figure drivers) dial etcd the way the lab was made.
 """
 
 from __future__ import annotations
@@ -29,15 +36,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from overlayd.config import parse_network_config, render_network_config
-from overlayd.lab import checks, containers, hosts, netns, topology
+from overlayd.lab import checks, containers, hosts, netns, security, topology
 from overlayd.lab.checks import EgressResult, PingResult
 from overlayd.lab.containers import Container
 from overlayd.lab.etcd import Member, start_member, wait_healthy
 from overlayd.lab.hosts import PREFIX, HostFiles, LabSettings
 from overlayd.lab.netns import LabCommandError
+from overlayd.lab.pki import Issued
+from overlayd.lab.security import ADMIN_USER, LabPki
 from overlayd.lab.topology import ETCD_ADDRESS
 from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig
 from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
+from overlayd.store.access import EtcdAccess
 from overlayd.store.etcd import EtcdStore
 
 # What tests and figure drivers import from here, wherever it is defined.
@@ -92,6 +102,7 @@ class Lab:
         self.prefix = f"ovl-{name}-"
         self.names = topology.Names(self.prefix)
         self.state_dir = state_root / name
+        self.pki = LabPki(self.state_dir / "pki")
         # Called with a host's namespace before its daemon starts (tests use
         # it to put other owners' firewall rules in place first).
         self.prepare_host: Callable[[str], None] | None = None
@@ -162,13 +173,15 @@ class Lab:
         topology.serve_whoami(ns)
 
     def etcd_members(self, count: int | None = None) -> list[Member]:
-        count = count or self.settings().etcd_members
+        settings = self.settings()
+        count = count or settings.etcd_members
         return [
             Member(
                 name=f"etcd{i}",
                 ns=self.names.etcd_ns(i),
                 address=ETCD_ADDRESS + (i - 1),
                 state_dir=self.state_dir / f"etcd{i}",
+                tls=self.pki.member(f"etcd{i}") if settings.tls else None,
             )
             for i in range(1, count + 1)
         ]
@@ -202,15 +215,34 @@ class Lab:
     def start_etcd(self, member: int = 1) -> None:
         members = self.etcd_members()
         proc = start_member(members[member - 1], members)
-        wait_healthy(members[member - 1], proc)
+        wait_healthy(members[member - 1], proc, env=self._etcdctl_env())
 
     # --- etcd -------------------------------------------------------------
+
+    @property
+    def etcd_access(self) -> EtcdAccess:
+        """The driver's way into etcd: a member's unix socket (plain, guarded
+        by the file system), as root with its password once RBAC is on."""
+        password = self.pki.password() if self.settings().rbac else None
+        return EtcdAccess(
+            endpoints=(self.etcd_endpoint,),
+            username=ADMIN_USER if password is not None else None,
+            password=password,
+            password_setting=f"etcd-password-file {self.pki.password_file}",
+        )
+
+    def _etcdctl_env(self) -> dict[str, str]:
+        return security.etcdctl_env(self.etcd_access.password)
+
+    def etcdctl(self, *args: str) -> str:
+        """etcdctl against the lab's etcd, with the driver's access."""
+        return security.etcdctl(self.etcd_endpoint, *args, password=self.etcd_access.password)
 
     def etcd(self, action: Callable[[EtcdStore], Awaitable[T]]) -> T:
         """Run one coroutine against the lab's etcd (from the root namespace)."""
 
         async def go() -> T:
-            async with EtcdStore([self.etcd_endpoint]) as store:
+            async with EtcdStore(self.etcd_access) as store:
                 return await action(store)
 
         return asyncio.run(go())
@@ -248,11 +280,15 @@ class Lab:
         topology.add_switch(self.names)
         topology.add_outside(self.names)
         members = self.etcd_members(settings.etcd_members)
+        if settings.tls:
+            self.pki.make([(m.name, m.address) for m in members])
         for member in members:
             topology.attach_to_switch(self.names, member.ns, member.name, member.address)
         procs = [start_member(member, members) for member in members]
         for member, proc in zip(members, procs, strict=True):
             wait_healthy(member, proc)
+        if settings.rbac:
+            security.enable_rbac(self.etcd_endpoint, self.pki.new_password(), PREFIX)
         if settings.mqtt:
             self.start_mqtt()
         cfg = config or default_network_config()
@@ -267,9 +303,16 @@ class Lab:
 
     def attach_host_namespace(self, host: int) -> None:
         """The host's namespace, plugged into the underlay switch, with the
-        outside router as its default route."""
+        outside router as its default route; and its identity for etcd (a
+        client certificate, and with RBAC an etcd user of the same name)."""
         topology.attach_host(self.names, host)
         self.files(host).root.mkdir(parents=True, exist_ok=True)
+        settings = self.settings()
+        if settings.tls:
+            self.pki.ensure_client(f"h{host}")
+        password = self.pki.password() if settings.rbac else None
+        if password is not None:
+            security.add_host_user(self.etcd_endpoint, password, f"h{host}")
 
     def add_host(self, host: int) -> None:
         """A new host on the underlay, its daemon, and its containers."""
@@ -283,13 +326,34 @@ class Lab:
 
     # --- daemons ------------------------------------------------------------
 
+    def etcd_settings(self, host: int, *, admin: bool = False) -> dict[str, str]:
+        """How a client in host `host`'s namespace reaches etcd, by
+        AGENT_SETTINGS name: the members' underlay URLs, and with TLS the
+        lab's CA and the host's certificate (root's with `admin`)."""
+        client: Issued | None = None
+        if self.settings().tls:
+            client = self.pki.client(ADMIN_USER if admin else f"h{host}")
+        return hosts.etcd_settings(
+            [m.client_url for m in self.etcd_members()],
+            self.pki.ca if client is not None else None,
+            client,
+        )
+
+    def etcd_flags(self, host: int, *, admin: bool = False) -> list[str]:
+        """etcd_settings as command-line flags, for overlayd and overlayctl."""
+        return [
+            part
+            for name, value in self.etcd_settings(host, admin=admin).items()
+            for part in (f"--{name}", value)
+        ]
+
     def daemon_settings(self, host: int) -> dict[str, str]:
         """The settings host `host`'s daemon runs with, by AGENT_SETTINGS name."""
         settings = self.settings()
         return hosts.daemon_settings(
             self.files(host),
             settings,
-            [m.client_url for m in self.etcd_members()],
+            self.etcd_settings(host),
             self.mqtt_url if settings.mqtt else None,
         )
 
@@ -354,9 +418,14 @@ class Lab:
         error naming it otherwise."""
         return hosts.parse_host(text, self.name, self.hosts())
 
-    def ctl_command(self, host: int, args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        """overlayctl `args` in the host's namespace, against its daemon."""
-        return hosts.ctl_command(self.host_ns(host), self.daemon_settings(host), args)
+    def ctl_command(
+        self, host: int, args: Sequence[str], *, admin: bool = False
+    ) -> tuple[list[str], dict[str, str]]:
+        """overlayctl `args` in the host's namespace, against its daemon;
+        with `admin`, etcd is dialled with root's certificate instead of the
+        host's (for `network set` when RBAC is on)."""
+        settings = {**self.daemon_settings(host), **self.etcd_settings(host, admin=admin)}
+        return hosts.ctl_command(self.host_ns(host), settings, args)
 
     # --- containers ---------------------------------------------------------
 

@@ -5,12 +5,25 @@ by, and client certificates whose CN etcd maps to a user.
 Everything is done by the `cryptography` package (no hand-rolled crypto).
 Keys are ECDSA P-256: quick to make, and accepted by etcd and gRPC. Files
 are written PEM, keys with mode 0600.
+
+`python -m overlayd.lab.pki DIR server|client NAME ...` is the entry point
+`bootstrap.sh install-etcd` and the Vagrantfile use, so that no shell script
+drives openssl by hand:
+
+    python -m overlayd.lab.pki /etc/overlayd/pki server etcd-server --ip 192.0.2.2 --ip 127.0.0.1
+    python -m overlayd.lab.pki /etc/overlayd/pki client node2
+
+It makes the CA in DIR first if there is none, writes `DIR/<NAME>.pem` and
+`DIR/<NAME>-key.pem`, and leaves a certificate that is already there alone
+(so a provisioning step can run again); it prints the paths.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -164,3 +177,66 @@ def issue(
     _write_key(issued.key, key)
     _write_cert(issued.cert, cert)
     return issued
+
+
+def _authority_for_issuing(directory: Path) -> Authority:
+    """The CA in `directory`, made if there is none. A CA certificate without
+    its key (copied in to verify, not to sign) is never replaced: that would
+    silently cut off everyone who trusts the old one."""
+    authority = Authority(directory)
+    if authority.cert.exists() and not authority.key.exists():
+        raise SystemExit(
+            f"pki: {authority.cert} is there without its key {authority.key}:"
+            " cannot issue (make the certificate where the CA key is)"
+        )
+    return make_authority(directory)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m overlayd.lab.pki",
+        description="A CA in DIR (made if absent) and a server or client certificate"
+        " DIR/NAME.pem with its key DIR/NAME-key.pem (kept if already there).",
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR")
+    parser.add_argument("kind", choices=("server", "client"))
+    parser.add_argument("name", metavar="NAME", help="file stem and common name (CN)")
+    parser.add_argument("--cn", help="common name, if not NAME (etcd maps a client's CN to a user)")
+    parser.add_argument(
+        "--ip", action="append", default=[], help="IP subject alternative name (repeatable)"
+    )
+    parser.add_argument(
+        "--dns", action="append", default=[], help="DNS subject alternative name (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    if "/" in args.name or args.name in ("", ".", "..", "ca"):
+        parser.error(f"NAME {args.name!r}: a plain file stem, not 'ca'")
+    stem = args.directory / args.name
+    issued = Issued(stem.with_name(stem.name + ".pem"), stem.with_name(stem.name + "-key.pem"))
+    if issued.cert.exists() and issued.key.exists():
+        state = "kept"
+    else:
+        authority = _authority_for_issuing(args.directory)
+        server = args.kind == "server"
+        # A server certificate is also a client one: etcd members dial each
+        # other with it when peer URLs use TLS.
+        issued = issue(
+            authority,
+            stem,
+            args.cn or args.name,
+            ips=args.ip,
+            dns_names=args.dns,
+            server=server,
+            client=True,
+        )
+        state = "issued"
+    os.chmod(args.directory, 0o700)
+    print(
+        f"{state} {args.kind} certificate {issued.cert} (key {issued.key});"
+        f" CA {Authority(args.directory).cert}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

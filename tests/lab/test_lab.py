@@ -56,13 +56,13 @@ async def delete(key: str, store: EtcdStore) -> bool:
 
 
 def run_daemon_once(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    """overlayd in h1's namespace with the lab's etcd and underlay, to the end."""
+    """overlayd in h1's namespace with the lab's etcd (and h1's certificate)
+    and underlay, to the end."""
     return subprocess.run(
         netns.module_argv(
             lab.host_ns(1),
             "overlayd.cli.daemon",
-            "--etcd-endpoints",
-            "http://192.0.2.2:2379",
+            *lab.etcd_flags(1),
             "--iface",
             "eth0",
             "--bridge",

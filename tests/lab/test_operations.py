@@ -28,7 +28,6 @@ from tests.lab.fakes import lab_network
 pytestmark = [needs_root, pytest.mark.lab]
 
 PREFIX = "/coreos.com/network"
-ETCD = "http://192.0.2.2:2379"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def ctl(lab: Lab, host: int, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def diagnose(lab: Lab, host: int) -> tuple[int, list[dict[str, Any]]]:
-    proc = ctl(lab, host, "diagnose", "--json", "--etcd-endpoints", ETCD, "--iface", "eth0",
+    proc = ctl(lab, host, "diagnose", "--json", *lab.etcd_flags(host), "--iface", "eth0",
                "--subnet-file", str(lab.subnet_file(host)))  # fmt: skip
     return proc.returncode, json.loads(proc.stdout)["findings"]
 
@@ -171,7 +170,7 @@ def test_lab_ctl_names_a_host_that_is_not_there(lab: Lab) -> None:
 
 
 def test_leases_lists_every_host_from_etcd(lab: Lab) -> None:
-    proc = ctl(lab, 1, "leases", "--json", "--etcd-endpoints", ETCD)
+    proc = ctl(lab, 1, "leases", "--json", *lab.etcd_flags(1))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert {r["subnet"] for r in rows} == {str(lab.subnet(1)), str(lab.subnet(2))}
@@ -216,7 +215,7 @@ def test_drift_is_repaired_counted_and_published(lab: Lab, events: Path) -> None
 def test_overlayctl_check_reaches_every_peer_from_a_cni_probe(lab: Lab) -> None:
     probe = f"ovl-{SESSION_TAG}o-probe"
     proc = ctl(lab, 1, "check", "--json", "--probe-name", probe, "--expect-hosts", "2",
-               "--etcd-endpoints", ETCD, "--subnet-file", str(lab.subnet_file(1)))  # fmt: skip
+               *lab.etcd_flags(1), "--subnet-file", str(lab.subnet_file(1)))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["ok"] and [p["subnet"] for p in result["peers"]] == [str(lab.subnet(2))]

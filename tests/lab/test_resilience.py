@@ -221,11 +221,7 @@ def test_a_compacted_watch_revision_leads_to_a_full_relist(lab: Lab) -> None:
         for i in range(2):
             lab.etcd(partial(put, f"{PREFIX}/lab-filler", str(i)))
         revision = lab.etcd(lambda s: s.get(f"{PREFIX}/lab-filler"))[1]
-        subprocess.run(
-            ["etcdctl", "--endpoints", lab.etcd_endpoint, "compact", str(revision)],
-            check=True,
-            capture_output=True,
-        )
+        lab.etcdctl("compact", str(revision))
     finally:
         for pid in daemon:
             os.kill(pid, signal.SIGCONT)
@@ -359,8 +355,7 @@ def test_teardown_removes_all_it_made_and_nothing_else(lab: Lab) -> None:
             ns,
             "overlayd.cli.daemon",
             "--teardown",
-            "--etcd-endpoints",
-            "http://192.0.2.2:2379",
+            *lab.etcd_flags(3),
             "--iface",
             "eth0",
             "--subnet-file",
