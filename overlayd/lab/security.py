@@ -4,8 +4,9 @@ client certificates, and (`lab up --rbac`) etcd users and roles.
 Files, all under `<state dir>/pki/` (mode 0700, keys 0600):
 
     ca.pem, ca-key.pem        the lab's CA
-    etcd-member.pem           one per member (etcd1.pem, ...): the member's
-                              server certificate, IP SAN = its underlay address
+    etcd1.pem, etcd2.pem, ... each member's certificate, for its client and
+                              peer ports alike: CN etcd-member, IP SAN = its
+                              underlay address
     h1.pem, h2.pem, ...       each host's client certificate, CN = the host's name
     root.pem                  the admin client certificate, CN = root
     root-password             etcd's root password (with --rbac only)
@@ -50,7 +51,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -222,11 +223,3 @@ def add_host_user(endpoint: str, password: str, name: str) -> None:
     # No password: the host proves who it is with its certificate only.
     etcdctl(endpoint, "user", "add", name, "--no-password", password=password)
     etcdctl(endpoint, "user", "grant-role", name, HOST_ROLE, password=password)
-
-
-def roles_of(endpoint: str, password: str) -> Mapping[str, str]:
-    """`etcdctl role get` for every role, for reports."""
-    return {
-        role: etcdctl(endpoint, "role", "get", role, password=password)
-        for role in etcdctl(endpoint, "role", "list", password=password).split()
-    }

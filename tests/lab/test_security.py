@@ -201,6 +201,39 @@ def test_an_etcd_restart_with_rbac_on_keeps_the_driver_and_the_daemons_going(lab
         lab.etcd(lambda s: s.delete(LEASE_KEY))
 
 
+PEER_PROBE = """
+import socket, ssl, sys
+ca, cert, key, address = sys.argv[1:]
+context = ssl.create_default_context(cafile=ca)
+context.load_cert_chain(cert, key)
+try:
+    with socket.create_connection((address, 2380), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=address) as tls:
+            tls.sendall(b"GET /version HTTP/1.0\\r\\n\\r\\n")
+            print(tls.recv(4096).split(b"\\r\\n")[0].decode())
+except OSError as exc:  # ssl.SSLError included: TLS 1.3 reports the refusal on read
+    print("refused:", exc)
+"""
+
+
+def test_the_peer_port_speaks_only_to_members_not_to_hosts(lab: Lab) -> None:
+    """The members' peer port is on the hosts' underlay: with the CA alone
+    any host certificate would pass, so only the members' CN is let in. The
+    member's own certificate is tried from the member's namespace: etcd also
+    wants a client certificate's IP SANs to name the address it comes from."""
+    member = lab.pki.member("etcd1")
+    host = lab.pki.client("h1")
+
+    def probe(ns: str, cert: Path, key: Path) -> str:
+        argv = [sys.executable, "-c", PEER_PROBE, str(lab.pki.ca), str(cert), str(key)]
+        return netns.in_ns(ns, *argv, "192.0.2.2").strip()
+
+    member_ns = lab.etcd_members()[0].ns
+    assert probe(member_ns, member.cert, member.key) == "HTTP/1.0 200 OK"
+    assert probe(member_ns, host.cert, host.key).startswith("refused:")
+    assert probe(lab.host_ns(1), host.cert, host.key).startswith("refused:")
+
+
 def run_daemon_once(lab: Lab, **etcd: str) -> subprocess.CompletedProcess[str]:
     """overlayd in h1's namespace with h1's etcd settings changed by `etcd`
     (an empty value drops a setting), until it exits."""
