@@ -14,6 +14,7 @@ tree and dispatches; each command group lives in its own module:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -227,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The store logs a refusal for the daemon's log; here the same error is
+    # the command's own message, printed once below.
+    logging.getLogger("overlayd.store").addHandler(logging.NullHandler())
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -211,6 +211,19 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
             self._is_connecting = False
 
 
+def _describe(operation: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """An operation as an error names it: the call and the key it touched."""
+    keys = [a for a in args if isinstance(a, bytes)][:1]
+    for op in kwargs.get("success") or ():
+        key = getattr(op, "key", None)
+        if isinstance(key, bytes):
+            keys.append(key)
+            break
+    names = {"get_prefix": "read", "put": "write", "delete": "delete", "transaction": "write"}
+    verb = names.get(operation, operation)
+    return f"{verb} {keys[0].decode(errors='replace')}" if keys else verb
+
+
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -312,7 +325,7 @@ class EtcdStore:
             )
             await self._reconnect(self._client, "credentials changed on disk")
 
-    def _refused(self, exc: BaseException) -> StoreRefused | None:
+    def _refused(self, exc: BaseException, what: str = "") -> StoreRefused | None:
         """A refusal, named by the setting that causes it, or None if `exc`
         is an ordinary outage."""
         text = str(exc)
@@ -354,17 +367,23 @@ class EtcdStore:
             who = access.username or (
                 self._material.cert_subject if self._material is not None else None
             )
-            return StoreRefused(f"{where}: permission denied to {who or 'this client'}")
+            to = f"{who or 'this client'}" + (f" to {what}" if what else "")
+            return StoreRefused(f"{where}: permission denied for {to}")
         return None
 
     def _failed(self, exc: BaseException, what: str) -> StoreUnavailable:
-        refusal = self._refused(exc)
+        refusal = self._refused(exc, what)
         if refusal is not None:
             if str(refusal) != self._refusal:
                 self._refusal = str(refusal)
                 log.error("event=etcd_refused error=%r", str(refusal))
             return refusal
-        return StoreUnavailable(f"{what} at {self.target}: {exc}")
+        hint = ""
+        if not self.access.tls and "Socket closed" in str(exc):
+            # What a TLS-only etcd answers plain gRPC: etcd cannot be told
+            # from one that went away, so it stays an outage, with a hint.
+            hint = " (if this etcd serves TLS, use https:// endpoints)"
+        return StoreUnavailable(f"etcd {what} at {self.target}: {exc}{hint}")
 
     def _succeeded(self) -> None:
         if self._refusal is not None:
@@ -404,7 +423,7 @@ class EtcdStore:
                 if _token_expired(exc) and attempt == 0:
                     await self._reconnect(client, "auth token expired or invalid")
                     continue
-                failure = self._failed(exc, f"etcd {operation}")
+                failure = self._failed(exc, _describe(operation, args, kwargs))
                 if isinstance(exc, _TRANSIENT) and len(self._targets) > 1:
                     await self._reconnect(client, str(exc)[:120], next_target=True)
                 raise failure from exc
@@ -521,6 +540,6 @@ class EtcdStore:
                     await self._reconnect(client, "auth token expired or invalid")
                 elif isinstance(exc, _TRANSIENT) and len(self._targets) > 1:
                     await self._reconnect(client, str(exc)[:120], next_target=True)
-            raise self._failed(exc, "etcd watch") from exc
+            raise self._failed(exc, f"watch {prefix}") from exc
         # aetcd ends a watch quietly when its client is closed.
         raise StoreUnavailable(f"etcd watch of {prefix} ended (connection renewed)")

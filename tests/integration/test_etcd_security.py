@@ -198,7 +198,8 @@ async def test_a_wrong_password_is_refused_naming_the_password_setting(
 async def test_a_user_without_write_permission_is_told_so(secure: SecureEtcd) -> None:
     async with EtcdStore(secure.access("reader")) as store:
         await store.get(PREFIX + "/config")
-        with pytest.raises(StoreRefused, match="permission denied to CN=reader"):
+        denied = f"permission denied for CN=reader to write {PREFIX}/config"
+        with pytest.raises(StoreRefused, match=denied):
             await store.put(PREFIX + "/config", "{}")
     async with EtcdStore(secure.access("h1")) as store:
         await store.put(PREFIX + "/h1-was-here", "1")

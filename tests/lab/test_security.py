@@ -171,7 +171,10 @@ def test_network_set_needs_the_admin_certificate(lab: Lab, tmp_path: Path) -> No
 
     refused = network_set(admin=False)
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "overlayctl: etcd at ipv4:192.0.2.2:2379: permission denied to CN=h1" in refused.stderr
+    assert (
+        "overlayctl: etcd at ipv4:192.0.2.2:2379: permission denied for CN=h1"
+        f" to write {CONFIG_KEY}" in refused.stderr
+    )
     assert "Traceback" not in refused.stderr
     written = network_set(admin=True)
     assert written.returncode == 0, written.stderr
