@@ -180,6 +180,7 @@ DEFAULT_FULL_RESYNC_SECONDS = 900.0
 ENV_PREFIX = "OVERLAYD_"
 IFNAMSIZ = 15
 EGRESS_MODES = ("gwbridge", "masquerade", "none")
+VXLAN_FILTER_VALUES = ("on", "off")
 DEFAULT_EGRESS = "gwbridge"
 DEFAULT_GWBRIDGE = "ovl_gwbridge"
 DEFAULT_CONTROL_SOCKET = Path("/run/overlayd/overlayd.sock")
@@ -212,6 +213,7 @@ class AgentConfig:
     egress: str = DEFAULT_EGRESS
     gwbridge: str = DEFAULT_GWBRIDGE
     gwbridge_subnet: IPv4Network | None = None  # None: the first free of GWBRIDGE_CANDIDATES
+    vxlan_filter: bool = True  # accept VXLAN only from current peers
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9469)  # None: off
     log_format: str = "kv"
@@ -259,6 +261,7 @@ AGENT_SETTINGS = (
     "egress",
     "gwbridge",
     "gwbridge-subnet",
+    "vxlan-filter",
     "control-socket",
     "metrics-address",
     "log-format",
@@ -446,6 +449,16 @@ def _nested(a: str, b: str) -> bool:
     return a.startswith(b) or b.startswith(a)
 
 
+def _on_off(value: Any, field: str) -> bool:
+    # TOML users may write a boolean; flags and the environment give text.
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in VXLAN_FILTER_VALUES:
+        raise ConfigError(field, f"{value!r} is not one of {', '.join(VXLAN_FILTER_VALUES)}")
+    return text == "on"
+
+
 def _lease_ttl(value: Any) -> int:
     ttl: int = _positive_number(value, "lease-ttl", int)
     # Renewal runs every third of the TTL; below a few seconds one slow etcd
@@ -532,6 +545,7 @@ def build_agent_config(
         egress=egress,
         gwbridge=_ifname(merged.get("gwbridge", defaults.gwbridge), "gwbridge"),
         gwbridge_subnet=gw_subnet,
+        vxlan_filter=_on_off(merged.get("vxlan-filter", "on"), "vxlan-filter"),
         control_socket=Path(str(merged.get("control-socket", defaults.control_socket))),
         metrics_address=_metrics_address(merged.get("metrics-address", DEFAULT_METRICS_ADDRESS)),
         log_format=log_format,

@@ -196,6 +196,12 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=3.0, help="per iperf3 test")
     bench.add_argument("--congestion", default="cubic", help="TCP congestion control, fixed")
     bench.add_argument("--out", default="bench-results", help="directory for the outputs")
+    bench.add_argument(
+        "--vxlan-filter",
+        action="store_true",
+        help="instead: the overlay path with the VXLAN allow-list on and off (TCP 1 stream,"
+        " ping), interleaved, daemons restarted with the other setting between modes",
+    )
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],
@@ -222,6 +228,13 @@ def parser() -> argparse.ArgumentParser:
     )
     faults.add_argument("--runs", type=int, default=5)
     faults.add_argument("--outage", type=float, default=60.0, help="etcd outage, seconds")
+    allowlist = lab_sub.add_parser(
+        "allowlist",
+        parents=[common],
+        help="figures: from a peer's lease deleted to its address out of the VXLAN allow-list"
+        " of the other host (p50, p99), and its frames dropped afterwards (own lab)",
+    )
+    allowlist.add_argument("--runs", type=int, default=20)
     lab_sub.add_parser("down", parents=[common], help="remove everything the lab made")
     lab.set_defaults(func=labctl.cmd_lab)
     return p

@@ -30,6 +30,7 @@ from overlayd.config import (
     DEFAULT_SUBNET_FILE,
     EGRESS_MODES,
     LOG_FORMATS,
+    VXLAN_FILTER_VALUES,
     AgentConfig,
     build_agent_config,
     read_toml,
@@ -112,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gwbridge-subnet",
         help="subnet of the egress bridge (default: the first of 172.18-31.0.0/16 that is free)",
+    )
+    p.add_argument(
+        "--vxlan-filter",
+        choices=VXLAN_FILTER_VALUES,
+        help="accept VXLAN only from current peers (default on); off for hosts whose"
+        " firewall does it",
     )
     p.add_argument(
         "--teardown",

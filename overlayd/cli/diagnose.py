@@ -16,11 +16,13 @@ from overlayd.cli.common import print_json, settings_from, table
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.dataplane import entries, inspect
 from overlayd.dataplane.netlink import Netlink
+from overlayd.dataplane.nft import Nft, NftError, NftVxlanFilter
 from overlayd.errors import ConfigError, LeaseError
 from overlayd.plan.cluster import cluster_plan
 from overlayd.plan.desired import device_spec
 from overlayd.plan.diagnose import CertificateExpiry, Finding, HostFacts, diagnose
 from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
+from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.surfaces.control import DaemonUnreachable, ask
@@ -42,6 +44,7 @@ def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig
             public_ip=IPv4Address(d["public_ip"]) if d.get("public_ip") else s.public_ip,
             subnet_file=Path(d["subnet_file"]) if d.get("subnet_file") else s.subnet_file,
             bridge=d.get("bridge") or s.bridge,
+            vxlan_filter=d.get("vxlan_filter", "on" if s.vxlan_filter else "off") == "on",
         )
     except (TypeError, ValueError):
         return s
@@ -125,6 +128,16 @@ async def gather(s: AgentConfig) -> HostFacts:
     for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{spec.bridge}.forwarding"):
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
+    facts.vxlan_filter = s.vxlan_filter
+    facts.filter_spec = filter_spec(spec)
+    if s.vxlan_filter and facts.filter_spec is not None:
+        facts.filter_wanted = {str(p.public_ip): str(p.subnet) for p in plan.peers.tunneled}
+        try:
+            allow = NftVxlanFilter(Nft())
+            facts.filter_listing = await allow.listing(facts.filter_spec)
+            facts.filter_sources = await allow.sources(facts.filter_spec)
+        except NftError as exc:
+            facts.filter_error = str(exc)
     return facts
 
 

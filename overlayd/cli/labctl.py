@@ -1,6 +1,6 @@
 """`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
 `status`, `ctl`, `down`) and the figure commands (`timing`, `faults`,
-`bench`, `tune`, `cpbench`).
+`bench`, `tune`, `cpbench`, `allowlist`).
 
 overlayd.lab is imported inside the commands only, never at module level,
 so that overlayctl on a real host (status, diagnose, ...) loads no lab code.
@@ -228,16 +228,27 @@ def _faults(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _bench(lab: Lab, args: argparse.Namespace) -> int:
-    from overlayd.lab.bench import bench
+    from overlayd.lab.bench import bench, filter_bench
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    for text in bench(
-        f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), progress
+    run = filter_bench if args.vxlan_filter else bench
+    for text in run(
+        f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), _progress
     ):
         print(text)
+    return 0
+
+
+def _allowlist(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.allowlist import time_leave_to_drop
+
+    figures = time_leave_to_drop(f"{args.name}w", args.runs, _progress)
+    for line in figures.lines():
+        print(line)
     return 0
 
 
@@ -286,6 +297,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "bench": _bench,
     "tune": _tune,
     "cpbench": _cpbench,
+    "allowlist": _allowlist,
 }
 
 

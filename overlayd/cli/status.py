@@ -25,6 +25,15 @@ def render_status(s: dict[str, Any]) -> str:
     else:
         reconcile = "not yet"
     drift = ", ".join(f"{kind} {n}" for kind, n in s.get("drift_repairs", {}).items())
+    allow = s.get("vxlan_filter") or {}
+    if allow.get("setting") == "off":
+        vxlan_filter = "off (VXLAN accepted from any source)"
+    elif allow.get("problem"):
+        vxlan_filter = f"NOT INSTALLED: {allow['problem']}"
+    elif allow.get("allowed_peers") is not None:
+        vxlan_filter = f"on, {allow['allowed_peers']} peer address(es) allowed"
+    else:
+        vxlan_filter = "on, nothing to filter (no VTEP)" if s.get("mode") == "host-gw" else "-"
     expiry = duration(lease.get("expires_in_seconds"))
     rows = [
         ["host", f"{lease.get('public_ip', '-')}  (overlayd {s['version']}, pid {s['pid']},"
@@ -35,6 +44,7 @@ def render_status(s: dict[str, Any]) -> str:
         ["vtep mac", lease.get("vtep_mac") or "-"],
         ["mode", f"{s.get('mode') or '-'}, egress {s.get('egress')}"],
         ["peers", str(s.get("peers", 0))],
+        ["vxlan filter", vxlan_filter],
         ["reconcile", reconcile],
         ["drift repaired", drift or "none"],
         ["skipped leases", str(len(s.get("skipped_leases", {})))],

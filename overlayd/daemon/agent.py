@@ -60,6 +60,7 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
         "resync_seconds": s.resync_seconds,
         "full_resync_seconds": s.full_resync_seconds,
         "egress": s.egress,
+        "vxlan_filter": "on" if s.vxlan_filter else "off",
         "metrics_address": "{}:{}".format(*s.metrics_address) if s.metrics_address else None,
         "mqtt_url": s.mqtt_url,
     }
@@ -75,7 +76,10 @@ class Agent:
             settings=public_settings(settings),
             egress=settings.egress,
             etcd_cert_not_after=self._cert_not_after,
+            vxlan_filter="on" if settings.vxlan_filter else "off",
         )
+        if settings.vxlan_filter:
+            self.telemetry.dropped.reader = self.dataplane.vxlan_filter.dropped_packets
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
@@ -185,6 +189,15 @@ class Agent:
         check_mtu(config, underlay)
         self.telemetry.mode = describe_mode(config)
         egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
+        if s.vxlan_filter:
+            log.info(
+                "event=vxlan_filter mode=on port=%d vni=%d", config.backend.port, config.backend.vni
+            )
+        else:
+            log.warning(
+                "event=vxlan_filter mode=off effect=%r",
+                "VXLAN is accepted from any source: filter it elsewhere",
+            )
         leaser = SubnetLeaser(
             self.store, etcd_prefix=s.etcd_prefix, public_ip=underlay.address, ttl=s.lease_ttl
         )
@@ -207,7 +220,7 @@ class Agent:
             host,
             self.dataplane,
             self.telemetry,
-            managers=standard_managers(self.dataplane, self.telemetry),
+            managers=standard_managers(self.dataplane, self.telemetry, vxlan_filter=s.vxlan_filter),
         )
         keeper = self._wire(host, reconciler, leaser, held)
         self.notifier.status(f"programming {held.lease.subnet}")

@@ -4,8 +4,9 @@ Events (etcd changes through the mirror, netlink drift, the resync timer, a
 failed pass) only mark the state dirty; a single task turns dirty into one
 pass at a time, so passes never overlap and a burst of events costs one
 pass. A pass runs the managers in their fixed order (devices, sysctls,
-egress rules, peer entries); each computes its desired state with a pure
-function and applies the difference from what it believes or reads.
+egress rules, VXLAN allow-list additions, peer entries, allow-list
+removals); each computes its desired state with a pure function and
+applies the difference from what it believes or reads.
 
 How much a pass looks at is its level (see managers.Level): an etcd event
 asks for a light pass, the resync timer for a check, and anything that
@@ -27,8 +28,9 @@ from dataclasses import dataclass, field
 from overlayd.daemon.managers import Inputs, Level, Manager, PassContext, PassInputs
 from overlayd.daemon.managers.devices import DeviceManager
 from overlayd.daemon.managers.egress import EgressManager
-from overlayd.daemon.managers.peers import PeerEntryManager
+from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.sysctls import SysctlManager
+from overlayd.daemon.managers.vxlan_filter import VxlanAllowList
 from overlayd.dataplane import DataplanePort
 from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed, describe
 from overlayd.plan.egress import EgressSpec
@@ -68,15 +70,23 @@ class Knowledge:
     raw_leases: Mapping[str, bytes] = field(default_factory=dict)
 
 
-def standard_managers(dataplane: DataplanePort, telemetry: Telemetry) -> list[Manager]:
+def standard_managers(
+    dataplane: DataplanePort, telemetry: Telemetry, *, vxlan_filter: bool = True
+) -> list[Manager]:
     """Today's managers, in the order a pass runs them: devices before the
     sysctls that name them, both before the rules, all before the entries
-    that hang off the devices."""
+    that hang off the devices. The VXLAN allow-list sits on both sides of
+    the entries: a new peer's address is allowed before its FDB entry is
+    written, a departed peer's removed only after its entries are gone."""
+    projection = PeerProjection(dataplane)
+    allow = VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter)
     return [
         DeviceManager(dataplane),
         SysctlManager(dataplane),
         EgressManager(dataplane),
-        PeerEntryManager(dataplane, telemetry),
+        allow.admit,
+        PeerEntryManager(dataplane, telemetry, projection),
+        allow.prune,
     ]
 
 

@@ -1,6 +1,7 @@
 """Data-plane I/O, one adapter per kind of kernel interface: devices through
 netlink (pyroute2, netlink.py), per-peer entries through iproute2's batch
-mode (entries.py), the nftables table (nft.py), the iptables FORWARD
+mode (entries.py), the nftables table with its egress chains and VXLAN
+allow-list (nft.py), the iptables FORWARD
 exception (iptables.py), sysctls (sysctl.py), and read-only looks for
 diagnose (inspect.py).
 
@@ -20,9 +21,10 @@ from overlayd.dataplane import entries, sysctl
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
-from overlayd.dataplane.nft import NftTable
-from overlayd.model import Change, DeviceSpec, EntrySet
+from overlayd.dataplane.nft import Nft, NftTable, NftVxlanFilter
+from overlayd.model import IPV4, Change, DeviceSpec, EntrySet, Family, IPAddress
 from overlayd.plan.egress import EgressSpec
+from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
 
 class DataplanePort(Protocol):
@@ -43,6 +45,14 @@ class DataplanePort(Protocol):
 
     async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]: ...
 
+    async def ensure_vxlan_filter(self, f: FilterSpec) -> str | None: ...
+
+    async def remove_vxlan_filter(self, family: Family) -> str | None: ...
+
+    async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None: ...
+
+    async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None: ...
+
     async def read_entries(self, spec: DeviceSpec) -> EntrySet: ...
 
     async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult: ...
@@ -56,14 +66,21 @@ class Dataplane:
     nft: NftTable
     forward: ForwardAccept
     monitor: DriftMonitor
+    vxlan_filter: NftVxlanFilter
     netns: str | None = None
     # Up to this many changes go through netlink; more through iproute2.
     netlink_max_changes: int = 64
 
     @classmethod
     def open(cls, netns: str | None = None) -> Dataplane:
+        nft = Nft(netns)
         return cls(
-            Netlink(netns), NftTable(netns), ForwardAccept(netns), DriftMonitor(netns), netns
+            Netlink(netns),
+            NftTable(nft=nft),
+            ForwardAccept(netns),
+            DriftMonitor(netns),
+            NftVxlanFilter(nft),
+            netns,
         )
 
     async def close(self) -> None:
@@ -89,6 +106,18 @@ class Dataplane:
 
     async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]:
         return await self.forward.ensure(egress)
+
+    async def ensure_vxlan_filter(self, f: FilterSpec) -> str | None:
+        return await self.vxlan_filter.ensure(f)
+
+    async def remove_vxlan_filter(self, family: Family = IPV4) -> str | None:
+        return await self.vxlan_filter.remove(family)
+
+    async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None:
+        return await self.vxlan_filter.sources(f)
+
+    async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
+        await self.vxlan_filter.update(f, changes)
 
     async def read_entries(self, spec: DeviceSpec) -> EntrySet:
         return await entries.read_entries(spec, netns=self.netns)

@@ -21,6 +21,9 @@ machine's drift between rounds.
 
 The labs run with egress "none", so that no path pays for firewall rules the
 others do not have. Outputs: a Markdown table, a JSON file and an SVG chart.
+
+`--vxlan-filter` measures something else: the cost of the VXLAN allow-list
+(see `filter_bench`), on the overlay path alone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -409,3 +413,110 @@ def bench(
 
 def _nproc() -> int:
     return int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0)
+
+
+# --- the VXLAN allow-list's cost: `overlayctl lab bench --vxlan-filter` -------
+
+FILTER_MODES = ("on", "off")
+FILTER_METRICS = (
+    ("tcp1_fwd", "TCP 1 stream, A to B", "Gbit/s"),
+    ("ping_us", "ping RTT (avg)", "us"),
+)
+
+
+def _set_filter(lab: Lab, mode: str) -> None:
+    """Restart both daemons with vxlan-filter=`mode` (the data plane stays
+    up meanwhile) and check that the rule is there, or not."""
+    from overlayd.lab import hosts
+
+    for host in lab.hosts():
+        readies = hosts.ready_count(lab.files(host))
+        lab.stop_daemon(host)
+        lab.start_daemon(host, "--vxlan-filter", mode)
+        hosts.wait_ready_again(host, lab.files(host), readies, partial(lab.daemon_running, host))
+    for host in lab.hosts():
+        listing = netns.in_ns(lab.host_ns(host), "nft", "list", "ruleset")
+        if ("chain vxlan_in" in listing) != (mode == "on"):
+            raise RuntimeError(f"h{host}: vxlan-filter={mode} but the ruleset says otherwise")
+
+
+def filter_bench(
+    name: str,
+    rounds: int,
+    seconds: float,
+    congestion: str,
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> Iterator[str]:
+    """The overlay path with the allow-list on and off: one lab (egress none,
+    so that only the filter differs), modes alternated within each round
+    and the order swapped every round; the daemons restart with the other
+    setting between modes. Ratios on/off are paired within a round."""
+    lab = Lab(f"{name}v")
+    lab.down()
+    samples: dict[str, dict[str, list[float]]] = {
+        mode: {m: [] for m, _, _ in FILTER_METRICS} for mode in FILTER_MODES
+    }
+    steal: list[float] = []
+    try:
+        lab.up(2, settings=LabSettings(egress="none"))
+        a, b = (_endpoint(next(c for c in lab.containers() if c.host == h)) for h in (1, 2))
+        _servers(a, b)
+        current = "on"
+        for round_no in range(rounds):
+            order = FILTER_MODES if round_no % 2 == 0 else FILTER_MODES[::-1]
+            total0, steal0 = _cpu_times()
+            for mode in order:
+                if mode != current:
+                    _set_filter(lab, mode)
+                    current = mode
+                got = samples[mode]
+                got["tcp1_fwd"].append(
+                    _iperf(a, b, streams=1, reverse=False, seconds=seconds, congestion=congestion)
+                )
+                got["ping_us"].append(_ping_us(a, b))
+            total1, steal1 = _cpu_times()
+            steal.append(100.0 * (steal1 - steal0) / max(1, total1 - total0))
+            progress(
+                f"round {round_no + 1}/{rounds} ({', '.join(order)}):"
+                f" on {samples['on']['tcp1_fwd'][-1]:.2f} / off"
+                f" {samples['off']['tcp1_fwd'][-1]:.2f} Gbit/s, ping on"
+                f" {samples['on']['ping_us'][-1]:.0f} / off {samples['off']['ping_us'][-1]:.0f} us,"
+                f" steal {steal[-1]:.1f} %"
+            )
+    finally:
+        lab.down()
+    lines = [
+        f"VXLAN allow-list on vs off, {time.strftime('%Y-%m-%d')}, {platform.machine()},"
+        f" {_nproc()} vCPUs, kernel {platform.release()}, congestion control {congestion},"
+        f" {rounds} rounds of {seconds:g} s iperf3 (modes interleaved, order swapped every"
+        f" round), hypervisor steal {min(steal):.1f} to {max(steal):.1f} % per round.",
+        "",
+        "| metric | on, median (min to max) | off, median (min to max) |"
+        " on/off paired: median (min to max) | mean +- stdev | rounds for +-5 % |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary: dict[str, object] = {}
+    for metric, label, unit in FILTER_METRICS:
+        on, off = samples["on"][metric], samples["off"][metric]
+        paired = [x / y for x, y in zip(on, off, strict=True)]
+        digits = 2 if unit == "Gbit/s" else 0
+        cells = [
+            f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f} to {max(v):.{digits}f})"
+            for v in (on, off)
+        ]
+        spread = statistics.stdev(paired) if len(paired) > 1 else float("nan")
+        lines.append(
+            f"| {label} ({unit}) | {cells[0]} | {cells[1]} | {statistics.median(paired):.3f}"
+            f" ({min(paired):.3f} to {max(paired):.3f}) | {statistics.mean(paired):.3f} +-"
+            f" {spread:.3f} | {rounds_for_5pct(paired):.0f} |"
+        )
+        summary[metric] = {"on": on, "off": off, "paired": paired, **_summary(paired)}
+    table = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench-vxlan-filter.md").write_text(table)
+    (out_dir / "bench-vxlan-filter.json").write_text(
+        json.dumps({"congestion": congestion, "rounds": rounds, "steal_pct": steal, **summary})
+    )
+    yield table
+    yield f"written: {out_dir / 'bench-vxlan-filter.md'}, {out_dir / 'bench-vxlan-filter.json'}"

@@ -10,8 +10,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlayd.model import Change, DeviceFacts, DeviceSpec, Entry, EntrySet, Op, kind_of
+from overlayd.model import (
+    Change,
+    DeviceFacts,
+    DeviceSpec,
+    Entry,
+    EntrySet,
+    IPAddress,
+    Op,
+    kind_of,
+)
 from overlayd.plan.diff import diff
+from overlayd.plan.egress import TABLE
+from overlayd.plan.nftables import split_objects
+from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +70,15 @@ class HostFacts:
     subnet_file_mtu: int | None = None
     etcd_certificates: list[CertificateExpiry] = field(default_factory=list)
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+    # The VXLAN allow-list: the setting (None: unknown), what the filter
+    # must be (None: no VTEP), our objects as listed ("" when none), the
+    # set's elements (None: no set), and the tunnelled peers by public IP.
+    vxlan_filter: bool | None = None
+    filter_spec: FilterSpec | None = None
+    filter_listing: str | None = None
+    filter_sources: frozenset[IPAddress] | None = None
+    filter_wanted: dict[str, str] = field(default_factory=dict)  # public IP -> subnet
+    filter_error: str | None = None
 
 
 # How an operator would name each kind of entry, with the device it sits on.
@@ -254,6 +275,9 @@ def diagnose(f: HostFacts) -> list[Finding]:
         if not blocks:
             add("firewall", True, f"no input rule drops UDP port {spec.port}")
 
+    if spec.vtep and f.vxlan_filter is not None:
+        out += _filter_findings(f)
+
     # Kernel entries against the desired state.
     if f.desired is not None and f.actual is not None:
         changes = diff(f.desired, f.actual)
@@ -293,3 +317,77 @@ def diagnose(f: HostFacts) -> list[Finding]:
         if not missing and not gone:
             add("peers", True, f"the daemon programs all {len(programmed)} peer(s) etcd has")
     return out
+
+
+def _filter_findings(f: HostFacts) -> list[Finding]:
+    """The VXLAN allow-list: the rules as overlayd writes them, and a set
+    that holds exactly the tunnelled peers' public IPs."""
+    check = "vxlan filter"
+    port = f.spec.port if f.spec is not None else 0
+    if not f.vxlan_filter:
+        return [
+            Finding(
+                check,
+                True,
+                f"off (vxlan-filter=off): VXLAN to port {port} is accepted from any source;"
+                " it must be filtered elsewhere",
+            )
+        ]
+    if f.filter_error is not None:
+        return [Finding(check, False, f"could not look at table ip {TABLE}: {f.filter_error}")]
+    fs = f.filter_spec
+    if fs is None or f.filter_listing is None:
+        return []
+    out: list[Finding] = []
+    where = f"table {fs.table_family} {TABLE}"
+    expected = render_objects(fs)
+    if f.filter_listing != expected:
+        found = split_objects(f.filter_listing)
+        wanted = split_objects(expected)
+        for key, block in wanted.items():
+            if key not in found:
+                out.append(
+                    Finding(check, False, f"{key} is missing from {where}: VXLAN is not filtered")
+                )
+            elif found[key] != block:
+                out.append(
+                    Finding(
+                        check,
+                        False,
+                        f"{key} in {where} is not what overlayd writes for {fs.local_ip},"
+                        f" port {fs.port}, VNI {fs.vni}: {' | '.join(_lines(found[key]))}",
+                    )
+                )
+    if f.filter_sources is not None:
+        wanted_ips = {str(ip): subnet for ip, subnet in f.filter_wanted.items()}
+        held = {str(ip) for ip in f.filter_sources}
+        for ip in sorted(set(wanted_ips) - held):
+            out.append(
+                Finding(
+                    check,
+                    False,
+                    f"{ip} (peer {wanted_ips[ip]}) is not in set {SET}: its VXLAN is dropped",
+                )
+            )
+        for ip in sorted(held - set(wanted_ips)):
+            out.append(
+                Finding(
+                    check,
+                    False,
+                    f"{ip} is in set {SET} but is no tunnelled peer: it may send VXLAN",
+                )
+            )
+    if not out:
+        out.append(
+            Finding(
+                check,
+                True,
+                f"chain {CHAIN} accepts VXLAN (port {fs.port}, VNI {fs.vni}) only from set {SET},"
+                f" which holds the {len(f.filter_wanted)} tunnelled peer(s)",
+            )
+        )
+    return out
+
+
+def _lines(block: str) -> list[str]:
+    return [line.strip() for line in block.splitlines()[1:-1]]

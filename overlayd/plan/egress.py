@@ -12,7 +12,7 @@ Modes (the `egress` setting):
 - masquerade, like flannel's ip-masq: one interface on the overlay bridge;
   traffic from the cluster network to anything outside it, except
   multicast, is masqueraded.
-- none: no rules at all (the table is removed if it exists).
+- none: no rules at all (our egress chains are removed if they exist).
 
 In every mode the overlay is never NATed: the masquerade rules only match
 traffic whose destination lies outside the cluster network, and nobody
@@ -41,6 +41,8 @@ from overlayd.plan.desired import stable_mac
 TABLE = "overlayd"
 FAMILY = "ip"
 FORWARD_CHAIN = "OVERLAYD-FORWARD"
+# The chains of our table that the egress rules own.
+EGRESS_CHAINS = ("forward", "postrouting")
 MULTICAST = IPv4Network("224.0.0.0/4")
 # Docker's default pool for its own bridges starts at 172.17; take the next
 # /16s, as docker_gwbridge does.
@@ -137,7 +139,8 @@ def _postrouting_chain(spec: EgressSpec) -> list[str]:
 
 
 def render_table(spec: EgressSpec) -> str | None:
-    """The table as `nft list table` prints it; None when the mode wants no table."""
+    """The egress chains as `nft list table` prints them (when they are all
+    the table holds); None when the mode wants no rules."""
     if spec.mode == "none":
         return None
     lines = [f"table {FAMILY} {TABLE} {{"]
@@ -154,10 +157,16 @@ def render_table(spec: EgressSpec) -> str | None:
 
 
 def render_transaction(spec: EgressSpec) -> str:
-    """An `nft -f` script that replaces our table in one atomic transaction:
-    the create makes the delete safe when the table is absent, and the kernel
-    applies all three or none, so there is no moment without rules."""
-    script = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+    """An `nft -f` script that replaces our egress chains, and nothing else
+    in the table, in one atomic transaction. The table also holds the VXLAN
+    allow-list (plan/vxlan_filter.py), whose set elements and drop counter
+    must survive a change of egress rules, so the table itself is never
+    deleted here. Each chain is added first, which makes its delete safe
+    when it is absent; the kernel applies the whole script or none of it,
+    so there is no moment without rules."""
+    script = f"table {FAMILY} {TABLE}\n"
+    for chain in EGRESS_CHAINS:
+        script += f"add chain {FAMILY} {TABLE} {chain}\ndelete chain {FAMILY} {TABLE} {chain}\n"
     table = render_table(spec)
     return script + (table or "")
 

@@ -11,14 +11,16 @@ does I/O: metrics are in-memory counters until somebody scrapes them.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from overlayd import __version__
 from overlayd.model import Change, Entry, Lease, kind_of
@@ -45,6 +47,44 @@ class LastPass:
     level: str = ""
 
 
+class DroppedPackets:
+    """`overlayd_vxlan_dropped_packets_total`, read from the kernel's named
+    counter when scraped (through `reader`, which the agent sets; it runs in
+    the metrics thread, never on the event loop). The kernel's count starts
+    again from 0 only if somebody deletes the counter (the rules are
+    rewritten around it, never through it); the figure exported here never
+    goes down, so a rate over it stays true across that too."""
+
+    NAME = "overlayd_vxlan_dropped_packets"
+    HELP = "VXLAN packets dropped because they came from no current peer or had another VNI"
+
+    def __init__(self) -> None:
+        self.reader: Callable[[], int | None] | None = None
+        self._lock = threading.Lock()
+        self._base = 0  # what earlier incarnations of the kernel counter counted
+        self._last: int | None = None
+
+    def value(self) -> int | None:
+        reader = self.reader
+        if reader is None:
+            return None
+        now = reader()
+        with self._lock:
+            if now is not None:
+                if self._last is not None and now < self._last:
+                    self._base += self._last
+                self._last = now
+            return None if self._last is None else self._base + self._last
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP)
+
+    def collect(self) -> Iterator[Metric]:
+        value = self.value()
+        if value is not None:
+            yield CounterMetricFamily(self.NAME, self.HELP, value=value)
+
+
 @dataclass
 class Telemetry:
     """Metrics, status and events of one daemon."""
@@ -56,6 +96,10 @@ class Telemetry:
     lease_expires_at: float | None = None  # monotonic
     mode: str = ""
     egress: str = ""
+    vxlan_filter: str = "on"  # the setting: on or off
+    # Why the VXLAN filter is not in place although it should be, if so.
+    vxlan_filter_problem: str | None = None
+    vxlan_allowed: int | None = None  # the allow-list's size; None: no filter
     settings: dict[str, Any] = field(default_factory=dict)
     last_pass: LastPass | None = None
     drift_repairs: Counter[str] = field(default_factory=Counter)
@@ -129,6 +173,13 @@ class Telemetry:
             registry=r,
         )
         self.m_cert_expiry.set_function(lambda: self.etcd_cert_not_after() or 0.0)
+        self.m_vxlan_allowed = Gauge(
+            "overlayd_vxlan_allowed_peers",
+            "Addresses in the VXLAN allow-list (the tunnelled peers' public IPs)",
+            registry=r,
+        )
+        self.dropped = DroppedPackets()
+        r.register(self.dropped)
         self.m_peers.labels("vxlan").set(0)
         self.m_peers.labels("direct").set(0)
 
@@ -205,6 +256,22 @@ class Telemetry:
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
 
+    def vxlan_filter_ok(self, allowed: int) -> None:
+        self.vxlan_filter_problem = None
+        self.vxlan_allowed = allowed
+        self.m_vxlan_allowed.set(allowed)
+
+    def vxlan_filter_failed(self, reason: str) -> None:
+        self.vxlan_filter_problem = reason
+        self.vxlan_allowed = None
+        self.m_vxlan_allowed.set(0)
+
+    def vxlan_filter_absent(self) -> None:
+        """Off by setting, or nothing to filter (no VTEP)."""
+        self.vxlan_filter_problem = None
+        self.vxlan_allowed = None
+        self.m_vxlan_allowed.set(0)
+
     @property
     def peers(self) -> dict[str, dict[str, Any]]:
         return self._peer_changes.peers
@@ -236,6 +303,8 @@ class Telemetry:
             return False, "subnet file not written yet"
         if not self.first_reconcile_ok:
             return False, "first reconcile has not succeeded yet"
+        if self.vxlan_filter_problem is not None:
+            return False, f"VXLAN filter not installed: {self.vxlan_filter_problem}"
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
@@ -269,6 +338,11 @@ class Telemetry:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "mode": self.mode,
             "egress": self.egress,
+            "vxlan_filter": {
+                "setting": self.vxlan_filter,
+                "allowed_peers": self.vxlan_allowed,
+                "problem": self.vxlan_filter_problem,
+            },
             "lease": lease,
             "peers": len(self.peers),
             "last_reconcile": last,

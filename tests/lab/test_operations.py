@@ -124,6 +124,8 @@ def test_status_shows_the_lease_mode_peers_and_last_reconcile(lab: Lab) -> None:
     human = ctl(lab, 1, "status").stdout
     assert f"subnet          {lab.subnet(1)}" in human
     assert "ready           yes" in human
+    assert status["vxlan_filter"] == {"setting": "on", "allowed_peers": 1, "problem": None}
+    assert "vxlan filter    on, 1 peer address(es) allowed" in human
 
 
 def test_peers_lists_the_other_host_as_programmed(lab: Lab) -> None:

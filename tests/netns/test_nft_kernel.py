@@ -27,7 +27,9 @@ async def test_the_kernel_lists_our_table_as_we_render_it(netns: str, mode: str)
         IPv4Network("172.18.0.0/16") if mode == "gwbridge" else None,
     )
     table = NftTable(netns)
-    assert await table.ensure(spec) == "replaced table ip overlayd (first write)"
+    assert (
+        await table.ensure(spec) == "replaced the egress chains of table ip overlayd (first write)"
+    )
     assert await table.listing() == render_table(spec)
     assert await table.ensure(spec) is None  # nothing changed, nothing written
 
@@ -37,9 +39,15 @@ async def test_changing_mode_replaces_and_none_removes_the_table(netns: str) -> 
     masq = EgressSpec("masquerade", CLUSTER, "ovl0", "ovl_gwbridge")
     await table.ensure(masq)
     gw = EgressSpec("gwbridge", CLUSTER, "ovl0", "ovl_gwbridge", IPv4Network("172.18.0.0/16"))
-    assert await table.ensure(gw) == "replaced table ip overlayd (rules changed)"
+    assert await table.ensure(gw) == (
+        "replaced the egress chains of table ip overlayd (rules changed)"
+    )
     assert "ovl_gwbridge" in await table.listing()
     lab_netns.in_ns(netns, "nft", "add", "rule", "ip", "overlayd", "forward", "accept")
-    assert await table.ensure(gw) == "replaced table ip overlayd (table altered or deleted by hand)"
+    assert await table.ensure(gw) == (
+        "replaced the egress chains of table ip overlayd (altered or deleted by hand)"
+    )
     assert await table.ensure(EgressSpec("none", CLUSTER, "ovl0", "ovl_gwbridge")) is not None
     assert await table.listing() == ""
+    # Nothing else of ours was in it: the table went too.
+    assert not lab_netns.in_ns(netns, "nft", "list", "tables").strip()

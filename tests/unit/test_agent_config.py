@@ -64,6 +64,7 @@ def test_the_daemon_command_line_reads_the_config_file(tmp_path: Path) -> None:
         ({"resync-seconds": "-1"}, "resync-seconds"),
         ({"etcd-prefix": "no/leading/slash"}, "etcd-prefix"),
         ({"log-level": "chatty"}, "log-level"),
+        ({"vxlan-filter": "maybe"}, "vxlan-filter"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(flags: dict[str, str], field: str) -> None:
@@ -119,3 +120,22 @@ def test_etcd_tls_files_come_from_the_environment_too() -> None:
         },
     )
     assert cfg.etcd.cafile == Path("/ca.pem") and cfg.etcd.certfile is None
+
+
+def test_the_vxlan_filter_is_on_unless_a_flag_variable_or_file_says_off(tmp_path: Path) -> None:
+    assert build_agent_config(flags={}, env={}).vxlan_filter is True
+    assert build_agent_config(flags={"vxlan-filter": "off"}, env={}).vxlan_filter is False
+    assert build_agent_config(flags={}, env={"OVERLAYD_VXLAN_FILTER": "off"}).vxlan_filter is False
+    toml = tmp_path / "o.toml"
+    toml.write_text('vxlan-filter = "off"\n')
+    assert build_agent_config(flags={}, file=read_toml(toml), env={}).vxlan_filter is False
+    toml.write_text("vxlan-filter = false\n")
+    assert build_agent_config(flags={}, file=read_toml(toml), env={}).vxlan_filter is False
+    # Flags win: on, although the file and the environment say off.
+    on = build_agent_config(
+        flags={"vxlan-filter": "on"},
+        file=read_toml(toml),
+        env={"OVERLAYD_VXLAN_FILTER": "off"},
+    )
+    assert on.vxlan_filter is True
+    assert load_settings(["--vxlan-filter", "off"]).vxlan_filter is False

@@ -19,6 +19,7 @@ from overlayd.model import (
 )
 from overlayd.plan.desired import desired_entries
 from overlayd.plan.diagnose import CertificateExpiry, HostFacts, diagnose, firewall_blocks
+from overlayd.plan.vxlan_filter import filter_spec, render_objects
 
 SPEC = DeviceSpec(
     bridge="ovl0",
@@ -195,3 +196,53 @@ def test_an_etcd_certificate_expiring_within_seven_days_fails_and_one_with_a_mon
         if f.check == "etcd etcd-cafile"
     )
     assert not missing.ok and "does not exist" in missing.detail
+
+
+def with_filter(facts: HostFacts) -> HostFacts:
+    fs = filter_spec(SPEC)
+    assert fs is not None
+    facts.vxlan_filter = True
+    facts.filter_spec = fs
+    facts.filter_listing = render_objects(fs)
+    facts.filter_sources = frozenset({PEER.public_ip})
+    facts.filter_wanted = {str(PEER.public_ip): str(PEER.subnet)}
+    return facts
+
+
+def test_the_vxlan_filter_passes_when_rules_and_set_match_the_peers() -> None:
+    findings = [f for f in diagnose(with_filter(healthy_facts())) if f.check == "vxlan filter"]
+    assert [f.ok for f in findings] == [True]
+    assert "holds the 1 tunnelled peer(s)" in findings[0].detail
+
+
+def test_a_missing_or_altered_rule_and_a_wrong_set_are_named() -> None:
+    facts = with_filter(healthy_facts())
+    facts.filter_listing = ""
+    assert failures(facts) == [
+        f"vxlan filter: {what} is missing from table ip overlayd: VXLAN is not filtered"
+        for what in ("counter vxlan_dropped", "set vxlan_peers", "chain vxlan_in")
+    ]
+    facts = with_filter(healthy_facts())
+    assert facts.filter_listing is not None
+    facts.filter_listing = facts.filter_listing.replace("0x1 ", "0x2 ")
+    assert [x.split(":")[1].strip() for x in failures(facts)] == [
+        "chain vxlan_in in table ip overlayd is not what overlayd writes for 192.0.2.11, port 8472,"
+        " VNI 1"
+    ]
+    facts = with_filter(healthy_facts())
+    facts.filter_sources = frozenset({IPv4Address("192.0.2.99")})
+    assert failures(facts) == [
+        "vxlan filter: 192.0.2.12 (peer 10.1.2.0/24) is not in set vxlan_peers:"
+        " its VXLAN is dropped",
+        "vxlan filter: 192.0.2.99 is in set vxlan_peers but is no tunnelled peer:"
+        " it may send VXLAN",
+    ]
+
+
+def test_a_filter_turned_off_passes_but_says_so() -> None:
+    facts = with_filter(healthy_facts())
+    facts.vxlan_filter = False
+    facts.filter_listing = ""
+    findings = [f for f in diagnose(facts) if f.check == "vxlan filter"]
+    assert [f.ok for f in findings] == [True]
+    assert findings[0].detail.startswith("off (vxlan-filter=off)")

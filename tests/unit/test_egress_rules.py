@@ -31,17 +31,26 @@ def test_the_table_matches_its_golden_file(mode: str) -> None:
     assert render_table(spec(mode)) == (GOLDEN / f"{mode}.nft").read_text()
 
 
-def test_mode_none_removes_the_table_and_writes_no_rule() -> None:
+REPLACE_CHAINS = (
+    "table ip overlayd\n"
+    "add chain ip overlayd forward\ndelete chain ip overlayd forward\n"
+    "add chain ip overlayd postrouting\ndelete chain ip overlayd postrouting\n"
+)
+
+
+def test_mode_none_removes_the_egress_chains_and_writes_no_rule() -> None:
     assert render_table(spec("none")) is None
-    assert render_transaction(spec("none")) == "table ip overlayd\ndelete table ip overlayd\n"
+    assert render_transaction(spec("none")) == REPLACE_CHAINS
     assert forward_accept_rules(spec("none")) == []
 
 
 @pytest.mark.parametrize("mode", ["gwbridge", "masquerade"])
-def test_the_table_is_replaced_in_one_transaction(mode: str) -> None:
+def test_the_egress_chains_and_only_they_are_replaced_in_one_transaction(mode: str) -> None:
     script = render_transaction(spec(mode))
-    assert script.startswith("table ip overlayd\ndelete table ip overlayd\ntable ip overlayd {")
-    assert script.count("table ip overlayd") == 3
+    # The table itself is never deleted: it also holds the VXLAN allow-list,
+    # whose set and counter must survive a change of egress rules.
+    assert script == REPLACE_CHAINS + (render_table(spec(mode)) or "")
+    assert "delete table" not in script and "flush" not in script
 
 
 def test_masquerade_mode_never_nats_the_overlay_or_multicast() -> None:

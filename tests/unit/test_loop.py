@@ -5,19 +5,25 @@ a failure, and telling our own netlink echoes from drift."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+import pytest
+
 from overlayd.config import parse_network_config
-from overlayd.daemon.loop import Knowledge, Reconciler
+from overlayd.daemon.loop import Knowledge, Reconciler, standard_managers
 from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
+from overlayd.dataplane.nft import NftError
 from overlayd.model import (
     Change,
     DeviceSpec,
     Entry,
     EntrySet,
+    Family,
+    IPAddress,
     Lease,
     LinkFacts,
     Observed,
@@ -29,6 +35,8 @@ from overlayd.model import (
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import host_plan
 from overlayd.plan.leases import render_lease, subnet_key
+from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
+from overlayd.surfaces.telemetry import Telemetry
 
 PREFIX = "/coreos.com/network"
 CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
@@ -47,6 +55,7 @@ class FakeDataplane:
         self.calls: list[str] = []
         self.kernel: EntrySet = EntrySet()
         self.fail_next_apply = False
+        self.allowed: set[IPAddress] | None = None  # the allow-list set; None: absent
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         self.calls.append("devices")
@@ -74,6 +83,31 @@ class FakeDataplane:
     async def ensure_forward_accept(self, egress: EgressSpec) -> list[str]:
         self.calls.append("iptables")
         return []
+
+    async def ensure_vxlan_filter(self, f: FilterSpec) -> str | None:
+        self.calls.append("filter")
+        if self.allowed is None:
+            self.allowed = set()
+            return "installed"
+        return None
+
+    async def remove_vxlan_filter(self, family: Family) -> str | None:
+        self.calls.append("filter-remove")
+        removed, self.allowed = self.allowed, None
+        return None if removed is None else "removed"
+
+    async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None:
+        self.calls.append("filter-read")
+        return None if self.allowed is None else frozenset(self.allowed)
+
+    async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
+        assert self.allowed is not None
+        if changes.add:
+            self.calls.append(f"allow {len(changes.add)}")
+        if changes.delete:
+            self.calls.append(f"disallow {len(changes.delete)}")
+        self.allowed |= set(changes.add)
+        self.allowed -= set(changes.delete)
 
     async def read_entries(self, spec: DeviceSpec) -> EntrySet:
         self.calls.append("read")
@@ -122,9 +156,11 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     result = await loop.reconcile_once()
     assert result.ok and result.changes == 4 and result.peers == 1
     assert dataplane.calls == [
-        "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables", "read", "apply 4"
+        "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
+        "filter", "filter-read", "allow 1", "read", "apply 4",
     ]  # fmt: skip
     assert len(dataplane.kernel) == 4
+    assert dataplane.allowed == {PEER.public_ip}
 
 
 async def test_light_and_check_passes_use_belief_and_only_full_passes_read_the_kernel() -> None:
@@ -135,7 +171,8 @@ async def test_light_and_check_passes_use_belief_and_only_full_passes_read_the_k
     dataplane.calls.clear()
     inputs.raw_leases = knowledge(PEER).raw_leases
     assert (await loop.reconcile_once(level=Level.LIGHT)).changes == 4
-    assert dataplane.calls == ["apply 4"]  # no devices, no rules, no dump
+    # No devices, no rules, no dump: one set element, then the entries.
+    assert dataplane.calls == ["allow 1", "apply 4"]
     dataplane.calls.clear()
     assert (await loop.reconcile_once(level=Level.CHECK)).changes == 0
     assert "read" not in dataplane.calls and "devices" in dataplane.calls
@@ -238,3 +275,109 @@ async def test_a_device_made_again_on_a_check_makes_the_pass_read_the_entries_ba
     result = await loop.reconcile_once(level=Level.CHECK)
     assert result.level is Level.FULL and result.changes == 4
     assert len(dataplane.kernel) == 4
+
+
+FAR = Lease(IPv4Network("10.244.3.0/24"), IPv4Address("203.0.113.5"), 1, "02:00:00:00:00:03")
+
+
+async def test_a_peer_is_allowed_before_its_entries_and_disallowed_after_them() -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge()
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    dataplane.calls.clear()
+    inputs.raw_leases = knowledge(PEER).raw_leases
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.calls == ["allow 1", "apply 4"]
+    dataplane.calls.clear()
+    inputs.raw_leases = knowledge().raw_leases
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.calls == ["apply 4", "disallow 1"]
+    assert dataplane.allowed == set() and len(dataplane.kernel) == 0
+    assert loop.telemetry.vxlan_allowed == 0
+
+
+async def test_with_direct_routing_only_the_tunnelled_peers_are_allowed() -> None:
+    config = parse_network_config(
+        '{"Network": "10.244.0.0/16", "Backend": {"DirectRouting": true}}'
+    )
+    host = host_plan(config, OWN, UNDERLAY, bridge="ovl0", egress=GWBRIDGE)
+    inputs = Knowledge(config, OWN, host.spec, host.egress, PREFIX, knowledge(PEER, FAR).raw_leases)
+    dataplane = FakeDataplane()  # its underlay is 192.0.2.0/24: PEER is on the link
+    assert (await Reconciler(inputs, dataplane).reconcile_once()).ok
+    assert dataplane.allowed == {FAR.public_ip}
+
+
+async def test_host_gw_or_the_setting_off_installs_no_filter_and_removes_an_old_one() -> None:
+    config = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
+    own = replace(OWN, backend_type="host-gw")
+    host = host_plan(config, own, UNDERLAY, bridge="ovl0", egress=GWBRIDGE)
+    host_gw = Knowledge(config, own, host.spec, host.egress, PREFIX, {})
+    for inputs, enabled in ((host_gw, True), (knowledge(PEER), False)):
+        dataplane = FakeDataplane()
+        dataplane.allowed = {IPv4Address("192.0.2.99")}  # left by an earlier run
+        telemetry = Telemetry()
+        managers = standard_managers(dataplane, telemetry, vxlan_filter=enabled)
+        loop = Reconciler(inputs, dataplane, telemetry, managers=managers)
+        assert (await loop.reconcile_once()).ok
+        assert dataplane.allowed is None
+        assert "filter" not in dataplane.calls and "filter-remove" in dataplane.calls
+        assert telemetry.vxlan_allowed is None and telemetry.vxlan_filter_problem is None
+
+
+async def test_rules_that_cannot_be_installed_are_reported_and_the_overlay_still_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dataplane = FakeDataplane()
+    refusal = "nft refused the ruleset: Error: Could not process rule: No such file or directory"
+
+    async def refuse(f: FilterSpec) -> str | None:
+        raise NftError(refusal)
+
+    dataplane.ensure_vxlan_filter = refuse  # type: ignore[method-assign]
+    telemetry = Telemetry()
+    telemetry.lease_acquired(OWN, "/k", 60)
+    telemetry.subnet_file_written = True
+    loop = Reconciler(knowledge(PEER), dataplane, telemetry)
+    with caplog.at_level(logging.ERROR):
+        for level in (Level.FULL, Level.CHECK):
+            result = await loop.reconcile_once(level=level)
+            assert result.ok and len(dataplane.kernel) == 4  # the entries are there
+    assert telemetry.ready() == (False, f"VXLAN filter not installed: {refusal}")
+    assert sum("event=vxlan_filter_failed" in r.message for r in caplog.records) == 1
+    # Control: once nft accepts the rules, the host is ready and filtered.
+    del dataplane.ensure_vxlan_filter
+    assert (await loop.reconcile_once(level=Level.CHECK)).ok
+    assert telemetry.ready() == (True, "ok")
+    assert dataplane.allowed == {PEER.public_ip}
+
+
+async def test_a_failed_element_write_fails_the_pass_before_any_entry_is_written() -> None:
+    dataplane = FakeDataplane()
+
+    async def refuse(f: FilterSpec, changes: ElementChanges) -> None:
+        raise NftError("nft refused the ruleset: Error: No such file or directory")
+
+    dataplane.update_vxlan_filter = refuse  # type: ignore[method-assign]
+    result = await Reconciler(knowledge(PEER), dataplane).reconcile_once()
+    assert not result.ok
+    assert not any(call.startswith("apply") for call in dataplane.calls)
+    assert len(dataplane.kernel) == 0
+
+
+async def test_a_check_puts_back_an_element_deleted_by_hand_and_removes_a_stranger() -> None:
+    dataplane = FakeDataplane()
+    telemetry = Telemetry()
+    loop = Reconciler(knowledge(PEER), dataplane, telemetry)
+    assert (await loop.reconcile_once()).ok
+    assert dataplane.allowed is not None
+    dataplane.allowed.discard(PEER.public_ip)
+    dataplane.allowed.add(IPv4Address("192.0.2.99"))
+    dataplane.calls.clear()
+    # A light pass believes; nftables sends no event.
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.calls == []
+    assert (await loop.reconcile_once(level=Level.CHECK)).ok
+    assert dataplane.allowed == {PEER.public_ip}
+    assert "allow 1" in dataplane.calls and "disallow 1" in dataplane.calls
+    assert telemetry.drift_repairs["nftables"] == 1

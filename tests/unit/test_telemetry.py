@@ -95,3 +95,38 @@ def test_a_failing_listener_does_not_stop_the_others() -> None:
     events = recorder(t)
     t.lease_renewed(30)
     assert [k for k, _ in events] == ["lease_renewed"]
+
+
+def test_the_vxlan_metrics_never_go_down_when_the_kernel_counter_starts_again() -> None:
+    t = Telemetry()
+    text = generate_latest(t.registry).decode()
+    assert "overlayd_vxlan_allowed_peers 0.0" in text
+    assert "overlayd_vxlan_dropped_packets_total " not in text  # no filter, no figure
+    readings: list[int | None] = [5, 12, 3, None, 4]  # 3: deleted and made again
+    t.dropped.reader = lambda: readings.pop(0) if readings else 4
+    seen = []
+    for _ in range(5):
+        text = generate_latest(t.registry).decode()
+        line = next(
+            x for x in text.splitlines() if x.startswith("overlayd_vxlan_dropped_packets_total")
+        )
+        seen.append(float(line.split()[-1]))
+    assert seen == [5.0, 12.0, 15.0, 15.0, 16.0]
+    t.vxlan_filter_ok(7)
+    assert "overlayd_vxlan_allowed_peers 7.0" in generate_latest(t.registry).decode()
+    assert t.status()["vxlan_filter"] == {"setting": "on", "allowed_peers": 7, "problem": None}
+
+
+def test_ready_fails_naming_why_while_the_vxlan_filter_is_not_installed() -> None:
+    t = Telemetry()
+    t.lease_acquired(lease(5), "/k", 60)
+    t.subnet_file_written = True
+    t.pass_finished(ok=True, full=True, seconds=0.1)
+    assert t.ready() == (True, "ok")
+    t.vxlan_filter_failed("nft refused the ruleset: no fib support")
+    assert t.ready() == (
+        False,
+        "VXLAN filter not installed: nft refused the ruleset: no fib support",
+    )
+    t.vxlan_filter_ok(2)
+    assert t.ready() == (True, "ok")

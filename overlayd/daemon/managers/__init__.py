@@ -5,9 +5,11 @@ reads or believes what they are, and applies the difference.
 
 The loop runs them in a fixed order (`daemon.loop.standard_managers`): devices before the
 sysctls that name them, both before the rules that use them, and all of
-those before the per-peer entries that hang off the devices. A new
-capability (the VXLAN allow-list, IPv6 entries, policy sets, service maps)
-is a new manager here, not a branch in the loop.
+those before the per-peer entries that hang off the devices. What must be
+in place before a peer's entries and gone only after them (the VXLAN
+allow-list) is two managers sharing one state, one on each side of the
+entries. A new capability (IPv6 entries, policy sets, service maps) is a
+new manager here, not a branch in the loop.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Protocol
 
 from overlayd.dataplane import DataplanePort
 from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
+from overlayd.plan.cluster import ClusterPlan
 from overlayd.plan.egress import EgressSpec
 
 
@@ -98,6 +101,9 @@ class PassContext:
     # (kind, what): devices, sysctls and rules a manager had to (re)make.
     remade: list[tuple[str, str]] = field(default_factory=list)
     peers: int = 0
+    # The peers' plan, made once per pass by the first manager that needs it
+    # (managers.peers.PeerProjection), so that all of them see the same peers.
+    planned: ClusterPlan | None = None
 
     def remade_all(self, kind: str, what: list[str]) -> None:
         self.remade += [(kind, item) for item in what]

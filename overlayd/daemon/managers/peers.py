@@ -17,7 +17,7 @@ from ipaddress import IPv4Network
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
 from overlayd.model import Observed
-from overlayd.plan.cluster import cluster_plan
+from overlayd.plan.cluster import ClusterPlan, cluster_plan
 from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff
 from overlayd.plan.leases import ParseCache
@@ -27,19 +27,21 @@ from overlayd.surfaces.telemetry import Telemetry
 log = logging.getLogger("overlayd.daemon.loop")
 
 
-class PeerEntryManager:
-    name = "peers"
+class PeerProjection:
+    """The peers of a pass: the cluster plan over the mirror's leases, made
+    once per pass and shared by every manager that needs it (the VXLAN
+    allow-list on both sides of the entries, and the entries), with the
+    caches that make it cheap across passes."""
 
-    def __init__(self, dataplane: DataplanePort, telemetry: Telemetry) -> None:
+    def __init__(self, dataplane: DataplanePort) -> None:
         self._dataplane = dataplane
-        self._telemetry = telemetry
-        self.tracker = EntryTracker()
         self._parse_cache: ParseCache = {}
         self._entry_memo: EntryMemo = {}
         self._onlink: tuple[IPv4Network, ...] | None = None
-        self._warned: dict[str, str] = {}
 
-    async def sync(self, context: PassContext) -> None:
+    async def plan(self, context: PassContext) -> ClusterPlan:
+        if context.planned is not None:
+            return context.planned
         inputs = context.inputs
         if context.level >= Level.CHECK or self._onlink is None:
             # Which peers are on our link decides direct routes; the underlay's
@@ -47,7 +49,7 @@ class PeerEntryManager:
             self._onlink = tuple(
                 await self._dataplane.connected_networks(inputs.spec.underlay_ifindex)
             )
-        planned = cluster_plan(
+        context.planned = cluster_plan(
             inputs.config,
             inputs.own,
             inputs.raw_leases,
@@ -57,6 +59,27 @@ class PeerEntryManager:
             cache=self._parse_cache,
             memo=self._entry_memo,
         )
+        return context.planned
+
+
+class PeerEntryManager:
+    name = "peers"
+
+    def __init__(
+        self,
+        dataplane: DataplanePort,
+        telemetry: Telemetry,
+        projection: PeerProjection | None = None,
+    ) -> None:
+        self._dataplane = dataplane
+        self._telemetry = telemetry
+        self.tracker = EntryTracker()
+        self._projection = projection or PeerProjection(dataplane)
+        self._warned: dict[str, str] = {}
+
+    async def sync(self, context: PassContext) -> None:
+        inputs = context.inputs
+        planned = await self._projection.plan(context)
         self._warn_rejected(planned.rejected)
         self._telemetry.leases_skipped(planned.rejected)
         prior = self.tracker.believed()
