@@ -204,6 +204,60 @@ def test_an_etcd_restart_with_rbac_on_keeps_the_driver_and_the_daemons_going(lab
         lab.etcd(lambda s: s.delete(LEASE_KEY))
 
 
+def test_a_certificate_refused_while_running_is_logged_once_and_retried_and_nothing_is_undone(
+    lab: Lab,
+) -> None:
+    """h1's certificate files are replaced, while its daemon runs, by a
+    certificate etcd does not trust: the daemon takes them up, is refused,
+    says so once and keeps retrying; its kernel entries stay; h2 (the
+    positive control) still follows etcd. With the good files back, h1
+    catches up from where its watch stopped."""
+    files = lab.pki.client("h1")
+    saved = {files.key: files.key.read_bytes(), files.cert: files.cert.read_bytes()}
+    rogue = issue(
+        make_authority(lab.state_dir / "rogue-ca", "rogue CA"), lab.state_dir / "rogue", "h1"
+    )
+    log = lab.daemon_log(1)
+    before = len(log.read_text())
+    peer_route = str(lab.subnet(2))
+
+    def written_since() -> str:
+        return log.read_text()[before:]
+
+    def replace(path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".swap")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # as a certificate manager does: whole, in one step
+
+    lease = json.dumps(
+        {
+            "PublicIP": "198.51.100.250",
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:02:50"},
+        }
+    )
+    try:
+        replace(files.key, rogue.key.read_bytes())  # key first, as the README advises
+        replace(files.cert, rogue.cert.read_bytes())
+        wait_until(lambda: "event=etcd_refused" in written_since())
+        assert f"refused the client certificate etcd-certfile {files.cert}" in written_since()
+        lab.etcd(lambda s: s.put(LEASE_KEY, lease))
+        wait_until(lambda: "10.244.250.0/24" in netns.ip(lab.host_ns(2), "route"))
+        h1_routes = netns.ip(lab.host_ns(1), "route")
+        assert "10.244.250.0/24" not in h1_routes  # h1 cannot read etcd now
+        assert peer_route in h1_routes  # and has undone nothing
+    finally:
+        for path, data in saved.items():
+            replace(path, data)
+    try:
+        wait_until(lambda: "event=etcd_accepted" in written_since())
+        wait_until(lambda: "10.244.250.0/24" in netns.ip(lab.host_ns(1), "route"))
+        assert written_since().count("event=etcd_refused") == 1, written_since()[-3000:]
+        assert all(r.ok for r in lab.check(timeout=CONVERGE))
+    finally:
+        lab.etcd(lambda s: s.delete(LEASE_KEY))
+
+
 PEER_PROBE = """
 import socket, ssl, sys
 ca, cert, key, address = sys.argv[1:]
