@@ -179,7 +179,7 @@ class Agent:
         # setting named; an outage is waited out, as later on.
         await retry_unavailable(
             "first contact",
-            lambda: self.store.get(self._config_key),
+            lambda: self.store.check_access(self._config_key),
             refusal_is_fatal=True,
         )
         group.create_task(self.store.follow_credentials(), name="etcd-credentials")

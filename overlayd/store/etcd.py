@@ -138,6 +138,33 @@ _KEEPALIVE = {
 }
 
 
+class _Watcher(aetcd.watcher.Watcher):  # type: ignore[misc]  # aetcd has no type hints
+    """aetcd's watcher, told about watches etcd cancels.
+
+    etcd refuses a watch it will not serve (an expired auth token, no read
+    permission) by answering "created" and "canceled" together, and may
+    cancel a running one. aetcd 1.0.0 ignores `canceled`: the watch would
+    wait forever for events that never come. Here the reason becomes the
+    watch's error, so the store reconnects or reports it."""
+
+    async def _handle_response(self, response: Any) -> None:
+        if not response.canceled or response.compact_revision != 0:
+            await super()._handle_response(response)  # compaction: aetcd's own error
+            return
+        error = aetcd.exceptions.ClientError(
+            f"etcd canceled the watch: {response.cancel_reason or 'no reason given'}"
+        )
+        async with self._lock:
+            if response.created and self._new_callback is not None:
+                self._new_callback.error = error
+                self._new_callback_ready.notify_all()
+                return
+            # A cancel we asked for finds no callback left: nothing to tell.
+            callback = self._callbacks.pop(response.watch_id, None)
+        if callback is not None:
+            await self._process_callback(callback, error)
+
+
 class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
     """aetcd's client with a TLS channel and a token (see the module docstring)."""
 
@@ -170,7 +197,14 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
         if self._connected.is_set():
             return
         if self._is_connecting:
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            # Another caller is connecting; if it fails, this one would wait
+            # forever on aetcd's event: an outage to retry, like any other.
+            try:
+                await asyncio.wait_for(self._connected.wait(), self._timeout)
+            except TimeoutError:
+                raise aetcd.exceptions.ConnectionTimeoutError(
+                    "no connection to etcd within the timeout"
+                ) from None
             return
         try:
             self._is_connecting = True
@@ -197,7 +231,7 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd has no type hints
             self.clusterstub = rpc.ClusterStub(channel)
             self.leasestub = rpc.LeaseStub(channel)
             self.maintenancestub = rpc.MaintenanceStub(channel)
-            self._watcher = aetcd.watcher.Watcher(
+            self._watcher = _Watcher(
                 rpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata
             )
             self._connected.set()
@@ -374,8 +408,10 @@ class EtcdStore:
     def _failed(self, exc: BaseException, what: str) -> StoreUnavailable:
         refusal = self._refused(exc, what)
         if refusal is not None:
-            if str(refusal) != self._refusal:
-                self._refusal = str(refusal)
+            # Logged once per cause, whichever member said it.
+            cause = str(refusal).replace(self.target, "")
+            if cause != self._refusal:
+                self._refusal = cause
                 log.error("event=etcd_refused error=%r", str(refusal))
             return refusal
         hint = ""
@@ -392,6 +428,20 @@ class EtcdStore:
         if self._client.auth_disabled:
             self._client.auth_disabled = False
             log.warning("event=etcd_auth_not_enabled user=%r", self.access.username)
+
+    async def check_access(self, key: str) -> None:
+        """Read `key` from the first endpoint that answers. A refusal is
+        raised only when every endpoint refuses (one member with a bad
+        certificate must not stop a start that another can serve); an
+        outage of any of them is raised as such, to be waited out."""
+        refusals: list[StoreRefused] = []
+        for _ in self._targets:
+            try:
+                await self.get(key)
+                return
+            except StoreRefused as exc:
+                refusals.append(exc)  # _call moved on to the next endpoint
+        raise refusals[0]
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

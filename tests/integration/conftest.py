@@ -24,9 +24,11 @@ def _free_port() -> int:
 
 
 def _start_etcd(
-    data: Path, scheme: str, extra: Sequence[str]
+    data: Path, scheme: str, extra: Sequence[str], also_on: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str]:
-    client, peer = f"{scheme}://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    port = _free_port()
+    client, peer = f"{scheme}://127.0.0.1:{port}", f"http://127.0.0.1:{_free_port()}"
+    listen = ",".join([client, *(f"{scheme}://{host}:{port}" for host in also_on)])
     with (data / "etcd.log").open("wb") as log:
         proc = subprocess.Popen(
             [
@@ -36,7 +38,7 @@ def _start_etcd(
                 "--data-dir",
                 str(data / "d"),
                 "--listen-client-urls",
-                client,
+                listen,
                 "--advertise-client-urls",
                 client,
                 "--listen-peer-urls",
@@ -109,17 +111,19 @@ def start_etcd(
     scheme: str = "http",
     extra: Sequence[str] = (),
     auth: Sequence[str] = (),
+    also_on: Sequence[str] = (),
 ) -> RunningEtcd:
     """A healthy etcd on loopback (`auth`: etcdctl's flags to reach it).
 
     A free port can be taken by something else (another test run) between
     _free_port() and etcd's bind: then etcd exits at once, and a fresh pair
-    of ports is tried."""
+    of ports is tried. `also_on`: more loopback addresses it listens on,
+    on the same port."""
     if shutil.which("etcd") is None:
         pytest.skip("etcd is not installed (./bootstrap.sh test installs it)")
     for _ in range(5):
         data = make_dir()
-        proc, client = _start_etcd(data, scheme, extra)
+        proc, client = _start_etcd(data, scheme, extra, also_on)
         _wait_healthy(proc, client, data, auth)
         if proc.poll() is None:
             return RunningEtcd(proc, client, data, tuple(auth))

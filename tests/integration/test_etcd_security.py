@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ CONFIG = parse_network_config('{"Network": "10.244.0.0/16"}')
 PREFIX = "/sec/network"
 ROOT_PASSWORD = "root-secret"
 ALICE_PASSWORD = "alice-secret"
+MISNAMED = "127.0.0.3"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureEtcd]:
             f"--trusted-ca-file={authority.cert}",
         ),
         auth=root_tls,
+        # An address the server certificate does not name: a member whose
+        # certificate is wrong for the address it is dialled by.
+        also_on=(MISNAMED,),
     )
     try:
         _setup_auth(etcd.client, root_tls)
@@ -160,6 +165,31 @@ async def test_a_client_certificate_etcd_does_not_trust_is_refused_naming_etcd_c
             await store.get(PREFIX + "/config")
     async with EtcdStore(secure.access("h1")) as store:
         await store.get(PREFIX + "/config")
+
+
+async def test_a_member_whose_certificate_is_wrong_does_not_stop_a_start_another_can_serve(
+    secure: SecureEtcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = secure.etcd.client
+    misnamed = good.replace("127.0.0.1", MISNAMED)
+    async with EtcdStore(secure.access("h1", endpoints=(misnamed,))) as store:
+        for _ in range(4):
+            with pytest.raises(StoreRefused, match="does not name the address dialled"):
+                await store.check_access(PREFIX + "/config")
+    assert caplog.text.count("event=etcd_refused") == 1  # told once, not at every retry
+    async with EtcdStore(secure.access("h1", endpoints=(misnamed, good))) as store:
+        await store.check_access(PREFIX + "/config")  # the second member answers
+        assert store.target.endswith(good.rsplit("/", 1)[1])
+
+
+async def test_callers_waiting_for_a_connection_that_fails_get_an_outage_not_a_crash() -> None:
+    # A user makes the first caller log in while the others wait for it.
+    access = EtcdAccess(endpoints=("http://127.0.0.1:9",), username="u", password="p")
+    async with EtcdStore(access, timeout=1.0) as store:
+        outcomes = await asyncio.gather(
+            *(store.get("/k") for _ in range(3)), return_exceptions=True
+        )
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
 
 
 def test_an_expired_certificate_and_a_missing_key_are_refused_before_dialling(
@@ -286,8 +316,9 @@ def password_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningE
 
 
 async def test_an_expired_auth_token_is_renewed_for_calls_and_watches(
-    password_etcd: RunningEtcd,
+    password_etcd: RunningEtcd, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="overlayd.store.etcd")
     access = EtcdAccess(
         endpoints=(password_etcd.client,), username="alice", password=ALICE_PASSWORD
     )
@@ -315,3 +346,42 @@ async def test_an_expired_auth_token_is_renewed_for_calls_and_watches(
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
     assert seen == [watched + str(n) for n in (1, 2, 3, 4)]
+    assert "auth token expired or invalid" in caplog.text  # it did expire, and was renewed
+
+
+async def test_a_watch_opened_after_the_token_expired_is_not_left_silent(
+    password_etcd: RunningEtcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aetcd runs every watch of a client over one stream, authenticated
+    once. etcd refuses a new watch on it once the token has expired by
+    cancelling it at creation, which aetcd 1.0.0 ignores: the watch would
+    wait forever. The store must notice, renew the token and watch again."""
+    caplog.set_level(logging.INFO, logger="overlayd.store.etcd")
+    access = EtcdAccess(
+        endpoints=(password_etcd.client,), username="alice", password=ALICE_PASSWORD
+    )
+    first, second = PREFIX + "/stream-a/", PREFIX + "/stream-b/"
+    seen_first: list[str] = []
+    seen_second: list[str] = []
+    async with EtcdStore(access) as store, EtcdStore(access) as writer:
+        holding = Mirror(store, [first])
+        holding.subscribe(first, lambda key, value: seen_first.append(key))
+        await holding.load()
+        tasks = [asyncio.create_task(holding.run())]
+        try:
+            await writer.put(first + "1", "x")
+            await eventually(lambda: seen_first == [first + "1"])  # the stream is open
+            await asyncio.sleep(3)  # the token expires; the open stream carries on
+            # No listing first: the watch is the first thing this mirror asks for.
+            late = Mirror(store, [second])
+            late.subscribe(second, lambda key, value: seen_second.append(key))
+            tasks.append(asyncio.create_task(late.run()))
+            await writer.put(second + "1", "x")
+            await eventually(lambda: seen_second == [second + "1"])
+            await writer.put(first + "2", "x")  # and the first watch still works
+            await eventually(lambda: seen_first == [first + "1", first + "2"])
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    assert "etcd canceled the watch" in caplog.text or "auth token expired" in caplog.text
