@@ -179,6 +179,31 @@ def issue(
     return issued
 
 
+@dataclass(frozen=True, slots=True)
+class _Names:
+    common_name: str
+    ips: frozenset[str]
+    dns: frozenset[str]
+
+
+def _names(path: Path) -> _Names | None:
+    """The CN and subject alternative names of the certificate in `path`."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        ips: frozenset[str] = frozenset()
+        dns: frozenset[str] = frozenset()
+    else:
+        ips = frozenset(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+        dns = frozenset(sans.get_values_for_type(x509.DNSName))
+    return _Names(str(cns[0].value) if cns else "", ips, dns)
+
+
 def _authority_for_issuing(directory: Path) -> Authority:
     """The CA in `directory`, made if there is none. A CA certificate without
     its key (copied in to verify, not to sign) is never replaced: that would
@@ -213,9 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"NAME {args.name!r}: a plain file stem, not 'ca'")
     stem = args.directory / args.name
     issued = Issued(stem.with_name(stem.name + ".pem"), stem.with_name(stem.name + "-key.pem"))
-    if issued.cert.exists() and issued.key.exists():
+    wanted = _Names(args.cn or args.name, frozenset(args.ip), frozenset(args.dns))
+    if issued.cert.exists() and issued.key.exists() and _names(issued.cert) == wanted:
         state = "kept"
     else:
+        # Missing, or made for other names (an etcd moved to a new address):
+        # a certificate that does not name the address dialled is refused.
         authority = _authority_for_issuing(args.directory)
         server = args.kind == "server"
         # A server certificate is also a client one: etcd members dial each

@@ -110,6 +110,18 @@ def check_validity(
         )
 
 
+def _usable(
+    certs: list[x509.Certificate], path: Path, now: datetime.datetime
+) -> list[x509.Certificate]:
+    """The CAs of a bundle that are valid now. A bundle may hold an expired
+    CA beside its successor (a CA rotation, or a system bundle): OpenSSL
+    skips it, and so does this check; only a bundle with none left fails."""
+    valid = [c for c in certs if c.not_valid_before_utc <= now < c.not_valid_after_utc]
+    if not valid:
+        check_validity(min(certs, key=lambda c: c.not_valid_after_utc), path, "etcd-cafile", now)
+    return valid
+
+
 def load_tls(access: EtcdAccess, now: datetime.datetime | None = None) -> TlsMaterial:
     """Read and check the TLS files; raises ConfigError naming the setting."""
     now = now or datetime.datetime.now(datetime.UTC)
@@ -117,8 +129,7 @@ def load_tls(access: EtcdAccess, now: datetime.datetime | None = None) -> TlsMat
     ca = None
     if access.cafile is not None:
         ca = _read(access.cafile, "etcd-cafile")
-        for cert in _certificates(ca, access.cafile, "etcd-cafile"):
-            check_validity(cert, access.cafile, "etcd-cafile", now)
+        _usable(_certificates(ca, access.cafile, "etcd-cafile"), access.cafile, now)
     if access.certfile is None or access.keyfile is None:
         return TlsMaterial(ca, None, None, None, None, stamp)
     cert_bytes = _read(access.certfile, "etcd-certfile")
@@ -173,7 +184,12 @@ def certificate_facts(access: EtcdAccess) -> list[CertificateFacts]:
         except ConfigError as exc:
             facts.append(CertificateFacts(setting, path, None, None, exc.reason))
             continue
-        soonest = min(certs, key=lambda c: c.not_valid_after_utc)
+        now = datetime.datetime.now(datetime.UTC)
+        # A bundle's expired CAs are not in use (see _usable); if none is
+        # valid, the one that expired last says why.
+        valid = [c for c in certs if now < c.not_valid_after_utc]
+        by_expiry = lambda c: c.not_valid_after_utc  # noqa: E731
+        soonest = min(valid, key=by_expiry) if valid else max(certs, key=by_expiry)
         facts.append(
             CertificateFacts(
                 setting, path, soonest.subject.rfc4514_string(), soonest.not_valid_after_utc, None

@@ -68,8 +68,11 @@ class DroppedPackets:
         reader = self.reader
         if reader is None:
             return None
-        now = reader()
+        # Read under the lock too: two scrapes at once (the server answers in
+        # threads) must not apply their readings out of order, which would
+        # look like a reset and count everything twice.
         with self._lock:
+            now = reader()
             if now is not None:
                 if self._last is not None and now < self._last:
                     self._base += self._last

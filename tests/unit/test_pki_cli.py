@@ -56,3 +56,17 @@ def test_a_ca_certificate_without_its_key_is_never_replaced(tmp_path: Path) -> N
         main([str(tmp_path), "client", "node3"])
     assert (tmp_path / "ca.pem").read_bytes() == ca
     assert not (tmp_path / "node3.pem").exists()
+
+
+def test_a_server_certificate_for_other_addresses_is_made_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main([str(tmp_path), "server", "etcd-server", "--ip", "192.0.2.2"])
+    main([str(tmp_path), "server", "etcd-server", "--ip", "192.0.2.2"])
+    assert "kept server certificate" in capsys.readouterr().out  # same names: kept
+    main([str(tmp_path), "server", "etcd-server", "--ip", "198.51.100.2"])
+    assert "issued server certificate" in capsys.readouterr().out
+    names = load(tmp_path / "etcd-server.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)] == ["198.51.100.2"]
