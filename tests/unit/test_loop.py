@@ -352,6 +352,33 @@ async def test_rules_that_cannot_be_installed_are_reported_and_the_overlay_still
     assert dataplane.allowed == {PEER.public_ip}
 
 
+async def test_while_the_rules_cannot_be_rewritten_the_old_set_still_admits_new_peers() -> None:
+    """Rules written earlier stay in the kernel when a rewrite is refused:
+    they drop VXLAN from anyone outside the set, so the set must go on
+    following the peers, or a new peer would be cut off."""
+    dataplane = FakeDataplane()
+    telemetry = Telemetry()
+    telemetry.lease_acquired(OWN, "/k", 60)
+    telemetry.subnet_file_written = True
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, dataplane, telemetry)
+    assert (await loop.reconcile_once()).ok
+    assert dataplane.allowed == {PEER.public_ip}  # installed, with the first peer
+
+    async def refuse(f: FilterSpec) -> str | None:
+        raise NftError("nft refused the ruleset: Error: Could not process rule")
+
+    dataplane.ensure_vxlan_filter = refuse  # type: ignore[method-assign]
+    newcomer = Lease(
+        IPv4Network("10.244.3.0/24"), IPv4Address("192.0.2.13"), 1, "02:00:00:00:00:03"
+    )
+    inputs.raw_leases = knowledge(newcomer).raw_leases  # PEER leaves, newcomer joins
+    assert (await loop.reconcile_once(level=Level.CHECK)).ok
+    assert dataplane.allowed == {newcomer.public_ip}
+    ready, why = telemetry.ready()
+    assert not ready and "nft refused the ruleset" in why  # and it says what is wrong
+
+
 async def test_a_failed_element_write_fails_the_pass_before_any_entry_is_written() -> None:
     dataplane = FakeDataplane()
 

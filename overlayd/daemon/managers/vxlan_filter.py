@@ -23,7 +23,10 @@ element deleted or added by hand is drift, put back (or removed) there.
 If the rules cannot be installed, the daemon does not pretend: it logs an
 error once per reason, /readyz answers 503 with the reason, and the rest
 of the pass (devices, entries) goes on, so the overlay keeps working while
-the operator looks. Every pass tries again. An element change that fails,
+the operator looks. Every pass tries again. Rules written before may
+still be in the kernel meanwhile, dropping VXLAN from anyone outside the
+set, so while the set exists its elements go on following the peers. An
+element change that fails,
 on the other hand, fails the pass like any other write: it is retried in
 full, and no FDB entry is written for a peer whose address is not in the set.
 """
@@ -100,19 +103,27 @@ class VxlanAllowList:
         if gone:
             await self._dataplane.update_vxlan_filter(f, ElementChanges((), gone))
             self.believed = self.believed - frozenset(gone)
-        self._telemetry.vxlan_filter_ok(len(self.believed))
+        if self._problem is None:
+            self._telemetry.vxlan_filter_ok(len(self.believed))
 
     async def _install(self, context: PassContext, f: FilterSpec) -> bool:
-        """Rules in place and the set read back; False when nft refused."""
+        """Rules in place and the set read back; False when there is no set
+        to keep in step (nft refused, and no set of ours exists)."""
         try:
             done = await self._dataplane.ensure_vxlan_filter(f)
             actual = await self._dataplane.vxlan_filter_sources(f)
             if actual is None:
                 raise NftError(f"set {SET} is missing right after it was made")
         except NftError as exc:
-            self.believed = None
             self._failed(str(exc))
-            return False
+            # Rules we wrote before may still be in the kernel, dropping VXLAN
+            # from whoever is not in the set: while the set exists, keep it in
+            # step with the peers, so that a new peer is not cut off.
+            try:
+                self.believed = await self._dataplane.vxlan_filter_sources(f)
+            except NftError:
+                self.believed = None
+            return self.believed is not None
         if self._problem is not None:
             log.warning("event=vxlan_filter_installed after=%r", self._problem)
             self._problem = None
