@@ -26,9 +26,9 @@ of the pass (devices, entries) goes on, so the overlay keeps working while
 the operator looks. Every pass tries again. Rules written before may
 still be in the kernel meanwhile, dropping VXLAN from anyone outside the
 set, so while the set exists its elements go on following the peers. An
-element change that fails,
-on the other hand, fails the pass like any other write: it is retried in
-full, and no FDB entry is written for a peer whose address is not in the set.
+element change that fails, on the other hand, fails the pass like any
+other write: it is retried in full, and no FDB entry is written for a
+peer whose address is not in the set.
 """
 
 from __future__ import annotations
