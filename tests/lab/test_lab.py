@@ -19,6 +19,7 @@ from overlayd.lab.lab import Lab, LabSettings
 from overlayd.store.etcd import EtcdStore
 from tests.conftest import CONVERGE, SESSION_TAG, capture, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.probes import run_daemon_once
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -53,32 +54,6 @@ def kernel_mentions(lab: Lab, host: int, needle: str) -> bool:
 
 async def delete(key: str, store: EtcdStore) -> bool:
     return await store.delete(key)
-
-
-def run_daemon_once(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    """overlayd in h1's namespace with the lab's etcd (and h1's certificate)
-    and underlay, to the end."""
-    return subprocess.run(
-        netns.module_argv(
-            lab.host_ns(1),
-            "overlayd.cli.daemon",
-            *lab.etcd_flags(1),
-            "--iface",
-            "eth0",
-            "--bridge",
-            "badbr",
-            "--subnet-file",
-            "/nonexistent/subnet.env",
-            "--control-socket",
-            str(lab.state_dir / "once.sock"),
-            "--metrics-address",
-            "off",
-            *args,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=CONVERGE,
-    )
 
 
 def test_every_container_reaches_every_other_hosts_containers(lab: Lab) -> None:

@@ -24,6 +24,7 @@ from overlayd.model import Lease
 from overlayd.plan.leases import render_lease, subnet_key
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.probes import http_get
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -95,20 +96,6 @@ def diagnose(lab: Lab, host: int) -> tuple[int, list[dict[str, Any]]]:
     proc = ctl(lab, host, "diagnose", "--json", *lab.etcd_flags(host), "--iface", "eth0",
                "--subnet-file", str(lab.subnet_file(host)))  # fmt: skip
     return proc.returncode, json.loads(proc.stdout)["findings"]
-
-
-def http_get(lab: Lab, host: int, path: str) -> tuple[int, str]:
-    script = (
-        "import sys, urllib.request, urllib.error\n"
-        "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:9469{path}', timeout=30)\n"
-        "    print(r.status); print(r.read().decode(), end='')\n"
-        "except urllib.error.HTTPError as e:\n"
-        "    print(e.code); print(e.read().decode(), end='')\n"
-    )
-    out = netns.in_ns(lab.host_ns(host), sys.executable, "-c", script)
-    code, _, body = out.partition("\n")
-    return int(code), body
 
 
 def test_status_shows_the_lease_mode_peers_and_last_reconcile(lab: Lab) -> None:

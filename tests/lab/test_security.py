@@ -28,6 +28,7 @@ from overlayd.lab.pki import issue, make_authority
 from overlayd.nsexec import netns_argv
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.probes import run_daemon_once
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -291,38 +292,13 @@ def test_the_peer_port_speaks_only_to_members_not_to_hosts(lab: Lab) -> None:
     assert probe(lab.host_ns(1), host.cert, host.key).startswith("refused:")
 
 
-def run_daemon_once(lab: Lab, **etcd: str) -> subprocess.CompletedProcess[str]:
-    """overlayd in h1's namespace with h1's etcd settings changed by `etcd`
-    (an empty value drops a setting), until it exits."""
-    settings = {**lab.etcd_settings(1), **etcd}
-    flags = [part for name, value in settings.items() if value for part in (f"--{name}", value)]
-    return subprocess.run(
-        netns.module_argv(
-            lab.host_ns(1),
-            "overlayd.cli.daemon",
-            *flags,
-            "--iface",
-            "eth0",
-            "--bridge",
-            "refusedbr",
-            "--subnet-file",
-            str(lab.state_dir / "refused.env"),
-            "--control-socket",
-            str(lab.state_dir / "refused.sock"),
-            "--metrics-address",
-            "off",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=CONVERGE,
-    )
-
-
 def test_a_daemon_with_another_cas_certificate_refuses_to_start_naming_it(lab: Lab) -> None:
     other = make_authority(lab.state_dir / "other-ca", "someone else's CA")
     stranger = issue(other, lab.state_dir / "other-ca" / "h1", "h1")
     proc = run_daemon_once(
-        lab, **{"etcd-certfile": str(stranger.cert), "etcd-keyfile": str(stranger.key)}
+        lab,
+        *("--etcd-certfile", str(stranger.cert), "--etcd-keyfile", str(stranger.key)),
+        bridge="refusedbr",
     )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -331,7 +307,7 @@ def test_a_daemon_with_another_cas_certificate_refuses_to_start_naming_it(lab: L
 
 
 def test_a_daemon_without_a_certificate_refuses_to_start_naming_the_settings(lab: Lab) -> None:
-    proc = run_daemon_once(lab, **{"etcd-certfile": "", "etcd-keyfile": ""})
+    proc = run_daemon_once(lab, "--etcd-certfile", "", "--etcd-keyfile", "", bridge="refusedbr")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("overlayd: "), last

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from overlayd.plan.nftables import select, split_objects, table_text
 from overlayd.plan.vxlan_filter import KEYS, FilterSpec, render_objects
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import FIRST_FAKE_OCTET, lab_network
+from tests.lab.probes import http_get
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -137,20 +137,6 @@ def send_from(lab: Lab, ns: str, payloads: list[bytes], dst: str | None = None) 
         if ns == lab.host_ns(host):
             source = str(lab.host_address(host))
     send_datagrams(ns, dst or str(lab.host_address(1)), PORT, payloads, source=source)
-
-
-def http_get(lab: Lab, host: int, path: str) -> tuple[int, str]:
-    script = (
-        "import urllib.request, urllib.error\n"
-        "try:\n"
-        f"    r = urllib.request.urlopen('http://127.0.0.1:9469{path}', timeout=30)\n"
-        "    print(r.status); print(r.read().decode(), end='')\n"
-        "except urllib.error.HTTPError as e:\n"
-        "    print(e.code); print(e.read().decode(), end='')\n"
-    )
-    out = netns.in_ns(lab.host_ns(host), sys.executable, "-c", script)
-    code, _, body = out.partition("\n")
-    return int(code), body
 
 
 def metric(text: str, name: str) -> float:
