@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from overlayd.errors import SubnetsExhaustedError
@@ -73,3 +74,41 @@ def pick_subnet(
 def gateway_address(subnet: IPv4Network) -> IPv4Address:
     """The bridge's address: the first host address of the subnet."""
     return subnet.network_address + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerRanges:
+    """Who hands out which of a host's container addresses.
+
+    Docker's built-in IPAM (docker-opts: `--fixed-cidr`) and CNI's host-local
+    (overlay-cni, and overlayd's Docker plugin, which shares host-local's
+    store) each keep their own books, so they must never draw from the same
+    addresses: host-local takes the lower half of the subnet (after the
+    gateway), Docker's `--fixed-cidr` the upper half. Every container still
+    gets the whole subnet as its prefix, so containers of both engines on one
+    host are on one link."""
+
+    subnet: IPv4Network
+    host_local_start: IPv4Address
+    host_local_end: IPv4Address
+    docker_fixed_cidr: IPv4Network
+
+
+SMALLEST_SHARED_SUBNET = 28  # 16 addresses: two halves of 8, the lower one keeps 5
+
+
+def container_ranges(subnet: IPv4Network) -> ContainerRanges:
+    if subnet.prefixlen > SMALLEST_SHARED_SUBNET:
+        raise ValueError(
+            f"subnet {subnet} is too small to share between host-local and Docker"
+            f" (at most /{SMALLEST_SHARED_SUBNET})"
+        )
+    lower, upper = subnet.subnets(prefixlen_diff=1)
+    return ContainerRanges(
+        subnet=subnet,
+        # .0 is the network, .1 the bridge's gateway; the lower half's
+        # broadcast address is an ordinary host address of the subnet.
+        host_local_start=gateway_address(subnet) + 1,
+        host_local_end=lower.broadcast_address,
+        docker_fixed_cidr=upper,
+    )
