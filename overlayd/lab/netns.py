@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from overlayd.nsexec import netns_argv
 
@@ -89,14 +89,22 @@ def kill_namespace_processes(
 ) -> None:
     """Signal everything running in the namespace (SIGTERM by default) and
     wait for it to go; SIGKILL what is still there after the grace time."""
-    pids = pids_in(ns)
+    kill_processes(lambda: pids_in(ns), sig=sig, grace=grace)
+
+
+def kill_processes(
+    find: Callable[[], list[int]], *, sig: signal.Signals = signal.SIGTERM, grace: float = 10.0
+) -> None:
+    """Signal the processes `find` lists and wait until it lists none;
+    SIGKILL what is still there after the grace time."""
+    pids = find()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = pids_in(ns)
+        pids = find()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
