@@ -194,6 +194,10 @@ class EngineContainer:
         """The container's network namespace, for `nsenter --net=`."""
         return f"/proc/{self.pid}/ns/net"
 
+    @property
+    def title(self) -> str:
+        return f"h{self.host}/{self.engine}/{self.name}"
+
 
 def parse_inspect(engine: str, host: int, raw: Mapping[str, Any]) -> EngineContainer:
     """One container from `podman inspect` / `docker inspect` JSON."""
@@ -355,16 +359,18 @@ class Engine:
 
     def run(
         self,
-        name: str,
+        name: str | None,
         command: Sequence[str],
         *,
         publish: Sequence[str] = (),
         extra: Sequence[str] = (),
     ) -> EngineContainer:
-        """A detached container of the busybox image running `command`."""
+        """A detached container of the busybox image running `command`
+        (named by the engine when `name` is None)."""
         self.ensure_started()
-        self.cli("run", "-d", "--name", name, *self.run_args(publish), *extra, IMAGE, *command)
-        return self.inspect(name)
+        naming = ["--name", name] if name else []
+        out = self.cli("run", "-d", *naming, *self.run_args(publish), *extra, IMAGE, *command)
+        return self.inspect(name or out.strip().splitlines()[-1])
 
     def inspect(self, name: str) -> EngineContainer:
         raw = json.loads(self.cli("inspect", "--type", "container", name))
@@ -488,14 +494,14 @@ class Podman(Engine):
 
     def run(
         self,
-        name: str,
+        name: str | None,
         command: Sequence[str],
         *,
         publish: Sequence[str] = (),
         extra: Sequence[str] = (),
     ) -> EngineContainer:
         found = super().run(name, command, publish=publish, extra=extra)
-        key = self.cli("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", name).strip()
+        key = self.cli("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", found.id).strip()
         if key:
             with self.netns_record.open("a") as f:
                 f.write(key + "\n")

@@ -516,14 +516,33 @@ class Lab:
     def cross_host_pairs(self) -> list[tuple[Container, Container]]:
         return checks.cross_host_pairs(self.containers())
 
+    def engine_checkables(self, *, egress: bool = False) -> list[Container]:
+        """The running engine containers, as containers `check` can ping
+        (entered by their network namespace's path). With `egress`, those
+        that should have a way out: not Docker's on overlayd's bridge in
+        gwbridge mode, since Docker's bridge driver adds no second interface
+        (`overlayctl docker-opts` warns of it)."""
+        gwbridge = self.settings().egress == "gwbridge"
+        found = []
+        for c in self.engine_containers():
+            if c.address is None or c.pid <= 0:
+                continue
+            on_bridge_only = c.engine == "docker" and self.docker(c.host).flavour == "docker-opts"
+            if egress and gwbridge and on_bridge_only:
+                continue
+            found.append(Container(c.netns_path, c.host, c.address, label=c.title))
+        return found
+
     def check(self, *, timeout: float = 20.0) -> list[PingResult]:
-        """Ping every container from every container on another host, retried
-        until all answer or the timeout passes."""
-        return checks.check(self.containers(), timeout=timeout)
+        """Ping every container (the lab's and the engines') from every
+        container on another host, retried until all answer or the timeout
+        passes."""
+        return checks.check(self.containers() + self.engine_checkables(), timeout=timeout)
 
     def check_egress(self) -> list[EgressResult]:
-        """Every container reaches the outside server as its host's address."""
-        return checks.check_egress(self.containers())
+        """Every container reaches the outside server as its host's address
+        (engine containers: see engine_checkables)."""
+        return checks.check_egress(self.containers() + self.engine_checkables(egress=True))
 
     # --- tearing down -----------------------------------------------------
 

@@ -41,14 +41,23 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
     return sh(["ip", "-n", ns, *args], check=check)
 
 
+def enter_argv(ns: str, *argv: str) -> list[str]:
+    """`argv` in a lab namespace by name, or in a network namespace by path
+    (a real engine's container, /proc/<pid>/ns/net: it has no name, and
+    only the network namespace is entered)."""
+    if ns.startswith("/"):
+        return ["nsenter", f"--net={ns}", *argv]
+    return netns_argv(ns, *argv)
+
+
 def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
-    return sh(netns_argv(ns, *argv), check=check, timeout=timeout)
+    return sh(enter_argv(ns, *argv), check=check, timeout=timeout)
 
 
 def module_argv(ns: str, module: str, *args: str) -> list[str]:
-    """The command line that runs one of overlayd's modules in `ns`, with the
-    interpreter (and so the venv) the caller runs under."""
-    return netns_argv(ns, sys.executable, "-m", module, *args)
+    """The command line that runs one of overlayd's modules in `ns` (see
+    enter_argv), with the interpreter (and so the venv) the caller runs under."""
+    return enter_argv(ns, sys.executable, "-m", module, *args)
 
 
 def list_namespaces() -> list[str]:
