@@ -411,6 +411,20 @@ class Podman(Engine):
 
     kind = "podman"
 
+    def __init__(
+        self,
+        host: int,
+        ns: str,
+        files: HostFiles,
+        image_tar: Path,
+        *,
+        dns: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(host, ns, files, image_tar)
+        # The network config's `dns` (CNI's DNS type), written at start:
+        # overlay-cni passes it into its result, Podman writes resolv.conf.
+        self.dns = dns
+
     @property
     def conf(self) -> Path:
         return self.dir / "containers.conf"
@@ -452,6 +466,8 @@ class Podman(Engine):
         from overlayd.lab.containers import cni_config
 
         overlay = cni_config(self.files)
+        if self.dns is not None:
+            overlay["dns"] = dict(self.dns)
         return {
             "cniVersion": overlay.pop("cniVersion"),
             "name": overlay.pop("name"),

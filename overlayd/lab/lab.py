@@ -468,9 +468,10 @@ class Lab:
         """The busybox rootfs the engines import, built once under the state root."""
         return engines.image_tarball(self.state_dir.parent)
 
-    def podman(self, host: int) -> engines.Podman:
-        """Podman on the host (configured on first use: `ensure_started`)."""
-        return engines.Podman(host, self.host_ns(host), self.files(host), self.image_tar)
+    def podman(self, host: int, *, dns: dict[str, Any] | None = None) -> engines.Podman:
+        """Podman on the host (configured on first use: `ensure_started`;
+        `dns` goes into its network config then)."""
+        return engines.Podman(host, self.host_ns(host), self.files(host), self.image_tar, dns=dns)
 
     def docker(
         self, host: int, flavour: str | None = None, *, live_restore: bool | None = None
