@@ -276,7 +276,9 @@ def _demo(lab: Lab, args: argparse.Namespace) -> int:
         print(f"lab demo: skipped, this machine lacks {', '.join(missing)}")
         return 0
     if len(lab.hosts()) < 2:
-        raise OverlaydError(f"lab demo needs 2 hosts; lab {args.name!r} has {len(lab.hosts())}")
+        # `HOSTS=1 ./bootstrap.sh lab` is fine: there is just no second host.
+        print(f"lab demo: skipped, it needs 2 hosts and lab {args.name!r} has {len(lab.hosts())}")
+        return 0
     result = cross_engine_demo(lab, timeout=args.timeout)
     for line in result.lines:
         print(line)

@@ -239,16 +239,23 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions `text` (an engine's state dir:
-    dockerd, containerd, its shims and conmon all name it)."""
+def processes_mentioning(directory: str) -> list[int]:
+    """Processes whose command line names `directory` or a path under it
+    (an engine's state dir: dockerd, containerd, its shims and conmon all
+    name it). Not a mere prefix: <host>/docker-plugins is not <host>/docker."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        if any(text in part for part in _cmdline(int(entry.name))):
+        if any(names_path_under(part, directory) for part in _cmdline(int(entry.name))):
             found.append(int(entry.name))
     return found
+
+
+def names_path_under(arg: str, directory: str) -> bool:
+    """Whether a command-line argument is `directory` or names a path under
+    it, alone or as an option's value (`--root=/d/x`, `unix:///d/sock`)."""
+    return arg.endswith(directory) or f"{directory}/" in arg
 
 
 def stop_processes(pids: Iterable[int], grace: float = 15.0) -> None:
@@ -390,7 +397,11 @@ class Engine:
         return self.cli("exec", name, *argv, check=check, timeout=timeout)
 
     def remove(self, name: str) -> None:
-        self.cli("rm", "-f", name, check=False)
+        self.cli("rm", "-f", *self.rm_flags, name, check=False)
+
+    # Podman's `rm -f` stops with SIGTERM and waits 10 s (a shell or sleep
+    # as PID 1 ignores it); Docker's kills at once.
+    rm_flags: ClassVar[tuple[str, ...]] = ()
 
     def http_get(self, name: str, url: str, *, timeout: int = 5) -> str | None:
         """The body `url` gives a client in container `name`; None if it fails.
@@ -410,6 +421,7 @@ class Podman(Engine):
     image imported (the first command is what a user waits for)."""
 
     kind = "podman"
+    rm_flags = ("--time", "0")
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from overlayd.lab.engines import (
     Podman,
     build_busybox_tarball,
     docker_opts_flags,
+    names_path_under,
     parse_inspect,
     parse_publish,
 )
@@ -96,6 +97,21 @@ def test_docker_opts_flags_come_from_the_env_line() -> None:
 )
 def test_only_overlayd_counts_as_the_daemon(argv: list[str], daemon: bool) -> None:
     assert is_daemon_cmdline(argv) is daemon
+
+
+@pytest.mark.parametrize(
+    ("arg", "under"),
+    [
+        ("/run/l/h1/docker", True),
+        ("/run/l/h1/docker/data", True),
+        ("--exec-root=/run/l/h1/docker/exec", True),
+        ("unix:///run/l/h1/docker/docker.sock", True),
+        ("/run/l/h1/docker-plugins/overlayd.sock", False),
+        ("/run/l/h11/docker/data", False),
+    ],
+)
+def test_engine_processes_are_found_by_their_state_dir_only(arg: str, under: bool) -> None:
+    assert names_path_under(arg, "/run/l/h1/docker") is under
 
 
 def fake_busybox(tmp_path: Path, applets: list[str]) -> Path:
