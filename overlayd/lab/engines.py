@@ -492,6 +492,8 @@ class Podman(Engine):
             [
                 "[containers]",
                 f"default_ulimits = {json.dumps(list(ULIMITS))}",
+                # catatonit as PID 1, for the same reason as dockerd's --init.
+                "init = true",
                 "[network]",
                 'network_backend = "cni"',
                 f"cni_plugin_dirs = {json.dumps(plugin_dirs)}",
@@ -637,6 +639,10 @@ class Docker(Engine):
             "--storage-driver",
             "vfs",
             *[part for u in ULIMITS for part in ("--default-ulimit", u)],
+            # An init (docker-init) as every container's PID 1: busybox's
+            # sh, sleep or httpd as PID 1 ignore SIGTERM, so each stop (and
+            # each dockerd restart) would wait out Docker's 10 s.
+            "--init",
             *self.bridge_flags(),
         ]
         if self.live_restore:

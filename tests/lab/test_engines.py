@@ -182,8 +182,10 @@ def test_published_ports_answer_from_outside_and_unpublished_ones_do_not(
 
 def test_dockerd_restart_brings_restart_policy_containers_back_on_the_overlay(lab: Lab) -> None:
     """Docker 20.10 without live-restore stops its containers when dockerd
-    stops; `--restart always` starts them again when it is back. With
-    live-restore, containers keep running (same process) across the restart."""
+    stops; `--restart always` starts them again when it is back, with a new
+    process and, on the default bridge, an address allocated afresh (seen:
+    .131 before, .128 after: its IPAM state is not kept). With live-restore,
+    containers keep running (same process, same address) across the restart."""
     d = docker(lab, 1)
     web = d.run("rweb", serve("rweb"), extra=["--restart", "always"])
     web2 = podman(lab, 2).run("rclient", SLEEP)
