@@ -51,7 +51,7 @@ def cross_engine_demo(
     if body is not None and PAGE in body:
         lines.append(f"h{client_host}/docker/{CLIENT} GET {url}: {body.strip()!r} ({took:.2f} s)")
         lines.append(
-            "the containers stay up: `overlayctl lab check` pings them; `lab down` ends them"
+            "they stay up: `overlayctl lab check` pings them, `overlayctl lab down` removes them"
         )
         return DemoResult(True, lines)
     lines.append(f"FAILED: h{client_host}/docker/{CLIENT} GET {url}: {body!r} after {took:.1f} s")
