@@ -540,14 +540,22 @@ class Podman(Engine):
     def teardown(self) -> None:
         if not self.dir.exists():
             return
+        record = self.netns_record
+        entries = set(record.read_text().split()) if record.exists() else set()
         if self.conf.exists():
+            # Also the entries of containers made with podman directly, not `run`.
+            ids = self.cli("ps", "-aq", "--no-trunc", check=False).split()
+            if ids:
+                keys = self.cli(
+                    "inspect", "--format", "{{.NetworkSettings.SandboxKey}}", *ids, check=False
+                )
+                entries |= set(keys.split())
             self.cli("rm", "--all", "--force", "--time", "0", check=False, timeout=120)
         sweep_runc(self.runc_root)
         stop_processes(processes_mentioning(str(self.dir)))
         unmount_under(self.dir)
-        if self.netns_record.exists():
-            remove_netns_entries(self.netns_record.read_text().split())
-            self.netns_record.unlink()
+        remove_netns_entries(entries)
+        self.netns_record.unlink(missing_ok=True)
         (self.dir / "started").unlink(missing_ok=True)
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from overlayd.lab import netns
-from overlayd.lab.engines import Docker, EngineContainer, Podman, processes_mentioning
+from overlayd.lab.engines import (
+    IMAGE,
+    Docker,
+    EngineContainer,
+    Podman,
+    processes_mentioning,
+)
 from overlayd.lab.lab import Lab, LabSettings
 from overlayd.plan.ipam import container_ranges
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
@@ -286,9 +292,18 @@ def test_teardown_leaves_no_engine_behind(lab: Lab) -> None:
     lab.add_host(host)
     p = podman(lab, host).run("gone", SLEEP)
     d = docker(lab, host).run("gone", SLEEP)
+    # One made with podman itself, not through run(): its netns goes too.
+    lab.podman(host).cli("run", "-d", "--name", "direct", IMAGE, *SLEEP)
     root = str(lab.files(host).root)
     record = lab.podman(host).netns_record.read_text().split()
-    assert record and all(os.path.exists(path) for path in record)
+    direct = (
+        lab.podman(host)
+        .cli("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", "direct")
+        .strip()
+    )
+    assert direct not in record
+    record.append(direct)
+    assert all(os.path.exists(path) for path in record)
     assert any(root in line for line in mountinfo())
     for c in (p, d):
         assert c.pid > 0 and Path(f"/proc/{c.pid}/cmdline").read_bytes()
