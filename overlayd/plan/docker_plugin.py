@@ -36,6 +36,7 @@ from overlayd.plan.ipam import container_ranges, gateway_address
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 IMPLEMENTS = ("NetworkDriver", "IpamDriver")
 ADDRESS_SPACE = "overlayd"
+ANY_POOL = "0.0.0.0/0"  # the pool shown to Docker when none is asked for (see request_pool)
 GATEWAY_REQUEST = "com.docker.network.gateway"  # RequestAddress Options[RequestAddressType]
 PORTMAP_OPTION = "com.docker.network.portmap"
 MAC_OPTION = "com.docker.network.endpoint.macaddress"
@@ -273,14 +274,14 @@ def create_network(raw: dict[str, Any], view: HostView) -> tuple[str, IPv4Networ
         subnet = IPv4Network(pool, strict=True)
     except ValueError:
         raise bad(f"pool {pool[:80]!r} is not an IPv4 network") from None
-    if subnet != view.subnet:
+    if subnet not in (view.subnet, IPv4Network(ANY_POOL)):
         raise bad(
             f"pool {subnet} is not this host's subnet {view.subnet}: use --ipam-driver overlayd"
         )
     gateway = _str(data[0], "Gateway", required=False)
     if gateway and _address(gateway, "Gateway").ip != view.gateway:
         raise bad(f"gateway {gateway} is not the overlay bridge's address {view.gateway}")
-    return network_id, subnet
+    return network_id, view.subnet
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,7 +431,15 @@ def request_pool(raw: dict[str, Any], view: HostView) -> dict[str, Any]:
     if _str(raw, "SubPool", required=False):
         raise bad("--ip-range is not supported: containers take host-local's range")
     _options(raw)
-    return {"PoolID": view.pool_id, "Pool": str(view.subnet), "Data": {}}
+    # Without --subnet, libnetwork checks the pool against the host's routes
+    # and asks again, holding the first, until one does not overlap
+    # (network.go, requestPoolHelper): the leased subnet is routed on the
+    # overlay bridge, so it would ask forever. The placeholder 0.0.0.0/0 is
+    # exempt from that check (types.IsIPNetValid), as in Calico's IPAM;
+    # addresses still carry the subnet's prefix. With --subnet equal to the
+    # host's subnet, Docker skips the check and shows the real subnet.
+    shown = str(view.subnet) if pool else ANY_POOL
+    return {"PoolID": view.pool_id, "Pool": shown, "Data": {}}
 
 
 def pool_subnet(pool_id: str, view: HostView) -> IPv4Network:

@@ -77,6 +77,7 @@ def network_request(pool: str = str(SUBNET), **extra: Any) -> dict[str, Any]:
 
 def test_create_network_takes_only_this_hosts_subnet() -> None:
     assert plan.create_network(network_request(), view()) == (NET, SUBNET)
+    assert plan.create_network(network_request("0.0.0.0/0"), view()) == (NET, SUBNET)
     assert (
         "use --ipam-driver overlayd"
         in refused(plan.create_network, network_request("172.30.0.0/16"), view()).message
@@ -204,7 +205,9 @@ def test_published_ports_become_portmap_mappings() -> None:
 
 def test_request_pool_is_always_the_hosts_subnet() -> None:
     answer = plan.request_pool({"AddressSpace": "overlayd", "Pool": "", "V6": False}, view())
-    assert answer == {"PoolID": "overlayd-10.244.3.0/24", "Pool": "10.244.3.0/24", "Data": {}}
+    # Without --subnet: the placeholder that libnetwork does not check
+    # against the host's routes (the subnet is routed on the bridge).
+    assert answer == {"PoolID": "overlayd-10.244.3.0/24", "Pool": "0.0.0.0/0", "Data": {}}
     assert plan.request_pool({"Pool": "10.244.3.0/24"}, view())["Pool"] == "10.244.3.0/24"
     assert "IPv4 only" in refused(plan.request_pool, {"V6": True}, view()).message
     assert (
