@@ -5,8 +5,10 @@
 #   ./bootstrap.sh install
 #                         install overlayd on this host for real: /opt/overlayd,
 #                         overlayd and overlayctl in /usr/local/bin, overlay-cni in
-#                         /opt/cni/bin, /etc/overlayd/overlayd.toml, the systemd unit
-#                         (enabled and started when systemd runs)
+#                         /opt/cni/bin, /etc/overlayd/overlayd.toml, the CNI network
+#                         "overlay" (overlay-cni, then portmap for published ports) in
+#                         /etc/cni/net.d/10-overlay.conflist for Podman and other CNI
+#                         runtimes, the systemd unit (enabled and started when systemd runs)
 #   ./bootstrap.sh install-etcd IP [CLIENT...]
 #                         a single-member etcd on https://IP:2379 (and 127.0.0.1)
 #                         that wants a client certificate from everyone: a CA, etcd's
@@ -39,7 +41,14 @@ install_system_packages() {
         ethtool mosquitto vagrant systemd-analyze modprobe; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
-    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(cni-plugins)
+    # The container engines the lab and the tests run inside lab hosts, and
+    # the statically linked busybox their images are built from.
+    for cmd in podman runc conmon dockerd containerd; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
+    done
+    dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/portmap ] ||
+        missing+=(cni-plugins)
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     if [ ${#missing[@]} -eq 0 ]; then
         return
@@ -50,7 +59,8 @@ install_system_packages() {
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-pip etcd-server etcd-client iproute2 \
         iputils-ping tcpdump nftables iptables procps iperf3 sockperf ethtool \
-        mosquitto containernetworking-plugins vagrant systemd kmod >/dev/null
+        mosquitto containernetworking-plugins vagrant systemd kmod \
+        podman runc conmon docker.io containerd busybox-static >/dev/null
 }
 
 load_bridge_netfilter() {
@@ -85,8 +95,12 @@ install_host() {
     install_overlayd_package
     ln -sf /opt/overlayd/bin/overlayd /usr/local/bin/overlayd
     ln -sf /opt/overlayd/bin/overlayctl /usr/local/bin/overlayctl
-    install -d /opt/cni/bin /etc/overlayd
+    install -d /opt/cni/bin /etc/overlayd /etc/cni/net.d
     ln -sf /opt/overlayd/bin/overlay-cni /opt/cni/bin/overlay-cni
+    if [ ! -f /etc/cni/net.d/10-overlay.conflist ]; then
+        install -m 0644 "$here/config/overlay.conflist" /etc/cni/net.d/10-overlay.conflist
+        say "wrote /etc/cni/net.d/10-overlay.conflist (podman run --network overlay ...)"
+    fi
     if [ ! -f /etc/overlayd/overlayd.toml ]; then
         /opt/overlayd/bin/python - "$here/config/overlayd.toml" /etc/overlayd/overlayd.toml <<'PY'
 import json, os, re, sys

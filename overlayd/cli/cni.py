@@ -16,10 +16,21 @@ work; this program only decides what to ask them for, merges their results,
 and remembers what it asked so that DEL and CHECK hit the same delegates
 even if the subnet file changed since.
 
+Addresses on the overlay come from the lower half of the host's subnet
+(plan/ipam.container_ranges): the upper half is Docker's `--fixed-cidr`
+(`overlayctl docker-opts`), so that Docker's own IPAM and host-local never
+hand out the same address on one host. overlayd's Docker plugin allocates
+from this plugin's host-local store, so it shares the lower half safely.
+
 Network config keys (besides cniVersion, name, type):
     subnetFile    default /run/flannel/subnet.env
     dataDir       default /var/lib/cni/overlay (delegate records, host-local state)
     egressIfName  default eth1 (the second interface in gwbridge mode)
+    wholeSubnet   default false; true gives host-local the whole subnet, for
+                  a host where Docker's own IPAM (docker-opts) never runs
+    dns           passed into the result as it is (CNI's DNS type:
+                  nameservers, domain, search, options); runtimes such as
+                  Podman write the container's resolv.conf from it
 """
 
 from __future__ import annotations
@@ -29,11 +40,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, ip_address
 from pathlib import Path
 from typing import Any
 
 from overlayd.nsexec import call_plugin
+from overlayd.plan.ipam import container_ranges
 from overlayd.surfaces.subnetfile import read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
@@ -117,8 +129,27 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
     two_interfaces = egress == "gwbridge" and "OVERLAYD_GWBRIDGE" in found
     overlay_route = found.get("FLANNEL_NETWORK") if two_interfaces else "0.0.0.0/0"
 
+    whole_subnet = conf.get("wholeSubnet", False)
+    if not isinstance(whole_subnet, bool):
+        raise CniError(ERR_CONFIG, f"wholeSubnet must be true or false, not {whole_subnet!r}")
+    overlay_range: dict[str, str] = {"subnet": str(gateway.network), "gateway": str(gateway.ip)}
+    if not whole_subnet:
+        try:
+            shared = container_ranges(gateway.network)
+        except ValueError as exc:
+            raise CniError(ERR_CONFIG, f"{exc}; set wholeSubnet to true") from exc
+        overlay_range |= {
+            "rangeStart": str(shared.host_local_start),
+            "rangeEnd": str(shared.host_local_end),
+        }
+
     def bridge_conf(
-        net_name: str, bridge: str, subnet: IPv4Interface, route: str, mtu: int | None
+        net_name: str,
+        bridge: str,
+        subnet: IPv4Interface,
+        route: str,
+        mtu: int | None,
+        address_range: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         delegate: dict[str, Any] = {
             "cniVersion": version,
@@ -132,7 +163,9 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
             "ipam": {
                 "type": "host-local",
                 "dataDir": str(data_dir / "ipam"),
-                "ranges": [[{"subnet": str(subnet.network), "gateway": str(subnet.ip)}]],
+                "ranges": [
+                    [address_range or {"subnet": str(subnet.network), "gateway": str(subnet.ip)}]
+                ],
                 # The gateway spelled out: the bridge plugin's CHECK compares
                 # routes with the result, and the kernel's route has one.
                 "routes": [{"dst": route, "gw": str(subnet.ip)}],
@@ -143,7 +176,9 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         return delegate
 
     bridge = found.get("OVERLAYD_BRIDGE", "ovl0")
-    delegates = [(ifname, bridge_conf(name, bridge, gateway, str(overlay_route), mtu))]
+    delegates = [
+        (ifname, bridge_conf(name, bridge, gateway, str(overlay_route), mtu, overlay_range))
+    ]
     if two_interfaces:
         egress_if = str(conf.get("egressIfName", "eth1"))
         if egress_if == ifname:
@@ -180,7 +215,35 @@ def run_delegate(
     return parsed
 
 
-def merge_results(version: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+DNS_LIST_KEYS = ("nameservers", "search", "options")
+
+
+def dns_settings(conf: dict[str, Any]) -> dict[str, Any]:
+    """The network config's `dns`, checked: it goes into the result as it is,
+    and a runtime writes it into the container's resolv.conf."""
+    dns = conf.get("dns", {})
+    if not isinstance(dns, dict):
+        raise CniError(ERR_CONFIG, "dns must be an object (nameservers, domain, search, options)")
+    for key, value in dns.items():
+        if key in DNS_LIST_KEYS:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CniError(ERR_CONFIG, f"dns.{key} must be a list of strings")
+        elif key == "domain":
+            if not isinstance(value, str):
+                raise CniError(ERR_CONFIG, "dns.domain must be a string")
+        else:
+            raise CniError(ERR_CONFIG, f"dns.{key} is not a CNI DNS setting")
+    for server in dns.get("nameservers", []):
+        try:
+            ip_address(server)
+        except ValueError as exc:
+            raise CniError(ERR_CONFIG, f"dns.nameservers: {server!r} is not an address") from exc
+    return dict(dns)
+
+
+def merge_results(
+    version: str, results: list[dict[str, Any]], dns: dict[str, Any] | None = None
+) -> dict[str, Any]:
     merged: dict[str, Any] = {"cniVersion": version, "interfaces": [], "ips": [], "routes": []}
     for result in results:
         offset = len(merged["interfaces"])
@@ -191,7 +254,7 @@ def merge_results(version: str, results: list[dict[str, Any]]) -> dict[str, Any]
                 ip["interface"] += offset
             merged["ips"].append(ip)
         merged["routes"].extend(result.get("routes", []))
-    merged["dns"] = {}
+    merged["dns"] = dns or {}
     return merged
 
 
@@ -201,6 +264,7 @@ def _record_path(conf: dict[str, Any], inv: Invocation) -> Path:
 
 
 def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+    dns = dns_settings(conf)  # checked before anything is made
     done: list[tuple[str, dict[str, Any]]] = []
     results = []
     try:
@@ -220,7 +284,7 @@ def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
             [{"ifname": i, "conf": d, "result": r} for (i, d), r in zip(done, results, strict=True)]
         )
     )
-    return merge_results(conf.get("cniVersion", "1.0.0"), results)
+    return merge_results(conf.get("cniVersion", "1.0.0"), results, dns)
 
 
 def delete(conf: dict[str, Any], inv: Invocation) -> None:

@@ -16,7 +16,8 @@ Modes (the `egress` setting):
 
 In every mode the overlay is never NATed: the masquerade rules only match
 traffic whose destination lies outside the cluster network, and nobody
-outside the cluster network may open connections to containers.
+outside the cluster network may open connections to containers, except
+through a port the host publishes (a DNAT by portmap or Docker's -p).
 
 Packet paths (gwbridge mode, host A at 192.0.2.11):
 
@@ -105,6 +106,11 @@ def _forward_chain(spec: EgressSpec) -> list[str]:
     net = spec.cluster
     rules = [
         "type filter hook forward priority filter; policy accept;",
+        # A port published on purpose (portmap for CNI runtimes, Docker's -p)
+        # is a DNAT the host's own rules made; its connections are the only
+        # ones from outside that reach a container, so they pass before the
+        # isolation rules below, which would otherwise drop them.
+        'ct status dnat accept comment "published ports"',
     ]
     if spec.mode == "gwbridge":
         gw = spec.gwbridge

@@ -3,10 +3,12 @@ the Vagrantfile, checked by the tools that will read them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,50 @@ def test_the_vagrantfile_provisions_with_the_readme_install_script() -> None:
     assert "overlayctl check --expect-hosts" in text
     readme = (ROOT / "README.md").read_text()
     assert "./bootstrap.sh install" in readme
+
+
+CONFLIST = ROOT / "config" / "overlay.conflist"
+
+
+def test_the_installed_conflist_chains_portmap_after_overlay_cni_with_the_defaults() -> None:
+    from overlayd.cli.cni import DEFAULT_DATA_DIR
+    from overlayd.config import DEFAULT_SUBNET_FILE
+
+    conflist = json.loads(CONFLIST.read_text())
+    overlay, portmap = conflist["plugins"]
+    assert overlay["type"] == "overlay-cni" and portmap["type"] == "portmap"
+    assert overlay["subnetFile"] == str(DEFAULT_SUBNET_FILE)
+    assert overlay["dataDir"] == DEFAULT_DATA_DIR
+    assert portmap["capabilities"] == {"portMappings": True}
+    assert "bootstrap.sh install" in (ROOT / "README.md").read_text()
+    assert "10-overlay.conflist" in (ROOT / "bootstrap.sh").read_text()
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman")
+def test_podman_reads_the_installed_conflist_as_the_overlay_network(tmp_path: Path) -> None:
+    net_dir = tmp_path / "net.d"
+    net_dir.mkdir()
+    shutil.copy(CONFLIST, net_dir / "10-overlay.conflist")
+    # Where `bootstrap.sh install` puts overlay-cni (/opt/cni/bin), this
+    # checkout has its own: podman checks that every plugin exists.
+    containers_conf = tmp_path / "containers.conf"
+    plugin_dirs = [str(Path(sys.executable).parent), "/usr/lib/cni"]
+    containers_conf.write_text(f"[network]\ncni_plugin_dirs = {json.dumps(plugin_dirs)}\n")
+    # podman refuses a runroot longer than 50 characters, and tmp_path's are.
+    runroot = Path(tempfile.mkdtemp(prefix="ovl-rr-"))
+    try:
+        # In a network namespace of its own: podman touches no network to
+        # read a config, and this keeps it that way.
+        proc = subprocess.run(
+            ["unshare", "--net", "podman", "--root", str(tmp_path / "root"),
+             "--runroot", str(runroot), "--network-config-dir", str(net_dir),
+             "--network-backend", "cni", "network", "inspect", "overlay"],
+            capture_output=True, text=True, check=False, timeout=60,
+            env={**os.environ, "CONTAINERS_CONF": str(containers_conf)},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    (network,) = json.loads(proc.stdout)
+    assert network["name"] == "overlay"
+    assert network["driver"] == "overlay-cni"

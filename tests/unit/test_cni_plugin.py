@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from overlayd.cli.cni import CniError, delegate_configs, merge_results
+from overlayd.cli.cni import CniError, delegate_configs, dns_settings, merge_results
 
 MASQUERADE = (
     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n"
@@ -42,8 +42,53 @@ def test_masquerade_mode_asks_for_one_interface_with_the_default_route(tmp_path:
     bridge = delegates[0][1]
     assert bridge["type"] == "bridge" and bridge["bridge"] == "ovl0" and bridge["mtu"] == 1450
     assert bridge["isGateway"] is False and bridge["ipMasq"] is False
-    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24", "gateway": "10.244.7.1"}]]
     assert bridge["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.244.7.1"}]
+
+
+def test_host_local_takes_the_lower_half_and_leaves_the_upper_half_to_docker(
+    tmp_path: Path,
+) -> None:
+    (_, bridge), *_ = delegate_configs(conf(tmp_path, MASQUERADE), "eth0")
+    assert bridge["ipam"]["ranges"] == [
+        [
+            {
+                "subnet": "10.244.7.0/24",  # the container's prefix: one link for both engines
+                "gateway": "10.244.7.1",
+                "rangeStart": "10.244.7.2",
+                "rangeEnd": "10.244.7.127",
+            }
+        ]
+    ]
+    whole = {**conf(tmp_path, MASQUERADE), "wholeSubnet": True}
+    (_, bridge), *_ = delegate_configs(whole, "eth0")
+    assert bridge["ipam"]["ranges"] == [[{"subnet": "10.244.7.0/24", "gateway": "10.244.7.1"}]]
+    with pytest.raises(CniError, match="wholeSubnet"):
+        delegate_configs({**whole, "wholeSubnet": "yes"}, "eth0")
+
+
+def test_a_subnet_too_small_to_share_asks_for_whole_subnet(tmp_path: Path) -> None:
+    small = MASQUERADE.replace("10.244.7.1/24", "10.244.7.1/29")
+    with pytest.raises(CniError, match="wholeSubnet"):
+        delegate_configs(conf(tmp_path, small), "eth0")
+    whole = {**conf(tmp_path, small), "wholeSubnet": True}
+    assert delegate_configs(whole, "eth0")
+
+
+def test_dns_from_the_network_config_goes_into_the_result_and_bad_dns_is_named() -> None:
+    dns = {"nameservers": ["203.0.113.53"], "search": ["lab.example"], "domain": "lab.example"}
+    assert dns_settings({"dns": dns}) == dns
+    assert merge_results("1.0.0", [], dns_settings({"dns": dns}))["dns"] == dns
+    assert merge_results("1.0.0", [], dns_settings({}))["dns"] == {}
+    for bad, field in (
+        ({"nameservers": "203.0.113.53"}, "dns.nameservers"),
+        ({"nameservers": ["not-an-address"]}, "dns.nameservers"),
+        ({"domain": 5}, "dns.domain"),
+        ({"servers": []}, "dns.servers"),
+        ([], "dns must be an object"),
+    ):
+        with pytest.raises(CniError, match=field) as error:
+            dns_settings({"dns": bad})
+        assert error.value.code == 4
 
 
 def test_gwbridge_mode_asks_for_a_second_interface_with_the_default_route(

@@ -128,7 +128,7 @@ def test_docker_opts_put_docker_on_the_bridge_subnet_and_mtu(
     out = tmp_path / "docker_opts.env"
     assert ctl.main(["docker-opts", "--subnet-file", str(env), "--out", str(out)]) == 0
     assert (
-        'DOCKER_OPTS="--bridge=ovl0 --fixed-cidr=10.244.7.0/24 --mtu=1450 --ip-masq=false"'
+        'DOCKER_OPTS="--bridge=ovl0 --fixed-cidr=10.244.7.128/25 --mtu=1450 --ip-masq=false"'
         in out.read_text()
     )
     capsys.readouterr()
@@ -137,7 +137,7 @@ def test_docker_opts_put_docker_on_the_bridge_subnet_and_mtu(
     daemon_json = json.loads(capsys.readouterr().out)
     assert daemon_json == {
         "bridge": "ovl0",
-        "fixed-cidr": "10.244.7.0/24",
+        "fixed-cidr": "10.244.7.128/25",  # the upper half: host-local has the lower
         "mtu": 1450,
         "ip-masq": False,
     }
