@@ -235,6 +235,25 @@ def parser() -> argparse.ArgumentParser:
         " of the other host (p50, p99), and its frames dropped afterwards (own lab)",
     )
     allowlist.add_argument("--runs", type=int, default=20)
+    run = lab_sub.add_parser(
+        "run",
+        help="start a real container (Podman or Docker) on a lab host, e.g."
+        " `lab run h2 -p 8080:80 -- httpd -f -p 80 -h /www`",
+    )
+    # --name is the container's here (as with `podman run`); --lab names the lab.
+    run.add_argument("--lab", dest="name", default="lab", help="lab name")
+    run.add_argument("host", help="h1, h2, ...")
+    labctl.add_run_options(run)
+    # REMAINDER: the container's command keeps its own options; options of
+    # ours that follow the host are picked out of it by labctl (up to `--`).
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- and the container's command")
+    demo = lab_sub.add_parser(
+        "demo",
+        parents=[common],
+        help="a web server in a Podman container on h2 answers a client in a Docker"
+        " container on h1 (needs podman, docker.io, runc)",
+    )
+    demo.add_argument("--timeout", type=float, default=30.0)
     lab_sub.add_parser("down", parents=[common], help="remove everything the lab made")
     lab.set_defaults(func=labctl.cmd_lab)
     return p

@@ -1,5 +1,5 @@
 """`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
-`status`, `ctl`, `down`) and the figure commands (`timing`, `faults`,
+`status`, `ctl`, `run`, `demo`, `down`) and the figure commands (`timing`, `faults`,
 `bench`, `tune`, `cpbench`, `allowlist`).
 
 overlayd.lab is imported inside the commands only, never at module level,
@@ -55,9 +55,9 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
                     "reachable": reachable,
                     "pings": [
                         {
-                            "src": r.src.ns,
+                            "src": r.src.title,
                             "src_ip": str(r.src.address),
-                            "dst": r.dst.ns,
+                            "dst": r.dst.title,
                             "dst_ip": str(r.dst.address),
                             "ok": r.ok,
                             "rtt_ms": r.rtt_ms,
@@ -66,7 +66,7 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
                     ],
                     "egress": [
                         {
-                            "container": e.container.ns,
+                            "container": e.container.title,
                             "seen_as": e.seen_as,
                             "expected": str(e.expected),
                         }
@@ -90,7 +90,9 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
         )
     for r in pings:
         if not r.ok:
-            print(f"  UNREACHABLE {r.src.ns} ({r.src.address}) -> {r.dst.ns} ({r.dst.address})")
+            print(
+                f"  UNREACHABLE {r.src.title} ({r.src.address}) -> {r.dst.title} ({r.dst.address})"
+            )
     if egress_mode == "none":
         print("  egress: off (egress = none)")
     else:
@@ -101,7 +103,7 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
         for e in egress:
             if e.seen_as != str(e.expected):
                 seen = e.seen_as or "unreachable"
-                print(f"  EGRESS {e.container.ns}: seen as {seen}, expected {e.expected}")
+                print(f"  EGRESS {e.container.title}: seen as {seen}, expected {e.expected}")
     return 0 if healthy else 1
 
 
@@ -204,6 +206,83 @@ def _ctl(lab: Lab, args: argparse.Namespace) -> int:
     return subprocess.run(argv, env=env, check=False).returncode
 
 
+def _engines_missing() -> list[str]:
+    """The engine programs this machine lacks (the lab runs them for real)."""
+    import shutil
+
+    from overlayd.lab.engines import DOCKER
+
+    wanted = ["podman", "dockerd", DOCKER, "runc", "nsenter", "unshare"]
+    return [name for name in wanted if shutil.which(name) is None]
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`lab run`'s options (also parsed again from what follows the host)."""
+    parser.add_argument("--name", dest="container", help="container name (default: the engine's)")
+    parser.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="HOSTPORT:PORT",
+        help="publish a container port on the host's underlay address (TCP)",
+    )
+    parser.add_argument("--engine", choices=["podman", "docker"], default="podman")
+
+
+def split_run_command(
+    args: argparse.Namespace, rest: list[str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """`lab run HOST [options] -- CMD...`: argparse's REMAINDER takes
+    everything after the host, so options given there (before `--`) are
+    parsed here, on top of those given before the host."""
+    if "--" not in rest:
+        return args, rest
+    cut = rest.index("--")
+    parser = argparse.ArgumentParser(prog="overlayctl lab run", add_help=False)
+    add_run_options(parser)
+    # Parsed onto a copy of what came before the host: -p adds to its list.
+    before = argparse.Namespace(**{**vars(args), "publish": list(args.publish)})
+    return parser.parse_args(rest[:cut], namespace=before), rest[cut + 1 :]
+
+
+def _run(lab: Lab, args: argparse.Namespace) -> int:
+    """A real container (Podman or Docker) on a lab host, its engine started
+    on first use and kept; prints its name and overlay address."""
+    host = lab.host_named(args.host)
+    args, command = split_run_command(args, args.command)
+    if not command:
+        raise OverlaydError("lab run: give the container's command after --, e.g. -- sleep 1d")
+    missing = _engines_missing()
+    if missing:
+        raise OverlaydError(f"lab run: this machine lacks {', '.join(missing)}")
+    engine = lab.engine(host, args.engine)
+    started = engine.ensure_started()
+    if started:
+        print(f"{args.engine} on h{host} started in {started:.1f} s", file=sys.stderr)
+    c = engine.run(args.container, command, publish=args.publish)
+    published = "".join(f"  -p {lab.host_address(host)}:{spec}" for spec in args.publish)
+    print(f"{c.name}  h{host}  {c.engine}  {c.address}{published}")
+    return 0
+
+
+def _demo(lab: Lab, args: argparse.Namespace) -> int:
+    """A web server in a Podman container on h2 answers a client in a
+    Docker container (on overlayd's bridge, `docker-opts`) on h1."""
+    from overlayd.lab.demo import cross_engine_demo
+
+    missing = _engines_missing()
+    if missing:
+        print(f"lab demo: skipped, this machine lacks {', '.join(missing)}")
+        return 0
+    if len(lab.hosts()) < 2:
+        raise OverlaydError(f"lab demo needs 2 hosts; lab {args.name!r} has {len(lab.hosts())}")
+    result = cross_engine_demo(lab, timeout=args.timeout)
+    for line in result.lines:
+        print(line)
+    return 0 if result.ok else 1
+
+
 def _down(lab: Lab, args: argparse.Namespace) -> int:
     removed = lab.down()
     print(f"lab {args.name!r} down: removed {len(removed)} namespaces")
@@ -291,6 +370,8 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "add-host": _add_host,
     "status": _status,
     "ctl": _ctl,
+    "run": _run,
+    "demo": _demo,
     "down": _down,
     "timing": _timing,
     "faults": _faults,

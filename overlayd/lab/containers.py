@@ -23,9 +23,17 @@ CNI_PLUGIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 
 @dataclass(frozen=True, slots=True)
 class Container:
+    """A container the lab checks: `ns` is a lab namespace's name, or the
+    path of a real engine's container's network namespace."""
+
     ns: str
     host: int
     address: IPv4Address
+    label: str = ""  # what reports call it; the namespace name when empty
+
+    @property
+    def title(self) -> str:
+        return self.label or self.ns
 
 
 def cni_config(files: HostFiles) -> dict[str, Any]:

@@ -139,10 +139,35 @@ def start_daemon(
     return proc
 
 
+DAEMON_MODULE = "overlayd.cli.daemon"
+
+
+def is_daemon_cmdline(argv: Sequence[str]) -> bool:
+    """Whether a process's command line is an overlayd daemon: the module
+    run by an interpreter (as the lab starts it) or the `overlayd` script."""
+    if DAEMON_MODULE in argv:
+        return True
+    return any(Path(part).name == "overlayd" for part in argv[:2])
+
+
+def daemon_pids(ns: str) -> list[int]:
+    """overlayd's processes in the host's namespace, and nothing else that
+    runs there (container engines: dockerd, containerd, conmon)."""
+    found = []
+    for pid in netns.pids_in(ns):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if is_daemon_cmdline([p.decode(errors="replace") for p in raw.split(b"\0") if p]):
+            found.append(pid)
+    return found
+
+
 def stop_daemon(ns: str, sig: signal.Signals = signal.SIGTERM) -> None:
-    """Stop the host's daemon (and whatever else runs in the host's
-    namespace); its kernel state stays."""
-    netns.kill_namespace_processes(ns, sig=sig)
+    """Stop the host's daemon, only it: engines running in the host's
+    namespace stay, and so does the kernel state."""
+    netns.kill_processes(lambda: daemon_pids(ns), sig=sig)
 
 
 def ready_count(files: HostFiles) -> int:

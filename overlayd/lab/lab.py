@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from overlayd.config import parse_network_config, render_network_config
-from overlayd.lab import checks, containers, hosts, netns, security, topology
+from overlayd.lab import checks, containers, engines, hosts, netns, security, topology
 from overlayd.lab.checks import EgressResult, PingResult
 from overlayd.lab.containers import Container
 from overlayd.lab.etcd import Member, start_member, wait_healthy
@@ -367,8 +367,8 @@ class Lab:
         return proc
 
     def stop_daemon(self, host: int, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the host's daemon (and whatever else runs in the host's
-        namespace); its kernel state stays."""
+        """Stop the host's daemon, only it (container engines in the host's
+        namespace go on); its kernel state stays."""
         hosts.stop_daemon(self.host_ns(host), sig)
 
     def restart_daemon(self, host: int, sig: signal.Signals = signal.SIGTERM) -> None:
@@ -380,6 +380,7 @@ class Lab:
 
     def remove_host(self, host: int) -> None:
         """The host and its containers are gone, as if powered off."""
+        self.teardown_engines(host)
         for ns in self.namespaces():
             if ns == self.host_ns(host) or ns.startswith(f"{self.host_ns(host)}c"):
                 netns.delete_namespace(ns)
@@ -398,7 +399,7 @@ class Lab:
             # Right after start, `ip netns exec` may not have entered the
             # namespace yet, so our own child is asked first.
             return proc.poll() is None
-        return bool(netns.pids_in(self.host_ns(host)))
+        return bool(hosts.daemon_pids(self.host_ns(host)))
 
     def wait_ready(self, host: int, timeout: float = netns.LAB_WAIT_SECONDS) -> IPv4Network:
         return hosts.wait_ready(host, self.files(host), lambda: self.daemon_running(host), timeout)
@@ -460,25 +461,100 @@ class Lab:
             mtu=mtu,
         )
 
+    # --- container engines ---------------------------------------------------
+
+    @property
+    def image_tar(self) -> Path:
+        """The busybox rootfs the engines import, built once under the state root."""
+        return engines.image_tarball(self.state_dir.parent)
+
+    def podman(self, host: int, *, dns: dict[str, Any] | None = None) -> engines.Podman:
+        """Podman on the host (configured on first use: `ensure_started`;
+        `dns` goes into its network config then)."""
+        return engines.Podman(host, self.host_ns(host), self.files(host), self.image_tar, dns=dns)
+
+    def docker(
+        self, host: int, flavour: str | None = None, *, live_restore: bool | None = None
+    ) -> engines.Docker:
+        """dockerd on the host, `docker-opts` (default) or `plain` (not
+        started: `ensure_started`); a started one keeps the flavour it has."""
+        return engines.Docker(
+            host,
+            self.host_ns(host),
+            self.files(host),
+            self.image_tar,
+            flavour,
+            live_restore=live_restore,
+        )
+
+    def engine(self, host: int, kind: str) -> engines.Engine:
+        return self.podman(host) if kind == "podman" else self.docker(host)
+
+    def engine_containers(self) -> list[engines.EngineContainer]:
+        """Every running engine container on every host of the lab."""
+        found: list[engines.EngineContainer] = []
+        for host in self.hosts():
+            for e in engines.present(host, self.host_ns(host), self.files(host), Path()):
+                found += e.containers()
+        return sorted(found, key=lambda c: (c.host, c.engine, c.name))
+
+    def teardown_engines(self, host: int) -> None:
+        """The host's engines stopped, their containers, mounts and
+        /run/netns entries gone (works from their state on disk)."""
+        engines.teardown_host(host, self.host_ns(host), self.files(host), Path())
+
+    def _hosts_with_state(self) -> list[int]:
+        if not self.state_dir.is_dir():
+            return []
+        return sorted(
+            int(d.name[1:])
+            for d in self.state_dir.iterdir()
+            if d.is_dir() and d.name[:1] == "h" and d.name[1:].isdigit()
+        )
+
     # --- checking ---------------------------------------------------------
 
     def cross_host_pairs(self) -> list[tuple[Container, Container]]:
         return checks.cross_host_pairs(self.containers())
 
+    def engine_checkables(self, *, egress: bool = False) -> list[Container]:
+        """The running engine containers, as containers `check` can ping
+        (entered by their network namespace's path). With `egress`, those
+        that should have a way out: not Docker's on overlayd's bridge in
+        gwbridge mode, since Docker's bridge driver adds no second interface
+        (`overlayctl docker-opts` warns of it)."""
+        gwbridge = self.settings().egress == "gwbridge"
+        found = []
+        for c in self.engine_containers():
+            if c.address is None or c.pid <= 0:
+                continue
+            on_bridge_only = c.engine == "docker" and self.docker(c.host).flavour == "docker-opts"
+            if egress and gwbridge and on_bridge_only:
+                continue
+            found.append(Container(c.netns_path, c.host, c.address, label=c.title))
+        return found
+
     def check(self, *, timeout: float = 20.0) -> list[PingResult]:
-        """Ping every container from every container on another host, retried
-        until all answer or the timeout passes."""
-        return checks.check(self.containers(), timeout=timeout)
+        """Ping every container (the lab's and the engines') from every
+        container on another host, retried until all answer or the timeout
+        passes."""
+        return checks.check(self.containers() + self.engine_checkables(), timeout=timeout)
 
     def check_egress(self) -> list[EgressResult]:
-        """Every container reaches the outside server as its host's address."""
-        return checks.check_egress(self.containers())
+        """Every container reaches the outside server as its host's address
+        (engine containers: see engine_checkables)."""
+        return checks.check_egress(self.containers() + self.engine_checkables(egress=True))
 
     # --- tearing down -----------------------------------------------------
 
     def down(self) -> list[str]:
         """Remove every namespace of this lab and everything running in it."""
         removed = []
+        # Engines first, while their hosts' namespaces are there: their
+        # containers live in namespaces of their own, which deleting the
+        # host's would not reach.
+        for host in self._hosts_with_state():
+            self.teardown_engines(host)
         # Containers and hosts first, the underlay switch last.
         for ns in sorted(self.namespaces(), key=lambda n: (n == self.switch_ns, n)):
             netns.delete_namespace(ns)

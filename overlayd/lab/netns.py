@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from overlayd.nsexec import netns_argv
 
@@ -41,14 +41,23 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
     return sh(["ip", "-n", ns, *args], check=check)
 
 
+def enter_argv(ns: str, *argv: str) -> list[str]:
+    """`argv` in a lab namespace by name, or in a network namespace by path
+    (a real engine's container, /proc/<pid>/ns/net: it has no name, and
+    only the network namespace is entered)."""
+    if ns.startswith("/"):
+        return ["nsenter", f"--net={ns}", *argv]
+    return netns_argv(ns, *argv)
+
+
 def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
-    return sh(netns_argv(ns, *argv), check=check, timeout=timeout)
+    return sh(enter_argv(ns, *argv), check=check, timeout=timeout)
 
 
 def module_argv(ns: str, module: str, *args: str) -> list[str]:
-    """The command line that runs one of overlayd's modules in `ns`, with the
-    interpreter (and so the venv) the caller runs under."""
-    return netns_argv(ns, sys.executable, "-m", module, *args)
+    """The command line that runs one of overlayd's modules in `ns` (see
+    enter_argv), with the interpreter (and so the venv) the caller runs under."""
+    return enter_argv(ns, sys.executable, "-m", module, *args)
 
 
 def list_namespaces() -> list[str]:
@@ -89,14 +98,22 @@ def kill_namespace_processes(
 ) -> None:
     """Signal everything running in the namespace (SIGTERM by default) and
     wait for it to go; SIGKILL what is still there after the grace time."""
-    pids = pids_in(ns)
+    kill_processes(lambda: pids_in(ns), sig=sig, grace=grace)
+
+
+def kill_processes(
+    find: Callable[[], list[int]], *, sig: signal.Signals = signal.SIGTERM, grace: float = 10.0
+) -> None:
+    """Signal the processes `find` lists and wait until it lists none;
+    SIGKILL what is still there after the grace time."""
+    pids = find()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = pids_in(ns)
+        pids = find()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,309 @@
+"""Real container engines on overlayd, in the lab: Podman (CNI: overlay-cni
+then portmap) and dockerd with the `docker-opts` flags, in lab hosts, with
+a busybox image built from busybox-static.
+
+One lab for the module (gwbridge egress), one engine of each kind per host,
+started once; a second lab in masquerade mode only for the published-port
+test of that mode. Containers are named per test, so tests do not depend on
+each other's containers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from overlayd.lab import netns
+from overlayd.lab.engines import Docker, EngineContainer, Podman, processes_mentioning
+from overlayd.lab.lab import Lab, LabSettings
+from overlayd.plan.ipam import container_ranges
+from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
+from tests.lab.fakes import lab_network
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+# The conflist's `dns`, which overlay-cni passes into its result.
+LAB_DNS = {"nameservers": ["192.0.2.53"], "search": ["engines.test"], "options": ["ndots:2"]}
+
+
+def serve(page: str, *, also_on: int | None = None) -> list[str]:
+    """busybox httpd on port 80 serving `page` (and on `also_on` too)."""
+    second = f"httpd -p {also_on} -h /www && " if also_on else ""
+    return ["sh", "-c", f"echo {page} > /www/index.html && {second}exec httpd -f -p 80 -h /www"]
+
+
+SLEEP = ["sleep", "1000000"]
+
+
+def make_lab(name: str, egress: str) -> Lab:
+    lab = Lab(name)
+    try:
+        lab.up(
+            2,
+            config=lab_network(),
+            settings=LabSettings(egress=egress, containers_per_host=0, resync_seconds=1.0),
+        )
+    except BaseException:
+        lab.down()
+        raise
+    return lab
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = make_lab(f"{SESSION_TAG}e", "gwbridge")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def masquerade_lab() -> Iterator[Lab]:
+    lab = make_lab(f"{SESSION_TAG}m", "masquerade")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def podman(lab: Lab, host: int) -> Podman:
+    found = lab.podman(host, dns=LAB_DNS)
+    found.ensure_started()
+    return found
+
+
+def docker(lab: Lab, host: int) -> Docker:
+    found = lab.docker(host, "docker-opts")
+    found.ensure_started()
+    return found
+
+
+def fetch(client: Podman | Docker, name: str, server: EngineContainer) -> str | None:
+    """The page `server` serves, fetched from container `name`, retried:
+    the first packets of a new container may wait for ARP and the bridge."""
+    body: str | None = None
+
+    def answered() -> bool:
+        nonlocal body
+        body = client.http_get(name, f"http://{server.address}/", timeout=3)
+        return body is not None
+
+    wait_until(answered, timeout=CONVERGE, step=0.2)
+    return body
+
+
+def outside_get(lab: Lab, host: int, port: int, *, timeout: float = 3) -> str | None:
+    """A connection from the lab's outside host to the host's underlay
+    address: the page, or None if it was refused or timed out."""
+    out = subprocess.run(
+        netns.enter_argv(
+            lab.outside_ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            f"{timeout:g}",
+            f"http://{lab.host_address(host)}:{port}/",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_cross_host_http_from_docker_and_podman_to_podman(lab: Lab) -> None:
+    web = podman(lab, 2).run("xweb", serve("xweb"))
+    docker(lab, 1).run("xdocker", SLEEP)
+    podman(lab, 1).run("xpodman", SLEEP)
+    assert web.address in lab.subnet(2)
+    assert fetch(lab.docker(1), "xdocker", web) == "xweb\n"
+    assert fetch(lab.podman(1), "xpodman", web) == "xweb\n"
+    # Podman <-> Podman, the other way round.
+    back = podman(lab, 1).run("xweb1", serve("xweb1"))
+    podman(lab, 2).run("xpodman2", SLEEP)
+    assert fetch(lab.podman(2), "xpodman2", back) == "xweb1\n"
+
+
+def test_docker_and_podman_on_one_host_take_their_own_halves(lab: Lab) -> None:
+    p = podman(lab, 1).run("sp", serve("sp"))
+    d = docker(lab, 1).run("sd", serve("sd"))
+    ranges = container_ranges(lab.subnet(1))
+    assert p.address is not None and d.address is not None
+    assert p.address != d.address
+    assert ranges.host_local_start <= p.address <= ranges.host_local_end
+    assert d.address in ranges.docker_fixed_cidr
+    assert fetch(lab.podman(1), "sp", d) == "sd\n"
+    assert fetch(lab.docker(1), "sd", p) == "sp\n"
+
+
+@pytest.mark.parametrize("egress", ["gwbridge", "masquerade"])
+def test_published_ports_answer_from_outside_and_unpublished_ones_do_not(
+    egress: str, lab: Lab, request: pytest.FixtureRequest
+) -> None:
+    target: Lab = lab if egress == "gwbridge" else request.getfixturevalue("masquerade_lab")
+    # Each container serves on 80 (published) and 81 (not published).
+    pname, dname = f"pub{egress[0]}p", f"pub{egress[0]}d"
+    p = podman(target, 2).run(pname, serve(pname, also_on=81), publish=["8080:80"])
+    d = docker(target, 1).run(dname, serve(dname, also_on=81), publish=["8081:80"])
+
+    def answers(host: int, port: int, page: str) -> bool:
+        return outside_get(target, host, port) == page
+
+    wait_until(lambda: answers(2, 8080, f"{p.name}\n"), timeout=CONVERGE, step=0.2)
+    wait_until(lambda: answers(1, 8081, f"{d.name}\n"), timeout=CONVERGE, step=0.2)
+    # Controls: the same containers' unpublished port 81, reached from
+    # outside through the host, and directly at the container's address.
+    assert outside_get(target, 2, 81) is None
+    assert outside_get(target, 1, 81) is None
+    for c in (p, d):
+        direct = netns.in_ns(
+            target.outside_ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            f"http://{c.address}:81/",
+            check=False,
+        )
+        assert direct == ""
+    # And the container itself serves 81 (so the refusals above are the
+    # network's): asked from a container on the other host.
+    assert target.podman(2).http_get(p.name, f"http://{d.address}:81/") == f"{d.name}\n"
+
+
+def test_dockerd_restart_brings_restart_policy_containers_back_on_the_overlay(lab: Lab) -> None:
+    """Docker 20.10 without live-restore stops its containers when dockerd
+    stops; `--restart always` starts them again when it is back. With
+    live-restore, containers keep running (same process) across the restart."""
+    d = docker(lab, 1)
+    web = d.run("rweb", serve("rweb"), extra=["--restart", "always"])
+    web2 = podman(lab, 2).run("rclient", SLEEP)
+    assert fetch(lab.podman(2), "rclient", web) == "rweb\n"
+    assert web2.address is not None
+    d.restart()
+    wait_until(lambda: d.inspect("rweb").pid > 0, timeout=CONVERGE)
+    after = d.inspect("rweb")
+    assert after.pid != web.pid  # restarted, not kept
+    assert fetch(lab.podman(2), "rclient", after) == "rweb\n"
+    # Now live-restore: the container outlives dockerd's restart.
+    live = lab.docker(1, live_restore=True)
+    live.restart()
+    kept = live.run("lweb", serve("lweb"))
+    live.restart()
+    assert live.inspect("lweb").pid == kept.pid
+    assert live.inspect("lweb").address == kept.address
+    assert fetch(lab.podman(2), "rclient", kept) == "lweb\n"
+    # Back to the module's default for the other tests.
+    lab.docker(1, live_restore=False).restart()
+
+
+def ping_flood(src: EngineContainer, dst: IPv4Address, seconds: float) -> subprocess.Popen[str]:
+    """iputils ping at 100/s inside the container's network namespace."""
+    count = int(seconds * 100)
+    return subprocess.Popen(
+        [
+            "nsenter",
+            f"--net={src.netns_path}",
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            str(count),
+            "-W",
+            "1",
+            str(dst),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def sent_received(out: str) -> tuple[int, int]:
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_overlayd_restarted_under_running_containers_loses_no_packet(lab: Lab) -> None:
+    src = podman(lab, 1).run("fsrc", SLEEP)
+    dst = docker(lab, 2).run("fdst", SLEEP)
+    assert dst.address is not None
+    engines_before = {e.kind: e.containers() for e in (lab.podman(1), lab.docker(2))}
+    ping = ping_flood(src, dst.address, 8.0)
+    time.sleep(1.0)
+    lab.restart_daemon(1)
+    lab.restart_daemon(2)
+    out, _ = ping.communicate(timeout=60)
+    sent, received = sent_received(out)
+    assert sent >= 700, out
+    assert received == sent, out
+    # The engines' processes were left alone by the daemon's restarts.
+    after = {e.kind: e.containers() for e in (lab.podman(1), lab.docker(2))}
+    assert after == engines_before
+
+
+def test_podman_resolv_conf_comes_from_the_cni_result(lab: Lab) -> None:
+    c = podman(lab, 2).run("dns", SLEEP)
+    resolv = lab.podman(2).exec(c.name, "cat", "/etc/resolv.conf")
+    assert "nameserver 192.0.2.53" in resolv
+    assert "search engines.test" in resolv
+    # Control: the root namespace's resolver is not what the container got.
+    assert "nameserver 192.0.2.53" not in Path("/etc/resolv.conf").read_text()
+
+
+def test_lab_check_includes_engine_containers(lab: Lab) -> None:
+    docker(lab, 1).run("cdock", SLEEP)
+    podman(lab, 2).run("cpod", SLEEP)
+    names = {c.label for c in lab.engine_checkables()}
+    assert {"h2/podman/cpod", "h1/docker/cdock"} <= names
+    # Egress: Docker's containers on overlayd's bridge have no gwbridge path.
+    egress = {c.label for c in lab.engine_checkables(egress=True)}
+    assert "h2/podman/cpod" in egress and "h1/docker/cdock" not in egress
+    results = lab.check(timeout=CONVERGE)
+    engine_pairs = [r for r in results if r.src.label and r.dst.label]
+    assert engine_pairs and all(r.ok for r in engine_pairs)
+
+
+def test_teardown_leaves_no_engine_behind(lab: Lab) -> None:
+    """A host removed with engines on it: no engine process, mount, runc
+    container or /run/netns entry of it is left (a positive control first:
+    they are there before)."""
+    host = max(lab.hosts()) + 1
+    lab.add_host(host)
+    p = podman(lab, host).run("gone", SLEEP)
+    d = docker(lab, host).run("gone", SLEEP)
+    root = str(lab.files(host).root)
+    record = lab.podman(host).netns_record.read_text().split()
+    assert record and all(os.path.exists(path) for path in record)
+    assert any(root in line for line in mountinfo())
+    for c in (p, d):
+        assert c.pid > 0 and Path(f"/proc/{c.pid}/cmdline").read_bytes()
+    lab.remove_host(host)
+    assert not any(root in line for line in mountinfo())
+    assert not any(os.path.exists(path) for path in record)
+    wait_until(lambda: not _alive(p.pid) and not _alive(d.pid), timeout=CONVERGE)
+    assert processes_mentioning(root) == []
+
+
+def mountinfo() -> list[str]:
+    return Path("/proc/self/mountinfo").read_text().splitlines()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
