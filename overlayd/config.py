@@ -187,6 +187,9 @@ DEFAULT_CONTROL_SOCKET = Path("/run/overlayd/overlayd.sock")
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9469"
 LOG_FORMATS = ("kv", "json")
 DEFAULT_MQTT_TOPIC = "overlayd"
+DEFAULT_DOCKER_PLUGIN_SOCKET = Path("/run/docker/plugins/overlayd.sock")
+# overlay-cni's default dataDir: the Docker plugin shares its host-local store.
+DEFAULT_CNI_DATA_DIR = Path("/var/lib/cni/overlay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +222,9 @@ class AgentConfig:
     log_format: str = "kv"
     mqtt_url: str | None = None  # None: no MQTT
     mqtt_topic: str = DEFAULT_MQTT_TOPIC
+    docker_plugin: bool = False  # serve Docker's network and IPAM plugin API
+    docker_plugin_socket: Path = DEFAULT_DOCKER_PLUGIN_SOCKET
+    cni_data_dir: Path = DEFAULT_CNI_DATA_DIR  # overlay-cni's dataDir (host-local's store)
 
     @property
     def etcd(self) -> EtcdAccess:
@@ -267,6 +273,9 @@ AGENT_SETTINGS = (
     "log-format",
     "mqtt-url",
     "mqtt-topic",
+    "docker-plugin",
+    "docker-plugin-socket",
+    "cni-data-dir",
 )
 
 
@@ -459,6 +468,13 @@ def _on_off(value: Any, field: str) -> bool:
     return text == "on"
 
 
+def _absolute_path(value: Any, field: str) -> Path:
+    path = Path(str(value))
+    if not path.is_absolute():
+        raise ConfigError(field, f"{value!r} must be an absolute path")
+    return path
+
+
 def _lease_ttl(value: Any) -> int:
     ttl: int = _positive_number(value, "lease-ttl", int)
     # Renewal runs every third of the TTL; below a few seconds one slow etcd
@@ -551,4 +567,12 @@ def build_agent_config(
         log_format=log_format,
         mqtt_url=_mqtt_url(merged.get("mqtt-url")),
         mqtt_topic=_mqtt_topic(merged.get("mqtt-topic", defaults.mqtt_topic)),
+        docker_plugin=_on_off(merged.get("docker-plugin", "off"), "docker-plugin"),
+        docker_plugin_socket=_absolute_path(
+            merged.get("docker-plugin-socket", defaults.docker_plugin_socket),
+            "docker-plugin-socket",
+        ),
+        cni_data_dir=_absolute_path(
+            merged.get("cni-data-dir", defaults.cni_data_dir), "cni-data-dir"
+        ),
     )

@@ -17,7 +17,9 @@ from overlayd.cli.common import add_etcd_access_flags
 from overlayd.config import (
     AGENT_SETTINGS,
     DEFAULT_BRIDGE,
+    DEFAULT_CNI_DATA_DIR,
     DEFAULT_CONTROL_SOCKET,
+    DEFAULT_DOCKER_PLUGIN_SOCKET,
     DEFAULT_EGRESS,
     DEFAULT_FULL_RESYNC_SECONDS,
     DEFAULT_GWBRIDGE,
@@ -119,6 +121,21 @@ def parser() -> argparse.ArgumentParser:
         choices=VXLAN_FILTER_VALUES,
         help="accept VXLAN only from current peers (default on); off for hosts whose"
         " firewall does it",
+    )
+    p.add_argument(
+        "--docker-plugin",
+        choices=VXLAN_FILTER_VALUES,
+        help="serve Docker's network and IPAM plugin (`docker network create -d overlayd"
+        " --ipam-driver overlayd NAME`; default off)",
+    )
+    p.add_argument(
+        "--docker-plugin-socket",
+        help=f"the plugin's socket, where dockerd looks (default {DEFAULT_DOCKER_PLUGIN_SOCKET})",
+    )
+    p.add_argument(
+        "--cni-data-dir",
+        help="overlay-cni's dataDir: the Docker plugin takes addresses from its host-local"
+        f" store (default {DEFAULT_CNI_DATA_DIR})",
     )
     p.add_argument(
         "--teardown",

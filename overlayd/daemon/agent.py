@@ -37,6 +37,7 @@ from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
 from overlayd.surfaces.control import serve_control
+from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings, host_view
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
@@ -63,6 +64,8 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
         "vxlan_filter": "on" if s.vxlan_filter else "off",
         "metrics_address": "{}:{}".format(*s.metrics_address) if s.metrics_address else None,
         "mqtt_url": s.mqtt_url,
+        "docker_plugin": str(s.docker_plugin_socket) if s.docker_plugin else None,
+        "cni_data_dir": str(s.cni_data_dir),
     }
 
 
@@ -250,6 +253,14 @@ class Agent:
             reconciler.resync_every(s.resync_seconds, s.full_resync_seconds), name="resync"
         )
         group.create_task(reconciler.run(), name="reconcile")
+        if s.docker_plugin:
+            # Only now: Docker may ask for an address as soon as the socket
+            # exists, and the answer needs this host's programmed subnet.
+            plugin = DockerPlugin(
+                PluginSettings(socket=s.docker_plugin_socket, cni_data_dir=s.cni_data_dir),
+                view=lambda: host_view(host.host),
+            )
+            group.create_task(plugin.serve(), name="docker-plugin")
 
     def _wire(
         self, host: HostState, reconciler: Reconciler, leaser: SubnetLeaser, held: HeldLease

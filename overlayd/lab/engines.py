@@ -18,6 +18,12 @@ How they run here (see shared FACTS.md, "engines"):
   namespace of its own, with <host dir>/docker-plugins bound over
   /run/docker/plugins (and /etc/docker/plugins), so each dockerd discovers
   only its own host's network plugin; its state is in <host dir>/docker.
+  That mount namespace is made once per host and kept (its ns file bound at
+  <host dir>/docker/mntns), and every dockerd of the host enters it: dockerd
+  keeps its containers' network namespaces as bind mounts under its
+  exec-root, and a restarted dockerd with --live-restore must find them (in
+  a fresh namespace they are empty files, setns fails with EINVAL, and
+  libnetwork deletes the live containers' endpoints as stale).
 
 Teardown (`teardown_host`) works from what is on disk, so `lab down` cleans
 up engines another process started, or ones left by a crash: containers
@@ -255,6 +261,7 @@ def processes_mentioning(directory: str) -> list[int]:
 def names_path_under(arg: str, directory: str) -> bool:
     """Whether a command-line argument is `directory` or names a path under
     it, alone or as an option's value (`--root=/d/x`, `unix:///d/sock`)."""
+    directory = directory.rstrip("/")
     return arg.endswith(directory) or f"{directory}/" in arg
 
 
@@ -655,25 +662,40 @@ class Docker(Engine):
         ]
         if self.live_restore:
             flags.append("--live-restore")
-        # Bind this host's plugin dir over the global discovery paths, in
-        # the private mount namespace only; then become dockerd.
+        return nsenter_argv(self.ns, f"--mount={self.mount_ns}", "dockerd", *flags)
+
+    @property
+    def mount_ns(self) -> Path:
+        """The ns file of this host's dockerd mount namespace (see the module's docstring)."""
+        return self.dir / "mntns"
+
+    def ensure_mount_ns(self) -> None:
+        """Make the host's dockerd mount namespace unless it is there: this
+        host's plugin dir bound over the global discovery paths in it only."""
+        if str(self.mount_ns) in mounts_under(self.dir):
+            return
+        # An ns file can only be bound on a private mount: the state dir,
+        # bound onto itself and made private (teardown unmounts both).
+        if str(self.dir) not in mounts_under(self.dir):
+            _run(["mount", "--bind", str(self.dir), str(self.dir)])
+            _run(["mount", "--make-private", str(self.dir)])
+        self.mount_ns.touch()
         script = (
             'mount --bind "$1" /run/docker/plugins && '
-            '{ [ ! -d /etc/docker/plugins ] || mount --bind "$1" /etc/docker/plugins; } && '
-            'shift && exec dockerd "$@"'
+            '{ [ ! -d /etc/docker/plugins ] || mount --bind "$1" /etc/docker/plugins; }'
         )
-        return nsenter_argv(
-            self.ns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "dockerd-in-lab",
-            str(self.plugin_dir),
-            *flags,
+        _run(
+            [
+                "unshare",
+                f"--mount={self.mount_ns}",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "dockerd-mounts",
+                str(self.plugin_dir),
+            ]
         )
 
     def running(self) -> bool:
@@ -688,6 +710,7 @@ class Docker(Engine):
             d.mkdir(parents=True, exist_ok=True)
         # The mount point must exist in the root mount namespace to be bound over.
         Path("/run/docker/plugins").mkdir(parents=True, exist_ok=True)
+        self.ensure_mount_ns()
         (self.dir / "daemon.json").write_text("{}\n")
         (self.dir / "engine.json").write_text(
             json.dumps({"flavour": self.flavour, "live_restore": self.live_restore})
@@ -718,19 +741,31 @@ class Docker(Engine):
         except (FileNotFoundError, ValueError):
             return None
 
-    def stop_daemon(self) -> None:
+    def stop_daemon(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """dockerd (and its containerd) stopped with SIGTERM, as systemd
-        would; what happens to containers is Docker's (live-restore)."""
+        would, or first sent `sig` (SIGKILL: a crash, no shutdown of its
+        containers); what happens to containers is Docker's (live-restore)."""
         pid = self.dockerd_pid()
         if pid is not None:
+            if sig != signal.SIGTERM:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
             stop_processes([pid], grace=30)
         # Its containerd exits with it; its shims stay with live-restore.
         stop_processes(
             p for p in processes_mentioning(str(self.dir)) if "containerd-shim" not in _argv0(p)
         )
+        # After a kill, dockerd (our unwaited child) and its orphaned
+        # containerd may linger as zombies and leave their pid files: the
+        # next dockerd would take them for running and refuse to start, or
+        # wait for that containerd in vain.
+        for pidfile in (self.pidfile, self.dir / "exec" / "containerd" / "containerd.pid"):
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if _zombie(int(pidfile.read_text().strip())):
+                    pidfile.unlink()
 
-    def restart(self) -> float:
-        self.stop_daemon()
+    def restart(self, sig: signal.Signals = signal.SIGTERM) -> float:
+        self.stop_daemon(sig)
         return self.start()
 
     def teardown(self) -> None:

@@ -39,6 +39,9 @@ class LabSettings:
     tls: bool = True
     # etcd users and roles, a host's certificate its identity (`lab up --rbac`)
     rbac: bool = False
+    # every daemon serves the Docker plugin on <host dir>/docker-plugins,
+    # which the host's dockerd sees as /run/docker/plugins (lab/engines.py)
+    docker_plugin: bool = False
 
     def __post_init__(self) -> None:
         if self.rbac and not self.tls:
@@ -68,6 +71,10 @@ class HostFiles:
     @property
     def cni_dir(self) -> Path:
         return self.root / "cni"
+
+    @property
+    def docker_plugin_socket(self) -> Path:
+        return self.root / "docker-plugins" / "overlayd.sock"
 
     def log_tail(self) -> str:
         return self.daemon_log.read_text(errors="replace")[-3000:]
@@ -104,6 +111,11 @@ def daemon_settings(
     }
     if mqtt_url is not None:
         found["mqtt-url"] = mqtt_url
+    if settings.docker_plugin:
+        found["docker-plugin"] = "on"
+        found["docker-plugin-socket"] = str(files.docker_plugin_socket)
+        # overlay-cni's dataDir in the lab: one host-local store for both.
+        found["cni-data-dir"] = str(files.cni_dir)
     return found
 
 

@@ -1,12 +1,16 @@
 """What several lab test modules ask of a lab host: its daemon's HTTP
-endpoints, and a daemon run once to see how it starts (or refuses to)."""
+endpoints, a daemon run once to see how it starts (or refuses to), and a
+100/s ping between containers to count lost packets."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from ipaddress import IPv4Address
 
 from overlayd.lab import netns
+from overlayd.lab.engines import EngineContainer
 from overlayd.lab.lab import Lab
 from tests.conftest import CONVERGE
 
@@ -53,3 +57,33 @@ def run_daemon_once(
         text=True,
         timeout=CONVERGE,
     )
+
+
+def ping_flood(src: EngineContainer, dst: IPv4Address, seconds: float) -> subprocess.Popen[str]:
+    """iputils ping at 100/s inside the container's network namespace."""
+    count = int(seconds * 100)
+    return subprocess.Popen(
+        [
+            "nsenter",
+            f"--net={src.netns_path}",
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-c",
+            str(count),
+            "-W",
+            "1",
+            str(dst),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def sent_received(out: str) -> tuple[int, int]:
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert found, out
+    return int(found.group(1)), int(found.group(2))

@@ -11,11 +11,9 @@ each other's containers.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from overlayd.lab.lab import Lab, LabSettings
 from overlayd.plan.ipam import container_ranges
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.probes import ping_flood, sent_received
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -212,36 +211,6 @@ def test_dockerd_restart_brings_restart_policy_containers_back_on_the_overlay(la
     assert fetch(lab.podman(2), "rclient", kept) == "lweb\n"
     # Back to the module's default for the other tests.
     lab.docker(1, live_restore=False).restart()
-
-
-def ping_flood(src: EngineContainer, dst: IPv4Address, seconds: float) -> subprocess.Popen[str]:
-    """iputils ping at 100/s inside the container's network namespace."""
-    count = int(seconds * 100)
-    return subprocess.Popen(
-        [
-            "nsenter",
-            f"--net={src.netns_path}",
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            str(count),
-            "-W",
-            "1",
-            str(dst),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def sent_received(out: str) -> tuple[int, int]:
-    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    assert found, out
-    return int(found.group(1)), int(found.group(2))
 
 
 def test_overlayd_restarted_under_running_containers_loses_no_packet(lab: Lab) -> None:

@@ -167,13 +167,17 @@ def test_podman_config_chains_portmap_after_overlay_cni_with_its_own_state(
     assert str(files.root / "podman" / "root") in argv and argv[-1] == "ps"
 
 
-def test_plain_dockerd_has_no_bridge_and_sees_its_host_plugin_dir(tmp_path: Path) -> None:
+def test_plain_dockerd_has_no_bridge_and_runs_in_its_host_s_mount_namespace(
+    tmp_path: Path,
+) -> None:
     files = HostFiles(tmp_path / "h1")
     docker = Docker(1, "ovl-x-h1", files, tmp_path / "bb.tar", "plain")
     argv = docker.dockerd_argv()
     assert argv[:2] == ["nsenter", "--net=/run/netns/ovl-x-h1"]
-    assert argv[2:6] == ["unshare", "--mount", "--propagation", "private"]
-    assert str(files.root / "docker-plugins") in argv
+    # The host's own mount namespace, kept across dockerd restarts (its
+    # plugin dir is bound over /run/docker/plugins there).
+    assert argv[2:4] == [f"--mount={files.root / 'docker' / 'mntns'}", "dockerd"]
+    assert docker.plugin_dir == files.root / "docker-plugins"
     assert "--bridge=none" in argv and "--live-restore" not in argv
     assert argv.count("--default-ulimit") == 2
     assert docker.argv("ps")[:3] == ["/usr/bin/docker", "-H", f"unix://{docker.socket}"]

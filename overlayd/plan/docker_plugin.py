@@ -1,0 +1,494 @@
+"""Docker's network plugin protocol (libnetwork's remote driver and remote
+IPAM, as Docker 20.10 speaks them): validating parsers for every request and
+the decisions the server acts on. Pure: no I/O, no asyncio.
+
+Docker posts JSON to `/<Interface>.<Method>` on the plugin's unix socket. A
+request that is not what Docker sends (not JSON, a field missing or of the
+wrong type, an ID we never saw, an address outside this host's subnet or
+outside host-local's half of it) raises PluginError, which the server turns
+into a 4xx/5xx answer with a body of `{"Err": "..."}`: Docker's plugin client
+reads `Err` from any non-200 answer, for the network driver and the IPAM
+driver alike (a 200 answer of the IPAM driver would carry its error in
+`Error` instead, so errors are never sent with 200).
+
+The decisions that depend on overlayd's egress mode are in `join_response`:
+- masquerade and none: the endpoint's Gateway is the overlay bridge's
+  address, so the container's default route goes over the overlay, as
+  overlay-cni does it; Docker then sends this driver
+  ProgramExternalConnectivity with the published ports (`-p`).
+- gwbridge: no Gateway, and a static route for the cluster network via the
+  bridge's address. libnetwork (sandbox.needDefaultGW) then attaches the
+  container to its own `docker_gwbridge` network as well, with the default
+  route there and the published ports handled by Docker's bridge driver,
+  exactly as for Docker's own overlay driver.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from overlayd.plan.ipam import container_ranges, gateway_address
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+IMPLEMENTS = ("NetworkDriver", "IpamDriver")
+ADDRESS_SPACE = "overlayd"
+ANY_POOL = "0.0.0.0/0"  # the pool shown to Docker when none is asked for (see request_pool)
+GATEWAY_REQUEST = "com.docker.network.gateway"  # RequestAddress Options[RequestAddressType]
+PORTMAP_OPTION = "com.docker.network.portmap"
+MAC_OPTION = "com.docker.network.endpoint.macaddress"
+# libnetwork's types.NEXTHOP: a StaticRoute through NextHop.
+ROUTE_NEXTHOP = 0
+# Docker's types.Protocol numbers in a PortBinding.
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+# libnetwork's IDs are 64 hex digits; anything else never came from Docker.
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+HOST_VETH_PREFIX = "ovd"  # host end, a port of the overlay bridge
+PEER_VETH_PREFIX = "ovt"  # the end Docker moves into the container as eth*
+
+
+class PluginError(Exception):
+    """A request refused: `status` is the HTTP status, the message goes to Docker as Err."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"Err": self.message}
+
+
+def bad(message: str) -> PluginError:
+    return PluginError(400, message)
+
+
+def unknown(message: str) -> PluginError:
+    return PluginError(404, message)
+
+
+# --- what the server knows about this host -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    """This host as the plugin needs it: the leased subnet, the bridge, the
+    containers' MTU, the cluster network and the egress mode."""
+
+    subnet: IPv4Network
+    cluster: IPv4Network
+    bridge: str
+    mtu: int
+    egress: str
+
+    @property
+    def gateway(self) -> IPv4Address:
+        return gateway_address(self.subnet)
+
+    @property
+    def pool_id(self) -> str:
+        return f"{ADDRESS_SPACE}-{self.subnet}"
+
+    def host_local_range(self) -> tuple[IPv4Address, IPv4Address]:
+        ranges = container_ranges(self.subnet)
+        return ranges.host_local_start, ranges.host_local_end
+
+    def host_local_ipam(self, data_dir: str) -> dict[str, Any]:
+        """host-local's config: the same store and range overlay-cni uses, so
+        that podman (CNI) and Docker containers never get one address twice."""
+        start, end = self.host_local_range()
+        return {
+            "type": "host-local",
+            "dataDir": data_dir,
+            "ranges": [
+                [
+                    {
+                        "subnet": str(self.subnet),
+                        "rangeStart": str(start),
+                        "rangeEnd": str(end),
+                        "gateway": str(self.gateway),
+                    }
+                ]
+            ],
+        }
+
+
+# --- the plugin's records (kept on disk by the server) ------------------------
+
+
+@dataclass(slots=True)
+class Endpoint:
+    network_id: str
+    address: IPv4Interface
+    mac: str | None = None
+    sandbox: str | None = None  # the sandbox key given at Join
+    ports: list[dict[str, Any]] = field(default_factory=list)  # CNI portMappings programmed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "network_id": self.network_id,
+            "address": str(self.address),
+            "mac": self.mac,
+            "sandbox": self.sandbox,
+            "ports": self.ports,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Endpoint:
+        return cls(
+            network_id=str(raw["network_id"]),
+            address=IPv4Interface(raw["address"]),
+            mac=raw.get("mac"),
+            sandbox=raw.get("sandbox"),
+            ports=list(raw.get("ports", [])),
+        )
+
+
+@dataclass(slots=True)
+class Records:
+    """Networks (ID -> subnet), endpoints, and which host-local container ID
+    holds each address this plugin allocated, so that a release frees
+    exactly what was taken."""
+
+    networks: dict[str, IPv4Network] = field(default_factory=dict)
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    addresses: dict[IPv4Address, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "networks": {k: str(v) for k, v in self.networks.items()},
+            "endpoints": {k: v.to_json() for k, v in self.endpoints.items()},
+            "addresses": {str(k): v for k, v in self.addresses.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Records:
+        """Our own file; a damaged one raises ValueError (or KeyError/TypeError)."""
+        if not isinstance(raw, dict):
+            raise ValueError("records must be a JSON object")
+        return cls(
+            networks={str(k): IPv4Network(v) for k, v in raw.get("networks", {}).items()},
+            endpoints={str(k): Endpoint.from_json(v) for k, v in raw.get("endpoints", {}).items()},
+            addresses={IPv4Address(k): str(v) for k, v in raw.get("addresses", {}).items()},
+        )
+
+    def network(self, network_id: str) -> IPv4Network:
+        try:
+            return self.networks[network_id]
+        except KeyError:
+            raise unknown(f"network {network_id} is not an overlayd network") from None
+
+    def endpoint(self, network_id: str, endpoint_id: str) -> Endpoint:
+        self.network(network_id)
+        found = self.endpoints.get(endpoint_id)
+        if found is None or found.network_id != network_id:
+            raise unknown(f"endpoint {endpoint_id} is not in network {network_id}")
+        return found
+
+
+# --- parsing --------------------------------------------------------------------
+
+
+def parse_body(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A request body as a JSON object. Docker sends `null` (or nothing) to
+    the methods without arguments."""
+    if not body.strip():
+        if empty_ok:
+            return {}
+        raise bad("the request has no body")
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"the request is not JSON: {exc}") from None
+    if raw is None and empty_ok:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad("the request must be a JSON object")
+    return raw
+
+
+def _str(raw: dict[str, Any], name: str, *, required: bool = True) -> str:
+    value = raw.get(name)
+    if value is None or value == "":
+        if required:
+            raise bad(f"{name} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise bad(f"{name} must be a string, got {json.dumps(value)}")
+    return value
+
+
+def _id(raw: dict[str, Any], name: str) -> str:
+    value = _str(raw, name)
+    if not _ID.match(value):
+        raise bad(f"{name} {value[:80]!r} is not a Docker ID (64 hex digits)")
+    return value
+
+
+def _options(raw: dict[str, Any], name: str = "Options") -> dict[str, Any]:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(f"{name} must be a JSON object")
+    return value
+
+
+def _address(text: str, what: str) -> IPv4Interface:
+    try:
+        return IPv4Interface(text)
+    except ValueError:
+        raise bad(f"{what} {text[:80]!r} is not an IPv4 address") from None
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkIds:
+    network_id: str
+    endpoint_id: str
+
+
+def parse_network_id(raw: dict[str, Any]) -> str:
+    return _id(raw, "NetworkID")
+
+
+def parse_endpoint_ids(raw: dict[str, Any]) -> NetworkIds:
+    return NetworkIds(_id(raw, "NetworkID"), _id(raw, "EndpointID"))
+
+
+def create_network(raw: dict[str, Any], view: HostView) -> tuple[str, IPv4Network]:
+    """CreateNetwork: the network's one IPv4 pool must be this host's subnet
+    (which it is when the network uses the overlayd IPAM driver)."""
+    network_id = parse_network_id(raw)
+    _options(raw)
+    if raw.get("IPv6Data"):
+        raise bad("overlayd networks are IPv4 only (no --ipv6)")
+    data = raw.get("IPv4Data")
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
+        raise bad("IPv4Data must hold exactly one pool: use --ipam-driver overlayd")
+    pool = _str(data[0], "Pool")
+    try:
+        subnet = IPv4Network(pool, strict=True)
+    except ValueError:
+        raise bad(f"pool {pool[:80]!r} is not an IPv4 network") from None
+    if subnet not in (view.subnet, IPv4Network(ANY_POOL)):
+        raise bad(
+            f"pool {subnet} is not this host's subnet {view.subnet}: use --ipam-driver overlayd"
+        )
+    gateway = _str(data[0], "Gateway", required=False)
+    if gateway and _address(gateway, "Gateway").ip != view.gateway:
+        raise bad(f"gateway {gateway} is not the overlay bridge's address {view.gateway}")
+    return network_id, view.subnet
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRequest:
+    network_id: str
+    endpoint_id: str
+    address: IPv4Interface
+    mac: str | None
+    options: dict[str, Any]
+
+
+def create_endpoint(raw: dict[str, Any], records: Records, view: HostView) -> EndpointRequest:
+    ids = parse_endpoint_ids(raw)
+    subnet = records.network(ids.network_id)
+    if ids.endpoint_id in records.endpoints:
+        raise bad(f"endpoint {ids.endpoint_id} exists already")
+    iface = raw.get("Interface")
+    if not isinstance(iface, dict):
+        raise bad("Interface is missing: the network needs --ipam-driver overlayd")
+    if iface.get("AddressIPv6"):
+        raise bad("overlayd networks are IPv4 only")
+    address = _address(_str(iface, "Address"), "Interface.Address")
+    if address.network != subnet:
+        raise bad(f"address {address} is not in the network's subnet {subnet}")
+    if subnet != view.subnet:
+        raise PluginError(
+            409, f"this host's subnet is now {view.subnet}, the network's is {subnet}: recreate it"
+        )
+    mac = _str(iface, "MacAddress", required=False).lower() or None
+    if mac is not None and not _MAC.match(mac):
+        raise bad(f"MacAddress {mac[:40]!r} is not a MAC address")
+    return EndpointRequest(ids.network_id, ids.endpoint_id, address, mac, _options(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    network_id: str
+    endpoint_id: str
+    sandbox: str
+
+
+def join(raw: dict[str, Any], records: Records) -> JoinRequest:
+    ids = parse_endpoint_ids(raw)
+    records.endpoint(ids.network_id, ids.endpoint_id)
+    sandbox = _str(raw, "SandboxKey")
+    if not sandbox.startswith("/"):
+        raise bad(f"SandboxKey {sandbox[:80]!r} is not a path")
+    _options(raw)
+    return JoinRequest(ids.network_id, ids.endpoint_id, sandbox)
+
+
+def veth_names(endpoint_id: str) -> tuple[str, str]:
+    """(host end, container end): 15 characters at most, from the endpoint ID."""
+    return HOST_VETH_PREFIX + endpoint_id[:12], PEER_VETH_PREFIX + endpoint_id[:12]
+
+
+def join_response(view: HostView, endpoint_id: str) -> dict[str, Any]:
+    """What Join answers in this host's egress mode (see the module's docstring)."""
+    _, peer = veth_names(endpoint_id)
+    answer: dict[str, Any] = {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"}}
+    if view.egress == "gwbridge":
+        # No Gateway: libnetwork adds docker_gwbridge for the default route.
+        answer["StaticRoutes"] = [
+            {
+                "Destination": str(view.cluster),
+                "RouteType": ROUTE_NEXTHOP,
+                "NextHop": str(view.gateway),
+            }
+        ]
+    else:
+        answer["Gateway"] = str(view.gateway)
+    return answer
+
+
+def program_ports(raw: dict[str, Any]) -> tuple[NetworkIds, list[dict[str, Any]]]:
+    """ProgramExternalConnectivity: the endpoint and its published ports."""
+    return parse_endpoint_ids(raw), port_mappings(_options(raw))
+
+
+def port_mappings(options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Docker's published ports (ProgramExternalConnectivity's
+    com.docker.network.portmap) as CNI portmap's portMappings. IPv6 host
+    addresses are skipped (the overlay is IPv4); a port Docker would have to
+    choose (HostPort 0) is refused, since a remote driver cannot tell Docker
+    which one it took."""
+    bindings = options.get(PORTMAP_OPTION)
+    if bindings is None:
+        return []
+    if not isinstance(bindings, list):
+        raise bad(f"{PORTMAP_OPTION} must be a list")
+    found: list[dict[str, Any]] = []
+    for binding in bindings:
+        if not isinstance(binding, dict):
+            raise bad(f"{PORTMAP_OPTION} entries must be objects")
+        proto = PROTOCOLS.get(binding.get("Proto"))  # type: ignore[arg-type]
+        if proto is None:
+            raise bad(f"protocol {binding.get('Proto')!r} is not tcp, udp or sctp")
+        host_ip = binding.get("HostIP") or ""
+        if not isinstance(host_ip, str):
+            raise bad("HostIP must be a string")
+        if ":" in host_ip:
+            continue
+        numbers = []
+        for name in ("Port", "HostPort", "HostPortEnd"):
+            value = binding.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise bad(f"{name} {value!r} is not a port number")
+            numbers.append(value)
+        port, host_port, host_port_end = numbers
+        if port == 0 or host_port == 0:
+            raise bad("publish ports with an explicit host port (-p HOSTPORT:PORT)")
+        if host_port_end not in (0, host_port):
+            raise bad("host port ranges are not supported: publish one port per -p")
+        mapping: dict[str, Any] = {
+            "hostPort": host_port,
+            "containerPort": port,
+            "protocol": proto,
+        }
+        if host_ip and host_ip != "0.0.0.0":
+            try:
+                mapping["hostIP"] = str(IPv4Address(host_ip))
+            except ValueError:
+                raise bad(f"HostIP {host_ip[:40]!r} is not an address") from None
+        if mapping not in found:
+            found.append(mapping)
+    return found
+
+
+# --- IPAM -----------------------------------------------------------------------
+
+
+def request_pool(raw: dict[str, Any], view: HostView) -> dict[str, Any]:
+    """RequestPool: the pool is always this host's leased subnet."""
+    if raw.get("V6"):
+        raise bad("overlayd's IPAM is IPv4 only (no --ipv6)")
+    space = _str(raw, "AddressSpace", required=False)
+    if space and space != ADDRESS_SPACE:
+        raise bad(f"address space {space!r} is not {ADDRESS_SPACE!r}")
+    pool = _str(raw, "Pool", required=False)
+    if pool:
+        try:
+            wanted = IPv4Network(pool, strict=True)
+        except ValueError:
+            raise bad(f"pool {pool[:80]!r} is not an IPv4 network") from None
+        if wanted != view.subnet:
+            raise bad(f"pool {wanted} is not this host's subnet {view.subnet}: leave --subnet out")
+    if _str(raw, "SubPool", required=False):
+        raise bad("--ip-range is not supported: containers take host-local's range")
+    _options(raw)
+    # Without --subnet, libnetwork checks the pool against the host's routes
+    # and asks again, holding the first, until one does not overlap
+    # (network.go, requestPoolHelper): the leased subnet is routed on the
+    # overlay bridge, so it would ask forever. The placeholder 0.0.0.0/0 is
+    # exempt from that check (types.IsIPNetValid), as in Calico's IPAM;
+    # addresses still carry the subnet's prefix. With --subnet equal to the
+    # host's subnet, Docker skips the check and shows the real subnet.
+    shown = str(view.subnet) if pool else ANY_POOL
+    return {"PoolID": view.pool_id, "Pool": shown, "Data": {}}
+
+
+def pool_subnet(pool_id: str, view: HostView) -> IPv4Network:
+    if pool_id != view.pool_id:
+        raise unknown(f"pool {pool_id[:80]!r} is not this host's pool {view.pool_id}")
+    return view.subnet
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRequest:
+    subnet: IPv4Network
+    gateway: bool  # the network's gateway: the bridge's address, never allocated
+    address: IPv4Address | None  # a specific address asked for, else host-local picks
+
+
+def request_address(raw: dict[str, Any], view: HostView) -> AddressRequest:
+    subnet = pool_subnet(_str(raw, "PoolID"), view)
+    options = _options(raw)
+    wanted_text = _str(raw, "Address", required=False)
+    wanted = _address(wanted_text, "Address").ip if wanted_text else None
+    if options.get("RequestAddressType") == GATEWAY_REQUEST:
+        if wanted is not None and wanted != view.gateway:
+            raise bad(f"the gateway must be the overlay bridge's address {view.gateway}")
+        return AddressRequest(subnet, True, view.gateway)
+    if wanted is not None:
+        start, end = view.host_local_range()
+        if wanted not in subnet:
+            raise bad(f"address {wanted} is outside this host's subnet {subnet}")
+        if not start <= wanted <= end:
+            raise bad(f"address {wanted} is outside host-local's range {start}-{end} of {subnet}")
+    return AddressRequest(subnet, False, wanted)
+
+
+def release_address(raw: dict[str, Any], view: HostView) -> IPv4Address:
+    subnet = pool_subnet(_str(raw, "PoolID"), view)
+    address = _address(_str(raw, "Address"), "Address").ip
+    if address not in subnet:
+        raise bad(f"address {address} is outside this host's subnet {subnet}")
+    return address
+
+
+def release_pool(raw: dict[str, Any]) -> str:
+    """ReleasePool: a pool is the host's subnet, so nothing is given back;
+    only a pool ID that never came from overlayd is refused."""
+    pool_id = _str(raw, "PoolID")
+    if not pool_id.startswith(ADDRESS_SPACE + "-"):
+        raise unknown(f"pool {pool_id[:80]!r} is not an overlayd pool")
+    return pool_id
+
+
+def address_answer(address: IPv4Address, subnet: IPv4Network) -> dict[str, Any]:
+    return {"Address": str(IPv4Interface((address, subnet.prefixlen))), "Data": {}}
