@@ -39,7 +39,7 @@ fi
 install_system_packages() {
     local missing=()
     for cmd in etcd etcdctl ip bridge ping tcpdump nft iptables ss sysctl iperf3 sockperf \
-        ethtool mosquitto vagrant systemd-analyze modprobe; do
+        ethtool mosquitto vagrant systemd-analyze modprobe curl; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
     done
     # The container engines the lab and the tests run inside lab hosts, and
@@ -60,7 +60,7 @@ install_system_packages() {
     apt-get install -y -qq --no-install-recommends \
         python3 python3-venv python3-pip etcd-server etcd-client iproute2 \
         iputils-ping tcpdump nftables iptables procps iperf3 sockperf ethtool \
-        mosquitto containernetworking-plugins vagrant systemd kmod \
+        mosquitto containernetworking-plugins vagrant systemd kmod curl \
         podman runc conmon docker.io containerd busybox-static >/dev/null
 }
 
