@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from overlayd.nsexec import call_plugin
-from overlayd.plan.ipam import container_ranges
+from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
 from overlayd.surfaces.subnetfile import read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
@@ -123,7 +123,11 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
     except ValueError as exc:
         raise CniError(ERR_CONFIG, f"{subnet_file} is malformed: {exc}") from exc
     version = conf.get("cniVersion", "1.0.0")
-    name = str(conf.get("name", "overlay"))
+    # host-local keeps its books per network name (dataDir/ipam/<name>).
+    # The name is fixed, not the conflist's: every runtime's network on this
+    # bridge, and overlayd's Docker plugin, must draw from one store, or two
+    # of them would hand out the same address.
+    name = HOST_LOCAL_STORE
     data_dir = Path(conf.get("dataDir", DEFAULT_DATA_DIR))
     egress = found.get("OVERLAYD_EGRESS", "masquerade")
     two_interfaces = egress == "gwbridge" and "OVERLAYD_GWBRIDGE" in found

@@ -94,6 +94,10 @@ class ContainerRanges:
     docker_fixed_cidr: IPv4Network
 
 
+# The network name under which host-local keeps the overlay's reservations
+# (dataDir/ipam/<name>), whatever a runtime's conflist calls the network:
+# overlay-cni and the Docker plugin both allocate there.
+HOST_LOCAL_STORE = "overlay"
 SMALLEST_SHARED_SUBNET = 28  # 16 addresses: two halves of 8, the lower one keeps 5
 
 

@@ -171,3 +171,16 @@ def test_del_of_something_never_added_succeeds(tmp_path: Path) -> None:
         CNI_IFNAME="eth0",
     )
     assert proc.returncode == 0, proc.stdout
+
+
+def test_host_local_keeps_one_store_whatever_the_conflist_calls_the_network(
+    tmp_path: Path,
+) -> None:
+    # flannel's conflists call it cbr0; overlayd's Docker plugin allocates
+    # from the store named "overlay": both must be the same books.
+    for name in ("overlay", "cbr0"):
+        (_, overlay), (_, egress) = delegate_configs(
+            {**conf(tmp_path, GWBRIDGE), "name": name}, "eth0"
+        )
+        assert overlay["name"] == "overlay"
+        assert egress["name"] == "overlay-egress"
