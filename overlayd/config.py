@@ -180,7 +180,8 @@ DEFAULT_FULL_RESYNC_SECONDS = 900.0
 ENV_PREFIX = "OVERLAYD_"
 IFNAMSIZ = 15
 EGRESS_MODES = ("gwbridge", "masquerade", "none")
-VXLAN_FILTER_VALUES = ("on", "off")
+ON_OFF = ("on", "off")  # the values of every on/off setting
+VXLAN_FILTER_VALUES = ON_OFF
 DEFAULT_EGRESS = "gwbridge"
 DEFAULT_GWBRIDGE = "ovl_gwbridge"
 DEFAULT_CONTROL_SOCKET = Path("/run/overlayd/overlayd.sock")
@@ -463,8 +464,8 @@ def _on_off(value: Any, field: str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text not in VXLAN_FILTER_VALUES:
-        raise ConfigError(field, f"{value!r} is not one of {', '.join(VXLAN_FILTER_VALUES)}")
+    if text not in ON_OFF:
+        raise ConfigError(field, f"{value!r} is not one of {', '.join(ON_OFF)}")
     return text == "on"
 
 

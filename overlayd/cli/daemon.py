@@ -32,6 +32,7 @@ from overlayd.config import (
     DEFAULT_SUBNET_FILE,
     EGRESS_MODES,
     LOG_FORMATS,
+    ON_OFF,
     VXLAN_FILTER_VALUES,
     AgentConfig,
     build_agent_config,
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--docker-plugin",
-        choices=VXLAN_FILTER_VALUES,
+        choices=ON_OFF,
         help="serve Docker's network and IPAM plugin (`docker network create -d overlayd"
         " --ipam-driver overlayd NAME`; default off)",
     )

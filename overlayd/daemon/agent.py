@@ -27,9 +27,13 @@ from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.daemon.loop import Reconciler, standard_managers
+from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
+from overlayd.dataplane.veth import VethPairs
 from overlayd.model import NetworkConfig
+from overlayd.nsexec import CniRunner
+from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.host import Host, check_mtu, describe_mode, host_plan
 from overlayd.plan.leases import config_key, subnets_prefix
@@ -37,7 +41,7 @@ from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
 from overlayd.surfaces.control import serve_control
-from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings, host_view
+from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
@@ -256,11 +260,30 @@ class Agent:
         if s.docker_plugin:
             # Only now: Docker may ask for an address as soon as the socket
             # exists, and the answer needs this host's programmed subnet.
+            # The plugin's run() keeps its failures to itself: the overlay
+            # goes on whatever happens to the socket.
             plugin = DockerPlugin(
                 PluginSettings(socket=s.docker_plugin_socket, cni_data_dir=s.cni_data_dir),
-                view=lambda: host_view(host.host),
+                view=partial(self._plugin_view, host, reconciler),
+                cni=CniRunner(),
+                veths=VethPairs(),
             )
-            group.create_task(plugin.serve(), name="docker-plugin")
+            group.create_task(plugin.run(), name="docker-plugin")
+
+    @staticmethod
+    def _plugin_view(host: PassInputs, reconciler: Reconciler) -> HostView:
+        """The host as the last successful full pass programmed it (not the
+        plan, which takes a new lease before the bridge has its subnet);
+        unsettled while the two differ."""
+        programmed = reconciler.programmed or Inputs.of(host)  # set by the first pass
+        return HostView(
+            subnet=programmed.own.subnet,
+            cluster=programmed.config.network,
+            bridge=programmed.spec.bridge,
+            mtu=programmed.spec.mtu,
+            egress=programmed.egress.mode,
+            settled=programmed.own.subnet == host.own.subnet,
+        )
 
     def _wire(
         self, host: HostState, reconciler: Reconciler, leaser: SubnetLeaser, held: HeldLease

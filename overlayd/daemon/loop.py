@@ -114,6 +114,9 @@ class Reconciler:
         self._succeeded_once = False
         self._last_full: float | None = None  # monotonic
         self.last: PassResult | None = None
+        # The inputs of the last successful full pass: what the kernel is
+        # programmed for (the Docker plugin hands out only its subnet).
+        self.programmed: Inputs | None = None
         self.passes = 0
         self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
@@ -166,6 +169,7 @@ class Reconciler:
             )
             if level is Level.FULL:
                 self._last_full = started
+                self.programmed = context.inputs
             self._succeeded_once = True
             if event_at is not None:
                 self.telemetry.watch_lag(time.monotonic() - event_at)

@@ -2,8 +2,10 @@
 netlink (pyroute2, netlink.py), per-peer entries through iproute2's batch
 mode (entries.py), the nftables table with its egress chains and VXLAN
 allow-list (nft.py), the iptables FORWARD
-exception (iptables.py), sysctls (sysctl.py), and read-only looks for
-diagnose (inspect.py).
+exception (iptables.py), sysctls (sysctl.py), read-only looks for
+diagnose (inspect.py), and the Docker plugin's veth pairs through iproute2
+(veth.py: made once per container, not per pass, and kept apart from the
+devices the reconciler owns; the agent hands it to the plugin as a port).
 
 `Dataplane` is the facade the managers program against; `DataplanePort` is
 its Protocol, so the daemon's loop can be unit-tested with a fake.

@@ -21,6 +21,29 @@ The decisions that depend on overlayd's egress mode are in `join_response`:
   container to its own `docker_gwbridge` network as well, with the default
   route there and the published ports handled by Docker's bridge driver,
   exactly as for Docker's own overlay driver.
+A change of egress mode (overlayd restarted with another egress setting)
+applies to containers that join afterwards. A running container keeps what
+its Join got: its default route, and its docker_gwbridge endpoint or none.
+Nothing re-joins it, so it goes out the old way until it is restarted:
+- started in gwbridge mode: its default route stays on docker_gwbridge,
+  Docker's own bridge network, which Docker masquerades itself, so egress
+  goes on working in masquerade or none mode;
+- started in masquerade or none mode: its default route stays via the
+  overlay bridge; in gwbridge mode overlayd no longer masquerades the
+  cluster network's traffic, so it loses egress (in none mode, unless the
+  host NATs it some other way).
+Restart (or disconnect and connect again) the plugin's containers after
+changing the mode.
+
+Addresses are handed out only from the subnet the data plane is programmed
+for (HostView.subnet). While a new lease waits for its first pass
+(HostView.settled false), requests for addresses and pools are refused
+with 503, which Docker reports and its user retries.
+
+At start the server repairs what it can from its records
+(`orphan_reservations`, `veth_repairs`): host-local reservations of this
+plugin that no record holds are released, and ovd* ports of the bridge
+that belong to no recorded endpoint are deleted.
 """
 
 from __future__ import annotations
@@ -84,6 +107,9 @@ class HostView:
     bridge: str
     mtu: int
     egress: str
+    # False while the planned subnet (a new lease) differs from the
+    # programmed one: no new addresses until the bridge has the new subnet.
+    settled: bool = True
 
     @property
     def gateway(self) -> IPv4Address:
@@ -170,10 +196,17 @@ class Records:
         """Our own file; a damaged one raises ValueError (or KeyError/TypeError)."""
         if not isinstance(raw, dict):
             raise ValueError("records must be a JSON object")
+        parts = {name: raw.get(name, {}) for name in ("networks", "endpoints", "addresses")}
+        for name, part in parts.items():
+            if not isinstance(part, dict):
+                raise ValueError(f"records' {name} must be a JSON object")
+        for value in parts["endpoints"].values():
+            if not isinstance(value, dict) or not isinstance(value.get("ports", []), list):
+                raise ValueError("records' endpoints must be JSON objects")
         return cls(
-            networks={str(k): IPv4Network(v) for k, v in raw.get("networks", {}).items()},
-            endpoints={str(k): Endpoint.from_json(v) for k, v in raw.get("endpoints", {}).items()},
-            addresses={IPv4Address(k): str(v) for k, v in raw.get("addresses", {}).items()},
+            networks={str(k): IPv4Network(v) for k, v in parts["networks"].items()},
+            endpoints={str(k): Endpoint.from_json(v) for k, v in parts["endpoints"].items()},
+            addresses={IPv4Address(k): str(v) for k, v in parts["addresses"].items()},
         )
 
     def network(self, network_id: str) -> IPv4Network:
@@ -324,12 +357,25 @@ class JoinRequest:
 
 
 def join(raw: dict[str, Any], records: Records) -> JoinRequest:
+    """Join: refused (409) for an endpoint joined to another sandbox, and for
+    one whose veth names a joined endpoint's veth has (the names keep only 12
+    hex digits of the ID), since making its pair would take the other's."""
     ids = parse_endpoint_ids(raw)
-    records.endpoint(ids.network_id, ids.endpoint_id)
+    endpoint = records.endpoint(ids.network_id, ids.endpoint_id)
     sandbox = _str(raw, "SandboxKey")
     if not sandbox.startswith("/"):
         raise bad(f"SandboxKey {sandbox[:80]!r} is not a path")
     _options(raw)
+    if endpoint.sandbox is not None and endpoint.sandbox != sandbox:
+        raise PluginError(
+            409, f"endpoint {ids.endpoint_id} is joined to {endpoint.sandbox} already: Leave first"
+        )
+    host, _ = veth_names(ids.endpoint_id)
+    for other_id, other in records.endpoints.items():
+        if other_id != ids.endpoint_id and other.sandbox and veth_names(other_id)[0] == host:
+            raise PluginError(
+                409, f"joined endpoint {other_id} has the same veth name {host}: recreate one"
+            )
     return JoinRequest(ids.network_id, ids.endpoint_id, sandbox)
 
 
@@ -376,7 +422,8 @@ def port_mappings(options: dict[str, Any]) -> list[dict[str, Any]]:
     for binding in bindings:
         if not isinstance(binding, dict):
             raise bad(f"{PORTMAP_OPTION} entries must be objects")
-        proto = PROTOCOLS.get(binding.get("Proto"))  # type: ignore[arg-type]
+        number = binding.get("Proto")
+        proto = PROTOCOLS.get(number) if type(number) is int else None
         if proto is None:
             raise bad(f"protocol {binding.get('Proto')!r} is not tcp, udp or sctp")
         host_ip = binding.get("HostIP") or ""
@@ -415,6 +462,7 @@ def port_mappings(options: dict[str, Any]) -> list[dict[str, Any]]:
 
 def request_pool(raw: dict[str, Any], view: HostView) -> dict[str, Any]:
     """RequestPool: the pool is always this host's leased subnet."""
+    unsettled(view)
     if raw.get("V6"):
         raise bad("overlayd's IPAM is IPv4 only (no --ipv6)")
     space = _str(raw, "AddressSpace", required=False)
@@ -442,6 +490,14 @@ def request_pool(raw: dict[str, Any], view: HostView) -> dict[str, Any]:
     return {"PoolID": view.pool_id, "Pool": shown, "Data": {}}
 
 
+def unsettled(view: HostView) -> None:
+    """Refuse while a new subnet is planned but not yet programmed."""
+    if not view.settled:
+        raise PluginError(
+            503, "this host's subnet is changing (a new lease is being programmed): try again"
+        )
+
+
 def pool_subnet(pool_id: str, view: HostView) -> IPv4Network:
     if pool_id != view.pool_id:
         raise unknown(f"pool {pool_id[:80]!r} is not this host's pool {view.pool_id}")
@@ -464,6 +520,7 @@ def request_address(raw: dict[str, Any], view: HostView) -> AddressRequest:
         if wanted is not None and wanted != view.gateway:
             raise bad(f"the gateway must be the overlay bridge's address {view.gateway}")
         return AddressRequest(subnet, True, view.gateway)
+    unsettled(view)
     if wanted is not None:
         start, end = view.host_local_range()
         if wanted not in subnet:
@@ -473,12 +530,54 @@ def request_address(raw: dict[str, Any], view: HostView) -> AddressRequest:
     return AddressRequest(subnet, False, wanted)
 
 
-def release_address(raw: dict[str, Any], view: HostView) -> IPv4Address:
-    subnet = pool_subnet(_str(raw, "PoolID"), view)
+def release_address(raw: dict[str, Any], view: HostView, records: Records) -> IPv4Address:
+    """ReleaseAddress: an address this plugin took is released whatever the
+    pool is now (after a lease change Docker releases the old subnet's
+    addresses under the old pool); anything else must be in this host's
+    pool, where releasing it has nothing to do (the gateway, a repeat)."""
+    pool_id = _str(raw, "PoolID")
     address = _address(_str(raw, "Address"), "Address").ip
+    if address in records.addresses:
+        if not pool_id.startswith(ADDRESS_SPACE + "-"):
+            raise unknown(f"pool {pool_id[:80]!r} is not an overlayd pool")
+        return address
+    subnet = pool_subnet(pool_id, view)
     if address not in subnet:
         raise bad(f"address {address} is outside this host's subnet {subnet}")
     return address
+
+
+CONTAINER_ID_PREFIX = "docker-"  # host-local's container ID for this plugin's addresses
+
+
+def orphan_reservations(
+    reservations: dict[IPv4Address, str], records: Records
+) -> dict[IPv4Address, str]:
+    """Of host-local's reservations (address -> container ID), those this
+    plugin took (`docker-` IDs) that no record holds: lost with a damaged
+    records file, or taken by a request that died half-way. Nothing else
+    can release them."""
+    held = set(records.addresses.values())
+    return {
+        address: owner
+        for address, owner in reservations.items()
+        if owner.startswith(CONTAINER_ID_PREFIX) and owner not in held
+    }
+
+
+def veth_repairs(records: Records, ports: list[str]) -> tuple[list[str], list[str]]:
+    """(the bridge's ovd* ports that belong to no recorded endpoint, to be
+    deleted; the joined endpoints whose veth is gone, to be reported). A
+    record is never dropped here: Docker deletes its endpoints itself."""
+    ours = {veth_names(endpoint_id)[0]: endpoint_id for endpoint_id in records.endpoints}
+    stale = sorted(port for port in ports if port not in ours)
+    present = set(ports)
+    missing = sorted(
+        endpoint_id
+        for host, endpoint_id in ours.items()
+        if records.endpoints[endpoint_id].sandbox is not None and host not in present
+    )
+    return stale, missing
 
 
 def release_pool(raw: dict[str, Any]) -> str:
@@ -492,3 +591,19 @@ def release_pool(raw: dict[str, Any]) -> str:
 
 def address_answer(address: IPv4Address, subnet: IPv4Network) -> dict[str, Any]:
     return {"Address": str(IPv4Interface((address, subnet.prefixlen))), "Data": {}}
+
+
+def host_local_address(result: Any) -> IPv4Address | None:
+    """The address in host-local's ADD result, if it holds one."""
+    if not isinstance(result, dict):
+        return None
+    ips = result.get("ips")
+    if not isinstance(ips, list) or not ips or not isinstance(ips[0], dict):
+        return None
+    text = ips[0].get("address")
+    if not isinstance(text, str):
+        return None
+    try:
+        return IPv4Interface(text).ip
+    except ValueError:
+        return None

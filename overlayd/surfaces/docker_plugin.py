@@ -20,10 +20,22 @@ containers an address of this host's leased subnet on overlayd's bridge.
   gets them instead (see plan/docker_plugin.py).
 
 Requests are parsed and decided in plan/docker_plugin.py; this module does
-the I/O. One lock serialises every request that changes something: Docker
-sends few, and the records and kernel stay consistent without more care.
-Every refusal is a 4xx/5xx with `{"Err": ...}`; nothing a client sends can
-stop the server.
+the I/O. The kernel and the CNI plugins are reached only through two ports
+that the composition root (daemon/agent.py) fills in: `VethPort`
+(dataplane/veth.VethPairs) and `CniPort` (nsexec.CniRunner); unit tests
+give fakes. One lock serialises every request that changes something:
+Docker sends few, and the records and kernel stay consistent without more
+care. Every refusal is a 4xx/5xx with `{"Err": ...}`; nothing a client
+sends can stop the server, and `run` keeps the plugin's own failures (a
+socket path that cannot be used, say) away from the rest of the daemon.
+
+Level-triggered at start (`start`): a damaged records file is set aside
+and the plugin starts empty; host-local reservations under this plugin's
+`docker-` IDs that no record holds are released; ovd* ports of the bridge
+that belong to no recorded endpoint are deleted, and joined endpoints whose
+veth is gone are logged (Docker deletes them itself, or the container stays
+without its interface until restarted). Nothing repairs them later while
+running: a veth deleted by hand is noticed only at the next start.
 """
 
 from __future__ import annotations
@@ -34,28 +46,28 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from overlayd.dataplane import veth
+from overlayd.backoff import sleep_backoff
 from overlayd.plan import docker_plugin as plan
 from overlayd.plan.docker_plugin import Endpoint, HostView, PluginError, Records
-from overlayd.plan.host import Host
+from overlayd.plan.ipam import HOST_LOCAL_STORE
 
 log = logging.getLogger("overlayd.docker_plugin")
 
-PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
-# overlay-cni's network name: host-local keeps its state under dataDir/ipam/<name>.
-CNI_NETWORK = "overlay"
 CNI_VERSION = "1.0.0"
 MAX_REQUEST_BYTES = 1 << 20
-PLUGIN_TIMEOUT_SECONDS = 30.0
 PORTMAP_NETWORK = "overlayd-docker"  # names portmap's chains for Docker's endpoints
+HOST_NETNS = "/proc/self/ns/net"  # host-local needs a netns path, and uses none
+# A plugin that failed stays down this long at most before it tries again.
+RETRY_CAP_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +80,36 @@ class PluginSettings:
         return self.cni_data_dir / "ipam"
 
     @property
+    def host_local_store(self) -> Path:
+        """Where host-local keeps one file per reserved address."""
+        return self.ipam_dir / HOST_LOCAL_STORE
+
+    @property
     def records_file(self) -> Path:
         return self.cni_data_dir / "docker-plugin" / "records.json"
+
+
+class CniPort(Protocol):
+    """Runs a standard CNI plugin by name (nsexec.CniRunner): answers
+    (succeeded, parsed result or error, raw text)."""
+
+    async def __call__(
+        self, plugin: str, command: str, conf: Mapping[str, Any], *, container_id: str, netns: str
+    ) -> tuple[bool, Any, str]: ...
+
+
+class VethPort(Protocol):
+    """The endpoints' veth pairs in the host's namespace (dataplane/veth.VethPairs)."""
+
+    async def exists(self, name: str) -> bool: ...
+
+    async def add_pair(
+        self, host: str, peer: str, *, bridge: str, mtu: int, mac: str | None
+    ) -> None: ...
+
+    async def delete(self, host: str) -> bool: ...
+
+    async def bridge_ports(self, bridge: str, prefix: str) -> list[str]: ...
 
 
 class CniFailed(PluginError):
@@ -77,77 +117,29 @@ class CniFailed(PluginError):
         super().__init__(500, message)
 
 
-def find_plugin(name: str) -> str:
-    for directory in PLUGIN_DIRS:
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise CniFailed(f"the {name!r} CNI plugin is not in {', '.join(PLUGIN_DIRS)}")
-
-
-async def call_cni(
-    plugin: str, command: str, conf: dict[str, Any], *, container_id: str, netns: str
-) -> dict[str, Any] | None:
-    """Run a standard CNI plugin the way a runtime does."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": netns,
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": ":".join(PLUGIN_DIRS),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        find_plugin(plugin),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        async with asyncio.timeout(PLUGIN_TIMEOUT_SECONDS):
-            out, err = await proc.communicate(json.dumps(conf).encode())
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise CniFailed(
-            f"{plugin} {command} took longer than {PLUGIN_TIMEOUT_SECONDS:g} s"
-        ) from None
-    text = out.decode(errors="replace").strip()
-    if proc.returncode != 0:
-        try:
-            msg = json.loads(text).get("msg", text)
-        except (ValueError, AttributeError):
-            msg = text or err.decode(errors="replace").strip()
-        raise CniFailed(f"{plugin} {command}: {msg}")
-    if not text:
-        return None
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        raise CniFailed(f"{plugin} {command} printed no JSON: {text[:200]}") from None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def host_view(host: Host) -> HostView:
-    """What the plugin needs of the daemon's current plan of this host."""
-    return HostView(
-        subnet=host.own.subnet,
-        cluster=host.config.network,
-        bridge=host.spec.bridge,
-        mtu=host.spec.mtu,
-        egress=host.egress.mode,
-    )
-
-
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+def _error_text(parsed: Any, raw: str) -> str:
+    if isinstance(parsed, dict) and isinstance(parsed.get("msg"), str):
+        return str(parsed["msg"])
+    return raw
+
+
 class DockerPlugin:
-    def __init__(self, settings: PluginSettings, view: Callable[[], HostView]) -> None:
+    def __init__(
+        self,
+        settings: PluginSettings,
+        view: Callable[[], HostView],
+        *,
+        cni: CniPort,
+        veths: VethPort,
+    ) -> None:
         self.settings = settings
         self.view = view
-        self.records = self._load()
+        self.cni = cni
+        self.veths = veths
+        self.records = Records()  # read from disk by start()
         self._lock = asyncio.Lock()
         self.handlers: dict[str, tuple[Handler, bool]] = {
             # name -> (handler, takes no arguments)
@@ -180,25 +172,106 @@ class DockerPlugin:
             return Records.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return Records()
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # any damage, even a directory in its place
             # Our own file, damaged: start empty rather than not at all, and
-            # keep the damaged one for a human.
-            log.error("event=docker_plugin_records_damaged path=%s error=%r", path, exc)
-            path.rename(path.with_suffix(".damaged"))
+            # keep the damaged one for a human, never over an earlier one.
+            kept = path.with_name(f"{path.name}.damaged-{time.time_ns()}")
+            try:
+                path.rename(kept)
+            except OSError as rename_failed:
+                kept = Path(f"(not kept: {rename_failed!r})")
+            log.error(
+                "event=docker_plugin_records_damaged path=%s error=%r kept=%s", path, exc, kept
+            )
             return Records()
 
     def _save(self) -> None:
+        """Written whole and renamed, with both the file and the directory
+        synced, so a crash leaves the old records or the new, never none."""
         path = self.settings.records_file
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.records.to_json(), indent=1))
+        with tmp.open("w") as f:
+            f.write(json.dumps(self.records.to_json(), indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    # --- start: level-triggered repairs ---------------------------------------
+
+    async def start(self) -> None:
+        """Records from disk, then what they say repaired (see the module's docstring)."""
+        self.records = self._load()
+        await self._release_orphans()
+        await self._repair_veths()
+
+    def _reservations(self) -> dict[IPv4Address, str]:
+        """host-local's store: one file per address, named by it, holding
+        the container ID on its first line."""
+        found: dict[IPv4Address, str] = {}
+        store = self.settings.host_local_store
+        if not store.is_dir():
+            return found
+        for entry in store.iterdir():
+            try:
+                address = IPv4Address(entry.name)
+            except ValueError:
+                continue  # lock, last_reserved_ip.0
+            try:
+                lines = entry.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            if lines:
+                found[address] = lines[0].strip()
+        return found
+
+    async def _release_orphans(self) -> None:
+        for address, owner in sorted(
+            plan.orphan_reservations(self._reservations(), self.records).items()
+        ):
+            try:
+                await self._cni(
+                    "host-local",
+                    "DEL",
+                    self._host_local_conf(self.view()),
+                    container_id=owner,
+                    netns=HOST_NETNS,
+                )
+            except PluginError as exc:
+                log.error(
+                    "event=docker_orphan_release_failed address=%s cni_id=%s error=%r",
+                    address,
+                    owner,
+                    exc.message,
+                )
+                continue
+            log.warning("event=docker_orphan_released address=%s cni_id=%s", address, owner)
+
+    async def _repair_veths(self) -> None:
+        view = self.view()
+        ports = await self.veths.bridge_ports(view.bridge, plan.HOST_VETH_PREFIX)
+        stale, missing = plan.veth_repairs(self.records, ports)
+        for name in stale:
+            await self.veths.delete(name)
+            log.warning("event=docker_stale_veth_deleted veth=%s", name)
+        for endpoint_id in missing:
+            log.error(
+                "event=docker_veth_missing endpoint=%s sandbox=%s effect=%r",
+                endpoint_id[:12],
+                self.records.endpoints[endpoint_id].sandbox,
+                "the container has no overlay interface until it is restarted",
+            )
 
     # --- HTTP ---------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-        app.router.add_route("*", "/{method}", self._dispatch)
+        app.router.add_route("*", "/{method:.*}", self._dispatch)
         return app
 
     async def _dispatch(self, request: web.Request) -> web.Response:
@@ -219,6 +292,14 @@ class DockerPlugin:
             raw = plan.parse_body(body, empty_ok=empty_ok)
             answer = await handler(raw)
             status = 200
+        except web.HTTPException as exc:  # aiohttp's own refusals (a body too large)
+            answer, status = {"Err": exc.text or exc.reason}, exc.status
+            log.warning(
+                "event=docker_request_refused method=%s status=%d err=%r",
+                method[:80],
+                status,
+                answer["Err"],
+            )
         except PluginError as exc:
             answer, status = exc.body(), exc.status
             log.warning(
@@ -227,32 +308,60 @@ class DockerPlugin:
                 status,
                 exc.message,
             )
-        except web.HTTPException:
-            raise
         except Exception as exc:  # a surface answers, whatever went wrong
             log.exception("event=docker_request_failed method=%s", method[:80])
             answer, status = {"Err": f"overlayd: {type(exc).__name__}: {exc}"}, 500
         return web.json_response(answer, status=status, content_type=plan.CONTENT_TYPE)
 
     async def serve(self) -> None:
-        """Listen until cancelled; the socket file goes with the server."""
+        """Repair, then listen until cancelled; the socket file goes with the server."""
+        await self.start()
         path = self.settings.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
-        old_umask = os.umask(0o177)  # root's only, never briefly wider
         try:
-            site = web.UnixSite(runner, str(path))
-            await site.start()
-        finally:
-            os.umask(old_umask)
-        log.info("event=docker_plugin_listening socket=%s", path)
-        try:
+            old_umask = os.umask(0o177)  # root's only, never briefly wider
+            try:
+                site = web.UnixSite(runner, str(path))
+                await site.start()
+            finally:
+                os.umask(old_umask)
+            log.info("event=docker_plugin_listening socket=%s", path)
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    async def run(self) -> None:
+        """`serve`, again and again with backoff: the plugin failing (its
+        socket path unusable, its records directory read-only) is logged and
+        never ends the daemon, which runs the overlay regardless."""
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self.serve()
+            except Exception:
+                log.exception("event=docker_plugin_failed retry=backoff")
+            if time.monotonic() - started > RETRY_CAP_SECONDS:
+                attempt = 0  # it served a while: a new failure, not the same one
+            await sleep_backoff(attempt, base=1.0, cap=RETRY_CAP_SECONDS)
+            attempt += 1
+
+    # --- CNI ------------------------------------------------------------------------
+
+    async def _cni(
+        self, plugin: str, command: str, conf: Mapping[str, Any], *, container_id: str, netns: str
+    ) -> Any:
+        ok, parsed, raw = await self.cni(
+            plugin, command, conf, container_id=container_id, netns=netns
+        )
+        if not ok:
+            raise CniFailed(f"{plugin} {command}: {_error_text(parsed, raw)}")
+        return parsed
 
     # --- Plugin and capabilities ---------------------------------------------
 
@@ -322,6 +431,8 @@ class DockerPlugin:
             endpoint = self.records.endpoints.get(ids.endpoint_id)
             if endpoint is None:
                 return {}  # deleted already: DeleteEndpoint is idempotent
+            # The record goes whatever the unplugging managed: Docker does
+            # not ask twice, and a record left would block DeleteNetwork.
             await self._unplug(ids.endpoint_id, endpoint)
             del self.records.endpoints[ids.endpoint_id]
             self._save()
@@ -340,7 +451,15 @@ class DockerPlugin:
             req = plan.join(raw, self.records)
             endpoint = self.records.endpoint(req.network_id, req.endpoint_id)
             host, peer = plan.veth_names(req.endpoint_id)
-            await veth.add_pair(host, peer, bridge=view.bridge, mtu=view.mtu, mac=endpoint.mac)
+            if await self.veths.exists(host):
+                if not await self.veths.exists(peer):
+                    # Its peer was moved into a container: that is a live
+                    # interface, never to be pulled out by a Join.
+                    raise PluginError(409, f"{host} is in use by a container: Leave first")
+                await self.veths.delete(host)  # a pair made but never handed over
+            await self.veths.add_pair(
+                host, peer, bridge=view.bridge, mtu=view.mtu, mac=endpoint.mac
+            )
             endpoint.sandbox = req.sandbox
             self._save()
         log.info(
@@ -361,13 +480,31 @@ class DockerPlugin:
         return {}
 
     async def _unplug(self, endpoint_id: str, endpoint: Endpoint) -> None:
-        """Published ports and the veth pair go; the address stays until
-        Docker releases it through IPAM."""
-        if endpoint.ports:
-            await self._portmap("DEL", endpoint_id, endpoint, endpoint.ports)
-            endpoint.ports = []
+        """Published ports and the veth pair go, each as far as it will: a
+        failure is logged and the rest done anyway (Docker carries on after
+        a failed Leave or DeleteEndpoint and never asks again). The address
+        stays until Docker releases it through IPAM."""
         host, _ = plan.veth_names(endpoint_id)
-        await veth.delete(host)
+        if endpoint.ports:
+            try:
+                await self._portmap("DEL", endpoint_id, endpoint, endpoint.ports)
+            except Exception as exc:
+                log.error(
+                    "event=docker_unplug_failed id=%s step=portmap ports=%s error=%r",
+                    endpoint_id[:12],
+                    json.dumps(endpoint.ports),
+                    exc,
+                )
+            endpoint.ports = []
+        try:
+            await self.veths.delete(host)
+        except Exception as exc:
+            log.error(
+                "event=docker_unplug_failed id=%s step=veth veth=%s error=%r",
+                endpoint_id[:12],
+                host,
+                exc,
+            )
         endpoint.sandbox = None
 
     # --- published ports ---------------------------------------------------------
@@ -389,12 +526,12 @@ class DockerPlugin:
     async def _portmap(
         self, command: str, endpoint_id: str, endpoint: Endpoint, ports: list[dict[str, Any]]
     ) -> None:
-        await call_cni(
+        await self._cni(
             "portmap",
             command,
             self._portmap_conf(endpoint, ports),
             container_id=endpoint_id,
-            netns=endpoint.sandbox or "/proc/self/ns/net",
+            netns=endpoint.sandbox or HOST_NETNS,
         )
 
     async def _program_ports(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -442,7 +579,7 @@ class DockerPlugin:
     def _host_local_conf(self, view: HostView) -> dict[str, Any]:
         return {
             "cniVersion": CNI_VERSION,
-            "name": CNI_NETWORK,
+            "name": HOST_LOCAL_STORE,
             "ipam": view.host_local_ipam(str(self.settings.ipam_dir)),
         }
 
@@ -454,42 +591,52 @@ class DockerPlugin:
         conf = self._host_local_conf(view)
         if req.address is not None:
             conf["args"] = {"cni": {"ips": [str(req.address)]}}
-        container_id = f"docker-{secrets.token_hex(16)}"
+        container_id = f"{plan.CONTAINER_ID_PREFIX}{secrets.token_hex(16)}"
         async with self._lock:
-            result = await call_cni(
-                "host-local", "ADD", conf, container_id=container_id, netns="/proc/self/ns/net"
-            )
             try:
-                address = IPv4Interface(result["ips"][0]["address"]).ip  # type: ignore[index]
-            except (TypeError, KeyError, IndexError, ValueError):
-                await call_cni(
-                    "host-local", "DEL", conf, container_id=container_id, netns="/proc/self/ns/net"
+                result = await self._cni(
+                    "host-local", "ADD", conf, container_id=container_id, netns=HOST_NETNS
                 )
-                raise CniFailed(f"host-local gave no address: {result}") from None
-            self.records.addresses[address] = container_id
-            self._save()
+                address = plan.host_local_address(result)
+                if address is None:
+                    raise CniFailed(f"host-local gave no address: {json.dumps(result)[:200]}")
+                self.records.addresses[address] = container_id
+                self._save()
+            except BaseException:
+                # Failed, or cancelled (Docker gave up, the daemon stops):
+                # whatever host-local reserved under this ID is freed, or it
+                # would stay taken with no record (start() frees it otherwise).
+                self.records.addresses = {
+                    a: c for a, c in self.records.addresses.items() if c != container_id
+                }
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        self._cni(
+                            "host-local", "DEL", conf, container_id=container_id, netns=HOST_NETNS
+                        )
+                    )
+                raise
         log.info("event=docker_address_taken address=%s cni_id=%s", address, container_id)
         return plan.address_answer(address, req.subnet)
 
     async def _release_address(self, raw: dict[str, Any]) -> dict[str, Any]:
         view = self.view()
-        address = plan.release_address(raw, view)
         async with self._lock:
+            address = plan.release_address(raw, view, self.records)
             container_id = self.records.addresses.get(address)
             if container_id is None:
                 # The gateway, or an address released already.
                 return {}
-            await call_cni(
+            # host-local releases by container ID, in whatever range the
+            # address was: the current subnet's config frees an old one too.
+            await self._cni(
                 "host-local",
                 "DEL",
                 self._host_local_conf(view),
                 container_id=container_id,
-                netns="/proc/self/ns/net",
+                netns=HOST_NETNS,
             )
             del self.records.addresses[address]
             self._save()
         log.info("event=docker_address_released address=%s", address)
         return {}
-
-    def allocated(self) -> dict[IPv4Address, str]:
-        return dict(self.records.addresses)

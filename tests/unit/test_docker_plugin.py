@@ -4,8 +4,10 @@ shape, and the answers that depend on the egress mode."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,6 +194,9 @@ def test_published_ports_become_portmap_mappings() -> None:
     for bad_binding, text in (
         ({"Proto": 6, "Port": 80, "HostPort": 0}, "explicit host port"),
         ({"Proto": 1, "Port": 80, "HostPort": 80}, "not tcp"),
+        # Not a number: a refusal, never a TypeError (a 500).
+        ({"Proto": [6], "Port": 80, "HostPort": 80}, "not tcp"),
+        ({"Proto": True, "Port": 80, "HostPort": 80}, "not tcp"),
         ({"Proto": 6, "Port": 80, "HostPort": 70000}, "not a port"),
         ({"Proto": 6, "Port": 80, "HostPort": 80, "HostPortEnd": 90}, "ranges"),
         ({"Proto": 6, "Port": 80, "HostPort": 80, "HostIP": "nope"}, "not an address"),
@@ -261,12 +266,15 @@ def test_request_address_gateway_range_and_pool() -> None:
 
 def test_release_address_and_pool() -> None:
     pool = view().pool_id
-    assert plan.release_address({"PoolID": pool, "Address": "10.244.3.7"}, view()) == IPv4Address(
-        "10.244.3.7"
-    )
+    held = records()
+    assert plan.release_address(
+        {"PoolID": pool, "Address": "10.244.3.7"}, view(), held
+    ) == IPv4Address("10.244.3.7")
     assert (
         "outside"
-        in refused(plan.release_address, {"PoolID": pool, "Address": "10.9.9.9"}, view()).message
+        in refused(
+            plan.release_address, {"PoolID": pool, "Address": "10.9.9.9"}, view(), held
+        ).message
     )
     assert plan.release_pool({"PoolID": pool}) == pool
     assert refused(plan.release_pool, {"PoolID": "default/x"}).status == 404
@@ -331,7 +339,12 @@ async def test_server_answers_bad_requests_with_err(tmp_path: Any) -> None:
 
     from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 
-    plugin = DockerPlugin(PluginSettings(tmp_path / "p.sock", tmp_path / "cni"), view=view)
+    plugin = DockerPlugin(
+        PluginSettings(tmp_path / "p.sock", tmp_path / "cni"),
+        view=view,
+        cni=FakeCni(),
+        veths=FakeVeths(),
+    )
     async with TestClient(TestServer(plugin.app())) as client:
 
         async def post(method: str, body: bytes) -> tuple[int, Any, str]:
@@ -367,3 +380,414 @@ async def test_server_answers_bad_requests_with_err(tmp_path: Any) -> None:
         assert status == 200 and answer == {}
         assert plugin.records.networks == {NET: SUBNET}
         assert (tmp_path / "cni" / "docker-plugin" / "records.json").exists()
+
+
+# --- the server's logic, with fakes for its two ports ---------------------------
+
+
+class FakeCni:
+    """host-local and portmap as the plugin sees them: host-local keeps an
+    address -> container ID store; `fail` makes (plugin, command) fail;
+    `hold` makes host-local ADD reserve and then wait (a slow plugin)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.store: dict[IPv4Address, str] = {}
+        self.fail: set[tuple[str, str]] = set()
+        self.hold: asyncio.Event | None = None
+        self.reserved = asyncio.Event()
+
+    async def __call__(
+        self, plugin: str, command: str, conf: Any, *, container_id: str, netns: str
+    ) -> tuple[bool, Any, str]:
+        self.calls.append((plugin, command, container_id))
+        if (plugin, command) in self.fail:
+            return False, {"msg": f"{plugin} {command} failed"}, ""
+        if plugin == "host-local" and command == "ADD":
+            address = next(
+                IPv4Address(int(SUBNET.network_address) + n)
+                for n in range(2, 120)
+                if IPv4Address(int(SUBNET.network_address) + n) not in self.store
+            )
+            self.store[address] = container_id
+            self.reserved.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            return True, {"ips": [{"address": f"{address}/24"}]}, ""
+        if plugin == "host-local" and command == "DEL":
+            self.store = {a: c for a, c in self.store.items() if c != container_id}
+        return True, None, ""
+
+
+class FakeVeths:
+    """Links in the host's namespace; `moved` takes a peer into a container."""
+
+    def __init__(self) -> None:
+        self.links: set[str] = {"ovl0"}
+        self.ports: set[str] = set()
+        self.peers: dict[str, str] = {}
+
+    async def exists(self, name: str) -> bool:
+        return name in self.links
+
+    async def add_pair(
+        self, host: str, peer: str, *, bridge: str, mtu: int, mac: str | None
+    ) -> None:
+        assert host not in self.links, "add_pair never replaces a link"
+        self.links |= {host, peer}
+        self.ports.add(host)
+        self.peers[host] = peer
+
+    async def delete(self, host: str) -> bool:
+        if host not in self.links:
+            return False
+        self.links -= {host, self.peers.pop(host, "")}
+        self.ports.discard(host)
+        return True
+
+    async def bridge_ports(self, bridge: str, prefix: str) -> list[str]:
+        return sorted(p for p in self.ports if p.startswith(prefix))
+
+    def moved(self, peer: str) -> None:
+        self.links.discard(peer)
+
+
+def make_plugin(
+    tmp_path: Any, the_view: Any = view, cni: FakeCni | None = None, veths: FakeVeths | None = None
+) -> Any:
+    from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
+
+    return DockerPlugin(
+        PluginSettings(tmp_path / "p.sock", tmp_path / "cni"),
+        view=the_view,
+        cni=cni or FakeCni(),
+        veths=veths or FakeVeths(),
+    )
+
+
+async def call(plugin: Any, method: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One request through the plugin's real aiohttp app."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(plugin.app())) as client:
+        response = await client.post(f"/{method}", data=json.dumps(body).encode())
+        return response.status, await response.json(content_type=None)
+
+
+async def joined_endpoint(plugin: Any, sandbox: str = "/var/run/docker/netns/abc") -> None:
+    """A network, an endpoint EP in it, joined to `sandbox`."""
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    status, _ = await call(plugin, "NetworkDriver.CreateEndpoint", endpoint_request())
+    assert status == 200
+    status, _ = await call(
+        plugin, "NetworkDriver.Join", {"NetworkID": NET, "EndpointID": EP, "SandboxKey": sandbox}
+    )
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "damage", ['{"networks": []}', '{"endpoints": {"x": 1}}', "[]", "{nope", "a directory"]
+)
+async def test_damaged_records_never_stop_the_plugin(tmp_path: Any, damage: str) -> None:
+    plugin = make_plugin(tmp_path)
+    path = plugin.settings.records_file
+    # Positive control: good records are read back.
+    await plugin.start()
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    again = make_plugin(tmp_path)
+    await again.start()
+    assert again.records.networks == {NET: SUBNET}
+    # Damaged twice: the plugin starts empty each time and keeps both files.
+    for _ in range(2):
+        path.unlink(missing_ok=True)
+        if damage == "a directory":
+            path.mkdir()
+        else:
+            path.write_text(damage)
+        damaged = make_plugin(tmp_path)
+        await damaged.start()
+        assert damaged.records == Records()
+    kept = sorted(path.parent.glob("records.json.damaged-*"))
+    assert len(kept) == 2
+    # And it works on: the next save writes a good file.
+    assert await call(damaged, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    assert json.loads(path.read_text())["networks"] == {NET: str(SUBNET)}
+
+
+async def test_failed_unplug_still_deletes_endpoint_and_veth(tmp_path: Any) -> None:
+    cni, veths = FakeCni(), FakeVeths()
+    plugin = make_plugin(tmp_path, cni=cni, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin)
+    ports = {plan.PORTMAP_OPTION: [{"Proto": 6, "Port": 80, "HostPort": 8080}]}
+    status, _ = await call(
+        plugin,
+        "NetworkDriver.ProgramExternalConnectivity",
+        {"NetworkID": NET, "EndpointID": EP, "Options": ports},
+    )
+    assert status == 200 and plugin.records.endpoints[EP].ports
+    host, _ = plan.veth_names(EP)
+    assert host in veths.links
+    cni.fail.add(("portmap", "DEL"))
+    ids = {"NetworkID": NET, "EndpointID": EP}
+    assert await call(plugin, "NetworkDriver.DeleteEndpoint", ids) == (200, {})
+    assert EP not in plugin.records.endpoints
+    assert host not in veths.links
+    assert ("portmap", "DEL", EP) in cni.calls
+    # Nothing blocks the network's deletion now.
+    assert await call(plugin, "NetworkDriver.DeleteNetwork", {"NetworkID": NET}) == (200, {})
+
+
+async def test_join_never_takes_a_live_interface(tmp_path: Any) -> None:
+    veths = FakeVeths()
+    plugin = make_plugin(tmp_path, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin, "/run/docker/netns/one")
+    host, peer = plan.veth_names(EP)
+    veths.moved(peer)  # Docker moved it into the container
+    join = {"NetworkID": NET, "EndpointID": EP}
+    # Joined to another sandbox: refused, the container keeps its interface.
+    status, answer = await call(
+        plugin, "NetworkDriver.Join", {**join, "SandboxKey": "/run/docker/netns/two"}
+    )
+    assert status == 409 and "joined" in answer["Err"]
+    # The same sandbox again, but the peer is in the container: refused too.
+    status, answer = await call(
+        plugin, "NetworkDriver.Join", {**join, "SandboxKey": "/run/docker/netns/one"}
+    )
+    assert status == 409 and "in use" in answer["Err"]
+    assert host in veths.links
+    # An endpoint whose ID shares the first 12 hex digits: its veth name is taken.
+    twin = EP[:12] + "c" * 52
+    status, _ = await call(
+        plugin,
+        "NetworkDriver.CreateEndpoint",
+        {**endpoint_request("10.244.3.6/24"), "EndpointID": twin},
+    )
+    assert status == 200
+    status, answer = await call(
+        plugin,
+        "NetworkDriver.Join",
+        {"NetworkID": NET, "EndpointID": twin, "SandboxKey": "/run/docker/netns/three"},
+    )
+    assert status == 409 and "same veth name" in answer["Err"]
+    assert host in veths.links
+    # Positive control: after Leave, a Join makes a fresh pair.
+    assert await call(plugin, "NetworkDriver.Leave", join) == (200, {})
+    assert host not in veths.links
+    status, _ = await call(
+        plugin, "NetworkDriver.Join", {**join, "SandboxKey": "/run/docker/netns/two"}
+    )
+    assert status == 200 and {host, peer} <= veths.links
+
+
+async def test_join_replaces_a_pair_never_handed_over(tmp_path: Any) -> None:
+    veths = FakeVeths()
+    plugin = make_plugin(tmp_path, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin)  # both ends still in the host's namespace
+    host, peer = plan.veth_names(EP)
+    status, _ = await call(
+        plugin,
+        "NetworkDriver.Join",
+        {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"},
+    )
+    assert status == 200 and {host, peer} <= veths.links
+
+
+async def test_address_released_after_a_lease_change(tmp_path: Any) -> None:
+    cni = FakeCni()
+    current = {"view": view()}
+    plugin = make_plugin(tmp_path, lambda: current["view"], cni=cni)
+    await plugin.start()
+    old_pool = view().pool_id
+    status, answer = await call(plugin, "IpamDriver.RequestAddress", {"PoolID": old_pool})
+    assert status == 200
+    address = IPv4Interface(answer["Address"]).ip
+    held_by = plugin.records.addresses[address]
+    # The host's lease moves to another subnet.
+    moved = HostView(
+        subnet=IPv4Network("10.244.9.0/24"),
+        cluster=IPv4Network("10.244.0.0/16"),
+        bridge="ovl0",
+        mtu=1450,
+        egress="masquerade",
+    )
+    current["view"] = moved
+    # An address we never took, in the old pool: still 404 (not this pool).
+    status, _ = await call(
+        plugin, "IpamDriver.ReleaseAddress", {"PoolID": old_pool, "Address": "10.244.3.99"}
+    )
+    assert status == 404
+    # Ours: released whatever the pool is now.
+    status, _ = await call(
+        plugin, "IpamDriver.ReleaseAddress", {"PoolID": old_pool, "Address": str(address)}
+    )
+    assert status == 200
+    assert ("host-local", "DEL", held_by) in cni.calls
+    assert address not in plugin.records.addresses and not cni.store
+
+
+async def test_start_releases_reservations_no_record_holds(tmp_path: Any) -> None:
+    cni = FakeCni()
+    plugin = make_plugin(tmp_path, cni=cni)
+    store = plugin.settings.host_local_store
+    store.mkdir(parents=True)
+    plugin.records.addresses[IPv4Address("10.244.3.11")] = "docker-held"
+    plugin._save()
+    for name, content in {
+        "10.244.3.10": "docker-lost\r\neth0",  # ours, no record: released
+        "10.244.3.11": "docker-held\r\neth0",  # ours, recorded: kept
+        "10.244.3.12": "5d2c0ffee\r\neth0",  # a podman container's: not ours
+        "lock": "",
+        "last_reserved_ip.0": "10.244.3.12",
+    }.items():
+        (store / name).write_text(content)
+    await plugin.start()
+    dels = [c for c in cni.calls if c[:2] == ("host-local", "DEL")]
+    assert dels == [("host-local", "DEL", "docker-lost")]
+    assert plugin.records.addresses == {IPv4Address("10.244.3.11"): "docker-held"}
+
+
+async def test_cancelled_address_request_frees_the_reservation(tmp_path: Any) -> None:
+    cni = FakeCni()
+    plugin = make_plugin(tmp_path, cni=cni)
+    await plugin.start()
+    cni.hold = asyncio.Event()
+    task = asyncio.create_task(plugin._request_address({"PoolID": view().pool_id}))
+    await asyncio.wait_for(cni.reserved.wait(), 5)
+    assert len(cni.store) == 1
+    (held_by,) = cni.store.values()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ("host-local", "DEL", held_by) in cni.calls
+    assert not cni.store and not plugin.records.addresses
+    # Positive control: a request that is not cancelled keeps its address.
+    cni.hold.set()
+    answer = await plugin._request_address({"PoolID": view().pool_id})
+    assert IPv4Interface(answer["Address"]).ip in plugin.records.addresses
+    assert len(cni.store) == 1
+
+
+async def test_run_plugin_kills_the_child_when_cancelled(tmp_path: Any) -> None:
+    from overlayd.nsexec import run_plugin
+
+    script = tmp_path / "slow"
+    script.write_text('#!/bin/sh\necho $$ > "$PIDFILE"\ncat >/dev/null\nexec sleep 60\n')
+    script.chmod(0o755)
+    pidfile = tmp_path / "pid"
+    env = {"PATH": "/usr/bin:/bin", "PIDFILE": str(pidfile)}
+    task = asyncio.create_task(run_plugin([str(script)], {"cniVersion": "1.0.0"}, env))
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    pid = int(pidfile.read_text())
+    alive = Path(f"/proc/{pid}")
+    assert alive.exists()  # noqa: ASYNC240 (a test's one look)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not alive.exists()  # noqa: ASYNC240 (killed and reaped)
+    # Positive control: a plugin that answers is heard.
+    quick = tmp_path / "quick"
+    quick.write_text("#!/bin/sh\ncat >/dev/null\necho '{\"ips\": []}'\n")
+    quick.chmod(0o755)
+    assert await run_plugin([str(quick)], {}, env) == (True, {"ips": []}, '{"ips": []}')
+
+
+async def test_refusals_of_aiohttp_have_dockers_shape(tmp_path: Any) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    plugin = make_plugin(tmp_path)
+    await plugin.start()
+    async with TestClient(TestServer(plugin.app())) as client:
+        huge = b'{"NetworkID": "' + b"a" * (2 << 20) + b'"}'
+        for response in (
+            await client.post("/NetworkDriver.CreateNetwork", data=huge),
+            await client.get("/Plugin.Activate"),
+            await client.post("/Plugin/Activate", data=b"{}"),
+        ):
+            assert response.status in (404, 405, 413)
+            assert response.content_type == plan.CONTENT_TYPE
+            answer = await response.json(content_type=None)
+            assert set(answer) == {"Err"} and answer["Err"]
+        # Positive control: a good request in the same app.
+        response = await client.post("/Plugin.Activate", data=b"")
+        assert response.status == 200
+
+
+def test_no_new_addresses_while_the_subnet_changes() -> None:
+    moving = HostView(
+        subnet=SUBNET,
+        cluster=IPv4Network("10.244.0.0/16"),
+        bridge="ovl0",
+        mtu=1450,
+        egress="masquerade",
+        settled=False,
+    )
+    pool = {"PoolID": moving.pool_id}
+    assert refused(plan.request_address, pool, moving).status == 503
+    assert refused(plan.request_pool, {}, moving).status == 503
+    # The gateway is the bridge's, not allocated: still answered.
+    gateway = {**pool, "Options": {"RequestAddressType": plan.GATEWAY_REQUEST}}
+    assert plan.request_address(gateway, moving).gateway
+    # Positive control: settled, the same request is served.
+    assert not plan.request_address(pool, view()).gateway
+
+
+async def test_start_repairs_the_plugins_veths(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    veths = FakeVeths()
+    plugin = make_plugin(tmp_path, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin)
+    host, _ = plan.veth_names(EP)
+    # A stale port of an endpoint overlayd has no record of (removed while
+    # it was down), and the recorded endpoint's veth deleted by hand.
+    stale = plan.HOST_VETH_PREFIX + "dead00000000"
+    veths.links.add(stale)
+    veths.ports.add(stale)
+    await veths.delete(host)
+    again = make_plugin(tmp_path, veths=veths)
+    with caplog.at_level("ERROR"):
+        await again.start()
+    assert stale not in veths.links
+    assert EP in again.records.endpoints  # kept, reported
+    assert "docker_veth_missing" in caplog.text
+    # Positive control: a recorded endpoint's veth is left alone.
+    plugin2 = make_plugin(tmp_path / "b", veths=veths)
+    await plugin2.start()
+    await joined_endpoint(plugin2)
+    await make_plugin(tmp_path / "b", veths=veths).start()
+    assert host in veths.links
+
+
+async def test_run_outlives_an_unusable_socket_path(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = make_plugin(tmp_path)
+    socket_path = plugin.settings.socket
+    (socket_path / "x").mkdir(parents=True)  # a non-empty directory where the socket goes
+    with caplog.at_level("ERROR"):
+        task = asyncio.create_task(plugin.run())
+        for _ in range(100):
+            if "docker_plugin_failed" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "docker_plugin_failed" in caplog.text
+        assert not task.done()
+        # Positive control: once the path is usable, the retry serves.
+        (socket_path / "x").rmdir()
+        socket_path.rmdir()
+        for _ in range(300):
+            if socket_path.is_socket():
+                break
+            await asyncio.sleep(0.02)
+        assert socket_path.is_socket()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not socket_path.exists()

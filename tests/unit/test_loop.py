@@ -408,3 +408,26 @@ async def test_a_check_puts_back_an_element_deleted_by_hand_and_removes_a_strang
     assert dataplane.allowed == {PEER.public_ip}
     assert "allow 1" in dataplane.calls and "disallow 1" in dataplane.calls
     assert telemetry.drift_repairs["nftables"] == 1
+
+
+async def test_the_docker_plugin_sees_the_programmed_subnet_not_the_planned_one() -> None:
+    from overlayd.daemon.agent import Agent
+
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, dataplane)
+    assert loop.programmed is None
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet == OWN.subnet and view.settled  # positive control
+    # A new lease is planned; its pass fails: the bridge still has the old subnet.
+    inputs.own = replace(OWN, subnet=IPv4Network("10.244.7.0/24"))
+    dataplane.kernel = EntrySet()  # so that the pass has entries to apply
+    dataplane.fail_next_apply = True
+    assert not (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet == OWN.subnet and not view.settled
+    # Programmed now: the plugin moves on.
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet == IPv4Network("10.244.7.0/24") and view.settled
