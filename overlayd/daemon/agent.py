@@ -26,7 +26,7 @@ from ipaddress import IPv4Network
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
-from overlayd.daemon.loop import Reconciler, standard_managers
+from overlayd.daemon.loop import PassResult, Reconciler, standard_managers
 from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
@@ -35,7 +35,7 @@ from overlayd.model import NetworkConfig
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
-from overlayd.plan.host import Host, check_mtu, describe_mode, host_plan
+from overlayd.plan.host import check_mtu, describe_mode, host_plan
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
@@ -45,7 +45,12 @@ from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
-from overlayd.surfaces.subnetfile import read_subnet, subnet_file_for, write_atomically
+from overlayd.surfaces.subnetfile import (
+    HostFacts,
+    read_subnet,
+    subnet_file_for,
+    write_atomically,
+)
 from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger("overlayd")
@@ -90,6 +95,7 @@ class Agent:
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
+        self._subnet_file_text: str | None = None  # what the file says, as we wrote it
         self._config_key = config_key(settings.etcd_prefix)
         self._subnets = subnets_prefix(settings.etcd_prefix)
         self.mirror = Mirror(
@@ -163,9 +169,25 @@ class Agent:
             gwbridge_subnet=subnet,
         )
 
-    def _write_subnet_file(self, host: Host) -> None:
-        write_atomically(self.settings.subnet_file, subnet_file_for(host).render())
+    def _write_subnet_file(self, host: HostFacts) -> None:
+        text = subnet_file_for(host).render()
+        if text == self._subnet_file_text:
+            return
+        write_atomically(self.settings.subnet_file, text)
+        self._subnet_file_text = text
         self.telemetry.subnet_file_written = True
+
+    def _subnet_file_after_pass(self, reconciler: Reconciler, outcome: PassResult) -> None:
+        """The subnet file follows what the kernel is programmed for, never
+        the plan: a new lease (or MTU, or egress mode) reaches the file only
+        after a full pass has put it on the bridge, so a CNI ADD or Docker
+        never gets an address the bridge does not route yet."""
+        if outcome.ok and reconciler.programmed is not None:
+            try:
+                self._write_subnet_file(reconciler.programmed)
+            except OSError as exc:  # the next pass tries again
+                self._subnet_file_text = None
+                log.error("event=subnet_file_failed error=%r", exc)
 
     async def _start(self, group: asyncio.TaskGroup) -> None:
         s = self.settings
@@ -235,10 +257,11 @@ class Agent:
         while not first.ok:
             await asyncio.sleep(1.0)
             first = await reconciler.reconcile_once()
-        self._write_subnet_file(host.host)
-        # Only now: the subnet file must never name a subnet before the data
-        # plane for it is programmed.
-        host.on_change.append(self._write_subnet_file)
+        assert reconciler.programmed is not None  # the first pass was full
+        self._write_subnet_file(reconciler.programmed)
+        # From now on after every pass: the subnet file must never name a
+        # subnet before the data plane for it is programmed.
+        reconciler.on_pass = partial(self._subnet_file_after_pass, reconciler)
         log.info(
             "event=ready subnet=%s vtep_mac=%s peers=%d subnet_file=%s",
             held.lease.subnet,

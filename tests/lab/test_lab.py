@@ -164,6 +164,33 @@ def test_an_overlapping_gwbridge_subnet_stops_the_daemon_before_it_leases(lab: L
     assert lab.leases() == leases
 
 
+def test_a_host_whose_lease_is_taken_names_its_new_subnet_only_once_the_bridge_has_it(
+    lab: Lab,
+) -> None:
+    # Last on the shared lab: h1's containers keep addresses of its old subnet.
+    old = lab.subnet(1)
+    key = f"/coreos.com/network/subnets/{old.network_address}-{old.prefixlen}"
+    value = json.loads(lab.leases()[key])
+    value["PublicIP"] = "192.0.2.250"  # someone else has it now
+    lab.etcd(lambda s: s.put(key, json.dumps(value)))
+    try:
+        seen: list[str] = []
+
+        def moved_with_the_bridge() -> bool:
+            new = lab.subnet(1)
+            if new == old:
+                return False
+            # The file never names a subnet before the bridge holds its gateway.
+            seen.append(netns.ip(lab.host_ns(1), "-4", "addr", "show", "dev", "ovl0"))
+            return True
+
+        wait_until(moved_with_the_bridge, step=0.005)
+        gateway = f"{lab.subnet(1).network_address + 1}/{old.prefixlen}"
+        assert gateway in seen[0], seen[0]
+    finally:
+        lab.etcd(partial(delete, key))
+
+
 def test_lab_down_cleans_up_after_a_crash_half_way() -> None:
     crashed = Lab(f"{SESSION_TAG}b")
     netns.add_namespace(crashed.switch_ns)
