@@ -383,7 +383,7 @@ def make_missing_dirs(path: Path, record: Path) -> None:
         try:
             d.mkdir()
         except FileExistsError:
-            continue  # another lab made it at the same moment: its to record
+            continue  # another lab made it at the same moment and records it
         record.parent.mkdir(parents=True, exist_ok=True)
         with record.open("a") as f:
             f.write(f"{d}\n")
