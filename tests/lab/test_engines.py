@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from overlayd.lab import netns
 from overlayd.lab.engines import IMAGE, Docker, Podman, processes_mentioning
 from overlayd.lab.lab import Lab, LabSettings
 from overlayd.plan.ipam import container_ranges
@@ -228,7 +229,7 @@ def test_teardown_leaves_no_engine_behind(lab: Lab) -> None:
     assert all(os.path.exists(path) for path in record)
     assert any(root in line for line in mountinfo())
     for c in (p, d):
-        assert c.pid > 0 and Path(f"/proc/{c.pid}/cmdline").read_bytes()
+        assert c.pid > 0 and netns.proc_cmdline(c.pid)
     lab.remove_host(host)
     assert not any(root in line for line in mountinfo())
     assert not any(os.path.exists(path) for path in record)

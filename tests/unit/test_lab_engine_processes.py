@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from overlayd.lab.engines import is_engine_program, processes_mentioning
+from overlayd.lab.netns import proc_cmdline
 from tests.conftest import wait_until
 
 
@@ -25,7 +26,7 @@ def named(argv0: str, *args: str) -> subprocess.Popen[bytes]:
 
 def started(proc: subprocess.Popen[bytes], parts: int) -> subprocess.Popen[bytes]:
     """`proc` once its command line shows its arguments (seen to lag Popen's return)."""
-    wait_until(lambda: len(Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")) > parts)
+    wait_until(lambda: len(proc_cmdline(proc.pid)) >= parts)
     return proc
 
 
