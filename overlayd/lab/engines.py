@@ -18,6 +18,9 @@ How they run here (see shared FACTS.md, "engines"):
   namespace of its own, with <host dir>/docker-plugins bound over
   /run/docker/plugins (and /etc/docker/plugins), so each dockerd discovers
   only its own host's network plugin; its state is in <host dir>/docker.
+  /run/docker/plugins must exist in the root mount namespace to be bound
+  over: the lab makes it only if missing, and removes what it made once no
+  dockerd mount namespace is left (PLUGIN_SOCKETS).
   That mount namespace is made once per host and kept (its ns file bound at
   <host dir>/docker/mntns), and every dockerd of the host enters it: dockerd
   keeps its containers' network namespaces as bind mounts under its
@@ -28,8 +31,11 @@ How they run here (see shared FACTS.md, "engines"):
 Teardown (`teardown_host`) works from what is on disk, so `lab down` cleans
 up engines another process started, or ones left by a crash: containers
 removed through the engine, then runc's own state swept, engine processes
-stopped, mounts under the host's directory unmounted, and Podman's
-/run/netns entries of those containers removed.
+(dockerd, containerd, shims, conmon, ...: ENGINE_PROGRAMS, never a user's
+`tail` of a log there) stopped, mounts under the host's directory
+unmounted, and Podman's /run/netns entries of those containers removed. An
+engine whose teardown fails is swept from disk all the same, and the
+failure reported after the rest is done.
 """
 
 from __future__ import annotations
@@ -44,14 +50,14 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, ClassVar
 
 from overlayd.lab.hosts import HostFiles
-from overlayd.lab.netns import LabCommandError
+from overlayd.lab.netns import LabCommandError, nsenter_argv, proc_cmdline
 
 IMAGE = "localhost/overlayd-busybox"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
@@ -63,16 +69,11 @@ DOCKER_FLAVOURS = ("docker-opts", "plain")
 ENGINE_KINDS = ("podman", "docker")
 NETWORK = "overlay"  # the CNI network (conflist) name Podman's containers join
 ENGINE_WAIT_SECONDS = 60.0
+NETNS_RECORD = "netns-entries"  # Podman's /run/netns entries, under its state dir
 
 
 class EngineError(LabCommandError):
     pass
-
-
-def nsenter_argv(ns: str, *argv: str) -> list[str]:
-    """`argv` in the lab namespace `ns`'s network namespace only (the mount
-    namespace, /sys included, stays the caller's)."""
-    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
 
 
 def _run(
@@ -237,23 +238,43 @@ def parse_publish(spec: str) -> tuple[int, int]:
 # --- processes and mounts --------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+# The programs an engine runs (by argv[0]'s base name), the only processes
+# teardown may stop: a user's `tail -f <state dir>/dockerd.log` or an
+# editor on a file there mentions the dir too, and is none of ours.
+ENGINE_PROGRAMS = frozenset(
+    {
+        "dockerd",
+        "containerd",
+        "conmon",
+        "podman",
+        "runc",
+        "catatonit",
+        "docker-init",
+        "docker-proxy",
+    }
+)
+
+
+def is_engine_program(argv0: str) -> bool:
+    """Whether argv[0] names one of an engine's programs (containerd-shim*
+    counts: containerd-shim-runc-v2 and its kin)."""
+    name = Path(argv0).name
+    return name in ENGINE_PROGRAMS or name.startswith("containerd-shim")
 
 
 def processes_mentioning(directory: str) -> list[int]:
-    """Processes whose command line names `directory` or a path under it
-    (an engine's state dir: dockerd, containerd, its shims and conmon all
-    name it). Not a mere prefix: <host>/docker-plugins is not <host>/docker."""
+    """Engine processes (is_engine_program) whose command line names
+    `directory` or a path under it (an engine's state dir: dockerd,
+    containerd, its shims and conmon all name it). Not a mere prefix:
+    <host>/docker-plugins is not <host>/docker."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        if any(names_path_under(part, directory) for part in _cmdline(int(entry.name))):
+        argv = proc_cmdline(int(entry.name))
+        if not argv or not is_engine_program(argv[0]):
+            continue
+        if any(names_path_under(part, directory) for part in argv[1:]):
             found.append(int(entry.name))
     return found
 
@@ -294,8 +315,7 @@ def mounts_under(directory: Path) -> list[str]:
     """Mount points at or below `directory` in our mount namespace, deepest first."""
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # The mount point is field 5, with spaces etc. octal-escaped.
-        target = line.split()[4].encode().decode("unicode_escape")
+        target = _mount_target(line)
         if target == str(directory) or target.startswith(f"{directory}/"):
             found.append(target)
     return sorted(set(found), key=lambda t: (-t.count("/"), t))
@@ -314,6 +334,100 @@ def sweep_runc(root: Path) -> None:
     out = _run(["runc", "--root", str(root), "list", "-q"], check=False)
     for cid in out.split():
         _run(["runc", "--root", str(root), "delete", "--force", cid], check=False)
+
+
+def sweep_state_dir(directory: Path) -> list[str]:
+    """The fallback when an engine's own teardown failed (its command line
+    broke, timed out, or its state is damaged): runc's containers under the
+    dir killed (Podman's and dockerd's runc roots), its engine processes
+    stopped, its mounts unmounted, Podman's recorded /run/netns entries
+    removed. Each step is tried whatever the one before did; what failed is
+    returned."""
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("runc", lambda: sweep_runc(directory / "runc")),
+        ("runc", lambda: sweep_runc(directory / "exec" / "runtime-runc" / "moby")),
+        ("processes", lambda: stop_processes(processes_mentioning(str(directory)))),
+        ("mounts", lambda: unmount_under(directory)),
+        ("netns", lambda: remove_netns_entries(_recorded_netns(directory))),
+    ]
+    failed = []
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # the sweep is the last resort: it goes on
+            failed.append(f"{what}: {exc}")
+    return failed
+
+
+def _recorded_netns(directory: Path) -> list[str]:
+    try:
+        return (directory / NETNS_RECORD).read_text().split()
+    except FileNotFoundError:
+        return []
+
+
+# dockerd finds a network plugin by its socket in /run/docker/plugins. Each
+# host's dockerd sees its own plugin dir there (Docker.ensure_mount_ns), so
+# that path must exist in the root mount namespace to be bound over. The lab
+# makes it only when it is missing, records what it made under the state
+# root, and removes that once no dockerd mount namespace uses it.
+PLUGIN_SOCKETS = Path("/run/docker/plugins")
+MADE_RECORD = "made-dirs"
+
+
+def make_missing_dirs(path: Path, record: Path) -> None:
+    """`path` and its missing parents made; each dir made here is appended
+    to `record` (so only what the lab made is ever removed)."""
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue  # another lab made it at the same moment and records it
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with record.open("a") as f:
+            f.write(f"{d}\n")
+
+
+def remove_made_dirs(record: Path, in_use: Callable[[], bool]) -> None:
+    """The dirs `record` lists removed, deepest first, unless in_use() says
+    a mount namespace still has something mounted on them (removing a
+    mount point detaches the mounts on it in every other namespace). Only
+    empty dirs go: one someone else filled stays."""
+    if not record.exists() or in_use():
+        return
+    for line in sorted(set(record.read_text().split()), key=lambda d: -d.count("/")):
+        with contextlib.suppress(OSError):
+            os.rmdir(line)
+    record.unlink(missing_ok=True)
+
+
+def plugin_sockets_in_use(mount_point: Path = PLUGIN_SOCKETS) -> bool:
+    """Whether any dockerd mount namespace may still use `mount_point`: a
+    host's kept namespace (its ns file bound at <host>/docker/mntns, seen
+    in our mount table) or a running dockerd with a mount on it."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if _mount_target(line).endswith("/docker/mntns"):
+            return True
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or Path(proc_cmdline_argv0(int(entry.name))).name != "dockerd":
+            continue
+        try:
+            table = (entry / "mountinfo").read_text()
+        except OSError:
+            continue
+        if any(_mount_target(line) == str(mount_point) for line in table.splitlines()):
+            return True
+    return False
+
+
+def proc_cmdline_argv0(pid: int) -> str:
+    return (proc_cmdline(pid) or [""])[0]
+
+
+def _mount_target(mountinfo_line: str) -> str:
+    # The mount point is field 5, with spaces etc. octal-escaped.
+    return mountinfo_line.split()[4].encode().decode("unicode_escape")
 
 
 def remove_netns_entries(paths: Iterable[str]) -> None:
@@ -459,7 +573,7 @@ class Podman(Engine):
     @property
     def netns_record(self) -> Path:
         """The /run/netns entries of this Podman's containers, kept for teardown."""
-        return self.dir / "netns-entries"
+        return self.dir / NETNS_RECORD
 
     def argv(self, *args: str) -> list[str]:
         return nsenter_argv(
@@ -583,7 +697,9 @@ class Docker(Engine):
         live_restore: bool | None = None,
     ) -> None:
         super().__init__(host, ns, files, image_tar)
-        saved = self._saved()
+        # engine.json is read only for what the caller left open (teardown
+        # gives both: a damaged file must not stop it).
+        saved = self._saved() if flavour is None or live_restore is None else {}
         self.flavour = flavour or str(saved.get("flavour", "docker-opts"))
         if self.flavour not in DOCKER_FLAVOURS:
             raise EngineError(f"docker flavour {self.flavour!r}: one of {DOCKER_FLAVOURS}")
@@ -602,6 +718,12 @@ class Docker(Engine):
     @property
     def log(self) -> Path:
         return self.dir / "dockerd.log"
+
+    @property
+    def made_record(self) -> Path:
+        """What the lab made in the root mount namespace (PLUGIN_SOCKETS),
+        recorded under the state root (<root>/<lab>/h<N> is the host's dir)."""
+        return self.files.root.parent.parent / MADE_RECORD
 
     @property
     def plugin_dir(self) -> Path:
@@ -662,7 +784,7 @@ class Docker(Engine):
         ]
         if self.live_restore:
             flags.append("--live-restore")
-        return nsenter_argv(self.ns, f"--mount={self.mount_ns}", "dockerd", *flags)
+        return nsenter_argv(self.ns, "dockerd", *flags, mount=str(self.mount_ns))
 
     @property
     def mount_ns(self) -> Path:
@@ -681,7 +803,7 @@ class Docker(Engine):
             _run(["mount", "--make-private", str(self.dir)])
         self.mount_ns.touch()
         script = (
-            'mount --bind "$1" /run/docker/plugins && '
+            f'mount --bind "$1" {PLUGIN_SOCKETS} && '
             '{ [ ! -d /etc/docker/plugins ] || mount --bind "$1" /etc/docker/plugins; }'
         )
         _run(
@@ -708,8 +830,7 @@ class Docker(Engine):
         started = time.monotonic()
         for d in (self.dir / "data", self.dir / "exec", self.plugin_dir):
             d.mkdir(parents=True, exist_ok=True)
-        # The mount point must exist in the root mount namespace to be bound over.
-        Path("/run/docker/plugins").mkdir(parents=True, exist_ok=True)
+        make_missing_dirs(PLUGIN_SOCKETS, self.made_record)
         self.ensure_mount_ns()
         (self.dir / "daemon.json").write_text("{}\n")
         (self.dir / "engine.json").write_text(
@@ -753,7 +874,9 @@ class Docker(Engine):
             stop_processes([pid], grace=30)
         # Its containerd exits with it; its shims stay with live-restore.
         stop_processes(
-            p for p in processes_mentioning(str(self.dir)) if "containerd-shim" not in _argv0(p)
+            p
+            for p in processes_mentioning(str(self.dir))
+            if "containerd-shim" not in proc_cmdline_argv0(p)
         )
         # After a kill, dockerd (our unwaited child) and its orphaned
         # containerd may linger as zombies and leave their pid files: the
@@ -779,10 +902,7 @@ class Docker(Engine):
         sweep_runc(self.dir / "exec" / "runtime-runc" / "moby")
         stop_processes(processes_mentioning(str(self.dir)))
         unmount_under(self.dir)
-
-
-def _argv0(pid: int) -> str:
-    return (_cmdline(pid) or [""])[0]
+        remove_made_dirs(self.made_record, plugin_sockets_in_use)
 
 
 def docker_opts_flags(env_text: str, key: str = "DOCKER_OPTS") -> list[str]:
@@ -821,6 +941,27 @@ def present(host: int, ns: str, files: HostFiles, image_tar: Path) -> list[Engin
 
 
 def teardown_host(host: int, ns: str, files: HostFiles, image_tar: Path) -> None:
-    """Every engine of the host stopped and cleaned (see the module's docstring)."""
-    for found in present(host, ns, files, image_tar):
-        found.teardown()
+    """Every engine of the host stopped and cleaned (see the module's
+    docstring). Each engine is torn down whatever happened to the other;
+    one whose teardown fails (its command line broke or timed out, its state
+    is damaged) is swept from disk instead (sweep_state_dir), and then the
+    failures are raised together as an EngineError."""
+    failed = []
+    for kind in ENGINE_KINDS:
+        state = files.root / kind
+        if not state.exists():
+            continue
+        try:
+            found: Engine
+            if kind == "podman":
+                found = Podman(host, ns, files, image_tar)
+            else:
+                # Flavour and live-restore do not matter to teardown; given,
+                # a damaged engine.json is not read.
+                found = Docker(host, ns, files, image_tar, "plain", live_restore=False)
+            found.teardown()
+        except Exception as exc:  # teardown goes on: the sweep, the next engine
+            swept = sweep_state_dir(state)
+            failed.append(f"{kind}: {exc}" + (f" (sweep: {'; '.join(swept)})" if swept else ""))
+    if failed:
+        raise EngineError(f"h{host}'s engines: " + " | ".join(failed))

@@ -155,11 +155,8 @@ def daemon_pids(ns: str) -> list[int]:
     runs there (container engines: dockerd, containerd, conmon)."""
     found = []
     for pid in netns.pids_in(ns):
-        try:
-            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if is_daemon_cmdline([p.decode(errors="replace") for p in raw.split(b"\0") if p]):
+        argv = netns.proc_cmdline(pid)
+        if argv and is_daemon_cmdline(argv):
             found.append(pid)
     return found
 

@@ -380,8 +380,9 @@ class Lab:
         hosts.wait_ready_again(host, self.files(host), readies, lambda: self.daemon_running(host))
 
     def remove_host(self, host: int) -> None:
-        """The host and its containers are gone, as if powered off."""
-        self.teardown_engines(host)
+        """The host and its containers are gone, as if powered off. A failed
+        engine teardown does not stop the rest; it is raised at the end."""
+        failure = self._teardown_engines_noting(host)
         for ns in self.namespaces():
             if ns == self.host_ns(host) or ns.startswith(f"{self.host_ns(host)}c"):
                 netns.delete_namespace(ns)
@@ -393,6 +394,8 @@ class Lab:
         shutil.rmtree(self.files(host).cni_dir, ignore_errors=True)
         self._daemons.pop(host, None)
         topology.wait_switch_port_gone(self.names, host)
+        if failure is not None:
+            raise LabCommandError(failure)
 
     def daemon_running(self, host: int) -> bool:
         proc = self._daemons.get(host)
@@ -504,6 +507,16 @@ class Lab:
         /run/netns entries gone (works from their state on disk)."""
         engines.teardown_host(host, self.host_ns(host), self.files(host), Path())
 
+    def _teardown_engines_noting(self, host: int) -> str | None:
+        """teardown_engines, its failure (any: a broken or hung engine
+        command, damaged state) returned as text instead of raised, so a
+        caller tearing down more goes on."""
+        try:
+            self.teardown_engines(host)
+        except Exception as exc:  # reported by the caller, after the rest is down
+            return f"h{host}: {type(exc).__name__}: {exc}"
+        return None
+
     def _hosts_with_state(self) -> list[int]:
         if not self.state_dir.is_dir():
             return []
@@ -520,7 +533,8 @@ class Lab:
 
     def engine_checkables(self, *, egress: bool = False) -> list[Container]:
         """The running engine containers, as containers `check` can ping
-        (entered by their network namespace's path). With `egress`, those
+        (entered by their network namespace's path; RootNamespaceError if
+        one of those is the root namespace's). With `egress`, those
         that should have a way out: not Docker's on overlayd's bridge in
         gwbridge mode, since Docker's bridge driver adds no second interface
         (`overlayctl docker-opts` warns of it)."""
@@ -532,6 +546,9 @@ class Lab:
             on_bridge_only = c.engine == "docker" and self.docker(c.host).flavour == "docker-opts"
             if egress and gwbridge and on_bridge_only:
                 continue
+            # Refused here, before any check runs, if the PID now belongs
+            # to the root namespace (the container died, its PID reused).
+            netns.refuse_root_netns(c.netns_path)
             found.append(Container(c.netns_path, c.host, c.address, label=c.title))
         return found
 
@@ -549,17 +566,32 @@ class Lab:
     # --- tearing down -----------------------------------------------------
 
     def down(self) -> list[str]:
-        """Remove every namespace of this lab and everything running in it."""
+        """Remove every namespace of this lab and everything running in it.
+
+        A host whose engines fail to tear down does not stop the rest: every
+        namespace still goes, and then a LabCommandError names the failures.
+        The state dir is kept in that case, so that `lab down` run again
+        finds the engines' state (their runc containers, mounts) and sweeps
+        it."""
         removed = []
         # Engines first, while their hosts' namespaces are there: their
         # containers live in namespaces of their own, which deleting the
         # host's would not reach.
-        for host in self._hosts_with_state():
-            self.teardown_engines(host)
+        failures = [
+            failure
+            for host in self._hosts_with_state()
+            if (failure := self._teardown_engines_noting(host)) is not None
+        ]
         # Containers and hosts first, the underlay switch last.
         for ns in sorted(self.namespaces(), key=lambda n: (n == self.switch_ns, n)):
             netns.delete_namespace(ns)
             removed.append(ns)
-        shutil.rmtree(self.state_dir, ignore_errors=True)
         netns.reap_children()
+        if failures:
+            raise LabCommandError(
+                f"lab {self.name!r}: {len(removed)} namespaces removed, but engine teardown"
+                f" failed ({'; '.join(failures)}); state kept in {self.state_dir}:"
+                f" run `overlayctl lab down --name {self.name}` again"
+            )
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         return removed

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from overlayd.nsexec import netns_argv
 
@@ -41,13 +42,68 @@ def ip(ns: str, *args: str, check: bool = True) -> str:
     return sh(["ip", "-n", ns, *args], check=check)
 
 
+class RootNamespaceError(LabCommandError):
+    """A command was about to run in the root network namespace."""
+
+
+# The namespaces the lab must never run a command in: the machine's (PID
+# 1's) and the caller's own (the root one, whenever the lab runs).
+ROOT_NETNS_PATHS = ("/proc/1/ns/net", "/proc/self/ns/net")
+
+
+def refuse_root_netns(path: str) -> None:
+    """Raise RootNamespaceError if the network namespace at `path` is the
+    root's. An engine container's namespace is entered by its PID's path
+    (/proc/<pid>/ns/net) from an earlier inspect: if the container died and
+    its PID went to a process of the root namespace, the lab's pings and
+    probes would run there. A path that cannot be read is left to nsenter
+    to refuse (it opens it with the same rights). The check and nsenter's
+    open are two steps: a PID reused in between is not caught."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return
+    for root in ROOT_NETNS_PATHS:
+        try:
+            found = os.stat(root)
+        except OSError:
+            # PID 1's may be closed to us (in a container without
+            # CAP_SYS_PTRACE); our own is always there.
+            continue
+        if (target.st_dev, target.st_ino) == (found.st_dev, found.st_ino):
+            raise RootNamespaceError(
+                f"{path} is the root network namespace (that of {root}):"
+                " the lab runs nothing there (did the container it named exit?)"
+            )
+
+
+def nsenter_argv(net: str, *argv: str, mount: str | None = None) -> list[str]:
+    """`argv` in a network namespace only, entered with nsenter: a lab
+    namespace by name (/run/netns/<name>) or any by path (a real engine's
+    container, /proc/<pid>/ns/net, has no name). The mount namespace, /sys
+    included, stays the caller's unless `mount` names one. Refuses the root
+    network namespace (refuse_root_netns), before anything runs."""
+    path = net if net.startswith("/") else f"/run/netns/{net}"
+    refuse_root_netns(path)
+    mount_flag = [f"--mount={mount}"] if mount is not None else []
+    return ["nsenter", f"--net={path}", *mount_flag, *argv]
+
+
 def enter_argv(ns: str, *argv: str) -> list[str]:
-    """`argv` in a lab namespace by name, or in a network namespace by path
-    (a real engine's container, /proc/<pid>/ns/net: it has no name, and
-    only the network namespace is entered)."""
+    """`argv` in a lab namespace by name (`ip netns exec`), or in a network
+    namespace by path (nsenter_argv: only the network namespace is entered)."""
     if ns.startswith("/"):
-        return ["nsenter", f"--net={ns}", *argv]
+        return nsenter_argv(ns, *argv)
     return netns_argv(ns, *argv)
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    """The command line of process `pid`, [] once it is gone (or a kernel thread)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:

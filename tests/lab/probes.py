@@ -1,18 +1,128 @@
 """What several lab test modules ask of a lab host: its daemon's HTTP
-endpoints, a daemon run once to see how it starts (or refuses to), and a
-100/s ping between containers to count lost packets."""
+endpoints, a daemon run once to see how it starts (or refuses to), a
+100/s ping between containers to count lost packets; and for the engine
+tests: what their containers run, a page fetched from one container by
+another, and connections from the lab's outside host, through a host's
+published port or straight at a container's address."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from ipaddress import IPv4Address
 
 from overlayd.lab import netns
-from overlayd.lab.engines import EngineContainer
+from overlayd.lab.engines import Engine, EngineContainer
 from overlayd.lab.lab import Lab
-from tests.conftest import CONVERGE
+from tests.conftest import CONVERGE, wait_until
+
+SLEEP = ["sleep", "1000000"]
+
+
+def serve(page: str, *, also_on: int | None = None) -> list[str]:
+    """busybox httpd on port 80 serving `page` (and on `also_on` too)."""
+    second = f"httpd -p {also_on} -h /www && " if also_on else ""
+    return ["sh", "-c", f"echo {page} > /www/index.html && {second}exec httpd -f -p 80 -h /www"]
+
+
+def fetch(client: Engine, name: str, server: IPv4Address | None, port: int = 80) -> str | None:
+    """The page http://server:port/ serves, fetched from container `name`,
+    retried: the first packets of a new container may wait for ARP and the
+    bridge."""
+    assert server is not None
+    body: str | None = None
+
+    def answered() -> bool:
+        nonlocal body
+        body = client.http_get(name, f"http://{server}:{port}/", timeout=3)
+        return body is not None
+
+    wait_until(answered, timeout=CONVERGE, step=0.2)
+    return body
+
+
+# curl's exit codes for the two ways a connection fails: 7, nothing
+# listens or no route (a refusal, an ICMP error); 28, no answer at all
+# before --max-time (the packets were dropped on the way).
+CURL_COULD_NOT_CONNECT = 7
+CURL_TIMED_OUT = 28
+
+
+def outside_curl(
+    lab: Lab, address: IPv4Address | None, port: int, *, timeout: float = 3
+) -> tuple[int, str]:
+    """curl from the lab's outside host to address:port: its exit code and
+    the page (stderr when it failed)."""
+    assert address is not None
+    out = subprocess.run(
+        netns.nsenter_argv(
+            lab.outside_ns, "curl", "-sS", "--max-time", f"{timeout:g}", f"http://{address}:{port}/"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    return out.returncode, out.stdout if out.returncode == 0 else out.stderr.strip()
+
+
+def outside_get(lab: Lab, host: int, port: int, *, timeout: float = 3) -> str | None:
+    """A connection from the lab's outside host to the host's underlay
+    address: the page, or None if it was refused or timed out."""
+    code, text = outside_curl(lab, lab.host_address(host), port, timeout=timeout)
+    return text if code == 0 else None
+
+
+def wait_published(lab: Lab, host: int, port: int, page: str) -> None:
+    """Until the host's published `port` serves `page` to the outside host
+    (the engine's port mapping and the server take a moment after `run`)."""
+    wait_until(lambda: outside_get(lab, host, port) == page, timeout=CONVERGE, step=0.2)
+
+
+@contextmanager
+def outside_route_to(lab: Lab, container: IPv4Address | None, host: int) -> Iterator[None]:
+    """A /32 route in the outside namespace to `container` via its host's
+    underlay address, for as long as the block runs: without it the outside
+    host has no route to the cluster at all, and a connection fails there
+    ("Network unreachable") whatever the host's firewall would do."""
+    assert container is not None
+    netns.ip(
+        lab.outside_ns, "route", "replace", f"{container}/32", "via", str(lab.host_address(host))
+    )
+    try:
+        yield
+    finally:
+        netns.ip(lab.outside_ns, "route", "del", f"{container}/32", check=False)
+
+
+def forward_state(lab: Lab, host: int) -> str:
+    """The host's nftables ruleset and iptables' filter table, for a failure
+    message: which rule should have dropped a packet and did not."""
+    ns = lab.host_ns(host)
+    return (
+        netns.in_ns(ns, "nft", "list", "ruleset", check=False)
+        + netns.in_ns(ns, "iptables-save", "-t", "filter", check=False)
+        + netns.in_ns(ns, "iptables-save", "-t", "nat", check=False)
+    )
+
+
+def assert_dropped_from_outside(
+    lab: Lab, host: int, address: IPv4Address | None, ports: list[int]
+) -> None:
+    """Connections from the outside host straight at a container of `host`
+    (routed there via the host: outside_route_to) time out on each port:
+    dropped on the way (overlayd's forward chain), not refused by the host
+    and not unreachable. The caller shows they are served from inside the
+    cluster, and that the host's published port answers from outside."""
+    for port in ports:
+        code, text = outside_curl(lab, address, port, timeout=2)
+        assert code == CURL_TIMED_OUT, (
+            f"{address}:{port} from outside: curl exit {code} ({text!r}), not a timeout\n"
+            + forward_state(lab, host)
+        )
 
 
 def http_get(lab: Lab, host: int, path: str) -> tuple[int, str]:
@@ -63,20 +173,9 @@ def ping_flood(src: EngineContainer, dst: IPv4Address, seconds: float) -> subpro
     """iputils ping at 100/s inside the container's network namespace."""
     count = int(seconds * 100)
     return subprocess.Popen(
-        [
-            "nsenter",
-            f"--net={src.netns_path}",
-            "ping",
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-c",
-            str(count),
-            "-W",
-            "1",
-            str(dst),
-        ],
+        netns.nsenter_argv(
+            src.netns_path, "ping", "-n", "-q", "-i", "0.01", "-c", str(count), "-W", "1", str(dst)
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -52,18 +52,21 @@ from overlayd.lab.topology import OUTSIDE_SERVER, WHOAMI_PORT
 from overlayd.plan.ipam import container_ranges
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
-from tests.lab.probes import ping_flood, sent_received
+from tests.lab.probes import (
+    SLEEP,
+    assert_dropped_from_outside,
+    fetch,
+    outside_get,
+    outside_route_to,
+    ping_flood,
+    sent_received,
+    serve,
+    wait_published,
+)
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 NETWORK = "ovl"
-SLEEP = ["sleep", "1000000"]
-
-
-def serve(page: str, *, also_on: int | None = None) -> list[str]:
-    """busybox httpd on port 80 serving `page` (and on `also_on` too)."""
-    second = f"httpd -p {also_on} -h /www && " if also_on else ""
-    return ["sh", "-c", f"echo {page} > /www/index.html && {second}exec httpd -f -p 80 -h /www"]
 
 
 def make_lab(name: str, egress: str) -> Lab:
@@ -116,37 +119,6 @@ def run(lab: Lab, host: int, name: str, command: list[str], *extra: str) -> Engi
 
 def overlay_address(container: EngineContainer) -> IPv4Address:
     return container.addresses[NETWORK]
-
-
-def fetch(client: Docker, name: str, server: IPv4Address) -> str | None:
-    body: str | None = None
-
-    def answered() -> bool:
-        nonlocal body
-        body = client.http_get(name, f"http://{server}/", timeout=3)
-        return body is not None
-
-    wait_until(answered, timeout=CONVERGE, step=0.2)
-    return body
-
-
-def outside_get(lab: Lab, host: int, port: int, *, timeout: float = 3) -> str | None:
-    """From the lab's outside host to the host's underlay address."""
-    out = subprocess.run(
-        netns.enter_argv(
-            lab.outside_ns,
-            "curl",
-            "-sS",
-            "--max-time",
-            f"{timeout:g}",
-            f"http://{lab.host_address(host)}:{port}/",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-        check=False,
-    )
-    return out.stdout if out.returncode == 0 else None
 
 
 def host_local_addresses(lab: Lab, host: int) -> dict[IPv4Address, str]:
@@ -283,14 +255,27 @@ def test_egress_and_published_ports(egress: str, request: pytest.FixtureRequest)
             "pub", "sh", "-c", f"echo | timeout 5 nc {OUTSIDE_SERVER} {WHOAMI_PORT}"
         ).strip()
         assert seen == str(the_lab.host_address(1))  # out, NATed to the host's address
-        wait_until(
-            lambda: outside_get(the_lab, 1, 8080) == "published\n", timeout=CONVERGE, step=0.3
-        )
-        # Control: the container listens on 8081 too, but it is not published.
-        assert client.http_get("pub", "http://127.0.0.1:8081/") == "published\n"
-        assert outside_get(the_lab, 1, 8081) is None
+        # Both ports serve inside the cluster: asked from a container on h2
+        # (so what fails below fails in the network, not in the server).
+        address = overlay_address(client.inspect("pub"))
+        other = docker(the_lab, 2)
+        other.run("pubcli", SLEEP, extra=["--network", NETWORK])
+        for port in (80, 8081):
+            assert fetch(other, "pubcli", address, port) == "published\n"
+        # The outside host gets a route to the container via h1, so its
+        # packets reach h1's forward chain.
+        with outside_route_to(the_lab, address, 1):
+            # Positive control: the published port, through the host.
+            wait_published(the_lab, 1, 8080, "published\n")
+            # The container's own address, on the port that is published
+            # (through the host) and on one that is only listened on:
+            # dropped by overlayd's forward chain, not refused.
+            assert_dropped_from_outside(the_lab, 1, address, [80, 8081])
+            # Through the host, the unpublished port: nothing maps it.
+            assert outside_get(the_lab, 1, 8081) is None
     finally:
         client.remove("pub")
+        docker(the_lab, 2).remove("pubcli")
     if egress == "masquerade":
         # The published port went with the container (portmap DEL).
         nat = netns.in_ns(the_lab.host_ns(1), "iptables-save", "-t", "nat")
@@ -307,8 +292,10 @@ def test_create_run_stop_rm_leaks_no_address(lab: Lab) -> None:
     assert taken[address].startswith("docker-")
     assert records(lab, 1)["addresses"] == {str(address): taken[address]}
     client.cli("stop", "-t", "0", "leak")
-    assert host_local_addresses(lab, 1) == before
-    assert records(lab, 1)["addresses"] == {} and records(lab, 1)["endpoints"] == {}
+    # `docker stop` may return before libnetwork's release reached the plugin.
+    wait_until(lambda: host_local_addresses(lab, 1) == before, timeout=CONVERGE)
+    wait_until(lambda: records(lab, 1)["addresses"] == {}, timeout=CONVERGE)
+    assert records(lab, 1)["endpoints"] == {}
     client.cli("start", "leak")
     again = overlay_address(client.inspect("leak"))
     assert set(host_local_addresses(lab, 1)) - set(before) == {again}
@@ -423,8 +410,9 @@ def test_overlayd_restarted_under_a_plugin_container_loses_no_packet_and_serves_
         # The old container's address and endpoint were in the reloaded
         # records: stopping it frees them.
         d1.cli("stop", "rdst")
-        assert address not in host_local_addresses(lab, 1)
-        assert str(address) not in records(lab, 1)["addresses"]
+        # `docker stop` may return before libnetwork's release reached the plugin.
+        wait_until(lambda: address not in host_local_addresses(lab, 1), timeout=CONVERGE)
+        wait_until(lambda: str(address) not in records(lab, 1)["addresses"], timeout=CONVERGE)
         events = plugin_events(lab, 1, since)
         assert ("docker_address_released", f"address={address}") in events, events
         assert [a for a in assert_addresses_consistent(lab, 1)] == [overlay_address(new)]
@@ -456,6 +444,11 @@ def test_dockerd_live_restore_keeps_plugin_containers_without_calling_the_plugin
         # Control: Docker still drives the plugin for that container.
         since = log_size(lab, 1)
         live.cli("stop", "lweb")
+        # `docker stop` may return before libnetwork's release reached the plugin.
+        wait_until(
+            lambda: "docker_address_released" in [e for e, _ in plugin_events(lab, 1, since)],
+            timeout=CONVERGE,
+        )
         assert [e for e, _ in plugin_events(lab, 1, since)] == [
             "docker_leave",
             "docker_endpoint_deleted",
