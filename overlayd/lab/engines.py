@@ -832,7 +832,11 @@ class Docker(Engine):
             d.mkdir(parents=True, exist_ok=True)
         make_missing_dirs(PLUGIN_SOCKETS, self.made_record)
         self.ensure_mount_ns()
-        (self.dir / "daemon.json").write_text("{}\n")
+        # Docker 20.10 keeps its identity key in /etc/docker/key.json unless
+        # told otherwise (the key has no flag, only this config key): in the
+        # host's own directory, so a lab writes nothing outside its state.
+        daemon_config = {"deprecated-key-path": str(self.dir / "key.json")}
+        (self.dir / "daemon.json").write_text(json.dumps(daemon_config) + "\n")
         (self.dir / "engine.json").write_text(
             json.dumps({"flavour": self.flavour, "live_restore": self.live_restore})
         )
