@@ -45,12 +45,7 @@ from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
-from overlayd.surfaces.subnetfile import (
-    HostFacts,
-    read_subnet,
-    subnet_file_for,
-    write_atomically,
-)
+from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet
 from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger("overlayd")
@@ -95,7 +90,7 @@ class Agent:
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
-        self._subnet_file_text: str | None = None  # what the file says, as we wrote it
+        self.subnet_file = SubnetFileWriter(settings.subnet_file)
         self._config_key = config_key(settings.etcd_prefix)
         self._subnets = subnets_prefix(settings.etcd_prefix)
         self.mirror = Mirror(
@@ -169,24 +164,13 @@ class Agent:
             gwbridge_subnet=subnet,
         )
 
-    def _write_subnet_file(self, host: HostFacts) -> None:
-        text = subnet_file_for(host).render()
-        if text == self._subnet_file_text:
-            return
-        write_atomically(self.settings.subnet_file, text)
-        self._subnet_file_text = text
-        self.telemetry.subnet_file_written = True
-
     def _subnet_file_after_pass(self, reconciler: Reconciler, outcome: PassResult) -> None:
-        """The subnet file follows what the kernel is programmed for, never
-        the plan: a new lease (or MTU, or egress mode) reaches the file only
-        after a full pass has put it on the bridge, so a CNI ADD or Docker
-        never gets an address the bridge does not route yet."""
+        """The subnet file follows what the kernel is programmed for (see
+        SubnetFileWriter); a failure to write it never stops the loop."""
         if outcome.ok and reconciler.programmed is not None:
             try:
-                self._write_subnet_file(reconciler.programmed)
-            except OSError as exc:  # the next pass tries again
-                self._subnet_file_text = None
+                self.subnet_file.programmed(reconciler.programmed)
+            except Exception as exc:  # the next pass tries again
                 log.error("event=subnet_file_failed error=%r", exc)
 
     async def _start(self, group: asyncio.TaskGroup) -> None:
@@ -258,7 +242,8 @@ class Agent:
             await asyncio.sleep(1.0)
             first = await reconciler.reconcile_once()
         assert reconciler.programmed is not None  # the first pass was full
-        self._write_subnet_file(reconciler.programmed)
+        self.subnet_file.programmed(reconciler.programmed)
+        self.telemetry.subnet_file_written = True
         # From now on after every pass: the subnet file must never name a
         # subnet before the data plane for it is programmed.
         reconciler.on_pass = partial(self._subnet_file_after_pass, reconciler)

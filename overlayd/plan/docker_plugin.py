@@ -183,12 +183,17 @@ class Records:
     networks: dict[str, IPv4Network] = field(default_factory=dict)
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     addresses: dict[IPv4Address, str] = field(default_factory=dict)
+    # Host ends of veths found on the bridge when the records were lost
+    # (see `adopt`): live containers' interfaces, kept until Docker deletes
+    # their endpoints, never taken for stale.
+    adopted_veths: set[str] = field(default_factory=set)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "networks": {k: str(v) for k, v in self.networks.items()},
             "endpoints": {k: v.to_json() for k, v in self.endpoints.items()},
             "addresses": {str(k): v for k, v in self.addresses.items()},
+            "adopted_veths": sorted(self.adopted_veths),
         }
 
     @classmethod
@@ -203,10 +208,14 @@ class Records:
         for value in parts["endpoints"].values():
             if not isinstance(value, dict) or not isinstance(value.get("ports", []), list):
                 raise ValueError("records' endpoints must be JSON objects")
+        adopted = raw.get("adopted_veths", [])
+        if not isinstance(adopted, list) or not all(isinstance(v, str) for v in adopted):
+            raise ValueError("records' adopted_veths must be a list of names")
         return cls(
             networks={str(k): IPv4Network(v) for k, v in parts["networks"].items()},
             endpoints={str(k): Endpoint.from_json(v) for k, v in parts["endpoints"].items()},
             addresses={IPv4Address(k): str(v) for k, v in parts["addresses"].items()},
+            adopted_veths=set(adopted),
         )
 
     def network(self, network_id: str) -> IPv4Network:
@@ -565,12 +574,30 @@ def orphan_reservations(
     }
 
 
+def adopt(
+    records: Records, reservations: dict[IPv4Address, str], ports: list[str]
+) -> tuple[int, int]:
+    """Records lost (missing or damaged file): what this plugin made may
+    still serve running containers, so it is adopted rather than repaired
+    away. Every reservation of ours becomes a record (Docker releases it by
+    address when its container goes), every ovd* port of the bridge that no
+    endpoint explains is kept (deleted when Docker deletes its endpoint).
+    Returns (addresses, veths) adopted."""
+    orphans = orphan_reservations(reservations, records)
+    records.addresses.update({address: owner for address, owner in orphans.items()})
+    known = {veth_names(endpoint_id)[0] for endpoint_id in records.endpoints}
+    found = {port for port in ports if port not in known} - records.adopted_veths
+    records.adopted_veths |= found
+    return len(orphans), len(found)
+
+
 def veth_repairs(records: Records, ports: list[str]) -> tuple[list[str], list[str]]:
-    """(the bridge's ovd* ports that belong to no recorded endpoint, to be
-    deleted; the joined endpoints whose veth is gone, to be reported). A
-    record is never dropped here: Docker deletes its endpoints itself."""
+    """(the bridge's ovd* ports that belong to no recorded endpoint and were
+    not adopted, to be deleted; the joined endpoints whose veth is gone, to
+    be reported). A record is never dropped here: Docker deletes its
+    endpoints itself."""
     ours = {veth_names(endpoint_id)[0]: endpoint_id for endpoint_id in records.endpoints}
-    stale = sorted(port for port in ports if port not in ours)
+    stale = sorted(port for port in ports if port not in ours and port not in records.adopted_veths)
     present = set(ports)
     missing = sorted(
         endpoint_id

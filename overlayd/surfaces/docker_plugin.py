@@ -166,12 +166,14 @@ class DockerPlugin:
 
     # --- records ------------------------------------------------------------
 
-    def _load(self) -> Records:
+    def _load(self) -> tuple[Records, bool]:
+        """The records, and whether they were read whole (False: missing or
+        damaged, so what is on the host cannot be judged by them)."""
         path = self.settings.records_file
         try:
-            return Records.from_json(json.loads(path.read_text()))
+            return Records.from_json(json.loads(path.read_text())), True
         except FileNotFoundError:
-            return Records()
+            return Records(), False
         except Exception as exc:  # any damage, even a directory in its place
             # Our own file, damaged: start empty rather than not at all, and
             # keep the damaged one for a human, never over an earlier one.
@@ -183,7 +185,7 @@ class DockerPlugin:
             log.error(
                 "event=docker_plugin_records_damaged path=%s error=%r kept=%s", path, exc, kept
             )
-            return Records()
+            return Records(), False
 
     def _save(self) -> None:
         """Written whole and renamed, with both the file and the directory
@@ -205,8 +207,22 @@ class DockerPlugin:
     # --- start: level-triggered repairs ---------------------------------------
 
     async def start(self) -> None:
-        """Records from disk, then what they say repaired (see the module's docstring)."""
-        self.records = self._load()
+        """Records from disk, then what they say repaired (see the module's
+        docstring). Without whole records nothing is repaired away: running
+        containers' addresses and veths are adopted instead."""
+        self.records, intact = self._load()
+        if not intact:
+            ports = await self.veths.bridge_ports(self.view().bridge, plan.HOST_VETH_PREFIX)
+            addresses, veths = plan.adopt(self.records, self._reservations(), ports)
+            if addresses or veths:
+                log.error(
+                    "event=docker_plugin_records_lost adopted_addresses=%d adopted_veths=%d"
+                    " effect=%r",
+                    addresses,
+                    veths,
+                    "kept for the running containers, released when Docker releases them",
+                )
+            self._save()
         await self._release_orphans()
         await self._repair_veths()
 
@@ -424,9 +440,30 @@ class DockerPlugin:
         # (it refuses a driver that "modifies" the address).
         return {"Interface": {}}
 
+    async def _drop_adopted(self, endpoint_id: str) -> bool:
+        """An endpoint from before the records were lost: its veth goes
+        (when it was adopted) and nothing else is known of it."""
+        host, _ = plan.veth_names(endpoint_id)
+        if host not in self.records.adopted_veths:
+            return False
+        try:
+            await self.veths.delete(host)
+        except Exception as exc:
+            log.error(
+                "event=docker_unplug_failed id=%s veth=%s error=%r", endpoint_id[:12], host, exc
+            )
+        self.records.adopted_veths.discard(host)
+        self._save()
+        log.info("event=docker_adopted_veth_deleted id=%s veth=%s", endpoint_id[:12], host)
+        return True
+
     async def _delete_endpoint(self, raw: dict[str, Any]) -> dict[str, Any]:
         ids = plan.parse_endpoint_ids(raw)
         async with self._lock:
+            if ids.endpoint_id not in self.records.endpoints and await self._drop_adopted(
+                ids.endpoint_id
+            ):
+                return {}
             self.records.network(ids.network_id)
             endpoint = self.records.endpoints.get(ids.endpoint_id)
             if endpoint is None:
@@ -470,6 +507,10 @@ class DockerPlugin:
     async def _leave(self, raw: dict[str, Any]) -> dict[str, Any]:
         ids = plan.parse_endpoint_ids(raw)
         async with self._lock:
+            if ids.endpoint_id not in self.records.endpoints and await self._drop_adopted(
+                ids.endpoint_id
+            ):
+                return {}
             self.records.network(ids.network_id)
             endpoint = self.records.endpoints.get(ids.endpoint_id)
             if endpoint is None:
@@ -496,8 +537,17 @@ class DockerPlugin:
                     exc,
                 )
             endpoint.ports = []
+        # The name comes from the ID's first 12 digits: an unjoined endpoint
+        # whose twin holds that veth in a container must leave it alone.
+        twin_joined = any(
+            other is not endpoint
+            and other.sandbox is not None
+            and plan.veth_names(other_id)[0] == host
+            for other_id, other in self.records.endpoints.items()
+        )
         try:
-            await self.veths.delete(host)
+            if not twin_joined:
+                await self.veths.delete(host)
         except Exception as exc:
             log.error(
                 "event=docker_unplug_failed id=%s step=veth veth=%s error=%r",
@@ -629,13 +679,24 @@ class DockerPlugin:
                 return {}
             # host-local releases by container ID, in whatever range the
             # address was: the current subnet's config frees an old one too.
-            await self._cni(
-                "host-local",
-                "DEL",
-                self._host_local_conf(view),
-                container_id=container_id,
-                netns=HOST_NETNS,
-            )
+            try:
+                await self._cni(
+                    "host-local",
+                    "DEL",
+                    self._host_local_conf(view),
+                    container_id=container_id,
+                    netns=HOST_NETNS,
+                )
+            except PluginError as exc:
+                # Docker never asks twice: the record goes, and the next
+                # start releases the reservation as an orphan.
+                log.error(
+                    "event=docker_address_release_failed address=%s cni_id=%s error=%r effect=%r",
+                    address,
+                    container_id,
+                    exc.message,
+                    "released at the next start",
+                )
             del self.records.addresses[address]
             self._save()
         log.info("event=docker_address_released address=%s", address)

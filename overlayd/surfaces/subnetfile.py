@@ -113,3 +113,30 @@ def write_atomically(path: Path, content: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class SubnetFileWriter:
+    """Keeps the subnet file in step with what the kernel is programmed for.
+
+    Fed the inputs of each pass that programmed the kernel (never the plan:
+    a new lease reaches the file only once the bridge holds it, so no CNI
+    ADD or Docker request gets an address the bridge does not route yet).
+    Writes only when the text changes; a failed write is tried again with
+    the next pass."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.written: str | None = None  # the file's text as we last wrote it
+
+    def programmed(self, facts: HostFacts) -> bool:
+        """Write the file for `facts` if it says something else; True when written."""
+        text = subnet_file_for(facts).render()
+        if text == self.written:
+            return False
+        try:
+            write_atomically(self.path, text)
+        except BaseException:
+            self.written = None  # unknown now: the next pass writes it whole
+            raise
+        self.written = text
+        return True

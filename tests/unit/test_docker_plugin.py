@@ -581,6 +581,98 @@ async def test_join_never_takes_a_live_interface(tmp_path: Any) -> None:
     assert status == 200 and {host, peer} <= veths.links
 
 
+async def test_an_unjoined_twin_leaves_the_joined_endpoints_veth_alone(tmp_path: Any) -> None:
+    veths = FakeVeths()
+    plugin = make_plugin(tmp_path, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin)
+    host, peer = plan.veth_names(EP)
+    veths.moved(peer)
+    twin = EP[:12] + "c" * 52  # the same veth name, never joined
+    status, _ = await call(
+        plugin,
+        "NetworkDriver.CreateEndpoint",
+        {**endpoint_request("10.244.3.6/24"), "EndpointID": twin},
+    )
+    assert status == 200
+    ids = {"NetworkID": NET, "EndpointID": twin}
+    assert await call(plugin, "NetworkDriver.DeleteEndpoint", ids) == (200, {})
+    assert host in veths.links and twin not in plugin.records.endpoints
+    # Positive control: the joined endpoint's own Leave deletes it.
+    assert await call(plugin, "NetworkDriver.Leave", {**ids, "EndpointID": EP}) == (200, {})
+    assert host not in veths.links
+
+
+@pytest.mark.parametrize("loss", ["missing", "damaged"])
+async def test_lost_records_adopt_running_containers_instead_of_cutting_them_off(
+    tmp_path: Any, loss: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cni, veths = FakeCni(), FakeVeths()
+    plugin = make_plugin(tmp_path, cni=cni, veths=veths)
+    await plugin.start()
+    await joined_endpoint(plugin)
+    status, answer = await call(plugin, "IpamDriver.RequestAddress", {"PoolID": view().pool_id})
+    assert status == 200
+    address = IPv4Interface(answer["Address"]).ip
+    held_by = plugin.records.addresses[address]
+    host, peer = plan.veth_names(EP)
+    veths.moved(peer)  # a running container's eth0
+    # host-local's own file for the reservation, as the real plugin writes it.
+    store = plugin.settings.host_local_store
+    store.mkdir(parents=True, exist_ok=True)
+    (store / str(address)).write_text(f"{held_by}\r\neth0")
+    path = plugin.settings.records_file
+    path.unlink()
+    if loss == "damaged":
+        path.write_text("{nope")
+    again = make_plugin(tmp_path, cni=cni, veths=veths)
+    with caplog.at_level("ERROR"):
+        await again.start()
+    assert "docker_plugin_records_lost" in caplog.text
+    # Nothing was taken from the running container.
+    assert host in veths.links
+    assert ("host-local", "DEL", held_by) not in cni.calls
+    assert again.records.addresses == {address: held_by}
+    assert host in again.records.adopted_veths
+    # Kept across another restart, now that the records are whole again.
+    again = make_plugin(tmp_path, cni=cni, veths=veths)
+    await again.start()
+    assert host in veths.links and again.records.addresses == {address: held_by}
+    # When Docker lets the container go, both are released.
+    ids = {"NetworkID": NET, "EndpointID": EP}
+    assert await call(again, "NetworkDriver.Leave", ids) == (200, {})
+    assert host not in veths.links and not again.records.adopted_veths
+    # The network itself was lost with the records: Docker logs this and
+    # removes the endpoint all the same.
+    status, _ = await call(again, "NetworkDriver.DeleteEndpoint", ids)
+    assert status == 404
+    release = {"PoolID": view().pool_id, "Address": str(address)}
+    assert await call(again, "IpamDriver.ReleaseAddress", release) == (200, {})
+    assert ("host-local", "DEL", held_by) in cni.calls and not again.records.addresses
+
+
+async def test_a_failed_release_is_finished_at_the_next_start(tmp_path: Any) -> None:
+    cni = FakeCni()
+    plugin = make_plugin(tmp_path, cni=cni)
+    await plugin.start()
+    status, answer = await call(plugin, "IpamDriver.RequestAddress", {"PoolID": view().pool_id})
+    assert status == 200
+    address = IPv4Interface(answer["Address"]).ip
+    held_by = plugin.records.addresses[address]
+    store = plugin.settings.host_local_store
+    store.mkdir(parents=True, exist_ok=True)
+    (store / str(address)).write_text(f"{held_by}\r\neth0")
+    cni.fail.add(("host-local", "DEL"))
+    release = {"PoolID": view().pool_id, "Address": str(address)}
+    # Docker never asks twice: the answer is OK and the record goes.
+    assert await call(plugin, "IpamDriver.ReleaseAddress", release) == (200, {})
+    assert address not in plugin.records.addresses
+    assert address in cni.store  # still reserved
+    cni.fail.clear()
+    await make_plugin(tmp_path, cni=cni).start()
+    assert address not in cni.store
+
+
 async def test_join_replaces_a_pair_never_handed_over(tmp_path: Any) -> None:
     veths = FakeVeths()
     plugin = make_plugin(tmp_path, veths=veths)
@@ -704,12 +796,12 @@ async def test_refusals_of_aiohttp_have_dockers_shape(tmp_path: Any) -> None:
     await plugin.start()
     async with TestClient(TestServer(plugin.app())) as client:
         huge = b'{"NetworkID": "' + b"a" * (2 << 20) + b'"}'
-        for response in (
-            await client.post("/NetworkDriver.CreateNetwork", data=huge),
-            await client.get("/Plugin.Activate"),
-            await client.post("/Plugin/Activate", data=b"{}"),
+        for response, status in (
+            (await client.post("/NetworkDriver.CreateNetwork", data=huge), 413),
+            (await client.get("/Plugin.Activate"), 405),
+            (await client.post("/Plugin/Activate", data=b"{}"), 404),
         ):
-            assert response.status in (404, 405, 413)
+            assert response.status == status
             assert response.content_type == plan.CONTENT_TYPE
             answer = await response.json(content_type=None)
             assert set(answer) == {"Err"} and answer["Err"]

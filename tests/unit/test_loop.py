@@ -9,11 +9,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 
 import pytest
 
 from overlayd.config import parse_network_config
-from overlayd.daemon.loop import Knowledge, Reconciler, standard_managers
+from overlayd.daemon.loop import Knowledge, PassResult, Reconciler, standard_managers
 from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.nft import NftError
@@ -431,3 +432,50 @@ async def test_the_docker_plugin_sees_the_programmed_subnet_not_the_planned_one(
     assert (await loop.reconcile_once()).ok
     view = Agent._plugin_view(inputs, loop)
     assert view.subnet == IPv4Network("10.244.7.0/24") and view.settled
+
+
+async def test_the_subnet_file_names_a_new_lease_only_after_the_pass_that_programmed_it(
+    tmp_path: Path,
+) -> None:
+    from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet
+
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, dataplane)
+    path = tmp_path / "subnet.env"
+    writer = SubnetFileWriter(path)
+
+    def after_pass(outcome: PassResult) -> None:  # as the agent wires it
+        if outcome.ok and loop.programmed is not None:
+            writer.programmed(loop.programmed)
+
+    loop.on_pass = after_pass
+    assert (await loop.reconcile_once()).ok
+    assert read_subnet(path) == OWN.subnet  # positive control
+    # A new lease is planned; its pass fails: the file keeps the old subnet.
+    moved = IPv4Network("10.244.7.0/24")
+    inputs.own = replace(OWN, subnet=moved)
+    dataplane.kernel = EntrySet()
+    dataplane.fail_next_apply = True
+    assert not (await loop.reconcile_once()).ok
+    assert read_subnet(path) == OWN.subnet
+    # Programmed now: the file moves on, written once.
+    assert (await loop.reconcile_once()).ok
+    assert read_subnet(path) == moved
+    stamp = path.stat().st_mtime_ns
+    assert not writer.programmed(loop.programmed or inputs)  # unchanged: not rewritten
+    assert path.stat().st_mtime_ns == stamp
+
+
+def test_a_failed_subnet_file_write_is_done_whole_by_the_next_pass(tmp_path: Path) -> None:
+    from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")  # a file where the directory should be
+    writer = SubnetFileWriter(blocked / "subnet.env")
+    facts = knowledge(PEER)
+    with pytest.raises(OSError):
+        writer.programmed(facts)
+    blocked.unlink()
+    assert writer.programmed(facts)
+    assert read_subnet(blocked / "subnet.env") == OWN.subnet
