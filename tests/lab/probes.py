@@ -3,7 +3,8 @@ endpoints, a daemon run once to see how it starts (or refuses to), a
 100/s ping between containers to count lost packets; and for the engine
 tests: what their containers run, a page fetched from one container by
 another, and connections from the lab's outside host, through a host's
-published port or straight at a container's address."""
+published port or straight at a container's address (dropped by overlayd's
+forward chain, after a positive control that lets them through)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ipaddress import IPv4Address
 from overlayd.lab import netns
 from overlayd.lab.engines import Engine, EngineContainer
 from overlayd.lab.lab import Lab
+from overlayd.lab.topology import OUTSIDE_ROUTER
+from overlayd.plan.egress import FAMILY, TABLE
 from tests.conftest import CONVERGE, wait_until
 
 SLEEP = ["sleep", "1000000"]
@@ -109,6 +112,68 @@ def forward_state(lab: Lab, host: int) -> str:
     )
 
 
+# The rule the positive control puts at the head of overlayd's forward
+# chain, found again by its comment.
+CONTROL_COMMENT = "lab positive control"
+# How often the control inserts its rule again after overlayd's check pass
+# removed it (the pass rewrites a chain that differs from what it wrote)
+# before the probe could get through.
+CONTROL_ATTEMPTS = 10
+
+
+def _nft(lab: Lab, host: int, *args: str, check: bool = True) -> str:
+    return netns.in_ns(lab.host_ns(host), "nft", *args, check=check)
+
+
+def _control_handles(lab: Lab, host: int) -> list[int]:
+    """Handles of the control's rules now in overlayd's forward chain."""
+    listing = _nft(lab, host, "-a", "list", "chain", FAMILY, TABLE, "forward", check=False)
+    return [
+        int(found.group(1))
+        for line in listing.splitlines()
+        if CONTROL_COMMENT in line and (found := re.search(r"# handle (\d+)", line))
+    ]
+
+
+def _insert_control(lab: Lab, host: int, address: IPv4Address) -> int:
+    """An accept for new connections from the outside host to `address`,
+    ahead of overlayd's isolation rules; its handle."""
+    echoed = _nft(
+        lab, host, "--echo", "--handle", "insert", "rule", FAMILY, TABLE, "forward",
+        "ip", "saddr", str(OUTSIDE_ROUTER), "ip", "daddr", str(address),
+        "accept", "comment", f'"{CONTROL_COMMENT}"',
+    )  # fmt: skip
+    found = re.search(r"# handle (\d+)", echoed)
+    assert found, echoed
+    return int(found.group(1))
+
+
+def _answers_with_control(
+    lab: Lab, host: int, address: IPv4Address, port: int
+) -> tuple[int, str, bool]:
+    """curl from outside to address:port while the control's accept rule is
+    in overlayd's forward chain: exit code, text, and whether the rule was
+    there all along. overlayd's check pass removes any rule it did not
+    write (at each resync), so a probe that failed while the rule was gone
+    is retried with the rule inserted again; one that failed with the rule
+    in place all along (its handle, never reused in a table, still listed
+    after the probe) is the answer."""
+    code, text = CURL_TIMED_OUT, "not tried"
+    for _ in range(CONTROL_ATTEMPTS):
+        handles = _control_handles(lab, host)
+        handle = handles[0] if handles else _insert_control(lab, host, address)
+        code, text = outside_curl(lab, address, port, timeout=3)
+        if code == 0 or handle in _control_handles(lab, host):
+            return code, text, True
+    return code, text, False
+
+
+def _remove_control(lab: Lab, host: int) -> None:
+    for handle in _control_handles(lab, host):
+        _nft(lab, host, "delete", "rule", FAMILY, TABLE, "forward", "handle", str(handle),
+             check=False)  # fmt: skip
+
+
 def assert_dropped_from_outside(
     lab: Lab, host: int, address: IPv4Address | None, ports: list[int]
 ) -> None:
@@ -116,7 +181,26 @@ def assert_dropped_from_outside(
     (routed there via the host: outside_route_to) time out on each port:
     dropped on the way (overlayd's forward chain), not refused by the host
     and not unreachable. The caller shows they are served from inside the
-    cluster, and that the host's published port answers from outside."""
+    cluster, and that the host's published port answers from outside.
+
+    Positive control first: with an accept for exactly these connections at
+    the head of overlayd's forward chain, they answer. So the way there and
+    the container's reply back (in gwbridge mode by its default route on
+    the gwbridge, with its overlay address as source) both work, and the
+    timeouts after the accept is gone come from the forward chain's drop."""
+    assert address is not None
+    try:
+        for port in ports:
+            code, text, held = _answers_with_control(lab, host, address, port)
+            assert code == 0, (
+                f"{address}:{port} from outside with an accept rule in overlayd's forward"
+                f" chain ({'in place all along' if held else 'removed by every check pass'}):"
+                f" curl exit {code} ({text!r}), so a timeout without the rule proves nothing\n"
+                + forward_state(lab, host)
+            )
+    finally:
+        _remove_control(lab, host)
+    assert _control_handles(lab, host) == []
     for port in ports:
         code, text = outside_curl(lab, address, port, timeout=2)
         assert code == CURL_TIMED_OUT, (
