@@ -40,7 +40,7 @@ class LabSettings:
     # etcd users and roles, a host's certificate its identity (`lab up --rbac`)
     rbac: bool = False
     # every daemon serves the Docker plugin on <host dir>/docker-plugins,
-    # which the host's dockerd sees as /run/docker/plugins (lab/engines.py)
+    # which the host's dockerd sees as /run/docker/plugins (lab/engines/docker.py)
     docker_plugin: bool = False
 
     def __post_init__(self) -> None:

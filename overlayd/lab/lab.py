@@ -11,7 +11,7 @@ ties the pieces together and keeps the lab's state directory:
     hosts.py       each host's daemon: files, settings, start, stop, wait
     containers.py  containers attached through overlay-cni (or by hand)
     checks.py      cross-host pings and the egress check
-    engines.py     real Podman and dockerd per host, and their teardown
+    engines/       real Podman and dockerd per host, and their teardown
 
 `down` removes every namespace with the lab's prefix and everything running
 inside them, so it also cleans up after a crash half way through `up`.

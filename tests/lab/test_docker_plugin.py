@@ -2,7 +2,7 @@
 
 Each lab host runs overlayd with the plugin on (LabSettings.docker_plugin)
 and a plain dockerd (`--bridge=none`) that finds the plugin in its own
-/run/docker/plugins (lab/engines.py); `docker network create -d overlayd
+/run/docker/plugins (lab/engines/docker.py); `docker network create -d overlayd
 --ipam-driver overlayd ovl` is run on every host once. One lab for the module
 in gwbridge mode, a second in masquerade mode only for the egress and
 published-port test of that mode.
@@ -12,7 +12,7 @@ What Docker 20.10 does to a remote-driver network when dockerd restarts
 - with --live-restore: nothing reaches the plugin, neither at shutdown nor
   at start; libnetwork restores the sandbox from its own store (the
   container's netns bind mount under the exec-root must still be there, see
-  lab/engines.py), and a later stop sends Leave, DeleteEndpoint and
+  lab/engines/docker.py), and a later stop sends Leave, DeleteEndpoint and
   ReleaseAddress as usual;
 - without it, SIGTERM: at shutdown its containers stop and each endpoint
   gets Leave, DeleteEndpoint, ReleaseAddress; at start a `--restart always`
