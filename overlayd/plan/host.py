@@ -9,12 +9,31 @@ or the lease changes; every pass reads the one it finds.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from overlayd.errors import ConfigError
 from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig, Underlay
 from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.ipam import is_candidate
+
+
+class HostFacts(Protocol):
+    """What is decided about this host: the network config, its own lease,
+    its devices and its egress. A planned `Host` has them, and so has a
+    reconcile pass's input snapshot (what the kernel was programmed for)."""
+
+    @property
+    def config(self) -> NetworkConfig: ...
+
+    @property
+    def own(self) -> Lease: ...
+
+    @property
+    def spec(self) -> DeviceSpec: ...
+
+    @property
+    def egress(self) -> EgressSpec: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -457,17 +457,24 @@ class DockerPlugin:
         log.info("event=docker_adopted_veth_deleted id=%s veth=%s", endpoint_id[:12], host)
         return True
 
+    async def _endpoint_to_unplug(self, ids: plan.NetworkIds) -> Endpoint | None:
+        """The recorded endpoint Leave or DeleteEndpoint names; None when
+        there is nothing (more) to do: gone already (both are idempotent),
+        or known only by a veth adopted from lost records, now deleted. An
+        unknown network is refused."""
+        if ids.endpoint_id not in self.records.endpoints and await self._drop_adopted(
+            ids.endpoint_id
+        ):
+            return None
+        self.records.network(ids.network_id)
+        return self.records.endpoints.get(ids.endpoint_id)
+
     async def _delete_endpoint(self, raw: dict[str, Any]) -> dict[str, Any]:
         ids = plan.parse_endpoint_ids(raw)
         async with self._lock:
-            if ids.endpoint_id not in self.records.endpoints and await self._drop_adopted(
-                ids.endpoint_id
-            ):
-                return {}
-            self.records.network(ids.network_id)
-            endpoint = self.records.endpoints.get(ids.endpoint_id)
+            endpoint = await self._endpoint_to_unplug(ids)
             if endpoint is None:
-                return {}  # deleted already: DeleteEndpoint is idempotent
+                return {}
             # The record goes whatever the unplugging managed: Docker does
             # not ask twice, and a record left would block DeleteNetwork.
             await self._unplug(ids.endpoint_id, endpoint)
@@ -507,12 +514,7 @@ class DockerPlugin:
     async def _leave(self, raw: dict[str, Any]) -> dict[str, Any]:
         ids = plan.parse_endpoint_ids(raw)
         async with self._lock:
-            if ids.endpoint_id not in self.records.endpoints and await self._drop_adopted(
-                ids.endpoint_id
-            ):
-                return {}
-            self.records.network(ids.network_id)
-            endpoint = self.records.endpoints.get(ids.endpoint_id)
+            endpoint = await self._endpoint_to_unplug(ids)
             if endpoint is None:
                 return {}
             await self._unplug(ids.endpoint_id, endpoint)

@@ -8,25 +8,9 @@ import tempfile
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Protocol
 
-from overlayd.model import DeviceSpec, Lease, NetworkConfig
-from overlayd.plan.egress import EgressSpec
+from overlayd.plan.host import HostFacts
 from overlayd.plan.ipam import gateway_address
-
-
-class HostFacts(Protocol):
-    """What the subnet file is made of: a planned Host, or the inputs of the
-    pass that programmed the kernel."""
-
-    @property
-    def config(self) -> NetworkConfig: ...
-    @property
-    def own(self) -> Lease: ...
-    @property
-    def spec(self) -> DeviceSpec: ...
-    @property
-    def egress(self) -> EgressSpec: ...
 
 
 @dataclass(frozen=True, slots=True)

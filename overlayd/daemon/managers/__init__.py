@@ -23,6 +23,7 @@ from overlayd.dataplane import DataplanePort
 from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
 from overlayd.plan.cluster import ClusterPlan
 from overlayd.plan.egress import EgressSpec
+from overlayd.plan.host import HostFacts
 
 
 class Level(enum.IntEnum):
@@ -43,20 +44,9 @@ class Level(enum.IntEnum):
     FULL = 2
 
 
-class PassInputs(Protocol):
-    """What a pass reads, once, at its start."""
-
-    @property
-    def config(self) -> NetworkConfig: ...
-
-    @property
-    def own(self) -> Lease: ...
-
-    @property
-    def spec(self) -> DeviceSpec: ...
-
-    @property
-    def egress(self) -> EgressSpec: ...
+class PassInputs(HostFacts, Protocol):
+    """What a pass reads, once, at its start: the host's facts, and where
+    and what the leases are."""
 
     @property
     def etcd_prefix(self) -> str: ...
