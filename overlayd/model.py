@@ -10,7 +10,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_network,
+)
 from typing import Any
 
 DEFAULT_VNI = 1
@@ -65,6 +73,17 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Ipv6Config:
+    """The IPv6 half of a dual-stack network config (flannel's `EnableIPv6`,
+    `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`, `IPv6SubnetMax`)."""
+
+    network: IPv6Network
+    subnet_len: int
+    subnet_min: IPv6Address
+    subnet_max: IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
 class NetworkConfig:
     """The cluster-wide network config (flannel's schema), defaults applied."""
 
@@ -73,6 +92,7 @@ class NetworkConfig:
     subnet_min: IPv4Address
     subnet_max: IPv4Address
     backend: BackendConfig = field(default_factory=BackendConfig)
+    ipv6: Ipv6Config | None = None  # None unless EnableIPv6
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +104,16 @@ class Lease:
     vni: int
     vtep_mac: str
     backend_type: str = "vxlan"
+    # The IPv6 half of a dual-stack lease (flannel's key suffix
+    # `&fd00:10:244:1::-64`, `PublicIPv6`, `BackendV6Data.VtepMAC`); absent
+    # for a host without IPv6, which peers then reach over IPv4 only.
+    ipv6_subnet: IPv6Network | None = None
+    public_ipv6: IPv6Address | None = None
+    vtep_mac_v6: str = ""
+
+    @property
+    def has_ipv6(self) -> bool:
+        return self.ipv6_subnet is not None and self.public_ipv6 is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +131,17 @@ class DeviceSpec:
     underlay_ifindex: int
     mtu: int
     underlay: str = ""
+    # Dual-stack: the bridge's IPv6 gateway, and the second VTEP (flannel's
+    # `flannel-v6.<VNI>`), another port of the same bridge, with its own MAC,
+    # sending from the underlay's IPv6 address. Empty/None without IPv6.
+    gateway6: IPv6Interface | None = None
+    vtep6: str = ""
+    vtep6_mac: str = ""
+    local_ip6: IPv6Address | None = None
+
+    def vtep_for(self, family: Family) -> str:
+        """The VTEP that carries `family`'s traffic ("" if none)."""
+        return self.vtep6 if family.version == 6 else self.vtep
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +152,7 @@ class Underlay:
     ifindex: int
     mtu: int
     address: IPv4Address
+    address6: IPv6Address | None = None  # --public-ipv6, or its first global one
 
 
 @dataclass(frozen=True, slots=True)

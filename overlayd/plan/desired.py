@@ -63,6 +63,15 @@ def vtep_name(vni: int) -> str:
     return f"{VTEP_PREFIX}{vni}"
 
 
+# The IPv6 VTEP, flannel-style (flannel-v6.<VNI>): "ovl-v6." and a VNI of up
+# to eight digits fit IFNAMSIZ.
+VTEP6_PREFIX = "ovl-v6."
+
+
+def vtep6_name(vni: int) -> str:
+    return f"{VTEP6_PREFIX}{vni}"
+
+
 def max_overlay_mtu(config: NetworkConfig, underlay_mtu: int, family: Family = IPV4) -> int:
     """The largest MTU containers can have over an underlay of `family`:
     host-gw adds no header."""

@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from typing import Any
 
 from overlayd.plan.ipam import container_ranges, gateway_address
@@ -110,6 +110,9 @@ class HostView:
     # False while the planned subnet (a new lease) differs from the
     # programmed one: no new addresses until the bridge has the new subnet.
     settled: bool = True
+    # Dual-stack: this host's IPv6 subnet and the cluster's IPv6 network.
+    subnet6: IPv6Network | None = None
+    cluster6: IPv6Network | None = None
 
     @property
     def gateway(self) -> IPv4Address:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from overlayd.errors import ConfigError
 from overlayd.plan.desired import stable_mac
@@ -57,6 +57,10 @@ class EgressSpec:
     overlay_bridge: str
     gwbridge: str
     gwbridge_subnet: IPv4Network | None = None
+    # Dual-stack: the cluster's IPv6 network, and the gwbridge's IPv6 subnet
+    # (gwbridge mode). None without IPv6.
+    cluster6: IPv6Network | None = None
+    gwbridge_subnet6: IPv6Network | None = None
 
     @property
     def gwbridge_mac(self) -> str:
@@ -69,6 +73,14 @@ class EgressSpec:
             return None
         return IPv4Interface(
             (self.gwbridge_subnet.network_address + 1, self.gwbridge_subnet.prefixlen)
+        )
+
+    @property
+    def gwbridge_gateway6(self) -> IPv6Interface | None:
+        if self.mode != "gwbridge" or self.gwbridge_subnet6 is None:
+            return None
+        return IPv6Interface(
+            (self.gwbridge_subnet6.network_address + 1, self.gwbridge_subnet6.prefixlen)
         )
 
 

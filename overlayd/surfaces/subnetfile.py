@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 from overlayd.plan.host import HostFacts
@@ -23,19 +23,26 @@ class SubnetFile:
     gwbridge: str | None = None
     gwbridge_gateway: IPv4Interface | None = None
     bridge: str | None = None
+    # Dual-stack (flannel's FLANNEL_IPV6_*), None without IPv6.
+    network6: IPv6Network | None = None
+    subnet6: IPv6Network | None = None
+    gwbridge_gateway6: IPv6Interface | None = None
 
     def render(self) -> str:
-        """flannel's four variables, then overlayd's own (which flannel's
-        readers ignore): the egress mode and, in gwbridge mode, the egress
-        bridge and its gateway for the container's second interface."""
+        """flannel's variables (the IPv6 ones in a dual-stack network), then
+        overlayd's own (which flannel's readers ignore): the egress mode and,
+        in gwbridge mode, the egress bridge and its gateways for the
+        container's second interface."""
         gateway = IPv4Interface((gateway_address(self.subnet), self.subnet.prefixlen))
-        text = (
-            f"FLANNEL_NETWORK={self.network}\n"
-            f"FLANNEL_SUBNET={gateway}\n"
-            f"FLANNEL_MTU={self.mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
-            f"OVERLAYD_EGRESS={self.egress}\n"
-        )
+        masq = "true" if self.ipmasq else "false"
+        text = f"FLANNEL_NETWORK={self.network}\nFLANNEL_SUBNET={gateway}\n"
+        if self.network6 is not None and self.subnet6 is not None:
+            gateway6 = IPv6Interface((self.subnet6.network_address + 1, self.subnet6.prefixlen))
+            text += f"FLANNEL_IPV6_NETWORK={self.network6}\nFLANNEL_IPV6_SUBNET={gateway6}\n"
+        text += f"FLANNEL_MTU={self.mtu}\nFLANNEL_IPMASQ={masq}\n"
+        if self.subnet6 is not None:
+            text += f"FLANNEL_IPV6_MASQ={masq}\n"
+        text += f"OVERLAYD_EGRESS={self.egress}\n"
         if self.bridge:
             text += f"OVERLAYD_BRIDGE={self.bridge}\n"
         if self.gwbridge and self.gwbridge_gateway:
@@ -43,6 +50,8 @@ class SubnetFile:
                 f"OVERLAYD_GWBRIDGE={self.gwbridge}\n"
                 f"OVERLAYD_GWBRIDGE_SUBNET={self.gwbridge_gateway}\n"
             )
+            if self.gwbridge_gateway6 is not None:
+                text += f"OVERLAYD_GWBRIDGE_SUBNET6={self.gwbridge_gateway6}\n"
         return text
 
 
@@ -58,6 +67,9 @@ def subnet_file_for(host: HostFacts) -> SubnetFile:
         gwbridge=egress.gwbridge if egress.mode == "gwbridge" else None,
         gwbridge_gateway=egress.gwbridge_gateway,
         bridge=host.spec.bridge,
+        network6=host.config.ipv6.network if host.config.ipv6 is not None else None,
+        subnet6=host.own.ipv6_subnet,
+        gwbridge_gateway6=egress.gwbridge_gateway6,
     )
 
 
