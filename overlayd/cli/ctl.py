@@ -159,6 +159,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="etcd users and roles: each host writes only leases, root the config (needs TLS)",
     )
+    up.add_argument(
+        "--ipv6",
+        action=argparse.BooleanOptionalAction,
+        default=None,  # the lab's own default (overlayd.lab.lab.DEFAULT_IPV6)
+        help="dual-stack: every host leases an IPv6 subnet too, containers get both"
+        " families, `lab check` checks both (default: on; --no-ipv6 for IPv4 only)",
+    )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)
     check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")

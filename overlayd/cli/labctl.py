@@ -31,23 +31,38 @@ def _require_root() -> None:
         raise OverlaydError("the lab creates network namespaces: run it as root")
 
 
+def _family_tag(version: int, dual: bool, *, space: str = " ") -> str:
+    """How output names a family: only in a dual-stack lab, so a v4-only
+    lab's output stays as it was."""
+    return f"{space}IPv{version}" if dual else ""
+
+
 def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
-    """All-pairs reachability across hosts, then (unless egress is off) every
-    container's way out: the outside server must see its host's address."""
-    from overlayd.lab.topology import OUTSIDE_SERVER
+    """All-pairs reachability across hosts over each of the lab's families,
+    then (unless egress is off) every container's way out in each family:
+    the outside server must see its host's address of that family."""
+    from overlayd.lab.checks import outside_server
 
     started = time.monotonic()
-    pings = lab.check(timeout=timeout)
+    families = lab.families()
+    dual = len(families) > 1
+    pings = [r for family in families for r in lab.check(timeout=timeout, family=family)]
     egress_mode = lab.settings().egress
-    egress = lab.check_egress() if egress_mode != "none" else []
+    egress = (
+        [e for family in families for e in lab.check_egress(family=family)]
+        if egress_mode != "none"
+        else []
+    )
+    engines = lab.engine_checkables()
     # Docker's containers on overlayd's bridge have no gwbridge path, so
     # check_egress leaves them out in gwbridge mode: say so, not silently.
-    unchecked = (
-        len(lab.engine_checkables()) - len(lab.engine_checkables(egress=True)) if egress else 0
-    )
+    unchecked = len(engines) - len(lab.engine_checkables(egress=True)) if egress else 0
+    # Engine containers without an address of a family are left out of its
+    # checks (Docker's bridge driver hands out IPv4 only unless told).
+    no_address = {f.version: sum(c.address_of(f) is None for c in engines) for f in families}
     elapsed = time.monotonic() - started
     reachable = sum(r.ok for r in pings)
-    egress_ok = sum(e.seen_as == str(e.expected) for e in egress)
+    egress_ok = sum(e.ok for e in egress)
     # No pair at all is a failure, unless a one-host lab cannot have any.
     single_host = len(lab.hosts()) < 2
     healthy = (bool(pings) or single_host) and reachable == len(pings) and egress_ok == len(egress)
@@ -57,16 +72,18 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
                 {
                     "ok": healthy,
                     "seconds": round(elapsed, 3),
+                    "families": [f.version for f in families],
                     "egress_mode": egress_mode,
                     "egress_unchecked": unchecked,
                     "pairs": len(pings),
                     "reachable": reachable,
                     "pings": [
                         {
+                            "family": r.family.version,
                             "src": r.src.title,
-                            "src_ip": str(r.src.address),
+                            "src_ip": str(r.src_address),
                             "dst": r.dst.title,
-                            "dst_ip": str(r.dst.address),
+                            "dst_ip": str(r.dst_address),
                             "ok": r.ok,
                             "rtt_ms": r.rtt_ms,
                         }
@@ -74,6 +91,7 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
                     ],
                     "egress": [
                         {
+                            "family": e.family.version,
                             "container": e.container.title,
                             "seen_as": e.seen_as,
                             "expected": str(e.expected),
@@ -86,45 +104,65 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
         )
         return 0 if healthy else 1
     hosts = len({r.src.host for r in pings})
+    per_family = {f.version: [r for r in pings if r.family.version == f.version] for f in families}
     if single_host:
         print(f"lab check: one host, so no cross-host pairs to ping ({elapsed:.1f} s)")
+    elif dual:
+        counts = ", ".join(
+            f"IPv{v} {sum(r.ok for r in rs)}/{len(rs)}" for v, rs in per_family.items()
+        )
+        print(
+            f"lab check: cross-host container pairs reachable across {hosts} hosts"
+            f" in {elapsed:.1f} s: {counts}"
+        )
     else:
         print(
             f"lab check: {reachable}/{len(pings)} cross-host container pairs reachable"
             f" across {hosts} hosts in {elapsed:.1f} s"
         )
-    rtts = sorted(r.rtt_ms for r in pings if r.rtt_ms is not None)
-    if rtts:
-        print(
-            f"  ping RTT ms: min {rtts[0]:.3f}  median {rtts[len(rtts) // 2]:.3f}"
-            f"  max {rtts[-1]:.3f}"
-        )
+    for version, results in per_family.items():
+        rtts = sorted(r.rtt_ms for r in results if r.rtt_ms is not None)
+        if rtts:
+            print(
+                f" {_family_tag(version, dual)} ping RTT ms: min {rtts[0]:.3f}"
+                f"  median {rtts[len(rtts) // 2]:.3f}  max {rtts[-1]:.3f}"
+            )
     for r in pings:
         if not r.ok:
+            tag = f" (IPv{r.family.version})" if dual else ""
+            src, dst = r.src_address or "no address", r.dst_address or "no address"
+            print(f"  UNREACHABLE{tag} {r.src.title} ({src}) -> {r.dst.title} ({dst})")
+    for version, count in no_address.items():
+        if count and version != 4:
             print(
-                f"  UNREACHABLE {r.src.title} ({r.src.address}) -> {r.dst.title} ({r.dst.address})"
+                f"  ({count} engine containers without an IPv{version} address not checked"
+                f" over IPv{version})"
             )
     if egress_mode == "none":
         print("  egress: off (egress = none)")
-    else:
+        return 0 if healthy else 1
+    for family in families:
+        seen = [e for e in egress if e.family.version == family.version]
+        mode = f"{egress_mode},{_family_tag(family.version, dual)}" if dual else egress_mode
         print(
-            f"  egress ({egress_mode}): {egress_ok}/{len(egress)} containers reach"
-            f" {OUTSIDE_SERVER} as their host's address"
+            f"  egress ({mode}): {sum(e.ok for e in seen)}/{len(seen)} containers reach"
+            f" {outside_server(family)} as their host's{_family_tag(family.version, dual)} address"
         )
-        if unchecked:
-            print(
-                f"  ({unchecked} Docker containers on overlayd's bridge not checked: with"
-                " egress=gwbridge they have no way out, see `overlayctl docker-opts`)"
-            )
-        for e in egress:
-            if e.seen_as != str(e.expected):
-                seen = e.seen_as or "unreachable"
-                print(f"  EGRESS {e.container.title}: seen as {seen}, expected {e.expected}")
+    if unchecked:
+        print(
+            f"  ({unchecked} Docker containers on overlayd's bridge not checked: with"
+            " egress=gwbridge they have no way out, see `overlayctl docker-opts`)"
+        )
+    for e in egress:
+        if not e.ok:
+            tag = f" (IPv{e.family.version})" if dual else ""
+            where = e.seen_as or "unreachable"
+            print(f"  EGRESS{tag} {e.container.title}: seen as {where}, expected {e.expected}")
     return 0 if healthy else 1
 
 
 def _up(lab: Lab, args: argparse.Namespace) -> int:
-    from overlayd.lab.lab import DEFAULT_NETWORK, LabSettings, default_network_config
+    from overlayd.lab.lab import DEFAULT_IPV6, DEFAULT_NETWORK, LabSettings, default_network_config
 
     if args.rbac and args.insecure:
         raise OverlaydError("lab up: --rbac needs TLS; it cannot be combined with --insecure")
@@ -135,6 +173,7 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
         args.port,
         backend=args.backend,
         direct_routing=args.direct_routing,
+        ipv6=DEFAULT_IPV6 if args.ipv6 is None else args.ipv6,
     )
     try:
         lab.up(
@@ -163,12 +202,20 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
         f" (state and logs in {lab.state_dir})"
     )
     print(f"  etcd: {_security_line(lab)}")
+    dual = lab.dual_stack
     for host in lab.hosts():
+        v6 = f" {lab.host_address6(host)}" if dual else ""
         print(
-            f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}"
-            f"  subnet {lab.subnet(host)}"
+            f"  h{host}  ns {lab.host_ns(host)}  underlay {lab.host_address(host)}{v6}"
+            f"  subnet {_subnets(lab, host)}"
         )
     return _check(lab, timeout=args.timeout, as_json=False) if args.check else 0
+
+
+def _subnets(lab: Lab, host: int) -> str:
+    """The host's subnet, and its IPv6 one beside it when it has one."""
+    subnet6 = lab.subnet6(host)
+    return f"{lab.subnet(host)}" + (f" {subnet6}" if subnet6 is not None else "")
 
 
 def _security_line(lab: Lab) -> str:
@@ -190,7 +237,7 @@ def _lab_check(lab: Lab, args: argparse.Namespace) -> int:
 def _add_host(lab: Lab, args: argparse.Namespace) -> int:
     host = max(lab.hosts(), default=0) + 1
     lab.add_host(host)
-    print(f"h{host} up: subnet {lab.subnet(host)}")
+    print(f"h{host} up: subnet {_subnets(lab, host)}")
     return 0
 
 
@@ -200,8 +247,10 @@ def _status(lab: Lab, args: argparse.Namespace) -> int:
         [
             f"h{h}",
             lab.host_ns(h),
-            lab.host_address(h),
-            lab.subnet(h),
+            f"{lab.host_address(h)} {lab.host_address6(h)}"
+            if lab.dual_stack
+            else lab.host_address(h),
+            _subnets(lab, h),
             "running" if lab.daemon_running(h) else "stopped",
             " ".join(
                 f"{kind}:{running.count(f'h{h}/{kind}')}"

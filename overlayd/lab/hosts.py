@@ -12,7 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 from overlayd.config import ENV_PREFIX
@@ -215,12 +215,25 @@ def mtu(host: int, files: HostFiles) -> int:
     return int(value)
 
 
+def subnet6_of(files: HostFiles) -> IPv6Network | None:
+    """The host's IPv6 subnet (FLANNEL_IPV6_SUBNET, the gateway and its
+    length), None if the host is IPv4-only or has no subnet file yet."""
+    value = read_variables(files.subnet_file).get("FLANNEL_IPV6_SUBNET")
+    return IPv6Interface(value).network if value else None
+
+
 def gwbridge(files: HostFiles) -> tuple[str, IPv4Interface] | None:
     """The host's egress bridge and its gateway, in gwbridge mode."""
     found = read_variables(files.subnet_file)
     if "OVERLAYD_GWBRIDGE" not in found:
         return None
     return found["OVERLAYD_GWBRIDGE"], IPv4Interface(found["OVERLAYD_GWBRIDGE_SUBNET"])
+
+
+def gwbridge6(files: HostFiles) -> IPv6Interface | None:
+    """The egress bridge's IPv6 gateway, in gwbridge mode on a dual-stack host."""
+    value = read_variables(files.subnet_file).get("OVERLAYD_GWBRIDGE_SUBNET6")
+    return IPv6Interface(value) if value else None
 
 
 def parse_host(text: str, lab_name: str, hosts: Sequence[int]) -> int:

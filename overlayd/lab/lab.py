@@ -21,6 +21,13 @@ etcd speaks TLS and wants a client certificate from everyone on the
 underlay; with `rbac`, etcd users and roles decide who writes what. The
 settings are kept in the state dir (lab.json), so later commands (check,
 ctl, add-host, the figure drivers) dial etcd the way the lab was made.
+
+A lab is dual-stack when its network config enables IPv6 (the default:
+default_network_config's `ipv6`; `lab up --no-ipv6` leaves it out): every
+host leases an IPv6 subnet beside its IPv4 one, containers get an address
+of each family, and `check`/`check_egress` run once per family. The config
+the lab was made with is kept in the state dir too (network.json), so
+`check` knows which families to check even while etcd is down.
 """
 
 from __future__ import annotations
@@ -32,11 +39,19 @@ import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any, TypeVar
 
 from overlayd.config import parse_network_config, render_network_config
+from overlayd.errors import ConfigError
 from overlayd.lab import checks, containers, engines, hosts, netns, security, topology
 from overlayd.lab.checks import EgressResult, PingResult
 from overlayd.lab.containers import Container
@@ -46,14 +61,15 @@ from overlayd.lab.netns import LabCommandError
 from overlayd.lab.pki import Issued
 from overlayd.lab.security import ADMIN_USER, LabPki
 from overlayd.lab.topology import ETCD_ADDRESS
-from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, NetworkConfig
-from overlayd.plan.leases import config_key, subnet_key, subnets_prefix
+from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, IPV4, IPV6, Family, NetworkConfig
+from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.store.access import EtcdAccess
 from overlayd.store.etcd import EtcdStore
 
 # What tests and figure drivers import from here, wherever it is defined.
 __all__ = [
     "DEFAULT_NETWORK",
+    "DEFAULT_NETWORK6",
     "PREFIX",
     "STATE_ROOT",
     "Container",
@@ -66,6 +82,12 @@ __all__ = [
 
 STATE_ROOT = Path("/run/overlayd-lab")
 DEFAULT_NETWORK = IPv4Network("10.244.0.0/16")
+# A unique local /56: 255 host /64s beside the IPv4 network's 255 /24s.
+DEFAULT_NETWORK6 = IPv6Network("fd00:10:244::/56")
+DEFAULT_SUBNET_LEN6 = 64
+# Dual-stack unless told otherwise: it costs little at `lab up` (the
+# README's lab section has the measured times) and proves both families.
+DEFAULT_IPV6 = True
 
 T = TypeVar("T")
 
@@ -78,13 +100,23 @@ def default_network_config(
     backend: str = "vxlan",
     direct_routing: bool = False,
     subnet_max: IPv4Address | None = None,
+    ipv6: bool = DEFAULT_IPV6,
+    network6: IPv6Network = DEFAULT_NETWORK6,
+    subnet_max6: IPv6Address | None = None,
 ) -> NetworkConfig:
+    """The lab's network config, written in flannel's schema and parsed by
+    the daemon's own parser, so the lab runs what a user's config would.
+    With `ipv6`, dual-stack: `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`."""
     backend_json: dict[str, object] = {"Type": backend}
     if backend == "vxlan":
         backend_json.update(VNI=vni, Port=port, DirectRouting=direct_routing)
     raw: dict[str, object] = {"Network": str(network), "Backend": backend_json}
     if subnet_max is not None:
         raw["SubnetMax"] = str(subnet_max)
+    if ipv6:
+        raw.update(EnableIPv6=True, IPv6Network=str(network6), IPv6SubnetLen=DEFAULT_SUBNET_LEN6)
+        if subnet_max6 is not None:
+            raw["IPv6SubnetMax"] = str(subnet_max6)
     return parse_network_config(json.dumps(raw))
 
 
@@ -94,7 +126,10 @@ class Lab:
     ping = staticmethod(checks.ping)
     whoami = staticmethod(checks.whoami)
     address_on = staticmethod(containers.address_on)
+    address6_on = staticmethod(containers.address6_on)
     host_address = staticmethod(topology.host_address)
+    host_address6 = staticmethod(topology.host_address6)
+    public_address = staticmethod(checks.public_address)
 
     def __init__(self, name: str = "lab", *, state_root: Path = STATE_ROOT) -> None:
         if not name.replace("-", "").isalnum() or len(name) > 20:
@@ -152,14 +187,18 @@ class Lab:
         return self.names.hosts()
 
     def containers(self) -> list[Container]:
+        """The lab's own containers (namespaces <p>h<i>c<k>), each with its
+        eth0 addresses: IPv4, and IPv6 where it has one."""
         found = []
         for ns in self.namespaces():
             host = self.names.container_host(ns)
             if host is None:
                 continue
-            address = containers.address_on(Container(ns, host, IPv4Address(0)), "eth0")
+            probe = Container(ns, host, IPv4Address(0))
+            address = containers.address_on(probe, "eth0")
             if address is not None:
-                found.append(Container(ns, host, address))
+                address6 = containers.address6_on(probe, "eth0")
+                found.append(Container(ns, host, address, address6=address6))
         return sorted(found, key=lambda c: (c.host, c.ns))
 
     # --- services on the underlay --------------------------------------------
@@ -255,9 +294,19 @@ class Lab:
 
         return self.etcd(get)
 
-    def delete_lease(self, host: int) -> None:
+    def lease_key(self, host: int) -> str:
+        """The etcd key of the host's lease, as it is in etcd: flannel's
+        `10.244.1.0-24`, or in a dual-stack cluster `10.244.1.0-24&fd00:...-64`."""
         subnet = self.subnet(host)
-        self.etcd(lambda s: s.delete(subnet_key(PREFIX, subnet)))
+        wanted = f"{subnets_prefix(PREFIX)}{subnet.network_address}-{subnet.prefixlen}"
+        for key in self.leases():
+            if key == wanted or key.startswith(f"{wanted}&"):
+                return key
+        raise LabCommandError(f"h{host}'s lease for {subnet} is not in etcd")
+
+    def delete_lease(self, host: int) -> None:
+        key = self.lease_key(host)
+        self.etcd(lambda s: s.delete(key))
 
     # --- building ---------------------------------------------------------
 
@@ -276,8 +325,10 @@ class Lab:
                 f" run `overlayctl lab down --name {self.name}` first"
             )
         settings = settings or LabSettings()
+        cfg = config or default_network_config()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "lab.json").write_text(json.dumps(asdict(settings)))
+        (self.state_dir / "network.json").write_text(render_network_config(cfg))
         topology.add_switch(self.names)
         topology.add_outside(self.names)
         members = self.etcd_members(settings.etcd_members)
@@ -292,7 +343,6 @@ class Lab:
             security.enable_rbac(self.etcd_endpoint, self.pki.new_password(), PREFIX)
         if settings.mqtt:
             self.start_mqtt()
-        cfg = config or default_network_config()
         self.etcd(lambda s: s.put(config_key(PREFIX), render_network_config(cfg)))
         checks.parallel(self.add_host, range(1, hosts + 1))
 
@@ -301,6 +351,23 @@ class Lab:
             return LabSettings(**json.loads((self.state_dir / "lab.json").read_text()))
         except FileNotFoundError:
             return LabSettings()
+
+    def network_config(self) -> NetworkConfig | None:
+        """The network config the lab was made with (None: made by an older
+        lab, which kept no copy, or already down)."""
+        try:
+            return parse_network_config((self.state_dir / "network.json").read_text())
+        except (FileNotFoundError, ConfigError):
+            return None
+
+    @property
+    def dual_stack(self) -> bool:
+        config = self.network_config()
+        return config is not None and config.ipv6 is not None
+
+    def families(self) -> list[Family]:
+        """The address families the lab's containers speak."""
+        return [IPV4, IPV6] if self.dual_stack else [IPV4]
 
     def attach_host_namespace(self, host: int) -> None:
         """The host's namespace, plugged into the underlay switch, with the
@@ -411,12 +478,20 @@ class Lab:
     def subnet(self, host: int) -> IPv4Network:
         return hosts.subnet(host, self.files(host))
 
+    def subnet6(self, host: int) -> IPv6Network | None:
+        """The host's IPv6 subnet from its subnet file (None: IPv4-only)."""
+        return hosts.subnet6_of(self.files(host))
+
     def mtu(self, host: int) -> int:
         return hosts.mtu(host, self.files(host))
 
     def gwbridge(self, host: int) -> tuple[str, IPv4Interface] | None:
         """The host's egress bridge and its gateway, in gwbridge mode."""
         return hosts.gwbridge(self.files(host))
+
+    def gwbridge6(self, host: int) -> IPv6Interface | None:
+        """The egress bridge's IPv6 gateway, in gwbridge mode when dual-stack."""
+        return hosts.gwbridge6(self.files(host))
 
     def host_named(self, text: str) -> int:
         """The number of a running host given as `h2` (or `2`); a clear
@@ -452,7 +527,14 @@ class Lab:
         )
 
     def add_container_by_hand(
-        self, host: int, index: int, *, bridge: str, subnet: IPv4Network, mtu: int
+        self,
+        host: int,
+        index: int,
+        *,
+        bridge: str,
+        subnet: IPv4Network,
+        mtu: int,
+        subnet6: IPv6Network | None = None,
     ) -> Container:
         """A container on `bridge` addressed with iproute2 (see containers.py)."""
         return containers.attach_by_hand(
@@ -463,6 +545,7 @@ class Lab:
             bridge=bridge,
             subnet=subnet,
             mtu=mtu,
+            subnet6=subnet6,
         )
 
     # --- container engines ---------------------------------------------------
@@ -531,6 +614,14 @@ class Lab:
     def cross_host_pairs(self) -> list[tuple[Container, Container]]:
         return checks.cross_host_pairs(self.containers())
 
+    def container(self, host: int, index: int = 1) -> Container:
+        """The lab's container <p>h<host>c<index>, with its addresses."""
+        ns = self.container_ns(host, index)
+        for c in self.containers():
+            if c.ns == ns:
+                return c
+        raise LabCommandError(f"lab {self.name!r} has no container {ns}")
+
     def engine_checkables(self, *, egress: bool = False) -> list[Container]:
         """The running engine containers, as containers `check` can ping
         (entered by their network namespace's path; RootNamespaceError if
@@ -549,19 +640,34 @@ class Lab:
             # Refused here, before any check runs, if the PID now belongs
             # to the root namespace (the container died, its PID reused).
             netns.refuse_root_netns(c.netns_path)
-            found.append(Container(c.netns_path, c.host, c.address, label=c.title))
+            probe = Container(c.netns_path, c.host, c.address)
+            address6 = containers.address6_on(probe, "eth0") if self.dual_stack else None
+            found.append(
+                Container(c.netns_path, c.host, c.address, label=c.title, address6=address6)
+            )
         return found
 
-    def check(self, *, timeout: float = 20.0) -> list[PingResult]:
-        """Ping every container (the lab's and the engines') from every
-        container on another host, retried until all answer or the timeout
-        passes."""
-        return checks.check(self.containers() + self.engine_checkables(), timeout=timeout)
+    def checkables(self, family: Family = IPV4, *, egress: bool = False) -> list[Container]:
+        """What `check` and `check_egress` try over `family`: every lab
+        container (each must have an address of the family: one without
+        fails its checks), and the engine containers (see
+        engine_checkables) that have an address of the family. An engine
+        may give its containers IPv4 only (Docker's bridge driver without
+        IPv6 settings of its own): `lab check` counts those it left out."""
+        engine = self.engine_checkables(egress=egress)
+        return self.containers() + [c for c in engine if c.address_of(family) is not None]
 
-    def check_egress(self) -> list[EgressResult]:
-        """Every container reaches the outside server as its host's address
-        (engine containers: see engine_checkables)."""
-        return checks.check_egress(self.containers() + self.engine_checkables(egress=True))
+    def check(self, *, timeout: float = 20.0, family: Family = IPV4) -> list[PingResult]:
+        """Ping every container (the lab's and the engines') from every
+        container on another host over `family`, retried until all answer
+        or the timeout passes."""
+        return checks.check(self.checkables(family), timeout=timeout, family=family)
+
+    def check_egress(self, *, family: Family = IPV4) -> list[EgressResult]:
+        """Every container reaches the outside server's address of `family`
+        as its host's address of `family` (engine containers: see
+        engine_checkables)."""
+        return checks.check_egress(self.checkables(family, egress=True), family=family)
 
     # --- tearing down -----------------------------------------------------
 

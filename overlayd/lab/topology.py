@@ -3,16 +3,23 @@ underlay's addresses, and the services that sit on it besides etcd (the
 outside router with its whoami server, and the MQTT broker).
 
     switch namespace  <p>sw: bridge br0, one veth port per host
-    outside           <p>inet: 192.0.2.1 on the underlay, the hosts' default
-                      router, and 203.0.113.10, "a server on the internet"
+    outside           <p>inet: 192.0.2.1 and 2001:db8::1 on the underlay, the
+                      hosts' default router for both families, and
+                      203.0.113.10 and 2001:db8:ffff::10, "a server on the
+                      internet"
     etcd namespaces   <p>etcd (192.0.2.2), and <p>etcd2, <p>etcd3 (.3, .4) for a
                       three-member cluster
     mqtt              <p>mqtt (192.0.2.6), mosquitto, with `lab up --mqtt`
-    host namespaces   <p>h1..hN: eth0 = 192.0.2.(10+i)
+    host namespaces   <p>h1..hN: eth0 = 192.0.2.(10+i) and 2001:db8::(10+i)
+                      (the same digits: h1 is 192.0.2.11 and 2001:db8::11)
     containers        <p>h<i>c<k>
 
-(<p> is `ovl-<lab name>-`.) Underlay and outside addresses come from the
-documentation ranges; nothing is added to the root namespace.
+(<p> is `ovl-<lab name>-`.) The underlay is dual-stack whatever the
+cluster's network config says, so that a host's daemon finds an IPv6
+address to tunnel from as soon as the config enables IPv6, and host-gw finds
+its IPv6 peers on the link. etcd and MQTT stay IPv4-only: the daemons reach
+them as before. Underlay and outside addresses come from the documentation
+ranges; nothing is added to the root namespace.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import subprocess
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from overlayd.lab import netns
@@ -28,9 +35,12 @@ from overlayd.lab.netns import LabCommandError
 from overlayd.nsexec import netns_argv
 
 UNDERLAY = IPv4Network("192.0.2.0/24")
+UNDERLAY6 = IPv6Network("2001:db8::/64")
 ETCD_ADDRESS = IPv4Address("192.0.2.2")
 OUTSIDE_ROUTER = IPv4Address("192.0.2.1")
+OUTSIDE_ROUTER6 = IPv6Address("2001:db8::1")
 OUTSIDE_SERVER = IPv4Address("203.0.113.10")
+OUTSIDE_SERVER6 = IPv6Address("2001:db8:ffff::10")
 WHOAMI_PORT = 8080
 MQTT_ADDRESS = IPv4Address("192.0.2.6")
 MQTT_PORT = 1883
@@ -90,6 +100,13 @@ def host_address(host: int) -> IPv4Address:
     return UNDERLAY.network_address + FIRST_HOST_OCTET + host
 
 
+def host_address6(host: int) -> IPv6Address:
+    """The host's IPv6 underlay address, spelled with the same digits as its
+    IPv4 one (h1: 192.0.2.11, 2001:db8::11), so that a capture or a log
+    line names the same host in both families at a glance."""
+    return IPv6Address(f"{UNDERLAY6.network_address}{FIRST_HOST_OCTET + host}")
+
+
 def mqtt_url() -> str:
     return f"mqtt://{MQTT_ADDRESS}:{MQTT_PORT}"
 
@@ -100,20 +117,33 @@ def add_switch(names: Names) -> None:
     netns.ip(names.switch_ns, "link", "set", "br0", "up")
 
 
-def attach_to_switch(names: Names, ns: str, port: str, address: IPv4Address) -> None:
-    """A new namespace `ns` whose eth0 is plugged into the switch's port `port`."""
+def attach_to_switch(
+    names: Names, ns: str, port: str, address: IPv4Address, address6: IPv6Address | None = None
+) -> None:
+    """A new namespace `ns` whose eth0 is plugged into the switch's port
+    `port`, with `address` and, if given, `address6` on it."""
     netns.add_namespace(ns)
     netns.veth(names.switch_ns, port, ns, "eth0")
     netns.ip(names.switch_ns, "link", "set", port, "master", "br0", "up")
     netns.ip(ns, "addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+    if address6 is not None:
+        # nodad: the address is usable at once. With duplicate address
+        # detection it stays "tentative" for about a second after the link
+        # comes up, and a daemon started meanwhile would find no global
+        # IPv6 address to tunnel from (nor could the outside answer it).
+        # The lab hands out every address itself, so there is no duplicate
+        # to detect.
+        netns.ip(ns, "addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
     netns.ip(ns, "link", "set", "eth0", "up")
 
 
 def attach_host(names: Names, host: int) -> None:
-    """The host's namespace on the switch, the outside router as its default route."""
+    """The host's namespace on the switch, with both underlay addresses and
+    the outside router as its default route for both families."""
     ns = names.host_ns(host)
-    attach_to_switch(names, ns, f"h{host}", host_address(host))
+    attach_to_switch(names, ns, f"h{host}", host_address(host), host_address6(host))
     netns.ip(ns, "route", "add", "default", "via", str(OUTSIDE_ROUTER))
+    netns.ip(ns, "-6", "route", "add", "default", "via", str(OUTSIDE_ROUTER6))
 
 
 def wait_switch_port_gone(names: Names, host: int) -> None:
@@ -127,10 +157,14 @@ def wait_switch_port_gone(names: Names, host: int) -> None:
 
 
 def add_outside(names: Names) -> None:
-    """The hosts' default router, which also plays a server on the internet."""
-    attach_to_switch(names, names.outside_ns, "inet", OUTSIDE_ROUTER)
-    netns.ip(names.outside_ns, "addr", "add", f"{OUTSIDE_SERVER}/32", "dev", "lo")
-    serve_whoami(names.outside_ns)
+    """The hosts' default router, which also plays a server on the internet
+    (for both families: the hosts' underlay prefixes are on its link, so
+    it needs no route back to them)."""
+    ns = names.outside_ns
+    attach_to_switch(names, ns, "inet", OUTSIDE_ROUTER, OUTSIDE_ROUTER6)
+    netns.ip(ns, "addr", "add", f"{OUTSIDE_SERVER}/32", "dev", "lo")
+    netns.ip(ns, "addr", "add", f"{OUTSIDE_SERVER6}/128", "dev", "lo")
+    serve_whoami(ns)
 
 
 def _wait_listening(ns: str, port: int, what: str) -> None:
