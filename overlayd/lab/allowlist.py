@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from overlayd.lab import hosts, netns
-from overlayd.lab.lab import PREFIX, Lab, LabSettings
+from overlayd.lab.lab import Lab, LabSettings
 from overlayd.nsexec import netns_argv
-from overlayd.plan.leases import subnet_key
 from overlayd.plan.vxlan_filter import COUNTER, SET
 from overlayd.store.etcd import EtcdStore
 
@@ -125,7 +124,7 @@ def time_leave_to_drop(
             lab.stop_daemon(2)
             poller = _poll_until_gone(h1, source)
             try:
-                started = lab.etcd(partial(_delete_timed, subnet_key(PREFIX, lab.subnet(2))))
+                started = lab.etcd(partial(_delete_timed, lab.lease_key(2)))
                 assert poller.stdout is not None
                 line = poller.stdout.readline()
                 poller.wait(timeout=30)

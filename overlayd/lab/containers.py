@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -50,6 +50,13 @@ class Container:
     def address_of(self, family: Family) -> IPv4Address | IPv6Address | None:
         """The container's address of `family` (None: it has none)."""
         return self.address6 if family.version == 6 else self.address
+
+    def reached_at(self, address: IPv4Address | IPv6Address) -> Container:
+        """The same container, with `address` as its address of that family
+        (another interface's, for a check that must fail there)."""
+        if isinstance(address, IPv6Address):
+            return replace(self, address6=address)
+        return replace(self, address=address)
 
 
 def cni_config(files: HostFiles) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any
 
 from overlayd.lab import netns
 from overlayd.lab.lab import Container, Lab, LabSettings
-from overlayd.model import ROUTE_PROTOCOL
+from overlayd.model import IPV4, IPV6, ROUTE_PROTOCOL, Family
+from overlayd.plan.desired import vtep6_name
 from overlayd.store.etcd import EtcdStore
 
 POLL = 0.005
@@ -78,27 +79,50 @@ class ContinuousPing:
             self._proc.wait()
 
 
+def vtep_of(lab: Lab, family: Family) -> str:
+    """The VTEP that carries `family`'s traffic: ovl.<VNI>, ovl-v6.<VNI>."""
+    vni = lab_vni(lab)
+    return vtep6_name(vni) if family.version == 6 else f"ovl.{vni}"
+
+
 def owned_state(lab: Lab, host: int) -> tuple[str, ...]:
-    """Everything overlayd owns on a host, as a comparable snapshot."""
+    """Everything overlayd owns on a host, as a comparable snapshot: both
+    families' routes, neighbours, VTEP FDB entries and bridge addresses
+    (the IPv6 ones are empty in an IPv4-only lab)."""
     ns = lab.host_ns(host)
-    vtep = f"ovl.{lab_vni(lab)}"
-    routes = netns.ip(ns, "-j", "route", "show", "proto", str(ROUTE_PROTOCOL), check=False)
-    neigh = netns.ip(ns, "-j", "neigh", "show", "dev", "ovl0", "nud", "permanent", check=False)
-    fdb = netns.sh(["bridge", "-n", ns, "-j", "fdb", "show", "dev", vtep], check=False)
-    addrs = netns.ip(ns, "-j", "-4", "addr", "show", "dev", "ovl0", check=False)
-    links = netns.ip(ns, "-j", "-d", "link", "show", check=False)
 
     def canon(text: str, keep: Callable[[dict[str, Any]], object]) -> str:
         items = json.loads(text) if text.strip() else []
         return json.dumps(sorted((keep(i) for i in items), key=json.dumps))
 
+    per_family: list[str] = []
+    for family in (IPV4, IPV6):
+        flag = family.iproute2_flag
+        routes = netns.ip(
+            ns, "-j", flag, "route", "show", "proto", str(ROUTE_PROTOCOL), check=False
+        )
+        neigh = netns.ip(
+            ns, "-j", flag, "neigh", "show", "dev", "ovl0", "nud", "permanent", check=False
+        )
+        fdb = netns.sh(
+            ["bridge", "-n", ns, "-j", "fdb", "show", "dev", vtep_of(lab, family)], check=False
+        )
+        # Global addresses only: the kernel's IPv6 link-local is not ours.
+        addrs = netns.ip(
+            ns, "-j", flag, "addr", "show", "dev", "ovl0", "scope", "global", check=False
+        )
+        per_family += [
+            canon(routes, lambda r: [r.get("dst"), r.get("gateway"), r.get("dev")]),
+            canon(neigh, lambda n: [n.get("dst"), n.get("lladdr")]),
+            canon(fdb, lambda f: [f.get("mac"), f.get("dst"), f.get("state"), f.get("master")]),
+            canon(
+                addrs,
+                lambda a: [(i.get("local"), i.get("prefixlen")) for i in a.get("addr_info", [])],
+            ),
+        ]
+    links = netns.ip(ns, "-j", "-d", "link", "show", check=False)
     return (
-        canon(routes, lambda r: [r.get("dst"), r.get("gateway"), r.get("dev")]),
-        canon(neigh, lambda n: [n.get("dst"), n.get("lladdr")]),
-        canon(fdb, lambda f: [f.get("mac"), f.get("dst"), f.get("state"), f.get("master")]),
-        canon(
-            addrs, lambda a: [(i.get("local"), i.get("prefixlen")) for i in a.get("addr_info", [])]
-        ),
+        *per_family,
         canon(
             links,
             lambda link: (
@@ -137,20 +161,47 @@ DRIFT_KINDS = (
     "stray-route",
     "stray-fdb",
 )
+# The same drift, of the IPv6 entries of a dual-stack host: its route, its
+# neighbour, both FDB entries on the IPv6 VTEP, the IPv6 VTEP itself, and
+# strays of our kind.
+DRIFT_KINDS_V6 = (
+    "route6",
+    "neighbour6",
+    "fdb-tunnel6",
+    "fdb-bridge6",
+    "vtep6",
+    "stray-route6",
+    "stray-fdb6",
+)
+# Strays: a subnet no host holds (the test networks keep it free), a
+# tunnel endpoint no host has.
+STRAY = {
+    4: ("10.244.250.0/24", "10.244.250.0", "192.0.2.99"),
+    6: ("fd00:10:244:fa::/64", "fd00:10:244:fa::", "2001:db8::99"),
+}
+
+
+def drift_kinds(lab: Lab) -> tuple[str, ...]:
+    """The drift kinds a lab's hosts have: the IPv6 ones in a dual-stack lab."""
+    return DRIFT_KINDS + (DRIFT_KINDS_V6 if lab.dual_stack else ())
 
 
 def inject(lab: Lab, host: int, kind: str) -> None:
-    """Change by hand one thing overlayd owns on the host."""
-    ns, vtep = lab.host_ns(host), f"ovl.{lab_vni(lab)}"
-    ip = ["ip", "-n", ns]
+    """Change by hand one thing overlayd owns on the host (a kind ending in
+    6: the IPv6 one of its kind)."""
+    family = IPV6 if kind.endswith("6") else IPV4
+    kind = kind.removesuffix("6")
+    ns, vtep = lab.host_ns(host), vtep_of(lab, family)
+    ip = ["ip", "-n", ns, family.iproute2_flag]
+    stray_dst, stray_hop, stray_public = STRAY[family.version]
     if kind == "route":
         dst = _first(lab, host, [*ip, "-j", "route", "show", "proto", "77"], "dst")
-        netns.ip(ns, "route", "del", dst)
+        netns.ip(ns, family.iproute2_flag, "route", "del", dst)
     elif kind == "neighbour":
         dst = _first(
             lab, host, [*ip, "-j", "neigh", "show", "dev", "ovl0", "nud", "permanent"], "dst"
         )
-        netns.ip(ns, "neigh", "del", dst, "dev", "ovl0")
+        netns.ip(ns, family.iproute2_flag, "neigh", "del", dst, "dev", "ovl0")
     elif kind in ("fdb-tunnel", "fdb-bridge"):
         entries = json.loads(netns.sh(["bridge", "-n", ns, "-j", "fdb", "show", "dev", vtep]))
         if kind == "fdb-tunnel":
@@ -182,11 +233,12 @@ def inject(lab: Lab, host: int, kind: str) -> None:
     elif kind == "stray-route":
         netns.ip(
             ns,
+            family.iproute2_flag,
             "route",
             "add",
-            "10.244.250.0/24",
+            stray_dst,
             "via",
-            "10.244.250.0",
+            stray_hop,
             "dev",
             "ovl0",
             "onlink",
@@ -205,7 +257,7 @@ def inject(lab: Lab, host: int, kind: str) -> None:
                 "dev",
                 vtep,
                 "dst",
-                "192.0.2.99",
+                stray_public,
                 "self",
                 "permanent",
             ]
@@ -288,7 +340,7 @@ def fault_figures(name: str, runs: int, outage: float, ttl: int = 10) -> Iterato
                 for _ in range(runs)
             )
             yield Figures(f"packets lost, restart ({sig.name})", restart_lost, "pkts").line()
-        for kind in DRIFT_KINDS:
+        for kind in drift_kinds(lab):
             samples = tuple(repair_seconds(lab, 1, kind) for _ in range(runs))
             yield Figures(f"repair: {kind}", samples).line()
         ns = lab.host_ns(2)

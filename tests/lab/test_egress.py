@@ -1,7 +1,8 @@
-"""Egress in the lab, per mode: containers reach the outside as their host's
-address, reach each other without NAT, and cannot be reached from outside;
-the gwbridge isolates containers; the daemon's table is repaired; other
-owners' firewall rules survive the daemon."""
+"""Egress in the lab, per mode and per address family: containers reach the
+outside as their host's address of the family, reach each other without
+NAT, and cannot be reached from outside; the gwbridge isolates containers;
+the daemon's table is repaired; other owners' firewall rules survive the
+daemon."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from collections.abc import Iterator
 import pytest
 
 from overlayd.lab import netns
+from overlayd.lab.containers import first_address
 from overlayd.lab.lab import Container, Lab, LabSettings
+from overlayd.model import IPV4, IPV6, Family
 from overlayd.plan.nftables import split_objects
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.families import FAMILIES
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -76,6 +80,10 @@ def first(lab: Lab, host: int) -> Container:
     return next(c for c in lab.containers() if c.host == host)
 
 
+def subnet_of(lab: Lab, host: int, family: Family) -> str:
+    return str(lab.subnet6(host) if family.version == 6 else lab.subnet(host))
+
+
 def test_overlay_cni_gives_one_interface_in_masquerade_mode_and_two_in_gwbridge(
     lab: Lab,
 ) -> None:
@@ -84,36 +92,51 @@ def test_overlay_cni_gives_one_interface_in_masquerade_mode_and_two_in_gwbridge(
         links = netns.ip(container.ns, "-br", "link").split("\n")
         names = sorted(line.split()[0].split("@")[0] for line in links if line.strip())
         assert names == sorted(["lo", *wanted]), (container.ns, names)
-        default = netns.ip(container.ns, "route", "show", "default")
-        assert f"dev {wanted[-1]}" in default
+        # The way out is the same interface in both families.
+        for family in (IPV4, IPV6):
+            default = netns.ip(container.ns, family.iproute2_flag, "route", "show", "default")
+            assert f"dev {wanted[-1]}" in default, (container.ns, family.version, default)
 
 
-def test_containers_reach_the_outside_as_their_hosts_address(lab: Lab) -> None:
-    results = lab.check_egress()
+@FAMILIES
+def test_containers_reach_the_outside_as_their_hosts_address(lab: Lab, family: Family) -> None:
+    results = lab.check_egress(family=family)
     assert len(results) == 4
     for r in results:
+        assert r.expected == Lab.public_address(r.container.host, family)
         assert r.seen_as == str(r.expected), r
 
 
-def test_containers_on_different_hosts_see_each_others_own_address(lab: Lab) -> None:
+@FAMILIES
+def test_containers_on_different_hosts_see_each_others_own_address(
+    lab: Lab, family: Family
+) -> None:
     src, dst = first(lab, 1), first(lab, 2)
+    src_address, dst_address = src.address_of(family), dst.address_of(family)
+    assert src_address is not None and dst_address is not None
     lab.serve_whoami(dst.ns)
-    assert Lab.whoami(src.ns, dst.address, timeout=ANSWER) == str(src.address)
-    assert all(r.ok for r in lab.check(timeout=CONVERGE))  # and every pair, through a drop policy
+    assert Lab.whoami(src.ns, dst_address, timeout=ANSWER) == str(src_address)
+    # And every pair, through a drop policy.
+    assert all(r.ok for r in lab.check(timeout=CONVERGE, family=family))
 
 
-def test_the_outside_cannot_open_connections_to_containers(lab: Lab) -> None:
+@FAMILIES
+def test_the_outside_cannot_open_connections_to_containers(lab: Lab, family: Family) -> None:
     target = first(lab, 1)
+    address = target.address_of(family)
+    assert address is not None
     lab.serve_whoami(target.ns)
-    gw_address = Lab.address_on(target, "eth1")
+    gw_address = first_address(target.ns, "eth1", family)
     # The outside router tries the direct way in: routes to the containers via h1.
-    targets = [str(lab.subnet(1))] + ([f"{gw_address}/32"] if gw_address else [])
+    host_len = 32 if family.version == 4 else 128
+    targets = [subnet_of(lab, 1, family)] + ([f"{gw_address}/{host_len}"] if gw_address else [])
+    via = str(Lab.public_address(1, family))
     for dst in targets:
-        netns.ip(lab.outside_ns, "route", "replace", dst, "via", str(lab.host_address(1)))
+        netns.ip(lab.outside_ns, family.iproute2_flag, "route", "replace", dst, "via", via)
     # The host itself reaches the container, so the service is really there ...
-    assert Lab.whoami(lab.host_ns(1), target.address, timeout=ANSWER) is not None
+    assert Lab.whoami(lab.host_ns(1), address, timeout=ANSWER) is not None
     # ... but not from outside, on either of the container's addresses.
-    assert Lab.whoami(lab.outside_ns, target.address, timeout=1) is None
+    assert Lab.whoami(lab.outside_ns, address, timeout=1) is None
     if gw_address is not None:
         assert Lab.whoami(lab.outside_ns, gw_address, timeout=1) is None
 
@@ -122,14 +145,16 @@ def IPv4Network_of(lab: Lab, host: int) -> str:
     return str(lab.subnet(host))
 
 
-def test_containers_on_one_host_cannot_talk_through_the_gwbridge(lab: Lab) -> None:
+@FAMILIES
+def test_containers_on_one_host_cannot_talk_through_the_gwbridge(lab: Lab, family: Family) -> None:
     if lab.settings().egress != "gwbridge":
         pytest.skip("only gwbridge mode has a gwbridge")
     a, b = [c for c in lab.containers() if c.host == 1][:2]
-    b_gw = Lab.address_on(b, "eth1")
+    b_gw = first_address(b.ns, "eth1", family)
     assert b_gw is not None
-    assert not Lab.ping(a, Container(b.ns, b.host, b_gw), wait=0.5).ok
-    wait_until(lambda: Lab.ping(a, b, wait=1).ok)  # the overlay between them still works
+    assert not Lab.ping(a, b.reached_at(b_gw), wait=0.5, family=family).ok
+    # The overlay between them still works.
+    wait_until(lambda: Lab.ping(a, b, wait=1, family=family).ok)
 
 
 def test_a_deleted_or_altered_table_is_put_back_by_the_next_reconcile(lab: Lab) -> None:
@@ -155,9 +180,14 @@ def test_other_owners_rules_survive_start_reconcile_and_stop(lab: Lab) -> None:
     assert other_owners_state(lab, 1) == expected
 
 
-def test_source_nat_only_applies_outside_the_cluster(lab: Lab) -> None:
+@FAMILIES
+def test_source_nat_only_applies_outside_the_cluster(lab: Lab, family: Family) -> None:
     """Even the host's own bridge address is not NATed towards a container."""
     dst = first(lab, 2)
+    address = dst.address_of(family)
+    assert address is not None
     lab.serve_whoami(dst.ns)
-    gateway = str(lab.subnet(1).network_address + 1)
-    assert Lab.whoami(lab.host_ns(1), dst.address, timeout=ANSWER) == gateway
+    subnet = lab.subnet6(1) if family.version == 6 else lab.subnet(1)
+    assert subnet is not None
+    gateway = str(subnet.network_address + 1)
+    assert Lab.whoami(lab.host_ns(1), address, timeout=ANSWER) == gateway

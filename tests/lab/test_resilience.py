@@ -17,7 +17,13 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from overlayd.lab import netns
-from overlayd.lab.faults import DRIFT_KINDS, ContinuousPing, owned_state, repair_seconds
+from overlayd.lab.faults import (
+    DRIFT_KINDS,
+    DRIFT_KINDS_V6,
+    ContinuousPing,
+    owned_state,
+    repair_seconds,
+)
 from overlayd.lab.lab import PREFIX, Container, Lab, LabSettings
 from overlayd.model import Lease
 from overlayd.plan.leases import render_lease
@@ -51,8 +57,8 @@ def routes(lab: Lab, host: int) -> set[str]:
 
 
 def lease_of(lab: Lab, host: int) -> bytes:
-    subnet = lab.subnet(host)
-    return lab.leases()[f"{PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}"]
+    """The host's lease value; its key names both subnets in a dual-stack lab."""
+    return lab.leases()[lab.lease_key(host)]
 
 
 def log_count(lab: Lab, host: int, needle: str) -> int:
@@ -99,7 +105,8 @@ async def delete(key: str, store: EtcdStore) -> bool:
 def test_a_daemon_restart_loses_no_packet_and_rebuilds_nothing(
     lab: Lab, sig: signal.Signals
 ) -> None:
-    subnet, lease = lab.subnet(1), lease_of(lab, 1)
+    subnet, subnet6, lease = lab.subnet(1), lab.subnet6(1), lease_of(lab, 1)
+    assert subnet6 is not None
     before = owned_state(lab, 1)
     monitor = subprocess.Popen(
         ["ip", "-n", lab.host_ns(1), "monitor", "link", "route", "neigh"],
@@ -120,7 +127,9 @@ def test_a_daemon_restart_loses_no_packet_and_rebuilds_nothing(
         events, _ = monitor.communicate(timeout=5)
     assert there.sent > 100 and there.lost == 0, there
     assert returned.sent > 100 and returned.lost == 0, returned
-    assert lab.subnet(1) == subnet and lease_of(lab, 1) == lease  # same subnet, same VtepMAC
+    # The same subnets, the same VtepMACs (both are in the lease).
+    assert lab.subnet(1) == subnet and lab.subnet6(1) == subnet6
+    assert lease_of(lab, 1) == lease
     assert owned_state(lab, 1) == before
     torn = [
         line
@@ -132,15 +141,17 @@ def test_a_daemon_restart_loses_no_packet_and_rebuilds_nothing(
 
 
 def test_a_rebooted_host_comes_back_with_the_same_subnet_and_mac(lab: Lab) -> None:
-    subnet, lease = lab.subnet(3), lease_of(lab, 3)
+    subnet, subnet6, lease = lab.subnet(3), lab.subnet6(3), lease_of(lab, 3)
+    assert subnet6 is not None
     peers_before = {h: owned_state(lab, h) for h in (1, 2)}
     lab.remove_host(3)  # namespace, containers, devices and /run/subnet.env all gone
     lab.add_host(3)
-    assert lab.subnet(3) == subnet
+    assert lab.subnet(3) == subnet and lab.subnet6(3) == subnet6
     assert lease_of(lab, 3) == lease
     for h in (1, 2):
         assert owned_state(lab, h) == peers_before[h]  # the peers needed no change
-    assert all(r.ok for r in lab.check(timeout=CONVERGE))
+    for family in lab.families():
+        assert all(r.ok for r in lab.check(timeout=CONVERGE, family=family))
 
 
 def restart_with(lab: Lab, host: int, *args: str) -> None:
@@ -171,11 +182,14 @@ class TestDriftByHand:
     put off while these run, so no repair can come from it. (How fast a
     repair is, is a benchmark's business: `overlayctl lab faults`.)"""
 
-    @pytest.mark.parametrize("kind", DRIFT_KINDS)
+    # The IPv6 kinds: the same entries of the IPv6 half (route, neighbour,
+    # both FDB entries on the IPv6 VTEP, that VTEP, strays), same test.
+    @pytest.mark.parametrize("kind", DRIFT_KINDS + DRIFT_KINDS_V6)
     def test_is_repaired_from_netlink_events(self, lab: Lab, kind: str) -> None:
         for _ in range(3):
             repair_seconds(lab, 1, kind, timeout=CONVERGE)
-        assert all(r.ok for r in lab.check(timeout=CONVERGE))
+        for family in lab.families():
+            assert all(r.ok for r in lab.check(timeout=CONVERGE, family=family))
 
 
 def test_drift_without_netlink_events_is_repaired_by_the_resync(lab: Lab) -> None:

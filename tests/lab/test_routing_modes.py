@@ -1,5 +1,6 @@
 """Routed mode (host-gw) and DirectRouting in the lab: the same hosts and
-containers, reached without a tunnel where the underlay allows it."""
+containers, reached without a tunnel where the underlay allows it; host-gw
+for both families (the lab's underlay has both on its link)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
+from overlayd.model import IPV4, Family
 from tests.conftest import CONVERGE, SESSION_TAG, capture, needs_root, wait_until
 from tests.lab.fakes import lab_network
+from tests.lab.families import FAMILIES
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 
-def our_routes(lab: Lab, host: int) -> dict[str, str]:
-    out = netns.ip(lab.host_ns(host), "-j", "route", "show", "proto", "77")
+def our_routes(lab: Lab, host: int, family: Family = IPV4) -> dict[str, str]:
+    out = netns.ip(lab.host_ns(host), "-j", family.iproute2_flag, "route", "show", "proto", "77")
     return {r["dst"]: f"{r.get('gateway')} {r['dev']}" for r in json.loads(out or "[]")}
+
+
+def subnet_of(lab: Lab, host: int, family: Family) -> str:
+    return str(lab.subnet6(host) if family.version == 6 else lab.subnet(host))
 
 
 def put(lab: Lab, key: str, value: dict[str, object]) -> None:
@@ -39,31 +46,54 @@ def host_gw() -> Iterator[Lab]:
         lab.down()
 
 
-def test_host_gw_routes_every_peer_via_its_public_ip_without_a_tunnel(host_gw: Lab) -> None:
-    assert all(r.ok for r in host_gw.check(timeout=CONVERGE))
-    routes = our_routes(host_gw, 1)
+@FAMILIES
+def test_host_gw_routes_every_peer_via_its_public_ip_without_a_tunnel(
+    host_gw: Lab, family: Family
+) -> None:
+    assert all(r.ok for r in host_gw.check(timeout=CONVERGE, family=family))
+    routes = our_routes(host_gw, 1, family)
     for peer in (2, 3):
-        assert routes[str(host_gw.subnet(peer))] == f"{host_gw.host_address(peer)} eth0"
+        public = Lab.public_address(peer, family)
+        assert routes[subnet_of(host_gw, peer, family)] == f"{public} eth0"
     assert "ovl." not in netns.ip(host_gw.host_ns(1), "-o", "link")
+    assert "ovl-v6." not in netns.ip(host_gw.host_ns(1), "-o", "link")
     assert "FLANNEL_MTU=1500" in host_gw.subnet_file(1).read_text()
 
 
+@FAMILIES
 def test_host_gw_traffic_on_the_wire_is_plain_ip_between_containers(
-    host_gw: Lab, tmp_path: Path
+    host_gw: Lab, tmp_path: Path, family: Family
 ) -> None:
-    from scapy.all import ICMP, IP, UDP, rdpcap  # type: ignore[attr-defined]
+    from scapy.all import (  # type: ignore[attr-defined]
+        ICMP,
+        IP,
+        UDP,
+        ICMPv6EchoReply,
+        ICMPv6EchoRequest,
+        IPv6,
+        rdpcap,
+    )
 
-    src, dst = (next(c for c in host_gw.containers() if c.host == h) for h in (1, 2))
+    src, dst = host_gw.container(1), host_gw.container(2)
     pcap = tmp_path / "wire.pcap"
 
     def ping() -> None:
-        assert Lab.ping(src, dst, count=2, wait=1).ok
+        assert Lab.ping(src, dst, count=2, wait=1, family=family).ok
 
-    capture(host_gw.switch_ns, "br0", "icmp", 2, pcap, ping)
+    if family.version == 6:
+        # Echo requests and replies only: neighbour discovery between the
+        # hosts is ICMPv6 too, and must not use up the packet count.
+        bpf, ip_layer = "icmp6 and (ip6[40] == 128 or ip6[40] == 129)", IPv6
+        echo: tuple[type, ...] = (ICMPv6EchoRequest, ICMPv6EchoReply)
+    else:
+        bpf, ip_layer, echo = "icmp", IP, (ICMP,)
+    capture(host_gw.switch_ns, "br0", bpf, 2, pcap, ping)
     packets = rdpcap(str(pcap))
     assert packets and all(UDP not in p for p in packets)
     assert any(
-        str(p[IP].src) == str(src.address) and str(p[IP].dst) == str(dst.address) and ICMP in p
+        str(p[ip_layer].src) == str(src.address_of(family))
+        and str(p[ip_layer].dst) == str(dst.address_of(family))
+        and any(e in p for e in echo)
         for p in packets
     )
 

@@ -32,8 +32,7 @@ import pytest
 
 from overlayd.lab import hosts, netns
 from overlayd.lab.allowlist import allowed, dropped, send_datagrams, vxlan_header
-from overlayd.lab.lab import PREFIX, Container, Lab, LabSettings
-from overlayd.plan.leases import subnet_key
+from overlayd.lab.lab import Container, Lab, LabSettings
 from overlayd.plan.nftables import select, split_objects, table_text
 from overlayd.plan.vxlan_filter import KEYS, FilterSpec, render_objects
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, wait_until
@@ -80,7 +79,7 @@ def marker(lab: Lab) -> IPv4Address:
 
 
 def vtep_mac(lab: Lab, host: int) -> str:
-    raw = lab.leases()[subnet_key(PREFIX, lab.subnet(host))]
+    raw = lab.leases()[lab.lease_key(host)]
     return str(json.loads(raw)["BackendData"]["VtepMAC"])
 
 
