@@ -17,7 +17,6 @@ from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import (
     config_key,
     parse_lease_key,
-    parse_subnet_key,
     read_lease,
     subnet_key,
     subnets_prefix,
