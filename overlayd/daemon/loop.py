@@ -32,7 +32,7 @@ from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.sysctls import SysctlManager
 from overlayd.daemon.managers.vxlan_filter import VxlanAllowList
 from overlayd.dataplane import DataplanePort
-from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed, describe
+from overlayd.model import IPV6, Change, DeviceSpec, Lease, NetworkConfig, Observed, describe
 from overlayd.plan.egress import EgressSpec
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -86,6 +86,9 @@ def standard_managers(
         EgressManager(dataplane),
         allow.admit,
         PeerEntryManager(dataplane, telemetry, projection),
+        # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
+        # leases; with no IPv6 lease it only removes any it finds.
+        PeerEntryManager(dataplane, telemetry, projection, IPV6),
         allow.prune,
     ]
 

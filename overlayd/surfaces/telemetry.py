@@ -103,6 +103,7 @@ class Telemetry:
     # Why the VXLAN filter is not in place although it should be, if so.
     vxlan_filter_problem: str | None = None
     vxlan_allowed: int | None = None  # the allow-list's size; None: no filter
+    ipv6_peers: int | None = None  # peers with IPv6 entries; None before a dual-stack pass
     settings: dict[str, Any] = field(default_factory=dict)
     last_pass: LastPass | None = None
     drift_repairs: Counter[str] = field(default_factory=Counter)
@@ -126,6 +127,12 @@ class Telemetry:
         self.m_lease_ttl.set_function(self._lease_ttl)
         self.m_peers = Gauge(
             "overlayd_peers", "Peer hosts programmed, by path", ["path"], registry=r
+        )
+        self.m_ipv6_peers = Gauge(
+            "overlayd_ipv6_peers",
+            "Peer hosts with IPv6 entries (dual-stack), by path",
+            ["path"],
+            registry=r,
         )
         self.m_reconcile = Histogram(
             "overlayd_reconcile_duration_seconds",
@@ -259,6 +266,12 @@ class Telemetry:
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
 
+    def ipv6_peers_programmed(self, tunneled: int, direct: int) -> None:
+        """The peers that have IPv6 entries, after a successful pass."""
+        self.ipv6_peers = tunneled + direct
+        self.m_ipv6_peers.labels("vxlan").set(tunneled)
+        self.m_ipv6_peers.labels("direct").set(direct)
+
     def vxlan_filter_ok(self, allowed: int) -> None:
         self.vxlan_filter_problem = None
         self.vxlan_allowed = allowed
@@ -348,6 +361,7 @@ class Telemetry:
             },
             "lease": lease,
             "peers": len(self.peers),
+            "ipv6_peers": self.ipv6_peers,
             "last_reconcile": last,
             "drift_repairs": dict(sorted(self.drift_repairs.items())),
             "skipped_leases": dict(sorted(self.skipped.items())),

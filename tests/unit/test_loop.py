@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,15 @@ from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.nft import NftError
 from overlayd.model import (
+    IPV4,
+    IPV6,
     Change,
     DeviceSpec,
     Entry,
     EntrySet,
     Family,
     IPAddress,
+    IPNetwork,
     Lease,
     LinkFacts,
     Observed,
@@ -55,6 +58,7 @@ class FakeDataplane:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.kernel: EntrySet = EntrySet()
+        self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
         self.fail_next_apply = False
         self.allowed: set[IPAddress] | None = None  # the allow-list set; None: absent
 
@@ -66,7 +70,9 @@ class FakeDataplane:
         self.calls.append("gwbridge")
         return []
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
+        if family is IPV6:
+            return [IPv6Network("2001:db8::/64")]
         return [IPv4Network("192.0.2.0/24")]
 
     async def ensure_forwarding(self, bridge: str) -> list[str]:
@@ -110,24 +116,37 @@ class FakeDataplane:
         self.allowed |= set(changes.add)
         self.allowed -= set(changes.delete)
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
+        if family is IPV6:
+            self.calls.append("read6")
+            return self.kernel6
         self.calls.append("read")
         return self.kernel
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult:
+        if family is IPV6:
+            self.calls.append(f"apply6 {len(changes)}")
+            self.kernel6 = _applied(self.kernel6, changes)
+            return ApplyResult(len(changes), ())
         self.calls.append(f"apply {len(changes)}")
         if self.fail_next_apply:
             self.fail_next_apply = False
             return ApplyResult(len(changes), ("RTNETLINK answers: No such device",))
-        held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(self.kernel)}
-        for change in changes:
-            key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
-            if change.op is Op.REPLACE:
-                held[key] = change.entry
-            else:
-                held.pop(key, None)
-        self.kernel = EntrySet.of(held.values())
+        self.kernel = _applied(self.kernel, changes)
         return ApplyResult(len(changes), ())
+
+
+def _applied(kernel: EntrySet, changes: Sequence[Change]) -> EntrySet:
+    held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(kernel)}
+    for change in changes:
+        key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
+        if change.op is Op.REPLACE:
+            held[key] = change.entry
+        else:
+            held.pop(key, None)
+    return EntrySet.of(held.values())
 
 
 def _all(entries: EntrySet) -> list[Entry]:
@@ -159,6 +178,8 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
         "filter", "filter-read", "allow 1", "read", "apply 4",
+        # The IPv6 manager looks for stale IPv6 entries even without IPv6.
+        "read6",
     ]  # fmt: skip
     assert len(dataplane.kernel) == 4
     assert dataplane.allowed == {PEER.public_ip}
