@@ -119,7 +119,12 @@ def check(
         outcome = parallel(lambda pair: ping(*pair, family=family), pending)
         for r in outcome:
             results[(r.src.ns, r.dst.ns)] = r
-        pending = [(r.src, r.dst) for r in outcome if not r.ok]
+        # A pair without addresses of the family will not get them by waiting.
+        pending = [
+            (r.src, r.dst)
+            for r in outcome
+            if not r.ok and r.src_address is not None and r.dst_address is not None
+        ]
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.2)

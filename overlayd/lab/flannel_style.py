@@ -224,7 +224,8 @@ def _add_vtep(ns: str, family: Family, vni: int, port: int, own: Half) -> None:
         "nolearning",
     )
     if family.version == 6:
-        netns.in_ns(ns, "sysctl", "-q", "-w", f"net.ipv6.conf.{vtep}.accept_ra=0")
+        # Slashes: the device's name has a dot, which sysctl's dotted form splits.
+        netns.in_ns(ns, "sysctl", "-q", "-w", f"net/ipv6/conf/{vtep}/accept_ra=0")
     host_prefix = own.subnet.max_prefixlen  # /32 or /128: no broadcast routes
     nodad = ["nodad"] if family.version == 6 else []
     address = f"{own.subnet.network_address}/{host_prefix}"
