@@ -178,7 +178,7 @@ def add_flannel_style_host(lab: Lab, host: int, *, ipv6: bool = True) -> Contain
     value = flannel_value(lease, vni)
     lab.etcd(lambda s: s.put(flannel_key(lease), value))
 
-    lab.attach_host_namespace(host)
+    lab.attach_host_namespace(host, ipv6=lease.v6 is not None)
     halves = [(f, half) for f in (IPV4, IPV6) if (half := lease.half(f)) is not None]
     mtu = min(vtep_mtu(f) for f, _ in halves)  # the containers' fits every tunnel
     netns.ip(ns, "link", "add", "cni0", "mtu", str(mtu), "type", "bridge")

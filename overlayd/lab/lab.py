@@ -369,11 +369,12 @@ class Lab:
         """The address families the lab's containers speak."""
         return [IPV4, IPV6] if self.dual_stack else [IPV4]
 
-    def attach_host_namespace(self, host: int) -> None:
+    def attach_host_namespace(self, host: int, *, ipv6: bool = True) -> None:
         """The host's namespace, plugged into the underlay switch, with the
         outside router as its default route; and its identity for etcd (a
-        client certificate, and with RBAC an etcd user of the same name)."""
-        topology.attach_host(self.names, host)
+        client certificate, and with RBAC an etcd user of the same name).
+        Without `ipv6` the host has no IPv6 underlay address."""
+        topology.attach_host(self.names, host, ipv6=ipv6)
         self.files(host).root.mkdir(parents=True, exist_ok=True)
         settings = self.settings()
         if settings.tls:
@@ -382,9 +383,12 @@ class Lab:
         if password is not None:
             security.add_host_user(self.etcd_endpoint, password, f"h{host}")
 
-    def add_host(self, host: int) -> None:
-        """A new host on the underlay, its daemon, and its containers."""
-        self.attach_host_namespace(host)
+    def add_host(self, host: int, *, ipv6: bool = True) -> None:
+        """A new host on the underlay, its daemon, and its containers.
+        Without `ipv6` the host has no IPv6 underlay address, so its daemon
+        runs IPv4 only even in a dual-stack network (as an older overlayd
+        would): an IPv4-only peer of the others."""
+        self.attach_host_namespace(host, ipv6=ipv6)
         if self.prepare_host is not None:
             self.prepare_host(self.host_ns(host))
         self.start_daemon(host)

@@ -137,13 +137,17 @@ def attach_to_switch(
     netns.ip(ns, "link", "set", "eth0", "up")
 
 
-def attach_host(names: Names, host: int) -> None:
+def attach_host(names: Names, host: int, *, ipv6: bool = True) -> None:
     """The host's namespace on the switch, with both underlay addresses and
-    the outside router as its default route for both families."""
+    the outside router as its default route for both families; without
+    `ipv6`, an IPv4-only host (no global IPv6 address: a daemon there runs
+    IPv4 only, even in a dual-stack network)."""
     ns = names.host_ns(host)
-    attach_to_switch(names, ns, f"h{host}", host_address(host), host_address6(host))
+    address6 = host_address6(host) if ipv6 else None
+    attach_to_switch(names, ns, f"h{host}", host_address(host), address6)
     netns.ip(ns, "route", "add", "default", "via", str(OUTSIDE_ROUTER))
-    netns.ip(ns, "-6", "route", "add", "default", "via", str(OUTSIDE_ROUTER6))
+    if ipv6:
+        netns.ip(ns, "-6", "route", "add", "default", "via", str(OUTSIDE_ROUTER6))
 
 
 def wait_switch_port_gone(names: Names, host: int) -> None:

@@ -181,8 +181,8 @@ def test_a_fourth_host_becomes_reachable_from_all_others(lab: Lab) -> None:
             both_ways(new, c, family)
 
 
-def remove_flannel_host(lab: Lab, host: int) -> None:
-    """The flannel-style host and its lease gone, even after a failure: the
+def remove_peer(lab: Lab, host: int) -> None:
+    """A host added by a test and its lease gone, even after a failure: the
     later tests count the lab's hosts and peers."""
     lab.remove_host(host)
     public = f'"{lab.host_address(host)}"'.encode()
@@ -211,23 +211,33 @@ def test_a_flannel_programmed_host_and_overlayd_hosts_reach_each_other(lab: Lab)
             for c in overlayd_containers:
                 both_ways(flannel, c, family)
     finally:
-        remove_flannel_host(lab, 9)
+        remove_peer(lab, 9)
 
 
+@pytest.mark.parametrize("kind", ["flannel", "overlayd"])
 def test_an_ipv4_only_peer_is_reached_over_ipv4_gets_no_ipv6_entries_and_one_warning(
-    lab: Lab,
+    lab: Lab, kind: str
 ) -> None:
-    """A flannel host from before dual-stack in the dual-stack cluster: its
-    lease has no IPv6 half, so the overlayd hosts reach it over IPv4 and
+    """An IPv4-only peer in the dual-stack cluster: a flannel host from
+    before dual-stack, or an overlayd host without an IPv6 underlay address.
+    Its lease has no IPv6 half, so the other hosts reach it over IPv4,
     program nothing IPv6 for it, and each says so once."""
     fake_key = f"{PREFIX}/subnets/10.244.240.0-24&{fake_subnet6(240).replace('/', '-')}"
+    host = 8 if kind == "flannel" else 7
+    public = f'"{Lab.host_address(host)}"'.encode()
     try:
-        old = add_flannel_style_host(lab, 8, ipv6=False)
+        if kind == "flannel":
+            old = add_flannel_style_host(lab, host, ipv6=False)
+        else:
+            lab.add_host(host, ipv6=False)
+            old = lab.container(host)
+            assert "event=ipv6_unavailable" in lab.daemon_log(host).read_text()
         assert old.address6 is None
-        key = next(k for k, v in lab.leases().items() if b'"192.0.2.18"' in v)
-        assert "&" not in key and b'"PublicIPv6":null' in lab.leases()[key]
-        named = key.rsplit("/", 1)[1]  # 10.244.N.0-24, as the warning names it
-        overlayd_hosts = [h for h in lab.hosts() if h != 8]
+        key = next(k for k, v in lab.leases().items() if public in v)
+        value = json.loads(lab.leases()[key])
+        assert "&" not in key and value["PublicIPv6"] is None and "BackendV6Data" not in value
+        warning = f"event=peer_without_ipv6 key={key} "
+        overlayd_hosts = [h for h in lab.hosts() if h != host]
         for h in overlayd_hosts:
             both_ways(old, lab.container(h), IPV4)
         for h in overlayd_hosts:
@@ -237,11 +247,11 @@ def test_an_ipv4_only_peer_is_reached_over_ipv4_gets_no_ipv6_entries_and_one_war
             fdb = vtep6_fdb(lab, h)
             assert {v6_mac(lab, p) for p in peers} <= {e["mac"] for e in fdb}
             # ... and the IPv4-only one has none: no route, no tunnel to it.
-            assert not any(e.get("dst") in ("192.0.2.18", "2001:db8::18") for e in fdb)
+            assert not any(e.get("dst") in (str(Lab.host_address(host)),) for e in fdb)
             assert {e.get("dst") for e in fdb if e.get("dst")} == {
                 str(Lab.host_address6(p)) for p in peers
             }
-            wait_until(partial(logged, lab, h, named))
+            wait_until(partial(logged, lab, h, warning))
         # Another pass on every daemon (a dual-stack fake peer's IPv6 route
         # appears), which must not warn again.
         fake = {
@@ -254,10 +264,10 @@ def test_an_ipv4_only_peer_is_reached_over_ipv4_gets_no_ipv6_entries_and_one_war
         lab.etcd(partial(put, fake_key, json.dumps(fake)))
         for h in overlayd_hosts:
             wait_until(partial(has_route, lab, h, IPV6, fake_subnet6(240)))
-            assert lab.daemon_log(h).read_text().count(named) == 1, h
+            assert lab.daemon_log(h).read_text().count(warning) == 1, h
     finally:
         lab.etcd(partial(delete, fake_key))
-        remove_flannel_host(lab, 8)
+        remove_peer(lab, host)
 
 
 def test_a_host_whose_daemon_stops_and_lease_goes_disappears_everywhere(lab: Lab) -> None:
