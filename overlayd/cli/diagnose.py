@@ -18,9 +18,10 @@ from overlayd.dataplane import entries, inspect
 from overlayd.dataplane.netlink import Netlink
 from overlayd.dataplane.nft import Nft, NftError, NftVxlanFilter
 from overlayd.errors import ConfigError, LeaseError
-from overlayd.plan.cluster import cluster_plan
+from overlayd.model import IPV4, IPV6
+from overlayd.plan.cluster import cluster_plan, ipv6_peers_stub
 from overlayd.plan.desired import device_spec
-from overlayd.plan.diagnose import CertificateExpiry, Finding, HostFacts, diagnose
+from overlayd.plan.diagnose import CertificateExpiry, FilterFacts, Finding, HostFacts, diagnose
 from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
 from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
@@ -129,15 +130,21 @@ async def gather(s: AgentConfig) -> HostFacts:
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
     facts.vxlan_filter = s.vxlan_filter
-    facts.filter_spec = filter_spec(spec)
-    if s.vxlan_filter and facts.filter_spec is not None:
-        facts.filter_wanted = {str(p.public_ip): str(p.subnet) for p in plan.peers.tunneled}
-        try:
-            allow = NftVxlanFilter(Nft())
-            facts.filter_listing = await allow.listing(facts.filter_spec)
-            facts.filter_sources = await allow.sources(facts.filter_spec)
-        except NftError as exc:
-            facts.filter_error = str(exc)
+    if s.vxlan_filter:
+        for family in (IPV4, IPV6):
+            fs = filter_spec(spec, family)
+            if fs is None:
+                continue
+            # STUB (v6-egress branch) until cluster_plan makes a plan per family.
+            peers = (plan if family.version == 4 else ipv6_peers_stub(plan)).peers
+            look = FilterFacts(fs, wanted={str(p.public_ip): str(p.subnet) for p in peers.tunneled})
+            try:
+                allow = NftVxlanFilter(Nft())
+                look.listing = await allow.listing(fs)
+                look.sources = await allow.sources(fs)
+            except NftError as exc:
+                look.error = str(exc)
+            facts.filters.append(look)
     return facts
 
 

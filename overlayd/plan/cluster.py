@@ -5,8 +5,9 @@ the diagnosis compares the kernel with exactly what a pass would write."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import cast
 
 from overlayd.model import EntrySet, Lease, NetworkConfig
 from overlayd.plan.desired import EntryMemo, PeerPlan, Routing, desired_entries, plan_peers
@@ -41,3 +42,16 @@ def cluster_plan(
         )
     desired = desired_entries(plan.tunneled, direct=plan.direct, memo=memo)
     return ClusterPlan(desired, plan, rejected)
+
+
+def ipv6_peers_stub(plan: ClusterPlan) -> ClusterPlan:
+    """STUB (v6-egress branch), until cluster_plan makes a plan per family:
+    the IPv6 VXLAN allow-list needs only the tunnelled peers with an IPv6
+    half, their `public_ip` being the peer's PublicIPv6, which is what the
+    per-family plan of IPV6 gives. No entries, no rejections."""
+    tunneled = tuple(
+        replace(peer, public_ip=cast(IPv4Address, peer.public_ipv6))
+        for peer in plan.peers.tunneled
+        if peer.has_ipv6
+    )
+    return ClusterPlan(EntrySet(), PeerPlan(tunneled, (), ()), {})

@@ -72,7 +72,7 @@ async def test_rewrites_of_egress_and_filter_rules_keep_the_elements_and_the_cou
     await allow.update(F, ElementChanges((B, C), ()))
     send_udp(netns, "127.0.0.1", F.port, 3)
     assert dropped(netns) == 3
-    assert allow.dropped_packets() == 3
+    assert allow.dropped_packets() == {"ip": 3}
     gw = EgressSpec("gwbridge", CLUSTER, "ovl0", "ovl_gwbridge", IPv4Network("172.18.0.0/16"))
     for spec in (gw, EgressSpec("masquerade", CLUSTER, "ovl0", "ovl_gwbridge"), gw):
         assert await egress.ensure(spec) is not None

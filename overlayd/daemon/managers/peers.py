@@ -16,8 +16,8 @@ from ipaddress import IPv4Network
 
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
-from overlayd.plan.cluster import ClusterPlan, cluster_plan
+from overlayd.model import IPV4, Family, Observed
+from overlayd.plan.cluster import ClusterPlan, cluster_plan, ipv6_peers_stub
 from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff
 from overlayd.plan.leases import ParseCache
@@ -39,7 +39,9 @@ class PeerProjection:
         self._entry_memo: EntryMemo = {}
         self._onlink: tuple[IPv4Network, ...] | None = None
 
-    async def plan(self, context: PassContext) -> ClusterPlan:
+    async def plan(self, context: PassContext, family: Family = IPV4) -> ClusterPlan:
+        if family.version == 6:  # STUB until the per-family plans (see ipv6_peers_stub)
+            return ipv6_peers_stub(await self.plan(context))
         if context.planned is not None:
             return context.planned
         inputs = context.inputs
