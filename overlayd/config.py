@@ -17,6 +17,7 @@ from ipaddress import (
     AddressValueError,
     IPv4Address,
     IPv4Network,
+    IPv6Address,
     IPv6Network,
     NetmaskValueError,
 )
@@ -25,7 +26,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from overlayd.errors import ConfigError
-from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, BackendConfig, NetworkConfig
+from overlayd.model import (
+    DEFAULT_VNI,
+    DEFAULT_VXLAN_PORT,
+    BackendConfig,
+    Ipv6Config,
+    NetworkConfig,
+)
 from overlayd.store.access import EtcdAccess
 
 SUPPORTED_BACKENDS = ("vxlan", "host-gw")
@@ -89,6 +96,87 @@ def parse_backend(raw: Any) -> BackendConfig:
     return BackendConfig(type=backend_type, vni=vni, port=port, mtu=mtu, direct_routing=direct)
 
 
+def _bool_field(raw: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+# flannel's rule: a host needs room for a bridge and a tunnel address.
+MAX_IPV6_SUBNET_LEN = 126
+DEFAULT_IPV6_SUBNET_LEN = 64
+
+
+def parse_ipv6(raw: Mapping[str, Any]) -> Ipv6Config | None:
+    """The IPv6 half of a dual-stack config (flannel's field names and
+    defaults), or None when `EnableIPv6` is not true."""
+    if not _bool_field(raw, "EnableIPv4", True):
+        # flannel's etcd mode cannot run IPv6-only either; every host still
+        # needs an IPv4 lease key to hang the IPv6 subnet on.
+        raise ConfigError("EnableIPv4", "false (IPv6-only) is not supported: keep IPv4 enabled")
+    if not _bool_field(raw, "EnableIPv6", False):
+        return None
+    text = raw.get("IPv6Network")
+    if not isinstance(text, str) or not text:
+        raise ConfigError(
+            "IPv6Network",
+            "is required with EnableIPv6 and must be an IPv6 CIDR such as fd00:10:244::/56",
+        )
+    try:
+        network = IPv6Network(text, strict=True)
+    except (AddressValueError, NetmaskValueError, ValueError) as exc:
+        raise ConfigError("IPv6Network", f"{text!r} is not an IPv6 network: {exc}") from exc
+    if network.is_multicast or network.is_link_local or network.is_loopback:
+        raise ConfigError("IPv6Network", f"{network} is not a unicast range containers can use")
+    subnet_len = _int_field(raw, "IPv6SubnetLen", "IPv6SubnetLen", 0) or 0
+    if subnet_len:
+        if subnet_len > MAX_IPV6_SUBNET_LEN:
+            raise ConfigError(
+                "IPv6SubnetLen", f"must be at most {MAX_IPV6_SUBNET_LEN}, got {subnet_len}"
+            )
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(
+                "IPv6SubnetLen",
+                f"/{subnet_len} leaves fewer than four subnets in {network}"
+                f" (use /{network.prefixlen + 2} or longer)",
+            )
+    elif network.prefixlen > DEFAULT_IPV6_SUBNET_LEN - 2:
+        raise ConfigError(
+            "IPv6Network",
+            f"{network} is too small for the default IPv6SubnetLen /{DEFAULT_IPV6_SUBNET_LEN}"
+            f" (use a /{DEFAULT_IPV6_SUBNET_LEN - 2} or larger, or set IPv6SubnetLen)",
+        )
+    else:
+        subnet_len = DEFAULT_IPV6_SUBNET_LEN
+    size = 1 << (128 - subnet_len)
+    first = int(network.network_address)
+    last_subnet = first + network.num_addresses - size
+    bounds: dict[str, IPv6Address] = {}
+    for name, default in (("IPv6SubnetMin", first + size), ("IPv6SubnetMax", last_subnet)):
+        value = raw.get(name)
+        if value is None:
+            bounds[name] = IPv6Address(default)
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be an IPv6 address string, got {json.dumps(value)}")
+        try:
+            address = IPv6Address(value)
+        except AddressValueError as exc:
+            raise ConfigError(name, f"{value!r} is not an IPv6 address") from exc
+        if address not in network:
+            raise ConfigError(name, f"{address} is not in IPv6Network {network}")
+        if int(address) % size:
+            raise ConfigError(name, f"{address} is not on a /{subnet_len} boundary")
+        bounds[name] = address
+    if bounds["IPv6SubnetMin"] > bounds["IPv6SubnetMax"]:
+        raise ConfigError(
+            "IPv6SubnetMin",
+            f"{bounds['IPv6SubnetMin']} is above IPv6SubnetMax {bounds['IPv6SubnetMax']}",
+        )
+    return Ipv6Config(network, subnet_len, bounds["IPv6SubnetMin"], bounds["IPv6SubnetMax"])
+
+
 def parse_network_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate `<prefix>/config` with flannel's rules and defaults."""
     try:
@@ -145,6 +233,7 @@ def parse_network_config(text: str | bytes) -> NetworkConfig:
         subnet_min=subnet_min,
         subnet_max=subnet_max,
         backend=parse_backend(raw.get("Backend")),
+        ipv6=parse_ipv6(raw),
     )
 
 
@@ -159,15 +248,21 @@ def render_network_config(config: NetworkConfig) -> str:
         backend["MTU"] = config.backend.mtu
     if config.backend.direct_routing:
         backend["DirectRouting"] = True
-    return json.dumps(
-        {
-            "Network": str(config.network),
-            "SubnetLen": config.subnet_len,
-            "SubnetMin": str(config.subnet_min),
-            "SubnetMax": str(config.subnet_max),
-            "Backend": backend,
+    rendered: dict[str, Any] = {
+        "Network": str(config.network),
+        "SubnetLen": config.subnet_len,
+        "SubnetMin": str(config.subnet_min),
+        "SubnetMax": str(config.subnet_max),
+    }
+    if config.ipv6 is not None:
+        rendered |= {
+            "EnableIPv6": True,
+            "IPv6Network": str(config.ipv6.network),
+            "IPv6SubnetLen": config.ipv6.subnet_len,
+            "IPv6SubnetMin": str(config.ipv6.subnet_min),
+            "IPv6SubnetMax": str(config.ipv6.subnet_max),
         }
-    )
+    return json.dumps(rendered | {"Backend": backend})
 
 
 # --- the agent's own settings -------------------------------------------------
@@ -214,6 +309,8 @@ class AgentConfig:
     overlayd_prefix: str = DEFAULT_OVERLAYD_PREFIX
     iface: str | None = None
     public_ip: IPv4Address | None = None
+    # None: the underlay interface's first global IPv6 address, if any.
+    public_ipv6: IPv6Address | None = None
     subnet_file: Path = DEFAULT_SUBNET_FILE
     bridge: str = DEFAULT_BRIDGE
     lease_ttl: int = DEFAULT_LEASE_TTL
@@ -268,6 +365,7 @@ AGENT_SETTINGS = (
     "overlayd-prefix",
     "iface",
     "public-ip",
+    "public-ipv6",
     "subnet-file",
     "bridge",
     "lease-ttl",
@@ -544,6 +642,22 @@ def build_agent_config(
         if parsed_ip.is_loopback or parsed_ip.is_multicast or parsed_ip.is_unspecified:
             raise ConfigError("public-ip", f"{parsed_ip} cannot carry tunnel traffic")
 
+    public_ipv6 = merged.get("public-ipv6")
+    parsed_ipv6: IPv6Address | None = None
+    if public_ipv6 is not None:
+        try:
+            parsed_ipv6 = IPv6Address(str(public_ipv6))
+        except AddressValueError as exc:
+            raise ConfigError("public-ipv6", f"{public_ipv6!r} is not an IPv6 address") from exc
+        if (
+            parsed_ipv6.is_loopback
+            or parsed_ipv6.is_multicast
+            or parsed_ipv6.is_unspecified
+            or parsed_ipv6.is_link_local
+            or parsed_ipv6.ipv4_mapped is not None
+        ):
+            raise ConfigError("public-ipv6", f"{parsed_ipv6} cannot carry tunnel traffic")
+
     prefix = _prefix(merged.get("etcd-prefix", defaults.etcd_prefix), "etcd-prefix")
     own_prefix = _prefix(merged.get("overlayd-prefix", defaults.overlayd_prefix), "overlayd-prefix")
     # flannel hosts must never see overlayd's keys, and overlayd must never
@@ -576,6 +690,7 @@ def build_agent_config(
         overlayd_prefix=own_prefix,
         iface=None if iface is None else str(iface),
         public_ip=parsed_ip,
+        public_ipv6=parsed_ipv6,
         subnet_file=Path(str(merged.get("subnet-file", defaults.subnet_file))),
         bridge=_ifname(merged.get("bridge", defaults.bridge), "bridge"),
         lease_ttl=_lease_ttl(merged.get("lease-ttl", defaults.lease_ttl)),

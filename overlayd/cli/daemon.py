@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
         "--public-ip", help="address peers send tunnel traffic to (default: the iface's)"
     )
     p.add_argument(
+        "--public-ipv6",
+        help="IPv6 address peers send IPv6 tunnel traffic to, in a dual-stack network"
+        " (default: the iface's first global IPv6 address)",
+    )
+    p.add_argument(
         "--subnet-file", help=f"flannel-style subnet file (default {DEFAULT_SUBNET_FILE})"
     )
     p.add_argument("--bridge", help=f"container bridge name (default {DEFAULT_BRIDGE})")

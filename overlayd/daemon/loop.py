@@ -99,6 +99,9 @@ def standard_managers(
         EgressManager(dataplane),
         *(a.admit for a in allow),
         PeerEntryManager(dataplane, telemetry, projection),
+        # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
+        # leases; with no IPv6 lease it only removes any it finds.
+        PeerEntryManager(dataplane, telemetry, projection, IPV6),
         *(a.prune for a in allow),
     ]
 

@@ -17,7 +17,7 @@ from ipaddress import (
     AddressValueError,
     IPv4Address,
     IPv4Interface,
-    IPv4Network,
+    IPv6Address,
     IPv6Interface,
     ip_address,
     ip_network,
@@ -107,7 +107,12 @@ class Netlink:
                 return int(route.get("RTA_OIF"))
         return None
 
-    async def find_underlay(self, iface: str | None, public_ip: IPv4Address | None) -> Underlay:
+    async def find_underlay(
+        self,
+        iface: str | None,
+        public_ip: IPv4Address | None,
+        public_ipv6: IPv6Address | None = None,
+    ) -> Underlay:
         """The interface tunnel traffic leaves by (flannel's `--iface` rules:
         a name or an address; default the interface of the default route)."""
         link = None
@@ -140,7 +145,11 @@ class Netlink:
         else:
             local = public_ip
         return Underlay(
-            name=name, ifindex=int(link["index"]), mtu=int(link.get("IFLA_MTU")), address=local
+            name=name,
+            ifindex=int(link["index"]),
+            mtu=int(link.get("IFLA_MTU")),
+            address=local,
+            address6=public_ipv6,  # TODO(v6-dp): else the iface's first global one
         )
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
@@ -156,8 +165,10 @@ class Netlink:
                 changed.append(f"removed {name} (no tunnel in host-gw mode)")
         return changed
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
         """The networks directly on a link: whose addresses need no router."""
+        if family is not IPV4:
+            return []  # TODO(v6-dp)
         return [address.network for address in await self._ipv4_addresses(ifindex)]
 
     async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:

@@ -116,7 +116,8 @@ class EgressSpec:
 
     @property
     def gwbridge_gateway6(self) -> IPv6Interface | None:
-        if self.mode != "gwbridge" or self.gwbridge_subnet6 is None:
+        # Without IPv6 in the cluster (or in our lease) the gwbridge has none either.
+        if self.mode != "gwbridge" or self.gwbridge_subnet6 is None or self.cluster6 is None:
             return None
         return IPv6Interface(
             (self.gwbridge_subnet6.network_address + 1, self.gwbridge_subnet6.prefixlen)

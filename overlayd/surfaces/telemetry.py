@@ -106,6 +106,7 @@ class Telemetry:
     mode: str = ""
     egress: str = ""
     vxlan_filter: str = "on"  # the setting: on or off
+    ipv6_peers: int | None = None  # peers with IPv6 entries; None before a dual-stack pass
     settings: dict[str, Any] = field(default_factory=dict)
     last_pass: LastPass | None = None
     drift_repairs: Counter[str] = field(default_factory=Counter)
@@ -132,6 +133,12 @@ class Telemetry:
         self.m_lease_ttl.set_function(self._lease_ttl)
         self.m_peers = Gauge(
             "overlayd_peers", "Peer hosts programmed, by path", ["path"], registry=r
+        )
+        self.m_ipv6_peers = Gauge(
+            "overlayd_ipv6_peers",
+            "Peer hosts with IPv6 entries (dual-stack), by path",
+            ["path"],
+            registry=r,
         )
         self.m_reconcile = Histogram(
             "overlayd_reconcile_duration_seconds",
@@ -265,6 +272,12 @@ class Telemetry:
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
 
+    def ipv6_peers_programmed(self, tunneled: int, direct: int) -> None:
+        """The peers that have IPv6 entries, after a successful pass."""
+        self.ipv6_peers = tunneled + direct
+        self.m_ipv6_peers.labels("vxlan").set(tunneled)
+        self.m_ipv6_peers.labels("direct").set(direct)
+
     def vxlan_filter_ok(self, allowed: int, family: Family = IPV4) -> None:
         self._allow_is(family, allowed, None)
 
@@ -369,6 +382,7 @@ class Telemetry:
             },
             "lease": lease,
             "peers": len(self.peers),
+            "ipv6_peers": self.ipv6_peers,
             "last_reconcile": last,
             "drift_repairs": dict(sorted(self.drift_repairs.items())),
             "skipped_leases": dict(sorted(self.skipped.items())),

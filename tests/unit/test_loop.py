@@ -21,19 +21,21 @@ from pathlib import Path
 import pytest
 
 from overlayd.config import parse_network_config
+from overlayd.daemon.leasing import own_lease
 from overlayd.daemon.loop import Knowledge, PassResult, Reconciler, standard_managers
-from overlayd.daemon.managers import Level, PassContext
-from overlayd.daemon.managers.peers import PeerProjection
+from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.nft import NftError
 from overlayd.model import (
     IPV4,
+    IPV6,
     Change,
     DeviceSpec,
     Entry,
     EntrySet,
     Family,
     IPAddress,
+    IPNetwork,
     Lease,
     LinkFacts,
     Observed,
@@ -42,11 +44,9 @@ from overlayd.model import (
     Underlay,
     kind_of,
 )
-from overlayd.plan.cluster import ClusterPlan
-from overlayd.plan.desired import PeerPlan
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import host_plan
-from overlayd.plan.leases import render_lease, subnet_key
+from overlayd.plan.leases import lease_key, render_lease, subnet_key
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -66,6 +66,7 @@ class FakeDataplane:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.kernel: EntrySet = EntrySet()
+        self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
         self.fail_next_apply = False
         # The allow-list sets by IP version; None: absent.
         self.sets: dict[int, set[IPAddress] | None] = {4: None, 6: None}
@@ -92,7 +93,9 @@ class FakeDataplane:
         self.calls.append("gwbridge" if gateway6 is None else f"gwbridge {gateway6}")
         return []
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
+        if family is IPV6:
+            return [IPv6Network("2001:db8::/64")]
         return [IPv4Network("192.0.2.0/24")]
 
     async def ensure_forwarding(self, bridge: str) -> list[str]:
@@ -140,24 +143,37 @@ class FakeDataplane:
         held |= set(changes.add)
         held -= set(changes.delete)
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
+        if family is IPV6:
+            self.calls.append("read6")
+            return self.kernel6
         self.calls.append("read")
         return self.kernel
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult:
+        if family is IPV6:
+            self.calls.append(f"apply6 {len(changes)}")
+            self.kernel6 = _applied(self.kernel6, changes)
+            return ApplyResult(len(changes), ())
         self.calls.append(f"apply {len(changes)}")
         if self.fail_next_apply:
             self.fail_next_apply = False
             return ApplyResult(len(changes), ("RTNETLINK answers: No such device",))
-        held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(self.kernel)}
-        for change in changes:
-            key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
-            if change.op is Op.REPLACE:
-                held[key] = change.entry
-            else:
-                held.pop(key, None)
-        self.kernel = EntrySet.of(held.values())
+        self.kernel = _applied(self.kernel, changes)
         return ApplyResult(len(changes), ())
+
+
+def _applied(kernel: EntrySet, changes: Sequence[Change]) -> EntrySet:
+    held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(kernel)}
+    for change in changes:
+        key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
+        if change.op is Op.REPLACE:
+            held[key] = change.entry
+        else:
+            held.pop(key, None)
+    return EntrySet.of(held.values())
 
 
 def _all(entries: EntrySet) -> list[Entry]:
@@ -190,6 +206,8 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
         "filter", "filter-read", "allow 1", "filter-remove v6", "read", "apply 4",
+        # The IPv6 manager looks for stale IPv6 entries even without IPv6.
+        "read6",
     ]  # fmt: skip
     assert len(dataplane.kernel) == 4
     assert dataplane.allowed == {PEER.public_ip}
@@ -514,59 +532,41 @@ def test_a_failed_subnet_file_write_is_done_whole_by_the_next_pass(tmp_path: Pat
 
 # --- dual-stack: the IPv6 allow-list and the gwbridge's IPv6 side -------------
 
-CLUSTER6 = IPv6Network("fd00:10:244::/48")
-GW6 = IPv6Network("fd4a:4eae:8d08::/64")
-PEER6 = replace(
-    PEER,
-    ipv6_subnet=IPv6Network("fd00:10:244:2::/64"),
-    public_ipv6=IPv6Address("2001:db8::12"),
-    vtep_mac_v6="02:00:00:00:06:02",
+CONFIG6 = parse_network_config(
+    '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48"}'
 )
-OLD = Lease(IPv4Network("10.244.4.0/24"), IPv4Address("192.0.2.14"), 1, "02:00:00:00:00:04")
-IPV6_HALVES = {PEER6.subnet: PEER6}
+UNDERLAY6 = replace(UNDERLAY, address6=IPv6Address("2001:db8::11"))
+GW6 = IPv6Network("fd4a:4eae:8d08::/64")
 
 
-@pytest.fixture
-def ipv6_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pass's IPv6 peers: those of the IPv4 plan whose lease has an IPv6
-    half, by `public_ip` the PublicIPv6, as the per-family plan gives them.
-    The leases in etcd do not carry their IPv6 half on this branch yet, so
-    the halves are looked up in IPV6_HALVES by subnet."""
-    original = PeerProjection.plan
+def dual_lease(n: int, *, v6: bool = True) -> Lease:
+    return own_lease(
+        CONFIG6,
+        IPv4Network(f"10.244.{n}.0/24"),
+        IPv4Address(f"192.0.2.{10 + n}"),
+        IPv6Network(f"fd00:10:244:{n}::/64") if v6 else None,
+        IPv6Address(f"2001:db8::{10 + n}") if v6 else None,
+    )
 
-    async def plan(
-        self: PeerProjection, context: PassContext, family: Family = IPV4
-    ) -> ClusterPlan:
-        planned = await original(self, context)
-        if family.version == 4:
-            return planned
-        tunneled = tuple(
-            replace(peer, public_ip=IPV6_HALVES[peer.subnet].public_ipv6)  # type: ignore[arg-type]
-            for peer in planned.peers.tunneled
-            if peer.subnet in IPV6_HALVES
-        )
-        return ClusterPlan(EntrySet(), PeerPlan(tunneled, (), ()), {})
 
-    monkeypatch.setattr(PeerProjection, "plan", plan)
+OWN6, PEER6, OLD = dual_lease(1), dual_lease(2), dual_lease(4, v6=False)
 
 
 def dual_stack(*peers: Lease) -> Knowledge:
-    """A dual-stack host (the IPv6 half of its device and egress specs set
-    by hand: this branch does not plan them)."""
-    egress = replace(GWBRIDGE, cluster6=CLUSTER6, gwbridge_subnet6=GW6)
-    inputs = knowledge(*peers, egress=egress)
-    inputs.spec = replace(
-        inputs.spec,
-        gateway6=IPv6Interface("fd00:10:244:1::1/64"),
-        vtep6="ovl-v6.1",
-        vtep6_mac="02:00:00:00:06:01",
-        local_ip6=IPv6Address("2001:db8::11"),
+    """A dual-stack host in gwbridge mode, planned as the agent plans it."""
+    egress = replace(GWBRIDGE, gwbridge_subnet6=GW6)
+    host = host_plan(CONFIG6, OWN6, UNDERLAY6, bridge="ovl0", egress=egress)
+    assert host.spec.vtep6 and host.egress.cluster6 is not None
+    return Knowledge(
+        CONFIG6,
+        OWN6,
+        host.spec,
+        host.egress,
+        PREFIX,
+        {lease_key(PREFIX, lease): render_lease(lease).encode() for lease in (OWN6, *peers)},
     )
-    inputs.egress = egress
-    return inputs
 
 
-@pytest.mark.usefixtures("ipv6_plan")
 async def test_each_family_allows_its_own_peer_addresses_around_the_entries() -> None:
     dataplane = FakeDataplane()
     telemetry = Telemetry()
@@ -581,16 +581,16 @@ async def test_each_family_allows_its_own_peer_addresses_around_the_entries() ->
     calls = dataplane.calls
     assert calls[:4] == ["devices", "gwbridge fd4a:4eae:8d08::1/64", "sysctl", "bridge-nf v6"]
     assert calls.index("allow 1 v6") < calls.index("read") < calls.index("apply 8")
+    assert calls.index("allow 1 v6") < calls.index("apply6 4")
     # The peer leaves: both of its addresses go, after its entries.
     dataplane.calls.clear()
-    inputs.raw_leases = knowledge(OLD).raw_leases
+    inputs.raw_leases = dual_stack(OLD).raw_leases
     assert (await loop.reconcile_once(level=Level.LIGHT)).ok
-    assert dataplane.calls == ["apply 4", "disallow 1", "disallow 1 v6"]
+    assert dataplane.calls == ["apply 4", "apply6 4", "disallow 1", "disallow 1 v6"]
     assert dataplane.sets == {4: {OLD.public_ip}, 6: set()}
     assert telemetry.vxlan_allowed == 1
 
 
-@pytest.mark.usefixtures("ipv6_plan")
 async def test_an_ipv6_filter_that_fails_is_named_and_the_ipv4_one_still_works() -> None:
     dataplane = FakeDataplane()
     telemetry = Telemetry()
