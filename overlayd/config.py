@@ -22,7 +22,7 @@ from ipaddress import (
     NetmaskValueError,
 )
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from overlayd.errors import ConfigError
@@ -320,6 +320,9 @@ class AgentConfig:
     egress: str = DEFAULT_EGRESS
     gwbridge: str = DEFAULT_GWBRIDGE
     gwbridge_subnet: IPv4Network | None = None  # None: the first free of GWBRIDGE_CANDIDATES
+    # The gwbridge's IPv6 subnet when the cluster has IPv6; None: the first
+    # free of GWBRIDGE_CANDIDATES6 (a ULA /64).
+    gwbridge_subnet6: IPv6Network | None = None
     vxlan_filter: bool = True  # accept VXLAN only from current peers
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9469)  # None: off
@@ -372,6 +375,7 @@ AGENT_SETTINGS = (
     "egress",
     "gwbridge",
     "gwbridge-subnet",
+    "gwbridge-subnet6",
     "vxlan-filter",
     "control-socket",
     "metrics-address",
@@ -580,6 +584,32 @@ def _absolute_path(value: Any, field: str) -> Path:
     return path
 
 
+# The longest prefix of a gwbridge subnet, by IP version: room for the
+# gateway and at least one container.
+GWBRIDGE_LONGEST_PREFIX = {4: 30, 6: 126}
+
+
+_Subnet = TypeVar("_Subnet", IPv4Network, IPv6Network)
+
+
+def _gwbridge_subnet(value: Any, setting: str, kind: type[_Subnet]) -> _Subnet | None:
+    """A gwbridge subnet of one IP version (`kind`), as a network address
+    with its prefix; None when not set."""
+    if value is None:
+        return None
+    try:
+        subnet = kind(str(value).strip(), strict=True)
+    except ValueError as exc:
+        version = 4 if kind is IPv4Network else 6
+        raise ConfigError(setting, f"{value!r} is not an IPv{version} network: {exc}") from exc
+    longest = GWBRIDGE_LONGEST_PREFIX[subnet.version]
+    if subnet.prefixlen > longest:
+        raise ConfigError(setting, f"{subnet} is too small (at most /{longest})")
+    if subnet.is_multicast or subnet.is_link_local or subnet.is_loopback:
+        raise ConfigError(setting, f"{subnet} is not a unicast network a bridge can route for")
+    return subnet
+
+
 def _lease_ttl(value: Any) -> int:
     ttl: int = _positive_number(value, "lease-ttl", int)
     # Renewal runs every third of the TTL; below a few seconds one slow etcd
@@ -644,15 +674,8 @@ def build_agent_config(
     egress = str(merged.get("egress", defaults.egress))
     if egress not in EGRESS_MODES:
         raise ConfigError("egress", f"{egress!r} is not one of {', '.join(EGRESS_MODES)}")
-    gw_subnet_text = merged.get("gwbridge-subnet")
-    gw_subnet: IPv4Network | None = None
-    if gw_subnet_text is not None:
-        try:
-            gw_subnet = IPv4Network(str(gw_subnet_text), strict=True)
-        except ValueError as exc:
-            raise ConfigError("gwbridge-subnet", f"{gw_subnet_text!r}: {exc}") from exc
-        if gw_subnet.prefixlen > 30:
-            raise ConfigError("gwbridge-subnet", f"{gw_subnet} is too small (at most /30)")
+    gw_subnet = _gwbridge_subnet(merged.get("gwbridge-subnet"), "gwbridge-subnet", IPv4Network)
+    gw_subnet6 = _gwbridge_subnet(merged.get("gwbridge-subnet6"), "gwbridge-subnet6", IPv6Network)
 
     log_format = str(merged.get("log-format", defaults.log_format)).lower()
     if log_format not in LOG_FORMATS:
@@ -683,6 +706,7 @@ def build_agent_config(
         egress=egress,
         gwbridge=_ifname(merged.get("gwbridge", defaults.gwbridge), "gwbridge"),
         gwbridge_subnet=gw_subnet,
+        gwbridge_subnet6=gw_subnet6,
         vxlan_filter=_on_off(merged.get("vxlan-filter", "on"), "vxlan-filter"),
         control_socket=Path(str(merged.get("control-socket", defaults.control_socket))),
         metrics_address=_metrics_address(merged.get("metrics-address", DEFAULT_METRICS_ADDRESS)),

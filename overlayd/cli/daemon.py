@@ -123,6 +123,11 @@ def parser() -> argparse.ArgumentParser:
         help="subnet of the egress bridge (default: the first of 172.18-31.0.0/16 that is free)",
     )
     p.add_argument(
+        "--gwbridge-subnet6",
+        help="IPv6 subnet of the egress bridge, when the network has IPv6 (default: the first"
+        " free /64 of the ULA fd4a:4eae:8d08::/48)",
+    )
+    p.add_argument(
         "--vxlan-filter",
         choices=VXLAN_FILTER_VALUES,
         help="accept VXLAN only from current peers (default on); off for hosts whose"

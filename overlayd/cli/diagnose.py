@@ -21,7 +21,7 @@ from overlayd.errors import ConfigError, LeaseError
 from overlayd.model import IPV4, IPV6
 from overlayd.plan.cluster import family_plan
 from overlayd.plan.desired import device_spec
-from overlayd.plan.diagnose import CertificateExpiry, Finding, HostFacts, diagnose
+from overlayd.plan.diagnose import CertificateExpiry, FilterFacts, Finding, HostFacts, diagnose
 from overlayd.plan.leases import config_key, read_lease, select_peers, subnet_key, subnets_prefix
 from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
@@ -141,15 +141,20 @@ async def gather(s: AgentConfig) -> HostFacts:
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
     facts.vxlan_filter = s.vxlan_filter
-    facts.filter_spec = filter_spec(spec)
-    if s.vxlan_filter and facts.filter_spec is not None:
-        facts.filter_wanted = {str(p.public_ip): str(p.subnet) for p in plan.peers.tunneled}
-        try:
-            allow = NftVxlanFilter(Nft())
-            facts.filter_listing = await allow.listing(facts.filter_spec)
-            facts.filter_sources = await allow.sources(facts.filter_spec)
-        except NftError as exc:
-            facts.filter_error = str(exc)
+    if s.vxlan_filter:
+        for family, planned in ((IPV4, plan), (IPV6, plan6)):
+            fs = filter_spec(spec, family)
+            if fs is None:
+                continue
+            tunneled = planned.peers.tunneled
+            look = FilterFacts(fs, wanted={str(p.public_ip): str(p.subnet) for p in tunneled})
+            try:
+                allow = NftVxlanFilter(Nft())
+                look.listing = await allow.listing(fs)
+                look.sources = await allow.sources(fs)
+            except NftError as exc:
+                look.error = str(exc)
+            facts.filters.append(look)
     return facts
 
 

@@ -31,7 +31,7 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
-from overlayd.model import NetworkConfig
+from overlayd.model import IPV4, IPV6, NetworkConfig
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
@@ -152,17 +152,29 @@ class Agent:
 
     async def _egress(self, config: NetworkConfig) -> EgressSpec:
         s = self.settings
-        subnet = None
+        subnet = subnet6 = None
+        cluster6 = config.ipv6.network if config.ipv6 is not None else None
         if s.egress == "gwbridge":
-            routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
+            routes = await self.dataplane.netlink.routes(IPV4, exclude_dev=s.gwbridge)
             subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
-        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
+            if cluster6 is not None:
+                routes6 = await self.dataplane.netlink.routes(IPV6, exclude_dev=s.gwbridge)
+                subnet6 = choose_gwbridge_subnet(s.gwbridge_subnet6, cluster6, routes6, IPV6)
+        log.info(
+            "event=egress mode=%s gwbridge=%s subnet=%s subnet6=%s",
+            s.egress,
+            s.gwbridge,
+            subnet,
+            subnet6,
+        )
         return EgressSpec(
             mode=s.egress,
             cluster=config.network,
             overlay_bridge=s.bridge,
             gwbridge=s.gwbridge,
             gwbridge_subnet=subnet,
+            cluster6=cluster6,
+            gwbridge_subnet6=subnet6,
         )
 
     def _subnet_file_after_pass(self, reconciler: Reconciler, outcome: PassResult) -> None:

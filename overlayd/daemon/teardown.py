@@ -1,6 +1,6 @@
 """`overlayd --teardown`: remove everything the daemon creates on this
 host, and nothing else: its devices (and with them its routes and entries),
-its nftables table and iptables chain, its subnet file, and its lease in
+its nftables tables and iptables chains, its subnet file, and its lease in
 etcd. The data plane goes even when etcd cannot be reached; only the lease
 release needs it."""
 
@@ -27,8 +27,7 @@ async def teardown(settings: AgentConfig, store: Store, dataplane: Dataplane) ->
     for name in names:
         if await dataplane.netlink.delete_link(name):
             done.append(f"deleted {name}")
-    if await dataplane.nft.delete():
-        done.append("deleted nftables table ip overlayd")
+    done += [f"deleted nftables table {table}" for table in await dataplane.nft.delete()]
     done += await dataplane.forward.remove()
     subnet, subnet6 = read_subnet(s.subnet_file), read_subnet6(s.subnet_file)
     if s.subnet_file.exists():

@@ -1,8 +1,8 @@
 """Data-plane I/O, one adapter per kind of kernel interface: devices through
 netlink (pyroute2, netlink.py), per-peer entries through iproute2's batch
-mode (entries.py), the nftables table with its egress chains and VXLAN
-allow-list (nft.py), the iptables FORWARD
-exception (iptables.py), sysctls (sysctl.py), read-only looks for
+mode (entries.py), the nftables tables (one per address family) with their
+egress chains and VXLAN allow-lists (nft.py), the iptables and ip6tables
+FORWARD exceptions (iptables.py), sysctls (sysctl.py), read-only looks for
 diagnose (inspect.py), and the Docker plugin's veth pairs through iproute2
 (veth.py: made once per container, not per pass, and kept apart from the
 devices the reconciler owns; the agent hands it to the plugin as a port).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Protocol
 
 from overlayd.dataplane import entries, sysctl
@@ -35,13 +35,15 @@ class DataplanePort(Protocol):
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]: ...
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]: ...
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]: ...
 
     async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]: ...
 
     async def ensure_forwarding(self, bridge: str) -> list[str]: ...
 
-    async def ensure_bridge_netfilter(self) -> list[str]: ...
+    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]: ...
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None: ...
 
@@ -93,8 +95,10 @@ class Dataplane:
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         return await self.netlink.ensure_devices(spec)
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
-        return await self.netlink.ensure_gwbridge(name, gateway, mac)
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]:
+        return await self.netlink.ensure_gwbridge(name, gateway, mac, gateway6=gateway6)
 
     async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
         return await self.netlink.connected_networks(ifindex, family)
@@ -102,8 +106,8 @@ class Dataplane:
     async def ensure_forwarding(self, bridge: str) -> list[str]:
         return await sysctl.ensure_forwarding_and_redirects(bridge, netns=self.netns)
 
-    async def ensure_bridge_netfilter(self) -> list[str]:
-        return await sysctl.ensure_bridge_netfilter(netns=self.netns)
+    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
+        return await sysctl.ensure_bridge_netfilter(families, netns=self.netns)
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
         return await self.nft.ensure(egress)
