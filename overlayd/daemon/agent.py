@@ -341,6 +341,8 @@ class Agent:
         names = {spec.bridge: "bridge", spec.underlay: "underlay"}
         if spec.vtep:
             names[spec.vtep] = "vtep"
+        if spec.vtep6:
+            names[spec.vtep6] = "vtep6"
         if egress.mode == "gwbridge":
             names[egress.gwbridge] = "gwbridge"
         return names

@@ -1,10 +1,16 @@
 """Devices through netlink: the only module that imports pyroute2.
 
-It finds the underlay interface and makes the bridge and the VTEP look like
+It finds the underlay interface and makes the bridge and the VTEPs look like
 a `DeviceSpec`, flannel-style: an existing device is kept when it is
 compatible and only what differs is changed (MAC, MTU, master, state); a
 VTEP whose VNI, port, local address or lower device differ cannot be changed
 in place and is recreated.
+
+Dual-stack: the bridge holds both gateways, and a second VTEP (`ovl-v6.<VNI>`,
+flannel's `flannel-v6.<VNI>`) sending from the underlay's IPv6 address is a
+second port of the same bridge. Both VTEPs are made by the same code with
+the family's local address; per-peer entries of each family go through
+their own VTEP and the one bridge.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import (
-    AddressValueError,
     IPv4Address,
     IPv4Interface,
     IPv4Network,
+    IPv6Address,
+    IPv6Interface,
     ip_address,
+    ip_interface,
     ip_network,
 )
 from typing import Any
@@ -28,18 +36,24 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
 )
 
+from overlayd.dataplane.sysctl import PROC6, SysctlError, set_sysctl
 from overlayd.errors import OverlaydError
 from overlayd.model import (
     IPV4,
+    IPV6,
     ROUTE_PROTOCOL,
     BridgeFdb,
     Change,
     DeviceSpec,
     Family,
+    IPAddress,
+    IPNetwork,
     LinkFacts,
     Neighbour,
     Observed,
@@ -49,7 +63,7 @@ from overlayd.model import (
     Underlay,
     kind_of,
 )
-from overlayd.plan.desired import VTEP_PREFIX
+from overlayd.plan.desired import VTEP6_PREFIX, VTEP_PREFIX, vtep6_name
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +86,67 @@ def _info_kind(link: Any) -> str | None:
     return str(kind) if kind is not None else None
 
 
+# Address flags and scopes (linux/if_addr.h, linux/rtnetlink.h).
+IFA_F_TEMPORARY = 0x01
+IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+# An IPv6 address the IPv6 VTEP must not send from when none was named:
+# one still in (or failed) duplicate address detection, one on its way
+# out, or a privacy address that a new one replaces within a day (peers
+# would go on sending to the old one).
+_UNFIT_SOURCE6 = IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TEMPORARY
+# Flags of a gateway address we add, by IP version. IPv6: no duplicate
+# address detection, which would keep the gateway "tentative" (unusable:
+# no answer to containers' neighbour solicitations) for a second, and for as
+# long as the bridge has no carrier, i.e. while no port is up. The subnet is
+# leased to this host alone, so nobody else can hold its gateway.
+_GATEWAY_FLAGS = {4: 0, 6: IFA_F_NODAD}
+# The VXLAN attribute, and pyroute2's keyword, of a VTEP's local address.
+_VXLAN_LOCAL = {4: ("IFLA_VXLAN_LOCAL", "vxlan_local"), 6: ("IFLA_VXLAN_LOCAL6", "vxlan_local6")}
+FAMILIES = {family.version: family for family in (IPV4, IPV6)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """One address of a link, as an address dump gives it."""
+
+    interface: IPv4Interface | IPv6Interface
+    flags: int
+    scope: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Vtep:
+    """One VTEP of a spec: its family, name, MAC and local address."""
+
+    family: Family
+    name: str
+    mac: str
+    local: IPAddress
+
+
+def _vteps(spec: DeviceSpec) -> list[_Vtep]:
+    """The VTEPs the spec wants: the IPv4 one unless host-gw, and the IPv6
+    one in a dual-stack VXLAN network."""
+    wanted = []
+    if spec.vtep:
+        wanted.append(_Vtep(IPV4, spec.vtep, spec.vtep_mac, spec.local_ip))
+    if spec.vtep6:
+        if spec.local_ip6 is None:
+            raise DeviceError(f"{spec.vtep6} needs an IPv6 address to send from (--public-ipv6)")
+        wanted.append(_Vtep(IPV6, spec.vtep6, spec.vtep6_mac, spec.local_ip6))
+    return wanted
+
+
 class Netlink:
     """An rtnetlink socket in the current (or the named) network namespace."""
 
     def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
         self._ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
 
     async def close(self) -> None:
@@ -90,11 +161,26 @@ class Netlink:
             raise
         return links[0] if links else None
 
-    async def _ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
+    async def _addresses(self, ifindex: int, family: Family) -> list[_Address]:
         found = []
-        async for msg in await self._ipr.addr("dump", index=ifindex, family=2):
-            found.append(IPv4Interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])))
+        async for msg in await self._ipr.addr("dump", index=ifindex, family=family.netlink):
+            # IFA_FLAGS carries the flags above the first eight bits.
+            flags = msg.get("IFA_FLAGS")
+            found.append(
+                _Address(
+                    ip_interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])),
+                    int(msg["flags"] if flags is None else flags),
+                    int(msg["scope"]),
+                )
+            )
         return found
+
+    async def _ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
+        return [
+            address.interface
+            for address in await self._addresses(ifindex, IPV4)
+            if isinstance(address.interface, IPv4Interface)
+        ]
 
     async def _default_route_ifindex(self) -> int | None:
         async for route in await self._ipr.route("dump", family=2, table=254):
@@ -102,20 +188,27 @@ class Netlink:
                 return int(route.get("RTA_OIF"))
         return None
 
-    async def find_underlay(self, iface: str | None, public_ip: IPv4Address | None) -> Underlay:
+    async def find_underlay(
+        self,
+        iface: str | None,
+        public_ip: IPv4Address | None,
+        public_ipv6: IPv6Address | None = None,
+    ) -> Underlay:
         """The interface tunnel traffic leaves by (flannel's `--iface` rules:
-        a name or an address; default the interface of the default route)."""
+        a name or an address; default the interface of the default route),
+        with the addresses the VTEPs send from."""
         link = None
         if iface is not None:
             try:
-                wanted = IPv4Address(iface)
-            except AddressValueError:
+                wanted = ip_address(iface)
+            except ValueError:
                 link = await self._link(ifname=iface)
                 if link is None:
                     raise DeviceError(f"--iface {iface}: no such interface") from None
             else:
-                async for msg in await self._ipr.addr("dump", family=2):
-                    if IPv4Address(msg.get("IFA_ADDRESS")) == wanted:
+                family = FAMILIES[wanted.version]
+                async for msg in await self._ipr.addr("dump", family=family.netlink):
+                    if ip_address(msg.get("IFA_ADDRESS")) == wanted:
                         link = await self._link(index=msg["index"])
                         break
                 if link is None:
@@ -135,25 +228,65 @@ class Netlink:
         else:
             local = public_ip
         return Underlay(
-            name=name, ifindex=int(link["index"]), mtu=int(link.get("IFLA_MTU")), address=local
+            name=name,
+            ifindex=int(link["index"]),
+            mtu=int(link.get("IFLA_MTU")),
+            address=local,
+            address6=await self._underlay_address6(int(link["index"]), name, public_ipv6),
         )
 
+    async def _underlay_address6(
+        self, index: int, name: str, public_ipv6: IPv6Address | None
+    ) -> IPv6Address | None:
+        """--public-ipv6, which must be on the underlay (the IPv6 VTEP sends
+        from it, unlike --public-ip, which may be a NAT's), or else the
+        underlay's first global IPv6 address fit to send from, if any."""
+        addresses = await self._addresses(index, IPV6)
+        if public_ipv6 is not None:
+            if not any(address.interface.ip == public_ipv6 for address in addresses):
+                raise DeviceError(
+                    f"--public-ipv6 {public_ipv6} is not an address of {name}:"
+                    " the IPv6 VTEP sends from it, so it must be"
+                )
+            return public_ipv6
+        for address in addresses:
+            ip = address.interface.ip
+            if (
+                isinstance(ip, IPv6Address)
+                and address.scope == RT_SCOPE_UNIVERSE
+                and not address.flags & _UNFIT_SOURCE6
+            ):
+                return ip
+        return None
+
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
-        """Make the bridge and VTEP match the spec; returns what was changed."""
+        """Make the bridge and VTEPs match the spec; returns what was changed."""
         changed: list[str] = []
         bridge_index = await self._ensure_bridge(spec.bridge, spec.bridge_mac, spec.mtu, changed)
-        await self._ensure_gateway(spec.bridge, bridge_index, spec.gateway, changed)
-        if spec.vtep:
-            await self._ensure_vtep(spec, bridge_index, changed)
-        else:
+        await self._ensure_gateway(spec.bridge, bridge_index, IPV4, spec.gateway, changed)
+        await self._ensure_gateway(spec.bridge, bridge_index, IPV6, spec.gateway6, changed)
+        vteps = _vteps(spec)
+        for vtep in vteps:
+            await self._ensure_vtep(spec, vtep, bridge_index, changed)
+        if not spec.vtep:
             for name in await self.vtep_names():  # host-gw has no tunnel
                 await self.delete_link(name)
                 changed.append(f"removed {name} (no tunnel in host-gw mode)")
+        elif not spec.vtep6:
+            # IPv6 switched off (or never on): an IPv6 VTEP left from before
+            # would still decapsulate peers' frames onto the bridge. Looked
+            # up by name, not by a dump of every link on every check.
+            name = vtep6_name(spec.vni)
+            link = await self._link(ifname=name)
+            if link is not None and _info_kind(link) == "vxlan":
+                await self._ipr.link("del", index=link["index"])
+                changed.append(f"removed {name} (IPv6 is off)")
         return changed
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
-        """The networks directly on a link: whose addresses need no router."""
-        return [address.network for address in await self._ipv4_addresses(ifindex)]
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
+        """The networks of one family directly on a link: whose addresses
+        need no router."""
+        return [address.interface.network for address in await self._addresses(ifindex, family)]
 
     async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:
         link = await self._link(ifname=name)
@@ -183,75 +316,119 @@ class Netlink:
         return index
 
     async def _ensure_gateway(
-        self, name: str, index: int, gateway: IPv4Interface, changed: list[str]
+        self,
+        name: str,
+        index: int,
+        family: Family,
+        gateway: IPv4Interface | IPv6Interface | None,
+        changed: list[str],
     ) -> None:
-        present = await self._ipv4_addresses(index)
+        """The bridge's one address of `family` (none when the family is
+        off). Link-scope addresses are the kernel's (IPv6's fe80::/64 on
+        every link) and stay."""
+        present = await self._addresses(index, family)
+        kept = False
         for address in present:
+            if address.scope == RT_SCOPE_LINK:
+                continue
             # The bridge is ours: an address of a previous lease must go, or
             # the host would keep answering for a subnet it no longer holds.
-            if address != gateway:
+            # So must our gateway if duplicate address detection (of an
+            # address somebody else added) failed: the kernel never uses it.
+            if address.interface != gateway or address.flags & IFA_F_DADFAILED:
                 await self._ipr.addr(
-                    "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+                    "del",
+                    index=index,
+                    address=str(address.interface.ip),
+                    prefixlen=address.interface.network.prefixlen,
                 )
-                changed.append(f"removed {address} from {name}")
-        if gateway not in present:
+                changed.append(f"removed {address.interface} from {name}")
+            else:
+                kept = True
+        if gateway is not None and not kept:
+            if family.version == 6:
+                await self._enable_ipv6(name, changed)
             await self._ipr.addr(
-                "add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen
+                "add",
+                index=index,
+                address=str(gateway.ip),
+                prefixlen=gateway.network.prefixlen,
+                flags=_GATEWAY_FLAGS[family.version],
             )
             changed.append(f"added {gateway} to {name}")
 
-    def _vtep_compatible(self, link: Any, spec: DeviceSpec) -> bool:
+    async def _enable_ipv6(self, name: str, changed: list[str]) -> None:
+        """IPv6 on for the bridge (net.ipv6.conf.<bridge>.disable_ipv6=0): a
+        host or namespace with `default.disable_ipv6=1` makes new links
+        without IPv6, and the kernel refuses their addresses. Only asked
+        when the gateway is missing: with IPv6 off it always is."""
+        try:
+            if await set_sysctl(PROC6 / "conf" / name / "disable_ipv6", "0", self._netns):
+                changed.append(f"enabled IPv6 on {name} (net.ipv6.conf.{name}.disable_ipv6=0)")
+        except (OSError, SysctlError) as exc:
+            raise DeviceError(
+                f"cannot enable IPv6 on {name} ({exc}): dual-stack needs IPv6 in the kernel"
+                " (is it booted with ipv6.disable=1?)"
+            ) from exc
+
+    def _vtep_compatible(self, link: Any, spec: DeviceSpec, vtep: _Vtep) -> bool:
         if _info_kind(link) != "vxlan":
             return False
         data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        if data is None:
+            return False
+        local = data.get(_VXLAN_LOCAL[vtep.family.version][0])
         return bool(
-            data is not None
-            and data.get("IFLA_VXLAN_ID") == spec.vni
+            data.get("IFLA_VXLAN_ID") == spec.vni
             and data.get("IFLA_VXLAN_PORT") == spec.port
-            and data.get("IFLA_VXLAN_LOCAL") == str(spec.local_ip)
+            and local is not None
+            and ip_address(local) == vtep.local
             and data.get("IFLA_VXLAN_LINK") == spec.underlay_ifindex
             and data.get("IFLA_VXLAN_LEARNING") == 0
         )
 
-    async def _ensure_vtep(self, spec: DeviceSpec, bridge_index: int, changed: list[str]) -> None:
-        link = await self._link(ifname=spec.vtep)
-        if link is not None and not self._vtep_compatible(link, spec):
+    async def _ensure_vtep(
+        self, spec: DeviceSpec, vtep: _Vtep, bridge_index: int, changed: list[str]
+    ) -> None:
+        link = await self._link(ifname=vtep.name)
+        if link is not None and not self._vtep_compatible(link, spec, vtep):
             await self._ipr.link("del", index=link["index"])
-            changed.append(f"removed incompatible {spec.vtep}")
+            changed.append(f"removed incompatible {vtep.name}")
             link = None
         if link is None:
+            local = {_VXLAN_LOCAL[vtep.family.version][1]: str(vtep.local)}
             await self._ipr.link(
                 "add",
-                ifname=spec.vtep,
+                ifname=vtep.name,
                 kind="vxlan",
                 vxlan_id=spec.vni,
                 vxlan_port=spec.port,
-                vxlan_local=str(spec.local_ip),
                 vxlan_link=spec.underlay_ifindex,
                 vxlan_learning=0,
-                address=spec.vtep_mac,
+                address=vtep.mac,
                 mtu=spec.mtu,
+                **local,
             )
-            changed.append(f"created {spec.vtep}")
-            link = await self._link(ifname=spec.vtep)
+            changed.append(f"created {vtep.name}")
+            link = await self._link(ifname=vtep.name)
             assert link is not None
         index = int(link["index"])
         updates: dict[str, Any] = {}
-        if link.get("IFLA_ADDRESS") != spec.vtep_mac:
-            updates["address"] = spec.vtep_mac
+        if link.get("IFLA_ADDRESS") != vtep.mac:
+            updates["address"] = vtep.mac
         if link.get("IFLA_MTU") != spec.mtu:
             updates["mtu"] = spec.mtu
         if link.get("IFLA_MASTER") != bridge_index:
             updates["master"] = bridge_index
         if updates:
             await self._ipr.link("set", index=index, **updates)
-            changed.append(f"set {', '.join(sorted(updates))} of {spec.vtep}")
+            changed.append(f"set {', '.join(sorted(updates))} of {vtep.name}")
         if not link["flags"] & 1:
             await self._ipr.link("set", index=index, state="up")
-            changed.append(f"brought {spec.vtep} up")
-        await self._ensure_port_flags(spec, index, changed)
+            changed.append(f"brought {vtep.name} up")
+        await self._ensure_port_flags(vtep.name, index, changed)
 
-    async def _ensure_port_flags(self, spec: DeviceSpec, index: int, changed: list[str]) -> None:
+    async def _ensure_port_flags(self, name: str, index: int, changed: list[str]) -> None:
         # Peers' MACs are programmed statically: the VTEP's bridge port must
         # neither learn (a learned entry would shadow ours) nor flood unknown
         # unicast into the tunnel, which has no default destination anyway.
@@ -263,16 +440,23 @@ class Netlink:
             await self._ipr.link(
                 "set", index=index, kind="bridge_slave", learning=0, unicast_flood=0
             )
-            changed.append(f"turned learning and flooding off on {spec.vtep}'s bridge port")
+            changed.append(f"turned learning and flooding off on {name}'s bridge port")
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+    async def ensure_gwbridge(
+        self,
+        name: str,
+        gateway: IPv4Interface,
+        mac: str,
+        gateway6: IPv6Interface | None = None,
+    ) -> list[str]:
         """The egress bridge of gwbridge mode: a plain bridge with the gateway
-        address of the gwbridge subnet; containers attach their second
-        interface to it."""
+        address of the gwbridge subnet (and of its IPv6 subnet when
+        dual-stack); containers attach their second interface to it."""
         changed: list[str] = []
         # MTU left to the kernel: the gwbridge's traffic is not encapsulated.
         index = await self._ensure_bridge(name, mac, None, changed)
-        await self._ensure_gateway(name, index, gateway, changed)
+        await self._ensure_gateway(name, index, IPV4, gateway, changed)
+        await self._ensure_gateway(name, index, IPV6, gateway6, changed)
         return changed
 
     async def ipv4_routes(self, *, exclude_dev: str | None = None) -> list[IPv4Network]:
@@ -289,15 +473,18 @@ class Netlink:
             found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
-    async def apply_entries(self, changes: Sequence[Change], spec: DeviceSpec) -> list[str]:
-        """Apply a few entry changes straight through netlink, with no process
-        to start (entries.py's batches win only when there are many). The
-        same entries, flags and states as the batch lines; returns the
-        failures, one line each."""
+    async def apply_entries(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> list[str]:
+        """Apply a few entry changes of one family straight through netlink,
+        with no process to start (entries.py's batches win only when there
+        are many). The same entries, flags and states as the batch lines;
+        returns the failures, one line each."""
+        vtep = spec.vtep_for(family)
         bridge_link = await self._link(ifname=spec.bridge)
-        vtep_link = await self._link(ifname=spec.vtep) if spec.vtep else None
-        if bridge_link is None or (spec.vtep and vtep_link is None):
-            return [f"{spec.bridge if bridge_link is None else spec.vtep} is missing"]
+        vtep_link = await self._link(ifname=vtep) if vtep else None
+        if bridge_link is None or (vtep and vtep_link is None):
+            return [f"{spec.bridge if bridge_link is None else vtep} is missing"]
         br = int(bridge_link["index"])
         vx = int(vtep_link["index"]) if vtep_link is not None else 0
         failed = []
@@ -315,13 +502,16 @@ class Netlink:
         await write(self._ipr, change.entry, change.op is Op.REPLACE, _Devices(br, vx, underlay))
 
     async def vtep_names(self) -> list[str]:
-        """VXLAN devices named like ours (VTEP_PREFIX + VNI), whatever the VNI was."""
+        """VXLAN devices named like ours (VTEP_PREFIX or VTEP6_PREFIX + VNI),
+        whatever the VNI was."""
         found = []
         async for link in await self._ipr.link("dump"):
             name = str(link.get("IFLA_IFNAME"))
-            vni = name.removeprefix(VTEP_PREFIX)
-            if _info_kind(link) == "vxlan" and name.startswith(VTEP_PREFIX) and vni.isdigit():
-                found.append(name)
+            if _info_kind(link) != "vxlan":
+                continue
+            for prefix in (VTEP_PREFIX, VTEP6_PREFIX):
+                if name.startswith(prefix) and name.removeprefix(prefix).isdigit():
+                    found.append(name)
         return found
 
     async def delete_link(self, name: str) -> bool:
@@ -334,7 +524,7 @@ class Netlink:
 
 @dataclass(frozen=True, slots=True)
 class _Devices:
-    """Interface indexes a write needs: bridge, VTEP, underlay."""
+    """Interface indexes a write needs: bridge, the family's VTEP, underlay."""
 
     bridge: int
     vtep: int
@@ -342,8 +532,10 @@ class _Devices:
 
 
 async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> None:
+    # The family is the entry's: IPv6 entries go through the same writers.
+    family = FAMILIES[entry.dst.version].netlink
     if not replace:
-        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254)
+        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254, family=family)
     elif entry.direct:
         await ipr.route(
             "replace",
@@ -352,6 +544,7 @@ async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> 
             oif=dev.underlay,
             proto=ROUTE_PROTOCOL,
             table=254,
+            family=family,
         )
     else:
         await ipr.route(
@@ -362,16 +555,23 @@ async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> 
             flags=RTNH_F_ONLINK,
             proto=ROUTE_PROTOCOL,
             table=254,
+            family=family,
         )
 
 
 async def _write_neighbour(ipr: Any, entry: Neighbour, replace: bool, dev: _Devices) -> None:
+    family = FAMILIES[entry.ip.version].netlink
     if replace:
         await ipr.neigh(
-            "replace", dst=str(entry.ip), lladdr=entry.mac, ifindex=dev.bridge, state=NUD_PERMANENT
+            "replace",
+            dst=str(entry.ip),
+            lladdr=entry.mac,
+            ifindex=dev.bridge,
+            state=NUD_PERMANENT,
+            family=family,
         )
     else:
-        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge)
+        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge, family=family)
 
 
 async def _write_tunnel_fdb(ipr: Any, entry: TunnelFdb, replace: bool, dev: _Devices) -> None:
@@ -410,7 +610,16 @@ _WRITERS: dict[str, Callable[[Any, Any, bool, _Devices], Awaitable[None]]] = {
 # and static (NUD_NOARP: bridge FDB). Dynamic ARP churn is none of our business.
 _NUD_NOARP = 0x40
 _OWNED_NUD = 0x80 | _NUD_NOARP
-_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR
+# Links and neighbours (ARP, NDP and FDB alike) for all; routes and
+# addresses of the families we program.
+_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
+_FAMILY_GROUPS = {
+    4: RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR,
+    6: RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_IFADDR,
+}
+# Device roles (the names mapping's values) whose neighbour and FDB entries
+# may be ours: the bridge's neighbours, the VTEPs' FDB entries.
+_ENTRY_ROLES = ("bridge", "vtep", "vtep6")
 
 
 class DriftMonitor:
@@ -426,8 +635,23 @@ class DriftMonitor:
     def __init__(self, netns: str | None = None, families: Sequence[Family] = (IPV4,)) -> None:
         self._netns = netns
         self._indexes: dict[int, str] = {}
+        self._families: dict[int, Family] = {}
+        self.families = families
+
+    @property
+    def families(self) -> Sequence[Family]:
+        return tuple(self._families.values())
+
+    @families.setter
+    def families(self, families: Sequence[Family]) -> None:
         # Netlink's family number -> the family, for the families we program.
         self._families = {family.netlink: family for family in families}
+
+    def _groups(self) -> int:
+        groups = int(_GROUPS)
+        for family in self._families.values():
+            groups |= int(_FAMILY_GROUPS[family.version])
+        return groups
 
     def _observe(self, msg: Any, names: Mapping[str, str]) -> Observed | None:
         """What a netlink message says about things we may own; None when it
@@ -453,6 +677,11 @@ class DriftMonitor:
             )
             return Observed(True, None, f"link {name}", link=facts)
         if event in ("RTM_NEWADDR", "RTM_DELADDR"):
+            if msg.get("scope") == RT_SCOPE_LINK:
+                # The kernel's own link-local addresses, which we leave alone:
+                # IPv6 gives every link one and reports it again when its
+                # duplicate address detection ends.
+                return None
             name = self._indexes.get(msg.get("index"))
             return Observed(present, None, f"address on {name}") if name else None
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
@@ -469,7 +698,7 @@ class DriftMonitor:
             return Observed(present, route, f"route {dst}", foreign=foreign)
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
-            if name is None or names.get(name) not in ("bridge", "vtep"):
+            if name is None or names.get(name) not in _ENTRY_ROLES:
                 return None
             mac = str(msg.get("NDA_LLADDR") or "")
             state = msg.get("state", 0)
@@ -498,13 +727,23 @@ class DriftMonitor:
                 self._indexes[int(link["index"])] = str(name)
 
     async def run(
-        self, names: Callable[[], Mapping[str, str]], on_drift: Callable[[Observed], None]
+        self,
+        names: Callable[[], Mapping[str, str]],
+        on_drift: Callable[[Observed], None],
+        *,
+        families: Sequence[Family] | None = None,
     ) -> None:
+        """Listen until cancelled. `names`: device name -> role ("bridge",
+        "vtep", "vtep6", "underlay", "gwbridge"), asked again for every
+        message; `families` (default: those given at construction): whose
+        routes, addresses and neighbours to look at."""
+        if families is not None:
+            self.families = families
         missed: str | None = None
         while True:
             ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
             try:
-                await ipr.bind(groups=_GROUPS)
+                await ipr.bind(groups=self._groups())
                 await self._learn_indexes(ipr, names())
                 if missed is not None:
                     # Listening again: whatever happened meanwhile is unknown.

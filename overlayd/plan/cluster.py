@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 
-from overlayd.model import EntrySet, Lease, NetworkConfig
+from overlayd.model import EntrySet, IPNetwork, Lease, NetworkConfig
 from overlayd.plan.desired import EntryMemo, PeerPlan, Routing, desired_entries, plan_peers
 from overlayd.plan.leases import ParseCache, select_peers, subnet_key
 
@@ -25,7 +24,7 @@ def cluster_plan(
     own: Lease,
     raw_leases: Mapping[str, bytes],
     etcd_prefix: str,
-    onlink: Sequence[IPv4Network],
+    onlink: Sequence[IPNetwork],
     *,
     underlay: str = "",
     cache: ParseCache | None = None,

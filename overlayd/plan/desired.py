@@ -37,6 +37,7 @@ from overlayd.model import (
     DeviceSpec,
     EntrySet,
     Family,
+    IPNetwork,
     Lease,
     Neighbour,
     NetworkConfig,
@@ -124,10 +125,10 @@ class Routing:
 
     backend: str = "vxlan"
     direct_routing: bool = False
-    onlink: tuple[IPv4Network, ...] = ()  # the underlay's connected networks
+    onlink: tuple[IPNetwork, ...] = ()  # the underlay's connected networks
 
     @classmethod
-    def of(cls, config: NetworkConfig, onlink: Iterable[IPv4Network] = ()) -> Routing:
+    def of(cls, config: NetworkConfig, onlink: Iterable[IPNetwork] = ()) -> Routing:
         return cls(config.backend.type, config.backend.direct_routing, tuple(onlink))
 
 

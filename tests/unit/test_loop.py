@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,14 @@ from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.nft import NftError
 from overlayd.model import (
+    IPV4,
     Change,
     DeviceSpec,
     Entry,
     EntrySet,
     Family,
     IPAddress,
+    IPNetwork,
     Lease,
     LinkFacts,
     Observed,
@@ -62,18 +64,22 @@ class FakeDataplane:
         self.calls.append("devices")
         return []
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, gateway6: IPv6Interface | None = None
+    ) -> list[str]:
         self.calls.append("gwbridge")
         return []
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
         return [IPv4Network("192.0.2.0/24")]
 
-    async def ensure_forwarding(self, bridge: str) -> list[str]:
+    async def ensure_forwarding(
+        self, bridge: str, *, ipv6: bool = False, underlay: str = ""
+    ) -> list[str]:
         self.calls.append("sysctl")
         return []
 
-    async def ensure_bridge_netfilter(self) -> list[str]:
+    async def ensure_bridge_netfilter(self, *, ipv6: bool = False) -> list[str]:
         self.calls.append("bridge-nf")
         return []
 
@@ -110,11 +116,13 @@ class FakeDataplane:
         self.allowed |= set(changes.add)
         self.allowed -= set(changes.delete)
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
         self.calls.append("read")
         return self.kernel
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult:
         self.calls.append(f"apply {len(changes)}")
         if self.fail_next_apply:
             self.fail_next_apply = False

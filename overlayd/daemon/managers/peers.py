@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from ipaddress import IPv4Network
 
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
+from overlayd.model import IPNetwork, Observed
 from overlayd.plan.cluster import ClusterPlan, cluster_plan
 from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff
@@ -37,7 +36,7 @@ class PeerProjection:
         self._dataplane = dataplane
         self._parse_cache: ParseCache = {}
         self._entry_memo: EntryMemo = {}
-        self._onlink: tuple[IPv4Network, ...] | None = None
+        self._onlink: tuple[IPNetwork, ...] | None = None
 
     async def plan(self, context: PassContext) -> ClusterPlan:
         if context.planned is not None:
