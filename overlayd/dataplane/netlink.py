@@ -266,8 +266,12 @@ class Netlink:
         await self._ensure_gateway(spec.bridge, bridge_index, IPV4, spec.gateway, changed)
         await self._ensure_gateway(spec.bridge, bridge_index, IPV6, spec.gateway6, changed)
         vteps = _vteps(spec)
-        for vtep in vteps:
-            await self._ensure_vtep(spec, vtep, bridge_index, changed)
+        # Incompatible VTEPs go before any is made: one holding the VNI and
+        # port of the other family's (an IPv4 VTEP under the IPv6 name, say)
+        # would make the kernel refuse to create that one.
+        kept = [await self._compatible_vtep(spec, vtep, changed) for vtep in vteps]
+        for vtep, link in zip(vteps, kept, strict=True):
+            await self._ensure_vtep(spec, vtep, link, bridge_index, changed)
         if not spec.vtep:
             for name in await self.vtep_names():  # host-gw has no tunnel
                 await self.delete_link(name)
@@ -387,14 +391,18 @@ class Netlink:
             and data.get("IFLA_VXLAN_LEARNING") == 0
         )
 
-    async def _ensure_vtep(
-        self, spec: DeviceSpec, vtep: _Vtep, bridge_index: int, changed: list[str]
-    ) -> None:
+    async def _compatible_vtep(self, spec: DeviceSpec, vtep: _Vtep, changed: list[str]) -> Any:
+        """The VTEP's link if it can be kept, else None (removed if there)."""
         link = await self._link(ifname=vtep.name)
         if link is not None and not self._vtep_compatible(link, spec, vtep):
             await self._ipr.link("del", index=link["index"])
             changed.append(f"removed incompatible {vtep.name}")
             link = None
+        return link
+
+    async def _ensure_vtep(
+        self, spec: DeviceSpec, vtep: _Vtep, link: Any, bridge_index: int, changed: list[str]
+    ) -> None:
         if link is None:
             local = {_VXLAN_LOCAL[vtep.family.version][1]: str(vtep.local)}
             await self._ipr.link(
