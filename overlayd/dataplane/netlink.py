@@ -71,6 +71,7 @@ AF_BRIDGE = 7
 ENOENT = 2
 ESRCH = 3
 ENODEV = 19
+EINVAL = 22
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
@@ -429,7 +430,17 @@ class Netlink:
         if link.get("IFLA_MASTER") != bridge_index:
             updates["master"] = bridge_index
         if updates:
-            await self._ipr.link("set", index=index, **updates)
+            try:
+                await self._ipr.link("set", index=index, **updates)
+            except NetlinkError as exc:
+                if exc.code == EINVAL and "mtu" in updates:
+                    # The kernel made the VTEP with its largest MTU instead
+                    # of the one asked for, and refuses that one now.
+                    raise DeviceError(
+                        f"{vtep.name}: MTU {spec.mtu} does not fit an IPv{vtep.family.version}"
+                        f" tunnel (at most the underlay's MTU - {vtep.family.vxlan_overhead})"
+                    ) from exc
+                raise
             changed.append(f"set {', '.join(sorted(updates))} of {vtep.name}")
         if not link["flags"] & 1:
             await self._ipr.link("set", index=index, state="up")
@@ -643,6 +654,9 @@ class DriftMonitor:
     def __init__(self, netns: str | None = None, families: Sequence[Family] = (IPV4,)) -> None:
         self._netns = netns
         self._indexes: dict[int, str] = {}
+        # Addresses on our links that events have told of: (index, address,
+        # prefix length).
+        self._addresses: set[tuple[int, str, int]] = set()
         self._families: dict[int, Family] = {}
         self.families = families
 
@@ -674,6 +688,7 @@ class DriftMonitor:
                 return None
             if not present:
                 self._indexes.pop(msg["index"], None)
+                self._addresses = {a for a in self._addresses if a[0] != msg["index"]}
                 return Observed(False, None, f"link {name}")
             self._indexes[msg["index"]] = name
             facts = LinkFacts(
@@ -690,8 +705,21 @@ class DriftMonitor:
                 # IPv6 gives every link one and reports it again when its
                 # duplicate address detection ends.
                 return None
-            name = self._indexes.get(msg.get("index"))
-            return Observed(present, None, f"address on {name}") if name else None
+            index = msg.get("index")
+            name = self._indexes.get(index)
+            if not name:
+                return None
+            key = (index, str(msg.get("IFA_ADDRESS")), msg.get("prefixlen"))
+            if present and key in self._addresses:
+                # The same address again: a lifetime refreshed by a router
+                # advertisement (SLAAC addresses on the underlay, with
+                # accept_ra=2), or its DAD ended. Nothing to look at.
+                return None
+            if present:
+                self._addresses.add(key)
+            else:
+                self._addresses.discard(key)
+            return Observed(present, None, f"address on {name}")
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
             family = self._families.get(msg.get("family"))
             if family is None:
@@ -729,6 +757,7 @@ class DriftMonitor:
 
     async def _learn_indexes(self, ipr: Any, names: Mapping[str, str]) -> None:
         self._indexes = {}
+        self._addresses = set()
         async for link in await ipr.link("dump"):
             name = link.get("IFLA_IFNAME")
             if name in names:

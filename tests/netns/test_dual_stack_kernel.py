@@ -268,6 +268,20 @@ async def test_an_altered_ipv6_vtep_or_gateway_is_made_right_again(host: Host) -
     assert await dp.ensure_devices(spec) == []
 
 
+async def test_an_mtu_too_large_for_the_ipv6_tunnel_is_refused_by_name(host: Host) -> None:
+    """The kernel creates a VTEP with an MTU above what its underlay can
+    carry without a word (it takes its largest instead), then refuses to
+    set it: the IPv4 MTU (underlay - 50) is 20 bytes too many for IPv6."""
+    ns, dp = host.ns, host.dataplane
+    v4_mtu = replace(host.spec, mtu=1500 - IPV4.vxlan_overhead)
+    with pytest.raises(DeviceError, match=r"ovl-v6\.1: MTU 1450 does not fit an IPv6 tunnel"):
+        await dp.ensure_devices(v4_mtu)
+    assert jq(ns, "ip", "-j", "link", "show", VTEP6)[0]["mtu"] == 1430
+    assert jq(ns, "ip", "-j", "link", "show", "ovl.1")[0]["mtu"] == 1450  # fits IPv4
+    await dp.ensure_devices(host.spec)  # 1430: fits both
+    assert {jq(ns, "ip", "-j", "link", "show", d)[0]["mtu"] for d in (VTEP6, "ovl.1")} == {1430}
+
+
 async def test_ipv6_switched_off_removes_the_ipv6_vtep_and_gateway_only(host: Host) -> None:
     ns, dp = host.ns, host.dataplane
     await dp.ensure_devices(host.spec)

@@ -180,11 +180,31 @@ def test_ipv6_neighbours_on_the_bridge_are_seen_when_ipv6_is_programmed() -> Non
 
 def test_link_local_address_events_are_not_drift_but_global_ones_are() -> None:
     m = monitor(IPV4, IPV6)
-    base = {"event": "RTM_NEWADDR", "family": IPV6.netlink, "index": 3}
+    base = {"event": "RTM_NEWADDR", "family": IPV6.netlink, "index": 3, "prefixlen": 64}
     assert m._observe({**base, "scope": 253, "IFA_ADDRESS": "fe80::1"}, NAMES) is None
-    assert m._observe({**base, "scope": 0, "IFA_ADDRESS": "fd00:10:244:1::1"}, NAMES) == (
-        Observed(True, None, "address on ovl0")
-    )
+    gateway = {**base, "scope": 0, "IFA_ADDRESS": "fd00:10:244:1::1"}
+    assert m._observe(gateway, NAMES) == Observed(True, None, "address on ovl0")
+
+
+def test_an_address_told_of_again_is_a_refresh_not_drift() -> None:
+    """A router advertisement refreshes the lifetimes of the underlay's SLAAC
+    address with another RTM_NEWADDR; only a new or a removed address is
+    worth a full pass."""
+    m = monitor(IPV4, IPV6)
+    slaac = {
+        "event": "RTM_NEWADDR",
+        "family": IPV6.netlink,
+        "index": 2,
+        "prefixlen": 64,
+        "scope": 0,
+        "IFA_ADDRESS": "2001:db8::5054:ff:fe00:1",
+    }
+    assert m._observe(slaac, NAMES) == Observed(True, None, "address on eth0")
+    assert m._observe(slaac, NAMES) is None
+    assert m._observe({**slaac, "prefixlen": 80}, NAMES) is not None  # another prefix
+    gone = {**slaac, "event": "RTM_DELADDR"}
+    assert m._observe(gone, NAMES) == Observed(False, None, "address on eth0")
+    assert m._observe(slaac, NAMES) == Observed(True, None, "address on eth0")  # back
 
 
 def test_the_monitor_listens_to_ipv6_routes_and_addresses_only_when_asked() -> None:
