@@ -101,10 +101,10 @@ RT_SCOPE_LINK = 253
 # would go on sending to the old one).
 _UNFIT_SOURCE6 = IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TEMPORARY
 # Flags of a gateway address we add, by IP version. IPv6: no duplicate
-# address detection, which would keep the gateway "tentative" (unusable:
-# no answer to containers' neighbour solicitations) for a second, and for as
-# long as the bridge has no carrier, i.e. while no port is up. The subnet is
-# leased to this host alone, so nobody else can hold its gateway.
+# address detection, which keeps a new address "tentative" (1.1 to 1.7 s
+# measured here), and a tentative gateway answers no neighbour solicitation:
+# containers cannot reach it (or anything beyond it) meanwhile. The subnet
+# is leased to this host alone, so nobody else can hold its gateway.
 _GATEWAY_FLAGS = {4: 0, 6: IFA_F_NODAD}
 # The VXLAN attribute, and pyroute2's keyword, of a VTEP's local address.
 _VXLAN_LOCAL = {4: ("IFLA_VXLAN_LOCAL", "vxlan_local"), 6: ("IFLA_VXLAN_LOCAL6", "vxlan_local6")}
