@@ -98,12 +98,14 @@ class FakeDataplane:
             return [IPv6Network("2001:db8::/64")]
         return [IPv4Network("192.0.2.0/24")]
 
-    async def ensure_forwarding(self, bridge: str) -> list[str]:
+    async def ensure_forwarding(
+        self, bridge: str, *, ipv6: bool = False, underlay: str = ""
+    ) -> list[str]:
         self.calls.append("sysctl")
         return []
 
-    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
-        self.calls.append("bridge-nf" + "".join(self._v(f.version) for f in families[1:]))
+    async def ensure_bridge_netfilter(self, *, ipv6: bool = False) -> list[str]:
+        self.calls.append("bridge-nf" + (self._v(6) if ipv6 else ""))
         return []
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
