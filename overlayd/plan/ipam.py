@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any, Generic, TypeVar, overload
 
 from overlayd.errors import SubnetsExhaustedError
 from overlayd.model import NetworkConfig
@@ -71,47 +72,63 @@ def pick_subnet(
     return (rng or random.Random()).choice(window)
 
 
-def gateway_address(subnet: IPv4Network) -> IPv4Address:
-    """The bridge's address: the first host address of the subnet."""
+@overload
+def gateway_address(subnet: IPv4Network) -> IPv4Address: ...
+@overload
+def gateway_address(subnet: IPv6Network) -> IPv6Address: ...
+def gateway_address(subnet: IPv4Network | IPv6Network) -> IPv4Address | IPv6Address:
+    """The bridge's address: the first host address of the subnet (either family)."""
     return subnet.network_address + 1
 
 
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
+_Addr = TypeVar("_Addr", IPv4Address, IPv6Address)
+
+
 @dataclass(frozen=True, slots=True)
-class ContainerRanges:
-    """Who hands out which of a host's container addresses.
+class ContainerRanges(Generic[_Net, _Addr]):
+    """Who hands out which of a host's container addresses, in one family.
 
-    Docker's built-in IPAM (docker-opts: `--fixed-cidr`) and CNI's host-local
-    (overlay-cni, and overlayd's Docker plugin, which shares host-local's
-    store) each keep their own books, so they must never draw from the same
-    addresses: host-local takes the lower half of the subnet (after the
-    gateway), Docker's `--fixed-cidr` the upper half. Every container still
+    Docker's built-in IPAM (docker-opts: `--fixed-cidr`, `--fixed-cidr-v6`)
+    and CNI's host-local (overlay-cni, and overlayd's Docker plugin, which
+    shares host-local's store) each keep their own books, so they must never
+    draw from the same addresses: host-local takes the lower half of the
+    subnet (after the gateway), Docker the upper half. Every container still
     gets the whole subnet as its prefix, so containers of both engines on one
-    host are on one link."""
+    host are on one link. The same split for IPv4 and IPv6."""
 
-    subnet: IPv4Network
-    host_local_start: IPv4Address
-    host_local_end: IPv4Address
-    docker_fixed_cidr: IPv4Network
+    subnet: _Net
+    host_local_start: _Addr
+    host_local_end: _Addr
+    docker_fixed_cidr: _Net
 
 
 # The network name under which host-local keeps the overlay's reservations
 # (dataDir/ipam/<name>), whatever a runtime's conflist calls the network:
-# overlay-cni and the Docker plugin both allocate there.
+# overlay-cni and the Docker plugin both allocate there, in both families.
 HOST_LOCAL_STORE = "overlay"
-SMALLEST_SHARED_SUBNET = 28  # 16 addresses: two halves of 8, the lower one keeps 5
+# A subnet must have at least this many host bits to be shared: 16
+# addresses, two halves of 8, the lower one keeps 5 (an IPv4 /28, an IPv6 /124).
+SHARED_HOST_BITS = 4
 
 
-def container_ranges(subnet: IPv4Network) -> ContainerRanges:
-    if subnet.prefixlen > SMALLEST_SHARED_SUBNET:
+@overload
+def container_ranges(subnet: IPv4Network) -> ContainerRanges[IPv4Network, IPv4Address]: ...
+@overload
+def container_ranges(subnet: IPv6Network) -> ContainerRanges[IPv6Network, IPv6Address]: ...
+def container_ranges(subnet: IPv4Network | IPv6Network) -> ContainerRanges[Any, Any]:
+    smallest = subnet.max_prefixlen - SHARED_HOST_BITS
+    if subnet.prefixlen > smallest:
         raise ValueError(
             f"subnet {subnet} is too small to share between host-local and Docker"
-            f" (at most /{SMALLEST_SHARED_SUBNET})"
+            f" (at most /{smallest})"
         )
     lower, upper = subnet.subnets(prefixlen_diff=1)
     return ContainerRanges(
         subnet=subnet,
-        # .0 is the network, .1 the bridge's gateway; the lower half's
-        # broadcast address is an ordinary host address of the subnet.
+        # The network address, then the bridge's gateway; the lower half's
+        # last address (IPv4's broadcast address of that half) is an
+        # ordinary host address of the subnet.
         host_local_start=gateway_address(subnet) + 1,
         host_local_end=lower.broadcast_address,
         docker_fixed_cidr=upper,
