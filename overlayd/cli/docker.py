@@ -4,46 +4,66 @@ overlayd's bridge, subnet and MTU, as flannel's mk-docker-opts.sh does.
 Unlike flannel's, `--fixed-cidr` is the upper half of the host's subnet,
 not all of it: overlay-cni's host-local (Podman, any CNI runtime, and
 overlayd's Docker plugin) hands out the lower half, so two allocators that
-keep separate books never give one address twice (plan/ipam.py)."""
+keep separate books never give one address twice (plan/ipam.py).
+
+In a dual-stack network (FLANNEL_IPV6_SUBNET in the subnet file) the same
+holds for IPv6: `--ipv6 --fixed-cidr-v6=<upper half of the IPv6 subnet>`
+(dockerd 20.10's flags; daemon.json `ipv6`, `fixed-cidr-v6`), and the
+network-create form adds `--ipv6 --subnet <IPv6 subnet> --ip-range <upper
+half> --gateway <the bridge's IPv6 address>`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from ipaddress import IPv4Network
+from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
 from overlayd.errors import OverlaydError
+from overlayd.model import IPV4, IPV6, Family
 from overlayd.plan.ipam import container_ranges
 from overlayd.surfaces.subnetfile import read_variables
 
 
+def _family_options(found: dict[str, str], variable: str, family: Family) -> dict[str, Any]:
+    """One family's subnet, Docker's upper half of it and the bridge's
+    address, from `variable` (gateway/len); all None when it is absent."""
+    suffix = "" if family == IPV4 else "6"
+    text = found.get(variable)
+    if not text:
+        return {f"subnet{suffix}": None, f"fixed_cidr{suffix}": None, f"gateway{suffix}": None}
+    try:
+        gateway = ip_interface(text)
+        if gateway.version != family.version:
+            raise ValueError(f"{text!r} is not an IPv{family.version} address/length")
+        fixed_cidr = container_ranges(gateway.network).docker_fixed_cidr
+    except ValueError as exc:
+        raise OverlaydError(f"docker-opts: {variable}: {exc}") from exc
+    return {
+        f"subnet{suffix}": str(gateway.network),
+        f"fixed_cidr{suffix}": str(fixed_cidr),
+        f"gateway{suffix}": str(gateway.ip),
+    }
+
+
 def docker_options(subnet_file: Path) -> dict[str, Any]:
     """Docker on overlayd's bridge: what flannel's mk-docker-opts.sh derives
-    from the subnet file, for a bridge overlayd already made."""
+    from the subnet file, for a bridge overlayd already made; the IPv6 keys
+    (`subnet6`, `fixed_cidr6`, `gateway6`) are None in an IPv4-only network."""
     found = read_variables(subnet_file)
-    subnet_text = found.get("FLANNEL_SUBNET")
-    if not subnet_text or not found.get("FLANNEL_MTU"):
+    if not found.get("FLANNEL_SUBNET") or not found.get("FLANNEL_MTU"):
         raise OverlaydError(f"{subnet_file} has no FLANNEL_SUBNET/FLANNEL_MTU: is overlayd ready?")
-    gateway = subnet_text.split("/")[0]
-    subnet = IPv4Network(subnet_text, strict=False)
-    egress = found.get("OVERLAYD_EGRESS", "masquerade")
-    try:
-        fixed_cidr = container_ranges(subnet).docker_fixed_cidr
-    except ValueError as exc:
-        raise OverlaydError(f"docker-opts: {exc}") from exc
     return {
         "bridge": found.get("OVERLAYD_BRIDGE", "ovl0"),
-        "subnet": str(subnet),
-        "fixed_cidr": str(fixed_cidr),
-        "gateway": gateway,
+        **_family_options(found, "FLANNEL_SUBNET", IPV4),
+        **_family_options(found, "FLANNEL_IPV6_SUBNET", IPV6),
         "mtu": int(found["FLANNEL_MTU"]),
         # overlayd masquerades (or egress is off); Docker must not NAT too,
         # or container-to-container traffic across hosts would be NATed.
         "ip_masq": False,
-        "egress": egress,
+        "egress": found.get("OVERLAYD_EGRESS", "masquerade"),
     }
 
 
@@ -57,32 +77,42 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             " (docker-plugin = true), with which Docker adds its docker_gwbridge",
             file=sys.stderr,
         )
+    dual = o["subnet6"] is not None
     if args.format == "daemon-json":
-        text = json.dumps(
-            {
-                "bridge": o["bridge"],
-                "fixed-cidr": o["fixed_cidr"],
-                "mtu": o["mtu"],
-                "ip-masq": False,
-            },
-            indent=2,
-        )
+        settings: dict[str, Any] = {
+            "bridge": o["bridge"],
+            "fixed-cidr": o["fixed_cidr"],
+            "mtu": o["mtu"],
+            "ip-masq": False,
+        }
+        if dual:
+            settings |= {"ipv6": True, "fixed-cidr-v6": o["fixed_cidr6"]}
+        text = json.dumps(settings, indent=2)
     elif args.format == "network-create":
+        ipv6 = (
+            f" --ipv6 --subnet {o['subnet6']} --gateway {o['gateway6']}"
+            f" --ip-range {o['fixed_cidr6']}"
+            if dual
+            else ""
+        )
         text = (
             f"docker network create --driver bridge --subnet {o['subnet']} --gateway"
-            f" {o['gateway']} --ip-range {o['fixed_cidr']}"
+            f" {o['gateway']} --ip-range {o['fixed_cidr']}{ipv6}"
             f" -o com.docker.network.bridge.name={o['bridge']}"
             f" -o com.docker.network.driver.mtu={o['mtu']}"
             " -o com.docker.network.bridge.enable_ip_masquerade=false overlay"
         )
     else:
+        ipv6 = f"--ipv6 --fixed-cidr-v6={o['fixed_cidr6']}" if dual else ""
         opts = f"--bridge={o['bridge']} --fixed-cidr={o['fixed_cidr']}"
         opts += f" --mtu={o['mtu']} --ip-masq=false"
+        opts += f" {ipv6}" if ipv6 else ""
         text = (
             f"DOCKER_OPT_BIP=\nDOCKER_OPT_BRIDGE=--bridge={o['bridge']}\n"
             f"DOCKER_OPT_FIXED_CIDR=--fixed-cidr={o['fixed_cidr']}\n"
             f"DOCKER_OPT_MTU=--mtu={o['mtu']}\nDOCKER_OPT_IPMASQ=--ip-masq=false\n"
-            f'{args.key}="{opts}"'
+            + (f'DOCKER_OPT_IPV6="{ipv6}"\n' if ipv6 else "")
+            + f'{args.key}="{opts}"'
         )
     if args.json:  # the derived options themselves, for scripts
         print(json.dumps(o, indent=2))
