@@ -284,13 +284,18 @@ class Agent:
         plan, which takes a new lease before the bridge has its subnet);
         unsettled while the two differ."""
         programmed = reconciler.programmed or Inputs.of(host)  # set by the first pass
+        ipv6 = programmed.config.ipv6
+        subnet6 = programmed.own.ipv6_subnet if ipv6 is not None else None
         return HostView(
             subnet=programmed.own.subnet,
             cluster=programmed.config.network,
             bridge=programmed.spec.bridge,
             mtu=programmed.spec.mtu,
             egress=programmed.egress.mode,
-            settled=programmed.own.subnet == host.own.subnet,
+            settled=(programmed.own.subnet, programmed.own.ipv6_subnet)
+            == (host.own.subnet, host.own.ipv6_subnet),
+            subnet6=subnet6,
+            cluster6=ipv6.network if ipv6 is not None and subnet6 is not None else None,
         )
 
     def _wire(
