@@ -27,12 +27,12 @@ even if the subnet file changed since. The bridge plugin also keeps
 duplicate address detection off in the container (`enabledad` false, see
 `delegate_configs`), so an IPv6 address is usable the moment ADD returns.
 
-Addresses on the overlay come from the lower half of the host's subnet, in
-each family (plan/ipam.container_ranges): the upper half is Docker's
-`--fixed-cidr` and `--fixed-cidr-v6` (`overlayctl docker-opts`), so that
-Docker's own IPAM and host-local never hand out the same address on one
-host. overlayd's Docker plugin allocates from this plugin's host-local
-store, so it shares the lower half safely.
+Addresses on the overlay come from one half of the host's subnet, in each
+family (plan/ipam.container_ranges: IPv4's lower half after the gateway,
+IPv6's upper half); the other half is Docker's own IPAM's
+(`overlayctl docker-opts`), so that Docker and host-local never hand out
+the same address on one host. overlayd's Docker plugin allocates from this
+plugin's host-local store, so it shares host-local's half safely.
 
 Network config keys (besides cniVersion, name, type):
     subnetFile    default /run/flannel/subnet.env
@@ -152,8 +152,8 @@ def _ipv6_stack(found: dict[str, str], subnet_file: Path) -> Stack | None:
 
 
 def _address_range(stack: Stack, whole_subnet: bool) -> dict[str, str]:
-    """host-local's range for one family: the lower half of the subnet after
-    the gateway (plan/ipam.container_ranges), or all of it."""
+    """host-local's range for one family: its half of the subnet
+    (plan/ipam.container_ranges), or all of it."""
     found = {"subnet": str(stack.gateway.network), "gateway": str(stack.gateway.ip)}
     if whole_subnet:
         return found

@@ -6,11 +6,16 @@ not all of it: overlay-cni's host-local (Podman, any CNI runtime, and
 overlayd's Docker plugin) hands out the lower half, so two allocators that
 keep separate books never give one address twice (plan/ipam.py).
 
-In a dual-stack network (FLANNEL_IPV6_SUBNET in the subnet file) the same
-holds for IPv6: `--ipv6 --fixed-cidr-v6=<upper half of the IPv6 subnet>`
-(dockerd 20.10's flags; daemon.json `ipv6`, `fixed-cidr-v6`), and the
-network-create form adds `--ipv6 --subnet <IPv6 subnet> --ip-range <upper
-half> --gateway <the bridge's IPv6 address>`."""
+In a dual-stack network (FLANNEL_IPV6_SUBNET in the subnet file) Docker
+gets the lower half of the IPv6 subnet and host-local the upper one
+(plan/ipam.ContainerRanges says why). dockerd 20.10's flags are
+`--ipv6 --fixed-cidr-v6=<the whole IPv6 subnet>` (daemon.json `ipv6`,
+`fixed-cidr-v6`): Docker then keeps overlayd's IPv6 gateway on the bridge
+and gives containers the subnet's prefix, with addresses made from their
+MACs in the subnet's lowest /80. An IPv6 subnet longer than /79 leaves no
+room for that: those two forms are refused, and the network-create form
+(`--ipv6 --subnet <IPv6 subnet> --gateway <the bridge's IPv6 address>
+--ip-range <the lower half>`) is the way."""
 
 from __future__ import annotations
 
@@ -28,23 +33,24 @@ from overlayd.surfaces.subnetfile import read_variables
 
 
 def _family_options(found: dict[str, str], variable: str, family: Family) -> dict[str, Any]:
-    """One family's subnet, Docker's upper half of it and the bridge's
-    address, from `variable` (gateway/len); all None when it is absent."""
+    """One family's subnet, Docker's part of it (`fixed_cidr` for dockerd,
+    `ip_range` for a network) and the bridge's address, from `variable`
+    (gateway/len); all None when it is absent."""
     suffix = "" if family == IPV4 else "6"
+    keys = [f"{key}{suffix}" for key in ("subnet", "fixed_cidr", "ip_range", "gateway")]
     text = found.get(variable)
     if not text:
-        return {f"subnet{suffix}": None, f"fixed_cidr{suffix}": None, f"gateway{suffix}": None}
+        return dict.fromkeys(keys)
     try:
         gateway = ip_interface(text)
         if gateway.version != family.version:
             raise ValueError(f"{text!r} is not an IPv{family.version} address/length")
-        fixed_cidr = container_ranges(gateway.network).docker_fixed_cidr
+        ranges = container_ranges(gateway.network)
     except ValueError as exc:
         raise OverlaydError(f"docker-opts: {variable}: {exc}") from exc
+    values = (gateway.network, ranges.docker_fixed_cidr, ranges.docker_ip_range, gateway.ip)
     return {
-        f"subnet{suffix}": str(gateway.network),
-        f"fixed_cidr{suffix}": str(fixed_cidr),
-        f"gateway{suffix}": str(gateway.ip),
+        key: None if value is None else str(value) for key, value in zip(keys, values, strict=True)
     }
 
 
@@ -78,6 +84,12 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     dual = o["subnet6"] is not None
+    if dual and o["fixed_cidr6"] is None and args.format != "network-create" and not args.json:
+        raise OverlaydError(
+            f"docker-opts: the IPv6 subnet {o['subnet6']} is longer than /79: dockerd's"
+            " default bridge would take IPv6 addresses all over it (from the containers'"
+            " MACs); use --format network-create"
+        )
     if args.format == "daemon-json":
         settings: dict[str, Any] = {
             "bridge": o["bridge"],
@@ -90,14 +102,13 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
         text = json.dumps(settings, indent=2)
     elif args.format == "network-create":
         ipv6 = (
-            f" --ipv6 --subnet {o['subnet6']} --gateway {o['gateway6']}"
-            f" --ip-range {o['fixed_cidr6']}"
+            f" --ipv6 --subnet {o['subnet6']} --gateway {o['gateway6']} --ip-range {o['ip_range6']}"
             if dual
             else ""
         )
         text = (
             f"docker network create --driver bridge --subnet {o['subnet']} --gateway"
-            f" {o['gateway']} --ip-range {o['fixed_cidr']}{ipv6}"
+            f" {o['gateway']} --ip-range {o['ip_range']}{ipv6}"
             f" -o com.docker.network.bridge.name={o['bridge']}"
             f" -o com.docker.network.driver.mtu={o['mtu']}"
             " -o com.docker.network.bridge.enable_ip_masquerade=false overlay"

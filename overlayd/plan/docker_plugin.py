@@ -38,8 +38,8 @@ changing the mode.
 Dual-stack (HostView.subnet6 set, and the network created with `--ipv6`):
 Docker asks for a second pool with V6 true and an IPv6 address per
 endpoint from it, and passes it in CreateEndpoint's Interface.AddressIPv6;
-host-local hands it out from the lower half of the IPv6 subnet, in the same
-store as the IPv4 ones (and overlay-cni's). Join then answers for both
+host-local hands it out from its half of the IPv6 subnet (the upper one,
+plan/ipam.py), in the same store as the IPv4 ones (and overlay-cni's). Join then answers for both
 families: GatewayIPv6 beside Gateway, or in gwbridge mode a second static
 route, the cluster's IPv6 network via the bridge's IPv6 address. Docker's
 docker_gwbridge is IPv4 only (libnetwork makes it with IPv6 off), so in

@@ -89,18 +89,34 @@ _Addr = TypeVar("_Addr", IPv4Address, IPv6Address)
 class ContainerRanges(Generic[_Net, _Addr]):
     """Who hands out which of a host's container addresses, in one family.
 
-    Docker's built-in IPAM (docker-opts: `--fixed-cidr`, `--fixed-cidr-v6`)
-    and CNI's host-local (overlay-cni, and overlayd's Docker plugin, which
-    shares host-local's store) each keep their own books, so they must never
-    draw from the same addresses: host-local takes the lower half of the
-    subnet (after the gateway), Docker the upper half. Every container still
-    gets the whole subnet as its prefix, so containers of both engines on one
-    host are on one link. The same split for IPv4 and IPv6."""
+    Docker's built-in IPAM (docker-opts, or `docker network create` on the
+    bridge) and CNI's host-local (overlay-cni, and overlayd's Docker plugin,
+    which shares host-local's store) each keep their own books, so they must
+    never draw from the same addresses: each takes one half of the subnet.
+    Every container still gets the whole subnet as its prefix, so containers
+    of both engines on one host are on one link.
+
+    IPv4: host-local the lower half (after the gateway), Docker the upper
+    half (`--fixed-cidr`, `--ip-range`). IPv6 the other way round, because
+    of how Docker 20.10 takes IPv6 addresses (measured, see docker_fixed_cidr):
+    host-local the upper half, Docker the lower one (`--ip-range`)."""
 
     subnet: _Net
     host_local_start: _Addr
     host_local_end: _Addr
-    docker_fixed_cidr: _Net
+    # `docker network create --ip-range`: Docker's half. (An IPv6 range
+    # reaching the last address of a /64 is refused by Docker 20.10 when a
+    # container starts: its /64 bitmap holds 2**64 - 1 addresses.)
+    docker_ip_range: _Net
+    # dockerd's `--fixed-cidr` / `--fixed-cidr-v6` for its default bridge.
+    # IPv4: Docker's half, carved from the bridge's subnet. IPv6: the whole
+    # subnet, since Docker 20.10 gives containers the prefix of
+    # --fixed-cidr-v6 and deletes every other global IPv6 address from the
+    # bridge (overlayd's gateway included) unless it lies inside; its
+    # addresses come from the containers' MACs, in the subnet's lowest /80,
+    # which is inside Docker's half for a /79 or shorter prefix. None for a
+    # longer IPv6 prefix: no safe value exists.
+    docker_fixed_cidr: _Net | None
 
 
 # The network name under which host-local keeps the overlay's reservations
@@ -110,6 +126,8 @@ HOST_LOCAL_STORE = "overlay"
 # A subnet must have at least this many host bits to be shared: 16
 # addresses, two halves of 8, the lower one keeps 5 (an IPv4 /28, an IPv6 /124).
 SHARED_HOST_BITS = 4
+# Docker 20.10 puts the container's MAC into an IPv6 address's last 48 bits.
+DOCKER_MAC_BITS = 48
 
 
 @overload
@@ -124,12 +142,19 @@ def container_ranges(subnet: IPv4Network | IPv6Network) -> ContainerRanges[Any, 
             f" (at most /{smallest})"
         )
     lower, upper = subnet.subnets(prefixlen_diff=1)
+    # The one difference between the families (see ContainerRanges).
+    docker, host_local = (upper, lower) if subnet.version == 4 else (lower, upper)
+    fixed_cidr: IPv4Network | IPv6Network | None = docker
+    if subnet.version == 6:
+        mac_space_fits = subnet.prefixlen < subnet.max_prefixlen - DOCKER_MAC_BITS
+        fixed_cidr = subnet if mac_space_fits else None
     return ContainerRanges(
         subnet=subnet,
-        # The network address, then the bridge's gateway; the lower half's
-        # last address (IPv4's broadcast address of that half) is an
+        # Never the network address or the bridge's gateway; the last
+        # address of a half (IPv4's broadcast address of that half) is an
         # ordinary host address of the subnet.
-        host_local_start=gateway_address(subnet) + 1,
-        host_local_end=lower.broadcast_address,
-        docker_fixed_cidr=upper,
+        host_local_start=max(host_local.network_address, gateway_address(subnet) + 1),
+        host_local_end=host_local.broadcast_address,
+        docker_ip_range=docker,
+        docker_fixed_cidr=fixed_cidr,
     )

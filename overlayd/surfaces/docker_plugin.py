@@ -6,8 +6,8 @@ remote IPAM driver, on a unix socket where dockerd looks for plugins
 containers an address of this host's leased subnet on overlayd's bridge.
 
 - Addresses come from CNI's standard host-local plugin, with the very store
-  and range overlay-cni uses (dataDir/ipam, network "overlay", the lower
-  half of the subnet), so podman and Docker containers on one host never get
+  and range overlay-cni uses (dataDir/ipam, network "overlay", host-local's
+  half of the subnet, plan/ipam.py), so podman and Docker containers on one host never get
   the same address. Each address is taken under a container ID of its own
   (`docker-<random>`), kept in this plugin's records, so a release frees
   exactly that address. Docker asks for an IPv6 address separately, from
@@ -665,8 +665,8 @@ class DockerPlugin:
     async def _request_address(self, raw: dict[str, Any]) -> dict[str, Any]:
         view = self.view()
         req = plan.request_address(raw, view)
-        if req.gateway:
-            return plan.address_answer(view.gateway, req.subnet)
+        if req.gateway and req.address is not None:  # the bridge's address of that family
+            return plan.address_answer(req.address, req.subnet)
         # One family's range only: host-local gives an address from each range.
         conf = self._host_local_conf(view, [req.subnet])
         if req.address is not None:

@@ -105,7 +105,7 @@ def test_docker_and_podman_on_one_host_take_their_own_halves(lab: Lab) -> None:
     assert p.address is not None and d.address is not None
     assert p.address != d.address
     assert ranges.host_local_start <= p.address <= ranges.host_local_end
-    assert d.address in ranges.docker_fixed_cidr
+    assert d.address in ranges.docker_ip_range
     assert fetch(lab.podman(1), "sp", d.address) == "sd\n"
     assert fetch(lab.docker(1), "sd", p.address) == "sp\n"
 

@@ -99,25 +99,25 @@ def test_a_dual_stack_container_gets_both_addresses_and_its_mode_s_routes(
     conf = config(tmp_path, mode)
     result = invoke_cni(netns, "ADD", container, conf) or {}
 
-    # Both addresses in the result, on eth0, from host-local's lower halves.
+    # Both addresses in the result, on eth0, from host-local's halves (IPv6: the upper).
     names = [i["name"] for i in result["interfaces"]]
     on_eth0 = [ip["address"] for ip in result["ips"] if names[ip["interface"]] == "eth0"]
-    assert on_eth0 == ["10.244.7.2/24", "fd00:10:244:7::2/64"], result
+    assert on_eth0 == ["10.244.7.2/24", "fd00:10:244:7:8000::/64"], result
     # Usable at once: the IPv6 address is not tentative when ADD returns,
     # and a ping bound to it goes out and comes back.
     v6 = addresses(container, "eth0", "-6")
-    assert [a["local"] for a in v6] == ["fd00:10:244:7::2"]  # it is there...
+    assert [a["local"] for a in v6] == ["fd00:10:244:7:8000::"]  # it is there...
     assert not any(a.get("tentative") for a in v6), v6  # ...and not tentative
     dad = lab_netns.in_ns(container, "sysctl", "-n", "net.ipv6.conf.eth0.accept_dad")
     assert dad.strip() == "0"
-    assert pings_from(container, "fd00:10:244:7::2", GATEWAY6)
+    assert pings_from(container, "fd00:10:244:7:8000::", GATEWAY6)
     assert pings_from(container, "10.244.7.2", GATEWAY4)
     # Control: an address added with DAD (on the host's bridge, which does
     # it) is seen tentative by the same check, and a ping cannot use it.
     lab_netns.ip(netns, "addr", "add", "fd00:10:244:7::99/64", "dev", "ovl0")
     added = [a for a in addresses(netns, "ovl0", "-6") if a["local"] == "fd00:10:244:7::99"]
     assert added and added[0].get("tentative"), added
-    assert not pings_from(netns, "fd00:10:244:7::99", "fd00:10:244:7::2")
+    assert not pings_from(netns, "fd00:10:244:7::99", "fd00:10:244:7:8000::")
     lab_netns.ip(netns, "addr", "del", "fd00:10:244:7::99/64", "dev", "ovl0")
 
     v4_routes, v6_routes = routes(container, "-4"), routes(container, "-6")
@@ -136,13 +136,13 @@ def test_a_dual_stack_container_gets_both_addresses_and_its_mode_s_routes(
 
     # CHECK agrees with what ADD made, for both families.
     assert invoke_cni(netns, "CHECK", container, {**conf, "prevResult": result}) is None
-    lab_netns.ip(container, "-6", "addr", "del", "fd00:10:244:7::2/64", "dev", "eth0")
-    with pytest.raises(LabCommandError, match="fd00:10:244:7::2"):
+    lab_netns.ip(container, "-6", "addr", "del", "fd00:10:244:7:8000::/64", "dev", "eth0")
+    with pytest.raises(LabCommandError, match="fd00:10:244:7:8000::"):
         invoke_cni(netns, "CHECK", container, {**conf, "prevResult": result})
 
     # DEL gives both addresses back to host-local's one store.
     store = tmp_path / "cni" / "ipam" / "overlay"
-    assert {"10.244.7.2", "fd00:10:244:7::2"} <= {p.name for p in store.iterdir()}
+    assert {"10.244.7.2", "fd00:10:244:7:8000::"} <= {p.name for p in store.iterdir()}
     assert invoke_cni(netns, "DEL", container, conf) is None
-    assert not {"10.244.7.2", "fd00:10:244:7::2"} & {p.name for p in store.iterdir()}
+    assert not {"10.244.7.2", "fd00:10:244:7:8000::"} & {p.name for p in store.iterdir()}
     assert lab_netns.ip(container, "-br", "link").split()[0] == "lo"

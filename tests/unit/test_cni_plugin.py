@@ -36,8 +36,9 @@ V4_RANGE = {
 V6_RANGE = {
     "subnet": "fd00:10:244:7::/64",
     "gateway": "fd00:10:244:7::1",
-    "rangeStart": "fd00:10:244:7::2",
-    "rangeEnd": "fd00:10:244:7:7fff:ffff:ffff:ffff",  # the lower half, as for IPv4
+    # The upper half: Docker's IPv6 addresses are in the lower one (plan/ipam.py).
+    "rangeStart": "fd00:10:244:7:8000::",
+    "rangeEnd": "fd00:10:244:7:ffff:ffff:ffff:ffff",
 }
 
 

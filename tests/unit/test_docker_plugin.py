@@ -14,6 +14,7 @@ from ipaddress import (
     IPv6Address,
     IPv6Interface,
     IPv6Network,
+    ip_address,
     ip_network,
 )
 from pathlib import Path
@@ -419,13 +420,11 @@ class FakeCni:
         if (plugin, command) in self.fail:
             return False, {"msg": f"{plugin} {command} failed"}, ""
         if plugin == "host-local" and command == "ADD":
-            # From the first range, of either family, as host-local would.
-            subnet = ip_network(conf["ipam"]["ranges"][0][0]["subnet"])
-            address = next(
-                subnet.network_address + n
-                for n in range(2, 120)
-                if subnet.network_address + n not in self.store
-            )
+            # The first free address of the first range, of either family.
+            first = conf["ipam"]["ranges"][0][0]
+            subnet = ip_network(first["subnet"])
+            start = ip_address(first.get("rangeStart", subnet.network_address + 2))
+            address = next(start + n for n in range(120) if start + n not in self.store)
             self.store[address] = container_id
             self.reserved.set()
             if self.hold is not None:
@@ -1006,12 +1005,12 @@ def test_dual_stack_ipam_hands_out_ipv6_from_the_lower_half() -> None:
     assert gateway.gateway and gateway.address == IPv6Address("fd00:10:244:3::1")
     plain = plan.request_address({"PoolID": pool}, view6())
     assert plain.subnet == SUBNET6 and plain.address is None
-    last = "fd00:10:244:3:7fff:ffff:ffff:ffff"  # host-local's half ends here
+    last = "fd00:10:244:3:ffff:ffff:ffff:ffff"  # host-local has the upper half
     assert plan.request_address({"PoolID": pool, "Address": last}, view6()).address == (
         IPv6Address(last)
     )
     for address, text in (
-        ("fd00:10:244:3:8000::5", "outside host-local's range"),  # Docker's half
+        ("fd00:10:244:3::5", "outside host-local's range"),  # Docker's half
         ("fd00:10:244:9::5", "outside this host's subnet"),
         ("10.244.3.5", "not an IPv6 address"),
     ):
@@ -1032,7 +1031,7 @@ def test_dual_stack_ipam_hands_out_ipv6_from_the_lower_half() -> None:
         [
             {
                 "subnet": str(SUBNET6),
-                "rangeStart": "fd00:10:244:3::2",
+                "rangeStart": "fd00:10:244:3:8000::",
                 "rangeEnd": last,
                 "gateway": "fd00:10:244:3::1",
             }
@@ -1072,6 +1071,16 @@ async def test_dual_stack_docker_flow_through_the_server(tmp_path: Any) -> None:
         status, answer = await call(plugin, "IpamDriver.RequestPool", {"Pool": "", "V6": v6})
         assert status == 200
         pools[v6] = answer["PoolID"]
+        # libnetwork asks each pool for its gateway: the bridge's address of that family.
+        gateway = {
+            "PoolID": answer["PoolID"],
+            "Options": {"RequestAddressType": plan.GATEWAY_REQUEST},
+        }
+        status, answer = await call(plugin, "IpamDriver.RequestAddress", gateway)
+        assert (status, answer["Address"]) == (
+            200,
+            "fd00:10:244:3::1/64" if v6 else "10.244.3.1/24",
+        )
     assert await call(plugin, "NetworkDriver.CreateNetwork", network_request6()) == (200, {})
     addresses = {}
     for v6, pool in pools.items():
@@ -1080,10 +1089,10 @@ async def test_dual_stack_docker_flow_through_the_server(tmp_path: Any) -> None:
         addresses[v6] = answer["Address"]
         # host-local got this family's range alone: one address per request.
         assert len(cni.confs[-1]["ipam"]["ranges"]) == 1
-    assert addresses == {False: "10.244.3.2/24", True: "fd00:10:244:3::2/64"}
+    assert addresses == {False: "10.244.3.2/24", True: "fd00:10:244:3:8000::/64"}
     assert set(plugin.records.addresses) == {
         IPv4Address("10.244.3.2"),
-        IPv6Address("fd00:10:244:3::2"),
+        IPv6Address("fd00:10:244:3:8000::"),
     }
     request = endpoint_request(addresses[False], AddressIPv6=addresses[True])
     assert await call(plugin, "NetworkDriver.CreateEndpoint", request) == (
@@ -1096,7 +1105,7 @@ async def test_dual_stack_docker_flow_through_the_server(tmp_path: Any) -> None:
     )
     assert status == 200 and answer["GatewayIPv6"] == "fd00:10:244:3::1"
     status, info = await call(plugin, "NetworkDriver.EndpointOperInfo", ids)
-    assert info["Value"]["address6"] == "fd00:10:244:3::2/64"
+    assert info["Value"]["address6"] == "fd00:10:244:3:8000::/64"
     ports = {plan.PORTMAP_OPTION: [{"Proto": 6, "Port": 80, "HostPort": 8080}]}
     status, _ = await call(
         plugin, "NetworkDriver.ProgramExternalConnectivity", {**ids, "Options": ports}
@@ -1105,7 +1114,7 @@ async def test_dual_stack_docker_flow_through_the_server(tmp_path: Any) -> None:
     portmap = [c for c in cni.confs if c.get("type") == "portmap"][-1]
     assert [ip["address"] for ip in portmap["prevResult"]["ips"]] == [
         "10.244.3.2/24",
-        "fd00:10:244:3::2/64",
+        "fd00:10:244:3:8000::/64",
     ]
     # Both released by their container IDs; the records survive a restart meanwhile.
     again = make_plugin(tmp_path, view6, cni=cni)
@@ -1152,24 +1161,24 @@ async def test_real_host_local_keeps_one_store_for_overlay_cni_and_the_plugin_in
     ipam = {"cniVersion": "1.0.0", "name": bridge["name"], "ipam": bridge["ipam"]}
     ok, result, raw = await runner("host-local", "ADD", ipam, container_id="pod1", netns=HOST_NETNS)
     assert ok, raw
-    assert [ip["address"] for ip in result["ips"]] == ["10.244.3.2/24", "fd00:10:244:3::2/64"]
+    assert [ip["address"] for ip in result["ips"]] == ["10.244.3.2/24", "fd00:10:244:3:8000::/64"]
 
     v4 = await plugin._request_address({"PoolID": view6().pool_id})
     v6 = await plugin._request_address({"PoolID": view6().pool_id6})
-    assert (v4["Address"], v6["Address"]) == ("10.244.3.3/24", "fd00:10:244:3::3/64")
+    assert (v4["Address"], v6["Address"]) == ("10.244.3.3/24", "fd00:10:244:3:8000::1/64")
     store = plugin.settings.host_local_store
-    assert {"10.244.3.2", "fd00:10:244:3::2", "10.244.3.3", "fd00:10:244:3::3"} <= {
+    assert {"10.244.3.2", "fd00:10:244:3:8000::", "10.244.3.3", "fd00:10:244:3:8000::1"} <= {
         p.name for p in store.iterdir()
     }
     found = plugin._reservations()
-    assert found[IPv6Address("fd00:10:244:3::2")] == "pod1"
-    assert found[IPv6Address("fd00:10:244:3::3")].startswith(plan.CONTAINER_ID_PREFIX)
+    assert found[IPv6Address("fd00:10:244:3:8000::")] == "pod1"
+    assert found[IPv6Address("fd00:10:244:3:8000::1")].startswith(plan.CONTAINER_ID_PREFIX)
 
     # A released IPv6 address leaves the store; the podman container's stays.
-    release = {"PoolID": view6().pool_id6, "Address": "fd00:10:244:3::3"}
+    release = {"PoolID": view6().pool_id6, "Address": "fd00:10:244:3:8000::1"}
     assert await plugin._release_address(release) == {}
     names = {p.name for p in store.iterdir()}
-    assert "fd00:10:244:3::3" not in names and "fd00:10:244:3::2" in names
+    assert "fd00:10:244:3:8000::1" not in names and "fd00:10:244:3:8000::" in names
     assert "10.244.3.3" in names  # positive control: the plugin's IPv4 one is kept
 
     # An IPv6 reservation of the plugin's that no record holds is released
@@ -1180,4 +1189,4 @@ async def test_real_host_local_keeps_one_store_for_overlay_cni_and_the_plugin_in
     plugin._save()
     await make_plugin(tmp_path, view6, cni=runner).start()
     names = {p.name for p in store.iterdir()}
-    assert str(lost) not in names and {"10.244.3.3", "fd00:10:244:3::2"} <= names
+    assert str(lost) not in names and {"10.244.3.3", "fd00:10:244:3:8000::"} <= names
