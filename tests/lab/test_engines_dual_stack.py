@@ -32,7 +32,7 @@ from overlayd.lab.lab import STATE_ROOT
 from overlayd.nsexec import netns_argv
 from overlayd.plan.ipam import container_ranges
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, unique_name, wait_until
-from tests.lab.probes import SLEEP
+from tests.lab.probes import SLEEP, serve
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -104,6 +104,23 @@ def routes(engine: Engine, name: str, family: str) -> set[str]:
         if "via" in words:
             found.add(" ".join(words[: words.index("dev") + 2]))
     return found
+
+
+def host_get(ns: str, url: str) -> str | None:
+    """The page `url` gives a client in the host's namespace (retried: the
+    port is published a moment after the container starts)."""
+    body: str | None = None
+
+    def answered() -> bool:
+        nonlocal body
+        proc = subprocess.run(
+            netns_argv(ns, "curl", "-sf", "-m", "3", url), capture_output=True, text=True
+        )
+        body = proc.stdout if proc.returncode == 0 else None
+        return body is not None
+
+    wait_until(answered, timeout=CONVERGE, step=0.2)
+    return body
 
 
 def pings(engine: Engine, name: str, target: IPv4Address | IPv6Address | str) -> bool:
@@ -193,7 +210,9 @@ def test_the_docker_plugin_gives_both_addresses_and_the_modes_routes(
     )
     name = f"x6{egress[:4]}"
     try:
-        docker.run(name, SLEEP, extra=["--network", network])
+        # A page on port 80, published on the host's 8080 (masquerade mode:
+        # the plugin's portmap; gwbridge mode: Docker's own, on docker_gwbridge).
+        docker.run(name, serve(name), publish=["8080:80"], extra=["--network", network])
         settings = json.loads(docker.cli("inspect", name))[0]["NetworkSettings"]["Networks"]
         ours = settings[network]
         v4, v6 = IPv4Address(ours["IPAddress"]), IPv6Address(ours["GlobalIPv6Address"])
@@ -207,6 +226,9 @@ def test_the_docker_plugin_gives_both_addresses_and_the_modes_routes(
         if egress == "masquerade":
             assert routes(docker, name, "-4") == {f"default via {GATEWAY} dev eth0"}
             assert routes(docker, name, "-6") == {f"default via {GATEWAY6} dev eth0"}
+            # portmap got both addresses: the published port answers on both families.
+            for url in (f"http://{GATEWAY}:8080/", f"http://[{GATEWAY6}]:8080/"):
+                assert host_get(host.ns, url) == f"{name}\n", url
         else:
             # The cluster networks over the overlay; the IPv4 default route
             # through Docker's docker_gwbridge (eth1), which has no IPv6.
