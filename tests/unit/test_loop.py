@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from overlayd.model import (
     EntrySet,
     Family,
     IPAddress,
+    Ipv6Config,
     Lease,
     LinkFacts,
     Observed,
@@ -432,6 +433,43 @@ async def test_the_docker_plugin_sees_the_programmed_subnet_not_the_planned_one(
     assert (await loop.reconcile_once()).ok
     view = Agent._plugin_view(inputs, loop)
     assert view.subnet == IPv4Network("10.244.7.0/24") and view.settled
+
+
+async def test_the_docker_plugin_sees_the_programmed_ipv6_subnet_too() -> None:
+    from overlayd.daemon.agent import Agent
+
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    v6 = Ipv6Config(
+        IPv6Network("fd00:10:244::/48"),
+        64,
+        IPv6Address("fd00:10:244:1::"),
+        IPv6Address("fd00:10:244:ffff::"),
+    )
+    inputs.config = replace(CONFIG, ipv6=v6)
+    inputs.own = replace(
+        OWN,
+        ipv6_subnet=IPv6Network("fd00:10:244:1::/64"),
+        public_ipv6=IPv6Address("2001:db8::11"),
+        vtep_mac_v6="02:00:00:00:00:61",
+    )
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (inputs.own.ipv6_subnet, v6.network)
+    assert view.settled  # positive control
+    # Only the IPv6 half of the lease moves: unsettled until a pass programs it.
+    inputs.own = replace(inputs.own, ipv6_subnet=IPv6Network("fd00:10:244:7::/64"))
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == IPv6Network("fd00:10:244:1::/64") and not view.settled
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == IPv6Network("fd00:10:244:7::/64") and view.settled
+    # An IPv4-only network: no IPv6 in the view, whatever the lease says.
+    inputs.config = CONFIG
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (None, None)
 
 
 async def test_the_subnet_file_names_a_new_lease_only_after_the_pass_that_programmed_it(
