@@ -224,13 +224,6 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
             "isGateway": False,
             "isDefaultGateway": False,
             "ipMasq": False,
-            # No duplicate address detection in the container (the bridge
-            # plugin's default, spelled out): host-local's store is the one
-            # authority for its half of the subnet, and with DAD an IPv6
-            # address stays tentative, unusable as a source, for about a
-            # second, which the bridge plugin waits out (ADD took 2.1 s
-            # instead of 0.07 s here).
-            "enabledad": False,
             "ipam": {
                 "type": "host-local",
                 "dataDir": str(data_dir / "ipam"),
@@ -241,6 +234,14 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         }
         if mtu is not None:
             delegate["mtu"] = mtu
+        if len(ranges) > 1:
+            # No duplicate address detection in the container (the bridge
+            # plugin's default, spelled out where IPv6 is): host-local's
+            # store is the one authority for its half of the subnet, and
+            # with DAD an IPv6 address stays tentative, unusable as a
+            # source, for a second or two, which the bridge plugin waits
+            # out (ADD took 2.1 s instead of 0.07 s here).
+            delegate["enabledad"] = False
         return delegate
 
     # eth0: the cluster routes in gwbridge mode (the default routes go by

@@ -218,7 +218,9 @@ def test_an_ipv4_only_file_gets_ipv4_only_delegates(tmp_path: Path) -> None:
     """The IPv6 variables are what adds IPv6: without them nothing of it
     appears (a gwbridge IPv6 subnet alone adds nothing either)."""
     for env in (MASQUERADE, GWBRIDGE, GWBRIDGE + V6_GWBRIDGE):
-        assert all(f == ({4}, {4}) for f in families(delegate_configs(conf(tmp_path, env), "eth0")))
+        v4_only = delegate_configs(conf(tmp_path, env), "eth0")
+        assert all(f == ({4}, {4}) for f in families(v4_only))
+        assert not any("enabledad" in d for _, d in v4_only)  # the delegates of before
         # Positive control: the same file, dual-stack.
         dual = families(delegate_configs(conf(tmp_path, env + V6), "eth0"))
         assert dual[0] == ({4, 6}, {4, 6})
