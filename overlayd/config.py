@@ -13,13 +13,26 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    NetmaskValueError,
+)
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from overlayd.errors import ConfigError
-from overlayd.model import DEFAULT_VNI, DEFAULT_VXLAN_PORT, BackendConfig, NetworkConfig
+from overlayd.model import (
+    DEFAULT_VNI,
+    DEFAULT_VXLAN_PORT,
+    BackendConfig,
+    Ipv6Config,
+    NetworkConfig,
+)
 from overlayd.store.access import EtcdAccess
 
 SUPPORTED_BACKENDS = ("vxlan", "host-gw")
@@ -83,6 +96,87 @@ def parse_backend(raw: Any) -> BackendConfig:
     return BackendConfig(type=backend_type, vni=vni, port=port, mtu=mtu, direct_routing=direct)
 
 
+def _bool_field(raw: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+# flannel's rule: a host needs room for a bridge and a tunnel address.
+MAX_IPV6_SUBNET_LEN = 126
+DEFAULT_IPV6_SUBNET_LEN = 64
+
+
+def parse_ipv6(raw: Mapping[str, Any]) -> Ipv6Config | None:
+    """The IPv6 half of a dual-stack config (flannel's field names and
+    defaults), or None when `EnableIPv6` is not true."""
+    if not _bool_field(raw, "EnableIPv4", True):
+        # flannel's etcd mode cannot run IPv6-only either; every host still
+        # needs an IPv4 lease key to hang the IPv6 subnet on.
+        raise ConfigError("EnableIPv4", "false (IPv6-only) is not supported: keep IPv4 enabled")
+    if not _bool_field(raw, "EnableIPv6", False):
+        return None
+    text = raw.get("IPv6Network")
+    if not isinstance(text, str) or not text:
+        raise ConfigError(
+            "IPv6Network",
+            "is required with EnableIPv6 and must be an IPv6 CIDR such as fd00:10:244::/56",
+        )
+    try:
+        network = IPv6Network(text, strict=True)
+    except (AddressValueError, NetmaskValueError, ValueError) as exc:
+        raise ConfigError("IPv6Network", f"{text!r} is not an IPv6 network: {exc}") from exc
+    if network.is_multicast or network.is_link_local or network.is_loopback:
+        raise ConfigError("IPv6Network", f"{network} is not a unicast range containers can use")
+    subnet_len = _int_field(raw, "IPv6SubnetLen", "IPv6SubnetLen", 0) or 0
+    if subnet_len:
+        if subnet_len > MAX_IPV6_SUBNET_LEN:
+            raise ConfigError(
+                "IPv6SubnetLen", f"must be at most {MAX_IPV6_SUBNET_LEN}, got {subnet_len}"
+            )
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(
+                "IPv6SubnetLen",
+                f"/{subnet_len} leaves fewer than four subnets in {network}"
+                f" (use /{network.prefixlen + 2} or longer)",
+            )
+    elif network.prefixlen > DEFAULT_IPV6_SUBNET_LEN - 2:
+        raise ConfigError(
+            "IPv6Network",
+            f"{network} is too small for the default IPv6SubnetLen /{DEFAULT_IPV6_SUBNET_LEN}"
+            f" (use a /{DEFAULT_IPV6_SUBNET_LEN - 2} or larger, or set IPv6SubnetLen)",
+        )
+    else:
+        subnet_len = DEFAULT_IPV6_SUBNET_LEN
+    size = 1 << (128 - subnet_len)
+    first = int(network.network_address)
+    last_subnet = first + network.num_addresses - size
+    bounds: dict[str, IPv6Address] = {}
+    for name, default in (("IPv6SubnetMin", first + size), ("IPv6SubnetMax", last_subnet)):
+        value = raw.get(name)
+        if value is None:
+            bounds[name] = IPv6Address(default)
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be an IPv6 address string, got {json.dumps(value)}")
+        try:
+            address = IPv6Address(value)
+        except AddressValueError as exc:
+            raise ConfigError(name, f"{value!r} is not an IPv6 address") from exc
+        if address not in network:
+            raise ConfigError(name, f"{address} is not in IPv6Network {network}")
+        if int(address) % size:
+            raise ConfigError(name, f"{address} is not on a /{subnet_len} boundary")
+        bounds[name] = address
+    if bounds["IPv6SubnetMin"] > bounds["IPv6SubnetMax"]:
+        raise ConfigError(
+            "IPv6SubnetMin",
+            f"{bounds['IPv6SubnetMin']} is above IPv6SubnetMax {bounds['IPv6SubnetMax']}",
+        )
+    return Ipv6Config(network, subnet_len, bounds["IPv6SubnetMin"], bounds["IPv6SubnetMax"])
+
+
 def parse_network_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate `<prefix>/config` with flannel's rules and defaults."""
     try:
@@ -139,6 +233,7 @@ def parse_network_config(text: str | bytes) -> NetworkConfig:
         subnet_min=subnet_min,
         subnet_max=subnet_max,
         backend=parse_backend(raw.get("Backend")),
+        ipv6=parse_ipv6(raw),
     )
 
 
@@ -153,15 +248,21 @@ def render_network_config(config: NetworkConfig) -> str:
         backend["MTU"] = config.backend.mtu
     if config.backend.direct_routing:
         backend["DirectRouting"] = True
-    return json.dumps(
-        {
-            "Network": str(config.network),
-            "SubnetLen": config.subnet_len,
-            "SubnetMin": str(config.subnet_min),
-            "SubnetMax": str(config.subnet_max),
-            "Backend": backend,
+    rendered: dict[str, Any] = {
+        "Network": str(config.network),
+        "SubnetLen": config.subnet_len,
+        "SubnetMin": str(config.subnet_min),
+        "SubnetMax": str(config.subnet_max),
+    }
+    if config.ipv6 is not None:
+        rendered |= {
+            "EnableIPv6": True,
+            "IPv6Network": str(config.ipv6.network),
+            "IPv6SubnetLen": config.ipv6.subnet_len,
+            "IPv6SubnetMin": str(config.ipv6.subnet_min),
+            "IPv6SubnetMax": str(config.ipv6.subnet_max),
         }
-    )
+    return json.dumps(rendered | {"Backend": backend})
 
 
 # --- the agent's own settings -------------------------------------------------
@@ -208,6 +309,8 @@ class AgentConfig:
     overlayd_prefix: str = DEFAULT_OVERLAYD_PREFIX
     iface: str | None = None
     public_ip: IPv4Address | None = None
+    # None: the underlay interface's first global IPv6 address, if any.
+    public_ipv6: IPv6Address | None = None
     subnet_file: Path = DEFAULT_SUBNET_FILE
     bridge: str = DEFAULT_BRIDGE
     lease_ttl: int = DEFAULT_LEASE_TTL
@@ -217,6 +320,9 @@ class AgentConfig:
     egress: str = DEFAULT_EGRESS
     gwbridge: str = DEFAULT_GWBRIDGE
     gwbridge_subnet: IPv4Network | None = None  # None: the first free of GWBRIDGE_CANDIDATES
+    # The gwbridge's IPv6 subnet when the cluster has IPv6; None: the first
+    # free of GWBRIDGE_CANDIDATES6 (a ULA /64).
+    gwbridge_subnet6: IPv6Network | None = None
     vxlan_filter: bool = True  # accept VXLAN only from current peers
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     metrics_address: tuple[str, int] | None = ("127.0.0.1", 9469)  # None: off
@@ -259,6 +365,7 @@ AGENT_SETTINGS = (
     "overlayd-prefix",
     "iface",
     "public-ip",
+    "public-ipv6",
     "subnet-file",
     "bridge",
     "lease-ttl",
@@ -268,6 +375,7 @@ AGENT_SETTINGS = (
     "egress",
     "gwbridge",
     "gwbridge-subnet",
+    "gwbridge-subnet6",
     "vxlan-filter",
     "control-socket",
     "metrics-address",
@@ -476,6 +584,32 @@ def _absolute_path(value: Any, field: str) -> Path:
     return path
 
 
+# The longest prefix of a gwbridge subnet, by IP version: room for the
+# gateway and at least one container.
+GWBRIDGE_LONGEST_PREFIX = {4: 30, 6: 126}
+
+
+_Subnet = TypeVar("_Subnet", IPv4Network, IPv6Network)
+
+
+def _gwbridge_subnet(value: Any, setting: str, kind: type[_Subnet]) -> _Subnet | None:
+    """A gwbridge subnet of one IP version (`kind`), as a network address
+    with its prefix; None when not set."""
+    if value is None:
+        return None
+    try:
+        subnet = kind(str(value).strip(), strict=True)
+    except ValueError as exc:
+        version = 4 if kind is IPv4Network else 6
+        raise ConfigError(setting, f"{value!r} is not an IPv{version} network: {exc}") from exc
+    longest = GWBRIDGE_LONGEST_PREFIX[subnet.version]
+    if subnet.prefixlen > longest:
+        raise ConfigError(setting, f"{subnet} is too small (at most /{longest})")
+    if subnet.is_multicast or subnet.is_link_local or subnet.is_loopback:
+        raise ConfigError(setting, f"{subnet} is not a unicast network a bridge can route for")
+    return subnet
+
+
 def _lease_ttl(value: Any) -> int:
     ttl: int = _positive_number(value, "lease-ttl", int)
     # Renewal runs every third of the TTL; below a few seconds one slow etcd
@@ -508,6 +642,22 @@ def build_agent_config(
         if parsed_ip.is_loopback or parsed_ip.is_multicast or parsed_ip.is_unspecified:
             raise ConfigError("public-ip", f"{parsed_ip} cannot carry tunnel traffic")
 
+    public_ipv6 = merged.get("public-ipv6")
+    parsed_ipv6: IPv6Address | None = None
+    if public_ipv6 is not None:
+        try:
+            parsed_ipv6 = IPv6Address(str(public_ipv6))
+        except AddressValueError as exc:
+            raise ConfigError("public-ipv6", f"{public_ipv6!r} is not an IPv6 address") from exc
+        if (
+            parsed_ipv6.is_loopback
+            or parsed_ipv6.is_multicast
+            or parsed_ipv6.is_unspecified
+            or parsed_ipv6.is_link_local
+            or parsed_ipv6.ipv4_mapped is not None
+        ):
+            raise ConfigError("public-ipv6", f"{parsed_ipv6} cannot carry tunnel traffic")
+
     prefix = _prefix(merged.get("etcd-prefix", defaults.etcd_prefix), "etcd-prefix")
     own_prefix = _prefix(merged.get("overlayd-prefix", defaults.overlayd_prefix), "overlayd-prefix")
     # flannel hosts must never see overlayd's keys, and overlayd must never
@@ -524,15 +674,8 @@ def build_agent_config(
     egress = str(merged.get("egress", defaults.egress))
     if egress not in EGRESS_MODES:
         raise ConfigError("egress", f"{egress!r} is not one of {', '.join(EGRESS_MODES)}")
-    gw_subnet_text = merged.get("gwbridge-subnet")
-    gw_subnet: IPv4Network | None = None
-    if gw_subnet_text is not None:
-        try:
-            gw_subnet = IPv4Network(str(gw_subnet_text), strict=True)
-        except ValueError as exc:
-            raise ConfigError("gwbridge-subnet", f"{gw_subnet_text!r}: {exc}") from exc
-        if gw_subnet.prefixlen > 30:
-            raise ConfigError("gwbridge-subnet", f"{gw_subnet} is too small (at most /30)")
+    gw_subnet = _gwbridge_subnet(merged.get("gwbridge-subnet"), "gwbridge-subnet", IPv4Network)
+    gw_subnet6 = _gwbridge_subnet(merged.get("gwbridge-subnet6"), "gwbridge-subnet6", IPv6Network)
 
     log_format = str(merged.get("log-format", defaults.log_format)).lower()
     if log_format not in LOG_FORMATS:
@@ -547,6 +690,7 @@ def build_agent_config(
         overlayd_prefix=own_prefix,
         iface=None if iface is None else str(iface),
         public_ip=parsed_ip,
+        public_ipv6=parsed_ipv6,
         subnet_file=Path(str(merged.get("subnet-file", defaults.subnet_file))),
         bridge=_ifname(merged.get("bridge", defaults.bridge), "bridge"),
         lease_ttl=_lease_ttl(merged.get("lease-ttl", defaults.lease_ttl)),
@@ -562,6 +706,7 @@ def build_agent_config(
         egress=egress,
         gwbridge=_ifname(merged.get("gwbridge", defaults.gwbridge), "gwbridge"),
         gwbridge_subnet=gw_subnet,
+        gwbridge_subnet6=gw_subnet6,
         vxlan_filter=_on_off(merged.get("vxlan-filter", "on"), "vxlan-filter"),
         control_socket=Path(str(merged.get("control-socket", defaults.control_socket))),
         metrics_address=_metrics_address(merged.get("metrics-address", DEFAULT_METRICS_ADDRESS)),

@@ -19,7 +19,7 @@ from ipaddress import (
     IPv6Network,
     ip_network,
 )
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_VNI = 1
 # Linux's historical VXLAN port, which flannel uses by default on Linux.
@@ -114,6 +114,49 @@ class Lease:
     @property
     def has_ipv6(self) -> bool:
         return self.ipv6_subnet is not None and self.public_ipv6 is not None
+
+
+class Peer(Protocol):
+    """A peer as one address family's data plane sees it: its subnet, the
+    address its tunnel goes to, and its VTEP. A `Lease` is the IPv4 view of
+    itself; `FamilyPeer` is the IPv6 view of a dual-stack lease."""
+
+    @property
+    def subnet(self) -> IPNetwork: ...
+
+    @property
+    def public_ip(self) -> IPAddress: ...
+
+    @property
+    def vni(self) -> int: ...
+
+    @property
+    def vtep_mac(self) -> str: ...
+
+    @property
+    def backend_type(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyPeer:
+    """The IPv6 half of a peer's dual-stack lease, shaped like a lease so
+    that the same plan serves both families."""
+
+    subnet: IPv6Network
+    public_ip: IPv6Address
+    vni: int
+    vtep_mac: str
+    backend_type: str
+    key: str  # the lease's etcd key, for warnings
+
+
+def ipv6_view(lease: Lease, key: str) -> FamilyPeer | None:
+    """The peer as the IPv6 data plane sees it; None for a v4-only lease."""
+    if lease.ipv6_subnet is None or lease.public_ipv6 is None:
+        return None
+    return FamilyPeer(
+        lease.ipv6_subnet, lease.public_ipv6, lease.vni, lease.vtep_mac_v6, lease.backend_type, key
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +352,22 @@ class EntrySet:
     def __len__(self) -> int:
         return len(self.routes) + len(self.neighbours) + len(self.tunnel_fdb) + len(self.bridge_fdb)
 
+    def __or__(self, other: EntrySet) -> EntrySet:
+        """Both sets in one, e.g. the two families' entries for a report;
+        the keys of the two families never meet (a route or neighbour key
+        holds its address's integer, an FDB key a MAC only one VTEP uses)."""
+        return EntrySet.of(
+            [*self.all(), *other.all()],
+        )
+
+    def all(self) -> list[Entry]:
+        return [
+            *self.routes.values(),
+            *self.neighbours.values(),
+            *self.tunnel_fdb.values(),
+            *self.bridge_fdb.values(),
+        ]
+
 
 class Op(enum.Enum):
     REPLACE = "replace"
@@ -347,3 +406,20 @@ class Observed:
     # learned FDB entry), but keyed like one: drift only if it sits where we
     # believe one of ours is, i.e. somebody replaced ours with it.
     foreign: bool = False
+    # The address family the event is about (4 or 6), when the monitor can
+    # tell from the device (a bridge FDB entry carries no address); 0 when
+    # it cannot, and then the entry's own addresses say.
+    family: int = 0
+
+    def family_version(self) -> int:
+        """4 or 6, or 0 when neither the event nor its entry says."""
+        if self.family or self.entry is None:
+            return self.family
+        entry = self.entry
+        if isinstance(entry, Route):
+            return entry.dst.version
+        if isinstance(entry, Neighbour):
+            return entry.ip.version
+        if isinstance(entry, TunnelFdb):
+            return entry.remote.version
+        return 0

@@ -221,6 +221,12 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     cp.add_argument("--resync", type=float, default=DEFAULT_RESYNC_SECONDS)
     cp.add_argument("--acquirers", type=int, default=200)
+    cp.add_argument(
+        "--family",
+        choices=("v4", "dual", "both"),
+        default="v4",
+        help="IPv4-only peers, dual-stack peers, or both in turn with their ratio (default v4)",
+    )
     faults = lab_sub.add_parser(
         "faults",
         parents=[common],

@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
         "--public-ip", help="address peers send tunnel traffic to (default: the iface's)"
     )
     p.add_argument(
+        "--public-ipv6",
+        help="IPv6 address peers send IPv6 tunnel traffic to, in a dual-stack network"
+        " (default: the iface's first global IPv6 address)",
+    )
+    p.add_argument(
         "--subnet-file", help=f"flannel-style subnet file (default {DEFAULT_SUBNET_FILE})"
     )
     p.add_argument("--bridge", help=f"container bridge name (default {DEFAULT_BRIDGE})")
@@ -116,6 +121,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gwbridge-subnet",
         help="subnet of the egress bridge (default: the first of 172.18-31.0.0/16 that is free)",
+    )
+    p.add_argument(
+        "--gwbridge-subnet6",
+        help="IPv6 subnet of the egress bridge, when the network has IPv6 (default: the first"
+        " free /64 of the ULA fd4a:4eae:8d08::/48)",
     )
     p.add_argument(
         "--vxlan-filter",

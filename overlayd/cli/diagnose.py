@@ -18,15 +18,16 @@ from overlayd.dataplane import entries, inspect
 from overlayd.dataplane.netlink import Netlink
 from overlayd.dataplane.nft import Nft, NftError, NftVxlanFilter
 from overlayd.errors import ConfigError, LeaseError
-from overlayd.plan.cluster import cluster_plan
+from overlayd.model import IPV4, IPV6
+from overlayd.plan.cluster import family_plan
 from overlayd.plan.desired import device_spec
-from overlayd.plan.diagnose import CertificateExpiry, Finding, HostFacts, diagnose
-from overlayd.plan.leases import config_key, parse_lease, subnet_key, subnets_prefix
+from overlayd.plan.diagnose import CertificateExpiry, FilterFacts, Finding, HostFacts, diagnose
+from overlayd.plan.leases import config_key, read_lease, select_peers, subnet_key, subnets_prefix
 from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.surfaces.control import DaemonUnreachable, ask
-from overlayd.surfaces.subnetfile import read_subnet, read_variables
+from overlayd.surfaces.subnetfile import read_subnet, read_subnet6, read_variables
 
 
 def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig:
@@ -85,16 +86,18 @@ async def gather(s: AgentConfig) -> HostFacts:
         return facts
     facts.own_subnet = str(subnet)
     leases = {k: v for k, v in everything.items() if k.startswith(subnets_prefix(s.etcd_prefix))}
-    own_key = subnet_key(s.etcd_prefix, subnet)
+    subnet6 = read_subnet6(s.subnet_file)
+    own_key = subnet_key(s.etcd_prefix, subnet, subnet6)
     netlink = Netlink()
     try:
-        underlay = await netlink.find_underlay(s.iface, s.public_ip)
+        underlay = await netlink.find_underlay(s.iface, s.public_ip, s.public_ipv6)
         onlink = await netlink.connected_networks(underlay.ifindex)
+        onlink6 = await netlink.connected_networks(underlay.ifindex, IPV6)
     finally:
         await netlink.close()
     own_raw = leases.get(own_key)
     try:
-        own = parse_lease(subnet, own_raw) if own_raw is not None else None
+        own = read_lease(subnet, subnet6, own_raw)[0] if own_raw is not None else None
     except LeaseError as exc:
         facts.lease_problem = f"{own_key} is not a valid lease: {exc}"
         return facts
@@ -113,14 +116,23 @@ async def gather(s: AgentConfig) -> HostFacts:
         underlay=underlay.name,
     )
     facts.spec = spec
-    plan = cluster_plan(config, own, leases, s.etcd_prefix, onlink, underlay=underlay.name)
-    facts.desired = plan.desired
-    facts.rejected = plan.rejected
+    selection = select_peers(config, own, leases, s.etcd_prefix)
+    plan = family_plan(selection, IPV4, config, onlink, s.etcd_prefix, underlay=underlay.name)
+    plan6 = family_plan(selection, IPV6, config, onlink6, s.etcd_prefix, underlay=underlay.name)
+    # Both families' entries in one comparison (their keys never meet).
+    facts.desired = plan.desired | plan6.desired
+    facts.rejected = {**plan.rejected, **plan6.rejected}
     facts.cluster_peers = {
-        str(p.subnet): str(p.public_ip) for p in (*plan.peers.tunneled, *plan.peers.direct)
+        str(p.subnet): str(p.public_ip)
+        for p in (
+            *plan.peers.tunneled,
+            *plan.peers.direct,
+            *plan6.peers.tunneled,
+            *plan6.peers.direct,
+        )
     }
-    facts.actual = await entries.read_entries(spec)
-    for name in (spec.bridge, spec.vtep):
+    facts.actual = await entries.read_entries(spec) | await entries.read_entries(spec, family=IPV6)
+    for name in (spec.bridge, spec.vtep, spec.vtep6):
         if name:
             facts.devices[name] = await inspect.device(name)
     if spec.vtep and facts.devices.get(spec.vtep) is not None:
@@ -129,15 +141,20 @@ async def gather(s: AgentConfig) -> HostFacts:
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
     facts.vxlan_filter = s.vxlan_filter
-    facts.filter_spec = filter_spec(spec)
-    if s.vxlan_filter and facts.filter_spec is not None:
-        facts.filter_wanted = {str(p.public_ip): str(p.subnet) for p in plan.peers.tunneled}
-        try:
-            allow = NftVxlanFilter(Nft())
-            facts.filter_listing = await allow.listing(facts.filter_spec)
-            facts.filter_sources = await allow.sources(facts.filter_spec)
-        except NftError as exc:
-            facts.filter_error = str(exc)
+    if s.vxlan_filter:
+        for family, planned in ((IPV4, plan), (IPV6, plan6)):
+            fs = filter_spec(spec, family)
+            if fs is None:
+                continue
+            tunneled = planned.peers.tunneled
+            look = FilterFacts(fs, wanted={str(p.public_ip): str(p.subnet) for p in tunneled})
+            try:
+                allow = NftVxlanFilter(Nft())
+                look.listing = await allow.listing(fs)
+                look.sources = await allow.sources(fs)
+            except NftError as exc:
+                look.error = str(exc)
+            facts.filters.append(look)
     return facts
 
 

@@ -376,11 +376,21 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
         f" resync {args.resync:g} s"
     )
     print(cpbench.HEADER)
+    duals = {"v4": (False,), "dual": (True,), "both": (False, True)}[args.family]
     for peers in args.peers:
-        result = cpbench.run_one(
-            f"{args.name}c", peers, args.changes, args.idle, resync_seconds=args.resync
-        )
-        print(result.row(), flush=True)
+        results = {}
+        for dual in duals:
+            result = results[dual] = cpbench.run_one(
+                f"{args.name}c",
+                peers,
+                args.changes,
+                args.idle,
+                resync_seconds=args.resync,
+                dual=dual,
+            )
+            print(result.row(), flush=True)
+        if len(results) == 2:
+            print(cpbench.ratio_row(results[True], results[False]), flush=True)
     seconds, distinct = cpbench.acquisition(f"{args.name}a", args.acquirers)
     print(
         f"lease acquisition: {args.acquirers} acquirers at once, {distinct} distinct"

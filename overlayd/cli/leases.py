@@ -16,8 +16,8 @@ from overlayd.errors import ConfigError, LeaseError
 from overlayd.plan.ipam import is_candidate
 from overlayd.plan.leases import (
     config_key,
-    parse_lease,
-    parse_subnet_key,
+    parse_lease_key,
+    read_lease,
     subnet_key,
     subnets_prefix,
 )
@@ -38,14 +38,32 @@ async def lease_rows(access: EtcdAccess, prefix: str) -> list[dict[str, str]]:
             config = None
     rows = []
     for key, value in sorted(raw.items()):
-        row = {"key": key, "subnet": "", "public_ip": "", "vtep_mac": "", "status": "ok"}
+        row = {
+            "key": key,
+            "subnet": "",
+            "public_ip": "",
+            "vtep_mac": "",
+            "ipv6_subnet": "",
+            "public_ipv6": "",
+            "vtep_mac_v6": "",
+            "status": "ok",
+        }
         try:
-            lease = parse_lease(parse_subnet_key(key, prefix), value)
+            subnet, subnet6 = parse_lease_key(key, prefix)
+            lease, why6 = read_lease(subnet, subnet6, value)
             row.update(
                 subnet=str(lease.subnet), public_ip=str(lease.public_ip), vtep_mac=lease.vtep_mac
             )
+            if lease.has_ipv6:
+                row.update(
+                    ipv6_subnet=str(lease.ipv6_subnet),
+                    public_ipv6=str(lease.public_ipv6),
+                    vtep_mac_v6=lease.vtep_mac_v6,
+                )
             if config is not None and not is_candidate(config, lease.subnet):
                 row["status"] = f"does not fit {config.network}/{config.subnet_len}"
+            elif why6 is not None:
+                row["status"] = f"IPv6 half unusable: {why6}"
         except LeaseError as exc:
             row["status"] = f"invalid: {exc}"
         rows.append(row)
@@ -64,10 +82,17 @@ def cmd_leases(args: argparse.Namespace) -> int:
         print(
             table(
                 [
-                    [r["subnet"] or r["key"], r["public_ip"], r["vtep_mac"] or "-", r["status"]]
+                    [
+                        r["subnet"] or r["key"],
+                        r["public_ip"],
+                        r["vtep_mac"] or "-",
+                        r["ipv6_subnet"] or "-",
+                        r["public_ipv6"] or "-",
+                        r["status"],
+                    ]
                     for r in rows
                 ],
-                ["SUBNET", "PUBLIC IP", "VTEP MAC", "STATUS"],
+                ["SUBNET", "PUBLIC IP", "VTEP MAC", "IPV6 SUBNET", "PUBLIC IPV6", "STATUS"],
             )
         )
     return 0
@@ -88,11 +113,17 @@ async def _network_set(s: AgentConfig, text: bytes, *, force: bool, dry_run: boo
         orphans = []
         for lease_key in sorted(raw):
             try:
-                subnet = parse_subnet_key(lease_key, s.etcd_prefix)
+                subnet, subnet6 = parse_lease_key(lease_key, s.etcd_prefix)
             except LeaseError:
                 continue
             if not is_candidate(config, subnet):
                 orphans.append(str(subnet))
+            elif (
+                subnet6 is not None
+                and config.ipv6 is not None
+                and not is_candidate(config.ipv6, subnet6)
+            ):
+                orphans.append(str(subnet6))
         if orphans and not force:
             raise ConfigError(
                 "Network",

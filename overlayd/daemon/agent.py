@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from functools import partial
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.host import HostState
@@ -31,7 +31,7 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
-from overlayd.model import NetworkConfig
+from overlayd.model import IPV4, IPV6, NetworkConfig
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
@@ -45,7 +45,7 @@ from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
-from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet
+from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet, read_subnet6
 from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger("overlayd")
@@ -59,6 +59,7 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
         "overlayd_prefix": s.overlayd_prefix,
         "iface": s.iface,
         "public_ip": str(s.public_ip) if s.public_ip else None,
+        "public_ipv6": str(s.public_ipv6) if s.public_ipv6 else None,
         "subnet_file": str(s.subnet_file),
         "bridge": s.bridge,
         "lease_ttl": s.lease_ttl,
@@ -151,17 +152,29 @@ class Agent:
 
     async def _egress(self, config: NetworkConfig) -> EgressSpec:
         s = self.settings
-        subnet = None
+        subnet = subnet6 = None
+        cluster6 = config.ipv6.network if config.ipv6 is not None else None
         if s.egress == "gwbridge":
-            routes = await self.dataplane.netlink.ipv4_routes(exclude_dev=s.gwbridge)
+            routes = await self.dataplane.netlink.routes(IPV4, exclude_dev=s.gwbridge)
             subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
-        log.info("event=egress mode=%s gwbridge=%s subnet=%s", s.egress, s.gwbridge, subnet)
+            if cluster6 is not None:
+                routes6 = await self.dataplane.netlink.routes(IPV6, exclude_dev=s.gwbridge)
+                subnet6 = choose_gwbridge_subnet(s.gwbridge_subnet6, cluster6, routes6, IPV6)
+        log.info(
+            "event=egress mode=%s gwbridge=%s subnet=%s subnet6=%s",
+            s.egress,
+            s.gwbridge,
+            subnet,
+            subnet6,
+        )
         return EgressSpec(
             mode=s.egress,
             cluster=config.network,
             overlay_bridge=s.bridge,
             gwbridge=s.gwbridge,
             gwbridge_subnet=subnet,
+            cluster6=cluster6,
+            gwbridge_subnet6=subnet6,
         )
 
     def _subnet_file_after_pass(self, reconciler: Reconciler, outcome: PassResult) -> None:
@@ -175,11 +188,12 @@ class Agent:
 
     async def _start(self, group: asyncio.TaskGroup) -> None:
         s = self.settings
-        underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip)
+        underlay = await self.dataplane.netlink.find_underlay(s.iface, s.public_ip, s.public_ipv6)
         log.info(
-            "event=underlay iface=%s address=%s mtu=%d",
+            "event=underlay iface=%s address=%s address6=%s mtu=%d",
             underlay.name,
             underlay.address,
+            underlay.address6,
             underlay.mtu,
         )
         if s.mqtt_url is not None:
@@ -211,14 +225,26 @@ class Agent:
                 "event=vxlan_filter mode=off effect=%r",
                 "VXLAN is accepted from any source: filter it elsewhere",
             )
+        if config.ipv6 is not None and underlay.address6 is None:
+            log.warning(
+                "event=ipv6_unavailable iface=%s effect=%r",
+                underlay.name,
+                "the network is dual-stack but this host has no global IPv6 address:"
+                " IPv4 only here (set --public-ipv6 or add one)",
+            )
         leaser = SubnetLeaser(
-            self.store, etcd_prefix=s.etcd_prefix, public_ip=underlay.address, ttl=s.lease_ttl
+            self.store,
+            etcd_prefix=s.etcd_prefix,
+            public_ip=underlay.address,
+            ttl=s.lease_ttl,
+            public_ipv6=underlay.address6,
         )
-        hint = read_subnet(s.subnet_file)
+        hint, hint6 = read_subnet(s.subnet_file), read_subnet6(s.subnet_file)
         hints: tuple[IPv4Network, ...] = (hint,) if hint is not None else ()
+        hints6: tuple[IPv6Network, ...] = (hint6,) if hint6 is not None else ()
         self.notifier.status("leasing a subnet")
         held = await retry_unavailable(
-            "acquire lease", partial(leaser.acquire, config, hints=hints)
+            "acquire lease", partial(leaser.acquire, config, hints=hints, hints6=hints6)
         )
         self.telemetry.lease_acquired(held.lease, held.key, s.lease_ttl)
         host = HostState(
@@ -284,18 +310,16 @@ class Agent:
         plan, which takes a new lease before the bridge has its subnet);
         unsettled while the two differ."""
         programmed = reconciler.programmed or Inputs.of(host)  # set by the first pass
-        ipv6 = programmed.config.ipv6
-        subnet6 = programmed.own.ipv6_subnet if ipv6 is not None else None
         return HostView(
             subnet=programmed.own.subnet,
             cluster=programmed.config.network,
             bridge=programmed.spec.bridge,
             mtu=programmed.spec.mtu,
             egress=programmed.egress.mode,
-            settled=(programmed.own.subnet, programmed.own.ipv6_subnet)
-            == (host.own.subnet, host.own.ipv6_subnet),
-            subnet6=subnet6,
-            cluster6=ipv6.network if ipv6 is not None and subnet6 is not None else None,
+            settled=programmed.own.subnet == host.own.subnet
+            and programmed.own.ipv6_subnet == host.own.ipv6_subnet,
+            subnet6=programmed.own.ipv6_subnet,
+            cluster6=programmed.egress.cluster6,
         )
 
     def _wire(
@@ -346,6 +370,8 @@ class Agent:
         names = {spec.bridge: "bridge", spec.underlay: "underlay"}
         if spec.vtep:
             names[spec.vtep] = "vtep"
+        if spec.vtep6:
+            names[spec.vtep6] = "vtep6"
         if egress.mode == "gwbridge":
             names[egress.gwbridge] = "gwbridge"
         return names

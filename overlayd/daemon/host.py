@@ -110,7 +110,7 @@ class HostState:
             config.backend.vni,
             config.backend.port,
         )
-        if not lease_fits(config, self._host.own):
+        if not lease_fits(config, self._host.own, ipv6_capable=self._underlay.address6 is not None):
             log.warning(
                 "event=lease_no_longer_fits subnet=%s network=%s",
                 self._host.own.subnet,

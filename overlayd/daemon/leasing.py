@@ -6,6 +6,15 @@ Safety comes from etcd: a subnet key is only ever created by a transaction
 that succeeds when the key is absent, bound to an etcd lease, so two hosts
 can never hold the same subnet; keys of one network all have the same
 length and alignment, so they never partly overlap either.
+
+In a dual-stack network one key names both subnets (flannel's
+`10.244.1.0-24&fd00:10:244:1::-64`), so one transaction allocates both; it
+also checks that the v4-only spelling of the same IPv4 subnet is absent.
+What it cannot check is another host's dual key for a different IPv4 subnet
+naming the same IPv6 subnet (etcd compares keys, not what they name): the
+IPv6 subnet is chosen among those no listed key names, and a collision that
+races past that is caught by `select_peers`, which gives neither host's
+IPv6 half to the other.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol
 
 from overlayd.errors import LeaseError, SubnetsExhaustedError
@@ -27,7 +36,7 @@ from overlayd.plan.host import lease_fits
 from overlayd.plan.ipam import is_candidate, pick_subnet
 from overlayd.plan.leases import (
     parse_lease,
-    parse_subnet_key,
+    parse_lease_key,
     render_lease,
     subnet_key,
     subnets_prefix,
@@ -57,15 +66,28 @@ class HeldLease:
     lease_id: int
 
 
-def own_lease(config: NetworkConfig, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+def own_lease(
+    config: NetworkConfig,
+    subnet: IPv4Network,
+    public_ip: IPv4Address,
+    subnet6: IPv6Network | None = None,
+    public_ipv6: IPv6Address | None = None,
+) -> Lease:
+    """This host's lease; with both IPv6 arguments, a dual-stack one whose
+    IPv6 VtepMAC, like the IPv4 one, depends on the subnet only."""
+    if subnet6 is None or public_ipv6 is None:
+        subnet6 = public_ipv6 = None
     if config.backend.type == "host-gw":
-        return Lease(subnet=subnet, public_ip=public_ip, vni=0, vtep_mac="", backend_type="host-gw")
+        return Lease(subnet, public_ip, 0, "", "host-gw", subnet6, public_ipv6)
     vni = config.backend.vni
     return Lease(
-        subnet=subnet,
-        public_ip=public_ip,
-        vni=vni,
-        vtep_mac=stable_mac("vtep", subnet, vni),
+        subnet,
+        public_ip,
+        vni,
+        stable_mac("vtep", subnet, vni),
+        ipv6_subnet=subnet6,
+        public_ipv6=public_ipv6,
+        vtep_mac_v6=stable_mac("vtep6", subnet6, vni) if subnet6 is not None else "",
     )
 
 
@@ -80,32 +102,68 @@ class SubnetLeaser:
         public_ip: IPv4Address,
         ttl: int,
         rng: random.Random | None = None,
+        public_ipv6: IPv6Address | None = None,
     ) -> None:
         self._store = store
         self._prefix = etcd_prefix
         self._public_ip = public_ip
+        self.public_ipv6 = public_ipv6
         self._ttl = ttl
         self._rng = rng or random.Random()
 
-    async def _previous_subnet(self, config: NetworkConfig, raw: dict[str, bytes]) -> str | None:
+    def _previous_subnet(self, config: NetworkConfig, raw: dict[str, bytes]) -> str | None:
         """The key of a live lease that already belongs to our public IP."""
         for key, value in raw.items():
             try:
-                lease = parse_lease(parse_subnet_key(key, self._prefix), value)
+                subnet, _ = parse_lease_key(key, self._prefix)
+                lease = parse_lease(subnet, value)
             except LeaseError:
                 continue
             if lease.public_ip == self._public_ip and is_candidate(config, lease.subnet):
                 return key
         return None
 
+    def _ipv6_subnet(
+        self,
+        config: NetworkConfig,
+        raw: dict[str, bytes],
+        *,
+        keep: IPv6Network | None,
+        hints: tuple[IPv6Network, ...],
+        ours: str | None,
+    ) -> IPv6Network | None:
+        """The IPv6 subnet to hold: None unless the network is dual-stack and
+        this host has an IPv6 underlay address; else `keep` (the one our
+        previous key names) if still a free candidate, else a free one,
+        preferring the hints (the subnet file of a previous run)."""
+        pool = config.ipv6
+        if pool is None or self.public_ipv6 is None:
+            return None
+        taken: list[IPv6Network] = []
+        for key in raw:
+            if key == ours:
+                continue
+            try:
+                _, subnet6 = parse_lease_key(key, self._prefix)
+            except LeaseError:
+                continue
+            if subnet6 is not None:
+                taken.append(subnet6)
+        preferred = ((keep,) if keep is not None else ()) + hints
+        return pick_subnet(pool, taken, preferred=preferred, rng=self._rng)
+
     async def acquire(
-        self, config: NetworkConfig, *, hints: tuple[IPv4Network, ...] = ()
+        self,
+        config: NetworkConfig,
+        *,
+        hints: tuple[IPv4Network, ...] = (),
+        hints6: tuple[IPv6Network, ...] = (),
     ) -> HeldLease:
-        """Take back our previous subnet if etcd still has it, else the first
-        free hint (the subnet file of a previous run), else a free subnet."""
+        """Take back our previous subnets if etcd still has them, else the
+        first free hints (the subnet file of a previous run), else free ones."""
         lease_id = await self._store.grant(self._ttl)
         try:
-            held = await self._acquire_with(config, hints, lease_id)
+            held = await self._acquire_with(config, hints, hints6, lease_id)
         except BaseException:
             # Do not leave an unused etcd lease behind until its TTL runs out.
             with contextlib.suppress(Exception):
@@ -114,26 +172,34 @@ class SubnetLeaser:
         return held
 
     async def _acquire_with(
-        self, config: NetworkConfig, hints: tuple[IPv4Network, ...], lease_id: int
+        self,
+        config: NetworkConfig,
+        hints: tuple[IPv4Network, ...],
+        hints6: tuple[IPv6Network, ...],
+        lease_id: int,
     ) -> HeldLease:
         for _ in range(MAX_ATTEMPTS):
             raw, _ = await self._store.get_prefix(subnets_prefix(self._prefix))
-            previous = await self._previous_subnet(config, raw)
+            previous = self._previous_subnet(config, raw)
             if previous is not None:
-                held = await self._take_over(config, previous, lease_id)
+                held = await self._take_over(config, raw, previous, lease_id, hints6)
                 if held is not None:
                     return held
                 continue
             taken = []
             for key in raw:
                 try:
-                    taken.append(parse_subnet_key(key, self._prefix))
+                    taken.append(parse_lease_key(key, self._prefix)[0])
                 except LeaseError:
                     continue
             subnet = pick_subnet(config, taken, preferred=hints, rng=self._rng)
-            lease = own_lease(config, subnet, self._public_ip)
-            key = subnet_key(self._prefix, subnet)
-            if await self._store.create(key, render_lease(lease), lease_id):
+            subnet6 = self._ipv6_subnet(config, raw, keep=None, hints=hints6, ours=None)
+            lease = own_lease(config, subnet, self._public_ip, subnet6, self.public_ipv6)
+            key = subnet_key(self._prefix, subnet, subnet6)
+            # The v4-only spelling of the same subnet is the same subnet.
+            other = subnet_key(self._prefix, subnet)
+            also = (other,) if other != key else ()
+            if await self._store.create(key, render_lease(lease), lease_id, also_absent=also):
                 log.info("event=lease_acquired subnet=%s key=%s ttl=%d", subnet, key, self._ttl)
                 return HeldLease(lease=lease, key=key, lease_id=lease_id)
             log.debug("subnet %s was taken meanwhile; choosing again", subnet)
@@ -141,16 +207,34 @@ class SubnetLeaser:
             f"could not lease a subnet of {config.network} after {MAX_ATTEMPTS} attempts"
         )
 
-    async def _take_over(self, config: NetworkConfig, key: str, lease_id: int) -> HeldLease | None:
+    async def _take_over(
+        self,
+        config: NetworkConfig,
+        raw: dict[str, bytes],
+        key: str,
+        lease_id: int,
+        hints6: tuple[IPv6Network, ...],
+    ) -> HeldLease | None:
+        """Our previous key, rebound to our etcd lease; if the IPv6 half must
+        change (the network became dual-stack, or stopped being, or the old
+        IPv6 subnet no longer fits), the key is replaced in the same
+        transaction, so the IPv4 subnet is never free in between."""
         found = await self._store.get_with_revision(key)
         if found is None:
             return None
-        subnet = parse_subnet_key(key, self._prefix)
-        lease = own_lease(config, subnet, self._public_ip)
-        if not await self._store.take_over(key, render_lease(lease), lease_id, found[1]):
+        subnet, old6 = parse_lease_key(key, self._prefix)
+        subnet6 = self._ipv6_subnet(config, raw, keep=old6, hints=hints6, ours=key)
+        lease = own_lease(config, subnet, self._public_ip, subnet6, self.public_ipv6)
+        new_key = subnet_key(self._prefix, subnet, subnet6)
+        value = render_lease(lease)
+        if new_key == key:
+            done = await self._store.take_over(key, value, lease_id, found[1])
+        else:
+            done = await self._store.rekey(key, found[1], new_key, value, lease_id)
+        if not done:
             return None
-        log.info("event=lease_reclaimed subnet=%s key=%s ttl=%d", subnet, key, self._ttl)
-        return HeldLease(lease=lease, key=key, lease_id=lease_id)
+        log.info("event=lease_reclaimed subnet=%s key=%s ttl=%d", subnet, new_key, self._ttl)
+        return HeldLease(lease=lease, key=new_key, lease_id=lease_id)
 
     async def revoke(self, lease_id: int) -> None:
         """Give up an etcd lease we no longer use. Best effort: if etcd cannot
@@ -235,14 +319,21 @@ class LeaseKeeper:
         old = self.held
         held = await retry_unavailable(
             "re-acquire lease",
-            partial(self._leaser.acquire, self._config(), hints=(old.lease.subnet,)),
+            partial(
+                self._leaser.acquire,
+                self._config(),
+                hints=(old.lease.subnet,),
+                hints6=(old.lease.ipv6_subnet,) if old.lease.ipv6_subnet is not None else (),
+            ),
         )
         self.held = held
         # Events about the old key that came in while we leased again (its
         # deletion, say) are about a lease we no longer rely on; what matters
         # is whether the new one fits the config as it is now.
         self._doubt.clear()
-        if not lease_fits(self._config(), held.lease):
+        if not lease_fits(
+            self._config(), held.lease, ipv6_capable=self._leaser.public_ipv6 is not None
+        ):
             self._doubt.set()
         if old.lease_id != held.lease_id:
             await self._leaser.revoke(old.lease_id)  # keeps nothing any more

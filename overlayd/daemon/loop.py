@@ -32,7 +32,16 @@ from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.sysctls import SysctlManager
 from overlayd.daemon.managers.vxlan_filter import VxlanAllowList
 from overlayd.dataplane import DataplanePort
-from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed, describe
+from overlayd.model import (
+    IPV4,
+    IPV6,
+    Change,
+    DeviceSpec,
+    Lease,
+    NetworkConfig,
+    Observed,
+    describe,
+)
 from overlayd.plan.egress import EgressSpec
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -77,16 +86,23 @@ def standard_managers(
     sysctls that name them, both before the rules, all before the entries
     that hang off the devices. The VXLAN allow-list sits on both sides of
     the entries: a new peer's address is allowed before its FDB entry is
-    written, a departed peer's removed only after its entries are gone."""
+    written, a departed peer's removed only after its entries are gone;
+    one allow-list per family."""
     projection = PeerProjection(dataplane)
-    allow = VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter)
+    allow = [
+        VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter, family=family)
+        for family in (IPV4, IPV6)
+    ]
     return [
         DeviceManager(dataplane),
         SysctlManager(dataplane),
         EgressManager(dataplane),
-        allow.admit,
+        *(a.admit for a in allow),
         PeerEntryManager(dataplane, telemetry, projection),
-        allow.prune,
+        # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
+        # leases; with no IPv6 lease it only removes any it finds.
+        PeerEntryManager(dataplane, telemetry, projection, IPV6),
+        *(a.prune for a in allow),
     ]
 
 

@@ -1,20 +1,20 @@
 """`overlayd --teardown`: remove everything the daemon creates on this
 host, and nothing else: its devices (and with them its routes and entries),
-its nftables table and iptables chain, its subnet file, and its lease in
+its nftables tables and iptables chains, its subnet file, and its lease in
 etcd. The data plane goes even when etcd cannot be reached; only the lease
 release needs it."""
 
 from __future__ import annotations
 
 import asyncio
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from overlayd.config import AgentConfig
 from overlayd.dataplane import Dataplane
 from overlayd.errors import LeaseError
 from overlayd.plan.leases import parse_lease, subnet_key
 from overlayd.store.base import Store, StoreUnavailable
-from overlayd.surfaces.subnetfile import read_subnet
+from overlayd.surfaces.subnetfile import read_subnet, read_subnet6
 
 TEARDOWN_ETCD_SECONDS = 10.0
 
@@ -27,29 +27,32 @@ async def teardown(settings: AgentConfig, store: Store, dataplane: Dataplane) ->
     for name in names:
         if await dataplane.netlink.delete_link(name):
             done.append(f"deleted {name}")
-    if await dataplane.nft.delete():
-        done.append("deleted nftables table ip overlayd")
+    done += [f"deleted nftables table {table}" for table in await dataplane.nft.delete()]
     done += await dataplane.forward.remove()
-    subnet = read_subnet(s.subnet_file)
+    subnet, subnet6 = read_subnet(s.subnet_file), read_subnet6(s.subnet_file)
     if s.subnet_file.exists():
         s.subnet_file.unlink()
         done.append(f"removed {s.subnet_file}")
     if subnet is not None:
         try:
             async with asyncio.timeout(TEARDOWN_ETCD_SECONDS):
-                if await _release(settings, store, dataplane, subnet):
-                    done.append(f"released lease {subnet_key(s.etcd_prefix, subnet)}")
+                if await _release(settings, store, dataplane, subnet, subnet6):
+                    done.append(f"released lease {subnet_key(s.etcd_prefix, subnet, subnet6)}")
         except (TimeoutError, StoreUnavailable):
             done.append(f"could not reach etcd: the lease of {subnet} expires by its TTL")
     return done
 
 
 async def _release(
-    settings: AgentConfig, store: Store, dataplane: Dataplane, subnet: IPv4Network
+    settings: AgentConfig,
+    store: Store,
+    dataplane: Dataplane,
+    subnet: IPv4Network,
+    subnet6: IPv6Network | None,
 ) -> bool:
     """Delete our lease, only if it is still ours: after an expiry the
     subnet may belong to another host."""
-    key = subnet_key(settings.etcd_prefix, subnet)
+    key = subnet_key(settings.etcd_prefix, subnet, subnet6)
     value, _ = await store.get(key)
     underlay = await dataplane.netlink.find_underlay(settings.iface, settings.public_ip)
     try:

@@ -1,8 +1,8 @@
 """Data-plane I/O, one adapter per kind of kernel interface: devices through
 netlink (pyroute2, netlink.py), per-peer entries through iproute2's batch
-mode (entries.py), the nftables table with its egress chains and VXLAN
-allow-list (nft.py), the iptables FORWARD
-exception (iptables.py), sysctls (sysctl.py), read-only looks for
+mode (entries.py), the nftables tables (one per address family) with their
+egress chains and VXLAN allow-lists (nft.py), the iptables and ip6tables
+FORWARD exceptions (iptables.py), sysctls (sysctl.py), read-only looks for
 diagnose (inspect.py), and the Docker plugin's veth pairs through iproute2
 (veth.py: made once per container, not per pass, and kept apart from the
 devices the reconciler owns; the agent hands it to the plugin as a port).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Protocol
 
 from overlayd.dataplane import entries, sysctl
@@ -24,7 +24,7 @@ from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import Nft, NftTable, NftVxlanFilter
-from overlayd.model import IPV4, Change, DeviceSpec, EntrySet, Family, IPAddress
+from overlayd.model import IPV4, IPV6, Change, DeviceSpec, EntrySet, Family, IPAddress, IPNetwork
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
@@ -35,13 +35,15 @@ class DataplanePort(Protocol):
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]: ...
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]: ...
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]: ...
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]: ...
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]: ...
 
     async def ensure_forwarding(self, bridge: str) -> list[str]: ...
 
-    async def ensure_bridge_netfilter(self) -> list[str]: ...
+    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]: ...
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None: ...
 
@@ -55,9 +57,11 @@ class DataplanePort(Protocol):
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None: ...
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet: ...
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet: ...
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult: ...
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult: ...
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Dataplane:
             Netlink(netns),
             NftTable(nft=nft),
             ForwardAccept(netns),
-            DriftMonitor(netns),
+            DriftMonitor(netns, families=(IPV4, IPV6)),
             NftVxlanFilter(nft),
             netns,
         )
@@ -91,17 +95,19 @@ class Dataplane:
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         return await self.netlink.ensure_devices(spec)
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
-        return await self.netlink.ensure_gwbridge(name, gateway, mac)
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]:
+        return await self.netlink.ensure_gwbridge(name, gateway, mac, gateway6=gateway6)
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
-        return await self.netlink.connected_networks(ifindex)
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
+        return await self.netlink.connected_networks(ifindex, family)
 
     async def ensure_forwarding(self, bridge: str) -> list[str]:
         return await sysctl.ensure_forwarding_and_redirects(bridge, netns=self.netns)
 
-    async def ensure_bridge_netfilter(self) -> list[str]:
-        return await sysctl.ensure_bridge_netfilter(netns=self.netns)
+    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
+        return await sysctl.ensure_bridge_netfilter(families, netns=self.netns)
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
         return await self.nft.ensure(egress)
@@ -121,13 +127,17 @@ class Dataplane:
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         await self.vxlan_filter.update(f, changes)
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
-        return await entries.read_entries(spec, netns=self.netns)
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
+        return await entries.read_entries(spec, netns=self.netns, family=family)
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult:
         """A handful of changes (one peer joining) through netlink, in
         milliseconds; many (a cold start) through one iproute2 batch per
         tool, which encodes thousands of messages far faster than pyroute2."""
+        if family is not IPV4:  # TODO(v6-dp): through netlink for few
+            return await entries.apply_changes(changes, spec, netns=self.netns, family=family)
         if len(changes) <= self.netlink_max_changes:
             failed = await self.netlink.apply_entries(changes, spec)
             return ApplyResult(applied=len(changes), failed=tuple(failed))

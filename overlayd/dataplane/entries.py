@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -116,11 +116,11 @@ async def read_entries(
     """The entries of one address family overlayd owns, as the kernel holds
     them now."""
     ip, br = _tool("ip", netns), _tool("bridge", netns)
-    bridge, flag = spec.bridge, family.iproute2_flag
+    bridge, flag, vtep = spec.bridge, family.iproute2_flag, spec.vtep_for(family)
     routes_raw, neigh_raw, fdb_raw = await asyncio.gather(
         _json([*ip, "-j", flag, "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
         _json([*ip, "-j", flag, "neigh", "show", "dev", bridge, "nud", "permanent"]),
-        _json([*br, "-j", "fdb", "show", "dev", spec.vtep]) if spec.vtep else _nothing(),
+        _json([*br, "-j", "fdb", "show", "dev", vtep]) if vtep else _nothing(),
     )
     routes: dict[RouteKey, Route] = {}
     neighbours: dict[int, Neighbour] = {}
@@ -205,7 +205,7 @@ def _line(change: Change, spec: DeviceSpec) -> tuple[str, str]:
 
 
 async def apply_changes(
-    changes: Sequence[Change], spec: DeviceSpec, *, netns: str | None = None
+    changes: Sequence[Change], spec: DeviceSpec, *, netns: str | None = None, family: Family = IPV4
 ) -> ApplyResult:
     """Apply in the given order, batching consecutive lines of the same tool.
 
@@ -214,6 +214,9 @@ async def apply_changes(
     """
     failed: list[str] = []
     groups: list[tuple[str, list[str]]] = []
+    if family is not IPV4:
+        # The lines name `spec.vtep`: this family's VTEP takes its place.
+        spec = replace(spec, vtep=spec.vtep_for(family))
     for change in changes:
         tool, line = _line(change, spec)
         if groups and groups[-1][0] == tool:

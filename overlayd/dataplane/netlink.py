@@ -17,7 +17,8 @@ from ipaddress import (
     AddressValueError,
     IPv4Address,
     IPv4Interface,
-    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
     ip_address,
     ip_network,
 )
@@ -40,6 +41,7 @@ from overlayd.model import (
     Change,
     DeviceSpec,
     Family,
+    IPNetwork,
     LinkFacts,
     Neighbour,
     Observed,
@@ -61,6 +63,9 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
 RTNH_F_ONLINK = 0x04
+AF_INET6 = 10
+RT_SCOPE_UNIVERSE = 0
+IFA_F_NODAD = 0x02
 
 
 class DeviceError(OverlaydError):
@@ -102,7 +107,12 @@ class Netlink:
                 return int(route.get("RTA_OIF"))
         return None
 
-    async def find_underlay(self, iface: str | None, public_ip: IPv4Address | None) -> Underlay:
+    async def find_underlay(
+        self,
+        iface: str | None,
+        public_ip: IPv4Address | None,
+        public_ipv6: IPv6Address | None = None,
+    ) -> Underlay:
         """The interface tunnel traffic leaves by (flannel's `--iface` rules:
         a name or an address; default the interface of the default route)."""
         link = None
@@ -135,7 +145,11 @@ class Netlink:
         else:
             local = public_ip
         return Underlay(
-            name=name, ifindex=int(link["index"]), mtu=int(link.get("IFLA_MTU")), address=local
+            name=name,
+            ifindex=int(link["index"]),
+            mtu=int(link.get("IFLA_MTU")),
+            address=local,
+            address6=public_ipv6,  # TODO(v6-dp): else the iface's first global one
         )
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
@@ -151,8 +165,10 @@ class Netlink:
                 changed.append(f"removed {name} (no tunnel in host-gw mode)")
         return changed
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
         """The networks directly on a link: whose addresses need no router."""
+        if family is not IPV4:
+            return []  # TODO(v6-dp)
         return [address.network for address in await self._ipv4_addresses(ifindex)]
 
     async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:
@@ -265,28 +281,72 @@ class Netlink:
             )
             changed.append(f"turned learning and flooding off on {spec.vtep}'s bridge port")
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]:
         """The egress bridge of gwbridge mode: a plain bridge with the gateway
-        address of the gwbridge subnet; containers attach their second
-        interface to it."""
+        address of the gwbridge subnet, and with IPv6 the gateway of its IPv6
+        subnet; containers attach their second interface to it."""
         changed: list[str] = []
         # MTU left to the kernel: the gwbridge's traffic is not encapsulated.
         index = await self._ensure_bridge(name, mac, None, changed)
         await self._ensure_gateway(name, index, gateway, changed)
+        await self._ensure_gateway6(name, index, gateway6, changed)
         return changed
 
-    async def ipv4_routes(self, *, exclude_dev: str | None = None) -> list[IPv4Network]:
-        """Destinations of the main table's IPv4 routes, except one device's."""
+    async def _ensure_gateway6(
+        self, name: str, index: int, gateway: IPv6Interface | None, changed: list[str]
+    ) -> None:
+        """The gwbridge's one global IPv6 address (None: none), added with
+        IFA_F_NODAD: duplicate address detection would keep it tentative,
+        unusable as a source or a gateway, for a second or more after every
+        start, and nobody else is on this host-local bridge to clash with.
+        The kernel's own link-local address is left alone."""
+        present: list[tuple[IPv6Interface, int]] = []
+        async for msg in await self._ipr.addr("dump", index=index, family=AF_INET6):
+            if msg["scope"] == RT_SCOPE_UNIVERSE:
+                flags = msg.get("IFA_FLAGS") or msg["flags"]
+                present.append((IPv6Interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])), flags))
+        kept = False
+        for address, flags in present:
+            # One added by hand without NODAD may be stuck tentative or
+            # failed: it is made again as ours.
+            if address == gateway and flags & IFA_F_NODAD:
+                kept = True
+                continue
+            await self._ipr.addr(
+                "del",
+                index=index,
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+                family=AF_INET6,
+            )
+            if address != gateway:
+                changed.append(f"removed {address} from {name}")
+        if gateway is not None and not kept:
+            await self._ipr.addr(
+                "add",
+                index=index,
+                address=str(gateway.ip),
+                prefixlen=gateway.network.prefixlen,
+                family=AF_INET6,
+                flags=IFA_F_NODAD,
+            )
+            changed.append(f"added {gateway} to {name}")
+
+    async def routes(self, family: Family, *, exclude_dev: str | None = None) -> list[IPNetwork]:
+        """Destinations of the main table's routes of `family`, except one
+        device's (what a gwbridge subnet must not overlap)."""
         skip = None
         if exclude_dev is not None:
             link = await self._link(ifname=exclude_dev)
             skip = link["index"] if link is not None else None
         found = []
-        async for route in await self._ipr.route("dump", family=2, table=254):
+        async for route in await self._ipr.route("dump", family=family.netlink, table=254):
             if skip is not None and route.get("RTA_OIF") == skip:
                 continue
-            dst = route.get("RTA_DST") or "0.0.0.0"
-            found.append(IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+            dst = route.get("RTA_DST") or family.any_network.split("/")[0]
+            found.append(ip_network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
     async def apply_entries(self, changes: Sequence[Change], spec: DeviceSpec) -> list[str]:

@@ -1,14 +1,16 @@
-"""The nftables table overlayd owns, through the `nft` command.
+"""The nftables tables overlayd owns, through the `nft` command.
 
-Two kinds of objects share the table `ip overlayd`, each with its adapter:
+One table per address family, `ip overlayd` and (dual-stack) `ip6
+overlayd`, each holding two kinds of objects, each with its adapter:
 
-- `NftTable`: the egress chains, replaced together in one transaction when
-  the rules change (see plan/egress.render_transaction);
+- `NftTable`: the egress chains of both tables, replaced together in one
+  transaction when the rules of either change (see
+  plan/egress.render_transaction);
 - `NftVxlanFilter`: the VXLAN allow-list's counter, set and chain (see
-  plan/vxlan_filter.py), whose rules are rewritten only when they change,
-  and whose set changes element by element.
+  plan/vxlan_filter.py), per family, whose rules are rewritten only when
+  they change, and whose set changes element by element.
 
-Drift is detected by listing the table tersely (`nft -t`: no set elements,
+Drift is detected by listing a table tersely (`nft -t`: no set elements,
 so the cost does not grow with the peers), cutting it into objects, and
 comparing each adapter's objects with the listing taken right after its
 last write, so that nft's own formatting never causes a rewrite and any
@@ -27,10 +29,10 @@ from overlayd.dataplane.command import run
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, Family, IPAddress
 from overlayd.plan import vxlan_filter
-from overlayd.plan.egress import EGRESS_CHAINS, FAMILY, TABLE, EgressSpec, render_table
+from overlayd.plan.egress import EGRESS_CHAINS, FAMILIES, FAMILY, TABLE, EgressSpec, render_table
 from overlayd.plan.egress import render_transaction as render_egress
-from overlayd.plan.nftables import ObjectKey, select, split_objects, table_text
-from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec, nft_family
+from overlayd.plan.nftables import ObjectKey, nft_family, select, split_objects, table_text
+from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
 EGRESS_KEYS = tuple(f"chain {chain}" for chain in EGRESS_CHAINS)
 # Every object our table may hold; anything else in it is removed.
@@ -79,72 +81,102 @@ class Nft:
 
 
 class NftTable:
-    """The egress chains of our table (and the removal of strangers in it)."""
+    """The egress chains of our tables (and the removal of strangers in
+    them), for every family at once."""
 
     def __init__(self, netns: str | None = None, *, nft: Nft | None = None) -> None:
         self.nft = nft or Nft(netns)
-        # (rendered, listing right after the write)
-        self._written: tuple[str | None, str] | None = None
+        # nft family -> (rendered, listing right after the write)
+        self._written: dict[str, tuple[str | None, str]] = {}
 
-    async def listing(self) -> str:
-        """Our egress chains as nft prints them; empty when there are none."""
-        return table_text(FAMILY, TABLE, select(await self.nft.objects(), EGRESS_KEYS))
+    async def listing(self, family: Family = IPV4) -> str:
+        """`family`'s egress chains as nft prints them; empty when there are none."""
+        fam = nft_family(family)
+        return table_text(fam, TABLE, select(await self.nft.objects(fam), EGRESS_KEYS))
 
-    async def _state(self) -> tuple[str, list[ObjectKey]]:
-        objects = await self.nft.objects()
+    async def _state(self, fam: str) -> tuple[str, list[ObjectKey]]:
+        objects = await self.nft.objects(fam)
         strangers = sorted(key for key in objects if key not in KNOWN_KEYS)
-        return table_text(FAMILY, TABLE, select(objects, EGRESS_KEYS)), strangers
+        return table_text(fam, TABLE, select(objects, EGRESS_KEYS)), strangers
 
-    async def ensure(self, spec: EgressSpec) -> str | None:
-        """Rewrite the egress chains if the wanted rules changed or someone
-        changed them, and remove any object in our table that nobody of ours
-        owns; returns what was done, None when nothing was needed."""
-        wanted = render_table(spec)
-        current, strangers = await self._state()
-        if not strangers and self._written is not None and self._written == (wanted, current):
+    async def _needs(self, spec: EgressSpec, family: Family) -> tuple[str, str] | None:
+        """(reason, removals) when `family`'s chains must be written; None
+        when the table is as we left it (or, wanting nothing, as nobody
+        left anything)."""
+        fam = nft_family(family)
+        wanted = render_table(spec, family)
+        current, strangers = await self._state(fam)
+        written = self._written.get(fam)
+        if not strangers and written is not None and written == (wanted, current):
             return None
-        if not strangers and self._written is None and wanted is None and not current:
-            self._written = (None, "")
+        if not strangers and written is None and wanted is None and not current:
+            self._written[fam] = (None, "")
             return None
         reason = (
             "first write"
-            if self._written is None
+            if written is None
             else "rules changed"
-            if self._written[0] != wanted
+            if written[0] != wanted
             else "altered or deleted by hand"
-            if self._written[1] != current
+            if written[1] != current
             else f"removed {', '.join(strangers)} added by hand"
         )
         # Strangers go in the same transaction, chains first: a stray chain
         # may refer to a stray set.
         ordered = sorted(strangers, key=lambda key: not key.startswith("chain "))
         removals = "".join(
-            f"delete {key.rsplit(' ', 1)[0]} {FAMILY} {TABLE} {key.rsplit(' ', 1)[1]}\n"
+            f"delete {key.rsplit(' ', 1)[0]} {fam} {TABLE} {key.rsplit(' ', 1)[1]}\n"
             for key in ordered
         )
-        try:
-            await self.nft.apply(render_egress(spec) + removals)
-        except NftError:
-            self._written = None
-            raise
-        if wanted is None:
-            await self.nft.drop_table_if_empty()
-        self._written = (wanted, await self.listing())
-        what = "removed" if wanted is None else "replaced"
-        return f"{what} the egress chains of table {FAMILY} {TABLE} ({reason})"
+        return reason, removals
 
-    async def delete(self) -> bool:
-        """The whole table, allow-list included (teardown)."""
-        self._written = None
-        return await self.nft.delete_table()
+    async def ensure(self, spec: EgressSpec) -> str | None:
+        """Rewrite the egress chains of each family whose wanted rules
+        changed or whose chains someone changed, and remove any object in
+        our tables that nobody of ours owns, all in one transaction; returns
+        what was done, None when nothing was needed. A family the cluster
+        has no network of wants no chains: a table of it left from before
+        loses them."""
+        needed = {f: n for f in FAMILIES if (n := await self._needs(spec, f)) is not None}
+        if not needed:
+            return None
+        script = render_egress(spec, needed) + "".join(r for _, r in needed.values())
+        try:
+            await self.nft.apply(script)
+        except NftError:
+            self._written = {}
+            raise
+        done = []
+        for family, (reason, _) in needed.items():
+            fam = nft_family(family)
+            wanted = render_table(spec, family)
+            if wanted is None:
+                await self.nft.drop_table_if_empty(fam)
+            self._written[fam] = (wanted, await self.listing(family))
+            what = "removed" if wanted is None else "replaced"
+            done.append(f"{what} the egress chains of table {fam} {TABLE} ({reason})")
+        return "; ".join(done)
+
+    async def delete(self) -> list[str]:
+        """Every table of ours, allow-lists included (teardown); the tables
+        that were there, as `FAMILY NAME`."""
+        self._written = {}
+        gone = []
+        for family in FAMILIES:
+            fam = nft_family(family)
+            if await self.nft.delete_table(fam):
+                gone.append(f"{fam} {TABLE}")
+        return gone
 
 
 class NftVxlanFilter:
-    """The VXLAN allow-list's counter, set and chain in our table."""
+    """The VXLAN allow-list's counter, set and chain in our table of each
+    family (one instance serves both: what it wrote is kept per table)."""
 
     def __init__(self, nft: Nft) -> None:
         self.nft = nft
-        self._written: tuple[str, str] | None = None  # (rendered, listing after)
+        # nft family -> (rendered, listing after)
+        self._written: dict[str, tuple[str, str]] = {}
 
     async def listing(self, f: FilterSpec) -> str:
         """Our counter (name only), set (no elements) and chain, as listed."""
@@ -159,13 +191,14 @@ class NftVxlanFilter:
         wanted = vxlan_filter.render_objects(f)
         objects = await self.nft.objects(f.table_family)
         current = table_text(f.table_family, TABLE, select(objects, vxlan_filter.KEYS))
-        if self._written == (wanted, current):
+        written = self._written.get(f.table_family)
+        if written == (wanted, current):
             return None
         reason = (
             "first write"
-            if self._written is None
+            if written is None
             else "rules changed"
-            if self._written[0] != wanted
+            if written[0] != wanted
             else "altered or deleted by hand"
         )
         # A set of another type (made by hand) cannot be updated in place.
@@ -175,9 +208,9 @@ class NftVxlanFilter:
         try:
             await self.nft.apply(vxlan_filter.render_install(f, recreate_set=recreate))
         except NftError:
-            self._written = None
+            self._written.pop(f.table_family, None)
             raise
-        self._written = (wanted, await self.listing(f))
+        self._written[f.table_family] = (wanted, await self.listing(f))
         return f"installed the VXLAN filter in table {f.table_family} {TABLE} ({reason})"
 
     async def sources(self, f: FilterSpec) -> frozenset[IPAddress] | None:
@@ -201,39 +234,41 @@ class NftVxlanFilter:
             await self.nft.apply(script)
 
     async def remove(self, family: Family = IPV4) -> str | None:
-        """Delete our counter, set and chain (the filter is off, or there is
-        no VTEP to protect); None when none existed."""
+        """Delete our counter, set and chain of `family` (the filter is off,
+        or there is no VTEP of this family to protect); None when none
+        existed."""
         fam = nft_family(family)
         present = [key for key in await self.nft.objects(fam) if key in vxlan_filter.KEYS]
         script = vxlan_filter.render_removal(present, family)
-        self._written = None
+        self._written.pop(fam, None)
         if not script:
             return None
         await self.nft.apply(script)
         await self.nft.drop_table_if_empty(fam)
         return f"removed the VXLAN filter from table {fam} {TABLE}"
 
-    def dropped_packets(self, family: Family = IPV4) -> int | None:
-        """The drop counter's packets, read synchronously: the metrics
-        endpoint calls this from its own thread at scrape time, so the
-        figure is current and costs nothing between scrapes."""
-        argv = [
-            *self.nft.prefix,
-            "-j",
-            "list",
-            "counter",
-            nft_family(family),
-            TABLE,
-            vxlan_filter.COUNTER,
-        ]
+    def dropped_packets(self) -> dict[str, int] | None:
+        """The drop counters' packets by table family ("ip", "ip6"; a family
+        without a counter of ours is absent), read synchronously in one
+        `nft` run: the metrics endpoint calls this from its own thread at
+        scrape time, so the figure is current and costs nothing between
+        scrapes. None when nft could not be asked."""
+        argv = [*self.nft.prefix, "-j", "list", "counters"]
         try:
             done = subprocess.run(argv, capture_output=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return None
         if done.returncode != 0:
             return None
+        found: dict[str, int] = {}
+        ours = {nft_family(family) for family in FAMILIES}
         for item in json.loads(done.stdout).get("nftables", []):
             counter = item.get("counter")
-            if counter is not None:
-                return int(counter.get("packets", 0))
-        return None
+            if (
+                counter is not None
+                and counter.get("table") == TABLE
+                and counter.get("name") == vxlan_filter.COUNTER
+                and counter.get("family") in ours
+            ):
+                found[str(counter["family"])] = int(counter.get("packets", 0))
+        return found

@@ -6,10 +6,12 @@ exec ... sysctl` processes, which must not block the event loop."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from overlayd.dataplane.command import run
 from overlayd.errors import OverlaydError
+from overlayd.model import IPV4, Family
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +70,30 @@ async def ensure_forwarding_and_redirects(bridge: str, *, netns: str | None = No
 
 
 BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+# The same for IPv6, which has its own switch.
+BRIDGE_NF6 = Path("/proc/sys/net/bridge/bridge-nf-call-ip6tables")
 
 
-async def ensure_bridge_netfilter(*, netns: str | None = None) -> list[str]:
-    """Bridged IPv4 frames must pass the IPv4 forward hook, or the rule that
-    stops containers talking to each other through the gwbridge never sees
-    them. The setting exists only while br_netfilter is loaded."""
-    try:
-        changed = await _set(BRIDGE_NF, "1", netns)
-    except (FileNotFoundError, _CommandFailed) as exc:
-        raise SysctlError(
-            "net.bridge.bridge-nf-call-iptables is missing: load br_netfilter"
-            " (modprobe br_netfilter) so that the gwbridge can isolate containers"
-        ) from exc
-    return ["enabled net.bridge.bridge-nf-call-iptables=1 (gwbridge isolation)"] if changed else []
+async def ensure_bridge_netfilter(
+    families: Sequence[Family] = (IPV4,), *, netns: str | None = None
+) -> list[str]:
+    """Bridged frames of each family must pass that family's forward hook,
+    or the rule that stops containers talking to each other through the
+    gwbridge never sees them. The settings exist only while br_netfilter
+    is loaded."""
+    changed = []
+    for family in families:
+        path = BRIDGE_NF6 if family.version == 6 else BRIDGE_NF
+        key = f"net.bridge.{path.name}"
+        try:
+            if await _set(path, "1", netns):
+                changed.append(f"enabled {key}=1 (gwbridge isolation)")
+        except (FileNotFoundError, _CommandFailed) as exc:
+            raise SysctlError(
+                f"{key} is missing: load br_netfilter"
+                " (modprobe br_netfilter) so that the gwbridge can isolate containers"
+            ) from exc
+    return changed
 
 
 class SysctlError(OverlaydError):

@@ -8,6 +8,9 @@ leases in a real etcd. Prints figures; asserts nothing.
     idle CPU       the daemon's user+system time over an idle period
     acquisition    A lease clients acquiring at once, the daemon's own code
 
+With `dual`, the network is dual-stack and every synthetic peer has an IPv6
+half: twice the entries, and "added" means both of its routes are in.
+
 The synthetic peers' public addresses come from the documentation ranges;
 no packet is ever sent to them (their entries are permanent, nothing floods).
 """
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from overlayd.config import parse_network_config
@@ -33,50 +36,82 @@ from overlayd.daemon.leasing import SubnetLeaser
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
 from overlayd.model import Lease
-from overlayd.plan.leases import render_lease, subnet_key
+from overlayd.plan.leases import lease_key, render_lease
 from overlayd.store.etcd import EtcdStore
 
 NETWORK = IPv4Network("10.128.0.0/9")  # 32,767 /24s
+NETWORK6 = IPv6Network("fd00:128::/48")  # 65,535 /64s
 PUBLIC_POOL = [IPv4Address("198.51.100.0") + i for i in range(1, 255)] + [
     IPv4Address("203.0.113.0") + i for i in range(1, 255)
 ]
+# Documentation addresses too, off the lab's underlay link: never sent to.
+PUBLIC_POOL6 = IPv6Address("2001:db8:cb::")
 TXN_OPS = 100  # etcd allows 128 operations per transaction by default
 
 
-def synthetic_lease(index: int) -> Lease:
+def network_config(dual: bool) -> dict[str, object]:
+    config: dict[str, object] = {"Network": str(NETWORK), "SubnetLen": 24}
+    if dual:
+        config |= {"EnableIPv6": True, "IPv6Network": str(NETWORK6), "IPv6SubnetLen": 64}
+    return config
+
+
+def synthetic_lease(index: int, *, dual: bool = False) -> Lease:
     """Peer number `index` (0-based), never the daemon's own subnet range."""
     subnet = IPv4Network((int(NETWORK.network_address) + (index + 1000) * 256, 24))
     octets = [(index >> shift) & 0xFF for shift in (24, 16, 8, 0)]
     mac = "02:" + ":".join(f"{o:02x}" for o in octets) + ":01"
-    return Lease(subnet, PUBLIC_POOL[index % len(PUBLIC_POOL)], 1, mac)
+    public = PUBLIC_POOL[index % len(PUBLIC_POOL)]
+    if not dual:
+        return Lease(subnet, public, 1, mac)
+    subnet6 = IPv6Network((int(NETWORK6.network_address) + ((index + 1000) << 64), 64))
+    return Lease(
+        subnet,
+        public,
+        1,
+        mac,
+        ipv6_subnet=subnet6,
+        public_ipv6=PUBLIC_POOL6 + index + 1,
+        vtep_mac_v6=mac[:-2] + "06",
+    )
 
 
 async def _put_many(store: EtcdStore, leases: list[Lease]) -> None:
     for start in range(0, len(leases), TXN_OPS):
         await store.put_many(
             [
-                (subnet_key(PREFIX, lease.subnet), render_lease(lease))
+                (lease_key(PREFIX, lease), render_lease(lease))
                 for lease in leases[start : start + TXN_OPS]
             ]
         )
 
 
 async def _churn(
-    watch: RouteWatch, peers: int, changes: int, store: EtcdStore
+    watch: RouteWatch, peers: int, changes: int, dual: bool, store: EtcdStore
 ) -> tuple[list[float], list[float]]:
-    """Add one peer, wait for its route, remove it, wait; `changes` times.
-    One etcd connection throughout, so that only overlayd's latency counts."""
+    """Add one peer, wait for its route (both, dual-stack), remove it, wait;
+    `changes` times. One etcd connection throughout, so that only overlayd's
+    latency counts."""
     adds, removes = [], []
     for i in range(changes):
-        lease = synthetic_lease(peers + i)
-        key, dst = subnet_key(PREFIX, lease.subnet), str(lease.subnet)
+        lease = synthetic_lease(peers + i, dual=dual)
+        key = lease_key(PREFIX, lease)
+        dsts = [str(lease.subnet)] + ([str(lease.ipv6_subnet)] if dual else [])
         since = time.monotonic()
         await store.put(key, render_lease(lease))
-        adds.append(await asyncio.to_thread(watch.wait_for, partial(_added, dst), since))
+        adds.append(await _all_seen(watch, _added, dsts, since))
         since = time.monotonic()
         await store.delete(key)
-        removes.append(await asyncio.to_thread(watch.wait_for, partial(_deleted, dst), since))
+        removes.append(await _all_seen(watch, _deleted, dsts, since))
     return adds, removes
+
+
+async def _all_seen(
+    watch: RouteWatch, seen: Callable[[str, str], bool], dsts: list[str], since: float
+) -> float:
+    """Until every destination's line is seen: the slowest of them."""
+    times = [await asyncio.to_thread(watch.wait_for, partial(seen, dst), since) for dst in dsts]
+    return max(times)
 
 
 def _added(dst: str, line: str) -> bool:
@@ -150,6 +185,7 @@ def _percentile(samples: list[float], pct: float) -> float:
 
 @dataclass
 class CpResult:
+    family: str  # "v4" or "dual"
     peers: int
     cold_start: float
     add_p50: float
@@ -162,7 +198,8 @@ class CpResult:
     def row(self) -> str:
         ms = 1000
         return (
-            f"| {self.peers:>6} | {self.cold_start:6.2f} s | {self.add_p50 * ms:6.1f} ms"
+            f"| {self.family:>6} | {self.peers:>6} | {self.cold_start:6.2f} s"
+            f" | {self.add_p50 * ms:6.1f} ms"
             f" | {self.add_p99 * ms:6.1f} ms | {self.remove_p50 * ms:6.1f} ms"
             f" | {self.remove_p99 * ms:6.1f} ms | {self.peak_rss_mb:5.0f} MB"
             f" | {self.idle_cpu_pct:5.2f} % |"
@@ -170,9 +207,23 @@ class CpResult:
 
 
 HEADER = (
-    "|  peers | cold start | add p50 | add p99 | remove p50 | remove p99 | peak RSS"
-    " | idle CPU |\n|---|---|---|---|---|---|---|---|"
+    "| family |  peers | cold start | add p50 | add p99 | remove p50 | remove p99 | peak RSS"
+    " | idle CPU |\n|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def ratio_row(dual: CpResult, v4: CpResult) -> str:
+    """Dual-stack's figures over IPv4-only's, measured in the same run."""
+
+    def r(a: float, b: float) -> str:
+        return f"{a / b:5.2f}x" if b > 0 else "  n/a"
+
+    return (
+        f"| dual/v4 | {dual.peers:>6} | {r(dual.cold_start, v4.cold_start)}"
+        f" | {r(dual.add_p50, v4.add_p50)} | {r(dual.add_p99, v4.add_p99)}"
+        f" | {r(dual.remove_p50, v4.remove_p50)} | {r(dual.remove_p99, v4.remove_p99)}"
+        f" | {r(dual.peak_rss_mb, v4.peak_rss_mb)} | {r(dual.idle_cpu_pct, v4.idle_cpu_pct)} |"
+    )
 
 
 def run_one(
@@ -182,17 +233,18 @@ def run_one(
     idle_seconds: float,
     *,
     resync_seconds: float = 60.0,
+    dual: bool = False,
 ) -> CpResult:
     lab = Lab(name)
     lab.down()
-    config = parse_network_config(json.dumps({"Network": str(NETWORK), "SubnetLen": 24}))
+    config = parse_network_config(json.dumps(network_config(dual)))
     try:
         lab.up(
             0,
             config=config,
             settings=LabSettings(egress="none", resync_seconds=resync_seconds, lease_ttl=300),
         )
-        leases = [synthetic_lease(i) for i in range(peers)]
+        leases = [synthetic_lease(i, dual=dual) for i in range(peers)]
         lab.etcd(lambda store: _put_many(store, leases))
         lab.attach_host_namespace(1)
         ns = lab.host_ns(1)
@@ -204,18 +256,22 @@ def run_one(
             time.sleep(0.005)
         cold = time.monotonic() - started
         count = len(netns.ip(ns, "route", "show", "proto", "77").splitlines())
-        if count != peers:
-            raise RuntimeError(f"{count} routes after ready, expected {peers}")
+        if dual:
+            count += len(netns.ip(ns, "-6", "route", "show", "proto", "77").splitlines())
+        expected = peers * (2 if dual else 1)
+        if count != expected:
+            raise RuntimeError(f"{count} routes after ready, expected {expected}")
         watch = RouteWatch(ns)
         try:
             time.sleep(1.0)
-            adds, removes = lab.etcd(partial(_churn, watch, peers, changes))
+            adds, removes = lab.etcd(partial(_churn, watch, peers, changes, dual))
         finally:
             watch.close()
         cpu_before = _cpu_seconds(proc.pid)
         time.sleep(idle_seconds)
         idle = (_cpu_seconds(proc.pid) - cpu_before) / idle_seconds * 100
         return CpResult(
+            family="dual" if dual else "v4",
             peers=peers,
             cold_start=cold,
             add_p50=statistics.median(adds),

@@ -27,19 +27,23 @@ across restarts and reboots and peers never see them change.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from overlayd.model import (
     IPV4,
+    IPV6,
     BridgeFdb,
     DeviceSpec,
     EntrySet,
     Family,
+    IPAddress,
+    IPNetwork,
     Lease,
     Neighbour,
     NetworkConfig,
+    Peer,
     Route,
     RouteKey,
     TunnelFdb,
@@ -48,7 +52,7 @@ from overlayd.model import (
 from overlayd.plan.ipam import gateway_address
 
 
-def stable_mac(role: str, subnet: IPv4Network, vni: int) -> str:
+def stable_mac(role: str, subnet: IPv4Network | IPv6Network, vni: int) -> str:
     """A locally administered unicast MAC that depends only on its inputs."""
     digest = bytearray(hashlib.sha256(f"{role}|{subnet}|{vni}".encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFC) | 0x02
@@ -87,6 +91,19 @@ def overlay_mtu(config: NetworkConfig, underlay_mtu: int, family: Family = IPV4)
     return max_overlay_mtu(config, underlay_mtu, family)
 
 
+def tunnel_families(config: NetworkConfig, own: Lease) -> tuple[Family, ...]:
+    """The underlay families this host's tunnels use: both VTEPs share the
+    bridge, so the containers' MTU must fit the costlier (IPv6's 70 bytes,
+    not flannel's 50: flannel #1781)."""
+    return (IPV4, IPV6) if config.ipv6 is not None and own.has_ipv6 else (IPV4,)
+
+
+def dual_stack_mtu(config: NetworkConfig, underlay_mtu: int, own: Lease) -> int:
+    """The containers' MTU: the configured one, else the largest that fits
+    every tunnel this host uses."""
+    return min(overlay_mtu(config, underlay_mtu, f) for f in tunnel_families(config, own))
+
+
 def device_spec(
     *,
     config: NetworkConfig,
@@ -96,23 +113,36 @@ def device_spec(
     underlay_mtu: int,
     underlay: str = "",
 ) -> DeviceSpec:
+    vxlan = config.backend.type == "vxlan"
+    dual = IPV6 in tunnel_families(config, own)
+    subnet6 = own.ipv6_subnet if dual else None
     return DeviceSpec(
         bridge=bridge,
         bridge_mac=stable_mac("bridge", own.subnet, own.vni),
         gateway=IPv4Interface((gateway_address(own.subnet), own.subnet.prefixlen)),
-        vtep=vtep_name(own.vni) if config.backend.type == "vxlan" else "",
+        vtep=vtep_name(own.vni) if vxlan else "",
         vtep_mac=own.vtep_mac,
         vni=own.vni,
         port=config.backend.port,
         local_ip=own.public_ip,
         underlay_ifindex=underlay_ifindex,
-        mtu=overlay_mtu(config, underlay_mtu),
+        mtu=dual_stack_mtu(config, underlay_mtu, own),
         underlay=underlay,
+        gateway6=(
+            IPv6Interface((subnet6.network_address + 1, subnet6.prefixlen))
+            if subnet6 is not None
+            else None
+        ),
+        vtep6=vtep6_name(own.vni) if vxlan and dual else "",
+        vtep6_mac=own.vtep_mac_v6 if vxlan and dual else "",
+        local_ip6=own.public_ipv6 if dual else None,
     )
 
 
-def next_hop(subnet: IPv4Network) -> IPv4Address:
-    """flannel's convention: the peer subnet's network address."""
+def next_hop(subnet: IPNetwork) -> IPAddress:
+    """flannel's convention, for both families: the peer subnet's network
+    address (for IPv6 the subnet-router anycast address, which is only a
+    next hop with a permanent neighbour here, never a destination)."""
     return subnet.network_address
 
 
@@ -124,27 +154,30 @@ class Routing:
 
     backend: str = "vxlan"
     direct_routing: bool = False
-    onlink: tuple[IPv4Network, ...] = ()  # the underlay's connected networks
+    onlink: tuple[IPNetwork, ...] = ()  # the underlay's connected networks (one family)
 
     @classmethod
-    def of(cls, config: NetworkConfig, onlink: Iterable[IPv4Network] = ()) -> Routing:
+    def of(cls, config: NetworkConfig, onlink: Iterable[IPNetwork] = ()) -> Routing:
         return cls(config.backend.type, config.backend.direct_routing, tuple(onlink))
 
 
 @dataclass(frozen=True, slots=True)
 class PeerPlan:
-    tunneled: tuple[Lease, ...]
-    direct: tuple[Lease, ...]
-    unreachable: tuple[Lease, ...]  # host-gw peers off the underlay's link: no route
+    """The peers of one family by how they are reached (a `Lease` is the
+    IPv4 view of a peer, a `FamilyPeer` the IPv6 one)."""
+
+    tunneled: Sequence[Peer]
+    direct: Sequence[Peer]
+    unreachable: Sequence[Peer]  # host-gw peers off the underlay's link: no route
 
 
-def plan_peers(peers: Iterable[Lease], routing: Routing) -> PeerPlan:
+def plan_peers(peers: Sequence[Peer], routing: Routing) -> PeerPlan:
     if routing.backend == "vxlan" and not routing.direct_routing:
         return PeerPlan(tuple(peers), (), ())
     ranges = [(int(n.network_address), int(n.broadcast_address)) for n in routing.onlink]
-    tunneled: list[Lease] = []
-    direct: list[Lease] = []
-    unreachable: list[Lease] = []
+    tunneled: list[Peer] = []
+    direct: list[Peer] = []
+    unreachable: list[Peer] = []
     for peer in peers:
         address = int(peer.public_ip)
         if any(first <= address <= last for first, last in ranges):
@@ -161,12 +194,12 @@ def plan_peers(peers: Iterable[Lease], routing: Routing) -> PeerPlan:
 # A peer's entries (four through the tunnel, one route when direct), with the
 # route and neighbour keys precomputed.
 PeerEntries = tuple[
-    "Lease", bool, Route, "Neighbour | None", "TunnelFdb | None", "BridgeFdb | None", RouteKey, int
+    Peer, bool, Route, "Neighbour | None", "TunnelFdb | None", "BridgeFdb | None", RouteKey, int
 ]
 EntryMemo = dict[int, PeerEntries]
 
 
-def peer_entries(peer: Lease, *, direct: bool = False) -> PeerEntries:
+def peer_entries(peer: Peer, *, direct: bool = False) -> PeerEntries:
     if direct:
         route = Route(dst=peer.subnet, gateway=peer.public_ip, direct=True)
         return (peer, True, route, None, None, None, route_key(peer.subnet), 0)
@@ -184,7 +217,7 @@ def peer_entries(peer: Lease, *, direct: bool = False) -> PeerEntries:
 
 
 def desired_entries(
-    peers: Iterable[Lease], *, direct: Iterable[Lease] = (), memo: EntryMemo | None = None
+    peers: Iterable[Peer], *, direct: Iterable[Peer] = (), memo: EntryMemo | None = None
 ) -> EntrySet:
     """The route, neighbour and two FDB entries of every tunneled peer, and
     the one route of every direct peer.

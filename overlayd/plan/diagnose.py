@@ -49,6 +49,20 @@ class CertificateExpiry:
 
 
 @dataclass
+class FilterFacts:
+    """One family's VXLAN allow-list as diagnose found it: what the filter
+    must be, our objects as listed ("" when none), the set's elements
+    (None: no set), the tunnelled peers of the family by public IP, and
+    why nft could not be asked, if so."""
+
+    spec: FilterSpec
+    listing: str | None = None
+    sources: frozenset[IPAddress] | None = None
+    wanted: dict[str, str] = field(default_factory=dict)  # public IP -> subnet
+    error: str | None = None
+
+
+@dataclass
 class HostFacts:
     """What `overlayctl diagnose` gathered; None where it could not look."""
 
@@ -70,15 +84,10 @@ class HostFacts:
     subnet_file_mtu: int | None = None
     etcd_certificates: list[CertificateExpiry] = field(default_factory=list)
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
-    # The VXLAN allow-list: the setting (None: unknown), what the filter
-    # must be (None: no VTEP), our objects as listed ("" when none), the
-    # set's elements (None: no set), and the tunnelled peers by public IP.
+    # The VXLAN allow-list: the setting (None: unknown), and one look per
+    # family with a VTEP (none in host-gw mode).
     vxlan_filter: bool | None = None
-    filter_spec: FilterSpec | None = None
-    filter_listing: str | None = None
-    filter_sources: frozenset[IPAddress] | None = None
-    filter_wanted: dict[str, str] = field(default_factory=dict)  # public IP -> subnet
-    filter_error: str | None = None
+    filters: list[FilterFacts] = field(default_factory=list)
 
 
 # How an operator would name each kind of entry, with the device it sits on.
@@ -105,12 +114,14 @@ def describe_change(change: Change, actual: EntrySet, spec: DeviceSpec) -> str:
     return f"wrong {_entry_words(current, spec)}: should be {_entry_words(change.entry, spec)}"
 
 
-def _chains_with_input_hook(ruleset: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+def _chains_with_input_hook(
+    ruleset: Sequence[dict[str, Any]], families: Sequence[str]
+) -> dict[tuple[str, str, str], str]:
     """(family, table, chain) -> policy, for base chains on the input hook."""
     found = {}
     for item in ruleset:
         chain = item.get("chain")
-        if chain and chain.get("hook") == "input" and chain.get("family") in ("ip", "inet"):
+        if chain and chain.get("hook") == "input" and chain.get("family") in families:
             found[(chain["family"], chain["table"], chain["name"])] = chain.get("policy", "accept")
     return found
 
@@ -148,9 +159,12 @@ def _rule_port_match(expr: Sequence[dict[str, Any]], port: int) -> bool | None:
     return verdict
 
 
-def firewall_blocks(ruleset: Sequence[dict[str, Any]], port: int) -> list[str]:
-    """Rules (or a drop policy) on the input hook that would drop VXLAN."""
-    chains = _chains_with_input_hook(ruleset)
+def firewall_blocks(
+    ruleset: Sequence[dict[str, Any]], port: int, families: Sequence[str] = ("ip", "inet")
+) -> list[str]:
+    """Rules (or a drop policy) on the input hook of tables of `families`
+    (nft's: "ip", "ip6", "inet") that would drop VXLAN."""
+    chains = _chains_with_input_hook(ruleset, families)
     problems = []
     accepted: set[tuple[str, str, str]] = set()
     for item in ruleset:
@@ -267,9 +281,10 @@ def diagnose(f: HostFacts) -> list[Finding]:
     else:
         add("forwarding", True, "IPv4 forwarding on")
 
-    # Firewall.
+    # Firewall: the input hook of each family a VTEP sends VXLAN over.
     if spec.vtep:
-        blocks = firewall_blocks(f.ruleset, spec.port)
+        tables = ("ip", "inet", *(("ip6",) if spec.vtep6 else ()))
+        blocks = firewall_blocks(f.ruleset, spec.port, tables)
         for block in blocks:
             add("firewall", False, f"VXLAN port may be blocked: {block}")
         if not blocks:
@@ -320,8 +335,8 @@ def diagnose(f: HostFacts) -> list[Finding]:
 
 
 def _filter_findings(f: HostFacts) -> list[Finding]:
-    """The VXLAN allow-list: the rules as overlayd writes them, and a set
-    that holds exactly the tunnelled peers' public IPs."""
+    """The VXLAN allow-list of each family: the rules as overlayd writes
+    them, and a set that holds exactly the tunnelled peers' public IPs."""
     check = "vxlan filter"
     port = f.spec.port if f.spec is not None else 0
     if not f.vxlan_filter:
@@ -333,16 +348,23 @@ def _filter_findings(f: HostFacts) -> list[Finding]:
                 " it must be filtered elsewhere",
             )
         ]
-    if f.filter_error is not None:
-        return [Finding(check, False, f"could not look at table ip {TABLE}: {f.filter_error}")]
-    fs = f.filter_spec
-    if fs is None or f.filter_listing is None:
+    out: list[Finding] = []
+    for facts in f.filters:
+        out += _family_filter_findings(check, facts)
+    return out
+
+
+def _family_filter_findings(check: str, facts: FilterFacts) -> list[Finding]:
+    fs = facts.spec
+    where = f"table {fs.table_family} {TABLE}"
+    if facts.error is not None:
+        return [Finding(check, False, f"could not look at {where}: {facts.error}")]
+    if facts.listing is None:
         return []
     out: list[Finding] = []
-    where = f"table {fs.table_family} {TABLE}"
     expected = render_objects(fs)
-    if f.filter_listing != expected:
-        found = split_objects(f.filter_listing)
+    if facts.listing != expected:
+        found = split_objects(facts.listing)
         wanted = split_objects(expected)
         for key, block in wanted.items():
             if key not in found:
@@ -358,15 +380,16 @@ def _filter_findings(f: HostFacts) -> list[Finding]:
                         f" port {fs.port}, VNI {fs.vni}: {' | '.join(_lines(found[key]))}",
                     )
                 )
-    if f.filter_sources is not None:
-        wanted_ips = {str(ip): subnet for ip, subnet in f.filter_wanted.items()}
-        held = {str(ip) for ip in f.filter_sources}
+    if facts.sources is not None:
+        wanted_ips = {str(ip): subnet for ip, subnet in facts.wanted.items()}
+        held = {str(ip) for ip in facts.sources}
         for ip in sorted(set(wanted_ips) - held):
             out.append(
                 Finding(
                     check,
                     False,
-                    f"{ip} (peer {wanted_ips[ip]}) is not in set {SET}: its VXLAN is dropped",
+                    f"{ip} (peer {wanted_ips[ip]}) is not in set {SET} of {where}:"
+                    " its VXLAN is dropped",
                 )
             )
         for ip in sorted(held - set(wanted_ips)):
@@ -374,7 +397,7 @@ def _filter_findings(f: HostFacts) -> list[Finding]:
                 Finding(
                     check,
                     False,
-                    f"{ip} is in set {SET} but is no tunnelled peer: it may send VXLAN",
+                    f"{ip} is in set {SET} of {where} but is no tunnelled peer: it may send VXLAN",
                 )
             )
     if not out:
@@ -382,8 +405,8 @@ def _filter_findings(f: HostFacts) -> list[Finding]:
             Finding(
                 check,
                 True,
-                f"chain {CHAIN} accepts VXLAN (port {fs.port}, VNI {fs.vni}) only from set {SET},"
-                f" which holds the {len(f.filter_wanted)} tunnelled peer(s)",
+                f"chain {CHAIN} of {where} accepts VXLAN (port {fs.port}, VNI {fs.vni}) only"
+                f" from set {SET}, which holds the {len(facts.wanted)} tunnelled peer(s)",
             )
         )
     return out

@@ -1,4 +1,4 @@
-"""Egress for containers, rendered as data: the nftables table overlayd owns,
+"""Egress for containers, rendered as data: the nftables tables overlayd owns,
 the iptables FORWARD exceptions it needs, and the choice of gwbridge subnet.
 
 Modes (the `egress` setting):
@@ -11,13 +11,23 @@ Modes (the `egress` setting):
   to each other through it (Docker's icc=false).
 - masquerade, like flannel's ip-masq: one interface on the overlay bridge;
   traffic from the cluster network to anything outside it, except
-  multicast, is masqueraded.
+  multicast (and IPv6 link-local), is masqueraded.
 - none: no rules at all (our egress chains are removed if they exist).
 
 In every mode the overlay is never NATed: the masquerade rules only match
 traffic whose destination lies outside the cluster network, and nobody
 outside the cluster network may open connections to containers, except
 through a port the host publishes (a DNAT by portmap or Docker's -p).
+
+Dual-stack: the same rules, rendered by the same functions for each address
+family (`Family`) that the cluster has, into one table per family: `ip
+overlayd` and `ip6 overlayd`. Two tables rather than one `inet` table: the
+IPv4 table keeps its name and content exactly, so an upgraded host needs no
+migration, and every rule names its family's addresses anyway (an `inet`
+table would save no rule). When both tables change, both are written in
+one `nft -f` transaction (see dataplane/nft.py), so there is never a moment
+with half a ruleset. In gwbridge mode the gwbridge gets an IPv6 subnet too,
+a ULA /64 by default (GWBRIDGE_CANDIDATES6).
 
 Packet paths (gwbridge mode, host A at 192.0.2.11):
 
@@ -32,22 +42,51 @@ Packet paths (gwbridge mode, host A at 192.0.2.11):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from typing import TypeVar, cast
 
 from overlayd.errors import ConfigError
+from overlayd.model import IPV4, IPV6, Family, IPNetwork
 from overlayd.plan.desired import stable_mac
+from overlayd.plan.nftables import nft_family
 
 TABLE = "overlayd"
-FAMILY = "ip"
+FAMILY = "ip"  # the IPv4 table's family (nft_family(IPV4))
+FAMILIES = (IPV4, IPV6)  # every family that may have a table of ours
 FORWARD_CHAIN = "OVERLAYD-FORWARD"
 # The chains of our table that the egress rules own.
 EGRESS_CHAINS = ("forward", "postrouting")
 MULTICAST = IPv4Network("224.0.0.0/4")
+# Destinations outside the cluster network that traffic from it still goes
+# to unmasqueraded: multicast, and for IPv6 link-local addresses, which are
+# never routed (a masqueraded fe80:: packet could not even leave its link).
+NEVER_NAT: Mapping[int, tuple[IPNetwork, ...]] = {
+    4: (MULTICAST,),
+    6: (IPv6Network("ff00::/8"), IPv6Network("fe80::/10")),
+}
 # Docker's default pool for its own bridges starts at 172.17; take the next
 # /16s, as docker_gwbridge does.
 GWBRIDGE_CANDIDATES = tuple(IPv4Network(f"172.{n}.0.0/16") for n in range(18, 32))
+# The gwbridge's IPv6 subnet, by default the first free /64 of one unique
+# local /48 (RFC 4193). RFC 4193 wants a ULA's global ID picked at random so
+# that two sites' prefixes are unlikely to meet; ours was picked once, as
+# the first 40 bits of sha256("overlayd gwbridge") (4a4eae8d08, so anyone
+# can check it is not hand-made), and is the same on every host, as
+# 172.18.0.0/16 is. That is harmless: the subnet never leaves its host
+# (it is masqueraded, never routed between hosts, never in a lease), so
+# hosts need not differ; a constant needs no state to be the same after a
+# restart; and it is checked against the cluster's IPv6 network and the
+# host's routes like the IPv4 candidates, falling to the next /64.
+GWBRIDGE_ULA = IPv6Network("fd4a:4eae:8d08::/48")
+GWBRIDGE_CANDIDATES6 = tuple(GWBRIDGE_ULA.subnets(new_prefix=64))[:16]
+_CANDIDATES: Mapping[int, tuple[IPNetwork, ...]] = {
+    4: GWBRIDGE_CANDIDATES,
+    6: GWBRIDGE_CANDIDATES6,
+}
+# The setting that configures each family's gwbridge subnet.
+GWBRIDGE_SETTING = {4: "gwbridge-subnet", 6: "gwbridge-subnet6"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,45 +116,87 @@ class EgressSpec:
 
     @property
     def gwbridge_gateway6(self) -> IPv6Interface | None:
-        if self.mode != "gwbridge" or self.gwbridge_subnet6 is None:
+        # Without IPv6 in the cluster (or in our lease) the gwbridge has none either.
+        if self.mode != "gwbridge" or self.gwbridge_subnet6 is None or self.cluster6 is None:
             return None
         return IPv6Interface(
             (self.gwbridge_subnet6.network_address + 1, self.gwbridge_subnet6.prefixlen)
         )
 
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """The address families the cluster has a network of."""
+        return tuple(f for f in FAMILIES if self.cluster_for(f) is not None)
+
+    def cluster_for(self, family: Family) -> IPNetwork | None:
+        """The cluster's network of `family`; None: the cluster has none."""
+        return self.cluster6 if family.version == 6 else self.cluster
+
+    def gwbridge_subnet_for(self, family: Family) -> IPNetwork | None:
+        return self.gwbridge_subnet6 if family.version == 6 else self.gwbridge_subnet
+
+
+N = TypeVar("N", IPv4Network, IPv6Network)
+
 
 def choose_gwbridge_subnet(
-    configured: IPv4Network | None,
-    cluster: IPv4Network,
-    host_routes: Iterable[IPv4Network],
-) -> IPv4Network:
+    configured: N | None,
+    cluster: N,
+    host_routes: Iterable[IPNetwork],
+    family: Family = IPV4,
+) -> N:
     """The configured subnet if it overlaps nothing, else the first free
-    candidate. `host_routes` must leave out the gwbridge's own route, so that a
-    restart chooses the same subnet again."""
-    routes = [r for r in host_routes if r.prefixlen > 0]  # a default route overlaps all
+    candidate of `family`. `host_routes` must leave out the gwbridge's own
+    route, so that a restart chooses the same subnet again; routes of the
+    other family are ignored."""
+    setting = GWBRIDGE_SETTING[family.version]
+    routes = [
+        r
+        for r in host_routes
+        if r.version == family.version and r.prefixlen > 0  # a default route overlaps all
+    ]
     if configured is not None:
         if configured.overlaps(cluster):
-            raise ConfigError(
-                "gwbridge-subnet", f"{configured} overlaps the cluster network {cluster}"
-            )
+            raise ConfigError(setting, f"{configured} overlaps the cluster network {cluster}")
         clash = next((r for r in routes if r.overlaps(configured)), None)
         if clash is not None:
-            raise ConfigError(
-                "gwbridge-subnet", f"{configured} overlaps the host's route to {clash}"
-            )
+            raise ConfigError(setting, f"{configured} overlaps the host's route to {clash}")
         return configured
-    for candidate in GWBRIDGE_CANDIDATES:
+    candidates = cast(tuple[N, ...], _CANDIDATES[family.version])
+    for candidate in candidates:
         if not candidate.overlaps(cluster) and not any(r.overlaps(candidate) for r in routes):
             return candidate
     raise ConfigError(
-        "gwbridge-subnet",
-        "every default candidate (172.18.0.0/16 to 172.31.0.0/16) overlaps the cluster"
+        setting,
+        f"every default candidate ({candidates[0]} to {candidates[-1]}) overlaps the cluster"
         " network or a host route: set one explicitly",
     )
 
 
-def _forward_chain(spec: EgressSpec) -> list[str]:
-    net = spec.cluster
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """What one family's rules need: nft's word for its header fields, the
+    cluster's network, the gwbridge's subnet (gwbridge mode) and what is
+    never masqueraded."""
+
+    ip: str
+    net: IPNetwork
+    gwbridge_subnet: IPNetwork | None
+    never_nat: tuple[IPNetwork, ...]
+
+
+def _rules_for(spec: EgressSpec, family: Family) -> _Rules | None:
+    """None: no rules of this family (mode none, or the cluster has no
+    network of this family)."""
+    net = spec.cluster_for(family)
+    if spec.mode == "none" or net is None:
+        return None
+    return _Rules(
+        nft_family(family), net, spec.gwbridge_subnet_for(family), NEVER_NAT[family.version]
+    )
+
+
+def _forward_chain(spec: EgressSpec, r: _Rules) -> list[str]:
     rules = [
         "type filter hook forward priority filter; policy accept;",
         # A port published on purpose (portmap for CNI runtimes, Docker's -p)
@@ -133,38 +214,44 @@ def _forward_chain(spec: EgressSpec) -> list[str]:
             ' comment "nothing outside may open connections to containers"',
         ]
     rules.append(
-        f"ct state new ip daddr {net} ip saddr != {net} drop"
+        f"ct state new {r.ip} daddr {r.net} {r.ip} saddr != {r.net} drop"
         ' comment "only the cluster opens connections to cluster addresses"'
     )
     return rules
 
 
-def _postrouting_chain(spec: EgressSpec) -> list[str]:
+def _postrouting_chain(spec: EgressSpec, r: _Rules) -> list[str]:
     rules = ["type nat hook postrouting priority srcnat; policy accept;"]
     if spec.mode == "gwbridge":
-        assert spec.gwbridge_subnet is not None
-        rules.append(
-            f'ip saddr {spec.gwbridge_subnet} oifname != "{spec.gwbridge}" masquerade fully-random'
-        )
+        # The agent picks a gwbridge subnet for each family the cluster has
+        # at start; one the cluster gained later has none until the next
+        # start, and so no way out yet (but the same isolation).
+        if r.gwbridge_subnet is not None:
+            rules.append(
+                f"{r.ip} saddr {r.gwbridge_subnet}"
+                f' oifname != "{spec.gwbridge}" masquerade fully-random'
+            )
     else:
-        net = spec.cluster
+        net = r.net
         rules += [
-            f'ip saddr {net} ip daddr {net} return comment "the overlay is never NATed"',
-            f"ip saddr {net} ip daddr {MULTICAST} return",
-            f"ip saddr {net} masquerade fully-random",
+            f'{r.ip} saddr {net} {r.ip} daddr {net} return comment "the overlay is never NATed"',
+            *(f"{r.ip} saddr {net} {r.ip} daddr {dst} return" for dst in r.never_nat),
+            f"{r.ip} saddr {net} masquerade fully-random",
         ]
     return rules
 
 
-def render_table(spec: EgressSpec) -> str | None:
-    """The egress chains as `nft list table` prints them (when they are all
-    the table holds); None when the mode wants no rules."""
-    if spec.mode == "none":
+def render_table(spec: EgressSpec, family: Family = IPV4) -> str | None:
+    """`family`'s egress chains as `nft list table` prints them (when they
+    are all the table holds); None when the mode wants no rules, or the
+    cluster has no network of this family."""
+    r = _rules_for(spec, family)
+    if r is None:
         return None
-    lines = [f"table {FAMILY} {TABLE} {{"]
+    lines = [f"table {nft_family(family)} {TABLE} {{"]
     for name, body in (
-        ("forward", _forward_chain(spec)),
-        ("postrouting", _postrouting_chain(spec)),
+        ("forward", _forward_chain(spec, r)),
+        ("postrouting", _postrouting_chain(spec, r)),
     ):
         lines.append(f"\tchain {name} {{")
         lines += [f"\t\t{rule}" for rule in body]
@@ -174,27 +261,32 @@ def render_table(spec: EgressSpec) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def render_transaction(spec: EgressSpec) -> str:
+def render_transaction(spec: EgressSpec, families: Iterable[Family] = (IPV4,)) -> str:
     """An `nft -f` script that replaces our egress chains, and nothing else
-    in the table, in one atomic transaction. The table also holds the VXLAN
-    allow-list (plan/vxlan_filter.py), whose set elements and drop counter
-    must survive a change of egress rules, so the table itself is never
-    deleted here. Each chain is added first, which makes its delete safe
-    when it is absent; the kernel applies the whole script or none of it,
-    so there is no moment without rules."""
-    script = f"table {FAMILY} {TABLE}\n"
-    for chain in EGRESS_CHAINS:
-        script += f"add chain {FAMILY} {TABLE} {chain}\ndelete chain {FAMILY} {TABLE} {chain}\n"
-    table = render_table(spec)
-    return script + (table or "")
+    in the tables, of each of `families`, in one atomic transaction. A
+    table also holds the VXLAN allow-list (plan/vxlan_filter.py), whose set
+    elements and drop counter must survive a change of egress rules, so the
+    table itself is never deleted here. Each chain is added first, which
+    makes its delete safe when it is absent; the kernel applies the whole
+    script or none of it, both tables included, so there is no moment
+    without rules or with one family's new rules and the other's old."""
+    script = ""
+    for family in families:
+        where = f"{nft_family(family)} {TABLE}"
+        script += f"table {where}\n"
+        for chain in EGRESS_CHAINS:
+            script += f"add chain {where} {chain}\ndelete chain {where} {chain}\n"
+        script += render_table(spec, family) or ""
+    return script
 
 
-def forward_accept_rules(spec: EgressSpec) -> list[str]:
-    """iptables rules (for our own chain in the filter table) that let cluster
-    and gwbridge traffic through a FORWARD chain whose policy is drop."""
-    if spec.mode == "none":
+def forward_accept_rules(spec: EgressSpec, family: Family = IPV4) -> list[str]:
+    """iptables (or, for IPv6, ip6tables) rules for our own chain in the
+    filter table, that let cluster and gwbridge traffic through a FORWARD
+    chain whose policy is drop."""
+    net = spec.cluster_for(family)
+    if spec.mode == "none" or net is None:
         return []
-    net = spec.cluster
     rules = [f"-s {net} -j ACCEPT", f"-d {net} -j ACCEPT"]
     if spec.mode == "gwbridge":
         rules += [f"-i {spec.gwbridge} -j ACCEPT", f"-o {spec.gwbridge} -j ACCEPT"]

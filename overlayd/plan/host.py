@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from overlayd.errors import ConfigError
-from overlayd.model import VXLAN_OVERHEAD, DeviceSpec, Lease, NetworkConfig, Underlay
+from overlayd.model import IPV4, IPV6, DeviceSpec, Lease, NetworkConfig, Underlay
 from overlayd.plan.desired import device_spec, max_overlay_mtu, overlay_mtu
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.ipam import is_candidate
@@ -53,24 +53,39 @@ def describe_mode(config: NetworkConfig) -> str:
 
 
 def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
-    """The containers' MTU; ConfigError when a configured one cannot fit."""
-    mtu = overlay_mtu(config, underlay.mtu)
-    if mtu > max_overlay_mtu(config, underlay.mtu):
-        overhead = f" minus {VXLAN_OVERHEAD}" if config.backend.type == "vxlan" else ""
-        raise ConfigError(
-            "Backend.MTU", f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu}{overhead}"
-        )
+    """The containers' MTU; ConfigError when a configured one cannot fit
+    the tunnels this host will use (an IPv6 underlay costs 70 bytes)."""
+    families = (IPV4, IPV6) if config.ipv6 is not None and underlay.address6 else (IPV4,)
+    mtu = min(overlay_mtu(config, underlay.mtu, family) for family in families)
+    for family in families:
+        if mtu > max_overlay_mtu(config, underlay.mtu, family):
+            overhead = (
+                f" minus {family.vxlan_overhead} (IPv{family.version} underlay)"
+                if config.backend.type == "vxlan"
+                else ""
+            )
+            raise ConfigError(
+                "Backend.MTU",
+                f"{mtu} does not fit in {underlay.name}'s MTU {underlay.mtu}{overhead}",
+            )
     return mtu
 
 
-def lease_fits(config: NetworkConfig, own: Lease) -> bool:
+def lease_fits(config: NetworkConfig, own: Lease, *, ipv6_capable: bool = False) -> bool:
     """Whether a lease taken under an older config is still valid under this
     one: its subnet is still a candidate, its backend type is the network's
     (a host-gw lease carries no VtepMAC), and for vxlan its VNI is still the
-    network's. When not, the host must lease again."""
+    network's; its IPv6 half is there exactly when the network is
+    dual-stack and this host has an IPv6 underlay address (`ipv6_capable`),
+    and is a candidate of IPv6Network. When not, the host must lease again."""
     if not is_candidate(config, own.subnet) or config.backend.type != own.backend_type:
         return False
-    return config.backend.type != "vxlan" or config.backend.vni == own.vni
+    if config.backend.type == "vxlan" and config.backend.vni != own.vni:
+        return False
+    wants_ipv6 = config.ipv6 is not None and ipv6_capable
+    if own.ipv6_subnet is None or config.ipv6 is None:
+        return not wants_ipv6 and own.ipv6_subnet is None
+    return wants_ipv6 and is_candidate(config.ipv6, own.ipv6_subnet)
 
 
 def host_plan(
@@ -84,4 +99,5 @@ def host_plan(
         underlay_mtu=underlay.mtu,
         underlay=underlay.name,
     )
-    return Host(config, own, spec, replace(egress, cluster=config.network))
+    cluster6 = config.ipv6.network if config.ipv6 is not None and own.has_ipv6 else None
+    return Host(config, own, spec, replace(egress, cluster=config.network, cluster6=cluster6))

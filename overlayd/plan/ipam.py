@@ -10,36 +10,66 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Generic, TypeVar, overload
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from overlayd.errors import SubnetsExhaustedError
-from overlayd.model import NetworkConfig
+
+N = TypeVar("N", IPv4Network, IPv6Network)
+A = TypeVar("A", IPv4Address, IPv6Address)
+N_co = TypeVar("N_co", IPv4Network, IPv6Network, covariant=True)
+A_co = TypeVar("A_co", IPv4Address, IPv6Address, covariant=True)
 
 # Pick at random among the first this-many free subnets: low numbers stay
 # dense (as flannel does), and simultaneous starters spread out.
 PICK_WINDOW = 256
 
 
-def candidate_subnets(config: NetworkConfig) -> Iterator[IPv4Network]:
-    size = 1 << (32 - config.subnet_len)
-    for start in range(int(config.subnet_min), int(config.subnet_max) + 1, size):
-        yield IPv4Network((start, config.subnet_len))
+class Pool(Protocol[N_co, A_co]):
+    """Where subnets are leased from: the IPv4 network config, or its IPv6
+    half (`Ipv6Config`); both have these four fields."""
+
+    @property
+    def network(self) -> N_co: ...
+
+    @property
+    def subnet_len(self) -> int: ...
+
+    @property
+    def subnet_min(self) -> A_co: ...
+
+    @property
+    def subnet_max(self) -> A_co: ...
 
 
-def is_candidate(config: NetworkConfig, subnet: IPv4Network) -> bool:
+def _subnet(pool: Pool[N, A], start: int) -> N:
+    return cast(N, ip_network((start, pool.subnet_len)))
+
+
+def candidate_subnets(pool: Pool[N, A]) -> Iterator[N]:
+    size = 1 << (pool.network.max_prefixlen - pool.subnet_len)
+    for start in range(int(pool.subnet_min), int(pool.subnet_max) + 1, size):
+        yield _subnet(pool, start)
+
+
+def candidate_count(pool: Pool[N, A]) -> int:
+    size = 1 << (pool.network.max_prefixlen - pool.subnet_len)
+    return (int(pool.subnet_max) - int(pool.subnet_min)) // size + 1
+
+
+def is_candidate(pool: Pool[N, A], subnet: N) -> bool:
     return (
-        subnet.prefixlen == config.subnet_len
-        and config.subnet_min <= subnet.network_address <= config.subnet_max
-        and subnet.subnet_of(config.network)
+        subnet.prefixlen == pool.subnet_len
+        and int(pool.subnet_min) <= int(subnet.network_address) <= int(pool.subnet_max)
+        and subnet.subnet_of(pool.network)
     )
 
 
-def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network]) -> Iterator[IPv4Network]:
-    same_len = {t.network_address for t in taken if t.prefixlen == config.subnet_len}
-    other_len = [t for t in taken if t.prefixlen != config.subnet_len]
-    for subnet in candidate_subnets(config):
-        if subnet.network_address in same_len:
+def free_subnets(pool: Pool[N, A], taken: Iterable[N]) -> Iterator[N]:
+    same_len = {int(t.network_address) for t in taken if t.prefixlen == pool.subnet_len}
+    other_len = [t for t in taken if t.prefixlen != pool.subnet_len]
+    for subnet in candidate_subnets(pool):
+        if int(subnet.network_address) in same_len:
             continue
         if any(subnet.overlaps(t) for t in other_len):
             continue
@@ -47,27 +77,30 @@ def free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network]) -> Iterato
 
 
 def pick_subnet(
-    config: NetworkConfig,
-    taken: Iterable[IPv4Network],
+    pool: Pool[N, A],
+    taken: Iterable[N],
     *,
-    preferred: Sequence[IPv4Network] = (),
+    preferred: Sequence[N] = (),
     rng: random.Random | None = None,
-) -> IPv4Network:
-    """The first free preferred subnet, else a random one of the first free ones."""
+) -> N:
+    """The first free preferred subnet, else a random one of the first free ones.
+
+    The same for both families: an IPv6 network may hold millions of
+    subnets, so nothing here walks more of them than the window needs."""
     taken = list(taken)
     for subnet in preferred:
-        if is_candidate(config, subnet) and not any(subnet.overlaps(t) for t in taken):
+        if is_candidate(pool, subnet) and not any(subnet.overlaps(t) for t in taken):
             return subnet
-    window: list[IPv4Network] = []
-    for subnet in free_subnets(config, taken):
+    window: list[N] = []
+    for subnet in free_subnets(pool, taken):
         window.append(subnet)
         if len(window) >= PICK_WINDOW:
             break
     if not window:
-        total = sum(1 for _ in candidate_subnets(config))
         raise SubnetsExhaustedError(
-            f"no free /{config.subnet_len} subnet left in {config.network}"
-            f" between {config.subnet_min} and {config.subnet_max}: all {total} are leased"
+            f"no free /{pool.subnet_len} subnet left in {pool.network}"
+            f" between {pool.subnet_min} and {pool.subnet_max}:"
+            f" all {candidate_count(pool)} are leased"
         )
     return (rng or random.Random()).choice(window)
 
@@ -81,12 +114,8 @@ def gateway_address(subnet: IPv4Network | IPv6Network) -> IPv4Address | IPv6Addr
     return subnet.network_address + 1
 
 
-_Net = TypeVar("_Net", IPv4Network, IPv6Network)
-_Addr = TypeVar("_Addr", IPv4Address, IPv6Address)
-
-
 @dataclass(frozen=True, slots=True)
-class ContainerRanges(Generic[_Net, _Addr]):
+class ContainerRanges(Generic[N, A]):
     """Who hands out which of a host's container addresses, in one family.
 
     Docker's built-in IPAM (docker-opts, or `docker network create` on the
@@ -101,13 +130,13 @@ class ContainerRanges(Generic[_Net, _Addr]):
     of how Docker 20.10 takes IPv6 addresses (measured, see docker_fixed_cidr):
     host-local the upper half, Docker the lower one (`--ip-range`)."""
 
-    subnet: _Net
-    host_local_start: _Addr
-    host_local_end: _Addr
+    subnet: N
+    host_local_start: A
+    host_local_end: A
     # `docker network create --ip-range`: Docker's half. (An IPv6 range
     # reaching the last address of a /64 is refused by Docker 20.10 when a
     # container starts: its /64 bitmap holds 2**64 - 1 addresses.)
-    docker_ip_range: _Net
+    docker_ip_range: N
     # dockerd's `--fixed-cidr` / `--fixed-cidr-v6` for its default bridge.
     # IPv4: Docker's half, carved from the bridge's subnet. IPv6: the whole
     # subnet, since Docker 20.10 gives containers the prefix of
@@ -116,7 +145,7 @@ class ContainerRanges(Generic[_Net, _Addr]):
     # addresses come from the containers' MACs, in the subnet's lowest /80,
     # which is inside Docker's half for a /79 or shorter prefix. None for a
     # longer IPv6 prefix: no safe value exists.
-    docker_fixed_cidr: _Net | None
+    docker_fixed_cidr: N | None
 
 
 # The network name under which host-local keeps the overlay's reservations

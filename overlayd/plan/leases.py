@@ -4,6 +4,14 @@ A lease value is untrusted input written by another host: `parse_lease`
 validates every field and raises `LeaseError` with one line of reason, so a
 peer's garbage is skipped with a warning instead of crashing the agent or
 programming a bogus entry.
+
+Dual-stack leases are flannel's: the key names both subnets
+(`10.244.1.0-24&fd00:10:244:1::-64`) and the value adds `PublicIPv6` and
+`BackendV6Data {VNI, VtepMAC}`. Both subnets live in one key, so one etcd
+transaction allocates both. A bad IPv6 half (a malformed PublicIPv6, a
+multicast or link-local address, a v6 subnet outside IPv6Network or
+overlapping another) costs the peer its IPv6 entries only, with one
+warning: it stays reachable over IPv4, like a peer that has no IPv6 at all.
 """
 
 from __future__ import annotations
@@ -12,13 +20,22 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    NetmaskValueError,
+)
 from typing import Any
 
 from overlayd.errors import LeaseError
-from overlayd.model import Lease, NetworkConfig
+from overlayd.model import FamilyPeer, Lease, NetworkConfig, ipv6_view
 
-_KEY_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})$")
+# flannel's own pattern (pkg/subnet: `(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?`),
+# anchored and with bounded digit counts.
+_KEY_RE = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([a-f\d:]{2,39})-(\d{1,3}))?$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 # A lease value is a few hundred bytes; anything far larger is not a lease.
 MAX_LEASE_BYTES = 4096
@@ -32,22 +49,46 @@ def config_key(etcd_prefix: str) -> str:
     return f"{etcd_prefix.rstrip('/')}/config"
 
 
-def subnet_key(etcd_prefix: str, subnet: IPv4Network) -> str:
-    """`<prefix>/subnets/10.244.1.0-24`, flannel's spelling."""
-    return f"{subnets_prefix(etcd_prefix)}{subnet.network_address}-{subnet.prefixlen}"
+def subnet_key(etcd_prefix: str, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
+    """`<prefix>/subnets/10.244.1.0-24`, or with IPv6
+    `<prefix>/subnets/10.244.1.0-24&fd00:10:244:1::-64`: flannel's spelling
+    (Python and Go both print IPv6 addresses in RFC 5952's form)."""
+    key = f"{subnets_prefix(etcd_prefix)}{subnet.network_address}-{subnet.prefixlen}"
+    if subnet6 is not None:
+        key += f"&{subnet6.network_address}-{subnet6.prefixlen}"
+    return key
 
 
-def parse_subnet_key(key: str, etcd_prefix: str) -> IPv4Network:
+def lease_key(etcd_prefix: str, lease: Lease) -> str:
+    return subnet_key(etcd_prefix, lease.subnet, lease.ipv6_subnet)
+
+
+def parse_lease_key(key: str, etcd_prefix: str) -> tuple[IPv4Network, IPv6Network | None]:
+    """Both subnets a lease key names (the IPv6 one None for a v4-only key)."""
     prefix = subnets_prefix(etcd_prefix)
     if not key.startswith(prefix):
         raise LeaseError(f"key {key!r} is not under {prefix}")
     match = _KEY_RE.match(key[len(prefix) :])
     if not match:
-        raise LeaseError(f"key {key!r} is not of the form {prefix}A.B.C.D-LEN")
+        raise LeaseError(
+            f"key {key!r} is not of the form {prefix}A.B.C.D-LEN or {prefix}A.B.C.D-LEN&V6-LEN"
+        )
     try:
-        return IPv4Network(f"{match.group(1)}/{match.group(2)}", strict=True)
+        subnet = IPv4Network(f"{match.group(1)}/{match.group(2)}", strict=True)
     except (AddressValueError, NetmaskValueError, ValueError) as exc:
         raise LeaseError(f"key {key!r} does not name a subnet: {exc}") from exc
+    if match.group(3) is None:
+        return subnet, None
+    try:
+        subnet6 = IPv6Network(f"{match.group(3)}/{match.group(4)}", strict=True)
+    except (AddressValueError, NetmaskValueError, ValueError) as exc:
+        raise LeaseError(f"key {key!r} does not name an IPv6 subnet: {exc}") from exc
+    return subnet, subnet6
+
+
+def parse_subnet_key(key: str, etcd_prefix: str) -> IPv4Network:
+    """The IPv4 subnet a lease key names."""
+    return parse_lease_key(key, etcd_prefix)[0]
 
 
 def normalise_mac(value: Any) -> str:
@@ -83,8 +124,85 @@ def check_public_ip(value: Any) -> IPv4Address:
     return address
 
 
+def check_public_ipv6(value: Any) -> IPv6Address:
+    if not isinstance(value, str):
+        raise LeaseError(f"PublicIPv6 {json.dumps(value)[:40]} is not a string")
+    try:
+        address = IPv6Address(value)
+    except AddressValueError as exc:
+        raise LeaseError(f"PublicIPv6 {value[:46]!r} is not an IPv6 address") from exc
+    if (
+        address.is_loopback
+        or address.is_multicast
+        or address.is_unspecified
+        or address.is_link_local
+        or address.ipv4_mapped is not None
+    ):
+        raise LeaseError(f"PublicIPv6 {address} cannot be a tunnel endpoint")
+    return address
+
+
+def _backend_data(data: Any, name: str) -> tuple[int, str]:
+    if not isinstance(data, dict):
+        raise LeaseError(f"{name} is missing or not an object")
+    vni = data.get("VNI")
+    if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni < 1 << 24:
+        raise LeaseError(f"{name}.VNI {json.dumps(vni)[:40]} is not a VNI")
+    try:
+        mac = normalise_mac(data.get("VtepMAC"))
+    except LeaseError as exc:
+        raise LeaseError(f"{name}.{exc}") from exc
+    return vni, mac
+
+
+def _ipv6_half(raw: dict[str, Any], lease: Lease, subnet6: IPv6Network) -> Lease:
+    """The lease with its IPv6 half; LeaseError says why that half is unusable."""
+    public_ipv6 = check_public_ipv6(raw.get("PublicIPv6"))
+    if subnet6.is_multicast or subnet6.is_link_local or subnet6.is_loopback:
+        raise LeaseError(f"IPv6 subnet {subnet6} is not a unicast range")
+    mac6 = ""
+    if lease.backend_type == "vxlan":
+        vni6, mac6 = _backend_data(raw.get("BackendV6Data"), "BackendV6Data")
+        if vni6 != lease.vni:
+            raise LeaseError(f"BackendV6Data.VNI {vni6} differs from BackendData.VNI {lease.vni}")
+        if mac6 == lease.vtep_mac:
+            # Both VTEPs are ports of one bridge here: one MAC cannot be
+            # forwarded out of two ports.
+            raise LeaseError(f"BackendV6Data.VtepMAC {mac6} is the same as the IPv4 VtepMAC")
+    return Lease(
+        lease.subnet,
+        lease.public_ip,
+        lease.vni,
+        lease.vtep_mac,
+        lease.backend_type,
+        ipv6_subnet=subnet6,
+        public_ipv6=public_ipv6,
+        vtep_mac_v6=mac6,
+    )
+
+
+def read_lease(
+    subnet: IPv4Network, subnet6: IPv6Network | None, value: bytes | str
+) -> tuple[Lease, str | None]:
+    """A lease value for a key's subnets: the lease, with its IPv6 half when
+    the key names one and the value's IPv6 fields are valid, and why that
+    half was left out when they are not. LeaseError when even the IPv4 half
+    is unusable."""
+    lease = parse_lease(subnet, value)
+    if subnet6 is None:
+        return lease, None
+    raw = json.loads(value)  # parse_lease has checked it is a JSON object
+    if raw.get("PublicIPv6") is None:
+        return lease, "the key names an IPv6 subnet but the value has no PublicIPv6"
+    try:
+        return _ipv6_half(raw, lease, subnet6), None
+    except LeaseError as exc:
+        return lease, str(exc)
+
+
 def parse_lease(subnet: IPv4Network, value: bytes | str) -> Lease:
-    """Validate a lease value read from etcd for the given subnet."""
+    """Validate a lease value read from etcd for the given subnet (its
+    IPv4 half; `read_lease` adds the IPv6 one)."""
     if len(value) > MAX_LEASE_BYTES:
         raise LeaseError(f"value is {len(value)} bytes, more than {MAX_LEASE_BYTES}")
     try:
@@ -99,35 +217,25 @@ def parse_lease(subnet: IPv4Network, value: bytes | str) -> Lease:
         return Lease(subnet, check_public_ip(raw.get("PublicIP")), 0, "", "host-gw")
     if backend_type != "vxlan":
         raise LeaseError(f"BackendType {json.dumps(backend_type)[:40]} is not vxlan or host-gw")
-    data = raw.get("BackendData")
-    if not isinstance(data, dict):
-        raise LeaseError("BackendData is missing or not an object")
-    vni = data.get("VNI")
-    if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni < 1 << 24:
-        raise LeaseError(f"BackendData.VNI {json.dumps(vni)[:40]} is not a VNI")
+    public_ip = check_public_ip(raw.get("PublicIP"))
+    vni, mac = _backend_data(raw.get("BackendData"), "BackendData")
     return Lease(
-        subnet=subnet,
-        public_ip=check_public_ip(raw.get("PublicIP")),
-        vni=vni,
-        vtep_mac=normalise_mac(data.get("VtepMAC")),
-        backend_type=backend_type,
+        subnet=subnet, public_ip=public_ip, vni=vni, vtep_mac=mac, backend_type=backend_type
     )
 
 
 def render_lease(lease: Lease) -> str:
-    """flannel's lease value; key order as flannel writes it."""
-    return json.dumps(
-        {
-            "PublicIP": str(lease.public_ip),
-            "PublicIPv6": None,
-            "BackendType": lease.backend_type,
-            "BackendData": (
-                {"VNI": lease.vni, "VtepMAC": lease.vtep_mac}
-                if lease.backend_type == "vxlan"
-                else None
-            ),
-        }
-    )
+    """flannel's lease value (its LeaseAttrs); key order as flannel writes it."""
+    vxlan = lease.backend_type == "vxlan"
+    value: dict[str, Any] = {
+        "PublicIP": str(lease.public_ip),
+        "PublicIPv6": str(lease.public_ipv6) if lease.public_ipv6 is not None else None,
+        "BackendType": lease.backend_type,
+        "BackendData": {"VNI": lease.vni, "VtepMAC": lease.vtep_mac} if vxlan else None,
+    }
+    if lease.has_ipv6:
+        value["BackendV6Data"] = {"VNI": lease.vni, "VtepMAC": lease.vtep_mac_v6} if vxlan else None
+    return json.dumps(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,33 +250,51 @@ class Rejected:
 class PeerSelection:
     peers: tuple[Lease, ...]
     rejected: tuple[Rejected, ...]
+    # Dual-stack (empty unless this host has an IPv6 lease): the peers'
+    # IPv6 views, the leases whose IPv6 half is not used and why, and the
+    # keys of usable peers that have no IPv6 at all (reached over IPv4 only).
+    peers6: tuple[FamilyPeer, ...] = ()
+    rejected6: tuple[Rejected, ...] = ()
+    without_ipv6: tuple[str, ...] = ()
 
 
-# key -> (value, lease or the reason it is unusable, first and last address)
-ParseCache = dict[str, tuple[bytes, "Lease | str", int, int]]
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """One lease value, parsed once: the lease or why it is unusable, its
+    IPv4 range as integers, and its IPv6 view or why there is none."""
+
+    value: bytes
+    lease: Lease | None
+    reason: str = ""
+    first: int = 0
+    last: int = 0
+    peer6: FamilyPeer | None = None
+    reason6: str | None = None
 
 
-def _parse_cached(
-    key: str, value: bytes, etcd_prefix: str, cache: ParseCache | None
-) -> tuple[Lease, int, int]:
-    """Parse a lease, reusing the result for an unchanged value: with
-    thousands of peers, a pass must not parse every JSON value again."""
-    if cache is not None:
-        hit = cache.get(key)
-        if hit is not None and hit[0] == value:
-            if isinstance(hit[1], str):
-                raise LeaseError(hit[1])
-            return hit[1], hit[2], hit[3]
+ParseCache = dict[str, _Parsed]
+
+
+def _parse(key: str, value: bytes, etcd_prefix: str) -> _Parsed:
     try:
-        lease = parse_lease(parse_subnet_key(key, etcd_prefix), value)
+        subnet, subnet6 = parse_lease_key(key, etcd_prefix)
+        lease, reason6 = read_lease(subnet, subnet6, value)
     except LeaseError as exc:
-        if cache is not None:
-            cache[key] = (value, str(exc), 0, 0)
-        raise
-    first, last = int(lease.subnet.network_address), int(lease.subnet.broadcast_address)
-    if cache is not None:
-        cache[key] = (value, lease, first, last)
-    return lease, first, last
+        return _Parsed(value, None, str(exc))
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    return _Parsed(value, lease, "", first, last, ipv6_view(lease, key), reason6)
+
+
+def _parse_cached(key: str, value: bytes, etcd_prefix: str, cache: ParseCache | None) -> _Parsed:
+    """Parse a lease, reusing the result for an unchanged value: with
+    thousands of peers, a pass must not parse every JSON value again (and
+    an unchanged lease keeps the same objects, which the entry memo needs)."""
+    if cache is None:
+        return _parse(key, value, etcd_prefix)
+    hit = cache.get(key)
+    if hit is None or hit.value != value:
+        hit = cache[key] = _parse(key, value, etcd_prefix)
+    return hit
 
 
 def select_peers(
@@ -187,9 +313,10 @@ def select_peers(
     another subnet must not become a route to itself). Of two peer leases
     that overlap, the one with the lower address (then the shorter prefix)
     wins; the other is rejected. O(n log n), so that thousands of peers stay
-    cheap.
+    cheap. The IPv6 halves of the usable leases go through the same rules
+    (`_select_ipv6`) when this host has IPv6.
     """
-    candidates: list[tuple[int, int, str, Lease]] = []
+    candidates: list[tuple[int, int, str, _Parsed]] = []
     rejected: list[Rejected] = []
     # Plain integers: ipaddress's own overlap tests cost microseconds each.
     net_first, net_last = int(config.network.network_address), int(config.network.broadcast_address)
@@ -197,8 +324,11 @@ def select_peers(
     own_last = int(own.subnet.broadcast_address) if own is not None else -1
     vni, backend = config.backend.vni, config.backend.type
     for key, value in raw_leases.items():
+        parsed = _parse_cached(key, value, etcd_prefix, cache)
+        lease, first, last = parsed.lease, parsed.first, parsed.last
         try:
-            lease, first, last = _parse_cached(key, value, etcd_prefix, cache)
+            if lease is None:
+                raise LeaseError(parsed.reason)
             subnet = lease.subnet
             if first < net_first or last > net_last:
                 raise LeaseError(f"subnet {subnet} is outside Network {config.network}")
@@ -218,25 +348,89 @@ def select_peers(
         except LeaseError as exc:
             rejected.append(Rejected(key=key, reason=str(exc)))
             continue
-        candidates.append((first, last, key, lease))
+        candidates.append((first, last, key, parsed))
     # By start, then the larger (shorter prefix) first.
     candidates.sort(key=lambda c: (c[0], -c[1]))
     peers: list[Lease] = []
+    kept: list[tuple[str, _Parsed]] = []
     kept_last = -1
-    for first, last, key, lease in candidates:
+    for first, last, key, parsed in candidates:
+        assert parsed.lease is not None
         # Sorted by start: a lease overlaps a kept one only if it starts
         # before the end of the last kept one (kept leases never overlap).
         if first <= kept_last:
-            rejected.append(
-                Rejected(
-                    key=key,
-                    reason=f"subnet {lease.subnet} overlaps the lease for {peers[-1].subnet}",
-                )
-            )
+            reason = f"subnet {parsed.lease.subnet} overlaps the lease for {peers[-1].subnet}"
+            rejected.append(Rejected(key=key, reason=reason))
             continue
-        peers.append(lease)
+        peers.append(parsed.lease)
+        kept.append((key, parsed))
         kept_last = last
     if cache is not None and len(cache) > len(raw_leases):
         for gone in set(cache) - set(raw_leases):
             del cache[gone]
-    return PeerSelection(peers=tuple(peers), rejected=tuple(sorted(rejected, key=lambda r: r.key)))
+    selection = PeerSelection(
+        peers=tuple(peers), rejected=tuple(sorted(rejected, key=lambda r: r.key))
+    )
+    if config.ipv6 is None or own is None or not own.has_ipv6:
+        return selection
+    return _select_ipv6(config, own, selection, kept)
+
+
+def _select_ipv6(
+    config: NetworkConfig, own: Lease, selection: PeerSelection, kept: list[tuple[str, _Parsed]]
+) -> PeerSelection:
+    """The IPv6 halves of the usable peers, by the IPv4 rules: inside
+    IPv6Network, not overlapping ours or each other's, not our own address,
+    and (both VTEPs being ports of one bridge) a VtepMAC that no other VTEP
+    we forward to, or our own, uses."""
+    assert config.ipv6 is not None and own.ipv6_subnet is not None
+    network = config.ipv6.network
+    net_first, net_last = int(network.network_address), int(network.broadcast_address)
+    own_first = int(own.ipv6_subnet.network_address)
+    own_last = int(own.ipv6_subnet.broadcast_address)
+    macs_in_use = {own.vtep_mac, own.vtep_mac_v6} | {p.vtep_mac for p in selection.peers}
+    rejected: list[Rejected] = []
+    without: list[str] = []
+    candidates: list[tuple[int, int, FamilyPeer]] = []
+    for key, parsed in kept:
+        peer = parsed.peer6
+        if peer is None:
+            if parsed.reason6 is not None:
+                rejected.append(Rejected(key=key, reason=parsed.reason6))
+            else:
+                without.append(key)
+            continue
+        first, last = int(peer.subnet.network_address), int(peer.subnet.broadcast_address)
+        reason = None
+        if first < net_first or last > net_last:
+            reason = f"IPv6 subnet {peer.subnet} is outside IPv6Network {network}"
+        elif first <= own_last and own_first <= last:
+            reason = f"IPv6 subnet {peer.subnet} overlaps this host's {own.ipv6_subnet}"
+        elif peer.public_ip == own.public_ipv6:
+            reason = f"PublicIPv6 {peer.public_ip} is this host's own address"
+        if reason is not None:
+            rejected.append(Rejected(key=peer.key, reason=reason))
+            continue
+        candidates.append((first, last, peer))
+    candidates.sort(key=lambda c: (c[0], -c[1]))
+    peers6: list[FamilyPeer] = []
+    kept_last = -1
+    for first, last, peer in candidates:
+        if first <= kept_last:
+            reason = f"IPv6 subnet {peer.subnet} overlaps the lease for {peers6[-1].subnet}"
+            rejected.append(Rejected(key=peer.key, reason=reason))
+            continue
+        if peer.vtep_mac and peer.vtep_mac in macs_in_use:
+            reason = f"BackendV6Data.VtepMAC {peer.vtep_mac} is already another VTEP's"
+            rejected.append(Rejected(key=peer.key, reason=reason))
+            continue
+        macs_in_use.add(peer.vtep_mac)
+        peers6.append(peer)
+        kept_last = last
+    return PeerSelection(
+        peers=selection.peers,
+        rejected=selection.rejected,
+        peers6=tuple(peers6),
+        rejected6=tuple(sorted(rejected, key=lambda r: r.key)),
+        without_ipv6=tuple(without),
+    )

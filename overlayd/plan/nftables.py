@@ -1,8 +1,10 @@
-"""nft's text listing of overlayd's table, split into its objects.
+"""nft's text listing of overlayd's tables, split into their objects.
 
-Two managers own objects in the one table `ip overlayd`: the egress rules
-(chains `forward` and `postrouting`) and the VXLAN allow-list (counter
-`vxlan_dropped`, set `vxlan_peers`, chain `vxlan_in`). Each compares only
+overlayd owns one table per address family, `ip overlayd` and `ip6
+overlayd`, with the same objects in each. Two managers own objects in a
+table: the egress rules (chains `forward` and `postrouting`) and the VXLAN
+allow-list (counter `vxlan_dropped`, set `vxlan_peers`, chain
+`vxlan_in`). Each compares only
 its own objects with the kernel, so neither rewrites the other's, and a
 rewrite of one never resets the other's counter or set. This module cuts
 `nft -t list table` (terse: no set elements) into those objects and puts a
@@ -17,9 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from overlayd.model import Family
+
 # kind + " " + name, e.g. "chain vxlan_in", "set vxlan_peers" (the name is
 # the last word: "ct helper ftp").
 ObjectKey = str
+
+
+def nft_family(family: Family) -> str:
+    """The nftables family of our table for an address family; it is also
+    nft's word for the network header's fields (`ip saddr`, `ip6 saddr`)."""
+    return "ip" if family.version == 4 else "ip6"
 
 
 def split_objects(listing: str) -> dict[ObjectKey, str]:

@@ -30,8 +30,14 @@ whose size depends on what changed; only a change of the rules themselves
 (our public IP, the port, the VNI) or somebody's edit rewrites the chain,
 and then only the chain.
 
-Everything here is parameterised by the address family (`Family`): an IPv6
-underlay gets the same objects in an `ip6` table with an `ipv6_addr` set.
+Everything here is parameterised by the address family (`Family`): the
+IPv6 VTEP (dual-stack: it sends from the underlay's IPv6 address, to the
+peers' PublicIPv6) gets the same objects in our `ip6` table, with an
+`ipv6_addr` set of the peers' IPv6 addresses, accepting VXLAN to our
+DeviceSpec.local_ip6 and dropping any other VXLAN to an address of ours.
+The two families' lists are kept by two instances of the same manager, one
+transaction each: a peer's IPv4 and IPv6 addresses are independent
+elements, each in place before that family's FDB entry for the peer.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from dataclasses import dataclass
 from overlayd.model import IPV4, DeviceSpec, Family, IPAddress
 from overlayd.plan.desired import PeerPlan
 from overlayd.plan.egress import TABLE
-from overlayd.plan.nftables import ObjectKey, table_text
+from overlayd.plan.nftables import ObjectKey, nft_family, table_text
 
 SET = "vxlan_peers"
 CHAIN = "vxlan_in"
@@ -55,7 +61,8 @@ KEYS: tuple[ObjectKey, ...] = (f"counter {COUNTER}", f"set {SET}", f"chain {CHAI
 
 @dataclass(frozen=True, slots=True)
 class FilterSpec:
-    """What the rules depend on: our public IP, the VXLAN port and the VNI."""
+    """What the rules depend on: our public IP (of the family), the VXLAN
+    port and the VNI."""
 
     local_ip: IPAddress
     port: int
@@ -73,19 +80,16 @@ class FilterSpec:
     @property
     def match(self) -> str:
         """nft's name for the network header's fields (`ip saddr`, `ip6 saddr`)."""
-        return "ip" if self.family.version == 4 else "ip6"
+        return nft_family(self.family)
 
 
-def nft_family(family: Family) -> str:
-    """The nftables family of our table for an address family."""
-    return "ip" if family.version == 4 else "ip6"
-
-
-def filter_spec(spec: DeviceSpec) -> FilterSpec | None:
-    """The filter this host needs; None without a VTEP (host-gw: no VXLAN)."""
-    if not spec.vtep:
+def filter_spec(spec: DeviceSpec, family: Family = IPV4) -> FilterSpec | None:
+    """The filter this host needs for `family`'s VTEP; None without one
+    (host-gw: no VXLAN; no IPv6 VTEP without IPv6)."""
+    local = spec.local_ip6 if family.version == 6 else spec.local_ip
+    if not spec.vtep_for(family) or local is None:
         return None
-    return FilterSpec(local_ip=spec.local_ip, port=spec.port, vni=spec.vni)
+    return FilterSpec(local_ip=local, port=spec.port, vni=spec.vni, family=family)
 
 
 def allowed_sources(peers: PeerPlan) -> frozenset[IPAddress]:

@@ -69,8 +69,18 @@ class Store(Protocol):
 
     async def revoke(self, lease_id: int) -> None: ...
 
-    async def create(self, key: str, value: str, lease_id: int) -> bool:
-        """Put the key bound to the lease only if it does not exist; atomic."""
+    async def create(
+        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+    ) -> bool:
+        """Put the key bound to the lease only if it, and every key of
+        `also_absent`, does not exist; atomic."""
+        ...
+
+    async def rekey(
+        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+    ) -> bool:
+        """Replace `old_key` (if nobody changed it meanwhile) by `key` (if
+        absent), bound to the lease, in one transaction."""
         ...
 
     async def take_over(self, key: str, value: str, lease_id: int, mod_revision: int) -> bool:

@@ -534,13 +534,33 @@ class EtcdStore:
     async def revoke(self, lease_id: int) -> None:
         await self._call("revoke_lease", lease_id)
 
-    async def create(self, key: str, value: str, lease_id: int) -> bool:
-        """Put the key bound to the lease only if it does not exist; atomic."""
+    async def create(
+        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+    ) -> bool:
+        """Put the key bound to the lease only if it, and every key of
+        `also_absent`, does not exist; atomic."""
         tx = _TX
         succeeded, _ = await self._call(
             "transaction",
-            compare=[tx.create(key.encode()) == 0],
+            compare=[tx.create(k.encode()) == 0 for k in (key, *also_absent)],
             success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
+            failure=[],
+        )
+        return bool(succeeded)
+
+    async def rekey(
+        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+    ) -> bool:
+        """Replace `old_key` (if nobody changed it meanwhile) by `key` (if
+        absent), bound to the lease, in one transaction."""
+        tx = _TX
+        succeeded, _ = await self._call(
+            "transaction",
+            compare=[tx.mod(old_key.encode()) == mod_revision, tx.create(key.encode()) == 0],
+            success=[
+                tx.delete(old_key.encode()),
+                tx.put(key.encode(), value.encode(), lease=lease_id),
+            ],
             failure=[],
         )
         return bool(succeeded)

@@ -32,12 +32,19 @@ class EventBus:
 
 
 def peer_view(peer: Lease, *, direct: bool) -> dict[str, Any]:
-    return {
+    view = {
         "subnet": str(peer.subnet),
         "public_ip": str(peer.public_ip),
         "vtep_mac": peer.vtep_mac,
         "path": "direct" if direct else "vxlan",
     }
+    if peer.has_ipv6:
+        view |= {
+            "ipv6_subnet": str(peer.ipv6_subnet),
+            "public_ipv6": str(peer.public_ipv6),
+            "vtep_mac_v6": peer.vtep_mac_v6,
+        }
+    return view
 
 
 class PeerChanges:

@@ -95,6 +95,15 @@ def read_subnet(path: Path) -> IPv4Network | None:
         return None
 
 
+def read_subnet6(path: Path) -> IPv6Network | None:
+    """The IPv6 subnet recorded by a previous run, or None."""
+    value = read_variables(path).get("FLANNEL_IPV6_SUBNET")
+    try:
+        return IPv6Interface(value).network if value else None
+    except ValueError:
+        return None
+
+
 def write_atomically(path: Path, content: str) -> None:
     """Readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

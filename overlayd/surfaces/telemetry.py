@@ -23,7 +23,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from overlayd import __version__
-from overlayd.model import Change, Entry, Lease, kind_of
+from overlayd.model import IPV4, Change, Entry, Family, Lease, kind_of
 from overlayd.surfaces.events import EventBus, EventListener, PeerChanges, peer_view
 
 # A pass is "stuck" (healthz fails, the watchdog starves) after this long.
@@ -49,20 +49,23 @@ class LastPass:
 
 class DroppedPackets:
     """`overlayd_vxlan_dropped_packets_total`, read from the kernel's named
-    counter when scraped (through `reader`, which the agent sets; it runs in
-    the metrics thread, never on the event loop). The kernel's count starts
-    again from 0 only if somebody deletes the counter (the rules are
-    rewritten around it, never through it); the figure exported here never
-    goes down, so a rate over it stays true across that too."""
+    counters when scraped (through `reader`, which the agent sets; it runs in
+    the metrics thread, never on the event loop, and gives each family's
+    counter by table family, "ip" and "ip6"). The figure is their sum. A
+    kernel count starts again from 0 only if somebody deletes its counter
+    (the rules are rewritten around it, never through it); each family's
+    part of the figure exported here never goes down, so a rate over it
+    stays true across that too."""
 
     NAME = "overlayd_vxlan_dropped_packets"
     HELP = "VXLAN packets dropped because they came from no current peer or had another VNI"
 
     def __init__(self) -> None:
-        self.reader: Callable[[], int | None] | None = None
+        self.reader: Callable[[], Mapping[str, int] | None] | None = None
         self._lock = threading.Lock()
-        self._base = 0  # what earlier incarnations of the kernel counter counted
-        self._last: int | None = None
+        # Per counter: what its earlier incarnations counted, and its last reading.
+        self._base: dict[str, int] = {}
+        self._last: dict[str, int] = {}
 
     def value(self) -> int | None:
         reader = self.reader
@@ -72,12 +75,15 @@ class DroppedPackets:
         # threads) must not apply their readings out of order, which would
         # look like a reset and count everything twice.
         with self._lock:
-            now = reader()
-            if now is not None:
-                if self._last is not None and now < self._last:
-                    self._base += self._last
-                self._last = now
-            return None if self._last is None else self._base + self._last
+            readings = reader()
+            for name, now in (readings or {}).items():
+                last = self._last.get(name)
+                if last is not None and now < last:
+                    self._base[name] = self._base.get(name, 0) + last
+                self._last[name] = now
+            if not self._last:
+                return None
+            return sum(self._base.values()) + sum(self._last.values())
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.NAME, self.HELP)
@@ -100,9 +106,7 @@ class Telemetry:
     mode: str = ""
     egress: str = ""
     vxlan_filter: str = "on"  # the setting: on or off
-    # Why the VXLAN filter is not in place although it should be, if so.
-    vxlan_filter_problem: str | None = None
-    vxlan_allowed: int | None = None  # the allow-list's size; None: no filter
+    ipv6_peers: int | None = None  # peers with IPv6 entries; None before a dual-stack pass
     settings: dict[str, Any] = field(default_factory=dict)
     last_pass: LastPass | None = None
     drift_repairs: Counter[str] = field(default_factory=Counter)
@@ -117,6 +121,9 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         self._peer_changes = PeerChanges(self.bus)
+        # The VXLAN allow-list of each family (by IP version): its size (None:
+        # no filter) and why it is not in place although it should be.
+        self._allow: dict[int, tuple[int | None, str | None]] = {}
         r = self.registry
         self.m_lease_ttl = Gauge(
             "overlayd_lease_ttl_seconds",
@@ -126,6 +133,12 @@ class Telemetry:
         self.m_lease_ttl.set_function(self._lease_ttl)
         self.m_peers = Gauge(
             "overlayd_peers", "Peer hosts programmed, by path", ["path"], registry=r
+        )
+        self.m_ipv6_peers = Gauge(
+            "overlayd_ipv6_peers",
+            "Peer hosts with IPv6 entries (dual-stack), by path",
+            ["path"],
+            registry=r,
         )
         self.m_reconcile = Histogram(
             "overlayd_reconcile_duration_seconds",
@@ -178,7 +191,7 @@ class Telemetry:
         self.m_cert_expiry.set_function(lambda: self.etcd_cert_not_after() or 0.0)
         self.m_vxlan_allowed = Gauge(
             "overlayd_vxlan_allowed_peers",
-            "Addresses in the VXLAN allow-list (the tunnelled peers' public IPs)",
+            "Addresses in the VXLAN allow-lists (the tunnelled peers' public IPs, both families)",
             registry=r,
         )
         self.dropped = DroppedPackets()
@@ -259,21 +272,42 @@ class Telemetry:
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
 
-    def vxlan_filter_ok(self, allowed: int) -> None:
-        self.vxlan_filter_problem = None
-        self.vxlan_allowed = allowed
-        self.m_vxlan_allowed.set(allowed)
+    def ipv6_peers_programmed(self, tunneled: int, direct: int) -> None:
+        """The peers that have IPv6 entries, after a successful pass."""
+        self.ipv6_peers = tunneled + direct
+        self.m_ipv6_peers.labels("vxlan").set(tunneled)
+        self.m_ipv6_peers.labels("direct").set(direct)
 
-    def vxlan_filter_failed(self, reason: str) -> None:
-        self.vxlan_filter_problem = reason
-        self.vxlan_allowed = None
-        self.m_vxlan_allowed.set(0)
+    def vxlan_filter_ok(self, allowed: int, family: Family = IPV4) -> None:
+        self._allow_is(family, allowed, None)
 
-    def vxlan_filter_absent(self) -> None:
-        """Off by setting, or nothing to filter (no VTEP)."""
-        self.vxlan_filter_problem = None
-        self.vxlan_allowed = None
-        self.m_vxlan_allowed.set(0)
+    def vxlan_filter_failed(self, reason: str, family: Family = IPV4) -> None:
+        self._allow_is(family, None, reason)
+
+    def vxlan_filter_absent(self, family: Family = IPV4) -> None:
+        """Off by setting, or nothing to filter (no VTEP of this family)."""
+        self._allow_is(family, None, None)
+
+    def _allow_is(self, family: Family, allowed: int | None, problem: str | None) -> None:
+        self._allow[family.version] = (allowed, problem)
+        self.m_vxlan_allowed.set(self.vxlan_allowed or 0)
+
+    @property
+    def vxlan_allowed(self) -> int | None:
+        """The allow-lists' size, both families; None: no filter anywhere."""
+        sizes = [size for size, _ in self._allow.values() if size is not None]
+        return sum(sizes) if sizes else None
+
+    @property
+    def vxlan_filter_problem(self) -> str | None:
+        """Why a VXLAN filter is not in place although it should be, if so
+        (an IPv6 one's reason says so)."""
+        problems = [
+            problem if version == 4 else f"IPv{version}: {problem}"
+            for version, (_, problem) in sorted(self._allow.items())
+            if problem is not None
+        ]
+        return "; ".join(problems) or None
 
     @property
     def peers(self) -> dict[str, dict[str, Any]]:
@@ -348,6 +382,7 @@ class Telemetry:
             },
             "lease": lease,
             "peers": len(self.peers),
+            "ipv6_peers": self.ipv6_peers,
             "last_reconcile": last,
             "drift_repairs": dict(sorted(self.drift_repairs.items())),
             "skipped_leases": dict(sorted(self.skipped.items())),

@@ -286,7 +286,8 @@ def test_diagnose_fails_while_the_rule_or_an_element_is_missing(lab: Lab) -> Non
         details = [detail for ok, detail in filter_findings(findings) if not ok]
         assert details == [
             "chain vxlan_in is missing from table ip overlayd: VXLAN is not filtered",
-            f"{peer} (peer {lab.subnet(2)}) is not in set vxlan_peers: its VXLAN is dropped",
+            f"{peer} (peer {lab.subnet(2)}) is not in set vxlan_peers of table ip overlayd:"
+            " its VXLAN is dropped",
         ]
     finally:  # later tests share the lab
         lab.start_daemon(1)

@@ -95,10 +95,23 @@ class FakeStore:
     async def revoke(self, lease_id: int) -> None:
         await self.expire(lease_id)
 
-    async def create(self, key: str, value: str, lease_id: int) -> bool:
+    async def create(
+        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+    ) -> bool:
         self._check()
-        if key in self.values:
+        if key in self.values or any(k in self.values for k in also_absent):
             return False
+        await self._record(key, value.encode(), lease_id)
+        return True
+
+    async def rekey(
+        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+    ) -> bool:
+        self._check()
+        found = self.values.get(old_key)
+        if found is None or found[1] != mod_revision or key in self.values:
+            return False
+        await self._record(old_key, None)
         await self._record(key, value.encode(), lease_id)
         return True
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from typing import Any
 
 from overlayd.model import (
+    IPV6,
     BridgeFdb,
     DeviceFacts,
     DeviceSpec,
@@ -18,7 +19,13 @@ from overlayd.model import (
     TunnelFdb,
 )
 from overlayd.plan.desired import desired_entries
-from overlayd.plan.diagnose import CertificateExpiry, HostFacts, diagnose, firewall_blocks
+from overlayd.plan.diagnose import (
+    CertificateExpiry,
+    FilterFacts,
+    HostFacts,
+    diagnose,
+    firewall_blocks,
+)
 from overlayd.plan.vxlan_filter import filter_spec, render_objects
 
 SPEC = DeviceSpec(
@@ -202,10 +209,14 @@ def with_filter(facts: HostFacts) -> HostFacts:
     fs = filter_spec(SPEC)
     assert fs is not None
     facts.vxlan_filter = True
-    facts.filter_spec = fs
-    facts.filter_listing = render_objects(fs)
-    facts.filter_sources = frozenset({PEER.public_ip})
-    facts.filter_wanted = {str(PEER.public_ip): str(PEER.subnet)}
+    facts.filters = [
+        FilterFacts(
+            fs,
+            listing=render_objects(fs),
+            sources=frozenset({PEER.public_ip}),
+            wanted={str(PEER.public_ip): str(PEER.subnet)},
+        )
+    ]
     return facts
 
 
@@ -217,32 +228,93 @@ def test_the_vxlan_filter_passes_when_rules_and_set_match_the_peers() -> None:
 
 def test_a_missing_or_altered_rule_and_a_wrong_set_are_named() -> None:
     facts = with_filter(healthy_facts())
-    facts.filter_listing = ""
+    facts.filters[0].listing = ""
     assert failures(facts) == [
         f"vxlan filter: {what} is missing from table ip overlayd: VXLAN is not filtered"
         for what in ("counter vxlan_dropped", "set vxlan_peers", "chain vxlan_in")
     ]
     facts = with_filter(healthy_facts())
-    assert facts.filter_listing is not None
-    facts.filter_listing = facts.filter_listing.replace("0x1 ", "0x2 ")
+    listing = facts.filters[0].listing
+    assert listing is not None
+    facts.filters[0].listing = listing.replace("0x1 ", "0x2 ")
     assert [x.split(":")[1].strip() for x in failures(facts)] == [
         "chain vxlan_in in table ip overlayd is not what overlayd writes for 192.0.2.11, port 8472,"
         " VNI 1"
     ]
     facts = with_filter(healthy_facts())
-    facts.filter_sources = frozenset({IPv4Address("192.0.2.99")})
+    facts.filters[0].sources = frozenset({IPv4Address("192.0.2.99")})
     assert failures(facts) == [
-        "vxlan filter: 192.0.2.12 (peer 10.1.2.0/24) is not in set vxlan_peers:"
-        " its VXLAN is dropped",
-        "vxlan filter: 192.0.2.99 is in set vxlan_peers but is no tunnelled peer:"
-        " it may send VXLAN",
+        "vxlan filter: 192.0.2.12 (peer 10.1.2.0/24) is not in set vxlan_peers of table ip"
+        " overlayd: its VXLAN is dropped",
+        "vxlan filter: 192.0.2.99 is in set vxlan_peers of table ip overlayd but is no tunnelled"
+        " peer: it may send VXLAN",
     ]
+
+
+SPEC6 = replace(
+    SPEC,
+    gateway6=IPv6Interface("fd00:10:244:1::1/64"),
+    vtep6="ovl-v6.1",
+    vtep6_mac="02:00:00:00:06:bb",
+    local_ip6=IPv6Address("2001:db8::11"),
+)
+
+
+def test_the_ipv6_filter_is_compared_like_the_ipv4_one() -> None:
+    facts = with_filter(healthy_facts())
+    facts.spec = SPEC6
+    fs6 = filter_spec(SPEC6, IPV6)
+    assert fs6 is not None and fs6.local_ip == IPv6Address("2001:db8::11")
+    six = FilterFacts(
+        fs6,
+        listing=render_objects(fs6),
+        sources=frozenset({IPv6Address("2001:db8::12")}),
+        wanted={"2001:db8::12": "fd00:10:244:2::/64"},
+    )
+    facts.filters.append(six)
+    findings = [f for f in diagnose(facts) if f.check == "vxlan filter"]
+    assert [(f.ok, "table ip6 overlayd" in f.detail) for f in findings] == [
+        (True, False),
+        (True, True),
+    ]
+    # The IPv6 rule altered by hand and a peer's IPv6 address missing from the set.
+    listing = six.listing
+    assert listing is not None
+    six.listing = listing.replace("ip6 daddr 2001:db8::11", "ip6 daddr 2001:db8::99")
+    six.sources = frozenset()
+    found = failures(facts)
+    assert len(found) == 2
+    assert found[0].startswith(
+        "vxlan filter: chain vxlan_in in table ip6 overlayd is not what overlayd writes for"
+        " 2001:db8::11, port 8472, VNI 1: "
+    )
+    assert found[1] == (
+        "vxlan filter: 2001:db8::12 (peer fd00:10:244:2::/64) is not in set vxlan_peers of"
+        " table ip6 overlayd: its VXLAN is dropped"
+    )
+    # A v4-only host has no IPv6 filter to look at.
+    assert filter_spec(SPEC, IPV6) is None
+
+
+def test_an_ip6_input_chain_that_drops_vxlan_is_found_only_with_an_ipv6_vtep() -> None:
+    dport = {"payload": {"protocol": "udp", "field": "dport"}}
+    expr = [{"match": {"op": "==", "left": dport, "right": 8472}}, {"drop": None}]
+    ruleset: list[dict[str, Any]] = [
+        {"chain": {"family": "ip6", "table": "fw", "name": "in", "hook": "input"}},
+        {"rule": {"family": "ip6", "table": "fw", "chain": "in", "handle": 3, "expr": expr}},
+    ]
+    v4_only = [f for f in diagnose(replace(healthy_facts(), ruleset=ruleset)) if not f.ok]
+    assert v4_only == []
+    dual = [f.detail for f in diagnose(replace(healthy_facts(), spec=SPEC6, ruleset=ruleset))]
+    assert (
+        "VXLAN port may be blocked: ip6 fw chain in: a rule drops UDP port 8472 (handle 3)" in dual
+    )
 
 
 def test_a_filter_turned_off_passes_but_says_so() -> None:
     facts = with_filter(healthy_facts())
     facts.vxlan_filter = False
-    facts.filter_listing = ""
+    facts.filters[0].listing = ""
     findings = [f for f in diagnose(facts) if f.check == "vxlan filter"]
     assert [f.ok for f in findings] == [True]
     assert findings[0].detail.startswith("off (vxlan-filter=off)")

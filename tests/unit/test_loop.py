@@ -8,24 +8,34 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 
 import pytest
 
 from overlayd.config import parse_network_config
+from overlayd.daemon.leasing import own_lease
 from overlayd.daemon.loop import Knowledge, PassResult, Reconciler, standard_managers
 from overlayd.daemon.managers import Level
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.nft import NftError
 from overlayd.model import (
+    IPV4,
+    IPV6,
     Change,
     DeviceSpec,
     Entry,
     EntrySet,
     Family,
     IPAddress,
-    Ipv6Config,
+    IPNetwork,
     Lease,
     LinkFacts,
     Observed,
@@ -36,7 +46,7 @@ from overlayd.model import (
 )
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import host_plan
-from overlayd.plan.leases import render_lease, subnet_key
+from overlayd.plan.leases import lease_key, render_lease, subnet_key
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -56,26 +66,44 @@ class FakeDataplane:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.kernel: EntrySet = EntrySet()
+        self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
         self.fail_next_apply = False
-        self.allowed: set[IPAddress] | None = None  # the allow-list set; None: absent
+        # The allow-list sets by IP version; None: absent.
+        self.sets: dict[int, set[IPAddress] | None] = {4: None, 6: None}
+
+    @property
+    def allowed(self) -> set[IPAddress] | None:
+        return self.sets[4]
+
+    @allowed.setter
+    def allowed(self, value: set[IPAddress] | None) -> None:
+        self.sets[4] = value
+
+    @staticmethod
+    def _v(version: int) -> str:
+        return "" if version == 4 else f" v{version}"  # the IPv4 calls keep their names
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         self.calls.append("devices")
         return []
 
-    async def ensure_gwbridge(self, name: str, gateway: IPv4Interface, mac: str) -> list[str]:
-        self.calls.append("gwbridge")
+    async def ensure_gwbridge(
+        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+    ) -> list[str]:
+        self.calls.append("gwbridge" if gateway6 is None else f"gwbridge {gateway6}")
         return []
 
-    async def connected_networks(self, ifindex: int) -> list[IPv4Network]:
+    async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
+        if family is IPV6:
+            return [IPv6Network("2001:db8::/64")]
         return [IPv4Network("192.0.2.0/24")]
 
     async def ensure_forwarding(self, bridge: str) -> list[str]:
         self.calls.append("sysctl")
         return []
 
-    async def ensure_bridge_netfilter(self) -> list[str]:
-        self.calls.append("bridge-nf")
+    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
+        self.calls.append("bridge-nf" + "".join(self._v(f.version) for f in families[1:]))
         return []
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
@@ -87,48 +115,65 @@ class FakeDataplane:
         return []
 
     async def ensure_vxlan_filter(self, f: FilterSpec) -> str | None:
-        self.calls.append("filter")
-        if self.allowed is None:
-            self.allowed = set()
+        v = f.family.version
+        self.calls.append("filter" + self._v(v))
+        if self.sets[v] is None:
+            self.sets[v] = set()
             return "installed"
         return None
 
     async def remove_vxlan_filter(self, family: Family) -> str | None:
-        self.calls.append("filter-remove")
-        removed, self.allowed = self.allowed, None
+        self.calls.append("filter-remove" + self._v(family.version))
+        removed, self.sets[family.version] = self.sets[family.version], None
         return None if removed is None else "removed"
 
     async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None:
-        self.calls.append("filter-read")
-        return None if self.allowed is None else frozenset(self.allowed)
+        held = self.sets[f.family.version]
+        self.calls.append("filter-read" + self._v(f.family.version))
+        return None if held is None else frozenset(held)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
-        assert self.allowed is not None
+        v = f.family.version
+        held = self.sets[v]
+        assert held is not None
         if changes.add:
-            self.calls.append(f"allow {len(changes.add)}")
+            self.calls.append(f"allow {len(changes.add)}{self._v(v)}")
         if changes.delete:
-            self.calls.append(f"disallow {len(changes.delete)}")
-        self.allowed |= set(changes.add)
-        self.allowed -= set(changes.delete)
+            self.calls.append(f"disallow {len(changes.delete)}{self._v(v)}")
+        held |= set(changes.add)
+        held -= set(changes.delete)
 
-    async def read_entries(self, spec: DeviceSpec) -> EntrySet:
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
+        if family is IPV6:
+            self.calls.append("read6")
+            return self.kernel6
         self.calls.append("read")
         return self.kernel
 
-    async def apply(self, changes: Sequence[Change], spec: DeviceSpec) -> ApplyResult:
+    async def apply(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> ApplyResult:
+        if family is IPV6:
+            self.calls.append(f"apply6 {len(changes)}")
+            self.kernel6 = _applied(self.kernel6, changes)
+            return ApplyResult(len(changes), ())
         self.calls.append(f"apply {len(changes)}")
         if self.fail_next_apply:
             self.fail_next_apply = False
             return ApplyResult(len(changes), ("RTNETLINK answers: No such device",))
-        held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(self.kernel)}
-        for change in changes:
-            key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
-            if change.op is Op.REPLACE:
-                held[key] = change.entry
-            else:
-                held.pop(key, None)
-        self.kernel = EntrySet.of(held.values())
+        self.kernel = _applied(self.kernel, changes)
         return ApplyResult(len(changes), ())
+
+
+def _applied(kernel: EntrySet, changes: Sequence[Change]) -> EntrySet:
+    held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(kernel)}
+    for change in changes:
+        key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
+        if change.op is Op.REPLACE:
+            held[key] = change.entry
+        else:
+            held.pop(key, None)
+    return EntrySet.of(held.values())
 
 
 def _all(entries: EntrySet) -> list[Entry]:
@@ -157,9 +202,12 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     loop = Reconciler(knowledge(PEER), dataplane)
     result = await loop.reconcile_once()
     assert result.ok and result.changes == 4 and result.peers == 1
+    # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
-        "filter", "filter-read", "allow 1", "read", "apply 4",
+        "filter", "filter-read", "allow 1", "filter-remove v6", "read", "apply 4",
+        # The IPv6 manager looks for stale IPv6 entries even without IPv6.
+        "read6",
     ]  # fmt: skip
     assert len(dataplane.kernel) == 4
     assert dataplane.allowed == {PEER.public_ip}
@@ -435,43 +483,6 @@ async def test_the_docker_plugin_sees_the_programmed_subnet_not_the_planned_one(
     assert view.subnet == IPv4Network("10.244.7.0/24") and view.settled
 
 
-async def test_the_docker_plugin_sees_the_programmed_ipv6_subnet_too() -> None:
-    from overlayd.daemon.agent import Agent
-
-    dataplane = FakeDataplane()
-    inputs = knowledge(PEER)
-    v6 = Ipv6Config(
-        IPv6Network("fd00:10:244::/48"),
-        64,
-        IPv6Address("fd00:10:244:1::"),
-        IPv6Address("fd00:10:244:ffff::"),
-    )
-    inputs.config = replace(CONFIG, ipv6=v6)
-    inputs.own = replace(
-        OWN,
-        ipv6_subnet=IPv6Network("fd00:10:244:1::/64"),
-        public_ipv6=IPv6Address("2001:db8::11"),
-        vtep_mac_v6="02:00:00:00:00:61",
-    )
-    loop = Reconciler(inputs, dataplane)
-    assert (await loop.reconcile_once()).ok
-    view = Agent._plugin_view(inputs, loop)
-    assert (view.subnet6, view.cluster6) == (inputs.own.ipv6_subnet, v6.network)
-    assert view.settled  # positive control
-    # Only the IPv6 half of the lease moves: unsettled until a pass programs it.
-    inputs.own = replace(inputs.own, ipv6_subnet=IPv6Network("fd00:10:244:7::/64"))
-    view = Agent._plugin_view(inputs, loop)
-    assert view.subnet6 == IPv6Network("fd00:10:244:1::/64") and not view.settled
-    assert (await loop.reconcile_once()).ok
-    view = Agent._plugin_view(inputs, loop)
-    assert view.subnet6 == IPv6Network("fd00:10:244:7::/64") and view.settled
-    # An IPv4-only network: no IPv6 in the view, whatever the lease says.
-    inputs.config = CONFIG
-    assert (await loop.reconcile_once()).ok
-    view = Agent._plugin_view(inputs, loop)
-    assert (view.subnet6, view.cluster6) == (None, None)
-
-
 async def test_the_subnet_file_names_a_new_lease_only_after_the_pass_that_programmed_it(
     tmp_path: Path,
 ) -> None:
@@ -517,3 +528,115 @@ def test_a_failed_subnet_file_write_is_done_whole_by_the_next_pass(tmp_path: Pat
     blocked.unlink()
     assert writer.programmed(facts)
     assert read_subnet(blocked / "subnet.env") == OWN.subnet
+
+
+# --- dual-stack: the IPv6 allow-list and the gwbridge's IPv6 side -------------
+
+CONFIG6 = parse_network_config(
+    '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48"}'
+)
+UNDERLAY6 = replace(UNDERLAY, address6=IPv6Address("2001:db8::11"))
+GW6 = IPv6Network("fd4a:4eae:8d08::/64")
+
+
+def dual_lease(n: int, *, v6: bool = True) -> Lease:
+    return own_lease(
+        CONFIG6,
+        IPv4Network(f"10.244.{n}.0/24"),
+        IPv4Address(f"192.0.2.{10 + n}"),
+        IPv6Network(f"fd00:10:244:{n}::/64") if v6 else None,
+        IPv6Address(f"2001:db8::{10 + n}") if v6 else None,
+    )
+
+
+OWN6, PEER6, OLD = dual_lease(1), dual_lease(2), dual_lease(4, v6=False)
+
+
+def dual_stack(*peers: Lease) -> Knowledge:
+    """A dual-stack host in gwbridge mode, planned as the agent plans it."""
+    egress = replace(GWBRIDGE, gwbridge_subnet6=GW6)
+    host = host_plan(CONFIG6, OWN6, UNDERLAY6, bridge="ovl0", egress=egress)
+    assert host.spec.vtep6 and host.egress.cluster6 is not None
+    return Knowledge(
+        CONFIG6,
+        OWN6,
+        host.spec,
+        host.egress,
+        PREFIX,
+        {lease_key(PREFIX, lease): render_lease(lease).encode() for lease in (OWN6, *peers)},
+    )
+
+
+async def test_each_family_allows_its_own_peer_addresses_around_the_entries() -> None:
+    dataplane = FakeDataplane()
+    telemetry = Telemetry()
+    inputs = dual_stack(PEER6, OLD)  # OLD has no IPv6: it is allowed over IPv4 only
+    loop = Reconciler(inputs, dataplane, telemetry)
+    assert (await loop.reconcile_once()).ok
+    assert dataplane.sets == {
+        4: {PEER6.public_ip, OLD.public_ip},
+        6: {IPv6Address("2001:db8::12")},
+    }
+    assert telemetry.vxlan_allowed == 3
+    calls = dataplane.calls
+    assert calls[:4] == ["devices", "gwbridge fd4a:4eae:8d08::1/64", "sysctl", "bridge-nf v6"]
+    assert calls.index("allow 1 v6") < calls.index("read") < calls.index("apply 8")
+    assert calls.index("allow 1 v6") < calls.index("apply6 4")
+    # The peer leaves: both of its addresses go, after its entries.
+    dataplane.calls.clear()
+    inputs.raw_leases = dual_stack(OLD).raw_leases
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.calls == ["apply 4", "apply6 4", "disallow 1", "disallow 1 v6"]
+    assert dataplane.sets == {4: {OLD.public_ip}, 6: set()}
+    assert telemetry.vxlan_allowed == 1
+
+
+async def test_an_ipv6_filter_that_fails_is_named_and_the_ipv4_one_still_works() -> None:
+    dataplane = FakeDataplane()
+    telemetry = Telemetry()
+    telemetry.lease_acquired(OWN, "/k", 60)
+    telemetry.subnet_file_written = True
+    install = dataplane.ensure_vxlan_filter
+
+    async def refuse_v6(f: FilterSpec) -> str | None:
+        if f.family.version == 6:
+            raise NftError("nft refused the ruleset: no ip6 support")
+        return await install(f)
+
+    dataplane.ensure_vxlan_filter = refuse_v6  # type: ignore[method-assign]
+    loop = Reconciler(dual_stack(PEER6), dataplane, telemetry)
+    assert (await loop.reconcile_once()).ok
+    assert telemetry.ready() == (
+        False,
+        "VXLAN filter not installed: IPv6: nft refused the ruleset: no ip6 support",
+    )
+    assert dataplane.sets == {4: {PEER6.public_ip}, 6: None}
+    # Control: once nft accepts it, both families are filtered and the host is ready.
+    dataplane.ensure_vxlan_filter = install  # type: ignore[method-assign]
+    assert (await loop.reconcile_once(level=Level.CHECK)).ok
+    assert telemetry.ready() == (True, "ok")
+    assert dataplane.sets[6] == {IPv6Address("2001:db8::12")}
+
+
+async def test_the_docker_plugin_sees_the_programmed_ipv6_subnet_too() -> None:
+    from overlayd.daemon.agent import Agent
+
+    inputs = dual_stack(PEER6)
+    loop = Reconciler(inputs, FakeDataplane())
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (OWN6.ipv6_subnet, IPv6Network("fd00:10:244::/48"))
+    assert view.settled  # positive control
+    # Only the IPv6 half of the lease moves: unsettled until a pass programs it.
+    inputs.own = replace(OWN6, ipv6_subnet=IPv6Network("fd00:10:244:7::/64"))
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == OWN6.ipv6_subnet and not view.settled
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == IPv6Network("fd00:10:244:7::/64") and view.settled
+    # An IPv4-only host: no IPv6 in the view.
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, FakeDataplane())
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (None, None)

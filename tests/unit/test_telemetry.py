@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from overlayd.model import Change, Lease, Op, Route
+from overlayd.model import IPV6, Change, Lease, Op, Route
 from overlayd.surfaces.telemetry import Telemetry
 
 
@@ -102,8 +102,17 @@ def test_the_vxlan_metrics_never_go_down_when_the_kernel_counter_starts_again() 
     text = generate_latest(t.registry).decode()
     assert "overlayd_vxlan_allowed_peers 0.0" in text
     assert "overlayd_vxlan_dropped_packets_total " not in text  # no filter, no figure
-    readings: list[int | None] = [5, 12, 3, None, 4]  # 3: deleted and made again
-    t.dropped.reader = lambda: readings.pop(0) if readings else 4
+    # The ip table's counter: 3 means it was deleted and made again; None:
+    # nft could not be asked. The ip6 table's counts on its own and starts
+    # again too; the figure is their sum and never goes down.
+    readings: list[dict[str, int] | None] = [
+        {"ip": 5},
+        {"ip": 12, "ip6": 2},
+        {"ip": 3, "ip6": 2},
+        None,
+        {"ip": 4, "ip6": 1},
+    ]
+    t.dropped.reader = lambda: readings.pop(0) if readings else {"ip": 4, "ip6": 1}
     seen = []
     for _ in range(5):
         text = generate_latest(t.registry).decode()
@@ -111,10 +120,15 @@ def test_the_vxlan_metrics_never_go_down_when_the_kernel_counter_starts_again() 
             x for x in text.splitlines() if x.startswith("overlayd_vxlan_dropped_packets_total")
         )
         seen.append(float(line.split()[-1]))
-    assert seen == [5.0, 12.0, 15.0, 15.0, 16.0]
+    assert seen == [5.0, 14.0, 17.0, 17.0, 19.0]
     t.vxlan_filter_ok(7)
     assert "overlayd_vxlan_allowed_peers 7.0" in generate_latest(t.registry).decode()
     assert t.status()["vxlan_filter"] == {"setting": "on", "allowed_peers": 7, "problem": None}
+    # Dual-stack: the allowed addresses of both families add up.
+    t.vxlan_filter_ok(5, IPV6)
+    assert "overlayd_vxlan_allowed_peers 12.0" in generate_latest(t.registry).decode()
+    t.vxlan_filter_absent(IPV6)
+    assert t.vxlan_allowed == 7
 
 
 def test_ready_fails_naming_why_while_the_vxlan_filter_is_not_installed() -> None:

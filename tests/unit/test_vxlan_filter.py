@@ -129,6 +129,17 @@ def test_removal_deletes_the_chain_before_what_it_refers_to() -> None:
     assert render_removal([]) == ""
 
 
+def test_the_ipv6_filter_matches_its_golden_file_and_follows_the_ipv6_vtep() -> None:
+    six = FilterSpec(IPv6Address("2001:db8::11"), 8472, 42, IPV6)
+    assert render_objects(six) == (GOLDEN / "vxlan_filter6.nft").read_text()
+    dual = replace(SPEC, vtep6="ovl-v6.42", local_ip6=IPv6Address("2001:db8::11"))
+    assert filter_spec(dual, IPV6) == six
+    assert filter_spec(dual) == F  # the IPv4 filter is the same as without IPv6
+    # No IPv6 VTEP (no IPv6, or host-gw): no IPv6 filter.
+    assert filter_spec(SPEC, IPV6) is None
+    assert filter_spec(replace(dual, vtep6=""), IPV6) is None
+
+
 def test_the_family_is_a_parameter() -> None:
     six = FilterSpec(IPv6Address("2001:db8::11"), 8472, 1, IPV6)
     text = render_objects(six)

@@ -24,6 +24,7 @@ from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
 from overlayd.plan.cluster import ClusterPlan
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import HostFacts
+from overlayd.plan.leases import PeerSelection
 
 
 class Level(enum.IntEnum):
@@ -91,9 +92,12 @@ class PassContext:
     # (kind, what): devices, sysctls and rules a manager had to (re)make.
     remade: list[tuple[str, str]] = field(default_factory=list)
     peers: int = 0
-    # The peers' plan, made once per pass by the first manager that needs it
-    # (managers.peers.PeerProjection), so that all of them see the same peers.
-    planned: ClusterPlan | None = None
+    peers6: int = 0
+    # The leases selected and each family's plan (by version), made once per
+    # pass by the first manager that needs them (managers.peers.PeerProjection),
+    # so that all of them see the same peers.
+    selection: PeerSelection | None = None
+    planned: dict[int, ClusterPlan] = field(default_factory=dict)
 
     def remade_all(self, kind: str, what: list[str]) -> None:
         self.remade += [(kind, item) for item in what]

@@ -33,7 +33,10 @@ class DeviceManager(CheckedEachPeriod):
             context.remade_all(
                 "device",
                 await self._dataplane.ensure_gwbridge(
-                    egress.gwbridge, egress.gwbridge_gateway, egress.gwbridge_mac
+                    egress.gwbridge,
+                    egress.gwbridge_gateway,
+                    egress.gwbridge_mac,
+                    gateway6=egress.gwbridge_gateway6,
                 ),
             )
         if any(kind == "device" for kind, _ in context.remade):

@@ -1,5 +1,7 @@
 """The per-peer entries: for every peer lease, a route, a neighbour and two
-FDB entries through the tunnel, or one direct route (see plan/desired.py).
+FDB entries through the tunnel, or one direct route (see plan/desired.py);
+one manager per address family, the IPv6 one over the IPv6 halves of
+dual-stack leases (nothing at all while this host has no IPv6 lease).
 
 Desired state comes from the cluster plan over the mirror's leases, the
 same pure function `overlayctl diagnose` uses. Actual state is believed
@@ -11,16 +13,16 @@ changed, not a dump of every entry.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from ipaddress import IPv4Network
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
-from overlayd.model import Observed
-from overlayd.plan.cluster import ClusterPlan, cluster_plan
+from overlayd.model import IPV4, Family, IPNetwork, Lease, Observed
+from overlayd.plan.cluster import ClusterPlan, family_plan
 from overlayd.plan.desired import EntryMemo
 from overlayd.plan.diff import diff
-from overlayd.plan.leases import ParseCache
+from overlayd.plan.leases import ParseCache, select_peers
 from overlayd.plan.tracker import EntryTracker
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -36,55 +38,72 @@ class PeerProjection:
     def __init__(self, dataplane: DataplanePort) -> None:
         self._dataplane = dataplane
         self._parse_cache: ParseCache = {}
-        self._entry_memo: EntryMemo = {}
-        self._onlink: tuple[IPv4Network, ...] | None = None
+        # Per family (by version): the entries of leases seen before, and
+        # the underlay's connected networks.
+        self._entry_memo: dict[int, EntryMemo] = {}
+        self._onlink: dict[int, tuple[IPNetwork, ...]] = {}
 
-    async def plan(self, context: PassContext) -> ClusterPlan:
-        if context.planned is not None:
-            return context.planned
+    async def plan(self, context: PassContext, family: Family = IPV4) -> ClusterPlan:
+        found = context.planned.get(family.version)
+        if found is not None:
+            return found
         inputs = context.inputs
-        if context.level >= Level.CHECK or self._onlink is None:
+        if context.selection is None:
+            context.selection = select_peers(
+                inputs.config,
+                inputs.own,
+                inputs.raw_leases,
+                inputs.etcd_prefix,
+                cache=self._parse_cache,
+            )
+        onlink = self._onlink.get(family.version)
+        if context.level >= Level.CHECK or onlink is None:
             # Which peers are on our link decides direct routes; the underlay's
             # addresses also send events, which make the next pass a full one.
-            self._onlink = tuple(
-                await self._dataplane.connected_networks(inputs.spec.underlay_ifindex)
+            onlink = self._onlink[family.version] = tuple(
+                await self._dataplane.connected_networks(inputs.spec.underlay_ifindex, family)
             )
-        context.planned = cluster_plan(
+        planned = context.planned[family.version] = family_plan(
+            context.selection,
+            family,
             inputs.config,
-            inputs.own,
-            inputs.raw_leases,
+            onlink,
             inputs.etcd_prefix,
-            self._onlink,
             underlay=inputs.spec.underlay,
-            cache=self._parse_cache,
-            memo=self._entry_memo,
+            memo=self._entry_memo.setdefault(family.version, {}),
         )
-        return context.planned
+        return planned
 
 
 class PeerEntryManager:
-    name = "peers"
+    """The entries of one address family."""
 
     def __init__(
         self,
         dataplane: DataplanePort,
         telemetry: Telemetry,
         projection: PeerProjection | None = None,
+        family: Family = IPV4,
     ) -> None:
         self._dataplane = dataplane
         self._telemetry = telemetry
+        self.family = family
+        self.name = "peers" if family is IPV4 else f"peers{family.version}"
         self.tracker = EntryTracker()
         self._projection = projection or PeerProjection(dataplane)
         self._warned: dict[str, str] = {}
+        self._warned_without: set[str] = set()
 
     async def sync(self, context: PassContext) -> None:
-        inputs = context.inputs
-        planned = await self._projection.plan(context)
+        inputs, family = context.inputs, self.family
+        planned = await self._projection.plan(context, family)
         self._warn_rejected(planned.rejected)
-        self._telemetry.leases_skipped(planned.rejected)
+        self._warn_without_ipv6(planned.without_ipv6)
+        if family is IPV4:
+            self._telemetry.leases_skipped(planned.rejected)
         prior = self.tracker.believed()
         if context.level >= Level.FULL or prior is None:
-            self.tracker.replace_actual(await self._dataplane.read_entries(inputs.spec))
+            self.tracker.replace_actual(await self._dataplane.read_entries(inputs.spec, family))
         self.tracker.replace_desired(planned.desired)
         changes = self.tracker.changes()
         # Believed before it is true, so that the netlink events of our own
@@ -92,7 +111,7 @@ class PeerEntryManager:
         # recognised as ours.
         self.tracker.settle()
         if changes:
-            result = await self._dataplane.apply(changes, inputs.spec)
+            result = await self._dataplane.apply(changes, inputs.spec, family)
             context.changes += changes
             if context.level >= Level.FULL and prior is not None:
                 # What the kernel lost or gained behind our back, as opposed
@@ -102,17 +121,44 @@ class PeerEntryManager:
             if result.failed:
                 raise RuntimeError("; ".join(result.failed[:5]))
         peers = planned.peers
-        context.peers = len(peers.tunneled) + len(peers.direct)
-        self._telemetry.peers_programmed(peers.tunneled, peers.direct)
+        if family is IPV4:
+            context.peers = len(peers.tunneled) + len(peers.direct)
+            # The IPv4 plan's peers are the leases themselves.
+            self._telemetry.peers_programmed(
+                cast(Sequence[Lease], peers.tunneled), cast(Sequence[Lease], peers.direct)
+            )
+        else:
+            context.peers6 = len(peers.tunneled) + len(peers.direct)
+            self._telemetry.ipv6_peers_programmed(len(peers.tunneled), len(peers.direct))
 
     def _warn_rejected(self, rejected: Mapping[str, str]) -> None:
         # One warning per bad lease (and again only if its reason changes).
+        event = "lease_skipped" if self.family is IPV4 else "lease_ipv6_skipped"
         for key, reason in rejected.items():
             if self._warned.get(key) != reason:
-                log.warning("event=lease_skipped key=%s reason=%r", key, reason)
+                log.warning("event=%s key=%s reason=%r", event, key, reason)
         self._warned = dict(rejected)
 
+    def _warn_without_ipv6(self, keys: tuple[str, ...]) -> None:
+        """Once per peer: a v4-only peer in a dual-stack network is reached
+        over IPv4 and gets no IPv6 entries."""
+        for key in keys:
+            if key not in self._warned_without:
+                log.warning(
+                    "event=peer_without_ipv6 key=%s effect=%r",
+                    key,
+                    "reached over IPv4 only; no IPv6 entries",
+                )
+        self._warned_without = set(keys)
+
     def expects(self, observed: Observed) -> bool:
+        # An event about the other family's entries is that manager's to
+        # judge: "nothing of mine there" must not excuse it (the loop takes
+        # any manager's word). The drift monitor tells the family of bridge
+        # FDB events by their VTEP; the others carry addresses.
+        version = observed.family_version()
+        if version and version != self.family.version:
+            return False
         return self.tracker.expects(observed)
 
     def forget(self) -> None:

@@ -1,6 +1,11 @@
 """The VXLAN allow-list: the set of the tunnelled peers' public IPs and the
 rules that accept VXLAN only from them (see plan/vxlan_filter.py for the
-kernel objects and why).
+kernel objects and why), one `VxlanAllowList` per address family: the IPv4
+one keeps table `ip overlayd` for the IPv4 VTEP, the IPv6 one table `ip6
+overlayd` for the IPv6 VTEP, with the peers' PublicIPv6 addresses. Each
+takes its family's peers from the pass's plan of that family, and each
+finds nothing to do (and removes what it finds) when the host has no VTEP
+of its family.
 
 The set must change on both sides of the peer entries, so one state
 (`VxlanAllowList`) is run by two managers, placed around PeerEntryManager
@@ -39,7 +44,7 @@ from overlayd.daemon.managers import Level, PassContext
 from overlayd.daemon.managers.peers import PeerProjection
 from overlayd.dataplane import DataplanePort
 from overlayd.dataplane.nft import NftError
-from overlayd.model import IPV4, IPAddress, Observed
+from overlayd.model import IPV4, Family, IPAddress, Observed
 from overlayd.plan.vxlan_filter import (
     SET,
     ElementChanges,
@@ -63,11 +68,13 @@ class VxlanAllowList:
         projection: PeerProjection,
         *,
         enabled: bool = True,
+        family: Family = IPV4,
     ) -> None:
         self._dataplane = dataplane
         self._telemetry = telemetry
         self._projection = projection
         self.enabled = enabled
+        self.family = family
         # What we believe the set holds; None: not known (read it back).
         self.believed: frozenset[IPAddress] | None = None
         self._problem: str | None = None
@@ -78,7 +85,7 @@ class VxlanAllowList:
 
     async def run_admit(self, context: PassContext) -> None:
         self._pending = None
-        f = filter_spec(context.inputs.spec) if self.enabled else None
+        f = filter_spec(context.inputs.spec, self.family) if self.enabled else None
         if f is None:
             await self._absent(context)
             return
@@ -86,7 +93,7 @@ class VxlanAllowList:
         if looks and not await self._install(context, f):
             return
         assert self.believed is not None
-        planned = await self._projection.plan(context)
+        planned = await self._projection.plan(context, self.family)
         desired = allowed_sources(planned.peers)
         new = element_changes(desired, self.believed).add
         if new:
@@ -104,7 +111,7 @@ class VxlanAllowList:
             await self._dataplane.update_vxlan_filter(f, ElementChanges((), gone))
             self.believed = self.believed - frozenset(gone)
         if self._problem is None:
-            self._telemetry.vxlan_filter_ok(len(self.believed))
+            self._telemetry.vxlan_filter_ok(len(self.believed), self.family)
 
     async def _install(self, context: PassContext, f: FilterSpec) -> bool:
         """Rules in place and the set read back; False when there is no set
@@ -125,7 +132,11 @@ class VxlanAllowList:
                 self.believed = None
             return self.believed is not None
         if self._problem is not None:
-            log.warning("event=vxlan_filter_installed after=%r", self._problem)
+            log.warning(
+                "event=vxlan_filter_installed family=ipv%d after=%r",
+                self.family.version,
+                self._problem,
+            )
             self._problem = None
         if done is not None:
             context.remade.append(("nftables", done))
@@ -143,31 +154,36 @@ class VxlanAllowList:
         self.believed = None
         self._problem = None
         if context.level >= Level.CHECK:
-            done = await self._dataplane.remove_vxlan_filter(IPV4)
+            done = await self._dataplane.remove_vxlan_filter(self.family)
             if done is not None:
                 context.remade.append(("nftables", done))
-        self._telemetry.vxlan_filter_absent()
+        self._telemetry.vxlan_filter_absent(self.family)
 
     def _failed(self, reason: str) -> None:
         if reason != self._problem:
             log.error(
-                "event=vxlan_filter_failed error=%r effect=%r",
+                "event=vxlan_filter_failed family=ipv%d error=%r effect=%r",
+                self.family.version,
                 reason,
                 "VXLAN is not filtered; /readyz fails until the rules are in place",
             )
         self._problem = reason
-        self._telemetry.vxlan_filter_failed(reason)
+        self._telemetry.vxlan_filter_failed(reason, self.family)
 
     def forget(self) -> None:
         self.believed = None
         self._pending = None
 
 
-class _Admit:
-    name = "vxlan-allow-admit"
+def _name(step: str, family: Family) -> str:
+    # The IPv4 names are those from before dual-stack.
+    return f"vxlan-allow-{step}" + ("" if family.version == 4 else f"-v{family.version}")
 
+
+class _Admit:
     def __init__(self, state: VxlanAllowList) -> None:
         self._state = state
+        self.name = _name("admit", state.family)
 
     async def sync(self, context: PassContext) -> None:
         await self._state.run_admit(context)
@@ -180,10 +196,9 @@ class _Admit:
 
 
 class _Prune:
-    name = "vxlan-allow-prune"
-
     def __init__(self, state: VxlanAllowList) -> None:
         self._state = state
+        self.name = _name("prune", state.family)
 
     async def sync(self, context: PassContext) -> None:
         await self._state.run_prune(context)
