@@ -32,7 +32,7 @@ from overlayd.lab.lab import STATE_ROOT
 from overlayd.nsexec import netns_argv
 from overlayd.plan.ipam import container_ranges
 from tests.conftest import CONVERGE, SESSION_TAG, needs_root, unique_name, wait_until
-from tests.lab.probes import SLEEP, serve
+from tests.lab.probes import SLEEP, global_ipv6, serve
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -85,13 +85,6 @@ def bridge_addresses(ns: str) -> list[str]:
         lab_netns.ip(ns, "-j", "-6", "addr", "show", "dev", "ovl0", "scope", "global")
     )
     return [f"{a['local']}/{a['prefixlen']}" for a in shown[0]["addr_info"] if "local" in a]
-
-
-def global_ipv6(engine: Engine, name: str) -> IPv6Interface:
-    """The container's global IPv6 address on eth0, as its kernel has it."""
-    out = engine.exec(name, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global")
-    (address,) = [IPv6Interface(w) for line in out.splitlines() for w in line.split()[3:4]]
-    return address
 
 
 def routes(engine: Engine, name: str, family: str) -> set[str]:
