@@ -11,16 +11,28 @@ writes and delegate to the standard `bridge` plugin with `host-local` IPAM
     eth1 on the gwbridge (gwbridge mode only), an address from the gwbridge
          subnet and the default route, as Docker attaches overlay containers
 
+In a dual-stack network (the subnet file has FLANNEL_IPV6_SUBNET and
+FLANNEL_IPV6_NETWORK) every interface gets an address of each family from
+one host-local call (one range set per family), and a route of each
+family: the default routes `0.0.0.0/0` and `::/0`, or in gwbridge mode
+both cluster networks on eth0 and both default routes on eth1 (its IPv6
+address from OVERLAYD_GWBRIDGE_SUBNET6; without that variable the
+container has no IPv6 way out, only the cluster route). Without the IPv6
+variables the delegates are exactly the IPv4-only ones.
+
 Veths, addresses, routes and address bookkeeping are the standard plugins'
 work; this program only decides what to ask them for, merges their results,
 and remembers what it asked so that DEL and CHECK hit the same delegates
-even if the subnet file changed since.
+even if the subnet file changed since. The bridge plugin also keeps
+duplicate address detection off in the container (`enabledad` false, see
+`delegate_configs`), so an IPv6 address is usable the moment ADD returns.
 
-Addresses on the overlay come from the lower half of the host's subnet
-(plan/ipam.container_ranges): the upper half is Docker's `--fixed-cidr`
-(`overlayctl docker-opts`), so that Docker's own IPAM and host-local never
-hand out the same address on one host. overlayd's Docker plugin allocates
-from this plugin's host-local store, so it shares the lower half safely.
+Addresses on the overlay come from one half of the host's subnet, in each
+family (plan/ipam.container_ranges: IPv4's lower half after the gateway,
+IPv6's upper half); the other half is Docker's own IPAM's
+(`overlayctl docker-opts`), so that Docker and host-local never hand out
+the same address on one host. overlayd's Docker plugin allocates from this
+plugin's host-local store, so it shares host-local's half safely.
 
 Network config keys (besides cniVersion, name, type):
     subnetFile    default /run/flannel/subnet.env
@@ -40,10 +52,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, ip_address
+from ipaddress import IPv4Interface, IPv6Interface, IPv6Network, ip_address, ip_interface
 from pathlib import Path
 from typing import Any
 
+from overlayd.model import IPV4, IPV6, Family
 from overlayd.nsexec import call_plugin
 from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
 from overlayd.surfaces.subnetfile import read_variables
@@ -107,8 +120,63 @@ def find_plugin(name: str, path: list[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Stack:
+    """What the subnet file says about one address family: the bridge's
+    gateway (address/prefix of the host's subnet) and the cluster network."""
+
+    family: Family
+    gateway: IPv4Interface | IPv6Interface
+    cluster: str | None
+
+
+def _ipv6_stack(found: dict[str, str], subnet_file: Path) -> Stack | None:
+    """The IPv6 half of a dual-stack subnet file, None in an IPv4-only one.
+    flannel writes FLANNEL_IPV6_SUBNET (gateway/len) and FLANNEL_IPV6_NETWORK
+    together; one without the other is a damaged file, not IPv4-only."""
+    present = [name for name in ("FLANNEL_IPV6_SUBNET", "FLANNEL_IPV6_NETWORK") if name in found]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise CniError(
+            ERR_CONFIG,
+            f"{subnet_file} has {present[0]} but not the other of FLANNEL_IPV6_SUBNET"
+            " and FLANNEL_IPV6_NETWORK",
+        )
+    try:
+        gateway = IPv6Interface(found["FLANNEL_IPV6_SUBNET"])
+        cluster = IPv6Network(found["FLANNEL_IPV6_NETWORK"])
+    except ValueError as exc:
+        raise CniError(ERR_CONFIG, f"{subnet_file}: bad FLANNEL_IPV6_*: {exc}") from exc
+    return Stack(IPV6, gateway, str(cluster))
+
+
+def _address_range(stack: Stack, whole_subnet: bool) -> dict[str, str]:
+    """host-local's range for one family: its half of the subnet
+    (plan/ipam.container_ranges), or all of it."""
+    found = {"subnet": str(stack.gateway.network), "gateway": str(stack.gateway.ip)}
+    if whole_subnet:
+        return found
+    try:
+        shared = container_ranges(stack.gateway.network)
+    except ValueError as exc:
+        raise CniError(ERR_CONFIG, f"{exc}; set wholeSubnet to true") from exc
+    return found | {
+        "rangeStart": str(shared.host_local_start),
+        "rangeEnd": str(shared.host_local_end),
+    }
+
+
+def _route(stack: Stack, dst: str) -> dict[str, str]:
+    # The gateway spelled out: the bridge plugin's CHECK compares routes
+    # with the result, and the kernel's route has one.
+    return {"dst": dst, "gw": str(stack.gateway.ip)}
+
+
 def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[str, Any]]]:
-    """(interface, bridge plugin config) for each interface the mode needs."""
+    """(interface, bridge plugin config) for each interface the mode needs,
+    each with one host-local range and route per address family: IPv4, and
+    IPv6 as well when the subnet file is dual-stack."""
     subnet_file = Path(conf.get("subnetFile", DEFAULT_SUBNET_FILE))
     found = read_variables(subnet_file)
     if "FLANNEL_SUBNET" not in found or "FLANNEL_MTU" not in found:
@@ -122,6 +190,10 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         mtu = int(found["FLANNEL_MTU"])
     except ValueError as exc:
         raise CniError(ERR_CONFIG, f"{subnet_file} is malformed: {exc}") from exc
+    stacks = [Stack(IPV4, gateway, found.get("FLANNEL_NETWORK"))]
+    v6 = _ipv6_stack(found, subnet_file)
+    if v6 is not None:
+        stacks.append(v6)
     version = conf.get("cniVersion", "1.0.0")
     # host-local keeps its books per network name (dataDir/ipam/<name>).
     # The name is fixed, not the conflist's: every runtime's network on this
@@ -131,29 +203,17 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
     data_dir = Path(conf.get("dataDir", DEFAULT_DATA_DIR))
     egress = found.get("OVERLAYD_EGRESS", "masquerade")
     two_interfaces = egress == "gwbridge" and "OVERLAYD_GWBRIDGE" in found
-    overlay_route = found.get("FLANNEL_NETWORK") if two_interfaces else "0.0.0.0/0"
 
     whole_subnet = conf.get("wholeSubnet", False)
     if not isinstance(whole_subnet, bool):
         raise CniError(ERR_CONFIG, f"wholeSubnet must be true or false, not {whole_subnet!r}")
-    overlay_range: dict[str, str] = {"subnet": str(gateway.network), "gateway": str(gateway.ip)}
-    if not whole_subnet:
-        try:
-            shared = container_ranges(gateway.network)
-        except ValueError as exc:
-            raise CniError(ERR_CONFIG, f"{exc}; set wholeSubnet to true") from exc
-        overlay_range |= {
-            "rangeStart": str(shared.host_local_start),
-            "rangeEnd": str(shared.host_local_end),
-        }
 
     def bridge_conf(
         net_name: str,
         bridge: str,
-        subnet: IPv4Interface,
-        route: str,
+        ranges: list[dict[str, str]],
+        routes: list[dict[str, str]],
         mtu: int | None,
-        address_range: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         delegate: dict[str, Any] = {
             "cniVersion": version,
@@ -167,37 +227,81 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
             "ipam": {
                 "type": "host-local",
                 "dataDir": str(data_dir / "ipam"),
-                "ranges": [
-                    [address_range or {"subnet": str(subnet.network), "gateway": str(subnet.ip)}]
-                ],
-                # The gateway spelled out: the bridge plugin's CHECK compares
-                # routes with the result, and the kernel's route has one.
-                "routes": [{"dst": route, "gw": str(subnet.ip)}],
+                # One range set per family: host-local gives one address from each.
+                "ranges": [[address_range] for address_range in ranges],
+                "routes": routes,
             },
         }
         if mtu is not None:
             delegate["mtu"] = mtu
+        if len(ranges) > 1:
+            # No duplicate address detection in the container (the bridge
+            # plugin's default, spelled out where IPv6 is): host-local's
+            # store is the one authority for its half of the subnet, and
+            # with DAD an IPv6 address stays tentative, unusable as a
+            # source, for a second or two, which the bridge plugin waits
+            # out (ADD took 2.1 s instead of 0.07 s here).
+            delegate["enabledad"] = False
         return delegate
 
+    # eth0: the cluster routes in gwbridge mode (the default routes go by
+    # eth1), else the default routes, for every family the host has.
+    if two_interfaces and any(s.cluster is None for s in stacks):
+        raise CniError(ERR_CONFIG, f"{subnet_file} has no FLANNEL_NETWORK for the cluster route")
+    overlay_routes = [
+        _route(s, str(s.cluster) if two_interfaces else s.family.any_network) for s in stacks
+    ]
     bridge = found.get("OVERLAYD_BRIDGE", "ovl0")
     delegates = [
-        (ifname, bridge_conf(name, bridge, gateway, str(overlay_route), mtu, overlay_range))
+        (
+            ifname,
+            bridge_conf(
+                name,
+                bridge,
+                [_address_range(s, whole_subnet) for s in stacks],
+                overlay_routes,
+                mtu,
+            ),
+        )
     ]
     if two_interfaces:
         egress_if = str(conf.get("egressIfName", "eth1"))
         if egress_if == ifname:
             raise CniError(ERR_CONFIG, f"egressIfName {egress_if!r} is CNI_IFNAME itself")
-        try:
-            gw = IPv4Interface(found["OVERLAYD_GWBRIDGE_SUBNET"])
-        except (KeyError, ValueError) as exc:
-            raise CniError(ERR_CONFIG, f"{subnet_file}: bad OVERLAYD_GWBRIDGE_SUBNET") from exc
+        egress_stacks = _gwbridge_stacks(found, subnet_file, ipv6=v6 is not None)
         delegates.append(
             (
                 egress_if,
-                bridge_conf(f"{name}-egress", found["OVERLAYD_GWBRIDGE"], gw, "0.0.0.0/0", None),
+                bridge_conf(
+                    f"{name}-egress",
+                    found["OVERLAYD_GWBRIDGE"],
+                    # The gwbridge is this host's alone: its whole subnets.
+                    [_address_range(s, whole_subnet=True) for s in egress_stacks],
+                    [_route(s, s.family.any_network) for s in egress_stacks],
+                    None,
+                ),
             )
         )
     return delegates
+
+
+def _gwbridge_stacks(found: dict[str, str], subnet_file: Path, *, ipv6: bool) -> list[Stack]:
+    """The gwbridge's gateways: IPv4, and IPv6 in a dual-stack file that
+    gives the gwbridge an IPv6 subnet (without one, containers have no IPv6
+    way out in gwbridge mode, only the cluster route)."""
+    names = [("OVERLAYD_GWBRIDGE_SUBNET", IPV4)]
+    if ipv6 and "OVERLAYD_GWBRIDGE_SUBNET6" in found:
+        names.append(("OVERLAYD_GWBRIDGE_SUBNET6", IPV6))
+    stacks = []
+    for name, family in names:
+        try:
+            gateway = ip_interface(found[name])
+        except (KeyError, ValueError) as exc:
+            raise CniError(ERR_CONFIG, f"{subnet_file}: bad {name}") from exc
+        if gateway.version != family.version:
+            raise CniError(ERR_CONFIG, f"{subnet_file}: {name} is not an IPv{family.version} one")
+        stacks.append(Stack(family, gateway, None))
+    return stacks
 
 
 def run_delegate(

@@ -1,8 +1,9 @@
 """`overlayd --teardown`: remove everything the daemon creates on this
-host, and nothing else: its devices (and with them its routes and entries),
-its nftables tables and iptables chains, its subnet file, and its lease in
-etcd. The data plane goes even when etcd cannot be reached; only the lease
-release needs it."""
+host, and nothing else: its devices (the bridge, the gwbridge and both
+VTEPs, `ovl.<VNI>` and `ovl-v6.<VNI>`, and with them the routes and entries
+of both families), its nftables tables and iptables chains, its subnet file,
+and its lease in etcd. The data plane goes even when etcd cannot be
+reached; only the lease release needs it."""
 
 from __future__ import annotations
 

@@ -41,9 +41,11 @@ class DataplanePort(Protocol):
 
     async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]: ...
 
-    async def ensure_forwarding(self, bridge: str) -> list[str]: ...
+    async def ensure_forwarding(
+        self, bridge: str, *, ipv6: bool = False, underlay: str = ""
+    ) -> list[str]: ...
 
-    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]: ...
+    async def ensure_bridge_netfilter(self, *, ipv6: bool = False) -> list[str]: ...
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None: ...
 
@@ -103,11 +105,15 @@ class Dataplane:
     async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
         return await self.netlink.connected_networks(ifindex, family)
 
-    async def ensure_forwarding(self, bridge: str) -> list[str]:
-        return await sysctl.ensure_forwarding_and_redirects(bridge, netns=self.netns)
+    async def ensure_forwarding(
+        self, bridge: str, *, ipv6: bool = False, underlay: str = ""
+    ) -> list[str]:
+        return await sysctl.ensure_forwarding_and_redirects(
+            bridge, netns=self.netns, ipv6=ipv6, underlay=underlay
+        )
 
-    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
-        return await sysctl.ensure_bridge_netfilter(families, netns=self.netns)
+    async def ensure_bridge_netfilter(self, *, ipv6: bool = False) -> list[str]:
+        return await sysctl.ensure_bridge_netfilter(netns=self.netns, ipv6=ipv6)
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
         return await self.nft.ensure(egress)
@@ -135,10 +141,9 @@ class Dataplane:
     ) -> ApplyResult:
         """A handful of changes (one peer joining) through netlink, in
         milliseconds; many (a cold start) through one iproute2 batch per
-        tool, which encodes thousands of messages far faster than pyroute2."""
-        if family is not IPV4:  # TODO(v6-dp): through netlink for few
-            return await entries.apply_changes(changes, spec, netns=self.netns, family=family)
+        tool, which encodes thousands of messages far faster than pyroute2.
+        The changes are all of one family: its entries go through its VTEP."""
         if len(changes) <= self.netlink_max_changes:
-            failed = await self.netlink.apply_entries(changes, spec)
+            failed = await self.netlink.apply_entries(changes, spec, family)
             return ApplyResult(applied=len(changes), failed=tuple(failed))
-        return await entries.apply_changes(changes, spec, netns=self.netns)
+        return await entries.apply_changes(changes, spec, netns=self.netns, family=family)

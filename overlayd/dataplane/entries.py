@@ -10,6 +10,10 @@ Ownership: routes carry our private protocol number; neighbour entries are
 the permanent ones on our bridge; FDB entries are the static bridge entries
 and the self entries with a remote on our VTEP. Nothing else is read, so
 nothing else can be deleted.
+
+One family at a time: IPv6 entries are read with `ip -6` and their FDB
+entries live on the IPv6 VTEP (`DeviceSpec.vtep_for`), the same bridge
+holding both families' neighbours.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -67,15 +71,25 @@ def _tool(name: str, netns: str | None) -> list[str]:
     return [name, "-n", netns] if netns else [name]
 
 
-# Entry objects (with their keys) by the text iproute2 printed for them. A
-# resync reads the same thousands of entries every time, and building
-# ipaddress objects from text is most of its cost, so each distinct entry is
-# built once and reused; a cache is emptied when it outgrows what it serves.
-_routes: dict[tuple[str, str, str], tuple[RouteKey, Route]] = {}
-_neighbours: dict[tuple[str, str], tuple[int, Neighbour]] = {}
-_tunnels: dict[tuple[str, str], TunnelFdb] = {}
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class _Caches:
+    """Entry objects (with their keys) by the text iproute2 printed for them.
+    A resync reads the same thousands of entries every time, and building
+    ipaddress objects from text is most of its cost, so each distinct entry
+    is built once and reused; a cache is emptied when it outgrows what it
+    serves. One set per family, so that a small IPv6 table never empties
+    the IPv4 caches, nor the other way round."""
+
+    routes: dict[tuple[str, str, str], tuple[RouteKey, Route]] = field(default_factory=dict)
+    neighbours: dict[tuple[str, str], tuple[int, Neighbour]] = field(default_factory=dict)
+    tunnels: dict[tuple[str, str], TunnelFdb] = field(default_factory=dict)
+
+
+_CACHES: dict[int, _Caches] = {4: _Caches(), 6: _Caches()}
 
 
 def _interned(cache: dict[K, V], text: K, build: Callable[[], V]) -> V:
@@ -117,6 +131,7 @@ async def read_entries(
     them now."""
     ip, br = _tool("ip", netns), _tool("bridge", netns)
     bridge, flag, vtep = spec.bridge, family.iproute2_flag, spec.vtep_for(family)
+    caches = _CACHES[family.version]
     routes_raw, neigh_raw, fdb_raw = await asyncio.gather(
         _json([*ip, "-j", flag, "route", "show", "table", "main", "proto", str(ROUTE_PROTOCOL)]),
         _json([*ip, "-j", flag, "neigh", "show", "dev", bridge, "nud", "permanent"]),
@@ -130,14 +145,14 @@ async def read_entries(
         dev, dst = item.get("dev"), item["dst"]
         gateway = item.get("gateway", "") if dev in (bridge, spec.underlay) else ""
         direct = "direct" if dev == spec.underlay and dev != bridge else ""
-        route_at, route = _interned(
-            _routes, (dst, gateway, direct), partial(_route, family, dst, gateway, bool(direct))
-        )
+        built = partial(_route, family, dst, gateway, bool(direct))
+        route_at, route = _interned(caches.routes, (dst, gateway, direct), built)
         routes[route_at] = route
     for item in neigh_raw:
         if "lladdr" in item:
             dst, mac = item["dst"], item["lladdr"]
-            neigh_at, neigh = _interned(_neighbours, (dst, mac), partial(_neigh, family, dst, mac))
+            built_neigh = partial(_neigh, family, dst, mac)
+            neigh_at, neigh = _interned(caches.neighbours, (dst, mac), built_neigh)
             neighbours[neigh_at] = neigh
     for item in fdb_raw:
         mac = item.get("mac", "")
@@ -145,53 +160,62 @@ async def read_entries(
             remote = item["dst"]
             try:
                 tunnel[mac] = _interned(
-                    _tunnels, (mac, remote), partial(_tunnel, family, mac, remote)
+                    caches.tunnels, (mac, remote), partial(_tunnel, family, mac, remote)
                 )
             except ValueError:
                 continue  # a remote of the other family: not this reader's
         elif item.get("master") == bridge and item.get("state") == "static":
             bridge_fdb[mac] = BridgeFdb(mac)
-    _trim(_routes, len(routes))
-    _trim(_neighbours, len(neighbours))
-    _trim(_tunnels, len(tunnel))
+    _trim(caches.routes, len(routes))
+    _trim(caches.neighbours, len(neighbours))
+    _trim(caches.tunnels, len(tunnel))
     return EntrySet(routes=routes, neighbours=neighbours, tunnel_fdb=tunnel, bridge_fdb=bridge_fdb)
 
 
-def _route_line(entry: Route, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+@dataclass(frozen=True, slots=True)
+class _Devices:
+    """The device names the lines of one family's changes use."""
+
+    bridge: str
+    vtep: str  # the family's VTEP
+    underlay: str
+
+
+def _route_line(entry: Route, delete: bool, dev: _Devices) -> tuple[str, str]:
     if delete:
         return "ip", f"route delete {entry.dst} proto {ROUTE_PROTOCOL}"
     if entry.direct:
         return "ip", (
-            f"route replace {entry.dst} via {entry.gateway} dev {spec.underlay}"
+            f"route replace {entry.dst} via {entry.gateway} dev {dev.underlay}"
             f" proto {ROUTE_PROTOCOL}"
         )
     return "ip", (
-        f"route replace {entry.dst} via {entry.gateway} dev {spec.bridge} onlink"
+        f"route replace {entry.dst} via {entry.gateway} dev {dev.bridge} onlink"
         f" proto {ROUTE_PROTOCOL}"
     )
 
 
-def _neighbour_line(entry: Neighbour, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+def _neighbour_line(entry: Neighbour, delete: bool, dev: _Devices) -> tuple[str, str]:
     if delete:
-        return "ip", f"neigh delete {entry.ip} dev {spec.bridge}"
-    return "ip", f"neigh replace {entry.ip} lladdr {entry.mac} dev {spec.bridge} nud permanent"
+        return "ip", f"neigh delete {entry.ip} dev {dev.bridge}"
+    return "ip", f"neigh replace {entry.ip} lladdr {entry.mac} dev {dev.bridge} nud permanent"
 
 
-def _tunnel_fdb_line(entry: TunnelFdb, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+def _tunnel_fdb_line(entry: TunnelFdb, delete: bool, dev: _Devices) -> tuple[str, str]:
     if delete:
-        return "bridge", f"fdb delete {entry.mac} dev {spec.vtep} dst {entry.remote} self"
-    return "bridge", f"fdb replace {entry.mac} dev {spec.vtep} dst {entry.remote} self permanent"
+        return "bridge", f"fdb delete {entry.mac} dev {dev.vtep} dst {entry.remote} self"
+    return "bridge", f"fdb replace {entry.mac} dev {dev.vtep} dst {entry.remote} self permanent"
 
 
-def _bridge_fdb_line(entry: BridgeFdb, delete: bool, spec: DeviceSpec) -> tuple[str, str]:
+def _bridge_fdb_line(entry: BridgeFdb, delete: bool, dev: _Devices) -> tuple[str, str]:
     if delete:
-        return "bridge", f"fdb delete {entry.mac} dev {spec.vtep} master"
-    return "bridge", f"fdb replace {entry.mac} dev {spec.vtep} master static"
+        return "bridge", f"fdb delete {entry.mac} dev {dev.vtep} master"
+    return "bridge", f"fdb replace {entry.mac} dev {dev.vtep} master static"
 
 
 # One encoder per kind of entry (see model.KINDS), by kind name: the tool
 # ("ip" or "bridge") and the batch line.
-_LINES: dict[str, Callable[[Any, bool, DeviceSpec], tuple[str, str]]] = {
+_LINES: dict[str, Callable[[Any, bool, _Devices], tuple[str, str]]] = {
     "route": _route_line,
     "neigh": _neighbour_line,
     "fdb_tunnel": _tunnel_fdb_line,
@@ -199,33 +223,39 @@ _LINES: dict[str, Callable[[Any, bool, DeviceSpec], tuple[str, str]]] = {
 }
 
 
-def _line(change: Change, spec: DeviceSpec) -> tuple[str, str]:
+def _line(change: Change, dev: _Devices) -> tuple[str, str]:
     """The tool ("ip" or "bridge") and the batch line for one change."""
-    return _LINES[kind_of(change.entry).name](change.entry, change.op is Op.DELETE, spec)
+    return _LINES[kind_of(change.entry).name](change.entry, change.op is Op.DELETE, dev)
 
 
 async def apply_changes(
-    changes: Sequence[Change], spec: DeviceSpec, *, netns: str | None = None, family: Family = IPV4
+    changes: Sequence[Change],
+    spec: DeviceSpec,
+    *,
+    netns: str | None = None,
+    family: Family = IPV4,
 ) -> ApplyResult:
-    """Apply in the given order, batching consecutive lines of the same tool.
+    """Apply one family's changes in the given order, batching consecutive
+    lines of the same tool.
 
     `-force` keeps a batch going past a failed line; the failures come back
     so that the caller can schedule a full resync.
     """
+    dev = _Devices(spec.bridge, spec.vtep_for(family), spec.underlay)
+    # The family flag for `ip` (the lines' addresses say it too; the flag
+    # makes a line without one, should there ever be one, the right family).
+    argv = {"ip": [*_tool("ip", netns), family.iproute2_flag], "bridge": _tool("bridge", netns)}
     failed: list[str] = []
     groups: list[tuple[str, list[str]]] = []
-    if family is not IPV4:
-        # The lines name `spec.vtep`: this family's VTEP takes its place.
-        spec = replace(spec, vtep=spec.vtep_for(family))
     for change in changes:
-        tool, line = _line(change, spec)
+        tool, line = _line(change, dev)
         if groups and groups[-1][0] == tool:
             groups[-1][1].append(line)
         else:
             groups.append((tool, [line]))
     for tool, lines in groups:
         batch = ("\n".join(lines) + "\n").encode()
-        code, _, err = await run([*_tool(tool, netns), "-force", "-batch", "-"], batch)
+        code, _, err = await run([*argv[tool], "-force", "-batch", "-"], batch)
         if code != 0:
             failed.extend(x for x in err.decode(errors="replace").splitlines() if x.strip())
     return ApplyResult(applied=len(changes), failed=tuple(failed))

@@ -1,10 +1,16 @@
 """Devices through netlink: the only module that imports pyroute2.
 
-It finds the underlay interface and makes the bridge and the VTEP look like
+It finds the underlay interface and makes the bridge and the VTEPs look like
 a `DeviceSpec`, flannel-style: an existing device is kept when it is
 compatible and only what differs is changed (MAC, MTU, master, state); a
 VTEP whose VNI, port, local address or lower device differ cannot be changed
 in place and is recreated.
+
+Dual-stack: the bridge holds both gateways, and a second VTEP (`ovl-v6.<VNI>`,
+flannel's `flannel-v6.<VNI>`) sending from the underlay's IPv6 address is a
+second port of the same bridge. Both VTEPs are made by the same code with
+the family's local address; per-peer entries of each family go through
+their own VTEP and the one bridge.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import (
-    AddressValueError,
     IPv4Address,
     IPv4Interface,
     IPv6Address,
     IPv6Interface,
     ip_address,
+    ip_interface,
     ip_network,
 )
 from typing import Any
@@ -29,18 +35,23 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
     RTMGRP_NEIGH,
 )
 
+from overlayd.dataplane.sysctl import PROC6, SysctlError, set_sysctl
 from overlayd.errors import OverlaydError
 from overlayd.model import (
     IPV4,
+    IPV6,
     ROUTE_PROTOCOL,
     BridgeFdb,
     Change,
     DeviceSpec,
     Family,
+    IPAddress,
     IPNetwork,
     LinkFacts,
     Neighbour,
@@ -51,7 +62,7 @@ from overlayd.model import (
     Underlay,
     kind_of,
 )
-from overlayd.plan.desired import VTEP_PREFIX
+from overlayd.plan.desired import VTEP6_PREFIX, VTEP_PREFIX, vtep6_name
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,7 @@ AF_BRIDGE = 7
 ENOENT = 2
 ESRCH = 3
 ENODEV = 19
+EINVAL = 22
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
@@ -77,10 +89,67 @@ def _info_kind(link: Any) -> str | None:
     return str(kind) if kind is not None else None
 
 
+# Address flags and scopes (linux/if_addr.h, linux/rtnetlink.h).
+IFA_F_TEMPORARY = 0x01
+IFA_F_NODAD = 0x02
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+# An IPv6 address the IPv6 VTEP must not send from when none was named:
+# one still in (or failed) duplicate address detection, one on its way
+# out, or a privacy address that a new one replaces within a day (peers
+# would go on sending to the old one).
+_UNFIT_SOURCE6 = IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TEMPORARY
+# Flags of a gateway address we add, by IP version. IPv6: no duplicate
+# address detection, which keeps a new address "tentative" (1.1 to 1.7 s
+# measured here), and a tentative gateway answers no neighbour solicitation:
+# containers cannot reach it (or anything beyond it) meanwhile. The subnet
+# is leased to this host alone, so nobody else can hold its gateway.
+_GATEWAY_FLAGS = {4: 0, 6: IFA_F_NODAD}
+# The VXLAN attribute, and pyroute2's keyword, of a VTEP's local address.
+_VXLAN_LOCAL = {4: ("IFLA_VXLAN_LOCAL", "vxlan_local"), 6: ("IFLA_VXLAN_LOCAL6", "vxlan_local6")}
+FAMILIES = {family.version: family for family in (IPV4, IPV6)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """One address of a link, as an address dump gives it."""
+
+    interface: IPv4Interface | IPv6Interface
+    flags: int
+    scope: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Vtep:
+    """One VTEP of a spec: its family, name, MAC and local address."""
+
+    family: Family
+    name: str
+    mac: str
+    local: IPAddress
+
+
+def _vteps(spec: DeviceSpec) -> list[_Vtep]:
+    """The VTEPs the spec wants: the IPv4 one unless host-gw, and the IPv6
+    one in a dual-stack VXLAN network."""
+    wanted = []
+    if spec.vtep:
+        wanted.append(_Vtep(IPV4, spec.vtep, spec.vtep_mac, spec.local_ip))
+    if spec.vtep6:
+        if spec.local_ip6 is None:
+            raise DeviceError(f"{spec.vtep6} needs an IPv6 address to send from (--public-ipv6)")
+        wanted.append(_Vtep(IPV6, spec.vtep6, spec.vtep6_mac, spec.local_ip6))
+    return wanted
+
+
 class Netlink:
     """An rtnetlink socket in the current (or the named) network namespace."""
 
     def __init__(self, netns: str | None = None) -> None:
+        self._netns = netns
         self._ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
 
     async def close(self) -> None:
@@ -95,11 +164,26 @@ class Netlink:
             raise
         return links[0] if links else None
 
-    async def _ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
+    async def _addresses(self, ifindex: int, family: Family) -> list[_Address]:
         found = []
-        async for msg in await self._ipr.addr("dump", index=ifindex, family=2):
-            found.append(IPv4Interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])))
+        async for msg in await self._ipr.addr("dump", index=ifindex, family=family.netlink):
+            # IFA_FLAGS carries the flags above the first eight bits.
+            flags = msg.get("IFA_FLAGS")
+            found.append(
+                _Address(
+                    ip_interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])),
+                    int(msg["flags"] if flags is None else flags),
+                    int(msg["scope"]),
+                )
+            )
         return found
+
+    async def _ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
+        return [
+            address.interface
+            for address in await self._addresses(ifindex, IPV4)
+            if isinstance(address.interface, IPv4Interface)
+        ]
 
     async def _default_route_ifindex(self) -> int | None:
         async for route in await self._ipr.route("dump", family=2, table=254):
@@ -114,18 +198,20 @@ class Netlink:
         public_ipv6: IPv6Address | None = None,
     ) -> Underlay:
         """The interface tunnel traffic leaves by (flannel's `--iface` rules:
-        a name or an address; default the interface of the default route)."""
+        a name or an address; default the interface of the default route),
+        with the addresses the VTEPs send from."""
         link = None
         if iface is not None:
             try:
-                wanted = IPv4Address(iface)
-            except AddressValueError:
+                wanted = ip_address(iface)
+            except ValueError:
                 link = await self._link(ifname=iface)
                 if link is None:
                     raise DeviceError(f"--iface {iface}: no such interface") from None
             else:
-                async for msg in await self._ipr.addr("dump", family=2):
-                    if IPv4Address(msg.get("IFA_ADDRESS")) == wanted:
+                family = FAMILIES[wanted.version]
+                async for msg in await self._ipr.addr("dump", family=family.netlink):
+                    if ip_address(msg.get("IFA_ADDRESS")) == wanted:
                         link = await self._link(index=msg["index"])
                         break
                 if link is None:
@@ -149,27 +235,65 @@ class Netlink:
             ifindex=int(link["index"]),
             mtu=int(link.get("IFLA_MTU")),
             address=local,
-            address6=public_ipv6,  # TODO(v6-dp): else the iface's first global one
+            address6=await self._underlay_address6(int(link["index"]), name, public_ipv6),
         )
 
+    async def _underlay_address6(
+        self, index: int, name: str, public_ipv6: IPv6Address | None
+    ) -> IPv6Address | None:
+        """--public-ipv6, which must be on the underlay (the IPv6 VTEP sends
+        from it, unlike --public-ip, which may be a NAT's), or else the
+        underlay's first global IPv6 address fit to send from, if any."""
+        addresses = await self._addresses(index, IPV6)
+        if public_ipv6 is not None:
+            if not any(address.interface.ip == public_ipv6 for address in addresses):
+                raise DeviceError(
+                    f"--public-ipv6 {public_ipv6} is not an address of {name}:"
+                    " the IPv6 VTEP sends from it, so it must be"
+                )
+            return public_ipv6
+        for address in addresses:
+            ip = address.interface.ip
+            if (
+                isinstance(ip, IPv6Address)
+                and address.scope == RT_SCOPE_UNIVERSE
+                and not address.flags & _UNFIT_SOURCE6
+            ):
+                return ip
+        return None
+
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
-        """Make the bridge and VTEP match the spec; returns what was changed."""
+        """Make the bridge and VTEPs match the spec; returns what was changed."""
         changed: list[str] = []
         bridge_index = await self._ensure_bridge(spec.bridge, spec.bridge_mac, spec.mtu, changed)
-        await self._ensure_gateway(spec.bridge, bridge_index, spec.gateway, changed)
-        if spec.vtep:
-            await self._ensure_vtep(spec, bridge_index, changed)
-        else:
+        await self._ensure_gateway(spec.bridge, bridge_index, IPV4, spec.gateway, changed)
+        await self._ensure_gateway(spec.bridge, bridge_index, IPV6, spec.gateway6, changed)
+        vteps = _vteps(spec)
+        # Incompatible VTEPs go before any is made: one holding the VNI and
+        # port of the other family's (an IPv4 VTEP under the IPv6 name, say)
+        # would make the kernel refuse to create that one.
+        kept = [await self._compatible_vtep(spec, vtep, changed) for vtep in vteps]
+        for vtep, link in zip(vteps, kept, strict=True):
+            await self._ensure_vtep(spec, vtep, link, bridge_index, changed)
+        if not spec.vtep:
             for name in await self.vtep_names():  # host-gw has no tunnel
                 await self.delete_link(name)
                 changed.append(f"removed {name} (no tunnel in host-gw mode)")
+        elif not spec.vtep6:
+            # IPv6 switched off (or never on): an IPv6 VTEP left from before
+            # would still decapsulate peers' frames onto the bridge. Looked
+            # up by name, not by a dump of every link on every check.
+            name = vtep6_name(spec.vni)
+            link = await self._link(ifname=name)
+            if link is not None and _info_kind(link) == "vxlan":
+                await self._ipr.link("del", index=link["index"])
+                changed.append(f"removed {name} (IPv6 is off)")
         return changed
 
     async def connected_networks(self, ifindex: int, family: Family = IPV4) -> list[IPNetwork]:
-        """The networks directly on a link: whose addresses need no router."""
-        if family is not IPV4:
-            return []  # TODO(v6-dp)
-        return [address.network for address in await self._ipv4_addresses(ifindex)]
+        """The networks of one family directly on a link: whose addresses
+        need no router."""
+        return [address.interface.network for address in await self._addresses(ifindex, family)]
 
     async def _ensure_bridge(self, name: str, mac: str, mtu: int | None, changed: list[str]) -> int:
         link = await self._link(ifname=name)
@@ -199,75 +323,133 @@ class Netlink:
         return index
 
     async def _ensure_gateway(
-        self, name: str, index: int, gateway: IPv4Interface, changed: list[str]
+        self,
+        name: str,
+        index: int,
+        family: Family,
+        gateway: IPv4Interface | IPv6Interface | None,
+        changed: list[str],
     ) -> None:
-        present = await self._ipv4_addresses(index)
+        """The bridge's one address of `family` (none when the family is
+        off). Link-scope addresses are the kernel's (IPv6's fe80::/64 on
+        every link) and stay."""
+        present = await self._addresses(index, family)
+        kept = False
         for address in present:
+            if address.scope == RT_SCOPE_LINK:
+                continue
             # The bridge is ours: an address of a previous lease must go, or
             # the host would keep answering for a subnet it no longer holds.
-            if address != gateway:
+            # So must our gateway if duplicate address detection (of an
+            # address somebody else added) failed: the kernel never uses it.
+            if address.interface != gateway or address.flags & IFA_F_DADFAILED:
                 await self._ipr.addr(
-                    "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+                    "del",
+                    index=index,
+                    address=str(address.interface.ip),
+                    prefixlen=address.interface.network.prefixlen,
                 )
-                changed.append(f"removed {address} from {name}")
-        if gateway not in present:
+                changed.append(f"removed {address.interface} from {name}")
+            else:
+                kept = True
+        if gateway is not None and not kept:
+            if family.version == 6:
+                await self._enable_ipv6(name, changed)
             await self._ipr.addr(
-                "add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen
+                "add",
+                index=index,
+                address=str(gateway.ip),
+                prefixlen=gateway.network.prefixlen,
+                flags=_GATEWAY_FLAGS[family.version],
             )
             changed.append(f"added {gateway} to {name}")
 
-    def _vtep_compatible(self, link: Any, spec: DeviceSpec) -> bool:
+    async def _enable_ipv6(self, name: str, changed: list[str]) -> None:
+        """IPv6 on for the bridge (net.ipv6.conf.<bridge>.disable_ipv6=0): a
+        host or namespace with `default.disable_ipv6=1` makes new links
+        without IPv6, and the kernel refuses their addresses. Only asked
+        when the gateway is missing: with IPv6 off it always is."""
+        try:
+            if await set_sysctl(PROC6 / "conf" / name / "disable_ipv6", "0", self._netns):
+                changed.append(f"enabled IPv6 on {name} (net.ipv6.conf.{name}.disable_ipv6=0)")
+        except (OSError, SysctlError) as exc:
+            raise DeviceError(
+                f"cannot enable IPv6 on {name} ({exc}): dual-stack needs IPv6 in the kernel"
+                " (is it booted with ipv6.disable=1?)"
+            ) from exc
+
+    def _vtep_compatible(self, link: Any, spec: DeviceSpec, vtep: _Vtep) -> bool:
         if _info_kind(link) != "vxlan":
             return False
         data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        if data is None:
+            return False
+        local = data.get(_VXLAN_LOCAL[vtep.family.version][0])
         return bool(
-            data is not None
-            and data.get("IFLA_VXLAN_ID") == spec.vni
+            data.get("IFLA_VXLAN_ID") == spec.vni
             and data.get("IFLA_VXLAN_PORT") == spec.port
-            and data.get("IFLA_VXLAN_LOCAL") == str(spec.local_ip)
+            and local is not None
+            and ip_address(local) == vtep.local
             and data.get("IFLA_VXLAN_LINK") == spec.underlay_ifindex
             and data.get("IFLA_VXLAN_LEARNING") == 0
         )
 
-    async def _ensure_vtep(self, spec: DeviceSpec, bridge_index: int, changed: list[str]) -> None:
-        link = await self._link(ifname=spec.vtep)
-        if link is not None and not self._vtep_compatible(link, spec):
+    async def _compatible_vtep(self, spec: DeviceSpec, vtep: _Vtep, changed: list[str]) -> Any:
+        """The VTEP's link if it can be kept, else None (removed if there)."""
+        link = await self._link(ifname=vtep.name)
+        if link is not None and not self._vtep_compatible(link, spec, vtep):
             await self._ipr.link("del", index=link["index"])
-            changed.append(f"removed incompatible {spec.vtep}")
+            changed.append(f"removed incompatible {vtep.name}")
             link = None
+        return link
+
+    async def _ensure_vtep(
+        self, spec: DeviceSpec, vtep: _Vtep, link: Any, bridge_index: int, changed: list[str]
+    ) -> None:
         if link is None:
+            local = {_VXLAN_LOCAL[vtep.family.version][1]: str(vtep.local)}
             await self._ipr.link(
                 "add",
-                ifname=spec.vtep,
+                ifname=vtep.name,
                 kind="vxlan",
                 vxlan_id=spec.vni,
                 vxlan_port=spec.port,
-                vxlan_local=str(spec.local_ip),
                 vxlan_link=spec.underlay_ifindex,
                 vxlan_learning=0,
-                address=spec.vtep_mac,
+                address=vtep.mac,
                 mtu=spec.mtu,
+                **local,
             )
-            changed.append(f"created {spec.vtep}")
-            link = await self._link(ifname=spec.vtep)
+            changed.append(f"created {vtep.name}")
+            link = await self._link(ifname=vtep.name)
             assert link is not None
         index = int(link["index"])
         updates: dict[str, Any] = {}
-        if link.get("IFLA_ADDRESS") != spec.vtep_mac:
-            updates["address"] = spec.vtep_mac
+        if link.get("IFLA_ADDRESS") != vtep.mac:
+            updates["address"] = vtep.mac
         if link.get("IFLA_MTU") != spec.mtu:
             updates["mtu"] = spec.mtu
         if link.get("IFLA_MASTER") != bridge_index:
             updates["master"] = bridge_index
         if updates:
-            await self._ipr.link("set", index=index, **updates)
-            changed.append(f"set {', '.join(sorted(updates))} of {spec.vtep}")
+            try:
+                await self._ipr.link("set", index=index, **updates)
+            except NetlinkError as exc:
+                if exc.code == EINVAL and "mtu" in updates:
+                    # The kernel made the VTEP with its largest MTU instead
+                    # of the one asked for, and refuses that one now.
+                    raise DeviceError(
+                        f"{vtep.name}: MTU {spec.mtu} does not fit an IPv{vtep.family.version}"
+                        f" tunnel (at most the underlay's MTU - {vtep.family.vxlan_overhead})"
+                    ) from exc
+                raise
+            changed.append(f"set {', '.join(sorted(updates))} of {vtep.name}")
         if not link["flags"] & 1:
             await self._ipr.link("set", index=index, state="up")
-            changed.append(f"brought {spec.vtep} up")
-        await self._ensure_port_flags(spec, index, changed)
+            changed.append(f"brought {vtep.name} up")
+        await self._ensure_port_flags(vtep.name, index, changed)
 
-    async def _ensure_port_flags(self, spec: DeviceSpec, index: int, changed: list[str]) -> None:
+    async def _ensure_port_flags(self, name: str, index: int, changed: list[str]) -> None:
         # Peers' MACs are programmed statically: the VTEP's bridge port must
         # neither learn (a learned entry would shadow ours) nor flood unknown
         # unicast into the tunnel, which has no default destination anyway.
@@ -279,60 +461,24 @@ class Netlink:
             await self._ipr.link(
                 "set", index=index, kind="bridge_slave", learning=0, unicast_flood=0
             )
-            changed.append(f"turned learning and flooding off on {spec.vtep}'s bridge port")
+            changed.append(f"turned learning and flooding off on {name}'s bridge port")
 
     async def ensure_gwbridge(
-        self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None
+        self,
+        name: str,
+        gateway: IPv4Interface,
+        mac: str,
+        gateway6: IPv6Interface | None = None,
     ) -> list[str]:
         """The egress bridge of gwbridge mode: a plain bridge with the gateway
-        address of the gwbridge subnet, and with IPv6 the gateway of its IPv6
-        subnet; containers attach their second interface to it."""
+        address of the gwbridge subnet (and of its IPv6 subnet when
+        dual-stack); containers attach their second interface to it."""
         changed: list[str] = []
         # MTU left to the kernel: the gwbridge's traffic is not encapsulated.
         index = await self._ensure_bridge(name, mac, None, changed)
-        await self._ensure_gateway(name, index, gateway, changed)
-        await self._ensure_gateway6(name, index, gateway6, changed)
+        await self._ensure_gateway(name, index, IPV4, gateway, changed)
+        await self._ensure_gateway(name, index, IPV6, gateway6, changed)
         return changed
-
-    async def _ensure_gateway6(
-        self, name: str, index: int, gateway: IPv6Interface | None, changed: list[str]
-    ) -> None:
-        """The gwbridge's one global IPv6 address (None: none), added with
-        IFA_F_NODAD: duplicate address detection would keep it tentative,
-        unusable as a source or a gateway, for a second or more after every
-        start, and nobody else is on this host-local bridge to clash with.
-        The kernel's own link-local address is left alone."""
-        present: list[tuple[IPv6Interface, int]] = []
-        async for msg in await self._ipr.addr("dump", index=index, family=AF_INET6):
-            if msg["scope"] == RT_SCOPE_UNIVERSE:
-                flags = msg.get("IFA_FLAGS") or msg["flags"]
-                present.append((IPv6Interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])), flags))
-        kept = False
-        for address, flags in present:
-            # One added by hand without NODAD may be stuck tentative or
-            # failed: it is made again as ours.
-            if address == gateway and flags & IFA_F_NODAD:
-                kept = True
-                continue
-            await self._ipr.addr(
-                "del",
-                index=index,
-                address=str(address.ip),
-                prefixlen=address.network.prefixlen,
-                family=AF_INET6,
-            )
-            if address != gateway:
-                changed.append(f"removed {address} from {name}")
-        if gateway is not None and not kept:
-            await self._ipr.addr(
-                "add",
-                index=index,
-                address=str(gateway.ip),
-                prefixlen=gateway.network.prefixlen,
-                family=AF_INET6,
-                flags=IFA_F_NODAD,
-            )
-            changed.append(f"added {gateway} to {name}")
 
     async def routes(self, family: Family, *, exclude_dev: str | None = None) -> list[IPNetwork]:
         """Destinations of the main table's routes of `family`, except one
@@ -349,15 +495,18 @@ class Netlink:
             found.append(ip_network(f"{dst}/{route['dst_len']}", strict=False))
         return found
 
-    async def apply_entries(self, changes: Sequence[Change], spec: DeviceSpec) -> list[str]:
-        """Apply a few entry changes straight through netlink, with no process
-        to start (entries.py's batches win only when there are many). The
-        same entries, flags and states as the batch lines; returns the
-        failures, one line each."""
+    async def apply_entries(
+        self, changes: Sequence[Change], spec: DeviceSpec, family: Family = IPV4
+    ) -> list[str]:
+        """Apply a few entry changes of one family straight through netlink,
+        with no process to start (entries.py's batches win only when there
+        are many). The same entries, flags and states as the batch lines;
+        returns the failures, one line each."""
+        vtep = spec.vtep_for(family)
         bridge_link = await self._link(ifname=spec.bridge)
-        vtep_link = await self._link(ifname=spec.vtep) if spec.vtep else None
-        if bridge_link is None or (spec.vtep and vtep_link is None):
-            return [f"{spec.bridge if bridge_link is None else spec.vtep} is missing"]
+        vtep_link = await self._link(ifname=vtep) if vtep else None
+        if bridge_link is None or (vtep and vtep_link is None):
+            return [f"{spec.bridge if bridge_link is None else vtep} is missing"]
         br = int(bridge_link["index"])
         vx = int(vtep_link["index"]) if vtep_link is not None else 0
         failed = []
@@ -375,13 +524,16 @@ class Netlink:
         await write(self._ipr, change.entry, change.op is Op.REPLACE, _Devices(br, vx, underlay))
 
     async def vtep_names(self) -> list[str]:
-        """VXLAN devices named like ours (VTEP_PREFIX + VNI), whatever the VNI was."""
+        """VXLAN devices named like ours (VTEP_PREFIX or VTEP6_PREFIX + VNI),
+        whatever the VNI was."""
         found = []
         async for link in await self._ipr.link("dump"):
             name = str(link.get("IFLA_IFNAME"))
-            vni = name.removeprefix(VTEP_PREFIX)
-            if _info_kind(link) == "vxlan" and name.startswith(VTEP_PREFIX) and vni.isdigit():
-                found.append(name)
+            if _info_kind(link) != "vxlan":
+                continue
+            for prefix in (VTEP_PREFIX, VTEP6_PREFIX):
+                if name.startswith(prefix) and name.removeprefix(prefix).isdigit():
+                    found.append(name)
         return found
 
     async def delete_link(self, name: str) -> bool:
@@ -394,7 +546,7 @@ class Netlink:
 
 @dataclass(frozen=True, slots=True)
 class _Devices:
-    """Interface indexes a write needs: bridge, VTEP, underlay."""
+    """Interface indexes a write needs: bridge, the family's VTEP, underlay."""
 
     bridge: int
     vtep: int
@@ -402,8 +554,10 @@ class _Devices:
 
 
 async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> None:
+    # The family is the entry's: IPv6 entries go through the same writers.
+    family = FAMILIES[entry.dst.version].netlink
     if not replace:
-        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254)
+        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254, family=family)
     elif entry.direct:
         await ipr.route(
             "replace",
@@ -412,6 +566,7 @@ async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> 
             oif=dev.underlay,
             proto=ROUTE_PROTOCOL,
             table=254,
+            family=family,
         )
     else:
         await ipr.route(
@@ -422,16 +577,23 @@ async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> 
             flags=RTNH_F_ONLINK,
             proto=ROUTE_PROTOCOL,
             table=254,
+            family=family,
         )
 
 
 async def _write_neighbour(ipr: Any, entry: Neighbour, replace: bool, dev: _Devices) -> None:
+    family = FAMILIES[entry.ip.version].netlink
     if replace:
         await ipr.neigh(
-            "replace", dst=str(entry.ip), lladdr=entry.mac, ifindex=dev.bridge, state=NUD_PERMANENT
+            "replace",
+            dst=str(entry.ip),
+            lladdr=entry.mac,
+            ifindex=dev.bridge,
+            state=NUD_PERMANENT,
+            family=family,
         )
     else:
-        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge)
+        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge, family=family)
 
 
 async def _write_tunnel_fdb(ipr: Any, entry: TunnelFdb, replace: bool, dev: _Devices) -> None:
@@ -470,7 +632,16 @@ _WRITERS: dict[str, Callable[[Any, Any, bool, _Devices], Awaitable[None]]] = {
 # and static (NUD_NOARP: bridge FDB). Dynamic ARP churn is none of our business.
 _NUD_NOARP = 0x40
 _OWNED_NUD = 0x80 | _NUD_NOARP
-_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR
+# Links and neighbours (ARP, NDP and FDB alike) for all; routes and
+# addresses of the families we program.
+_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
+_FAMILY_GROUPS = {
+    4: RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_IFADDR,
+    6: RTMGRP_IPV6_ROUTE | RTMGRP_IPV6_IFADDR,
+}
+# Device roles (the names mapping's values) whose neighbour and FDB entries
+# may be ours: the bridge's neighbours, the VTEPs' FDB entries.
+_ENTRY_ROLES = ("bridge", "vtep", "vtep6")
 
 
 class DriftMonitor:
@@ -486,8 +657,26 @@ class DriftMonitor:
     def __init__(self, netns: str | None = None, families: Sequence[Family] = (IPV4,)) -> None:
         self._netns = netns
         self._indexes: dict[int, str] = {}
+        # Addresses on our links that events have told of: (index, address,
+        # prefix length).
+        self._addresses: set[tuple[int, str, int]] = set()
+        self._families: dict[int, Family] = {}
+        self.families = families
+
+    @property
+    def families(self) -> Sequence[Family]:
+        return tuple(self._families.values())
+
+    @families.setter
+    def families(self, families: Sequence[Family]) -> None:
         # Netlink's family number -> the family, for the families we program.
         self._families = {family.netlink: family for family in families}
+
+    def _groups(self) -> int:
+        groups = int(_GROUPS)
+        for family in self._families.values():
+            groups |= int(_FAMILY_GROUPS[family.version])
+        return groups
 
     def _observe(self, msg: Any, names: Mapping[str, str]) -> Observed | None:
         """What a netlink message says about things we may own; None when it
@@ -502,6 +691,7 @@ class DriftMonitor:
                 return None
             if not present:
                 self._indexes.pop(msg["index"], None)
+                self._addresses = {a for a in self._addresses if a[0] != msg["index"]}
                 return Observed(False, None, f"link {name}")
             self._indexes[msg["index"]] = name
             facts = LinkFacts(
@@ -513,8 +703,26 @@ class DriftMonitor:
             )
             return Observed(True, None, f"link {name}", link=facts)
         if event in ("RTM_NEWADDR", "RTM_DELADDR"):
-            name = self._indexes.get(msg.get("index"))
-            return Observed(present, None, f"address on {name}") if name else None
+            if msg.get("scope") == RT_SCOPE_LINK:
+                # The kernel's own link-local addresses, which we leave alone:
+                # IPv6 gives every link one and reports it again when its
+                # duplicate address detection ends.
+                return None
+            index = msg.get("index")
+            name = self._indexes.get(index)
+            if not name:
+                return None
+            key = (index, str(msg.get("IFA_ADDRESS")), msg.get("prefixlen"))
+            if present and key in self._addresses:
+                # The same address again: a lifetime refreshed by a router
+                # advertisement (SLAAC addresses on the underlay, with
+                # accept_ra=2), or its DAD ended. Nothing to look at.
+                return None
+            if present:
+                self._addresses.add(key)
+            else:
+                self._addresses.discard(key)
+            return Observed(present, None, f"address on {name}")
         if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
             family = self._families.get(msg.get("family"))
             if family is None:
@@ -529,7 +737,7 @@ class DriftMonitor:
             return Observed(present, route, f"route {dst}", foreign=foreign)
         if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             name = self._indexes.get(msg.get("ifindex"))
-            if name is None or names.get(name) not in ("bridge", "vtep"):
+            if name is None or names.get(name) not in _ENTRY_ROLES:
                 return None
             mac = str(msg.get("NDA_LLADDR") or "")
             state = msg.get("state", 0)
@@ -540,31 +748,53 @@ class DriftMonitor:
                 foreign = present and not state & _OWNED_NUD
                 return Observed(present, Neighbour(ip, mac), f"neigh {ip}", foreign=foreign)
             if msg.get("family") == AF_BRIDGE:
+                # Which family's entry: the VTEP it is on says (a bridge FDB
+                # entry has no address to tell by), so that only that
+                # family's manager judges it.
+                version = {"vtep": 4, "vtep6": 6}.get(names.get(name, ""), 0)
                 remote = msg.get("NDA_DST")
                 if remote:
-                    return Observed(present, TunnelFdb(mac, ip_address(remote)), f"fdb {mac}")
+                    tunnel = TunnelFdb(mac, ip_address(remote))
+                    return Observed(present, tunnel, f"fdb {mac}", family=version)
                 # The bridge reports its own entries with NDA_MASTER set;
                 # static (NOARP) ones are ours, permanent ones are local MACs.
                 if msg.get("NDA_MASTER"):
                     foreign = not (state & _NUD_NOARP and not state & 0x80)
-                    return Observed(present, BridgeFdb(mac), f"fdb {mac} master", foreign=foreign)
+                    return Observed(
+                        present,
+                        BridgeFdb(mac),
+                        f"fdb {mac} master",
+                        foreign=foreign,
+                        family=version,
+                    )
         return None
 
     async def _learn_indexes(self, ipr: Any, names: Mapping[str, str]) -> None:
         self._indexes = {}
+        self._addresses = set()
         async for link in await ipr.link("dump"):
             name = link.get("IFLA_IFNAME")
             if name in names:
                 self._indexes[int(link["index"])] = str(name)
 
     async def run(
-        self, names: Callable[[], Mapping[str, str]], on_drift: Callable[[Observed], None]
+        self,
+        names: Callable[[], Mapping[str, str]],
+        on_drift: Callable[[Observed], None],
+        *,
+        families: Sequence[Family] | None = None,
     ) -> None:
+        """Listen until cancelled. `names`: device name -> role ("bridge",
+        "vtep", "vtep6", "underlay", "gwbridge"), asked again for every
+        message; `families` (default: those given at construction): whose
+        routes, addresses and neighbours to look at."""
+        if families is not None:
+            self.families = families
         missed: str | None = None
         while True:
             ipr = AsyncIPRoute(netns=self._netns) if self._netns else AsyncIPRoute()
             try:
-                await ipr.bind(groups=_GROUPS)
+                await ipr.bind(groups=self._groups())
                 await self._learn_indexes(ipr, names())
                 if missed is not None:
                     # Listening again: whatever happened meanwhile is unknown.

@@ -35,6 +35,20 @@ Nothing re-joins it, so it goes out the old way until it is restarted:
 Restart (or disconnect and connect again) the plugin's containers after
 changing the mode.
 
+Dual-stack (HostView.subnet6 set, and the network created with `--ipv6`):
+Docker asks for a second pool with V6 true and an IPv6 address per
+endpoint from it, and passes it in CreateEndpoint's Interface.AddressIPv6;
+host-local hands it out from its half of the IPv6 subnet (the upper one,
+plan/ipam.py), in the same store as the IPv4 ones (and overlay-cni's). Join then answers for both
+families: GatewayIPv6 beside Gateway, or in gwbridge mode a second static
+route, the cluster's IPv6 network via the bridge's IPv6 address. Docker's
+docker_gwbridge is IPv4 only (libnetwork makes it with IPv6 off), so in
+gwbridge mode the plugin's containers reach the IPv6 cluster but have no
+IPv6 way out. Published ports without a host address (Docker's 0.0.0.0
+binding) reach the container on both families: portmap maps every address
+of the endpoint; a binding to a specific IPv6 host address is skipped.
+A network created without `--ipv6` on a dual-stack host is IPv4 only.
+
 Addresses are handed out only from the subnet the data plane is programmed
 for (HostView.subnet). While a new lease waits for its first pass
 (HostView.settled false), requests for addresses and pools are refused
@@ -51,9 +65,20 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
-from typing import Any
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_interface,
+    ip_network,
+)
+from typing import Any, TypeVar
 
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.ipam import container_ranges, gateway_address
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
@@ -119,31 +144,51 @@ class HostView:
         return gateway_address(self.subnet)
 
     @property
+    def gateway6(self) -> IPv6Address | None:
+        return gateway_address(self.subnet6) if self.subnet6 is not None else None
+
+    @property
     def pool_id(self) -> str:
-        return f"{ADDRESS_SPACE}-{self.subnet}"
+        return pool_id_of(self.subnet)
 
-    def host_local_range(self) -> tuple[IPv4Address, IPv4Address]:
-        ranges = container_ranges(self.subnet)
-        return ranges.host_local_start, ranges.host_local_end
+    @property
+    def pool_id6(self) -> str | None:
+        return pool_id_of(self.subnet6) if self.subnet6 is not None else None
 
-    def host_local_ipam(self, data_dir: str) -> dict[str, Any]:
-        """host-local's config: the same store and range overlay-cni uses, so
-        that podman (CNI) and Docker containers never get one address twice."""
-        start, end = self.host_local_range()
-        return {
-            "type": "host-local",
-            "dataDir": data_dir,
-            "ranges": [
+    def subnets(self) -> list[IPNetwork]:
+        """This host's subnets: the IPv4 one, then the IPv6 one if any."""
+        return [self.subnet] if self.subnet6 is None else [self.subnet, self.subnet6]
+
+    def pool(self, pool_id: str) -> IPNetwork | None:
+        """The subnet of this host's pool `pool_id`, of either family; None
+        for any other ID."""
+        return next((s for s in self.subnets() if pool_id_of(s) == pool_id), None)
+
+    def host_local_ipam(
+        self, data_dir: str, subnets: list[IPNetwork] | None = None
+    ) -> dict[str, Any]:
+        """host-local's config: the same store and ranges overlay-cni uses, so
+        that podman (CNI) and Docker containers never get one address twice.
+        One range set per subnet (by default the IPv4 one only): host-local
+        gives one address from each."""
+        ranges = []
+        for subnet in subnets or [self.subnet]:
+            shared = container_ranges(subnet)
+            ranges.append(
                 [
                     {
-                        "subnet": str(self.subnet),
-                        "rangeStart": str(start),
-                        "rangeEnd": str(end),
-                        "gateway": str(self.gateway),
+                        "subnet": str(subnet),
+                        "rangeStart": str(shared.host_local_start),
+                        "rangeEnd": str(shared.host_local_end),
+                        "gateway": str(gateway_address(subnet)),
                     }
                 ]
-            ],
-        }
+            )
+        return {"type": "host-local", "dataDir": data_dir, "ranges": ranges}
+
+
+def pool_id_of(subnet: IPNetwork) -> str:
+    return f"{ADDRESS_SPACE}-{subnet}"
 
 
 # --- the plugin's records (kept on disk by the server) ------------------------
@@ -156,15 +201,20 @@ class Endpoint:
     mac: str | None = None
     sandbox: str | None = None  # the sandbox key given at Join
     ports: list[dict[str, Any]] = field(default_factory=list)  # CNI portMappings programmed
+    address6: IPv6Interface | None = None  # in a dual-stack network
 
     def to_json(self) -> dict[str, Any]:
         return {
             "network_id": self.network_id,
             "address": str(self.address),
+            "address6": str(self.address6) if self.address6 is not None else None,
             "mac": self.mac,
             "sandbox": self.sandbox,
             "ports": self.ports,
         }
+
+    def addresses(self) -> list[IPv4Interface | IPv6Interface]:
+        return [self.address] if self.address6 is None else [self.address, self.address6]
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Endpoint:
@@ -174,18 +224,21 @@ class Endpoint:
             mac=raw.get("mac"),
             sandbox=raw.get("sandbox"),
             ports=list(raw.get("ports", [])),
+            address6=IPv6Interface(raw["address6"]) if raw.get("address6") else None,
         )
 
 
 @dataclass(slots=True)
 class Records:
-    """Networks (ID -> subnet), endpoints, and which host-local container ID
-    holds each address this plugin allocated, so that a release frees
+    """Networks (ID -> subnet, and ID -> IPv6 subnet for those created with
+    --ipv6), endpoints, and which host-local container ID holds each address
+    (of either family) this plugin allocated, so that a release frees
     exactly what was taken."""
 
     networks: dict[str, IPv4Network] = field(default_factory=dict)
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
-    addresses: dict[IPv4Address, str] = field(default_factory=dict)
+    addresses: dict[IPAddress, str] = field(default_factory=dict)
+    networks6: dict[str, IPv6Network] = field(default_factory=dict)
     # Host ends of veths found on the bridge when the records were lost
     # (see `adopt`): live containers' interfaces, kept until Docker deletes
     # their endpoints, never taken for stale.
@@ -194,6 +247,7 @@ class Records:
     def to_json(self) -> dict[str, Any]:
         return {
             "networks": {k: str(v) for k, v in self.networks.items()},
+            "networks6": {k: str(v) for k, v in self.networks6.items()},
             "endpoints": {k: v.to_json() for k, v in self.endpoints.items()},
             "addresses": {str(k): v for k, v in self.addresses.items()},
             "adopted_veths": sorted(self.adopted_veths),
@@ -204,7 +258,9 @@ class Records:
         """Our own file; a damaged one raises ValueError (or KeyError/TypeError)."""
         if not isinstance(raw, dict):
             raise ValueError("records must be a JSON object")
-        parts = {name: raw.get(name, {}) for name in ("networks", "endpoints", "addresses")}
+        parts = {
+            name: raw.get(name, {}) for name in ("networks", "networks6", "endpoints", "addresses")
+        }
         for name, part in parts.items():
             if not isinstance(part, dict):
                 raise ValueError(f"records' {name} must be a JSON object")
@@ -217,8 +273,9 @@ class Records:
         return cls(
             networks={str(k): IPv4Network(v) for k, v in parts["networks"].items()},
             endpoints={str(k): Endpoint.from_json(v) for k, v in parts["endpoints"].items()},
-            addresses={IPv4Address(k): str(v) for k, v in parts["addresses"].items()},
+            addresses={ip_address(k): str(v) for k, v in parts["addresses"].items()},
             adopted_veths=set(adopted),
+            networks6={str(k): IPv6Network(v) for k, v in parts["networks6"].items()},
         )
 
     def network(self, network_id: str) -> IPv4Network:
@@ -226,6 +283,10 @@ class Records:
             return self.networks[network_id]
         except KeyError:
             raise unknown(f"network {network_id} is not an overlayd network") from None
+
+    def network6(self, network_id: str) -> IPv6Network | None:
+        """The network's IPv6 subnet; None for one without IPv6 (or unknown)."""
+        return self.networks6.get(network_id)
 
     def endpoint(self, network_id: str, endpoint_id: str) -> Endpoint:
         self.network(network_id)
@@ -283,11 +344,27 @@ def _options(raw: dict[str, Any], name: str = "Options") -> dict[str, Any]:
     return value
 
 
-def _address(text: str, what: str) -> IPv4Interface:
+Interface = TypeVar("Interface", IPv4Interface, IPv6Interface)
+
+
+def _address(text: str, what: str, kind: type[Interface]) -> Interface:
+    """An address/len (or a bare address) of the family `kind` is."""
     try:
-        return IPv4Interface(text)
+        return kind(text)
     except ValueError:
-        raise bad(f"{what} {text[:80]!r} is not an IPv4 address") from None
+        version = 4 if kind is IPv4Interface else 6
+        raise bad(f"{what} {text[:80]!r} is not an IPv{version} address") from None
+
+
+def _address_in(text: str, what: str, subnet: IPNetwork) -> IPAddress:
+    """An address of `subnet`'s family (inside it or not: the caller says)."""
+    try:
+        found = ip_interface(text).ip
+    except ValueError:
+        found = None
+    if found is None or found.version != subnet.version:
+        raise bad(f"{what} {text[:80]!r} is not an IPv{subnet.version} address")
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,29 +381,49 @@ def parse_endpoint_ids(raw: dict[str, Any]) -> NetworkIds:
     return NetworkIds(_id(raw, "NetworkID"), _id(raw, "EndpointID"))
 
 
-def create_network(raw: dict[str, Any], view: HostView) -> tuple[str, IPv4Network]:
-    """CreateNetwork: the network's one IPv4 pool must be this host's subnet
-    (which it is when the network uses the overlayd IPAM driver)."""
-    network_id = parse_network_id(raw)
-    _options(raw)
-    if raw.get("IPv6Data"):
-        raise bad("overlayd networks are IPv4 only (no --ipv6)")
-    data = raw.get("IPv4Data")
+NO_IPV6 = "this host has no IPv6 subnet (the overlay network is IPv4 only): leave --ipv6 out"
+
+
+def _network_pool(
+    data: Any, key: str, subnet: IPNetwork, kind: type[Interface], placeholder: str | None = None
+) -> None:
+    """One family's pool in CreateNetwork: exactly one, this host's subnet
+    (or the placeholder request_pool shows for it), with the bridge's
+    address as its gateway."""
     if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
-        raise bad("IPv4Data must hold exactly one pool: use --ipam-driver overlayd")
+        raise bad(f"{key} must hold exactly one pool: use --ipam-driver overlayd")
     pool = _str(data[0], "Pool")
     try:
-        subnet = IPv4Network(pool, strict=True)
+        found = ip_network(pool, strict=True)
     except ValueError:
-        raise bad(f"pool {pool[:80]!r} is not an IPv4 network") from None
-    if subnet not in (view.subnet, IPv4Network(ANY_POOL)):
-        raise bad(
-            f"pool {subnet} is not this host's subnet {view.subnet}: use --ipam-driver overlayd"
-        )
+        found = None
+    if found is None or found.version != subnet.version:
+        raise bad(f"pool {pool[:80]!r} is not an IPv{subnet.version} network")
+    if found != subnet and str(found) != placeholder:
+        raise bad(f"pool {found} is not this host's subnet {subnet}: use --ipam-driver overlayd")
     gateway = _str(data[0], "Gateway", required=False)
-    if gateway and _address(gateway, "Gateway").ip != view.gateway:
-        raise bad(f"gateway {gateway} is not the overlay bridge's address {view.gateway}")
-    return network_id, view.subnet
+    if gateway and _address(gateway, "Gateway", kind).ip != gateway_address(subnet):
+        raise bad(
+            f"gateway {gateway} is not the overlay bridge's address {gateway_address(subnet)}"
+        )
+
+
+def create_network(
+    raw: dict[str, Any], view: HostView
+) -> tuple[str, IPv4Network, IPv6Network | None]:
+    """CreateNetwork: the network's one IPv4 pool must be this host's subnet
+    (which it is when the network uses the overlayd IPAM driver), and its
+    IPv6 pool, if it has one (--ipv6), this host's IPv6 subnet. Answers the
+    network's ID and subnets."""
+    network_id = parse_network_id(raw)
+    _options(raw)
+    _network_pool(raw.get("IPv4Data"), "IPv4Data", view.subnet, IPv4Interface, ANY_POOL)
+    if not raw.get("IPv6Data"):
+        return network_id, view.subnet, None
+    if view.subnet6 is None:
+        raise bad(NO_IPV6)
+    _network_pool(raw["IPv6Data"], "IPv6Data", view.subnet6, IPv6Interface)
+    return network_id, view.subnet, view.subnet6
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,29 +433,49 @@ class EndpointRequest:
     address: IPv4Interface
     mac: str | None
     options: dict[str, Any]
+    address6: IPv6Interface | None = None
+
+
+def _endpoint_address(
+    iface: dict[str, Any],
+    key: str,
+    kind: type[Interface],
+    subnet: IPNetwork,
+    current: IPNetwork | None,
+) -> Interface:
+    """Interface.<key>: in the network's `subnet`, which must still be this
+    host's (`current`: a lease change leaves the network stale)."""
+    address = _address(_str(iface, key), f"Interface.{key}", kind)
+    if address.network != subnet:
+        raise bad(f"address {address} is not in the network's subnet {subnet}")
+    if subnet != current:
+        raise PluginError(
+            409,
+            f"this host's subnet is now {current or 'none of this family'},"
+            f" the network's is {subnet}: recreate it",
+        )
+    return address
 
 
 def create_endpoint(raw: dict[str, Any], records: Records, view: HostView) -> EndpointRequest:
     ids = parse_endpoint_ids(raw)
     subnet = records.network(ids.network_id)
+    subnet6 = records.network6(ids.network_id)
     if ids.endpoint_id in records.endpoints:
         raise bad(f"endpoint {ids.endpoint_id} exists already")
     iface = raw.get("Interface")
     if not isinstance(iface, dict):
         raise bad("Interface is missing: the network needs --ipam-driver overlayd")
-    if iface.get("AddressIPv6"):
-        raise bad("overlayd networks are IPv4 only")
-    address = _address(_str(iface, "Address"), "Interface.Address")
-    if address.network != subnet:
-        raise bad(f"address {address} is not in the network's subnet {subnet}")
-    if subnet != view.subnet:
-        raise PluginError(
-            409, f"this host's subnet is now {view.subnet}, the network's is {subnet}: recreate it"
-        )
+    if subnet6 is None and _str(iface, "AddressIPv6", required=False):
+        raise bad("the network is IPv4 only (created without --ipv6): no AddressIPv6")
+    address = _endpoint_address(iface, "Address", IPv4Interface, subnet, view.subnet)
+    address6 = None
+    if subnet6 is not None:
+        address6 = _endpoint_address(iface, "AddressIPv6", IPv6Interface, subnet6, view.subnet6)
     mac = _str(iface, "MacAddress", required=False).lower() or None
     if mac is not None and not _MAC.match(mac):
         raise bad(f"MacAddress {mac[:40]!r} is not a MAC address")
-    return EndpointRequest(ids.network_id, ids.endpoint_id, address, mac, _options(raw))
+    return EndpointRequest(ids.network_id, ids.endpoint_id, address, mac, _options(raw), address6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,21 +513,27 @@ def veth_names(endpoint_id: str) -> tuple[str, str]:
     return HOST_VETH_PREFIX + endpoint_id[:12], PEER_VETH_PREFIX + endpoint_id[:12]
 
 
-def join_response(view: HostView, endpoint_id: str) -> dict[str, Any]:
-    """What Join answers in this host's egress mode (see the module's docstring)."""
+def join_response(view: HostView, endpoint_id: str, *, ipv6: bool = False) -> dict[str, Any]:
+    """What Join answers in this host's egress mode (see the module's
+    docstring), for IPv4 and, for an endpoint with an IPv6 address, IPv6."""
     _, peer = veth_names(endpoint_id)
     answer: dict[str, Any] = {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"}}
+    # (Join's gateway key, the bridge's address, the cluster network) per family.
+    families: list[tuple[str, IPAddress, IPNetwork | None]] = [
+        ("Gateway", view.gateway, view.cluster)
+    ]
+    if ipv6 and view.gateway6 is not None:
+        families.append(("GatewayIPv6", view.gateway6, view.cluster6))
     if view.egress == "gwbridge":
-        # No Gateway: libnetwork adds docker_gwbridge for the default route.
+        # No Gateway: libnetwork adds docker_gwbridge for the default route
+        # (IPv4 only: Docker makes it without IPv6).
         answer["StaticRoutes"] = [
-            {
-                "Destination": str(view.cluster),
-                "RouteType": ROUTE_NEXTHOP,
-                "NextHop": str(view.gateway),
-            }
+            {"Destination": str(cluster), "RouteType": ROUTE_NEXTHOP, "NextHop": str(gateway)}
+            for _, gateway, cluster in families
+            if cluster is not None
         ]
     else:
-        answer["Gateway"] = str(view.gateway)
+        answer |= {key: str(gateway) for key, gateway, _ in families}
     return answer
 
 
@@ -421,8 +544,10 @@ def program_ports(raw: dict[str, Any]) -> tuple[NetworkIds, list[dict[str, Any]]
 
 def port_mappings(options: dict[str, Any]) -> list[dict[str, Any]]:
     """Docker's published ports (ProgramExternalConnectivity's
-    com.docker.network.portmap) as CNI portmap's portMappings. IPv6 host
-    addresses are skipped (the overlay is IPv4); a port Docker would have to
+    com.docker.network.portmap) as CNI portmap's portMappings. Bindings to
+    IPv6 host addresses are skipped: Docker pairs `::` with `0.0.0.0`, whose
+    mapping (no hostIP) portmap applies to every address of the endpoint,
+    an IPv6 one too; a specific IPv6 host address is not supported. A port Docker would have to
     choose (HostPort 0) is refused, since a remote driver cannot tell Docker
     which one it took."""
     bindings = options.get(PORTMAP_OPTION)
@@ -473,33 +598,38 @@ def port_mappings(options: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def request_pool(raw: dict[str, Any], view: HostView) -> dict[str, Any]:
-    """RequestPool: the pool is always this host's leased subnet."""
+    """RequestPool: the pool is always this host's leased subnet, the IPv6
+    one when Docker asks with V6 (a network created with --ipv6)."""
     unsettled(view)
-    if raw.get("V6"):
-        raise bad("overlayd's IPAM is IPv4 only (no --ipv6)")
+    v6 = raw.get("V6") is True
+    subnet: IPNetwork | None = view.subnet6 if v6 else view.subnet
+    if subnet is None:
+        raise bad(NO_IPV6)
     space = _str(raw, "AddressSpace", required=False)
     if space and space != ADDRESS_SPACE:
         raise bad(f"address space {space!r} is not {ADDRESS_SPACE!r}")
     pool = _str(raw, "Pool", required=False)
     if pool:
         try:
-            wanted = IPv4Network(pool, strict=True)
+            wanted = ip_network(pool, strict=True)
         except ValueError:
-            raise bad(f"pool {pool[:80]!r} is not an IPv4 network") from None
-        if wanted != view.subnet:
-            raise bad(f"pool {wanted} is not this host's subnet {view.subnet}: leave --subnet out")
+            raise bad(f"pool {pool[:80]!r} is not an IPv{subnet.version} network") from None
+        if wanted != subnet:
+            raise bad(f"pool {wanted} is not this host's subnet {subnet}: leave --subnet out")
     if _str(raw, "SubPool", required=False):
         raise bad("--ip-range is not supported: containers take host-local's range")
     _options(raw)
-    # Without --subnet, libnetwork checks the pool against the host's routes
-    # and asks again, holding the first, until one does not overlap
+    # Without --subnet, libnetwork checks an IPv4 pool against the host's
+    # routes and asks again, holding the first, until one does not overlap
     # (network.go, requestPoolHelper): the leased subnet is routed on the
     # overlay bridge, so it would ask forever. The placeholder 0.0.0.0/0 is
     # exempt from that check (types.IsIPNetValid), as in Calico's IPAM;
     # addresses still carry the subnet's prefix. With --subnet equal to the
-    # host's subnet, Docker skips the check and shows the real subnet.
-    shown = str(view.subnet) if pool else ANY_POOL
-    return {"PoolID": view.pool_id, "Pool": shown, "Data": {}}
+    # host's subnet, Docker skips the check and shows the real subnet. An
+    # IPv6 pool is shown as it is: libnetwork 20.10 compares pools with the
+    # IPv4 routes only (netutils.CheckRouteOverlaps).
+    shown = str(subnet) if pool or v6 else ANY_POOL
+    return {"PoolID": pool_id_of(subnet), "Pool": shown, "Data": {}}
 
 
 def unsettled(view: HostView) -> None:
@@ -510,45 +640,53 @@ def unsettled(view: HostView) -> None:
         )
 
 
-def pool_subnet(pool_id: str, view: HostView) -> IPv4Network:
-    if pool_id != view.pool_id:
-        raise unknown(f"pool {pool_id[:80]!r} is not this host's pool {view.pool_id}")
-    return view.subnet
+def pool_subnet(pool_id: str, view: HostView) -> IPNetwork:
+    subnet = view.pool(pool_id)
+    if subnet is None:
+        pools = " or ".join(pool_id_of(s) for s in view.subnets())
+        raise unknown(f"pool {pool_id[:80]!r} is not this host's pool {pools}")
+    return subnet
 
 
 @dataclass(frozen=True, slots=True)
 class AddressRequest:
-    subnet: IPv4Network
+    subnet: IPNetwork  # the pool's: this host's subnet of the family asked for
     gateway: bool  # the network's gateway: the bridge's address, never allocated
-    address: IPv4Address | None  # a specific address asked for, else host-local picks
+    address: IPAddress | None  # a specific address asked for, else host-local picks
 
 
 def request_address(raw: dict[str, Any], view: HostView) -> AddressRequest:
     subnet = pool_subnet(_str(raw, "PoolID"), view)
     options = _options(raw)
     wanted_text = _str(raw, "Address", required=False)
-    wanted = _address(wanted_text, "Address").ip if wanted_text else None
+    wanted = _address_in(wanted_text, "Address", subnet) if wanted_text else None
+    gateway = gateway_address(subnet)
     if options.get("RequestAddressType") == GATEWAY_REQUEST:
-        if wanted is not None and wanted != view.gateway:
-            raise bad(f"the gateway must be the overlay bridge's address {view.gateway}")
-        return AddressRequest(subnet, True, view.gateway)
+        if wanted is not None and wanted != gateway:
+            raise bad(f"the gateway must be the overlay bridge's address {gateway}")
+        return AddressRequest(subnet, True, gateway)
     unsettled(view)
     if wanted is not None:
-        start, end = view.host_local_range()
+        shared = container_ranges(subnet)
+        start, end = shared.host_local_start, shared.host_local_end
         if wanted not in subnet:
             raise bad(f"address {wanted} is outside this host's subnet {subnet}")
-        if not start <= wanted <= end:
+        if not int(start) <= int(wanted) <= int(end):
             raise bad(f"address {wanted} is outside host-local's range {start}-{end} of {subnet}")
     return AddressRequest(subnet, False, wanted)
 
 
-def release_address(raw: dict[str, Any], view: HostView, records: Records) -> IPv4Address:
+def release_address(raw: dict[str, Any], view: HostView, records: Records) -> IPAddress:
     """ReleaseAddress: an address this plugin took is released whatever the
     pool is now (after a lease change Docker releases the old subnet's
     addresses under the old pool); anything else must be in this host's
     pool, where releasing it has nothing to do (the gateway, a repeat)."""
     pool_id = _str(raw, "PoolID")
-    address = _address(_str(raw, "Address"), "Address").ip
+    text = _str(raw, "Address")
+    try:
+        address = ip_interface(text).ip
+    except ValueError:
+        raise bad(f"Address {text[:80]!r} is not an IP address") from None
     if address in records.addresses:
         if not pool_id.startswith(ADDRESS_SPACE + "-"):
             raise unknown(f"pool {pool_id[:80]!r} is not an overlayd pool")
@@ -563,8 +701,8 @@ CONTAINER_ID_PREFIX = "docker-"  # host-local's container ID for this plugin's a
 
 
 def orphan_reservations(
-    reservations: dict[IPv4Address, str], records: Records
-) -> dict[IPv4Address, str]:
+    reservations: dict[IPAddress, str], records: Records
+) -> dict[IPAddress, str]:
     """Of host-local's reservations (address -> container ID), those this
     plugin took (`docker-` IDs) that no record holds: lost with a damaged
     records file, or taken by a request that died half-way. Nothing else
@@ -578,7 +716,7 @@ def orphan_reservations(
 
 
 def adopt(
-    records: Records, reservations: dict[IPv4Address, str], ports: list[str]
+    records: Records, reservations: dict[IPAddress, str], ports: list[str]
 ) -> tuple[int, int]:
     """Records lost (missing or damaged file): what this plugin made may
     still serve running containers, so it is adopted rather than repaired
@@ -619,12 +757,12 @@ def release_pool(raw: dict[str, Any]) -> str:
     return pool_id
 
 
-def address_answer(address: IPv4Address, subnet: IPv4Network) -> dict[str, Any]:
-    return {"Address": str(IPv4Interface((address, subnet.prefixlen))), "Data": {}}
+def address_answer(address: IPAddress, subnet: IPNetwork) -> dict[str, Any]:
+    return {"Address": f"{address}/{subnet.prefixlen}", "Data": {}}
 
 
-def host_local_address(result: Any) -> IPv4Address | None:
-    """The address in host-local's ADD result, if it holds one."""
+def host_local_address(result: Any, subnet: IPNetwork) -> IPAddress | None:
+    """The address in host-local's ADD result, if it holds one of `subnet`."""
     if not isinstance(result, dict):
         return None
     ips = result.get("ips")
@@ -634,6 +772,7 @@ def host_local_address(result: Any) -> IPv4Address | None:
     if not isinstance(text, str):
         return None
     try:
-        return IPv4Interface(text).ip
+        address = ip_interface(text).ip
     except ValueError:
         return None
+    return address if address in subnet else None

@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from overlayd.errors import SubnetsExhaustedError
 
@@ -105,48 +105,85 @@ def pick_subnet(
     return (rng or random.Random()).choice(window)
 
 
-def gateway_address(subnet: IPv4Network) -> IPv4Address:
-    """The bridge's address: the first host address of the subnet."""
+@overload
+def gateway_address(subnet: IPv4Network) -> IPv4Address: ...
+@overload
+def gateway_address(subnet: IPv6Network) -> IPv6Address: ...
+def gateway_address(subnet: IPv4Network | IPv6Network) -> IPv4Address | IPv6Address:
+    """The bridge's address: the first host address of the subnet (either family)."""
     return subnet.network_address + 1
 
 
 @dataclass(frozen=True, slots=True)
-class ContainerRanges:
-    """Who hands out which of a host's container addresses.
+class ContainerRanges(Generic[N, A]):
+    """Who hands out which of a host's container addresses, in one family.
 
-    Docker's built-in IPAM (docker-opts: `--fixed-cidr`) and CNI's host-local
-    (overlay-cni, and overlayd's Docker plugin, which shares host-local's
-    store) each keep their own books, so they must never draw from the same
-    addresses: host-local takes the lower half of the subnet (after the
-    gateway), Docker's `--fixed-cidr` the upper half. Every container still
-    gets the whole subnet as its prefix, so containers of both engines on one
-    host are on one link."""
+    Docker's built-in IPAM (docker-opts, or `docker network create` on the
+    bridge) and CNI's host-local (overlay-cni, and overlayd's Docker plugin,
+    which shares host-local's store) each keep their own books, so they must
+    never draw from the same addresses: each takes one half of the subnet.
+    Every container still gets the whole subnet as its prefix, so containers
+    of both engines on one host are on one link.
 
-    subnet: IPv4Network
-    host_local_start: IPv4Address
-    host_local_end: IPv4Address
-    docker_fixed_cidr: IPv4Network
+    IPv4: host-local the lower half (after the gateway), Docker the upper
+    half (`--fixed-cidr`, `--ip-range`). IPv6 the other way round, because
+    of how Docker 20.10 takes IPv6 addresses (measured, see docker_fixed_cidr):
+    host-local the upper half, Docker the lower one (`--ip-range`)."""
+
+    subnet: N
+    host_local_start: A
+    host_local_end: A
+    # `docker network create --ip-range`: Docker's half. (An IPv6 range
+    # reaching the last address of a /64 is refused by Docker 20.10 when a
+    # container starts: its /64 bitmap holds 2**64 - 1 addresses.)
+    docker_ip_range: N
+    # dockerd's `--fixed-cidr` / `--fixed-cidr-v6` for its default bridge.
+    # IPv4: Docker's half, carved from the bridge's subnet. IPv6: the whole
+    # subnet, since Docker 20.10 gives containers the prefix of
+    # --fixed-cidr-v6 and deletes every other global IPv6 address from the
+    # bridge (overlayd's gateway included) unless it lies inside; its
+    # addresses come from the containers' MACs, in the subnet's lowest /80,
+    # which is inside Docker's half for a /79 or shorter prefix. None for a
+    # longer IPv6 prefix: no safe value exists.
+    docker_fixed_cidr: N | None
 
 
 # The network name under which host-local keeps the overlay's reservations
 # (dataDir/ipam/<name>), whatever a runtime's conflist calls the network:
-# overlay-cni and the Docker plugin both allocate there.
+# overlay-cni and the Docker plugin both allocate there, in both families.
 HOST_LOCAL_STORE = "overlay"
-SMALLEST_SHARED_SUBNET = 28  # 16 addresses: two halves of 8, the lower one keeps 5
+# A subnet must have at least this many host bits to be shared: 16
+# addresses, two halves of 8, the lower one keeps 5 (an IPv4 /28, an IPv6 /124).
+SHARED_HOST_BITS = 4
+# Docker 20.10 puts the container's MAC into an IPv6 address's last 48 bits.
+DOCKER_MAC_BITS = 48
 
 
-def container_ranges(subnet: IPv4Network) -> ContainerRanges:
-    if subnet.prefixlen > SMALLEST_SHARED_SUBNET:
+@overload
+def container_ranges(subnet: IPv4Network) -> ContainerRanges[IPv4Network, IPv4Address]: ...
+@overload
+def container_ranges(subnet: IPv6Network) -> ContainerRanges[IPv6Network, IPv6Address]: ...
+def container_ranges(subnet: IPv4Network | IPv6Network) -> ContainerRanges[Any, Any]:
+    smallest = subnet.max_prefixlen - SHARED_HOST_BITS
+    if subnet.prefixlen > smallest:
         raise ValueError(
             f"subnet {subnet} is too small to share between host-local and Docker"
-            f" (at most /{SMALLEST_SHARED_SUBNET})"
+            f" (at most /{smallest})"
         )
     lower, upper = subnet.subnets(prefixlen_diff=1)
+    # The one difference between the families (see ContainerRanges).
+    docker, host_local = (upper, lower) if subnet.version == 4 else (lower, upper)
+    fixed_cidr: IPv4Network | IPv6Network | None = docker
+    if subnet.version == 6:
+        mac_space_fits = subnet.prefixlen < subnet.max_prefixlen - DOCKER_MAC_BITS
+        fixed_cidr = subnet if mac_space_fits else None
     return ContainerRanges(
         subnet=subnet,
-        # .0 is the network, .1 the bridge's gateway; the lower half's
-        # broadcast address is an ordinary host address of the subnet.
-        host_local_start=gateway_address(subnet) + 1,
-        host_local_end=lower.broadcast_address,
-        docker_fixed_cidr=upper,
+        # Never the network address or the bridge's gateway; the last
+        # address of a half (IPv4's broadcast address of that half) is an
+        # ordinary host address of the subnet.
+        host_local_start=max(host_local.network_address, gateway_address(subnet) + 1),
+        host_local_end=host_local.broadcast_address,
+        docker_ip_range=docker,
+        docker_fixed_cidr=fixed_cidr,
     )

@@ -6,11 +6,16 @@ remote IPAM driver, on a unix socket where dockerd looks for plugins
 containers an address of this host's leased subnet on overlayd's bridge.
 
 - Addresses come from CNI's standard host-local plugin, with the very store
-  and range overlay-cni uses (dataDir/ipam, network "overlay", the lower
-  half of the subnet), so podman and Docker containers on one host never get
+  and range overlay-cni uses (dataDir/ipam, network "overlay", host-local's
+  half of the subnet, plan/ipam.py), so podman and Docker containers on one host never get
   the same address. Each address is taken under a container ID of its own
   (`docker-<random>`), kept in this plugin's records, so a release frees
-  exactly that address.
+  exactly that address. Docker asks for an IPv6 address separately, from
+  the IPv6 pool of a `--ipv6` network: host-local then gets the IPv6 range
+  alone, in the same store. (host-local keeps its round-robin position per
+  range index, and both families' requests are range 0 here, so in a
+  dual-stack network it restarts from the start of the range more often:
+  addresses are still never handed out twice.)
 - Join makes a veth pair in the host's namespace, the host end on the
   overlay bridge with the overlay's MTU; Docker moves the other end into the
   container. Leave and DeleteEndpoint delete it.
@@ -49,13 +54,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from overlayd.backoff import sleep_backoff
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan import docker_plugin as plan
 from overlayd.plan.docker_plugin import Endpoint, HostView, PluginError, Records
 from overlayd.plan.ipam import HOST_LOCAL_STORE
@@ -226,16 +232,16 @@ class DockerPlugin:
         await self._release_orphans()
         await self._repair_veths()
 
-    def _reservations(self) -> dict[IPv4Address, str]:
-        """host-local's store: one file per address, named by it, holding
-        the container ID on its first line."""
-        found: dict[IPv4Address, str] = {}
+    def _reservations(self) -> dict[IPAddress, str]:
+        """host-local's store: one file per address (of either family), named
+        by it, holding the container ID on its first line."""
+        found: dict[IPAddress, str] = {}
         store = self.settings.host_local_store
         if not store.is_dir():
             return found
         for entry in store.iterdir():
             try:
-                address = IPv4Address(entry.name)
+                address = ip_address(entry.name)
             except ValueError:
                 continue  # lock, last_reserved_ip.0
             try:
@@ -404,13 +410,20 @@ class DockerPlugin:
     # --- networks and endpoints ------------------------------------------------
 
     async def _create_network(self, raw: dict[str, Any]) -> dict[str, Any]:
-        network_id, subnet = plan.create_network(raw, self.view())
+        network_id, subnet, subnet6 = plan.create_network(raw, self.view())
         async with self._lock:
             if network_id in self.records.networks:
                 raise plan.bad(f"network {network_id} exists already")
             self.records.networks[network_id] = subnet
+            if subnet6 is not None:
+                self.records.networks6[network_id] = subnet6
             self._save()
-        log.info("event=docker_network_created id=%s subnet=%s", network_id[:12], subnet)
+        log.info(
+            "event=docker_network_created id=%s subnet=%s subnet6=%s",
+            network_id[:12],
+            subnet,
+            subnet6 or "-",
+        )
         return {}
 
     async def _delete_network(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -421,6 +434,7 @@ class DockerPlugin:
             if left:
                 raise PluginError(409, f"network {network_id} still has {len(left)} endpoints")
             del self.records.networks[network_id]
+            self.records.networks6.pop(network_id, None)
             self._save()
         log.info("event=docker_network_deleted id=%s", network_id[:12])
         return {}
@@ -428,12 +442,15 @@ class DockerPlugin:
     async def _create_endpoint(self, raw: dict[str, Any]) -> dict[str, Any]:
         async with self._lock:
             req = plan.create_endpoint(raw, self.records, self.view())
-            self.records.endpoints[req.endpoint_id] = Endpoint(req.network_id, req.address, req.mac)
+            self.records.endpoints[req.endpoint_id] = Endpoint(
+                req.network_id, req.address, req.mac, address6=req.address6
+            )
             self._save()
         log.info(
-            "event=docker_endpoint_created id=%s address=%s options=%s",
+            "event=docker_endpoint_created id=%s address=%s address6=%s options=%s",
             req.endpoint_id[:12],
             req.address,
+            req.address6 or "-",
             json.dumps(req.options, sort_keys=True)[:2000],
         )
         # The address came from our IPAM: Docker must not be told it again
@@ -487,7 +504,10 @@ class DockerPlugin:
         ids = plan.parse_endpoint_ids(raw)
         endpoint = self.records.endpoint(ids.network_id, ids.endpoint_id)
         host, _ = plan.veth_names(ids.endpoint_id)
-        return {"Value": {"address": str(endpoint.address), "host_veth": host}}
+        value = {"address": str(endpoint.address), "host_veth": host}
+        if endpoint.address6 is not None:
+            value["address6"] = str(endpoint.address6)
+        return {"Value": value}
 
     async def _join(self, raw: dict[str, Any]) -> dict[str, Any]:
         view = self.view()
@@ -509,7 +529,7 @@ class DockerPlugin:
         log.info(
             "event=docker_join id=%s veth=%s sandbox=%s", req.endpoint_id[:12], host, req.sandbox
         )
-        return plan.join_response(view, req.endpoint_id)
+        return plan.join_response(view, req.endpoint_id, ipv6=endpoint.address6 is not None)
 
     async def _leave(self, raw: dict[str, Any]) -> dict[str, Any]:
         ids = plan.parse_endpoint_ids(raw)
@@ -571,7 +591,10 @@ class DockerPlugin:
             "prevResult": {
                 "cniVersion": CNI_VERSION,
                 "interfaces": [{"name": "eth0", "sandbox": endpoint.sandbox or ""}],
-                "ips": [{"address": str(endpoint.address), "interface": 0}],
+                # Every address: portmap maps each family to its own.
+                "ips": [
+                    {"address": str(address), "interface": 0} for address in endpoint.addresses()
+                ],
             },
         }
 
@@ -628,19 +651,24 @@ class DockerPlugin:
         plan.release_pool(raw)
         return {}
 
-    def _host_local_conf(self, view: HostView) -> dict[str, Any]:
+    def _host_local_conf(
+        self, view: HostView, subnets: list[IPNetwork] | None = None
+    ) -> dict[str, Any]:
+        """host-local for `subnets` (default: every subnet of this host, as
+        DEL wants it: host-local releases by container ID in any range)."""
         return {
             "cniVersion": CNI_VERSION,
             "name": HOST_LOCAL_STORE,
-            "ipam": view.host_local_ipam(str(self.settings.ipam_dir)),
+            "ipam": view.host_local_ipam(str(self.settings.ipam_dir), subnets or view.subnets()),
         }
 
     async def _request_address(self, raw: dict[str, Any]) -> dict[str, Any]:
         view = self.view()
         req = plan.request_address(raw, view)
-        if req.gateway:
-            return plan.address_answer(view.gateway, req.subnet)
-        conf = self._host_local_conf(view)
+        if req.gateway and req.address is not None:  # the bridge's address of that family
+            return plan.address_answer(req.address, req.subnet)
+        # One family's range only: host-local gives an address from each range.
+        conf = self._host_local_conf(view, [req.subnet])
         if req.address is not None:
             conf["args"] = {"cni": {"ips": [str(req.address)]}}
         container_id = f"{plan.CONTAINER_ID_PREFIX}{secrets.token_hex(16)}"
@@ -649,7 +677,7 @@ class DockerPlugin:
                 result = await self._cni(
                     "host-local", "ADD", conf, container_id=container_id, netns=HOST_NETNS
                 )
-                address = plan.host_local_address(result)
+                address = plan.host_local_address(result, req.subnet)
                 if address is None:
                     raise CniFailed(f"host-local gave no address: {json.dumps(result)[:200]}")
                 self.records.addresses[address] = container_id

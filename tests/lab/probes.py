@@ -13,7 +13,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Interface, IPv6Network
+
+import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.engines import Engine, EngineContainer
@@ -31,20 +33,40 @@ def serve(page: str, *, also_on: int | None = None) -> list[str]:
     return ["sh", "-c", f"echo {page} > /www/index.html && {second}exec httpd -f -p 80 -h /www"]
 
 
-def fetch(client: Engine, name: str, server: IPv4Address | None, port: int = 80) -> str | None:
+def fetch(
+    client: Engine, name: str, server: IPv4Address | IPv6Address | None, port: int = 80
+) -> str | None:
     """The page http://server:port/ serves, fetched from container `name`,
-    retried: the first packets of a new container may wait for ARP and the
-    bridge."""
+    retried: the first packets of a new container may wait for ARP (or
+    neighbour discovery) and the bridge."""
     assert server is not None
     body: str | None = None
+    host = f"[{server}]" if server.version == 6 else str(server)
 
     def answered() -> bool:
         nonlocal body
-        body = client.http_get(name, f"http://{server}:{port}/", timeout=3)
+        body = client.http_get(name, f"http://{host}:{port}/", timeout=3)
         return body is not None
 
     wait_until(answered, timeout=CONVERGE, step=0.2)
     return body
+
+
+def global_ipv6(engine: Engine, name: str) -> IPv6Interface:
+    """Container `name`'s global IPv6 address on eth0, as its kernel has it."""
+    out = engine.exec(name, "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global")
+    (address,) = [IPv6Interface(w) for line in out.splitlines() for w in line.split()[3:4]]
+    return address
+
+
+def subnet6_or_skip(lab: Lab, host: int) -> IPv6Network:
+    """The host's IPv6 subnet; the test is skipped in an IPv4-only lab (the
+    lab's dual-stack support is another branch's work, v6-lab)."""
+    subnet6 = getattr(lab, "subnet6", None)
+    found = subnet6(host) if subnet6 is not None else None
+    if not isinstance(found, IPv6Network):
+        pytest.skip("needs a dual-stack lab")
+    return found
 
 
 # curl's exit codes for the two ways a connection fails: 7, nothing

@@ -56,11 +56,13 @@ from tests.lab.probes import (
     SLEEP,
     assert_dropped_from_outside,
     fetch,
+    global_ipv6,
     outside_get,
     outside_route_to,
     ping_flood,
     sent_received,
     serve,
+    subnet6_or_skip,
     wait_published,
 )
 
@@ -280,6 +282,39 @@ def test_egress_and_published_ports(egress: str, request: pytest.FixtureRequest)
         # The published port went with the container (portmap DEL).
         nat = netns.in_ns(the_lab.host_ns(1), "iptables-save", "-t", "nat")
         assert "--dport 8080" not in nat
+
+
+def test_an_ipv6_network_gives_both_addresses_across_hosts(lab: Lab) -> None:
+    """Dual-stack: a `--ipv6` network of the plugin on each host; the
+    containers get an address of each family from host-local's halves and
+    reach each other over IPv6 across the hosts. Everything goes with them."""
+    subnets6 = {host: subnet6_or_skip(lab, host) for host in (1, 2)}
+    for host in (1, 2):
+        docker(lab, host).cli(
+            "network", "create", "-d", "overlayd", "--ipam-driver", "overlayd", "--ipv6", "ovl6"
+        )
+    try:
+        docker(lab, 2).run("six-web", serve("six-h2"), extra=["--network", "ovl6"])
+        docker(lab, 1).run("six-cli", SLEEP, extra=["--network", "ovl6"])
+        found = {}
+        for host, name in ((1, "six-cli"), (2, "six-web")):
+            address6 = global_ipv6(docker(lab, host), name)
+            shared = container_ranges(subnets6[host])
+            assert address6.network == subnets6[host]
+            assert int(shared.host_local_start) <= int(address6.ip) <= int(shared.host_local_end)
+            found[host] = address6.ip
+        assert fetch(docker(lab, 1), "six-cli", found[2]) == "six-h2\n"
+        # Both families in the plugin's records and host-local's store.
+        assert str(found[1]) in records(lab, 1)["addresses"]
+    finally:
+        for host, name in ((1, "six-cli"), (2, "six-web")):
+            docker(lab, host).remove(name)
+            docker(lab, host).cli("network", "rm", "ovl6", check=False)
+    # `docker rm` may return before libnetwork's release reached the plugin.
+    wait_until(lambda: all(records(lab, h)["addresses"] == {} for h in (1, 2)), timeout=CONVERGE)
+    for host in (1, 2):
+        store = lab.files(host).cni_dir / "ipam" / "overlay"
+        assert str(found[host]) not in {p.name for p in store.iterdir()}
 
 
 def test_create_run_stop_rm_leaks_no_address(lab: Lab) -> None:

@@ -27,11 +27,13 @@ from tests.lab.probes import (
     SLEEP,
     assert_dropped_from_outside,
     fetch,
+    global_ipv6,
     outside_get,
     outside_route_to,
     ping_flood,
     sent_received,
     serve,
+    subnet6_or_skip,
     wait_published,
 )
 
@@ -98,6 +100,25 @@ def test_cross_host_http_from_docker_and_podman_to_podman(lab: Lab) -> None:
     assert fetch(lab.podman(2), "xpodman2", back.address) == "xweb1\n"
 
 
+def test_ipv6_across_hosts_from_docker_and_podman_from_their_own_halves(lab: Lab) -> None:
+    """Dual-stack: a Podman container on h2 serves over IPv6 to a Docker
+    (docker-opts: --ipv6 --fixed-cidr-v6) and a Podman container on h1,
+    each with an address of its allocator's half of h1's IPv6 subnet."""
+    subnet6 = subnet6_or_skip(lab, 1)
+    podman(lab, 2).run("x6web", serve("x6web"))
+    docker(lab, 1).run("x6docker", SLEEP)
+    podman(lab, 1).run("x6podman", SLEEP)
+    web6 = global_ipv6(lab.podman(2), "x6web")
+    assert web6.network == subnet6_or_skip(lab, 2)
+    ranges = container_ranges(subnet6)
+    d6, p6 = global_ipv6(lab.docker(1), "x6docker"), global_ipv6(lab.podman(1), "x6podman")
+    assert d6.network == p6.network == subnet6
+    assert d6.ip in ranges.docker_ip_range, d6
+    assert int(ranges.host_local_start) <= int(p6.ip) <= int(ranges.host_local_end), p6
+    assert fetch(lab.docker(1), "x6docker", web6.ip) == "x6web\n"
+    assert fetch(lab.podman(1), "x6podman", web6.ip) == "x6web\n"
+
+
 def test_docker_and_podman_on_one_host_take_their_own_halves(lab: Lab) -> None:
     p = podman(lab, 1).run("sp", serve("sp"))
     d = docker(lab, 1).run("sd", serve("sd"))
@@ -105,7 +126,7 @@ def test_docker_and_podman_on_one_host_take_their_own_halves(lab: Lab) -> None:
     assert p.address is not None and d.address is not None
     assert p.address != d.address
     assert ranges.host_local_start <= p.address <= ranges.host_local_end
-    assert d.address in ranges.docker_fixed_cidr
+    assert d.address in ranges.docker_ip_range
     assert fetch(lab.podman(1), "sp", d.address) == "sd\n"
     assert fetch(lab.docker(1), "sd", p.address) == "sp\n"
 

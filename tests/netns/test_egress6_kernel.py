@@ -30,7 +30,6 @@ from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import Netlink
 from overlayd.dataplane.nft import NftTable
 from overlayd.lab import netns as lab_netns
-from overlayd.model import IPV4, IPV6
 from overlayd.plan.egress import EgressSpec
 from tests.conftest import needs_root, unique_name, wait_until
 
@@ -234,7 +233,7 @@ async def test_gwbridge_masquerades_isolates_and_lets_a_published_port_in(site: 
     # outside reaches them (the positive controls of what the rules stop).
     answers_as(c1, "fd4a:4eae:8d08::3", "fd4a:4eae:8d08::2")
     answers_as(outside, "fd4a:4eae:8d08::2", "2001:db8::1")
-    assert await sysctl.ensure_bridge_netfilter((IPV4, IPV6), netns=host) == []  # already on
+    assert await sysctl.ensure_bridge_netfilter(netns=host, ipv6=True) == []  # already on
     assert await NftTable(host).ensure(spec) is not None
     # Out through the gwbridge: seen as the host's address.
     answers_as(c1, OUTSIDE, HOST)

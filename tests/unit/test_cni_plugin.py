@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ GWBRIDGE = (
     "FLANNEL_IPMASQ=false\nOVERLAYD_EGRESS=gwbridge\nOVERLAYD_BRIDGE=ovl0\n"
     "OVERLAYD_GWBRIDGE=ovl_gwbridge\nOVERLAYD_GWBRIDGE_SUBNET=172.18.0.1/16\n"
 )
+# What overlayd's subnet file adds in a dual-stack network.
+V6 = "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
+V6_GWBRIDGE = "OVERLAYD_GWBRIDGE_SUBNET6=fd00:ffff:18::1/64\n"
+V4_RANGE = {
+    "subnet": "10.244.7.0/24",
+    "gateway": "10.244.7.1",
+    "rangeStart": "10.244.7.2",
+    "rangeEnd": "10.244.7.127",
+}
+V6_RANGE = {
+    "subnet": "fd00:10:244:7::/64",
+    "gateway": "fd00:10:244:7::1",
+    # The upper half: Docker's IPv6 addresses are in the lower one (plan/ipam.py).
+    "rangeStart": "fd00:10:244:7:8000::",
+    "rangeEnd": "fd00:10:244:7:ffff:ffff:ffff:ffff",
+}
 
 
 def conf(tmp_path: Path, subnet_env: str) -> dict[str, Any]:
@@ -184,3 +201,113 @@ def test_host_local_keeps_one_store_whatever_the_conflist_calls_the_network(
         )
         assert overlay["name"] == "overlay"
         assert egress["name"] == "overlay-egress"
+
+
+def families(delegates: list[tuple[str, dict[str, Any]]]) -> list[tuple[set[int], set[int]]]:
+    """Per interface: the families of its host-local ranges and of its routes."""
+    return [
+        (
+            {ip_network(r[0]["subnet"]).version for r in d["ipam"]["ranges"]},
+            {ip_network(r["dst"]).version for r in d["ipam"]["routes"]},
+        )
+        for _, d in delegates
+    ]
+
+
+def test_an_ipv4_only_file_gets_ipv4_only_delegates(tmp_path: Path) -> None:
+    """The IPv6 variables are what adds IPv6: without them nothing of it
+    appears (a gwbridge IPv6 subnet alone adds nothing either)."""
+    for env in (MASQUERADE, GWBRIDGE, GWBRIDGE + V6_GWBRIDGE):
+        v4_only = delegate_configs(conf(tmp_path, env), "eth0")
+        assert all(f == ({4}, {4}) for f in families(v4_only))
+        assert not any("enabledad" in d for _, d in v4_only)  # the delegates of before
+        # Positive control: the same file, dual-stack.
+        dual = families(delegate_configs(conf(tmp_path, env + V6), "eth0"))
+        assert dual[0] == ({4, 6}, {4, 6})
+
+
+def test_dual_stack_masquerade_gives_both_ranges_and_both_default_routes(tmp_path: Path) -> None:
+    delegates = delegate_configs(conf(tmp_path, MASQUERADE + V6), "eth0")
+    assert [ifname for ifname, _ in delegates] == ["eth0"]
+    ipam = delegates[0][1]["ipam"]
+    # One range set per family: host-local gives one address from each.
+    assert ipam["ranges"] == [[V4_RANGE], [V6_RANGE]]
+    assert ipam["routes"] == [
+        {"dst": "0.0.0.0/0", "gw": "10.244.7.1"},
+        {"dst": "::/0", "gw": "fd00:10:244:7::1"},
+    ]
+    assert delegates[0][1]["enabledad"] is False  # usable at once (see the real test)
+    whole = {**conf(tmp_path, MASQUERADE + V6), "wholeSubnet": True}
+    (_, bridge), *_ = delegate_configs(whole, "eth0")
+    assert bridge["ipam"]["ranges"][1] == [
+        {"subnet": "fd00:10:244:7::/64", "gateway": "fd00:10:244:7::1"}
+    ]
+
+
+def test_dual_stack_gwbridge_routes_both_clusters_on_eth0_and_both_defaults_on_eth1(
+    tmp_path: Path,
+) -> None:
+    (_, overlay), (_, egress) = delegate_configs(
+        conf(tmp_path, GWBRIDGE + V6 + V6_GWBRIDGE), "eth0"
+    )
+    assert overlay["ipam"]["ranges"] == [[V4_RANGE], [V6_RANGE]]
+    assert overlay["ipam"]["routes"] == [
+        {"dst": "10.244.0.0/16", "gw": "10.244.7.1"},
+        {"dst": "fd00:10:244::/48", "gw": "fd00:10:244:7::1"},
+    ]
+    # The gwbridge's IPv6 address is handed out as its IPv4 one is: the
+    # whole subnet, from the egress store.
+    assert egress["name"] == "overlay-egress"
+    assert egress["ipam"]["ranges"] == [
+        [{"subnet": "172.18.0.0/16", "gateway": "172.18.0.1"}],
+        [{"subnet": "fd00:ffff:18::/64", "gateway": "fd00:ffff:18::1"}],
+    ]
+    assert egress["ipam"]["routes"] == [
+        {"dst": "0.0.0.0/0", "gw": "172.18.0.1"},
+        {"dst": "::/0", "gw": "fd00:ffff:18::1"},
+    ]
+    # Without a gwbridge IPv6 subnet: the cluster route, and no IPv6 way out.
+    (_, overlay), (_, egress) = delegate_configs(conf(tmp_path, GWBRIDGE + V6), "eth0")
+    assert overlay["ipam"]["routes"][1] == {"dst": "fd00:10:244::/48", "gw": "fd00:10:244:7::1"}
+    assert egress["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "172.18.0.1"}]
+    assert len(egress["ipam"]["ranges"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ("FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n", "FLANNEL_IPV6_SUBNET but not"),
+        ("FLANNEL_IPV6_NETWORK=fd00:10:244::/48\n", "FLANNEL_IPV6_NETWORK but not"),
+        (V6.replace("fd00:10:244:7::1/64", "10.244.7.1/24"), "FLANNEL_IPV6"),
+        (V6.replace("fd00:10:244::/48", "fd00:10:244::1/48"), "FLANNEL_IPV6"),
+        (V6.replace("/64", "/126"), "wholeSubnet"),  # too small to share with Docker
+    ],
+)
+def test_a_damaged_ipv6_half_is_a_config_error_naming_it(
+    tmp_path: Path, extra: str, named: str
+) -> None:
+    with pytest.raises(CniError, match=named) as error:
+        delegate_configs(conf(tmp_path, MASQUERADE + extra), "eth0")
+    assert error.value.code == 4
+    assert delegate_configs(conf(tmp_path, MASQUERADE + V6), "eth0")  # positive control
+
+
+def test_a_bad_gwbridge_ipv6_subnet_is_named(tmp_path: Path) -> None:
+    bad = GWBRIDGE + V6 + "OVERLAYD_GWBRIDGE_SUBNET6=172.19.0.1/16\n"
+    with pytest.raises(CniError, match="OVERLAYD_GWBRIDGE_SUBNET6 is not an IPv6"):
+        delegate_configs(conf(tmp_path, bad), "eth0")
+    assert delegate_configs(conf(tmp_path, GWBRIDGE + V6 + V6_GWBRIDGE), "eth0")
+
+
+def test_dual_stack_results_list_both_addresses() -> None:
+    result = {
+        "interfaces": [{"name": "ovl0"}, {"name": "veth1"}, {"name": "eth0", "sandbox": "/n"}],
+        "ips": [
+            {"interface": 2, "address": "10.244.7.2/24", "gateway": "10.244.7.1"},
+            {"interface": 2, "address": "fd00:10:244:7::2/64", "gateway": "fd00:10:244:7::1"},
+        ],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+    }
+    merged = merge_results("1.0.0", [result])
+    assert [ip["address"] for ip in merged["ips"]] == ["10.244.7.2/24", "fd00:10:244:7::2/64"]
+    assert [ip["interface"] for ip in merged["ips"]] == [2, 2]

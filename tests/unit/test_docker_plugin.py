@@ -5,15 +5,29 @@ shape, and the answers that depend on the egress mode."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from overlayd.model import IPAddress
 from overlayd.plan import docker_plugin as plan
 from overlayd.plan.docker_plugin import Endpoint, HostView, PluginError, Records
+
+if TYPE_CHECKING:
+    from overlayd.surfaces.docker_plugin import CniPort
 
 NET = "a" * 64
 EP = "b" * 64
@@ -78,8 +92,8 @@ def network_request(pool: str = str(SUBNET), **extra: Any) -> dict[str, Any]:
 
 
 def test_create_network_takes_only_this_hosts_subnet() -> None:
-    assert plan.create_network(network_request(), view()) == (NET, SUBNET)
-    assert plan.create_network(network_request("0.0.0.0/0"), view()) == (NET, SUBNET)
+    assert plan.create_network(network_request(), view()) == (NET, SUBNET, None)
+    assert plan.create_network(network_request("0.0.0.0/0"), view()) == (NET, SUBNET, None)
     assert (
         "use --ipam-driver overlayd"
         in refused(plan.create_network, network_request("172.30.0.0/16"), view()).message
@@ -392,7 +406,8 @@ class FakeCni:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
-        self.store: dict[IPv4Address, str] = {}
+        self.store: dict[IPAddress, str] = {}
+        self.confs: list[Any] = []
         self.fail: set[tuple[str, str]] = set()
         self.hold: asyncio.Event | None = None
         self.reserved = asyncio.Event()
@@ -401,19 +416,20 @@ class FakeCni:
         self, plugin: str, command: str, conf: Any, *, container_id: str, netns: str
     ) -> tuple[bool, Any, str]:
         self.calls.append((plugin, command, container_id))
+        self.confs.append(conf)
         if (plugin, command) in self.fail:
             return False, {"msg": f"{plugin} {command} failed"}, ""
         if plugin == "host-local" and command == "ADD":
-            address = next(
-                IPv4Address(int(SUBNET.network_address) + n)
-                for n in range(2, 120)
-                if IPv4Address(int(SUBNET.network_address) + n) not in self.store
-            )
+            # The first free address of the first range, of either family.
+            first = conf["ipam"]["ranges"][0][0]
+            subnet = ip_network(first["subnet"])
+            start = ip_address(first.get("rangeStart", subnet.network_address + 2))
+            address = next(start + n for n in range(120) if start + n not in self.store)
             self.store[address] = container_id
             self.reserved.set()
             if self.hold is not None:
                 await self.hold.wait()
-            return True, {"ips": [{"address": f"{address}/24"}]}, ""
+            return True, {"ips": [{"address": f"{address}/{subnet.prefixlen}"}]}, ""
         if plugin == "host-local" and command == "DEL":
             self.store = {a: c for a, c in self.store.items() if c != container_id}
         return True, None, ""
@@ -453,7 +469,10 @@ class FakeVeths:
 
 
 def make_plugin(
-    tmp_path: Any, the_view: Any = view, cni: FakeCni | None = None, veths: FakeVeths | None = None
+    tmp_path: Any,
+    the_view: Any = view,
+    cni: CniPort | None = None,
+    veths: FakeVeths | None = None,
 ) -> Any:
     from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 
@@ -883,3 +902,291 @@ async def test_run_outlives_an_unusable_socket_path(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not socket_path.exists()
+
+
+# --- dual-stack ------------------------------------------------------------------
+
+SUBNET6 = IPv6Network("fd00:10:244:3::/64")
+
+
+def view6(egress: str = "masquerade", **changes: Any) -> HostView:
+    dual = {"subnet6": SUBNET6, "cluster6": IPv6Network("fd00:10:244::/48")}
+    return dataclasses.replace(view(egress), **(dual | changes))
+
+
+def records6() -> Records:
+    found = records()
+    found.networks6[NET] = SUBNET6
+    return found
+
+
+def network_request6(pool6: str = str(SUBNET6), gateway6: str = "fd00:10:244:3::1/64") -> Any:
+    return network_request(
+        IPv6Data=[{"AddressSpace": "overlayd", "Pool": pool6, "Gateway": gateway6}]
+    )
+
+
+def test_dual_stack_create_network_takes_this_hosts_ipv6_subnet_too() -> None:
+    assert plan.create_network(network_request6(), view6()) == (NET, SUBNET, SUBNET6)
+    # Without --ipv6 a network on a dual-stack host is IPv4 only.
+    assert plan.create_network(network_request(), view6()) == (NET, SUBNET, None)
+    for request, text in (
+        (network_request6("fd00:10:244:9::/64"), "not this host's subnet fd00:10:244:3::/64"),
+        (network_request6("10.244.3.0/24"), "not an IPv6 network"),
+        (network_request6(gateway6="fd00:10:244:3::9/64"), "bridge's address"),
+        (network_request6(gateway6="10.244.3.1/24"), "not an IPv6 address"),
+        (network_request(IPv6Data=[{"Pool": str(SUBNET6)}] * 2), "exactly one pool"),
+    ):
+        assert text in refused(plan.create_network, request, view6()).message
+    # A host without an IPv6 subnet refuses --ipv6.
+    assert "leave --ipv6 out" in refused(plan.create_network, network_request6(), view()).message
+
+
+def test_dual_stack_endpoints_carry_both_addresses() -> None:
+    request = endpoint_request(AddressIPv6="fd00:10:244:3::5/64")
+    found = plan.create_endpoint(request, records6(), view6())
+    assert found.address == IPv4Interface("10.244.3.5/24")
+    assert found.address6 == IPv6Interface("fd00:10:244:3::5/64")
+    # Positive control above; each of these is refused.
+    assert (
+        "AddressIPv6 is missing"
+        in refused(plan.create_endpoint, endpoint_request(), records6(), view6()).message
+    )
+    assert (
+        "not in the network's subnet"
+        in refused(
+            plan.create_endpoint,
+            endpoint_request(AddressIPv6="fd00:10:244:9::5/64"),
+            records6(),
+            view6(),
+        ).message
+    )
+    assert "IPv4 only" in refused(plan.create_endpoint, request, records(), view6()).message
+    moved = view6(subnet6=IPv6Network("fd00:10:244:9::/64"))
+    assert refused(plan.create_endpoint, request, records6(), moved).status == 409
+    # An IPv4-only network on a dual-stack host: one address, as before.
+    assert plan.create_endpoint(endpoint_request(), records(), view6()).address6 is None
+
+
+def test_dual_stack_join_answers_for_both_families_per_egress_mode() -> None:
+    _, peer = plan.veth_names(EP)
+    for mode in ("masquerade", "none"):
+        assert plan.join_response(view6(mode), EP, ipv6=True) == {
+            "InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+            "Gateway": "10.244.3.1",
+            "GatewayIPv6": "fd00:10:244:3::1",
+        }
+    answer = plan.join_response(view6("gwbridge"), EP, ipv6=True)
+    assert "Gateway" not in answer and "GatewayIPv6" not in answer
+    assert answer["StaticRoutes"] == [
+        {"Destination": "10.244.0.0/16", "RouteType": 0, "NextHop": "10.244.3.1"},
+        {"Destination": "fd00:10:244::/48", "RouteType": 0, "NextHop": "fd00:10:244:3::1"},
+    ]
+    # An endpoint without an IPv6 address (a network without --ipv6) gets IPv4 only.
+    assert plan.join_response(view6("gwbridge"), EP) == plan.join_response(view("gwbridge"), EP)
+    assert plan.join_response(view6(), EP) == plan.join_response(view(), EP)
+
+
+def test_dual_stack_ipam_hands_out_ipv6_from_the_lower_half() -> None:
+    answer = plan.request_pool({"AddressSpace": "overlayd", "Pool": "", "V6": True}, view6())
+    # Shown as it is: libnetwork checks only IPv4 pools against the routes.
+    assert answer == {"PoolID": "overlayd-fd00:10:244:3::/64", "Pool": str(SUBNET6), "Data": {}}
+    assert view6().pool_id6 == answer["PoolID"]
+    assert plan.request_pool({"V6": True, "Pool": str(SUBNET6)}, view6())["Pool"] == str(SUBNET6)
+    assert (
+        "not this host's subnet"
+        in refused(plan.request_pool, {"V6": True, "Pool": "fd00:1::/64"}, view6()).message
+    )
+    assert plan.request_pool({"V6": False}, view6())["PoolID"] == "overlayd-10.244.3.0/24"
+    pool = answer["PoolID"]
+    gateway = plan.request_address(
+        {"PoolID": pool, "Options": {"RequestAddressType": plan.GATEWAY_REQUEST}}, view6()
+    )
+    assert gateway.gateway and gateway.address == IPv6Address("fd00:10:244:3::1")
+    plain = plan.request_address({"PoolID": pool}, view6())
+    assert plain.subnet == SUBNET6 and plain.address is None
+    last = "fd00:10:244:3:ffff:ffff:ffff:ffff"  # host-local has the upper half
+    assert plan.request_address({"PoolID": pool, "Address": last}, view6()).address == (
+        IPv6Address(last)
+    )
+    for address, text in (
+        ("fd00:10:244:3::5", "outside host-local's range"),  # Docker's half
+        ("fd00:10:244:9::5", "outside this host's subnet"),
+        ("10.244.3.5", "not an IPv6 address"),
+    ):
+        assert (
+            text
+            in refused(plan.request_address, {"PoolID": pool, "Address": address}, view6()).message
+        )
+    assert plan.address_answer(IPv6Address("fd00:10:244:3::7"), SUBNET6) == {
+        "Address": "fd00:10:244:3::7/64",
+        "Data": {},
+    }
+    held = records6()
+    released = plan.release_address({"PoolID": pool, "Address": "fd00:10:244:3::7"}, view6(), held)
+    assert released == IPv6Address("fd00:10:244:3::7")
+    assert refused(plan.request_address, {"PoolID": pool}, view()).status == 404  # no v6 here
+    ipam = view6().host_local_ipam("/d", [SUBNET6])
+    assert ipam["ranges"] == [
+        [
+            {
+                "subnet": str(SUBNET6),
+                "rangeStart": "fd00:10:244:3:8000::",
+                "rangeEnd": last,
+                "gateway": "fd00:10:244:3::1",
+            }
+        ]
+    ]
+
+
+def test_dual_stack_records_round_trip_and_old_records_still_read() -> None:
+    found = records6()
+    found.endpoints[EP] = Endpoint(
+        NET, IPv4Interface("10.244.3.5/24"), address6=IPv6Interface("fd00:10:244:3::5/64")
+    )
+    found.addresses[IPv6Address("fd00:10:244:3::5")] = "docker-6"
+    found.addresses[IPv4Address("10.244.3.5")] = "docker-4"
+    again = Records.from_json(json.loads(json.dumps(found.to_json())))
+    assert again == found
+    assert again.network6(NET) == SUBNET6
+    # A records file from before dual-stack: no networks6, no address6.
+    old = {
+        "networks": {NET: str(SUBNET)},
+        "endpoints": {EP: {"network_id": NET, "address": "10.244.3.5/24"}},
+        "addresses": {"10.244.3.5": "docker-4"},
+    }
+    before = Records.from_json(old)
+    assert before.network6(NET) is None and before.endpoints[EP].address6 is None
+    with pytest.raises(ValueError):
+        Records.from_json({**old, "networks6": []})
+
+
+async def test_dual_stack_docker_flow_through_the_server(tmp_path: Any) -> None:
+    """Docker's calls for a --ipv6 network and one container, in its order."""
+    cni = FakeCni()
+    plugin = make_plugin(tmp_path, view6, cni=cni)
+    await plugin.start()
+    pools = {}
+    for v6 in (False, True):
+        status, answer = await call(plugin, "IpamDriver.RequestPool", {"Pool": "", "V6": v6})
+        assert status == 200
+        pools[v6] = answer["PoolID"]
+        # libnetwork asks each pool for its gateway: the bridge's address of that family.
+        gateway = {
+            "PoolID": answer["PoolID"],
+            "Options": {"RequestAddressType": plan.GATEWAY_REQUEST},
+        }
+        status, answer = await call(plugin, "IpamDriver.RequestAddress", gateway)
+        assert (status, answer["Address"]) == (
+            200,
+            "fd00:10:244:3::1/64" if v6 else "10.244.3.1/24",
+        )
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request6()) == (200, {})
+    addresses = {}
+    for v6, pool in pools.items():
+        status, answer = await call(plugin, "IpamDriver.RequestAddress", {"PoolID": pool})
+        assert status == 200
+        addresses[v6] = answer["Address"]
+        # host-local got this family's range alone: one address per request.
+        assert len(cni.confs[-1]["ipam"]["ranges"]) == 1
+    assert addresses == {False: "10.244.3.2/24", True: "fd00:10:244:3:8000::/64"}
+    assert set(plugin.records.addresses) == {
+        IPv4Address("10.244.3.2"),
+        IPv6Address("fd00:10:244:3:8000::"),
+    }
+    request = endpoint_request(addresses[False], AddressIPv6=addresses[True])
+    assert await call(plugin, "NetworkDriver.CreateEndpoint", request) == (
+        200,
+        {"Interface": {}},
+    )
+    ids = {"NetworkID": NET, "EndpointID": EP}
+    status, answer = await call(
+        plugin, "NetworkDriver.Join", {**ids, "SandboxKey": "/var/run/docker/netns/x"}
+    )
+    assert status == 200 and answer["GatewayIPv6"] == "fd00:10:244:3::1"
+    status, info = await call(plugin, "NetworkDriver.EndpointOperInfo", ids)
+    assert info["Value"]["address6"] == "fd00:10:244:3:8000::/64"
+    ports = {plan.PORTMAP_OPTION: [{"Proto": 6, "Port": 80, "HostPort": 8080}]}
+    status, _ = await call(
+        plugin, "NetworkDriver.ProgramExternalConnectivity", {**ids, "Options": ports}
+    )
+    assert status == 200
+    portmap = [c for c in cni.confs if c.get("type") == "portmap"][-1]
+    assert [ip["address"] for ip in portmap["prevResult"]["ips"]] == [
+        "10.244.3.2/24",
+        "fd00:10:244:3:8000::/64",
+    ]
+    # Both released by their container IDs; the records survive a restart meanwhile.
+    again = make_plugin(tmp_path, view6, cni=cni)
+    await again.start()
+    assert again.records == plugin.records
+    for v6, pool in pools.items():
+        address = addresses[v6].split("/")[0]
+        release = {"PoolID": pool, "Address": address}
+        assert await call(again, "IpamDriver.ReleaseAddress", release) == (200, {})
+    assert not cni.store and not again.records.addresses
+
+
+REAL_HOST_LOCAL = Path("/usr/lib/cni/host-local")
+
+
+@pytest.mark.skipif(not REAL_HOST_LOCAL.exists(), reason="needs containernetworking-plugins")
+async def test_real_host_local_keeps_one_store_for_overlay_cni_and_the_plugin_in_both_families(
+    tmp_path: Path,
+) -> None:
+    """The real host-local: an overlay-cni container (dual-stack) and the
+    plugin's requests of each family draw from one store, never the same
+    address; the plugin's IPv6 reservations are found, released and
+    repaired like its IPv4 ones."""
+    from overlayd.cli.cni import delegate_configs
+    from overlayd.nsexec import CniRunner
+    from overlayd.surfaces.docker_plugin import HOST_NETNS
+
+    runner = CniRunner()
+    plugin = make_plugin(tmp_path, view6, cni=runner)
+    await plugin.start()
+    (tmp_path / "subnet.env").write_text(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n"
+        "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:3::1/64\n"
+        "FLANNEL_MTU=1450\nOVERLAYD_EGRESS=masquerade\n"
+    )
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "podman",
+        "type": "overlay-cni",
+        "subnetFile": str(tmp_path / "subnet.env"),
+        "dataDir": str(tmp_path / "cni"),  # the plugin's cni_data_dir
+    }
+    ((_, bridge),) = delegate_configs(conf, "eth0")
+    ipam = {"cniVersion": "1.0.0", "name": bridge["name"], "ipam": bridge["ipam"]}
+    ok, result, raw = await runner("host-local", "ADD", ipam, container_id="pod1", netns=HOST_NETNS)
+    assert ok, raw
+    assert [ip["address"] for ip in result["ips"]] == ["10.244.3.2/24", "fd00:10:244:3:8000::/64"]
+
+    v4 = await plugin._request_address({"PoolID": view6().pool_id})
+    v6 = await plugin._request_address({"PoolID": view6().pool_id6})
+    assert (v4["Address"], v6["Address"]) == ("10.244.3.3/24", "fd00:10:244:3:8000::1/64")
+    store = plugin.settings.host_local_store
+    assert {"10.244.3.2", "fd00:10:244:3:8000::", "10.244.3.3", "fd00:10:244:3:8000::1"} <= {
+        p.name for p in store.iterdir()
+    }
+    found = plugin._reservations()
+    assert found[IPv6Address("fd00:10:244:3:8000::")] == "pod1"
+    assert found[IPv6Address("fd00:10:244:3:8000::1")].startswith(plan.CONTAINER_ID_PREFIX)
+
+    # A released IPv6 address leaves the store; the podman container's stays.
+    release = {"PoolID": view6().pool_id6, "Address": "fd00:10:244:3:8000::1"}
+    assert await plugin._release_address(release) == {}
+    names = {p.name for p in store.iterdir()}
+    assert "fd00:10:244:3:8000::1" not in names and "fd00:10:244:3:8000::" in names
+    assert "10.244.3.3" in names  # positive control: the plugin's IPv4 one is kept
+
+    # An IPv6 reservation of the plugin's that no record holds is released
+    # at the next start, as an IPv4 one would be.
+    v6 = await plugin._request_address({"PoolID": view6().pool_id6})
+    lost = IPv6Address(v6["Address"].split("/")[0])
+    plugin.records.addresses.pop(lost)
+    plugin._save()
+    await make_plugin(tmp_path, view6, cni=runner).start()
+    names = {p.name for p in store.iterdir()}
+    assert str(lost) not in names and {"10.244.3.3", "fd00:10:244:3:8000::"} <= names

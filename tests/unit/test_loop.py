@@ -98,12 +98,14 @@ class FakeDataplane:
             return [IPv6Network("2001:db8::/64")]
         return [IPv4Network("192.0.2.0/24")]
 
-    async def ensure_forwarding(self, bridge: str) -> list[str]:
+    async def ensure_forwarding(
+        self, bridge: str, *, ipv6: bool = False, underlay: str = ""
+    ) -> list[str]:
         self.calls.append("sysctl")
         return []
 
-    async def ensure_bridge_netfilter(self, families: Sequence[Family] = (IPV4,)) -> list[str]:
-        self.calls.append("bridge-nf" + "".join(self._v(f.version) for f in families[1:]))
+    async def ensure_bridge_netfilter(self, *, ipv6: bool = False) -> list[str]:
+        self.calls.append("bridge-nf" + (self._v(6) if ipv6 else ""))
         return []
 
     async def ensure_egress_table(self, egress: EgressSpec) -> str | None:
@@ -616,3 +618,27 @@ async def test_an_ipv6_filter_that_fails_is_named_and_the_ipv4_one_still_works()
     assert (await loop.reconcile_once(level=Level.CHECK)).ok
     assert telemetry.ready() == (True, "ok")
     assert dataplane.sets[6] == {IPv6Address("2001:db8::12")}
+
+
+async def test_the_docker_plugin_sees_the_programmed_ipv6_subnet_too() -> None:
+    from overlayd.daemon.agent import Agent
+
+    inputs = dual_stack(PEER6)
+    loop = Reconciler(inputs, FakeDataplane())
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (OWN6.ipv6_subnet, IPv6Network("fd00:10:244::/48"))
+    assert view.settled  # positive control
+    # Only the IPv6 half of the lease moves: unsettled until a pass programs it.
+    inputs.own = replace(OWN6, ipv6_subnet=IPv6Network("fd00:10:244:7::/64"))
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == OWN6.ipv6_subnet and not view.settled
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert view.subnet6 == IPv6Network("fd00:10:244:7::/64") and view.settled
+    # An IPv4-only host: no IPv6 in the view.
+    inputs = knowledge(PEER)
+    loop = Reconciler(inputs, FakeDataplane())
+    assert (await loop.reconcile_once()).ok
+    view = Agent._plugin_view(inputs, loop)
+    assert (view.subnet6, view.cluster6) == (None, None)

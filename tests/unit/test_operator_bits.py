@@ -15,6 +15,7 @@ from overlayd.cli import ctl
 from overlayd.cli.docker import docker_options
 from overlayd.config import build_agent_config
 from overlayd.errors import ConfigError, OverlaydError
+from overlayd.lab.engines.docker import docker_opts_flags
 from overlayd.surfaces.control import DaemonUnreachable, ask, serve_control
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.notify import watchdog_interval
@@ -141,6 +142,64 @@ def test_docker_opts_put_docker_on_the_bridge_subnet_and_mtu(
         "mtu": 1450,
         "ip-masq": False,
     }
+
+
+def test_dual_stack_docker_opts_add_ipv6_with_docker_in_the_lower_half(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dockerd 20.10's --fixed-cidr-v6 is the whole IPv6 subnet (so Docker
+    keeps overlayd's gateway and its containers the subnet's prefix; their
+    MAC-made addresses are in the lower half), a network's --ip-range the
+    lower half; host-local has the upper half (plan/ipam.py)."""
+    env = tmp_path / "subnet.env"
+    env.write_text(SUBNET_ENV)
+    for fmt in ("env", "daemon-json", "network-create"):  # IPv4 only: no IPv6 flag at all
+        assert (
+            ctl.main(["docker-opts", "--subnet-file", str(env), "--format", fmt, "--out", "-"]) == 0
+        )
+        assert "ipv6" not in capsys.readouterr().out
+    assert docker_options(env)["subnet6"] is None
+    v6 = "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
+    env.write_text(SUBNET_ENV + v6)
+    options = docker_options(env)
+    assert (
+        options["subnet6"],
+        options["fixed_cidr6"],
+        options["ip_range6"],
+        options["gateway6"],
+    ) == (
+        "fd00:10:244:7::/64",
+        "fd00:10:244:7::/64",
+        "fd00:10:244:7::/65",
+        "fd00:10:244:7::1",
+    )
+    assert ctl.main(["docker-opts", "--subnet-file", str(env), "--out", "-"]) == 0
+    text = capsys.readouterr().out
+    assert 'DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fd00:10:244:7::/64"' in text
+    assert docker_opts_flags(text)[-2:] == ["--ipv6", "--fixed-cidr-v6=fd00:10:244:7::/64"]
+    assert ctl.main(["docker-opts", "--subnet-file", str(env), "--format", "daemon-json",
+                     "--out", "-"]) == 0  # fmt: skip
+    daemon_json = json.loads(capsys.readouterr().out)
+    assert daemon_json["ipv6"] is True
+    assert daemon_json["fixed-cidr-v6"] == "fd00:10:244:7::/64"
+    assert ctl.main(["docker-opts", "--subnet-file", str(env), "--format", "network-create",
+                     "--out", "-"]) == 0  # fmt: skip
+    create = capsys.readouterr().out
+    assert (
+        "--subnet 10.244.7.0/24 --gateway 10.244.7.1 --ip-range 10.244.7.128/25"
+        " --ipv6 --subnet fd00:10:244:7::/64 --gateway fd00:10:244:7::1"
+        " --ip-range fd00:10:244:7::/65 -o "
+    ) in create
+    # Longer than /79: Docker's MAC-made addresses would spread over host-local's half.
+    env.write_text(SUBNET_ENV + v6.replace("/64", "/96"))
+    for fmt, ok in (("env", 1), ("daemon-json", 1), ("network-create", 0)):
+        assert ctl.main(["docker-opts", "--subnet-file", str(env), "--format", fmt,
+                         "--out", "-"]) == ok  # fmt: skip
+        out = capsys.readouterr()
+        assert ("longer than /79" in out.err) == bool(ok), out
+    env.write_text(SUBNET_ENV + "FLANNEL_IPV6_SUBNET=10.244.7.1/24\n")
+    with pytest.raises(OverlaydError, match=r"FLANNEL_IPV6_SUBNET.*not an IPv6"):
+        docker_options(env)
 
 
 def test_docker_opts_without_a_subnet_file_is_one_line_error(

@@ -47,6 +47,8 @@ class DeviceManager(CheckedEachPeriod):
         made: Made = {spec.bridge: (spec.bridge_mac, spec.mtu, None)}
         if spec.vtep:
             made[spec.vtep] = (spec.vtep_mac, spec.mtu, spec.bridge)
+        if spec.vtep6:
+            made[spec.vtep6] = (spec.vtep6_mac, spec.mtu, spec.bridge)
         if egress.mode == "gwbridge":
             made[egress.gwbridge] = (egress.gwbridge_mac, None, None)
         self._made = made
