@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
-from overlayd.model import IPV4, Family
+from overlayd.model import IPV4, IPV6, Family
+from overlayd.store.etcd import EtcdStore
 from tests.conftest import CONVERGE, SESSION_TAG, capture, needs_root, wait_until
-from tests.lab.fakes import lab_network
+from tests.lab.fakes import fake_subnet6, lab_network
 from tests.lab.families import FAMILIES
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -98,24 +100,68 @@ def test_host_gw_traffic_on_the_wire_is_plain_ip_between_containers(
     )
 
 
-def test_host_gw_gives_an_off_link_peer_no_route_and_one_warning(host_gw: Lab) -> None:
-    put(
-        host_gw,
-        f"{PREFIX}/subnets/10.244.250.0-24",
-        {"PublicIP": "198.51.100.50", "BackendType": "host-gw", "BackendData": None},
-    )
-    wait_until(lambda: "10.244.250.0-24" in host_gw.daemon_log(1).read_text())
-    # A second off-link peer makes the daemon run another pass, which must not
-    # repeat the first one's warning.
-    put(
-        host_gw,
-        f"{PREFIX}/subnets/10.244.251.0-24",
-        {"PublicIP": "198.51.100.51", "BackendType": "host-gw", "BackendData": None},
-    )
-    wait_until(lambda: "10.244.251.0-24" in host_gw.daemon_log(1).read_text())
-    assert not {"10.244.250.0/24", "10.244.251.0/24"} & set(our_routes(host_gw, 1))
-    log = host_gw.daemon_log(1).read_text()
-    assert log.count("10.244.250.0-24") == 1 and "not on eth0's link" in log
+def fake_key(octet: int) -> str:
+    """A dual-stack lease key of a host that does not exist (tests/lab/fakes.py)."""
+    return f"{PREFIX}/subnets/10.244.{octet}.0-24&{fake_subnet6(octet).replace('/', '-')}"
+
+
+def count(lab: Lab, host: int, text: str) -> int:
+    return lab.daemon_log(host).read_text().count(text)
+
+
+def logged_once(lab: Lab, host: int, text: str) -> bool:
+    return count(lab, host, text) == 1
+
+
+async def delete(key: str, store: EtcdStore) -> bool:
+    return await store.delete(key)
+
+
+def test_host_gw_gives_an_off_link_peer_no_route_and_one_warning_per_family(
+    host_gw: Lab,
+) -> None:
+    """A peer whose public addresses are both off the underlay's link gets
+    no route in either family and one warning per family; a peer on the
+    IPv4 link but off the IPv6 one gets its IPv4 route only."""
+    off, half = fake_key(250), fake_key(251)
+    try:
+        put(
+            host_gw,
+            off,
+            {
+                "PublicIP": "198.51.100.50",
+                "PublicIPv6": "2001:db8:ffff::50",
+                "BackendType": "host-gw",
+                "BackendData": None,
+            },
+        )
+        for event in ("lease_skipped", "lease_ipv6_skipped"):
+            wait_until(partial(logged_once, host_gw, 1, f"event={event} key={off} "))
+        # A second peer makes the daemon run another pass, which must not
+        # repeat the first one's warnings; its IPv4 route shows the pass ran.
+        put(
+            host_gw,
+            half,
+            {
+                "PublicIP": "192.0.2.51",
+                "PublicIPv6": "2001:db8:ffff::51",
+                "BackendType": "host-gw",
+                "BackendData": None,
+            },
+        )
+        wait_until(lambda: our_routes(host_gw, 1).get("10.244.251.0/24") == "192.0.2.51 eth0")
+        wait_until(partial(logged_once, host_gw, 1, f"event=lease_ipv6_skipped key={half} "))
+        assert "10.244.250.0/24" not in our_routes(host_gw, 1)
+        v6_routes = our_routes(host_gw, 1, IPV6)
+        assert not {fake_subnet6(250), fake_subnet6(251)} & set(v6_routes)
+        assert str(host_gw.subnet6(2)) in v6_routes  # the real peers keep theirs
+        assert count(host_gw, 1, f"event=lease_skipped key={off} ") == 1
+        assert count(host_gw, 1, f"event=lease_ipv6_skipped key={off} ") == 1
+        assert count(host_gw, 1, f"key={half} ") == 1  # its IPv6 warning alone
+        assert "not on eth0's link" in host_gw.daemon_log(1).read_text()
+    finally:
+        for key in (off, half):
+            host_gw.etcd(partial(delete, key))
 
 
 @pytest.fixture(scope="module")
