@@ -121,7 +121,10 @@ async def gather(s: AgentConfig) -> HostFacts:
     plan6 = family_plan(selection, IPV6, config, onlink6, s.etcd_prefix, underlay=underlay.name)
     # Both families' entries in one comparison (their keys never meet).
     facts.desired = plan.desired | plan6.desired
-    facts.rejected = {**plan.rejected, **plan6.rejected}
+    facts.rejected = dict(plan.rejected)
+    for key, reason in plan6.rejected.items():  # a key may lose one half, or both
+        before = facts.rejected.get(key)
+        facts.rejected[key] = f"{before}; {reason}" if before else reason
     facts.cluster_peers = {
         str(p.subnet): str(p.public_ip)
         for p in (
