@@ -125,14 +125,13 @@ async def gather(s: AgentConfig) -> HostFacts:
     for key, reason in plan6.rejected.items():  # a key may lose one half, or both
         before = facts.rejected.get(key)
         facts.rejected[key] = f"{before}; {reason}" if before else reason
+    # Per family: the daemon lists its IPv4 peers one by one and counts
+    # its IPv6 ones (the IPv6 halves of the same hosts).
     facts.cluster_peers = {
-        str(p.subnet): str(p.public_ip)
-        for p in (
-            *plan.peers.tunneled,
-            *plan.peers.direct,
-            *plan6.peers.tunneled,
-            *plan6.peers.direct,
-        )
+        str(p.subnet): str(p.public_ip) for p in (*plan.peers.tunneled, *plan.peers.direct)
+    }
+    facts.cluster_peers6 = {
+        str(p.subnet): str(p.public_ip) for p in (*plan6.peers.tunneled, *plan6.peers.direct)
     }
     facts.actual = await entries.read_entries(spec) | await entries.read_entries(spec, family=IPV6)
     for name in (spec.bridge, spec.vtep, spec.vtep6):
