@@ -1,6 +1,6 @@
 """`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
 `status`, `ctl`, `run`, `demo`, `down`) and the figure commands (`timing`, `faults`,
-`bench`, `tune`, `cpbench`, `allowlist`).
+`bench`, `converge`, `tune`, `cpbench`, `allowlist`).
 
 overlayd.lab is imported inside the commands only, never at module level,
 so that overlayctl on a real host (status, diagnose, ...) loads no lab code.
@@ -388,11 +388,23 @@ def _progress(line: str) -> None:
 def _bench(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.bench import bench, filter_bench
 
-    run = filter_bench if args.vxlan_filter else bench
-    for text in run(
-        f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), _progress
-    ):
+    name, out = f"{args.name}b", Path(args.out)
+    if args.vxlan_filter:
+        texts = filter_bench(name, args.rounds, args.seconds, args.congestion, out, _progress)
+    else:
+        texts = bench(
+            name, args.rounds, args.seconds, args.congestion, out, _progress, args.families
+        )
+    for text in texts:
         print(text)
+    return 0
+
+
+def _converge(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.converge import converge
+
+    for line in converge(f"{args.name}k", args.rounds, _progress):
+        print(line, flush=True)
     return 0
 
 
@@ -460,6 +472,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "timing": _timing,
     "faults": _faults,
     "bench": _bench,
+    "converge": _converge,
     "tune": _tune,
     "cpbench": _cpbench,
     "allowlist": _allowlist,
