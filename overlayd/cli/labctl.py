@@ -438,6 +438,7 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
     )
     print(cpbench.HEADER)
     duals = {"v4": (False,), "dual": (True,), "both": (False, True)}[args.family]
+    dual_results: list[cpbench.CpResult] = []
     for peers in args.peers:
         results = {}
         for dual in duals:
@@ -450,8 +451,17 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
                 dual=dual,
             )
             print(result.row(), flush=True)
+            if dual:
+                dual_results.append(result)
         if len(results) == 2:
             print(cpbench.ratio_row(results[True], results[False]), flush=True)
+    if any(duals):
+        # check_dual and the route count refused the run otherwise.
+        print(
+            "dual runs: the daemon's IPv6 underlay address was"
+            f" {', '.join(sorted({str(r.underlay6) for r in dual_results}))}, its lease had an"
+            " IPv6 subnet, and every peer had both routes after ready (checked)"
+        )
     seconds, distinct = cpbench.acquisition(f"{args.name}a", args.acquirers)
     print(
         f"lease acquisition: {args.acquirers} acquirers at once, {distinct} distinct"

@@ -194,6 +194,7 @@ class CpResult:
     remove_p99: float
     peak_rss_mb: float
     idle_cpu_pct: float
+    underlay6: str | None = None  # the daemon's IPv6 underlay address (dual runs: checked)
 
     def row(self) -> str:
         ms = 1000
@@ -226,6 +227,43 @@ def ratio_row(dual: CpResult, v4: CpResult) -> str:
     )
 
 
+def logged_underlay6(log: str) -> str | None:
+    """The IPv6 underlay address the daemon's log says it found
+    (`event=underlay ... address6=...`), None if it found none or did not
+    say. The last such line counts: the log is appended to across runs."""
+    found: str | None = None
+    for line in log.splitlines():
+        if "event=underlay " not in line:
+            continue
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        value = fields.get("address6")
+        found = value if value not in (None, "None") else None
+    return found
+
+
+def logged_lease_key(log: str) -> str | None:
+    """The key of the lease the daemon's log says it acquired (the last)."""
+    found: str | None = None
+    for line in log.splitlines():
+        if "event=lease_acquired " in line:
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            found = fields.get("key", found)
+    return found
+
+
+def check_dual(log: str) -> str:
+    """A dual run must be dual: the daemon found an IPv6 underlay address
+    and leased an IPv6 subnet (its key has flannel's `&` half). Returns the
+    address; raises, naming what is missing, otherwise."""
+    address6 = logged_underlay6(log)
+    if address6 is None:
+        raise RuntimeError("dual run, but the daemon found no IPv6 underlay address (address6)")
+    key = logged_lease_key(log)
+    if key is None or "&" not in key:
+        raise RuntimeError(f"dual run, but the daemon's lease has no IPv6 subnet: {key}")
+    return address6
+
+
 def run_one(
     name: str,
     peers: int,
@@ -255,6 +293,7 @@ def run_one(
                 raise RuntimeError(lab.daemon_log(1).read_text()[-2000:])
             time.sleep(0.005)
         cold = time.monotonic() - started
+        underlay6 = check_dual(lab.daemon_log(1).read_text()) if dual else None
         count = len(netns.ip(ns, "route", "show", "proto", "77").splitlines())
         if dual:
             count += len(netns.ip(ns, "-6", "route", "show", "proto", "77").splitlines())
@@ -280,6 +319,7 @@ def run_one(
             remove_p99=_percentile(removes, 99),
             peak_rss_mb=_peak_rss_mb(proc.pid),
             idle_cpu_pct=idle,
+            underlay6=underlay6,
         )
     finally:
         lab.down()
