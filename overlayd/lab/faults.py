@@ -117,7 +117,11 @@ def owned_state(lab: Lab, host: int) -> tuple[str, ...]:
             canon(fdb, lambda f: [f.get("mac"), f.get("dst"), f.get("state"), f.get("master")]),
             canon(
                 addrs,
-                lambda a: [(i.get("local"), i.get("prefixlen")) for i in a.get("addr_info", [])],
+                # iproute2's JSON keeps an empty item for each address the
+                # scope filter dropped (the link-local one): not an address.
+                lambda a: [
+                    (i["local"], i.get("prefixlen")) for i in a.get("addr_info", []) if "local" in i
+                ],
             ),
         ]
     links = netns.ip(ns, "-j", "-d", "link", "show", check=False)
