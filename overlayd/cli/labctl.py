@@ -456,6 +456,9 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
         if len(results) == 2:
             print(cpbench.ratio_row(results[True], results[False]), flush=True)
     if any(duals):
+        # Below the table, not inside it: the row's add/remove is the slower family's.
+        for result in dual_results:
+            print(result.family_line())
         # check_dual and the route count refused the run otherwise.
         print(
             "dual runs: the daemon's IPv6 underlay address was"

@@ -239,3 +239,12 @@ def test_the_last_run_in_an_appended_log_counts() -> None:
 def test_rr_refuses_unknown_usage() -> None:
     assert rr.main([]) == 2
     assert rr.main(["ping", "192.0.2.1"]) == 2
+
+
+def test_each_family_route_is_summarised_alone() -> None:
+    # Three dual changes: IPv4 route times, then IPv6 route times.
+    changes = [[0.010, 0.040], [0.020, 0.050], [0.030, 0.090]]
+    found = cpbench.per_family(changes)
+    assert found["IPv4"] == (0.020, 0.030)
+    assert found["IPv6"] == (0.050, 0.090)
+    assert list(cpbench.per_family([[0.01], [0.02]])) == ["IPv4"]
