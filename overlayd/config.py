@@ -33,6 +33,7 @@ from overlayd.model import (
     Ipv6Config,
     NetworkConfig,
 )
+from overlayd.plan.leases import is_unicast_ipv6, is_unicast_ipv6_network
 from overlayd.store.access import EtcdAccess
 
 SUPPORTED_BACKENDS = ("vxlan", "host-gw")
@@ -127,7 +128,7 @@ def parse_ipv6(raw: Mapping[str, Any]) -> Ipv6Config | None:
         network = IPv6Network(text, strict=True)
     except (AddressValueError, NetmaskValueError, ValueError) as exc:
         raise ConfigError("IPv6Network", f"{text!r} is not an IPv6 network: {exc}") from exc
-    if network.is_multicast or network.is_link_local or network.is_loopback:
+    if not is_unicast_ipv6_network(network):
         raise ConfigError("IPv6Network", f"{network} is not a unicast range containers can use")
     subnet_len = _int_field(raw, "IPv6SubnetLen", "IPv6SubnetLen", 0) or 0
     if subnet_len:
@@ -649,14 +650,8 @@ def build_agent_config(
             parsed_ipv6 = IPv6Address(str(public_ipv6))
         except AddressValueError as exc:
             raise ConfigError("public-ipv6", f"{public_ipv6!r} is not an IPv6 address") from exc
-        if (
-            parsed_ipv6.is_loopback
-            or parsed_ipv6.is_multicast
-            or parsed_ipv6.is_unspecified
-            or parsed_ipv6.is_link_local
-            or parsed_ipv6.ipv4_mapped is not None
-        ):
-            raise ConfigError("public-ipv6", f"{parsed_ipv6} cannot carry tunnel traffic")
+        if parsed_ipv6.scope_id is not None or not is_unicast_ipv6(parsed_ipv6):
+            raise ConfigError("public-ipv6", f"{public_ipv6} cannot carry tunnel traffic")
 
     prefix = _prefix(merged.get("etcd-prefix", defaults.etcd_prefix), "etcd-prefix")
     own_prefix = _prefix(merged.get("overlayd-prefix", defaults.overlayd_prefix), "overlayd-prefix")

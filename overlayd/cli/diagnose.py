@@ -121,15 +121,17 @@ async def gather(s: AgentConfig) -> HostFacts:
     plan6 = family_plan(selection, IPV6, config, onlink6, s.etcd_prefix, underlay=underlay.name)
     # Both families' entries in one comparison (their keys never meet).
     facts.desired = plan.desired | plan6.desired
-    facts.rejected = {**plan.rejected, **plan6.rejected}
+    facts.rejected = dict(plan.rejected)
+    for key, reason in plan6.rejected.items():  # a key may lose one half, or both
+        before = facts.rejected.get(key)
+        facts.rejected[key] = f"{before}; {reason}" if before else reason
+    # Per family: the daemon lists its IPv4 peers one by one and counts
+    # its IPv6 ones (the IPv6 halves of the same hosts).
     facts.cluster_peers = {
-        str(p.subnet): str(p.public_ip)
-        for p in (
-            *plan.peers.tunneled,
-            *plan.peers.direct,
-            *plan6.peers.tunneled,
-            *plan6.peers.direct,
-        )
+        str(p.subnet): str(p.public_ip) for p in (*plan.peers.tunneled, *plan.peers.direct)
+    }
+    facts.cluster_peers6 = {
+        str(p.subnet): str(p.public_ip) for p in (*plan6.peers.tunneled, *plan6.peers.direct)
     }
     facts.actual = await entries.read_entries(spec) | await entries.read_entries(spec, family=IPV6)
     for name in (spec.bridge, spec.vtep, spec.vtep6):

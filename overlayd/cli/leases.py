@@ -22,7 +22,7 @@ from overlayd.plan.leases import (
     subnets_prefix,
 )
 from overlayd.store.etcd import EtcdAccess, EtcdStore
-from overlayd.surfaces.subnetfile import read_subnet
+from overlayd.surfaces.subnetfile import read_subnet, read_subnet6
 from overlayd.surfaces.telemetry import subnet_order
 
 
@@ -173,7 +173,8 @@ async def _leave(access: EtcdAccess, prefix: str, subnet_file: Path) -> str:
     subnet = read_subnet(subnet_file)
     if subnet is None:
         raise LeaseError(f"{subnet_file} names no subnet: this host holds no lease to release")
-    key = subnet_key(prefix, subnet)
+    # A dual-stack host's key names its IPv6 subnet too.
+    key = subnet_key(prefix, subnet, read_subnet6(subnet_file))
     async with EtcdStore(access) as store:
         if not await store.delete(key):
             return f"{key} was not leased"

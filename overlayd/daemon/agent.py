@@ -31,7 +31,7 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
-from overlayd.model import IPV4, IPV6, NetworkConfig
+from overlayd.model import IPV4, IPV6, NetworkConfig, Underlay
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
@@ -49,6 +49,10 @@ from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet, read_sub
 from overlayd.surfaces.telemetry import Telemetry
 
 log = logging.getLogger("overlayd")
+
+# How long a host of a dual-stack network waits for its underlay's IPv6
+# address to leave DAD before it goes on with IPv4 only.
+ADDRESS6_WAIT_SECONDS = 5.0
 
 
 def public_settings(s: AgentConfig) -> dict[str, object]:
@@ -226,6 +230,8 @@ class Agent:
                 "VXLAN is accepted from any source: filter it elsewhere",
             )
         if config.ipv6 is not None and underlay.address6 is None:
+            underlay = await self._wait_for_address6(underlay)
+        if config.ipv6 is not None and underlay.address6 is None:
             log.warning(
                 "event=ipv6_unavailable iface=%s effect=%r",
                 underlay.name,
@@ -303,6 +309,21 @@ class Agent:
                 veths=VethPairs(),
             )
             group.create_task(plugin.run(), name="docker-plugin")
+
+    async def _wait_for_address6(self, underlay: Underlay) -> Underlay:
+        """At boot the underlay's IPv6 address may still be tentative (duplicate
+        address detection takes a second or two) or not yet configured; a
+        dual-stack network is worth a short wait before going on IPv4-only."""
+        s = self.settings
+        deadline = time.monotonic() + ADDRESS6_WAIT_SECONDS
+        while underlay.address6 is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            underlay = await self.dataplane.netlink.find_underlay(
+                s.iface, s.public_ip, s.public_ipv6
+            )
+        if underlay.address6 is not None:
+            log.info("event=underlay_ipv6 iface=%s address6=%s", underlay.name, underlay.address6)
+        return underlay
 
     @staticmethod
     def _plugin_view(host: PassInputs, reconciler: Reconciler) -> HostView:

@@ -33,12 +33,13 @@ from overlayd.errors import LeaseError, SubnetsExhaustedError
 from overlayd.model import Lease, NetworkConfig
 from overlayd.plan.desired import stable_mac
 from overlayd.plan.host import lease_fits
-from overlayd.plan.ipam import is_candidate, pick_subnet
+from overlayd.plan.ipam import is_candidate, paired_subnet6, pick_subnet
 from overlayd.plan.leases import (
     parse_lease,
     parse_lease_key,
     render_lease,
     subnet_key,
+    subnet_key_range,
     subnets_prefix,
 )
 from overlayd.store.base import Store, retry_unavailable
@@ -108,6 +109,9 @@ class SubnetLeaser:
         self._prefix = etcd_prefix
         self._public_ip = public_ip
         self.public_ipv6 = public_ipv6
+        # True when the last acquisition found no free IPv6 subnet: the
+        # lease is then rightly IPv4-only (see lease_fits' ipv6_capable).
+        self.ipv6_exhausted = False
         self._ttl = ttl
         self._rng = rng or random.Random()
 
@@ -131,11 +135,22 @@ class SubnetLeaser:
         keep: IPv6Network | None,
         hints: tuple[IPv6Network, ...],
         ours: str | None,
+        paired: IPv4Network,
     ) -> IPv6Network | None:
         """The IPv6 subnet to hold: None unless the network is dual-stack and
         this host has an IPv6 underlay address; else `keep` (the one our
-        previous key names) if still a free candidate, else a free one,
-        preferring the hints (the subnet file of a previous run)."""
+        previous key names) if still a free candidate, else the hints (the
+        subnet file of a previous run), else the IPv6 subnet with the same
+        index as our IPv4 one (`paired_subnet6`), else any free one.
+
+        The pairing is what keeps IPv6 subnets unique among overlayd hosts:
+        etcd's transaction guards every spelling of a key for our IPv4
+        subnet, and two hosts holding different IPv4 subnets pair them with
+        different IPv6 ones. Only a host that picks otherwise (flannel, or
+        the fallback when the paired one is taken) can race; `select_peers`
+        then gives neither claimant's IPv6 subnet any route. With IPv6
+        subnets exhausted the host goes on with IPv4 only (warned)."""
+        self.ipv6_exhausted = False
         pool = config.ipv6
         if pool is None or self.public_ipv6 is None:
             return None
@@ -149,8 +164,14 @@ class SubnetLeaser:
                 continue
             if subnet6 is not None:
                 taken.append(subnet6)
-        preferred = ((keep,) if keep is not None else ()) + hints
-        return pick_subnet(pool, taken, preferred=preferred, rng=self._rng)
+        pair = paired_subnet6(config, paired)
+        preferred = ((keep,) if keep is not None else ()) + hints + ((pair,) if pair else ())
+        try:
+            return pick_subnet(pool, taken, preferred=preferred, rng=self._rng)
+        except SubnetsExhaustedError as exc:
+            log.warning("event=ipv6_subnets_exhausted effect=%r reason=%r", "IPv4 only", str(exc))
+            self.ipv6_exhausted = True
+            return None
 
     async def acquire(
         self,
@@ -193,13 +214,15 @@ class SubnetLeaser:
                 except LeaseError:
                     continue
             subnet = pick_subnet(config, taken, preferred=hints, rng=self._rng)
-            subnet6 = self._ipv6_subnet(config, raw, keep=None, hints=hints6, ours=None)
+            subnet6 = self._ipv6_subnet(
+                config, raw, keep=None, hints=hints6, ours=None, paired=subnet
+            )
             lease = own_lease(config, subnet, self._public_ip, subnet6, self.public_ipv6)
             key = subnet_key(self._prefix, subnet, subnet6)
-            # The v4-only spelling of the same subnet is the same subnet.
-            other = subnet_key(self._prefix, subnet)
-            also = (other,) if other != key else ()
-            if await self._store.create(key, render_lease(lease), lease_id, also_absent=also):
+            # Any spelling of a key for this IPv4 subnet (v4-only or with
+            # any IPv6 subnet) holds the subnet: none may exist.
+            absent = subnet_key_range(self._prefix, subnet)
+            if await self._store.create(key, render_lease(lease), lease_id, absent=absent):
                 log.info("event=lease_acquired subnet=%s key=%s ttl=%d", subnet, key, self._ttl)
                 return HeldLease(lease=lease, key=key, lease_id=lease_id)
             log.debug("subnet %s was taken meanwhile; choosing again", subnet)
@@ -223,14 +246,15 @@ class SubnetLeaser:
         if found is None:
             return None
         subnet, old6 = parse_lease_key(key, self._prefix)
-        subnet6 = self._ipv6_subnet(config, raw, keep=old6, hints=hints6, ours=key)
+        subnet6 = self._ipv6_subnet(config, raw, keep=old6, hints=hints6, ours=key, paired=subnet)
         lease = own_lease(config, subnet, self._public_ip, subnet6, self.public_ipv6)
         new_key = subnet_key(self._prefix, subnet, subnet6)
         value = render_lease(lease)
         if new_key == key:
             done = await self._store.take_over(key, value, lease_id, found[1])
         else:
-            done = await self._store.rekey(key, found[1], new_key, value, lease_id)
+            absent = subnet_key_range(self._prefix, subnet)
+            done = await self._store.rekey(key, found[1], new_key, value, lease_id, absent=absent)
         if not done:
             return None
         log.info("event=lease_reclaimed subnet=%s key=%s ttl=%d", subnet, new_key, self._ttl)
@@ -331,9 +355,8 @@ class LeaseKeeper:
         # deletion, say) are about a lease we no longer rely on; what matters
         # is whether the new one fits the config as it is now.
         self._doubt.clear()
-        if not lease_fits(
-            self._config(), held.lease, ipv6_capable=self._leaser.public_ipv6 is not None
-        ):
+        capable = self._leaser.public_ipv6 is not None and not self._leaser.ipv6_exhausted
+        if not lease_fits(self._config(), held.lease, ipv6_capable=capable):
             self._doubt.set()
         if old.lease_id != held.lease_id:
             await self._leaser.revoke(old.lease_id)  # keeps nothing any more

@@ -167,8 +167,13 @@ class Netlink:
     async def _addresses(self, ifindex: int, family: Family) -> list[_Address]:
         found = []
         async for msg in await self._ipr.addr("dump", index=ifindex, family=family.netlink):
-            # IFA_FLAGS carries the flags above the first eight bits.
-            flags = msg.get("IFA_FLAGS")
+            # The family goes into the request, not into a filter of the
+            # reply: a kernel without IPv6 (ipv6.disable=1) answers an IPv6
+            # dump with every family's addresses, and an IPv4 address taken
+            # for an IPv6 one would be deleted as a stray.
+            if msg.get("family") != family.netlink or msg.get("index") != ifindex:
+                continue
+            flags = msg.get("IFA_FLAGS")  # the flags above the first eight bits
             found.append(
                 _Address(
                     ip_interface((msg.get("IFA_ADDRESS"), msg["prefixlen"])),

@@ -19,7 +19,7 @@ from overlayd.config import ENV_PREFIX
 from overlayd.lab import netns
 from overlayd.lab.netns import LabCommandError
 from overlayd.lab.pki import Issued
-from overlayd.surfaces.subnetfile import read_subnet, read_variables
+from overlayd.surfaces.subnetfile import read_subnet, read_subnet6, read_variables
 
 PREFIX = "/coreos.com/network"  # the etcd prefix of every lab daemon (flannel's default)
 
@@ -216,10 +216,9 @@ def mtu(host: int, files: HostFiles) -> int:
 
 
 def subnet6_of(files: HostFiles) -> IPv6Network | None:
-    """The host's IPv6 subnet (FLANNEL_IPV6_SUBNET, the gateway and its
-    length), None if the host is IPv4-only or has no subnet file yet."""
-    value = read_variables(files.subnet_file).get("FLANNEL_IPV6_SUBNET")
-    return IPv6Interface(value).network if value else None
+    """The host's IPv6 subnet (FLANNEL_IPV6_SUBNET), None if the host is
+    IPv4-only or has no subnet file yet."""
+    return read_subnet6(files.subnet_file)
 
 
 def gwbridge(files: HostFiles) -> tuple[str, IPv4Interface] | None:

@@ -76,6 +76,7 @@ class HostFacts:
     desired: EntrySet | None = None
     actual: EntrySet | None = None
     cluster_peers: dict[str, str] = field(default_factory=dict)  # subnet -> public IP
+    cluster_peers6: dict[str, str] = field(default_factory=dict)  # the IPv6 halves, likewise
     rejected: Mapping[str, str] = field(default_factory=dict)
     devices: dict[str, DeviceFacts | None] = field(default_factory=dict)
     vtep_tx_checksumming: bool | None = None
@@ -331,6 +332,16 @@ def diagnose(f: HostFacts) -> list[Finding]:
                 )
         if not missing and not gone:
             add("peers", True, f"the daemon programs all {len(programmed)} peer(s) etcd has")
+    # The daemon counts its IPv6 peers (the status' ipv6_peers) rather than
+    # listing them; their entries are checked one by one above.
+    programmed6 = (f.daemon_status or {}).get("ipv6_peers")
+    if isinstance(programmed6, int) and programmed6 != len(f.cluster_peers6):
+        add(
+            "peers",
+            False,
+            f"etcd has {len(f.cluster_peers6)} peer(s) with an IPv6 half to program, the"
+            f" daemon programs {programmed6}",
+        )
     return out
 
 

@@ -52,11 +52,22 @@ def describe_mode(config: NetworkConfig) -> str:
     return config.backend.type
 
 
+IPV6_MIN_MTU = 1280  # RFC 8200
+
+
 def check_mtu(config: NetworkConfig, underlay: Underlay) -> int:
     """The containers' MTU; ConfigError when a configured one cannot fit
     the tunnels this host will use (an IPv6 underlay costs 70 bytes)."""
     families = (IPV4, IPV6) if config.ipv6 is not None and underlay.address6 else (IPV4,)
     mtu = min(overlay_mtu(config, underlay.mtu, family) for family in families)
+    if IPV6 in families and mtu < IPV6_MIN_MTU:
+        # The kernel disables IPv6 on a link below 1280: the bridge could
+        # never hold its IPv6 gateway, and no pass would succeed.
+        raise ConfigError(
+            "Backend.MTU",
+            f"{mtu} is below IPv6's minimum link MTU {IPV6_MIN_MTU}"
+            f" ({underlay.name}'s MTU is {underlay.mtu}); raise it or disable IPv6",
+        )
     for family in families:
         if mtu > max_overlay_mtu(config, underlay.mtu, family):
             overhead = (

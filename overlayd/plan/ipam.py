@@ -14,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from overlayd.errors import SubnetsExhaustedError
+from overlayd.model import NetworkConfig
 
 N = TypeVar("N", IPv4Network, IPv6Network)
 A = TypeVar("A", IPv4Address, IPv6Address)
@@ -103,6 +104,19 @@ def pick_subnet(
             f" all {candidate_count(pool)} are leased"
         )
     return (rng or random.Random()).choice(window)
+
+
+def paired_subnet6(config: NetworkConfig, subnet: IPv4Network) -> IPv6Network | None:
+    """The IPv6 subnet with the same index among IPv6 candidates as `subnet`
+    among IPv4 ones, if the IPv6 pool is that large."""
+    pool = config.ipv6
+    if pool is None or not is_candidate(config, subnet):
+        return None
+    index = (int(subnet.network_address) - int(config.subnet_min)) >> (32 - config.subnet_len)
+    start = int(pool.subnet_min) + (index << (128 - pool.subnet_len))
+    if start > int(pool.subnet_max):
+        return None
+    return IPv6Network((start, pool.subnet_len))
 
 
 @overload

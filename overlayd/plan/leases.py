@@ -59,6 +59,15 @@ def subnet_key(etcd_prefix: str, subnet: IPv4Network, subnet6: IPv6Network | Non
     return key
 
 
+def subnet_key_range(etcd_prefix: str, subnet: IPv4Network) -> tuple[str, str]:
+    """The etcd key range [start, end) that holds every spelling of a lease
+    key for `subnet`: `.../10.244.1.0-24` itself and each
+    `.../10.244.1.0-24&<v6>-<len>`. "'" is the byte after "&", and a digit,
+    which would make another prefix length, sorts after both."""
+    start = subnet_key(etcd_prefix, subnet)
+    return start, start + "'"
+
+
 def lease_key(etcd_prefix: str, lease: Lease) -> str:
     return subnet_key(etcd_prefix, lease.subnet, lease.ipv6_subnet)
 
@@ -131,15 +140,30 @@ def check_public_ipv6(value: Any) -> IPv6Address:
         address = IPv6Address(value)
     except AddressValueError as exc:
         raise LeaseError(f"PublicIPv6 {value[:46]!r} is not an IPv6 address") from exc
-    if (
-        address.is_loopback
-        or address.is_multicast
-        or address.is_unspecified
-        or address.is_link_local
-        or address.ipv4_mapped is not None
-    ):
+    if address.scope_id is not None:
+        # "2001:db8::1%eth0": iproute2 refuses it, pyroute2 raises OSError.
+        raise LeaseError(f"PublicIPv6 {value[:46]!r} carries a scope")
+    if not is_unicast_ipv6(address):
         raise LeaseError(f"PublicIPv6 {address} cannot be a tunnel endpoint")
     return address
+
+
+# Ranges no IPv6 tunnel endpoint or container network may touch: the
+# unspecified and IPv4-compatible (::/96) and IPv4-mapped addresses,
+# link-local, and multicast.
+NOT_UNICAST_V6 = tuple(
+    IPv6Network(n) for n in ("::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8", "::1/128")
+)
+
+
+def is_unicast_ipv6(address: IPv6Address) -> bool:
+    return not any(address in net for net in NOT_UNICAST_V6)
+
+
+def is_unicast_ipv6_network(network: IPv6Network) -> bool:
+    """No address of `network` in a non-unicast range (`is_link_local` and
+    friends look at the first and last address only: fe00::/7 holds fe80::/10)."""
+    return not any(network.overlaps(net) for net in NOT_UNICAST_V6)
 
 
 def _backend_data(data: Any, name: str) -> tuple[int, str]:
@@ -158,7 +182,7 @@ def _backend_data(data: Any, name: str) -> tuple[int, str]:
 def _ipv6_half(raw: dict[str, Any], lease: Lease, subnet6: IPv6Network) -> Lease:
     """The lease with its IPv6 half; LeaseError says why that half is unusable."""
     public_ipv6 = check_public_ipv6(raw.get("PublicIPv6"))
-    if subnet6.is_multicast or subnet6.is_link_local or subnet6.is_loopback:
+    if not is_unicast_ipv6_network(subnet6):
         raise LeaseError(f"IPv6 subnet {subnet6} is not a unicast range")
     mac6 = ""
     if lease.backend_type == "vxlan":
@@ -323,6 +347,7 @@ def select_peers(
     own_first = int(own.subnet.network_address) if own is not None else -1
     own_last = int(own.subnet.broadcast_address) if own is not None else -1
     vni, backend = config.backend.vni, config.backend.type
+    own_macs = {own.vtep_mac, own.vtep_mac_v6} - {""} if own is not None else set()
     for key, value in raw_leases.items():
         parsed = _parse_cached(key, value, etcd_prefix, cache)
         lease, first, last = parsed.lease, parsed.first, parsed.last
@@ -345,6 +370,11 @@ def select_peers(
                 )
             if backend == "vxlan" and lease.vni != vni:
                 raise LeaseError(f"VNI {lease.vni} differs from the network's {vni}")
+            if lease.vtep_mac and lease.vtep_mac in own_macs:
+                # Our VTEPs' MACs are the bridge's local entries: a static
+                # entry for one on the IPv4 VTEP would send our own ingress
+                # out of the tunnel.
+                raise LeaseError(f"VtepMAC {lease.vtep_mac} is one of this host's VTEPs'")
         except LeaseError as exc:
             rejected.append(Rejected(key=key, reason=str(exc)))
             continue
@@ -404,6 +434,9 @@ def _select_ipv6(
         reason = None
         if first < net_first or last > net_last:
             reason = f"IPv6 subnet {peer.subnet} is outside IPv6Network {network}"
+        elif peer.subnet.prefixlen != config.ipv6.subnet_len:
+            # A shorter prefix would capture other hosts' subnets.
+            reason = f"IPv6 subnet {peer.subnet} is not a /{config.ipv6.subnet_len} (IPv6SubnetLen)"
         elif first <= own_last and own_first <= last:
             reason = f"IPv6 subnet {peer.subnet} overlaps this host's {own.ipv6_subnet}"
         elif peer.public_ip == own.public_ipv6:
@@ -412,10 +445,20 @@ def _select_ipv6(
             rejected.append(Rejected(key=peer.key, reason=reason))
             continue
         candidates.append((first, last, peer))
+    # All of one length now: two claims of one IPv6 subnet are the same
+    # subnet, and neither host may have it (which one is right cannot be
+    # told from here; routing it to either could hijack the other's).
+    claims: dict[int, int] = {}
+    for first, _, _ in candidates:
+        claims[first] = claims.get(first, 0) + 1
     candidates.sort(key=lambda c: (c[0], -c[1]))
     peers6: list[FamilyPeer] = []
     kept_last = -1
     for first, last, peer in candidates:
+        if claims[first] > 1:
+            reason = f"IPv6 subnet {peer.subnet} is claimed by {claims[first]} leases"
+            rejected.append(Rejected(key=peer.key, reason=reason))
+            continue
         if first <= kept_last:
             reason = f"IPv6 subnet {peer.subnet} overlaps the lease for {peers6[-1].subnet}"
             rejected.append(Rejected(key=peer.key, reason=reason))

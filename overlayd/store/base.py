@@ -70,17 +70,25 @@ class Store(Protocol):
     async def revoke(self, lease_id: int) -> None: ...
 
     async def create(
-        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+        self, key: str, value: str, lease_id: int, *, absent: tuple[str, str] | None = None
     ) -> bool:
-        """Put the key bound to the lease only if it, and every key of
-        `also_absent`, does not exist; atomic."""
+        """Put the key bound to the lease only if it does not exist, nor any
+        key in the range `absent` ([start, end)); atomic."""
         ...
 
     async def rekey(
-        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+        self,
+        old_key: str,
+        mod_revision: int,
+        key: str,
+        value: str,
+        lease_id: int,
+        *,
+        absent: tuple[str, str] | None = None,
     ) -> bool:
-        """Replace `old_key` (if nobody changed it meanwhile) by `key` (if
-        absent), bound to the lease, in one transaction."""
+        """Replace `old_key` (if nobody changed it meanwhile) by `key`, bound
+        to the lease, in one transaction, if no key but `old_key` exists in
+        the range `absent` (which holds both) and `key` does not exist."""
         ...
 
     async def take_over(self, key: str, value: str, lease_id: int, mod_revision: int) -> bool:

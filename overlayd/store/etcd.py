@@ -535,28 +535,47 @@ class EtcdStore:
         await self._call("revoke_lease", lease_id)
 
     async def create(
-        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+        self, key: str, value: str, lease_id: int, *, absent: tuple[str, str] | None = None
     ) -> bool:
-        """Put the key bound to the lease only if it, and every key of
-        `also_absent`, does not exist; atomic."""
+        """Put the key bound to the lease only if it does not exist, nor any
+        key in the range `absent` ([start, end)); atomic. (etcd compares a
+        range key by key, and an empty range as one absent key.)"""
         tx = _TX
+        compare = [tx.create(key.encode()) == 0]
+        if absent is not None:
+            compare.append(tx.create(absent[0].encode(), range_end=absent[1].encode()) == 0)
         succeeded, _ = await self._call(
             "transaction",
-            compare=[tx.create(k.encode()) == 0 for k in (key, *also_absent)],
+            compare=compare,
             success=[tx.put(key.encode(), value.encode(), lease=lease_id)],
             failure=[],
         )
         return bool(succeeded)
 
     async def rekey(
-        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+        self,
+        old_key: str,
+        mod_revision: int,
+        key: str,
+        value: str,
+        lease_id: int,
+        *,
+        absent: tuple[str, str] | None = None,
     ) -> bool:
-        """Replace `old_key` (if nobody changed it meanwhile) by `key` (if
-        absent), bound to the lease, in one transaction."""
+        """Replace `old_key` (if nobody changed it meanwhile) by `key`, bound
+        to the lease, in one transaction, if no key but `old_key` exists in
+        the range `absent` (which holds both) and `key` does not exist."""
         tx = _TX
+        compare = [tx.mod(old_key.encode()) == mod_revision, tx.create(key.encode()) == 0]
+        if absent is not None:
+            # The range on both sides of the old key.
+            start, end = absent
+            after = old_key + "\0"
+            compare.append(tx.create(start.encode(), range_end=old_key.encode()) == 0)
+            compare.append(tx.create(after.encode(), range_end=end.encode()) == 0)
         succeeded, _ = await self._call(
             "transaction",
-            compare=[tx.mod(old_key.encode()) == mod_revision, tx.create(key.encode()) == 0],
+            compare=compare,
             success=[
                 tx.delete(old_key.encode()),
                 tx.put(key.encode(), value.encode(), lease=lease_id),

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
 from overlayd.config import parse_network_config
 from overlayd.daemon.leasing import SubnetLeaser
 from overlayd.errors import SubnetsExhaustedError
-from overlayd.plan.leases import parse_lease, parse_subnet_key, subnet_key, subnets_prefix
+from overlayd.plan.leases import (
+    parse_lease,
+    parse_subnet_key,
+    subnet_key,
+    subnet_key_range,
+    subnets_prefix,
+)
 from overlayd.store.etcd import EtcdStore
 from tests.conftest import CONVERGE
 
@@ -116,3 +122,65 @@ async def test_exhaustion_is_a_clear_error_and_an_expired_lease_is_reused(
         await gone(store, *(h.key for h in short))  # the two short leases expire
         late = await leaser(store, prefix, 4).acquire(TINY)
         assert late.lease.subnet in {h.lease.subnet for h in short}
+
+
+DUAL = parse_network_config(
+    '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56"}'
+)
+
+
+def dual_leaser(store: EtcdStore, prefix: str, host: int) -> SubnetLeaser:
+    return SubnetLeaser(
+        store,
+        etcd_prefix=prefix,
+        public_ip=IPv4Address(f"192.0.2.{host}"),
+        ttl=30,
+        public_ipv6=IPv6Address(f"2001:db8::{host}"),
+    )
+
+
+async def test_dual_stack_hosts_starting_at_once_get_distinct_subnets_of_both_families(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    async with EtcdStore([etcd_endpoint]) as store:
+        held = await asyncio.gather(
+            *(dual_leaser(store, prefix, host).acquire(DUAL) for host in range(1, 61))
+        )
+        raw, _ = await store.get_prefix(subnets_prefix(prefix))
+    assert len(raw) == 60 and all("&fd00:10:244:" in key for key in raw)
+    assert len({h.lease.subnet for h in held}) == 60
+    assert len({h.lease.ipv6_subnet for h in held}) == 60
+
+
+async def test_etcd_refuses_a_second_spelling_of_a_held_ipv4_subnet(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    """The range compare in the create transaction, on a real etcd: a key for
+    10.244.7.0/24 with any IPv6 subnet, or none, blocks every other."""
+    subnet = IPv4Network("10.244.7.0/24")
+    async with EtcdStore([etcd_endpoint]) as store:
+        lease_id = await store.grant(30)
+        first = subnet_key(prefix, subnet, IPv6Network("fd00:10:244:7::/64"))
+        absent = subnet_key_range(prefix, subnet)
+        assert await store.create(first, "{}", lease_id, absent=absent)  # the control
+        for other in (
+            subnet_key(prefix, subnet),
+            subnet_key(prefix, subnet, IPv6Network("fd00:10:244:70::/64")),
+        ):
+            assert not await store.create(other, "{}", lease_id, absent=absent)
+        # A neighbouring subnet whose key shares the prefix text is not blocked.
+        near = subnet_key(prefix, IPv4Network("10.244.7.0/25"))
+        assert await store.create(
+            near, "{}", lease_id, absent=subnet_key_range(prefix, IPv4Network("10.244.7.0/25"))
+        )
+        # Re-keying the held one (v6 added or changed) is allowed; with a
+        # second spelling present it is not.
+        found = await store.get_with_revision(first)
+        assert found is not None
+        second = subnet_key(prefix, subnet, IPv6Network("fd00:10:244:8::/64"))
+        assert await store.rekey(first, found[1], second, "{}", lease_id, absent=absent)
+        await store.put(subnet_key(prefix, subnet), "{}")  # somebody else's spelling
+        found = await store.get_with_revision(second)
+        assert found is not None
+        third = subnet_key(prefix, subnet, IPv6Network("fd00:10:244:9::/64"))
+        assert not await store.rekey(second, found[1], third, "{}", lease_id, absent=absent)

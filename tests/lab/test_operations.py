@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from functools import partial
+from ipaddress import IPv4Address, IPv4Network, ip_interface
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,10 @@ def test_status_shows_the_lease_mode_peers_and_last_reconcile(lab: Lab) -> None:
     human = ctl(lab, 1, "status").stdout
     assert f"subnet          {lab.subnet(1)}" in human
     assert "ready           yes" in human
-    assert status["vxlan_filter"] == {"setting": "on", "allowed_peers": 1, "problem": None}
-    assert "vxlan filter    on, 1 peer address(es) allowed" in human
+    # One peer, one address of it per family in the allow-lists.
+    allowed = len(lab.families())
+    assert status["vxlan_filter"] == {"setting": "on", "allowed_peers": allowed, "problem": None}
+    assert f"vxlan filter    on, {allowed} peer address(es) allowed" in human
 
 
 def test_peers_lists_the_other_host_as_programmed(lab: Lab) -> None:
@@ -275,6 +278,7 @@ def test_diagnose_reports_what_is_broken_in_plain_words(lab: Lab) -> None:
     code, findings = diagnose(lab, 2)
     assert code == 0, findings
     ns = lab.host_ns(2)
+    mtu = lab.mtu(2)  # 1450, or 1430 when dual-stack (it must fit the IPv6 tunnel too)
     lab.stop_daemon(2)
     peer = str(lab.subnet(1))
     netns.ip(ns, "route", "del", peer)
@@ -290,7 +294,7 @@ def test_diagnose_reports_what_is_broken_in_plain_words(lab: Lab) -> None:
     assert "tx checksum offload is off on ovl.1" in failed["offload"]
     assert "a rule drops UDP port 8472" in failed["firewall"]
     assert "IPv4 forwarding is off" in failed["forwarding"]
-    assert "MTU 1400, expected 1450" in failed["device ovl0"]
+    assert f"MTU 1400, expected {mtu}" in failed["device ovl0"]
     # The daemon repairs what it owns; the operator's offload and firewall stay.
     lab.start_daemon(2)
     wait_until(lambda: peer in netns.ip(ns, "route"))
@@ -390,32 +394,43 @@ def test_overlay_cni_add_check_del_as_a_runtime_invokes_it(lab: Lab) -> None:
         netns.delete_namespace(ns)
 
 
+def answers_ping(ns: str, address: str) -> bool:
+    return " 0% packet loss" in netns.in_ns(ns, "ping", "-c", "1", "-W", "1", address, check=False)
+
+
 def cni_add_check_del(lab: Lab, ns: str) -> None:
     result = lab.cni(1, "ADD", ns) or {}
     names = [i["name"] for i in result["interfaces"]]
     assert names[0] == "ovl0" and names[2] == "eth0" and names[3] == "ovl_gwbridge"
     assert names[5] == "eth1"
-    overlay_ip = result["ips"][0]["address"].split("/")[0]
-    assert result["ips"][0]["interface"] == 2 and result["ips"][1]["interface"] == 5
+    # One address per family of the lab on each of eth0 and eth1.
+    versions = [f.version for f in lab.families()]
+    on = {
+        index: sorted(
+            ip_interface(ip["address"]).version for ip in result["ips"] if ip["interface"] == index
+        )
+        for index in (2, 5)
+    }
+    assert on == {2: versions, 5: versions}, result["ips"]
+    overlay_ips = [ip["address"].split("/")[0] for ip in result["ips"] if ip["interface"] == 2]
     routes = netns.ip(ns, "route")
     assert "default via 172.18.0.1 dev eth1" in routes
     assert "10.244.0.0/16 via" in routes and "dev eth0" in routes
+    if lab.dual_stack:
+        routes6 = netns.ip(ns, "-6", "route")
+        assert "fd00:10:244::/56 via" in routes6 and "default via" in routes6, routes6
     peer = lab.containers()[-1] if lab.containers()[-1].host != 1 else lab.containers()[0]
-    wait_until(
-        lambda: (
-            " 0% packet loss"
-            in netns.in_ns(ns, "ping", "-c", "1", "-W", "1", str(peer.address), check=False)
-        )
-    )
+    for family in lab.families():
+        wait_until(partial(answers_ping, ns, str(peer.address_of(family))))
     check = {**lab.cni_config(1), "prevResult": result}
     assert lab.cni(1, "CHECK", ns, check) is None
     netns.ip(ns, "addr", "flush", "dev", "eth1")
     with pytest.raises(Exception, match="Failed to match addr"):
         lab.cni(1, "CHECK", ns, check)
-    reserved = lab.state_dir / "h1" / "cni" / "ipam" / "overlay" / overlay_ip
-    assert reserved.exists()
+    reserved = [lab.state_dir / "h1" / "cni" / "ipam" / "overlay" / ip for ip in overlay_ips]
+    assert all(r.exists() for r in reserved)
     assert lab.cni(1, "DEL", ns) is None
-    assert not reserved.exists()
+    assert not any(r.exists() for r in reserved)
     assert netns.ip(ns, "-br", "link").split()[0] == "lo"
     assert lab.cni(1, "DEL", ns) is None  # twice is fine
 

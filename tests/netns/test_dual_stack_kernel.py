@@ -457,7 +457,12 @@ async def test_the_drift_monitor_reports_ipv6_entries_on_the_ipv6_vtep(host: Hos
 
         await asyncio.to_thread(wait_until, lambda: set(entries) <= entries_seen("dual"))
         # The FDB entries (AF_BRIDGE) reach both; IPv6 routes and neighbours
-        # only the monitor that programs IPv6.
+        # only the monitor that programs IPv6. A marker FDB entry written
+        # after them all: once the IPv4 monitor has seen it, it has read
+        # every event before it (netlink delivers a socket's events in order).
+        marker = TunnelFdb("02:00:00:06:00:99", IPv6Address("2001:db8::1:99"))
+        sh(ns, "bridge", "fdb", "append", marker.mac, "dev", VTEP6, "dst", str(marker.remote))
+        await asyncio.to_thread(wait_until, lambda: marker in entries_seen("v4"))
         v4_seen = entries_seen("v4")
         assert TunnelFdb("02:00:00:06:00:02", IPv6Address("2001:db8::1:2")) in v4_seen
         assert not any(isinstance(e, Route | Neighbour) for e in v4_seen)

@@ -95,21 +95,35 @@ class FakeStore:
     async def revoke(self, lease_id: int) -> None:
         await self.expire(lease_id)
 
+    def _in_range(self, absent: tuple[str, str] | None, but: str = "") -> bool:
+        return absent is not None and any(
+            absent[0] <= k < absent[1] and k != but for k in self.values
+        )
+
     async def create(
-        self, key: str, value: str, lease_id: int, *, also_absent: Sequence[str] = ()
+        self, key: str, value: str, lease_id: int, *, absent: tuple[str, str] | None = None
     ) -> bool:
         self._check()
-        if key in self.values or any(k in self.values for k in also_absent):
+        if key in self.values or self._in_range(absent):
             return False
         await self._record(key, value.encode(), lease_id)
         return True
 
     async def rekey(
-        self, old_key: str, mod_revision: int, key: str, value: str, lease_id: int
+        self,
+        old_key: str,
+        mod_revision: int,
+        key: str,
+        value: str,
+        lease_id: int,
+        *,
+        absent: tuple[str, str] | None = None,
     ) -> bool:
         self._check()
         found = self.values.get(old_key)
         if found is None or found[1] != mod_revision or key in self.values:
+            return False
+        if self._in_range(absent, but=old_key):
             return False
         await self._record(old_key, None)
         await self._record(key, value.encode(), lease_id)

@@ -132,6 +132,17 @@ def test_daemon_down_and_peer_mismatch_are_reported() -> None:
     assert failures(facts)[0].startswith("daemon: /run/overlayd/overlayd.sock does not exist")
 
 
+def test_the_daemons_count_of_ipv6_peers_is_compared_with_etcds_ipv6_halves() -> None:
+    facts = healthy_facts()
+    facts.cluster_peers6 = {"fd00:1:2::/64": "2001:db8::12"}
+    facts.daemon_status = {**(facts.daemon_status or {}), "ipv6_peers": 1}
+    assert failures(facts) == []  # one peer with both halves is one peer, programmed
+    facts.daemon_status["ipv6_peers"] = 0
+    assert failures(facts) == [
+        "peers: etcd has 1 peer(s) with an IPv6 half to program, the daemon programs 0"
+    ]
+
+
 def input_chain(policy: str = "accept") -> dict[str, Any]:
     return {
         "chain": {

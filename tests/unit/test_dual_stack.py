@@ -18,7 +18,6 @@ from overlayd.daemon.leasing import SubnetLeaser, own_lease
 from overlayd.daemon.loop import Knowledge, Reconciler
 from overlayd.errors import ConfigError, LeaseError
 from overlayd.model import (
-    IPV4,
     IPV6,
     BridgeFdb,
     Lease,
@@ -39,6 +38,7 @@ from overlayd.plan.leases import (
     render_lease,
     select_peers,
     subnet_key,
+    subnet_key_range,
 )
 from overlayd.surfaces.subnetfile import subnet_file_for
 from tests.unit.fake_store import FakeStore
@@ -249,23 +249,28 @@ def _with_ipv6(n: int, subnet6: str, public6: str, mac6: str | None = None) -> L
 
 
 @pytest.mark.parametrize(
-    ("bad", "reason"),
+    ("bad", "reason", "kept"),
     [
-        (_with_ipv6(5, "fd00:10:245:5::/64", "2001:db8::15"), "outside IPv6Network"),
-        (_with_ipv6(5, "fd00:10:244:1::/64", "2001:db8::15"), "overlaps this host's"),
-        (_with_ipv6(5, "fd00:10:244:5::/64", "2001:db8::11"), "this host's own address"),
-        (_with_ipv6(5, "fd00:10:244:5::/64", "2001:db8::15", OWN.vtep_mac), "another VTEP's"),
-        (_with_ipv6(5, "fd00:10:244:2::/64", "2001:db8::15"), "overlaps the lease for"),
+        (_with_ipv6(5, "fd00:10:245:5::/64", "2001:db8::15"), "outside IPv6Network", 1),
+        (_with_ipv6(5, "fd00:10:244:1::/64", "2001:db8::15"), "overlaps this host's", 1),
+        (_with_ipv6(5, "fd00:10:244:5::/64", "2001:db8::11"), "this host's own address", 1),
+        (_with_ipv6(5, "fd00:10:244:5::/64", "2001:db8::15", OWN.vtep_mac), "another VTEP's", 1),
+        # A shorter prefix would capture other hosts' subnets (peer 2's here).
+        (_with_ipv6(5, "fd00:10:244::/57", "2001:db8::15"), "is not a /64", 1),
+        # Two claims of one subnet: neither host gets it, peer 2 included.
+        (_with_ipv6(5, "fd00:10:244:2::/64", "2001:db8::15"), "claimed by 2 leases", 0),
     ],
 )
-def test_a_bad_ipv6_half_is_skipped_and_never_programmed(bad: Lease, reason: str) -> None:
+def test_a_bad_ipv6_half_is_skipped_and_never_programmed(
+    bad: Lease, reason: str, kept: int
+) -> None:
     plan6 = cluster_plan(CONFIG, OWN, raw(OWN, peer(2), bad), PREFIX, [], family=IPV6)
     plan4 = cluster_plan(CONFIG, OWN, raw(OWN, peer(2), bad), PREFIX, [])
     key = lease_key(PREFIX, bad)
     assert reason in plan6.rejected[key]
     assert bad.vtep_mac_v6 not in plan6.desired.tunnel_fdb
     assert all(f.remote != bad.public_ipv6 for f in plan6.desired.tunnel_fdb.values())
-    assert len(plan6.desired.routes) == 1  # peer 2's, the control
+    assert len(plan6.desired.routes) == kept  # peer 2's, the control
     # The peer stays reachable over IPv4.
     assert bad.subnet in {r.dst for r in plan4.desired.routes.values()}
 
@@ -448,7 +453,7 @@ async def test_a_v4_only_key_of_the_same_subnet_blocks_the_dual_stack_one() -> N
         subnet_key(PREFIX, OWN.subnet, OWN.ipv6_subnet),
         render_lease(OWN),
         lease_id,
-        also_absent=(v4_key,),
+        absent=subnet_key_range(PREFIX, OWN.subnet),
     )
     assert created  # the control: nothing holds the subnet yet
     store2 = FakeStore()
@@ -457,7 +462,7 @@ async def test_a_v4_only_key_of_the_same_subnet_blocks_the_dual_stack_one() -> N
         subnet_key(PREFIX, OWN.subnet, OWN.ipv6_subnet),
         render_lease(OWN),
         await store2.grant(30),
-        also_absent=(v4_key,),
+        absent=subnet_key_range(PREFIX, OWN.subnet),
     )
     assert not blocked
 
@@ -529,4 +534,105 @@ async def test_an_ipv4_event_is_never_excused_by_the_ipv6_manager() -> None:
     mac6 = peer(2).vtep_mac_v6
     loop.note_drift(Observed(False, BridgeFdb(mac6), "fdb", family=6))
     assert loop.drift_events == 3
-    assert IPV4.version == 4  # the family numbers the monitor reports
+    # The same bridge FDB event on the IPv4 VTEP is for the IPv4 manager,
+    # which holds no such MAC: nothing of its own went.
+    loop.note_drift(Observed(False, BridgeFdb(mac6), "fdb", family=4))
+    assert loop.drift_events == 3
+
+
+# --- what the review found -----------------------------------------------------
+
+
+@pytest.mark.parametrize("public6", ["2001:db8::11%eth0", "::c000:201", "fe80::1", "ff02::1"])
+def test_a_scoped_or_non_unicast_public_ipv6_is_refused(public6: str) -> None:
+    good = peer(3)
+    value = json.dumps(json.loads(render_lease(good)) | {"PublicIPv6": public6})
+    lease, why = read_lease(good.subnet, good.ipv6_subnet, value)
+    assert why is not None and not lease.has_ipv6
+    # The control: the lease's own address is fine.
+    assert read_lease(good.subnet, good.ipv6_subnet, render_lease(good))[1] is None
+
+
+def test_an_ipv4_lease_with_one_of_our_vtep_macs_is_refused() -> None:
+    for mac in (OWN.vtep_mac, OWN.vtep_mac_v6):
+        thief = Lease(IPv4Network("10.244.6.0/24"), IPv4Address("192.0.2.16"), 1, mac)
+        selection = select_peers(CONFIG, OWN, raw(OWN, peer(2), thief), PREFIX)
+        assert [p.subnet for p in selection.peers] == [peer(2).subnet]  # the control stays
+        assert "one of this host's VTEPs'" in selection.rejected[0].reason
+
+
+def test_a_network_holding_link_local_addresses_is_refused() -> None:
+    with pytest.raises(ConfigError, match="IPv6Network"):
+        parse_network_config(json.dumps(DUAL_JSON | {"IPv6Network": "fe00::/7"}))
+
+
+def test_an_mtu_below_ipv6s_minimum_is_refused_only_with_ipv6() -> None:
+    small = Underlay("eth0", 2, 1340, IPv4Address("192.0.2.11"), IPv6Address("2001:db8::11"))
+    with pytest.raises(ConfigError, match="below IPv6's minimum"):
+        check_mtu(CONFIG, small)
+    v4_only = Underlay("eth0", 2, 1340, IPv4Address("192.0.2.11"))
+    assert check_mtu(CONFIG, v4_only) == 1290
+
+
+async def _leaser(store: FakeStore, n: int, *, v6: bool = True) -> SubnetLeaser:
+    return SubnetLeaser(
+        store,
+        etcd_prefix=PREFIX,
+        public_ip=IPv4Address(f"192.0.2.{100 + n}"),
+        ttl=30,
+        public_ipv6=IPv6Address(f"2001:db8::{100 + n}") if v6 else None,
+    )
+
+
+@pytest.mark.parametrize("first_v6", [True, False])
+@pytest.mark.parametrize("second_v6", [True, False])
+async def test_two_spellings_of_one_ipv4_subnet_never_both_get_created(
+    first_v6: bool, second_v6: bool
+) -> None:
+    store = FakeStore()
+    one = await (await _leaser(store, 1, v6=first_v6)).acquire(
+        CONFIG, hints=(IPv4Network("10.244.7.0/24"),)
+    )
+    assert one.lease.subnet == IPv4Network("10.244.7.0/24")  # the control
+    # Another host built its key for the same IPv4 subnet before it saw ours
+    # (the race): the create of any spelling fails.
+    other = own_lease(
+        CONFIG,
+        IPv4Network("10.244.7.0/24"),
+        IPv4Address("192.0.2.102"),
+        IPv6Network("fd00:10:244:77::/64") if second_v6 else None,
+        IPv6Address("2001:db8::102") if second_v6 else None,
+    )
+    created = await store.create(
+        lease_key(PREFIX, other),
+        render_lease(other),
+        await store.grant(30),
+        absent=subnet_key_range(PREFIX, other.subnet),
+    )
+    assert not created and list(store.values) == [one.key]
+
+
+async def test_ipv6_subnets_pair_with_the_ipv4_ones_so_overlayd_hosts_never_share_one() -> None:
+    store = FakeStore()
+    held = [await (await _leaser(store, n)).acquire(CONFIG) for n in range(12)]
+    for h in held:
+        assert h.lease.ipv6_subnet is not None
+        v4_index = int(h.lease.subnet.network_address) - int(CONFIG.subnet_min)
+        v6_index = int(h.lease.ipv6_subnet.network_address) - int(
+            CONFIG.ipv6.subnet_min  # type: ignore[union-attr]
+        )
+        assert v4_index >> 8 == v6_index >> 64
+    assert len({h.lease.ipv6_subnet for h in held}) == 12
+
+
+async def test_with_ipv6_subnets_exhausted_a_host_leases_ipv4_only_and_stays() -> None:
+    small = parse_network_config(json.dumps(DUAL_JSON | {"IPv6Network": "fd00:10:244::/62"}))
+    store = FakeStore()
+    held = [await (await _leaser(store, n)).acquire(small) for n in range(3)]
+    assert all(h.lease.has_ipv6 for h in held)  # three /64s: the control
+    leaser = await _leaser(store, 3)
+    fourth = await leaser.acquire(small)
+    assert not fourth.lease.has_ipv6 and leaser.ipv6_exhausted
+    # The keeper must not lease again and again for an IPv6 half it cannot get.
+    capable = leaser.public_ipv6 is not None and not leaser.ipv6_exhausted
+    assert lease_fits(small, fourth.lease, ipv6_capable=capable)
