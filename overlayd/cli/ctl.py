@@ -196,19 +196,34 @@ def parser() -> argparse.ArgumentParser:
     bench = lab_sub.add_parser(
         "bench",
         parents=[common],
-        help="figures: underlay, routed, overlay and flannel-style paths, interleaved rounds,"
-        " Markdown table, JSON and SVG chart",
+        help="figures: underlay, routed, overlay and flannel-style paths, over IPv4 and IPv6,"
+        " interleaved rounds, Markdown table, JSON and SVG chart",
     )
     bench.add_argument("--rounds", type=int, default=10)
     bench.add_argument("--seconds", type=float, default=3.0, help="per iperf3 test")
     bench.add_argument("--congestion", default="cubic", help="TCP congestion control, fixed")
     bench.add_argument("--out", default="bench-results", help="directory for the outputs")
     bench.add_argument(
+        "--families",
+        choices=("v4", "dual"),
+        default="dual",
+        help="dual: the four paths over IPv4 and IPv6 in dual-stack labs, with IPv6/IPv4"
+        " ratios (containers' MTU underlay-70 for both families); v4: IPv4 only, in"
+        " IPv4-only labs (MTU underlay-50) (default %(default)s)",
+    )
+    bench.add_argument(
         "--vxlan-filter",
         action="store_true",
         help="instead: the overlay path with the VXLAN allow-list on and off (TCP 1 stream,"
         " ping), interleaved, daemons restarted with the other setting between modes",
     )
+    converge = lab_sub.add_parser(
+        "converge",
+        parents=[common],
+        help="figures: a new dual-stack host joins 2 running hosts, from its lease in etcd"
+        " to containers reaching each other over IPv4 and IPv6 (p50, p99, max; own lab)",
+    )
+    converge.add_argument("--rounds", type=int, default=20, help="new hosts, one per round")
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],

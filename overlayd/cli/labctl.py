@@ -1,6 +1,6 @@
 """`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
 `status`, `ctl`, `run`, `demo`, `down`) and the figure commands (`timing`, `faults`,
-`bench`, `tune`, `cpbench`, `allowlist`).
+`bench`, `converge`, `tune`, `cpbench`, `allowlist`).
 
 overlayd.lab is imported inside the commands only, never at module level,
 so that overlayctl on a real host (status, diagnose, ...) loads no lab code.
@@ -388,11 +388,23 @@ def _progress(line: str) -> None:
 def _bench(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.bench import bench, filter_bench
 
-    run = filter_bench if args.vxlan_filter else bench
-    for text in run(
-        f"{args.name}b", args.rounds, args.seconds, args.congestion, Path(args.out), _progress
-    ):
+    name, out = f"{args.name}b", Path(args.out)
+    if args.vxlan_filter:
+        texts = filter_bench(name, args.rounds, args.seconds, args.congestion, out, _progress)
+    else:
+        texts = bench(
+            name, args.rounds, args.seconds, args.congestion, out, _progress, args.families
+        )
+    for text in texts:
         print(text)
+    return 0
+
+
+def _converge(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.converge import converge
+
+    for line in converge(f"{args.name}k", args.rounds, _progress):
+        print(line, flush=True)
     return 0
 
 
@@ -426,6 +438,7 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
     )
     print(cpbench.HEADER)
     duals = {"v4": (False,), "dual": (True,), "both": (False, True)}[args.family]
+    dual_results: list[cpbench.CpResult] = []
     for peers in args.peers:
         results = {}
         for dual in duals:
@@ -438,8 +451,20 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
                 dual=dual,
             )
             print(result.row(), flush=True)
+            if dual:
+                dual_results.append(result)
         if len(results) == 2:
             print(cpbench.ratio_row(results[True], results[False]), flush=True)
+    if any(duals):
+        # Below the table, not inside it: the row's add/remove is the slower family's.
+        for result in dual_results:
+            print(result.family_line())
+        # check_dual and the route count refused the run otherwise.
+        print(
+            "dual runs: the daemon's IPv6 underlay address was"
+            f" {', '.join(sorted({str(r.underlay6) for r in dual_results}))}, its lease had an"
+            " IPv6 subnet, and every peer had both routes after ready (checked)"
+        )
     seconds, distinct = cpbench.acquisition(f"{args.name}a", args.acquirers)
     print(
         f"lease acquisition: {args.acquirers} acquirers at once, {distinct} distinct"
@@ -460,6 +485,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "timing": _timing,
     "faults": _faults,
     "bench": _bench,
+    "converge": _converge,
     "tune": _tune,
     "cpbench": _cpbench,
     "allowlist": _allowlist,

@@ -30,7 +30,7 @@ from overlayd.daemon.managers.devices import DeviceManager
 from overlayd.daemon.managers.egress import EgressManager
 from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.sysctls import SysctlManager
-from overlayd.daemon.managers.vxlan_filter import VxlanAllowList
+from overlayd.daemon.managers.vxlan_filter import FilterWrites, VxlanAllowList
 from overlayd.dataplane import DataplanePort
 from overlayd.model import (
     IPV4,
@@ -98,11 +98,13 @@ def standard_managers(
         SysctlManager(dataplane),
         EgressManager(dataplane),
         *(a.admit for a in allow),
+        FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),
         # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
         # leases; with no IPv6 lease it only removes any it finds.
         PeerEntryManager(dataplane, telemetry, projection, IPV6),
         *(a.prune for a in allow),
+        FilterWrites(dataplane, "prune"),
     ]
 
 

@@ -57,7 +57,9 @@ class DataplanePort(Protocol):
 
     async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None: ...
 
-    async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None: ...
+    async def update_vxlan_filters(
+        self, writes: Sequence[tuple[FilterSpec, ElementChanges]]
+    ) -> None: ...
 
     async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet: ...
 
@@ -129,6 +131,12 @@ class Dataplane:
 
     async def vxlan_filter_sources(self, f: FilterSpec) -> frozenset[IPAddress] | None:
         return await self.vxlan_filter.sources(f)
+
+    async def update_vxlan_filters(
+        self, writes: Sequence[tuple[FilterSpec, ElementChanges]]
+    ) -> None:
+        """Element changes of one or both families' sets, in one transaction."""
+        await self.vxlan_filter.update_many(writes)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         await self.vxlan_filter.update(f, changes)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 from ipaddress import ip_address
 
 from overlayd.dataplane.command import run
@@ -229,7 +230,12 @@ class NftVxlanFilter:
         return frozenset(found)
 
     async def update(self, f: FilterSpec, changes: ElementChanges) -> None:
-        script = vxlan_filter.render_elements(f, changes)
+        await self.update_many([(f, changes)])
+
+    async def update_many(self, writes: Sequence[tuple[FilterSpec, ElementChanges]]) -> None:
+        """One `nft -f` for all: both tables' elements change together or not
+        at all, for the price of one nft run."""
+        script = "".join(vxlan_filter.render_elements(f, changes) for f, changes in writes)
         if script:
             await self.nft.apply(script)
 

@@ -1,7 +1,7 @@
 """Data-plane benchmark: `overlayctl lab bench`.
 
-Four paths between two simulated hosts, each in a lab of its own, all up at
-once and measured in the same run, interleaved round by round with the order
+Paths between two simulated hosts, each in a lab of its own, all up at once
+and measured in the same run, interleaved round by round with the order
 rotated every round:
 
     underlay   host to host over the veth underlay
@@ -12,12 +12,26 @@ rotated every round:
                route via the peer's VTEP address onlink, permanent neighbour
                and FDB entries), built with plain iproute2 by the bench
 
-Per path and round: TCP throughput with iperf3 (congestion control named and
-fixed, 1 and 2 streams, both directions), ping RTT, and TCP request/response
-latency with sockperf, both ends pinned to one CPU. Hypervisor steal is
-recorded per round. Ratios are paired: computed within a round, then
-summarised (median, min, max) over rounds, which cancels most of the
-machine's drift between rounds.
+and, with `--families dual` (the default), the same four over IPv6 in the
+same dual-stack labs: underlay6 (the hosts' IPv6 underlay addresses),
+routed6 (host-gw's IPv6 routes via the peers' PublicIPv6), overlay6
+(overlayd's IPv6 VTEP, outer IPv6 header) and flannel6 (flannel's
+flannel-v6.<VNI>).
+
+Per path and round: TCP throughput with iperf3 (congestion control named,
+fixed, and checked in iperf3's own report; 1 and 2 streams, both
+directions), ping RTT, and TCP request/response latency, both ends pinned
+to one CPU: with sockperf (IPv4 paths only: Debian 12's sockperf 3.7 has no
+IPv6) and with overlayd.lab.rr on every path. Hypervisor steal is recorded
+per round. Ratios are paired: computed within a round, then summarised
+(median, min, max) over rounds, which cancels most of the machine's drift
+between rounds. The IPv6/IPv4 ratios pair each path with its IPv4 twin.
+
+MTU: a dual-stack lab gives its containers underlay - 70 (the IPv6 tunnel's
+overhead) for both families, an IPv4-only one underlay - 50, so the IPv4
+overlay and flannel figures of a dual-stack run are not those of an
+IPv4-only run (`--families v4`). The output names each path's MTU, read
+from the sender's interface.
 
 The labs run with egress "none", so that no path pays for firewall rules the
 others do not have. Outputs: a Markdown table, a JSON file and an SVG chart.
@@ -29,14 +43,15 @@ others do not have. Outputs: a Markdown table, a JSON file and an SVG chart.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from overlayd.lab import netns
@@ -45,22 +60,72 @@ from overlayd.lab.lab import Container, Lab, LabSettings, default_network_config
 from overlayd.nsexec import netns_argv, ping_rtt_ms
 
 PATHS = ("underlay", "routed", "overlay", "flannel")
+# Each IPv6 path is its IPv4 twin's name with a 6.
+PATHS6 = tuple(f"{p}6" for p in PATHS)
+FAMILIES = ("v4", "dual")
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
+RR_PORT = 11112
+RR_SECONDS = 2.0
 METRICS = (
     ("tcp1_fwd", "TCP 1 stream, A to B", "Gbit/s"),
     ("tcp1_rev", "TCP 1 stream, B to A", "Gbit/s"),
     ("tcp2_fwd", "TCP 2 streams, A to B", "Gbit/s"),
     ("tcp2_rev", "TCP 2 streams, B to A", "Gbit/s"),
     ("ping_us", "ping RTT (avg)", "us"),
-    ("rr_p50_us", "TCP req/resp p50, pinned", "us"),
+    ("rr_p50_us", "TCP req/resp p50, pinned (sockperf)", "us"),
+    ("rr_py_p50_us", "TCP req/resp p50, pinned (overlayd.lab.rr)", "us"),
 )
+# Metrics a path cannot have: sockperf 3.7 refuses IPv6 addresses.
+IPV4_ONLY_METRICS = frozenset({"rr_p50_us"})
+# Paired ratios, numerator over denominator, in the groups the output shows.
+RATIOS_V4 = (
+    ("overlay", "routed"),
+    ("overlay", "flannel"),
+    ("overlay", "underlay"),
+    ("routed", "underlay"),
+    ("flannel", "routed"),
+)
+RATIOS_V6_OVER_V4 = tuple((f"{p}6", p) for p in ("overlay", "routed", "underlay", "flannel"))
+RATIOS_V6 = (
+    ("overlay6", "routed6"),
+    ("overlay6", "flannel6"),
+    ("overlay6", "underlay6"),
+    ("routed6", "underlay6"),
+)
+
+
+def paths_for(families: str) -> tuple[str, ...]:
+    """The paths a run measures: the IPv4 four, and their IPv6 twins when dual."""
+    if families not in FAMILIES:
+        raise ValueError(f"families: {families!r} is not one of {', '.join(FAMILIES)}")
+    return PATHS + PATHS6 if families == "dual" else PATHS
+
+
+def ratio_groups(families: str) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The paired-ratio tables of a run, titled, in output order."""
+    groups: list[tuple[str, tuple[tuple[str, str], ...]]] = [("IPv4 paths", RATIOS_V4)]
+    if families == "dual":
+        groups += [
+            ("IPv6 over IPv4, each path against its IPv4 twin", RATIOS_V6_OVER_V4),
+            ("IPv6 paths", RATIOS_V6),
+        ]
+    return groups
+
+
+def is_ipv6_path(path: str) -> bool:
+    return path.endswith("6")
+
+
+def metric_applies(path: str, metric: str) -> bool:
+    return not (is_ipv6_path(path) and metric in IPV4_ONLY_METRICS)
 
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     ns: str
-    address: IPv4Address
+    address: IPv4Address | IPv6Address
+    mtu: int = 0  # of the interface it sends from; 0: not read
 
 
 @dataclass
@@ -73,58 +138,97 @@ class Environment:
             lab.down()
 
 
+def sending_mtu(ns: str, dst: IPv4Address | IPv6Address) -> int:
+    """The MTU of the interface `ns` sends to `dst` from (its route's device)."""
+    route = netns.ip(ns, "-o", f"-{dst.version}", "route", "get", str(dst)).split()
+    device = route[route.index("dev") + 1]
+    link = netns.ip(ns, "-o", "link", "show", "dev", device).split()
+    return int(link[link.index("mtu") + 1])
+
+
+def _pair(
+    ns_a: str, a: IPv4Address | IPv6Address, ns_b: str, b: IPv4Address | IPv6Address
+) -> tuple[Endpoint, Endpoint]:
+    return (Endpoint(ns_a, a, sending_mtu(ns_a, b)), Endpoint(ns_b, b, sending_mtu(ns_b, a)))
+
+
 def _endpoint(c: Container) -> Endpoint:
     return Endpoint(c.ns, c.address)
 
 
-def build(name: str) -> Environment:
+def _containers(lab: Lab) -> tuple[Container, Container]:
+    a, b = (next(c for c in lab.containers() if c.host == h) for h in (1, 2))
+    return a, b
+
+
+def _add_container_pairs(
+    env: Environment, path: str, a: Container, b: Container, dual: bool
+) -> None:
+    env.pairs[path] = _pair(a.ns, a.address, b.ns, b.address)
+    if dual:
+        if a.address6 is None or b.address6 is None:
+            raise RuntimeError(f"{path}: a container has no IPv6 address in a dual-stack lab")
+        env.pairs[f"{path}6"] = _pair(a.ns, a.address6, b.ns, b.address6)
+
+
+def build(name: str, families: str = "v4") -> Environment:
+    dual = families == "dual"
+    paths_for(families)  # refuses an unknown value before anything is built
     env = Environment()
     try:
         plain = LabSettings(egress="none")
         vx = Lab(f"{name}v")
         env.labs.append(vx)
         vx.down()
-        vx.up(2, settings=plain)
-        a, b = (next(c for c in vx.containers() if c.host == h) for h in (1, 2))
-        env.pairs["overlay"] = (_endpoint(a), _endpoint(b))
-        env.pairs["underlay"] = (
-            Endpoint(vx.host_ns(1), vx.host_address(1)),
-            Endpoint(vx.host_ns(2), vx.host_address(2)),
-        )
+        vx.up(2, config=default_network_config(ipv6=dual), settings=plain)
+        _add_container_pairs(env, "overlay", *_containers(vx), dual)
+        h1, h2 = vx.host_ns(1), vx.host_ns(2)
+        env.pairs["underlay"] = _pair(h1, vx.host_address(1), h2, vx.host_address(2))
+        if dual:
+            env.pairs["underlay6"] = _pair(h1, vx.host_address6(1), h2, vx.host_address6(2))
         gw = Lab(f"{name}r")
         env.labs.append(gw)
         gw.down()
-        gw.up(2, config=default_network_config(backend="host-gw"), settings=plain)
-        a, b = (next(c for c in gw.containers() if c.host == h) for h in (1, 2))
-        env.pairs["routed"] = (_endpoint(a), _endpoint(b))
+        gw.up(2, config=default_network_config(backend="host-gw", ipv6=dual), settings=plain)
+        _add_container_pairs(env, "routed", *_containers(gw), dual)
         fl = Lab(f"{name}f")
         env.labs.append(fl)
         fl.down()
-        fl.up(0, settings=plain)
+        fl.up(0, config=default_network_config(ipv6=dual), settings=plain)
         a = add_flannel_style_host(fl, 1)
         b = add_flannel_style_host(fl, 2)
         program_flannel_peers(fl, 1)  # host 1 learns host 2, which leased after it
-        env.pairs["flannel"] = (_endpoint(a), _endpoint(b))
-        for path in PATHS:
-            _servers(*env.pairs[path])
+        _add_container_pairs(env, "flannel", a, b, dual)
+        _servers(*(end for pair in env.pairs.values() for end in pair))
         return env
     except BaseException:
         env.down()
         raise
 
 
-def _servers(a: Endpoint, b: Endpoint) -> None:
-    """iperf3 and sockperf servers at both ends; they live in the lab's
-    namespaces, so `lab down` ends them."""
-    for end in (a, b):
-        sockperf = ["sockperf", "sr", "--tcp", "-i", str(end.address), "-p", str(SOCKPERF_PORT)]
-        for argv in (["iperf3", "-s", "-p", str(IPERF_PORT)], ["taskset", "-c", "0", *sockperf]):
-            subprocess.Popen(
-                netns_argv(end.ns, *argv),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+def _servers(*ends: Endpoint) -> None:
+    """iperf3 (both families), overlayd.lab.rr (both families) and sockperf
+    (IPv4, bound to the address) servers at every end; once per namespace,
+    or per address for sockperf. They live in the lab's namespaces, so `lab
+    down` ends them."""
+    started: set[str] = set()
+    argvs: list[list[str]] = []
+    for end in ends:
+        if end.address.version == 4:
+            sockperf = ["sockperf", "sr", "--tcp", "-i", str(end.address), "-p", str(SOCKPERF_PORT)]
+            argvs.append(netns_argv(end.ns, "taskset", "-c", "0", *sockperf))
+        if end.ns not in started:
+            started.add(end.ns)
+            argvs.append(netns_argv(end.ns, "iperf3", "-s", "-p", str(IPERF_PORT)))
+            rr = netns.module_argv(end.ns, "overlayd.lab.rr", "serve", str(RR_PORT))
+            argvs.append(["taskset", "-c", "0", *rr])
+    for argv in dict.fromkeys(tuple(a) for a in argvs):  # an address in two paths: once
+        subprocess.Popen(
+            list(argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     time.sleep(1.0)
 
 
@@ -153,7 +257,14 @@ def _iperf(
     result = json.loads(out)
     if "error" in result:
         raise RuntimeError(f"iperf3 {src.ns} -> {dst.address}: {result['error']}")
-    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+    end = result["end"]
+    # "Fixed" means the sender used it: iperf3 reports what the kernel gave.
+    used = end.get("sender_tcp_congestion")
+    if used is not None and used != congestion:
+        raise RuntimeError(
+            f"iperf3 {src.ns} -> {dst.address}: sender used {used}, not {congestion}"
+        )
+    return float(end["sum_received"]["bits_per_second"]) / 1e9
 
 
 def _ping_us(src: Endpoint, dst: Endpoint) -> float:
@@ -187,6 +298,14 @@ def _rr_p50_us(src: Endpoint, dst: Endpoint, seconds: float) -> float:
     raise RuntimeError(f"sockperf printed no median: {out[-300:]}")
 
 
+def _rr_py_p50_us(src: Endpoint, dst: Endpoint, seconds: float) -> float:
+    argv = netns.module_argv(
+        src.ns, "overlayd.lab.rr", "ping", str(dst.address), str(RR_PORT), f"{seconds:g}"
+    )
+    out = netns.sh(["taskset", "-c", "0", *argv], timeout=seconds + 30)
+    return float(out.split()[0])
+
+
 def _cpu_times() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return sum(fields), fields[7]  # total, steal
@@ -196,13 +315,25 @@ def congestion_control() -> str:
     return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
 
 
+def rotated(paths: Sequence[str], round_no: int) -> tuple[str, ...]:
+    """The order of round `round_no`: `paths` rotated by the round's number,
+    so that every path takes every place in turn."""
+    k = round_no % len(paths)
+    return tuple(paths[k:]) + tuple(paths[:k])
+
+
 def run_rounds(
-    env: Environment, rounds: int, seconds: float, congestion: str, progress: Callable[[str], None]
+    env: Environment,
+    rounds: int,
+    seconds: float,
+    congestion: str,
+    progress: Callable[[str], None],
+    paths: Sequence[str] = PATHS,
 ) -> dict[str, object]:
-    samples: dict[str, dict[str, list[float]]] = {p: {m: [] for m, _, _ in METRICS} for p in PATHS}
+    samples: dict[str, dict[str, list[float]]] = {p: {m: [] for m, _, _ in METRICS} for p in paths}
     steal: list[float] = []
     for round_no in range(rounds):
-        order = PATHS[round_no % len(PATHS) :] + PATHS[: round_no % len(PATHS)]
+        order = rotated(paths, round_no)
         total0, steal0 = _cpu_times()
         for path in order:
             a, b = env.pairs[path]
@@ -220,17 +351,22 @@ def run_rounds(
                 _iperf(a, b, streams=2, reverse=True, seconds=seconds, congestion=congestion)
             )
             got["ping_us"].append(_ping_us(a, b))
-            got["rr_p50_us"].append(_rr_p50_us(a, b, 2.0))
+            if metric_applies(path, "rr_p50_us"):
+                got["rr_p50_us"].append(_rr_p50_us(a, b, RR_SECONDS))
+            got["rr_py_p50_us"].append(_rr_py_p50_us(a, b, RR_SECONDS))
         total1, steal1 = _cpu_times()
         steal.append(100.0 * (steal1 - steal0) / max(1, total1 - total0))
+        tcp1 = ", ".join(f"{p} {samples[p]['tcp1_fwd'][-1]:.2f}" for p in paths)
         progress(
             f"round {round_no + 1}/{rounds} done (order {', '.join(order)},"
-            f" steal {steal[-1]:.1f} %)"
+            f" steal {steal[-1]:.1f} %); TCP 1 stream A to B, Gbit/s: {tcp1}"
         )
     return {"samples": samples, "steal_pct": steal}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
@@ -242,117 +378,173 @@ def rounds_for_5pct(ratios: list[float]) -> float:
     return float((1.96 * statistics.stdev(ratios) / (0.05 * mean)) ** 2)
 
 
-def summarise(raw: dict[str, object]) -> dict[str, object]:
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict[str, float]:
+    """Round by round num/den, summarised over rounds (median, min, max and
+    the rounds a 5 % resolution would need); all NaN when a side has no
+    samples (a metric one of the paths cannot have)."""
+    if not num or not den:
+        return {**_summary([]), "rounds_for_5pct": math.nan}
+    paired = [x / y for x, y in zip(num, den, strict=True)]
+    return {**_summary(paired), "rounds_for_5pct": rounds_for_5pct(paired)}
+
+
+def summarise(raw: dict[str, object], families: str = "v4") -> dict[str, object]:
     samples: dict[str, dict[str, list[float]]] = raw["samples"]  # type: ignore[assignment]
-    out: dict[str, object] = {"paths": {}, "ratios": {}}
-    for path in PATHS:
-        out["paths"][path] = {m: _summary(samples[path][m]) for m, _, _ in METRICS}  # type: ignore[index]
-    for num, den in (
-        ("overlay", "routed"),
-        ("overlay", "flannel"),
-        ("overlay", "underlay"),
-        ("routed", "underlay"),
-        ("flannel", "routed"),
-    ):
-        ratios = {}
-        for metric, _, _ in METRICS:
-            paired = [
-                x / y for x, y in zip(samples[num][metric], samples[den][metric], strict=True)
-            ]
-            ratios[metric] = {**_summary(paired), "rounds_for_5pct": rounds_for_5pct(paired)}
-        out["ratios"][f"{num}/{den}"] = ratios  # type: ignore[index]
-    return out
+    paths: dict[str, object] = {
+        path: {m: _summary(samples[path][m]) for m, _, _ in METRICS} for path in paths_for(families)
+    }
+    ratios: dict[str, object] = {}
+    for _, group in ratio_groups(families):
+        for num, den in group:
+            ratios[f"{num}/{den}"] = {
+                metric: paired_ratio(samples[num][metric], samples[den][metric])
+                for metric, _, _ in METRICS
+            }
+    return {"paths": paths, "ratios": ratios}
 
 
-def markdown(summary: dict[str, object], meta: dict[str, object]) -> str:
-    paths: dict[str, dict[str, dict[str, float]]] = summary["paths"]  # type: ignore[assignment]
-    ratios: dict[str, dict[str, dict[str, float]]] = summary["ratios"]  # type: ignore[assignment]
+def _cell(s: dict[str, float], digits: int) -> str:
+    if math.isnan(s["median"]):
+        return "n/a"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f} to {s['max']:.{digits}f})"
+
+
+def mtu_note(mtus: dict[str, int]) -> str:
+    """What the MTUs mean for the figures: said when the run is dual-stack,
+    where the IPv4 overlay paths carry the IPv6 tunnel's smaller MTU."""
+    if "overlay6" not in mtus:
+        return (
+            "IPv4-only labs: the containers' MTU is the underlay's less 50 on the VXLAN"
+            " paths (overlay, flannel)."
+        )
+    return (
+        f"Dual-stack labs: the containers' MTU is {mtus['overlay']} for both families on"
+        f" the VXLAN paths (the underlay's {mtus['underlay']} less 70, the IPv6 tunnel's"
+        " overhead), so the IPv4 overlay and flannel figures here are for a smaller MTU"
+        " than an IPv4-only lab's (underlay less 50: `--families v4`)."
+    )
+
+
+def _ratio_tables(title: str, ratios: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = [
-        f"Data plane, {meta['date']}, {meta['machine']}, congestion control"
-        f" {meta['congestion']}, {meta['rounds']} rounds of {meta['seconds']:g} s per iperf3"
-        f" test, hypervisor steal {meta['steal']}. Median (min to max) over rounds.",
         "",
-        "| metric | " + " | ".join(PATHS) + " |",
-        "|---|" + "---|" * len(PATHS),
+        f"Paired ratios (within a round), {title}, median (min to max):",
+        "",
+        "| metric | " + " | ".join(ratios) + " |",
+        "|---|" + "---|" * len(ratios),
     ]
-    for metric, label, unit in METRICS:
-        cells = []
-        for path in PATHS:
-            s = paths[path][metric]
-            digits = 2 if unit == "Gbit/s" else 0
-            cells.append(
-                f"{s['median']:.{digits}f} ({s['min']:.{digits}f} to {s['max']:.{digits}f})"
-            )
-        lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    for metric, label, _ in METRICS:
+        cells = [_cell(r[metric], 2) for r in ratios.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Paired ratios (within a round), median (min to max):",
+        f"Rounds needed to resolve a 5 % difference ({title}; 95 % interval of +-5 % on"
+        " the mean paired ratio), from this run's spread:",
         "",
         "| metric | " + " | ".join(ratios) + " |",
         "|---|" + "---|" * len(ratios),
     ]
     for metric, label, _ in METRICS:
         cells = [
-            f"{r[metric]['median']:.2f} ({r[metric]['min']:.2f} to {r[metric]['max']:.2f})"
+            "n/a" if math.isnan(n := r[metric]["rounds_for_5pct"]) else f"{n:.0f}"
             for r in ratios.values()
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def markdown(summary: dict[str, object], meta: dict[str, object]) -> str:
+    paths: dict[str, dict[str, dict[str, float]]] = summary["paths"]  # type: ignore[assignment]
+    ratios: dict[str, dict[str, dict[str, float]]] = summary["ratios"]  # type: ignore[assignment]
+    families = str(meta.get("families", "v4"))
+    mtus: dict[str, int] = meta.get("mtu", {})  # type: ignore[assignment]
+    names = list(paths)
+    lines = [
+        f"Data plane, {meta['date']}, {meta['machine']}, congestion control"
+        f" {meta['congestion']}, {meta['rounds']} rounds of {meta['seconds']:g} s per iperf3"
+        f" test, hypervisor steal {meta['steal']}. Median (min to max) over rounds.",
         "",
-        "Rounds needed to resolve a 5 % difference (95 % interval of +-5 % on the"
-        " mean paired ratio), from this run's spread:",
-        "",
-        "| metric | " + " | ".join(ratios) + " |",
-        "|---|" + "---|" * len(ratios),
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
-    for metric, label, _ in METRICS:
-        cells = [f"{r[metric]['rounds_for_5pct']:.0f}" for r in ratios.values()]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if mtus:
+        lines.append(
+            "| MTU (sender's interface) | " + " | ".join(str(mtus[p]) for p in names) + " |"
+        )
+    for metric, label, unit in METRICS:
+        digits = 2 if unit == "Gbit/s" else 0
+        cells = [_cell(paths[path][metric], digits) for path in names]
+        lines.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    if mtus:
+        lines += ["", mtu_note(mtus)]
+    if families == "dual":
+        lines += [
+            "",
+            "sockperf 3.7 has no IPv6 (n/a on the IPv6 paths); overlayd.lab.rr measures"
+            " every path the same way, its interpreter's time per message included.",
+        ]
+    for title, group in ratio_groups(families):
+        wanted = {f"{n}/{d}" for n, d in group}
+        lines += _ratio_tables(title, {k: v for k, v in ratios.items() if k in wanted})
     return "\n".join(lines) + "\n"
+
+
+COLOURS = {
+    "underlay": "#7f7f7f",
+    "routed": "#1f77b4",
+    "overlay": "#d62728",
+    "flannel": "#ff7f0e",
+    "underlay6": "#c7c7c7",
+    "routed6": "#aec7e8",
+    "overlay6": "#ff9896",
+    "flannel6": "#ffbb78",
+}
 
 
 def svg_chart(summary: dict[str, object], title: str) -> str:
     """Bars with min-max whiskers, one panel per metric. Hand-written SVG: a
     plotting library would be a large dependency for a few rectangles."""
     paths: dict[str, dict[str, dict[str, float]]] = summary["paths"]  # type: ignore[assignment]
-    colours = {
-        "underlay": "#7f7f7f",
-        "routed": "#1f77b4",
-        "overlay": "#d62728",
-        "flannel": "#ff7f0e",
-    }
-    panel_w, panel_h, top, bar_w = 240, 220, 50, 36
+    names = list(paths)
+    bar_w = 36 if len(names) <= 4 else 22
+    gap = 16 if len(names) <= 4 else 6
+    panel_w = max(240, 40 + len(names) * (bar_w + gap))
+    panel_h, top = 220, 50
+    rows = math.ceil(len(METRICS) / 3)
     width = panel_w * 3 + 20
-    height = top + 2 * (panel_h + 40) + 30
+    height = top + rows * (panel_h + 40) + 30
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
         ' font-family="sans-serif" font-size="11">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<text x="10" y="20" font-size="13" font-weight="bold">{title}</text>',
     ]
-    for i, path in enumerate(PATHS):
+    for i, path in enumerate(names):
         parts.append(
-            f'<rect x="{10 + i * 110}" y="30" width="10" height="10"'
-            f' fill="{colours[path]}"/><text x="{24 + i * 110}" y="39">{path}</text>'
+            f'<rect x="{10 + i * 90}" y="30" width="10" height="10"'
+            f' fill="{COLOURS[path]}"/><text x="{24 + i * 90}" y="39">{path}</text>'
         )
     for index, (metric, label, unit) in enumerate(METRICS):
         px = 10 + (index % 3) * panel_w
         py = top + (index // 3) * (panel_h + 40)
-        peak = max(paths[p][metric]["max"] for p in PATHS) or 1.0
+        measured = [paths[p][metric] for p in names if not math.isnan(paths[p][metric]["max"])]
+        peak = max((s["max"] for s in measured), default=1.0) or 1.0
         base = py + panel_h
         parts.append(f'<text x="{px}" y="{py + 12}" font-weight="bold">{label} ({unit})</text>')
         parts.append(
             f'<line x1="{px + 10}" y1="{base}" x2="{px + panel_w - 20}" y2="{base}"'
             ' stroke="black"/>'
         )
-        for j, path in enumerate(PATHS):
+        for j, path in enumerate(names):
             s = paths[path][metric]
+            if math.isnan(s["median"]):
+                continue
             scale = (panel_h - 40) / peak
-            x = px + 20 + j * (bar_w + 16)
+            x = px + 20 + j * (bar_w + gap)
             h = s["median"] * scale
             parts.append(
                 f'<rect x="{x}" y="{base - h:.1f}" width="{bar_w}" height="{h:.1f}"'
-                f' fill="{colours[path]}"/>'
+                f' fill="{COLOURS[path]}"/>'
             )
             cx = x + bar_w / 2
             y_min, y_max = base - s["min"] * scale, base - s["max"] * scale
@@ -369,6 +561,16 @@ def svg_chart(summary: dict[str, object], title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+def check_congestion(congestion: str) -> None:
+    """The congestion control must be one the kernel has: iperf3 would
+    otherwise fail on the first test, after the labs are built."""
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    if congestion not in available:
+        raise RuntimeError(
+            f"congestion control {congestion!r} is not available here ({' '.join(available)})"
+        )
+
+
 def bench(
     name: str,
     rounds: int,
@@ -376,17 +578,22 @@ def bench(
     congestion: str,
     out_dir: Path,
     progress: Callable[[str], None],
+    families: str = "v4",
 ) -> Iterator[str]:
-    env = build(name)
+    paths = paths_for(families)
+    check_congestion(congestion)
+    env = build(name, families)
     try:
         progress(
             "labs up: "
-            + ", ".join(f"{p} {a.address} -> {b.address}" for p, (a, b) in env.pairs.items())
+            + ", ".join(
+                f"{p} {a.address} -> {b.address} (MTU {a.mtu})" for p, (a, b) in env.pairs.items()
+            )
         )
-        raw = run_rounds(env, rounds, seconds, congestion, progress)
+        raw = run_rounds(env, rounds, seconds, congestion, progress, paths)
     finally:
         env.down()
-    summary = summarise(raw)
+    summary = summarise(raw, families)
     steal: list[float] = raw["steal_pct"]  # type: ignore[assignment]
     meta = {
         "date": time.strftime("%Y-%m-%d"),
@@ -395,6 +602,8 @@ def bench(
         "rounds": rounds,
         "seconds": seconds,
         "steal": f"{min(steal):.1f} to {max(steal):.1f} % per round",
+        "families": families,
+        "mtu": {p: env.pairs[p][0].mtu for p in paths},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(summary, meta)

@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -88,10 +88,11 @@ async def _put_many(store: EtcdStore, leases: list[Lease]) -> None:
 
 async def _churn(
     watch: RouteWatch, peers: int, changes: int, dual: bool, store: EtcdStore
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[list[float]], list[list[float]]]:
     """Add one peer, wait for its route (both, dual-stack), remove it, wait;
     `changes` times. One etcd connection throughout, so that only overlayd's
-    latency counts."""
+    latency counts. Per change, the time of each family's route (IPv4
+    first), so that a dual run can say which family is the slower."""
     adds, removes = [], []
     for i in range(changes):
         lease = synthetic_lease(peers + i, dual=dual)
@@ -108,10 +109,20 @@ async def _churn(
 
 async def _all_seen(
     watch: RouteWatch, seen: Callable[[str, str], bool], dsts: list[str], since: float
-) -> float:
-    """Until every destination's line is seen: the slowest of them."""
-    times = [await asyncio.to_thread(watch.wait_for, partial(seen, dst), since) for dst in dsts]
-    return max(times)
+) -> list[float]:
+    """Until every destination's line is seen: each one's time, in order."""
+    return [await asyncio.to_thread(watch.wait_for, partial(seen, dst), since) for dst in dsts]
+
+
+def per_family(changes: list[list[float]]) -> dict[str, tuple[float, float]]:
+    """p50 and p99 of each family's route alone (IPv4, and IPv6 when the
+    changes have two times), over the changes."""
+    names = ("IPv4", "IPv6")
+    return {
+        names[i]: (statistics.median(times), _percentile(times, 99))
+        for i in range(min(len(c) for c in changes))
+        if (times := [c[i] for c in changes])
+    }
 
 
 def _added(dst: str, line: str) -> bool:
@@ -194,6 +205,24 @@ class CpResult:
     remove_p99: float
     peak_rss_mb: float
     idle_cpu_pct: float
+    underlay6: str | None = None  # the daemon's IPv6 underlay address (dual runs: checked)
+    # p50, p99 of each family's route alone: which family a dual change waits for
+    add_by_family: dict[str, tuple[float, float]] = field(default_factory=dict)
+    remove_by_family: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def family_line(self) -> str:
+        """Each family's route alone, for a dual run: the row's add and
+        remove are the slower family's."""
+
+        def cells(found: dict[str, tuple[float, float]]) -> str:
+            return ", ".join(
+                f"{name} {p50 * 1000:.1f}/{p99 * 1000:.1f} ms" for name, (p50, p99) in found.items()
+            )
+
+        return (
+            f"  {self.family} {self.peers} peers, each family's route alone (p50/p99):"
+            f" add {cells(self.add_by_family)}; remove {cells(self.remove_by_family)}"
+        )
 
     def row(self) -> str:
         ms = 1000
@@ -226,6 +255,43 @@ def ratio_row(dual: CpResult, v4: CpResult) -> str:
     )
 
 
+def logged_underlay6(log: str) -> str | None:
+    """The IPv6 underlay address the daemon's log says it found
+    (`event=underlay ... address6=...`), None if it found none or did not
+    say. The last such line counts: the log is appended to across runs."""
+    found: str | None = None
+    for line in log.splitlines():
+        if "event=underlay " not in line:
+            continue
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        value = fields.get("address6")
+        found = value if value not in (None, "None") else None
+    return found
+
+
+def logged_lease_key(log: str) -> str | None:
+    """The key of the lease the daemon's log says it acquired (the last)."""
+    found: str | None = None
+    for line in log.splitlines():
+        if "event=lease_acquired " in line:
+            fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+            found = fields.get("key", found)
+    return found
+
+
+def check_dual(log: str) -> str:
+    """A dual run must be dual: the daemon found an IPv6 underlay address
+    and leased an IPv6 subnet (its key has flannel's `&` half). Returns the
+    address; raises, naming what is missing, otherwise."""
+    address6 = logged_underlay6(log)
+    if address6 is None:
+        raise RuntimeError("dual run, but the daemon found no IPv6 underlay address (address6)")
+    key = logged_lease_key(log)
+    if key is None or "&" not in key:
+        raise RuntimeError(f"dual run, but the daemon's lease has no IPv6 subnet: {key}")
+    return address6
+
+
 def run_one(
     name: str,
     peers: int,
@@ -255,6 +321,7 @@ def run_one(
                 raise RuntimeError(lab.daemon_log(1).read_text()[-2000:])
             time.sleep(0.005)
         cold = time.monotonic() - started
+        underlay6 = check_dual(lab.daemon_log(1).read_text()) if dual else None
         count = len(netns.ip(ns, "route", "show", "proto", "77").splitlines())
         if dual:
             count += len(netns.ip(ns, "-6", "route", "show", "proto", "77").splitlines())
@@ -267,6 +334,8 @@ def run_one(
             adds, removes = lab.etcd(partial(_churn, watch, peers, changes, dual))
         finally:
             watch.close()
+        # A change is done when its last route is: the slower family's.
+        slowest_add, slowest_remove = [max(c) for c in adds], [max(c) for c in removes]
         cpu_before = _cpu_seconds(proc.pid)
         time.sleep(idle_seconds)
         idle = (_cpu_seconds(proc.pid) - cpu_before) / idle_seconds * 100
@@ -274,12 +343,15 @@ def run_one(
             family="dual" if dual else "v4",
             peers=peers,
             cold_start=cold,
-            add_p50=statistics.median(adds),
-            add_p99=_percentile(adds, 99),
-            remove_p50=statistics.median(removes),
-            remove_p99=_percentile(removes, 99),
+            add_p50=statistics.median(slowest_add),
+            add_p99=_percentile(slowest_add, 99),
+            remove_p50=statistics.median(slowest_remove),
+            remove_p99=_percentile(slowest_remove, 99),
             peak_rss_mb=_peak_rss_mb(proc.pid),
             idle_cpu_pct=idle,
+            underlay6=underlay6,
+            add_by_family=per_family(adds),
+            remove_by_family=per_family(removes),
         )
     finally:
         lab.down()

@@ -127,9 +127,25 @@ def add_namespace(ns: str) -> None:
 
 
 def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, *, mtu: int | None = None) -> None:
-    """A veth pair whose ends are created directly in two lab namespaces."""
+    """A veth pair whose ends are created directly in two lab namespaces,
+    both with `mtu` when given (`ip link add` applies an mtu before `peer`
+    to the first end only: the peer must be given its own)."""
     extra = ["mtu", str(mtu)] if mtu else []
-    ip(ns_a, "link", "add", name_a, *extra, "type", "veth", "peer", "name", name_b, "netns", ns_b)
+    ip(
+        ns_a,
+        "link",
+        "add",
+        name_a,
+        *extra,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        name_b,
+        *extra,
+        "netns",
+        ns_b,
+    )
 
 
 def host_side_veth(container_ns: str, ifname: str = "eth0") -> str:

@@ -636,3 +636,14 @@ async def test_with_ipv6_subnets_exhausted_a_host_leases_ipv4_only_and_stays() -
     # The keeper must not lease again and again for an IPv6 half it cannot get.
     capable = leaser.public_ipv6 is not None and not leaser.ipv6_exhausted
     assert lease_fits(small, fourth.lease, ipv6_capable=capable)
+
+
+async def test_both_families_allow_list_changes_go_in_one_nft_run() -> None:
+    dataplane = FakeDataplane()
+    knowledge = dual_knowledge(peer(2))
+    loop = Reconciler(knowledge, dataplane)
+    assert (await loop.reconcile_once()).ok
+    assert dataplane.filter_batches == [2]  # peer 2's IPv4 and IPv6 addresses, one run
+    knowledge.raw_leases = raw(OWN)
+    assert (await loop.reconcile_once(full=False)).ok
+    assert dataplane.filter_batches == [2, 2]  # and their removal

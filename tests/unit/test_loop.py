@@ -67,6 +67,7 @@ class FakeDataplane:
         self.calls: list[str] = []
         self.kernel: EntrySet = EntrySet()
         self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
+        self.filter_batches: list[int] = []  # element writes per allow-list nft run
         self.fail_next_apply = False
         # The allow-list sets by IP version; None: absent.
         self.sets: dict[int, set[IPAddress] | None] = {4: None, 6: None}
@@ -133,6 +134,13 @@ class FakeDataplane:
         held = self.sets[f.family.version]
         self.calls.append("filter-read" + self._v(f.family.version))
         return None if held is None else frozenset(held)
+
+    async def update_vxlan_filters(
+        self, writes: Sequence[tuple[FilterSpec, ElementChanges]]
+    ) -> None:
+        self.filter_batches.append(len(writes))
+        for f, changes in writes:
+            await self.update_vxlan_filter(f, changes)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         v = f.family.version
@@ -207,7 +215,8 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
-        "filter", "filter-read", "allow 1", "filter-remove v6", "read", "apply 4",
+        # The allow-list's elements are written after both families' admits.
+        "filter", "filter-read", "filter-remove v6", "allow 1", "read", "apply 4",
         # The IPv6 manager looks for stale IPv6 entries even without IPv6.
         "read6",
     ]  # fmt: skip

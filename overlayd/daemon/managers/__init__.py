@@ -25,6 +25,7 @@ from overlayd.plan.cluster import ClusterPlan
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import HostFacts
 from overlayd.plan.leases import PeerSelection
+from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
 
 class Level(enum.IntEnum):
@@ -97,6 +98,8 @@ class PassContext:
     # pass by the first manager that needs them (managers.peers.PeerProjection),
     # so that all of them see the same peers.
     selection: PeerSelection | None = None
+    # VXLAN allow-list element changes queued for one nft run (FilterWrites).
+    filter_writes: list[tuple[FilterSpec, ElementChanges]] = field(default_factory=list)
     planned: dict[int, ClusterPlan] = field(default_factory=dict)
 
     def remade_all(self, kind: str, what: list[str]) -> None:

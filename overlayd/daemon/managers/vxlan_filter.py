@@ -97,7 +97,10 @@ class VxlanAllowList:
         desired = allowed_sources(planned.peers)
         new = element_changes(desired, self.believed).add
         if new:
-            await self._dataplane.update_vxlan_filter(f, ElementChanges(new, ()))
+            # Written by the next `FilterWrites`, with the other family's, in
+            # one nft run; believed now (a failed write fails the pass, and a
+            # failed pass forgets every belief).
+            context.filter_writes.append((f, ElementChanges(new, ())))
             self.believed = self.believed | frozenset(new)
         self._pending = (context, f, desired)
 
@@ -108,7 +111,7 @@ class VxlanAllowList:
         _, f, desired = pending
         gone = element_changes(desired, self.believed).delete
         if gone:
-            await self._dataplane.update_vxlan_filter(f, ElementChanges((), gone))
+            context.filter_writes.append((f, ElementChanges((), gone)))
             self.believed = self.believed - frozenset(gone)
         if self._problem is None:
             self._telemetry.vxlan_filter_ok(len(self.believed), self.family)
@@ -173,6 +176,29 @@ class VxlanAllowList:
     def forget(self) -> None:
         self.believed = None
         self._pending = None
+
+
+class FilterWrites:
+    """Writes the allow-list element changes the admit (or prune) managers
+    of both families queued, in one `nft -f` transaction: every nft run
+    costs a process and nft's own look at the table, which with thousands
+    of elements is most of what a peer joining costs, and a dual-stack
+    host would otherwise pay it twice."""
+
+    def __init__(self, dataplane: DataplanePort, step: str) -> None:
+        self._dataplane = dataplane
+        self.name = f"vxlan-allow-{step}-write"
+
+    async def sync(self, context: PassContext) -> None:
+        writes, context.filter_writes = context.filter_writes, []
+        if writes:
+            await self._dataplane.update_vxlan_filters(writes)
+
+    def expects(self, observed: Observed) -> bool:
+        return False
+
+    def forget(self) -> None:
+        pass  # nothing believed: the allow-lists hold the beliefs
 
 
 def _name(step: str, family: Family) -> str:
