@@ -294,6 +294,13 @@ class _Parsed:
     last: int = 0
     peer6: FamilyPeer | None = None
     reason6: str | None = None
+    # The IPv6 view's range, prefix length and address as integers: a pass
+    # over thousands of peers compares these, never ipaddress objects
+    # (whose comparisons cost microseconds each).
+    first6: int = 0
+    last6: int = 0
+    prefixlen6: int = 0
+    public6: int = 0
 
 
 ParseCache = dict[str, _Parsed]
@@ -306,7 +313,23 @@ def _parse(key: str, value: bytes, etcd_prefix: str) -> _Parsed:
     except LeaseError as exc:
         return _Parsed(value, None, str(exc))
     first, last = int(subnet.network_address), int(subnet.broadcast_address)
-    return _Parsed(value, lease, "", first, last, ipv6_view(lease, key), reason6)
+    peer6 = ipv6_view(lease, key)
+    if peer6 is None:
+        return _Parsed(value, lease, "", first, last, None, reason6)
+    net6 = peer6.subnet
+    return _Parsed(
+        value,
+        lease,
+        "",
+        first,
+        last,
+        peer6,
+        reason6,
+        int(net6.network_address),
+        int(net6.broadcast_address),
+        net6.prefixlen,
+        int(peer6.public_ip),
+    )
 
 
 def _parse_cached(key: str, value: bytes, etcd_prefix: str, cache: ParseCache | None) -> _Parsed:
@@ -418,6 +441,8 @@ def _select_ipv6(
     net_first, net_last = int(network.network_address), int(network.broadcast_address)
     own_first = int(own.ipv6_subnet.network_address)
     own_last = int(own.ipv6_subnet.broadcast_address)
+    own_public = int(own.public_ipv6) if own.public_ipv6 is not None else -1
+    subnet_len = config.ipv6.subnet_len
     macs_in_use = {own.vtep_mac, own.vtep_mac_v6} | {p.vtep_mac for p in selection.peers}
     rejected: list[Rejected] = []
     without: list[str] = []
@@ -430,16 +455,16 @@ def _select_ipv6(
             else:
                 without.append(key)
             continue
-        first, last = int(peer.subnet.network_address), int(peer.subnet.broadcast_address)
+        first, last = parsed.first6, parsed.last6
         reason = None
         if first < net_first or last > net_last:
             reason = f"IPv6 subnet {peer.subnet} is outside IPv6Network {network}"
-        elif peer.subnet.prefixlen != config.ipv6.subnet_len:
+        elif parsed.prefixlen6 != subnet_len:
             # A shorter prefix would capture other hosts' subnets.
-            reason = f"IPv6 subnet {peer.subnet} is not a /{config.ipv6.subnet_len} (IPv6SubnetLen)"
+            reason = f"IPv6 subnet {peer.subnet} is not a /{subnet_len} (IPv6SubnetLen)"
         elif first <= own_last and own_first <= last:
             reason = f"IPv6 subnet {peer.subnet} overlaps this host's {own.ipv6_subnet}"
-        elif peer.public_ip == own.public_ipv6:
+        elif parsed.public6 == own_public:
             reason = f"PublicIPv6 {peer.public_ip} is this host's own address"
         if reason is not None:
             rejected.append(Rejected(key=peer.key, reason=reason))
