@@ -217,6 +217,9 @@ class Agent:
         await self.mirror.load()
         group.create_task(self.mirror.run(), name="etcd-mirror")
         config = await self._network_config()
+        if config.ipv6 is not None and underlay.address6 is None:
+            # Before the MTU check: it must know whether the IPv6 tunnel is used.
+            underlay = await self._wait_for_address6(underlay)
         check_mtu(config, underlay)
         self.telemetry.mode = describe_mode(config)
         egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
@@ -229,8 +232,6 @@ class Agent:
                 "event=vxlan_filter mode=off effect=%r",
                 "VXLAN is accepted from any source: filter it elsewhere",
             )
-        if config.ipv6 is not None and underlay.address6 is None:
-            underlay = await self._wait_for_address6(underlay)
         if config.ipv6 is not None and underlay.address6 is None:
             log.warning(
                 "event=ipv6_unavailable iface=%s effect=%r",
