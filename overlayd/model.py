@@ -272,6 +272,9 @@ class EntryKind:
     key: Callable[[Any], Hashable]
     describe: Callable[[Any], str]
     layer: int
+    # The entry's address family (4 or 6) as its addresses say; 0 when it
+    # has none (a bridge FDB entry).
+    family: Callable[[Any], int] = lambda e: 0
 
 
 def _describe_route(entry: Route) -> str:
@@ -286,6 +289,7 @@ KINDS: tuple[EntryKind, ...] = (
         lambda e: e.mac,
         lambda e: f"kind=fdb_tunnel mac={e.mac} remote={e.remote}",
         layer=0,
+        family=lambda e: e.remote.version,
     ),
     EntryKind(
         "fdb_bridge", BridgeFdb, lambda e: e.mac, lambda e: f"kind=fdb_bridge mac={e.mac}", 1
@@ -296,8 +300,16 @@ KINDS: tuple[EntryKind, ...] = (
         lambda e: int(e.ip),
         lambda e: f"kind=neigh ip={e.ip} mac={e.mac}",
         layer=2,
+        family=lambda e: e.ip.version,
     ),
-    EntryKind("route", Route, lambda e: route_key(e.dst), _describe_route, layer=3),
+    EntryKind(
+        "route",
+        Route,
+        lambda e: route_key(e.dst),
+        _describe_route,
+        layer=3,
+        family=lambda e: e.dst.version,
+    ),
 )
 KIND_OF: Mapping[type, EntryKind] = {kind.type: kind for kind in KINDS}
 
@@ -415,11 +427,4 @@ class Observed:
         """4 or 6, or 0 when neither the event nor its entry says."""
         if self.family or self.entry is None:
             return self.family
-        entry = self.entry
-        if isinstance(entry, Route):
-            return entry.dst.version
-        if isinstance(entry, Neighbour):
-            return entry.ip.version
-        if isinstance(entry, TunnelFdb):
-            return entry.remote.version
-        return 0
+        return KIND_OF[type(self.entry)].family(self.entry)

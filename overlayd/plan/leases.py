@@ -212,10 +212,10 @@ def read_lease(
     the key names one and the value's IPv6 fields are valid, and why that
     half was left out when they are not. LeaseError when even the IPv4 half
     is unusable."""
-    lease = parse_lease(subnet, value)
+    raw = _json_object(value)
+    lease = _ipv4_half(raw, subnet)
     if subnet6 is None:
         return lease, None
-    raw = json.loads(value)  # parse_lease has checked it is a JSON object
     if raw.get("PublicIPv6") is None:
         return lease, "the key names an IPv6 subnet but the value has no PublicIPv6"
     try:
@@ -227,6 +227,10 @@ def read_lease(
 def parse_lease(subnet: IPv4Network, value: bytes | str) -> Lease:
     """Validate a lease value read from etcd for the given subnet (its
     IPv4 half; `read_lease` adds the IPv6 one)."""
+    return _ipv4_half(_json_object(value), subnet)
+
+
+def _json_object(value: bytes | str) -> dict[str, Any]:
     if len(value) > MAX_LEASE_BYTES:
         raise LeaseError(f"value is {len(value)} bytes, more than {MAX_LEASE_BYTES}")
     try:
@@ -235,6 +239,10 @@ def parse_lease(subnet: IPv4Network, value: bytes | str) -> Lease:
         raise LeaseError(f"value is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise LeaseError("value is not a JSON object")
+    return raw
+
+
+def _ipv4_half(raw: dict[str, Any], subnet: IPv4Network) -> Lease:
     backend_type = raw.get("BackendType", "vxlan")
     if backend_type == "host-gw":
         # flannel's host-gw leases carry no backend data: the public IP is all.

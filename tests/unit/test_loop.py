@@ -31,7 +31,6 @@ from overlayd.model import (
     IPV6,
     Change,
     DeviceSpec,
-    Entry,
     EntrySet,
     Family,
     IPAddress,
@@ -176,7 +175,7 @@ class FakeDataplane:
 
 
 def _applied(kernel: EntrySet, changes: Sequence[Change]) -> EntrySet:
-    held = {(kind_of(e).name, kind_of(e).key(e)): e for e in _all(kernel)}
+    held = {(kind_of(e).name, kind_of(e).key(e)): e for e in kernel.all()}
     for change in changes:
         key = (kind_of(change.entry).name, kind_of(change.entry).key(change.entry))
         if change.op is Op.REPLACE:
@@ -184,15 +183,6 @@ def _applied(kernel: EntrySet, changes: Sequence[Change]) -> EntrySet:
         else:
             held.pop(key, None)
     return EntrySet.of(held.values())
-
-
-def _all(entries: EntrySet) -> list[Entry]:
-    return [
-        *entries.routes.values(),
-        *entries.neighbours.values(),
-        *entries.tunnel_fdb.values(),
-        *entries.bridge_fdb.values(),
-    ]
 
 
 def knowledge(*peers: Lease, egress: EgressSpec = GWBRIDGE) -> Knowledge:
