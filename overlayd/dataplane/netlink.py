@@ -151,6 +151,12 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
+        # The indexes entry writes use, by device name: a lookup through
+        # pyroute2 costs about as much as a write, and a peer joining writes
+        # only four entries per family. Forgotten whenever devices may be
+        # made or removed, and after any failed write (a device somebody
+        # replaced fails the write with its old index, and the pass again).
+        self._entry_devices: dict[str, int] = {}
 
     async def close(self) -> None:
         self._ipr.close()
@@ -269,6 +275,7 @@ class Netlink:
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         """Make the bridge and VTEPs match the spec; returns what was changed."""
+        self._entry_devices.clear()
         changed: list[str] = []
         bridge_index = await self._ensure_bridge(spec.bridge, spec.bridge_mac, spec.mtu, changed)
         await self._ensure_gateway(spec.bridge, bridge_index, IPV4, spec.gateway, changed)
@@ -508,12 +515,10 @@ class Netlink:
         are many). The same entries, flags and states as the batch lines;
         returns the failures, one line each."""
         vtep = spec.vtep_for(family)
-        bridge_link = await self._link(ifname=spec.bridge)
-        vtep_link = await self._link(ifname=vtep) if vtep else None
-        if bridge_link is None or (vtep and vtep_link is None):
-            return [f"{spec.bridge if bridge_link is None else vtep} is missing"]
-        br = int(bridge_link["index"])
-        vx = int(vtep_link["index"]) if vtep_link is not None else 0
+        br = await self._entry_device(spec.bridge)
+        vx = await self._entry_device(vtep) if vtep else 0
+        if br is None or vx is None:
+            return [f"{spec.bridge if br is None else vtep} is missing"]
         failed = []
         for change in changes:
             try:
@@ -522,7 +527,18 @@ class Netlink:
                 if change.op is Op.DELETE and exc.code in (ENOENT, ESRCH):
                     continue  # already gone, which is what we wanted
                 failed.append(f"{change.op.value} {change.entry}: {exc}")
+        if failed:
+            self._entry_devices.clear()
         return failed
+
+    async def _entry_device(self, name: str) -> int | None:
+        index = self._entry_devices.get(name)
+        if index is None:
+            link = await self._link(ifname=name)
+            if link is None:
+                return None
+            index = self._entry_devices[name] = int(link["index"])
+        return index
 
     async def _apply_one(self, change: Change, br: int, vx: int, underlay: int) -> None:
         write = _WRITERS[kind_of(change.entry).name]
@@ -542,6 +558,7 @@ class Netlink:
         return found
 
     async def delete_link(self, name: str) -> bool:
+        self._entry_devices.clear()
         link = await self._link(ifname=name)
         if link is None:
             return False
