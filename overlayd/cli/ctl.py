@@ -249,6 +249,13 @@ def parser() -> argparse.ArgumentParser:
         default="v4",
         help="IPv4-only peers, dual-stack peers, or both in turn with their ratio (default v4)",
     )
+    cp.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --family both: runs of each family per size, interleaved (the order"
+        " alternates), and the median of the per-round ratios (default 1)",
+    )
     faults = lab_sub.add_parser(
         "faults",
         parents=[common],

@@ -438,23 +438,35 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
     )
     print(cpbench.HEADER)
     duals = {"v4": (False,), "dual": (True,), "both": (False, True)}[args.family]
+    rounds = args.rounds if len(duals) == 2 else 1
+    if rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
     dual_results: list[cpbench.CpResult] = []
     for peers in args.peers:
-        results = {}
-        for dual in duals:
-            result = results[dual] = cpbench.run_one(
-                f"{args.name}c",
-                peers,
-                args.changes,
-                args.idle,
-                resync_seconds=args.resync,
-                dual=dual,
-            )
-            print(result.row(), flush=True)
-            if dual:
-                dual_results.append(result)
-        if len(results) == 2:
-            print(cpbench.ratio_row(results[True], results[False]), flush=True)
+        ratios: list[list[float]] = []
+        for round_number in range(rounds):
+            # The order alternates, so that a machine slowing down or
+            # speeding up over the run does not favour one family.
+            order = duals if round_number % 2 == 0 else duals[::-1]
+            results = {}
+            for dual in order:
+                result = results[dual] = cpbench.run_one(
+                    f"{args.name}c",
+                    peers,
+                    args.changes,
+                    args.idle,
+                    resync_seconds=args.resync,
+                    dual=dual,
+                )
+                print(result.row(), flush=True)
+                if dual:
+                    dual_results.append(result)
+            if len(results) == 2:
+                print(cpbench.ratio_row(results[True], results[False]), flush=True)
+                ratios.append(cpbench.ratios(results[True], results[False]))
+        if len(ratios) > 1:
+            print(cpbench.median_ratio_row(peers, ratios), flush=True)
     if any(duals):
         # Below the table, not inside it: the row's add/remove is the slower family's.
         for result in dual_results:

@@ -167,10 +167,13 @@ class Reconciler:
         self.telemetry.pass_started_now()
         event_at, self._event_at = self._event_at, None
         context = PassContext(Inputs.of(self.knowledge), level)
+        timings: list[str] = []  # per manager, ms: where a slow pass spends its time
         try:
             try:
                 for manager in self.managers:
+                    began = time.monotonic()
                     await manager.sync(context)
+                    timings.append(f"{manager.name}:{(time.monotonic() - began) * 1000:.1f}")
             finally:
                 # Told even when a later manager fails: it was done all the same.
                 for kind, what in context.remade:
@@ -203,11 +206,12 @@ class Reconciler:
                 level=level,
             )
         log.debug(
-            "event=pass level=%s ok=%s changes=%d seconds=%.4f",
+            "event=pass level=%s ok=%s changes=%d seconds=%.4f ms=%s",
             level.name.lower(),
             outcome.ok,
             outcome.changes,
             outcome.seconds,
+            ",".join(timings),
         )
         self.telemetry.pass_finished(
             ok=outcome.ok,

@@ -10,6 +10,10 @@ leases in a real etcd. Prints figures; asserts nothing.
 
 With `dual`, the network is dual-stack and every synthetic peer has an IPv6
 half: twice the entries, and "added" means both of its routes are in.
+Peers' public addresses come from a pool of 508 per family (all the
+documentation addresses off the lab's link), peer i getting the (i mod
+508)-th of each, so that both families' VXLAN allow-lists change on the
+same adds and removes: with more peers than that, neither does.
 
 The synthetic peers' public addresses come from the documentation ranges;
 no packet is ever sent to them (their entries are permanent, nothing floods).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -71,7 +76,7 @@ def synthetic_lease(index: int, *, dual: bool = False) -> Lease:
         1,
         mac,
         ipv6_subnet=subnet6,
-        public_ipv6=PUBLIC_POOL6 + index + 1,
+        public_ipv6=PUBLIC_POOL6 + index % len(PUBLIC_POOL) + 1,
         vtep_mac_v6=mac[:-2] + "06",
     )
 
@@ -241,18 +246,43 @@ HEADER = (
 )
 
 
+def _figures(result: CpResult) -> list[float]:
+    return [
+        result.cold_start,
+        result.add_p50,
+        result.add_p99,
+        result.remove_p50,
+        result.remove_p99,
+        result.peak_rss_mb,
+        result.idle_cpu_pct,
+    ]
+
+
+def ratios(dual: CpResult, v4: CpResult) -> list[float]:
+    """Dual-stack's figures over IPv4-only's, in the table's column order
+    (NaN where IPv4's figure is 0)."""
+    return [a / b if b > 0 else math.nan for a, b in zip(_figures(dual), _figures(v4), strict=True)]
+
+
+def _ratio_cells(values: list[float]) -> str:
+    return " | ".join("  n/a" if math.isnan(v) else f"{v:5.2f}x" for v in values)
+
+
 def ratio_row(dual: CpResult, v4: CpResult) -> str:
     """Dual-stack's figures over IPv4-only's, measured in the same run."""
+    return f"| dual/v4 | {dual.peers:>6} | {_ratio_cells(ratios(dual, v4))} |"
 
-    def r(a: float, b: float) -> str:
-        return f"{a / b:5.2f}x" if b > 0 else "  n/a"
 
-    return (
-        f"| dual/v4 | {dual.peers:>6} | {r(dual.cold_start, v4.cold_start)}"
-        f" | {r(dual.add_p50, v4.add_p50)} | {r(dual.add_p99, v4.add_p99)}"
-        f" | {r(dual.remove_p50, v4.remove_p50)} | {r(dual.remove_p99, v4.remove_p99)}"
-        f" | {r(dual.peak_rss_mb, v4.peak_rss_mb)} | {r(dual.idle_cpu_pct, v4.idle_cpu_pct)} |"
-    )
+def median_ratio_row(peers: int, rounds: list[list[float]]) -> str:
+    """The median, per column, of the ratios of interleaved rounds."""
+    columns = zip(*rounds, strict=True)
+    medians = [
+        statistics.median(known)
+        if (known := [v for v in column if not math.isnan(v)])
+        else math.nan
+        for column in columns
+    ]
+    return f"| median of {len(rounds)} | {peers:>6} | {_ratio_cells(medians)} |"
 
 
 def logged_underlay6(log: str) -> str | None:

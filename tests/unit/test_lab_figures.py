@@ -248,3 +248,27 @@ def test_each_family_route_is_summarised_alone() -> None:
     assert found["IPv4"] == (0.020, 0.030)
     assert found["IPv6"] == (0.050, 0.090)
     assert list(cpbench.per_family([[0.01], [0.02]])) == ["IPv4"]
+
+
+def test_cpbench_rounds_report_the_median_of_their_ratios_and_skip_a_zero_baseline() -> None:
+    def result(scale: float, idle: float) -> cpbench.CpResult:
+        return cpbench.CpResult(
+            family="v4",
+            peers=5000,
+            cold_start=2.0 * scale,
+            add_p50=0.010 * scale,
+            add_p99=0.020 * scale,
+            remove_p50=0.005 * scale,
+            remove_p99=0.010 * scale,
+            peak_rss_mb=100.0,
+            idle_cpu_pct=idle,
+        )
+
+    base = result(1.0, 0.0)  # no idle CPU measured: that ratio is n/a, not infinite
+    rounds = [cpbench.ratios(result(s, 0.1), base) for s in (1.2, 3.0, 1.4)]
+    assert rounds[0][1] == pytest.approx(1.2)
+    row = cpbench.median_ratio_row(5000, rounds)
+    assert (
+        row
+        == "| median of 3 |   5000 |  1.40x |  1.40x |  1.40x |  1.40x |  1.40x |  1.00x |   n/a |"
+    )
