@@ -22,7 +22,8 @@ from overlayd.model import IPV4, IPV6
 from overlayd.plan.cluster import family_plan
 from overlayd.plan.desired import device_spec
 from overlayd.plan.diagnose import CertificateExpiry, FilterFacts, Finding, HostFacts, diagnose
-from overlayd.plan.leases import config_key, read_lease, select_peers, subnet_key, subnets_prefix
+from overlayd.plan.leases import config_key, read_lease, subnet_key, subnets_prefix
+from overlayd.plan.selection import select_peers
 from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
 from overlayd.store.etcd import EtcdStore, StoreUnavailable

@@ -171,6 +171,17 @@ class PeerPlan:
     unreachable: Sequence[Peer]  # host-gw peers off the underlay's link: no route
 
 
+@dataclass(frozen=True, slots=True)
+class PeerMoves:
+    """How a plan kept across passes got its peers from the plan `before`:
+    the peers that left and joined, each with whether it is reached
+    directly (a peer that gets no route is in neither)."""
+
+    before: PeerPlan
+    left: tuple[tuple[Peer, bool], ...]
+    joined: tuple[tuple[Peer, bool], ...]
+
+
 def plan_peers(peers: Sequence[Peer], routing: Routing) -> PeerPlan:
     if routing.backend == "vxlan" and not routing.direct_routing:
         return PeerPlan(tuple(peers), (), ())

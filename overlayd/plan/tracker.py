@@ -86,6 +86,12 @@ class EntryTracker:
             {name: tracker.actual or {} for name, tracker in self._trackers.items()}
         )
 
+    def believes(self, entries: EntrySet) -> bool:
+        """Whether what we believe the kernel holds is `entries`' very
+        tables (the objects, not equal ones): a plan moved from them by a
+        delta then has the delta as its pending changes."""
+        return all(self._trackers[kind.name].actual is entries.table(kind) for kind in KINDS)
+
     def replace_desired(self, desired: EntrySet) -> None:
         for kind in KINDS:
             self._trackers[kind.name].replace_desired(desired.table(kind))

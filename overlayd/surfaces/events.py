@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from overlayd.model import Lease
+from overlayd.plan.desired import PeerMoves, PeerPlan
 
 log = logging.getLogger("overlayd.surfaces.telemetry")
 
@@ -56,12 +57,25 @@ class PeerChanges:
         self.peers: dict[str, dict[str, Any]] = {}
         # id(lease) -> (lease, direct, subnet text, view): see update.
         self._views: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
+        self._plan: PeerPlan | None = None  # the plan the views are of, if known
 
-    def update(self, tunneled: Sequence[Lease], direct: Sequence[Lease]) -> None:
+    def update(
+        self,
+        tunneled: Sequence[Lease],
+        direct: Sequence[Lease],
+        *,
+        plan: PeerPlan | None = None,
+        moved: PeerMoves | None = None,
+    ) -> None:
         """Runs after every pass, light ones included, so views are memoized
         by lease object (the parse cache hands back the same object for an
         unchanged lease): with thousands of peers, rebuilding them all would
-        cost tens of milliseconds a pass."""
+        cost tens of milliseconds a pass. Better still, `moved` from the
+        very plan these views are of touches only the peers that moved."""
+        previous, self._plan = self._plan, plan
+        if moved is not None and previous is not None and moved.before is previous:
+            self._move(moved)
+            return
         fresh: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
         now: dict[str, dict[str, Any]] = {}
         for is_direct, group in ((False, tunneled), (True, direct)):
@@ -82,4 +96,35 @@ class PeerChanges:
             for subnet, view in self.peers.items():
                 if subnet not in now:
                     self._bus.emit("peer_removed", view)
+        self.peers = now
+
+    def _move(self, moved: PeerMoves) -> None:
+        before = self.peers
+        now = dict(before)  # handed out as `peers`: never changed in place
+        touched: dict[str, None] = {}
+        for peer, _ in moved.left:
+            self._views.pop(id(peer), None)
+            subnet = str(peer.subnet)
+            now.pop(subnet, None)
+            touched[subnet] = None
+        for peer, is_direct in moved.joined:
+            # The IPv4 plan's peers are the leases themselves.
+            lease = cast(Lease, peer)
+            found = (lease, is_direct, str(lease.subnet), peer_view(lease, direct=is_direct))
+            self._views[id(peer)] = found
+            now[found[2]] = found[3]
+            touched[found[2]] = None
+        if self._bus.listeners:
+            for subnet in touched:
+                view, was = now.get(subnet), before.get(subnet)
+                if view is None:
+                    continue
+                if was is None:
+                    self._bus.emit("peer_added", view)
+                elif was is not view and was != view:
+                    self._bus.emit("peer_changed", {**view, "before": was})
+            for subnet in touched:
+                was = before.get(subnet)
+                if was is not None and subnet not in now:
+                    self._bus.emit("peer_removed", was)
         self.peers = now

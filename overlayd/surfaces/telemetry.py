@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from overlayd import __version__
 from overlayd.model import IPV4, Change, Entry, Family, Lease, kind_of
+from overlayd.plan.desired import PeerMoves, PeerPlan
 from overlayd.surfaces.events import EventBus, EventListener, PeerChanges, peer_view
 
 # A pass is "stuck" (healthz fails, the watchdog starves) after this long.
@@ -266,9 +267,18 @@ class Telemetry:
         self.skipped = dict(rejected)
         self.m_skipped.set(len(rejected))
 
-    def peers_programmed(self, tunneled: Sequence[Lease], direct: Sequence[Lease]) -> None:
-        """The peers after a successful pass; emits added/changed/removed."""
-        self._peer_changes.update(tunneled, direct)
+    def peers_programmed(
+        self,
+        tunneled: Sequence[Lease],
+        direct: Sequence[Lease],
+        *,
+        plan: PeerPlan | None = None,
+        moved: PeerMoves | None = None,
+    ) -> None:
+        """The peers after a successful pass; emits added/changed/removed.
+        `plan` and `moved` (the plan they are of, and how it moved from the
+        last one) let a light pass touch only the peers that moved."""
+        self._peer_changes.update(tunneled, direct, plan=plan, moved=moved)
         self.m_peers.labels("vxlan").set(len(tunneled))
         self.m_peers.labels("direct").set(len(direct))
 

@@ -36,10 +36,10 @@ from overlayd.plan.leases import (
     parse_lease_key,
     read_lease,
     render_lease,
-    select_peers,
     subnet_key,
     subnet_key_range,
 )
+from overlayd.plan.selection import select_peers
 from overlayd.surfaces.subnetfile import subnet_file_for
 from tests.unit.fake_store import FakeStore
 from tests.unit.test_loop import FakeDataplane

@@ -17,9 +17,9 @@ from overlayd.plan.leases import (
     parse_lease,
     parse_subnet_key,
     render_lease,
-    select_peers,
     subnet_key,
 )
+from overlayd.plan.selection import select_peers
 
 PREFIX = "/coreos.com/network"
 CONFIG = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"VNI": 1}}')

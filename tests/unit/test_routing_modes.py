@@ -16,7 +16,8 @@ from overlayd.plan.desired import (
     max_overlay_mtu,
     plan_peers,
 )
-from overlayd.plan.leases import parse_lease, render_lease, select_peers, subnet_key
+from overlayd.plan.leases import parse_lease, render_lease, subnet_key
+from overlayd.plan.selection import select_peers
 
 HOST_GW = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
 VXLAN = parse_network_config('{"Network": "10.244.0.0/16"}')

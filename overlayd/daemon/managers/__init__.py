@@ -24,7 +24,7 @@ from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
 from overlayd.plan.cluster import ClusterPlan
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import HostFacts
-from overlayd.plan.leases import PeerSelection
+from overlayd.plan.selection import Selected
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
 
@@ -97,7 +97,7 @@ class PassContext:
     # The leases selected and each family's plan (by version), made once per
     # pass by the first manager that needs them (managers.peers.PeerProjection),
     # so that all of them see the same peers.
-    selection: PeerSelection | None = None
+    selected: Selected | None = None
     # VXLAN allow-list element changes queued for one nft run (FilterWrites).
     filter_writes: list[tuple[FilterSpec, ElementChanges]] = field(default_factory=list)
     planned: dict[int, ClusterPlan] = field(default_factory=dict)

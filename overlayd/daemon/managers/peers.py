@@ -19,10 +19,9 @@ from typing import cast
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
 from overlayd.model import IPV4, Family, IPNetwork, Lease, Observed
-from overlayd.plan.cluster import ClusterPlan, family_plan
-from overlayd.plan.desired import EntryMemo
+from overlayd.plan.cluster import ClusterPlan, FamilyPlanner
 from overlayd.plan.diff import diff
-from overlayd.plan.leases import ParseCache, select_peers
+from overlayd.plan.selection import PeerSelector
 from overlayd.plan.tracker import EntryTracker
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -32,15 +31,18 @@ log = logging.getLogger("overlayd.daemon.loop")
 class PeerProjection:
     """The peers of a pass: the cluster plan over the mirror's leases, made
     once per pass and shared by every manager that needs it (the VXLAN
-    allow-list on both sides of the entries, and the entries), with the
-    caches that make it cheap across passes."""
+    allow-list on both sides of the entries, and the entries).
+
+    Kept across passes (plan/selection.py, plan/cluster.py): a light pass
+    moves the selection and each family's plan by the leases that changed,
+    so that one peer joining thousands costs about one peer's work; a check
+    or full pass applies the whole rule again."""
 
     def __init__(self, dataplane: DataplanePort) -> None:
         self._dataplane = dataplane
-        self._parse_cache: ParseCache = {}
-        # Per family (by version): the entries of leases seen before, and
-        # the underlay's connected networks.
-        self._entry_memo: dict[int, EntryMemo] = {}
+        self._selector = PeerSelector()
+        self._planners: dict[int, FamilyPlanner] = {}
+        # Per family (by version): the underlay's connected networks.
         self._onlink: dict[int, tuple[IPNetwork, ...]] = {}
 
     async def plan(self, context: PassContext, family: Family = IPV4) -> ClusterPlan:
@@ -48,14 +50,6 @@ class PeerProjection:
         if found is not None:
             return found
         inputs = context.inputs
-        if context.selection is None:
-            context.selection = select_peers(
-                inputs.config,
-                inputs.own,
-                inputs.raw_leases,
-                inputs.etcd_prefix,
-                cache=self._parse_cache,
-            )
         onlink = self._onlink.get(family.version)
         if context.level >= Level.CHECK or onlink is None:
             # Which peers are on our link decides direct routes; the underlay's
@@ -63,16 +57,31 @@ class PeerProjection:
             onlink = self._onlink[family.version] = tuple(
                 await self._dataplane.connected_networks(inputs.spec.underlay_ifindex, family)
             )
-        planned = context.planned[family.version] = family_plan(
-            context.selection,
-            family,
+        if context.selected is None:
+            context.selected = self._selector.select(
+                inputs.config,
+                inputs.own,
+                inputs.raw_leases,
+                inputs.etcd_prefix,
+                full=context.level >= Level.CHECK,
+            )
+        planner = self._planners.get(family.version)
+        if planner is None:
+            planner = self._planners[family.version] = FamilyPlanner(family)
+        planned = context.planned[family.version] = planner.plan(
+            context.selected,
             inputs.config,
             onlink,
             inputs.etcd_prefix,
             underlay=inputs.spec.underlay,
-            memo=self._entry_memo.setdefault(family.version, {}),
         )
         return planned
+
+    def forget(self) -> None:
+        """Plan from scratch next time (after a failed pass)."""
+        self._selector.forget()
+        for planner in self._planners.values():
+            planner.forget()
 
 
 class PeerEntryManager:
@@ -105,7 +114,13 @@ class PeerEntryManager:
         if context.level >= Level.FULL or prior is None:
             self.tracker.replace_actual(await self._dataplane.read_entries(inputs.spec, family))
         self.tracker.replace_desired(planned.desired)
-        changes = self.tracker.changes()
+        base = planned.base
+        if planned.delta is not None and base is not None and self.tracker.believes(base):
+            # A light pass's plan moved by the leases that changed, from the
+            # very tables we believe the kernel holds: its delta is the diff.
+            changes = list(planned.delta)
+        else:
+            changes = self.tracker.changes()
         # Believed before it is true, so that the netlink events of our own
         # changes, which may arrive while the batch still runs, are
         # recognised as ours.
@@ -125,7 +140,10 @@ class PeerEntryManager:
             context.peers = len(peers.tunneled) + len(peers.direct)
             # The IPv4 plan's peers are the leases themselves.
             self._telemetry.peers_programmed(
-                cast(Sequence[Lease], peers.tunneled), cast(Sequence[Lease], peers.direct)
+                cast(Sequence[Lease], peers.tunneled),
+                cast(Sequence[Lease], peers.direct),
+                plan=peers,
+                moved=planned.moved,
             )
         else:
             context.peers6 = len(peers.tunneled) + len(peers.direct)
@@ -163,3 +181,4 @@ class PeerEntryManager:
 
     def forget(self) -> None:
         self.tracker.forget()
+        self._projection.forget()

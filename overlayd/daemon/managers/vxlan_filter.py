@@ -49,7 +49,6 @@ from overlayd.plan.vxlan_filter import (
     SET,
     ElementChanges,
     FilterSpec,
-    allowed_sources,
     element_changes,
     filter_spec,
 )
@@ -94,7 +93,7 @@ class VxlanAllowList:
             return
         assert self.believed is not None
         planned = await self._projection.plan(context, self.family)
-        desired = allowed_sources(planned.peers)
+        desired = planned.sources
         new = element_changes(desired, self.believed).add
         if new:
             # Written by the next `FilterWrites`, with the other family's, in
