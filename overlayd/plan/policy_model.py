@@ -1,0 +1,184 @@
+"""Network policy and endpoint values: what a policy document and an
+endpoint registration mean once validated (Kubernetes NetworkPolicy
+semantics, for containers of any engine).
+
+Parsing untrusted documents into these types is plan/policy.py's job, the
+verdict for a packet too; rendering them into nftables is
+plan/policy_rules.py's. Everything here is an immutable value with the one
+piece of behaviour every part needs: whether a selector selects a set of
+labels.
+
+Keys under overlayd's own prefix (`/overlayd` by default, never flannel's):
+
+    <own>/endpoints/<host>/<id>   an endpoint; <host> is the flannel subnet
+                                  id of the host's lease ("10.244.1.0-24"),
+                                  <id> the container (CNI) or endpoint
+                                  (Docker) id; bound to the host's etcd lease
+    <own>/policies/<name>         a policy document (canonical JSON)
+    <own>/status/<host>           the etcd revision the host has enforced
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+
+from overlayd.model import IPAddress, IPNetwork
+
+
+class Operator(enum.Enum):
+    """matchExpressions operators, spelled as Kubernetes spells them."""
+
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    key: str
+    operator: Operator
+    values: frozenset[str] = frozenset()  # empty for Exists and DoesNotExist
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator is Operator.IN:
+            return labels.get(self.key) in self.values
+        if self.operator is Operator.NOT_IN:
+            # Kubernetes: NotIn also selects an object without the key.
+            return labels.get(self.key) not in self.values
+        if self.operator is Operator.EXISTS:
+            return self.key in labels
+        return self.key not in labels
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """matchLabels and matchExpressions, ANDed; the empty selector selects
+    every endpoint."""
+
+    match_labels: tuple[tuple[str, str], ...] = ()  # sorted by key
+    match_expressions: tuple[Requirement, ...] = ()  # sorted by (key, operator, values)
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.match_labels) and all(
+            requirement.matches(labels) for requirement in self.match_expressions
+        )
+
+    def canonical(self) -> str:
+        """A stable text for the selector: equal selectors, however written,
+        give the same text (and share one nftables set)."""
+        labels = ",".join(f"{k}={v}" for k, v in self.match_labels)
+        expressions = ",".join(
+            f"{r.key} {r.operator.value} ({','.join(sorted(r.values))})"
+            for r in self.match_expressions
+        )
+        return f"{{{labels}}}{{{expressions}}}"
+
+
+class Protocol(enum.Enum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """One `ports` entry: a protocol, and a port or a range of ports (`port`
+    and `endPort`); no port means every port of the protocol."""
+
+    protocol: Protocol = Protocol.TCP
+    first: int | None = None
+    last: int | None = None  # == first for a single port
+
+    def matches(self, protocol: Protocol, port: int) -> bool:
+        if protocol is not self.protocol:
+            return False
+        if self.first is None or self.last is None:
+            return True
+        return self.first <= port <= self.last
+
+
+@dataclass(frozen=True, slots=True)
+class SelectorPeer:
+    """Endpoints whose labels the selector selects."""
+
+    selector: LabelSelector
+
+
+@dataclass(frozen=True, slots=True)
+class IpBlock:
+    """Addresses in `cidr` but in none of `excepts` (all of cidr's family,
+    each inside cidr)."""
+
+    cidr: IPNetwork
+    excepts: tuple[IPNetwork, ...] = ()
+
+    def contains(self, address: IPAddress) -> bool:
+        if address.version != self.cidr.version or address not in self.cidr:
+            return False
+        return not any(address in block for block in self.excepts)
+
+
+PolicyPeer = SelectorPeer | IpBlock
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One ingress or egress rule. `peers` None: from (or to) anywhere, as a
+    missing or empty `from`/`to`; `ports` None: every port and protocol."""
+
+    peers: tuple[PolicyPeer, ...] | None = None
+    ports: tuple[PortRange, ...] | None = None
+
+
+class Direction(enum.Enum):
+    INGRESS = "Ingress"
+    EGRESS = "Egress"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy. `types`: the directions it isolates the selected
+    endpoints in (policyTypes; by Kubernetes' default Ingress, plus Egress
+    when the document has egress rules). A direction in `types` with no
+    rules allows nothing in that direction."""
+
+    name: str
+    selector: LabelSelector
+    types: frozenset[Direction]
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+
+    def rules(self, direction: Direction) -> tuple[Rule, ...]:
+        return self.ingress if direction is Direction.INGRESS else self.egress
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A container the cluster knows: registered by the host that runs it
+    (overlay-cni on ADD, the Docker plugin on Join), removed on DEL, gone
+    with the host's etcd lease."""
+
+    key: str  # its etcd key
+    id: str  # container or endpoint id (the key's last segment)
+    host: str  # the host's lease subnet id, e.g. "10.244.1.0-24"
+    name: str  # the container's name, for people and `policy check`
+    addresses: tuple[IPAddress, ...]  # inside the host's subnets, one or two families
+    labels: Mapping[str, str] = field(default_factory=dict)
+    registered: float = 0.0  # unix time
+    hostname: str = ""  # the host's name, informational
+
+
+@dataclass(frozen=True, slots=True)
+class HostSubnets:
+    """What an endpoint's addresses must lie in: its host's leased subnets."""
+
+    subnet: IPv4Network
+    subnet6: IPv6Network | None = None
+
+    def holds(self, address: IPAddress) -> bool:
+        network: IPNetwork | None = self.subnet if address.version == 4 else self.subnet6
+        return network is not None and address in network
