@@ -438,9 +438,9 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
     )
     print(cpbench.HEADER)
     duals = {"v4": (False,), "dual": (True,), "both": (False, True)}[args.family]
-    rounds = args.rounds if len(duals) == 2 else 1
-    if rounds < 1:
-        print("--rounds must be at least 1", file=sys.stderr)
+    rounds = args.rounds
+    if rounds < 1 or (rounds > 1 and len(duals) != 2):
+        print("--rounds must be at least 1, and more only with --family both", file=sys.stderr)
         return 2
     dual_results: list[cpbench.CpResult] = []
     for peers in args.peers:

@@ -10,8 +10,9 @@ family's view of the peers.
 `FamilyPlanner` keeps one family's plan across the reconcile loop's passes:
 given the peers that left and joined (`SelectionDelta`), it changes the
 plan by their entries alone and says which entry changes that makes, so
-that a peer joining a cluster of thousands costs work for one peer, not a
-plan and a diff of thousands. Anything else is `family_plan` again."""
+that a peer joining a cluster of thousands costs the Python work of one
+peer (plus C-level copies of the tables), not a plan and a diff of
+thousands. Anything else is `family_plan` again."""
 
 from __future__ import annotations
 
@@ -97,10 +98,8 @@ def family_plan(
     """One family's entries from a selection of leases. `onlink`: the
     underlay's connected networks of that family (host-gw, DirectRouting)."""
     peers: Sequence[Peer] = selection.peers if family is IPV4 else selection.peers6
-    rejected = _rejected_of(selection, family)
     plan = plan_peers(peers, Routing.of(config, onlink))
-    for peer in plan.unreachable:
-        rejected[_key(peer, etcd_prefix)] = _unreachable(peer, family, underlay)
+    rejected = _rejected_with_unreachable(selection, family, plan, etcd_prefix, underlay)
     desired = desired_entries(plan.tunneled, direct=plan.direct, memo=memo)
     without = selection.without_ipv6 if family is not IPV4 else ()
     return ClusterPlan(desired, plan, rejected, without, allowed_sources(plan))
@@ -128,6 +127,15 @@ def _unreachable(peer: Peer, family: Family, underlay: str) -> str:
         f"{public} {peer.public_ip} is not on {underlay or 'the underlay'}'s"
         " link: host-gw cannot route to it, so it gets no route"
     )
+
+
+def _rejected_with_unreachable(
+    selection: PeerSelection, family: Family, peers: PeerPlan, etcd_prefix: str, underlay: str
+) -> dict[str, str]:
+    rejected = _rejected_of(selection, family)
+    for stuck in peers.unreachable:
+        rejected[_key(stuck, etcd_prefix)] = _unreachable(stuck, family, underlay)
+    return rejected
 
 
 def _rejected_of(selection: PeerSelection, family: Family) -> dict[str, str]:
@@ -222,6 +230,20 @@ class FamilyPlanner:
         removed, added = (
             (delta.removed, delta.added) if self.family is IPV4 else (delta.removed6, delta.added6)
         )
+        if not removed and not added:
+            kept = self._plan
+            return ClusterPlan(
+                base,
+                kept.peers,
+                _rejected_with_unreachable(
+                    selection, self.family, kept.peers, etcd_prefix, underlay
+                ),
+                selection.without_ipv6 if self.family is not IPV4 else (),
+                kept.sources,
+                (),
+                base,
+                PeerMoves(kept.peers, (), ()),
+            )
         tables: dict[str, dict[Hashable, Entry]] = {
             kind.name: dict(base.table(kind)) for kind in KINDS
         }
@@ -271,16 +293,12 @@ class FamilyPlanner:
             pending[kind] = (write, drop)
         tunneled, direct, unreachable = (tuple(group.values()) for group in self._groups)
         peers = PeerPlan(tunneled, direct, unreachable)
-        rejected = _rejected_of(selection, self.family)
-        for stuck in unreachable:
-            rejected[_key(stuck, etcd_prefix)] = _unreachable(stuck, self.family, underlay)
-        changed = removed or added
         return ClusterPlan(
-            EntrySet.from_tables(tables) if changed else base,
+            EntrySet.from_tables(tables),
             peers,
-            rejected,
+            _rejected_with_unreachable(selection, self.family, peers, etcd_prefix, underlay),
             selection.without_ipv6 if self.family is not IPV4 else (),
-            frozenset(self._sources) if changed else self._plan.sources,
+            frozenset(self._sources),
             tuple(ordered_changes(pending)),
             base,
             PeerMoves(self._plan.peers, tuple(left), tuple(joined)),

@@ -10,11 +10,16 @@ VTEP MAC used twice) only one, or none, is kept.
 `PeerSelector` keeps a selection across the reconcile loop's passes. When
 the leases that changed since the last pass conflict with no other lease,
 the first group of checks decides them alone, so it updates its selection
-in O(changed leases) and says which peers went and came
+by deciding only those leases, and says which peers went and came
 (`SelectionDelta`), which lets each family's plan change by as little
-(plan/cluster.py). Whenever a conflict is in sight, or the network or our
-own lease changed, it applies the whole rule again. The property test in
-tests/unit/test_incremental_plan.py holds both ways to the same answer.
+(plan/cluster.py). What stays proportional to the number of leases is
+C-level work: finding the changed keys by set operations, copying tuples.
+Whenever a conflict is in sight, or the network or our own lease changed,
+it applies the whole rule again; so does every pass while any two leases
+conflict (a stale lease overlapping another, say), until one of them goes.
+The property test in tests/unit/test_incremental_plan.py holds both ways
+to the same answer (as sets: the kept way lists peers in the order they
+came, the rule by subnet).
 """
 
 from __future__ import annotations
@@ -133,8 +138,12 @@ def _parse_cached(key: str, value: bytes, etcd_prefix: str, cache: ParseCache | 
     return hit
 
 
-# What the checks of one lease on its own say (besides a reason to reject it).
-_OWN = ""  # this host's own lease: neither a peer nor rejected
+class _Own:
+    """The verdict on this host's own lease: neither a peer nor rejected (a
+    sentinel, so that no reason text, not even an empty one, can mean it)."""
+
+
+_OWN = _Own()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +178,7 @@ class _Basis:
             config.backend.type,
         )
 
-    def verdict(self, parsed: _Parsed) -> str | None:
+    def verdict(self, parsed: _Parsed) -> str | _Own | None:
         """None for a candidate peer, `_OWN` for our own lease, otherwise
         why the lease is rejected."""
         lease, first, last = parsed.lease, parsed.first, parsed.last
@@ -217,8 +226,9 @@ class _Basis6:
     @classmethod
     def of(cls, config: NetworkConfig, own: Lease | None) -> _Basis6 | None:
         """None when this host has no IPv6 lease: nothing is selected for IPv6."""
-        if config.ipv6 is None or own is None or own.ipv6_subnet is None:
+        if config.ipv6 is None or own is None or not own.has_ipv6:
             return None
+        assert own.ipv6_subnet is not None
         network, mine = config.ipv6.network, own.ipv6_subnet
         return cls(
             network,
@@ -281,7 +291,7 @@ def _select(
         reason = basis.verdict(parsed)
         if reason is None:
             candidates.append((parsed.first, parsed.last, key, parsed))
-        elif reason != _OWN:
+        elif not isinstance(reason, _Own):
             rejected.append(Rejected(key=key, reason=reason))
     conflicts = False
     # By start, then the larger (shorter prefix) first.
@@ -395,7 +405,8 @@ class _Kept:
     decided against all the others without looking at them: the kept
     peers' IPv4 ranges in order, and the MACs and IPv6 subnets in use.
 
-    Invariant: equal to the rule's answer over `raw` with no conflicts;
+    Invariant: equal, as sets, to the rule's answer over `raw`, which has
+    no conflicts;
     `update` keeps it or gives up (returns None), and a given-up `_Kept`
     is thrown away."""
 
@@ -514,7 +525,7 @@ class _Kept:
         conflicts with one (only the whole rule decides that)."""
         reason = self.basis.verdict(parsed)
         if reason is not None:
-            if reason != _OWN:
+            if not isinstance(reason, _Own):
                 self.rejected[key] = reason
             return True
         lease, first, last = parsed.lease, parsed.first, parsed.last

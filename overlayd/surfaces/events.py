@@ -72,9 +72,10 @@ class PeerChanges:
         unchanged lease): with thousands of peers, rebuilding them all would
         cost tens of milliseconds a pass. Better still, `moved` from the
         very plan these views are of touches only the peers that moved."""
-        previous, self._plan = self._plan, plan
+        previous, self._plan = self._plan, None  # the plan is known again once this is done
         if moved is not None and previous is not None and moved.before is previous:
             self._move(moved)
+            self._plan = plan
             return
         fresh: dict[int, tuple[Lease, bool, str, dict[str, Any]]] = {}
         now: dict[str, dict[str, Any]] = {}
@@ -97,6 +98,7 @@ class PeerChanges:
                 if subnet not in now:
                     self._bus.emit("peer_removed", view)
         self.peers = now
+        self._plan = plan
 
     def _move(self, moved: PeerMoves) -> None:
         before = self.peers
