@@ -20,10 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine, Mapping
 from functools import partial
+from typing import Any
 from ipaddress import IPv4Network, IPv6Network
 
 from overlayd.config import AgentConfig, parse_network_config
+from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.daemon.loop import PassResult, Reconciler, standard_managers
@@ -31,12 +34,15 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
+from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, IPV6, NetworkConfig, Underlay
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
+from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
 from overlayd.plan.leases import config_key, subnets_prefix
+from overlayd.plan.policy import policies_prefix
 from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
@@ -95,6 +101,8 @@ class Agent:
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
+        self.endpoints: EndpointRegistry | None = None  # once a lease is held
+        self._background: set[asyncio.Task[Any]] = set()
         self.subnet_file = SubnetFileWriter(settings.subnet_file)
         self._config_key = config_key(settings.etcd_prefix)
         self._subnets = subnets_prefix(settings.etcd_prefix)
@@ -120,7 +128,12 @@ class Agent:
             await stack.enter_async_context(
                 serve_control(
                     s.control_socket,
-                    {"status": self.telemetry.status, "peers": self.telemetry.peer_list},
+                    {
+                        "status": lambda args: self.telemetry.status(),
+                        "peers": lambda args: self.telemetry.peer_list(),
+                        "endpoint_add": self._endpoint_add,
+                        "endpoint_del": self._endpoint_del,
+                    },
                 )
             )
             if s.metrics_address is not None:
@@ -131,6 +144,21 @@ class Agent:
                 group.create_task(self._heartbeat(), name="heartbeat")
                 group.create_task(self.notifier.feed_watchdog(self.telemetry), name="watchdog")
                 await self._start(group)
+
+    async def _endpoint_add(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        if self.endpoints is None or not self.ready.is_set():
+            raise OverlaydError("overlayd is not ready yet (no lease programmed)")
+        return await self.endpoints.register(args)
+
+    async def _endpoint_del(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        if self.endpoints is None:
+            raise OverlaydError("overlayd is not ready yet (no lease held)")
+        return await self.endpoints.unregister(args)
+
+    def _in_background(self, job: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(job, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -261,6 +289,10 @@ class Agent:
             etcd_prefix=s.etcd_prefix,
             config_key=self._config_key,
             leases=self.mirror.collection(self._subnets),
+            own_prefix=s.overlayd_prefix,
+            endpoints=self.mirror.collection(endpoints_prefix(s.overlayd_prefix)),
+            policies=self.mirror.collection(policies_prefix(s.overlayd_prefix)),
+            revision=partial(self.mirror.revision_of, s.overlayd_prefix),
         )
         reconciler = self.reconciler = Reconciler(
             host,
@@ -269,6 +301,18 @@ class Agent:
             managers=standard_managers(self.dataplane, self.telemetry, vxlan_filter=s.vxlan_filter),
         )
         keeper = self._wire(host, reconciler, leaser, held)
+        self.endpoints = EndpointRegistry(
+            self.store,
+            own_prefix=s.overlayd_prefix,
+            state_dir=s.control_socket.parent / "endpoints",
+            own=lambda: host.own,
+            lease_id=lambda: keeper.held.lease_id,
+            enforcer=reconciler,
+        )
+        self.mirror.subscribe(
+            endpoints_prefix(s.overlayd_prefix) + host_id(held.lease.subnet) + "/",
+            self.endpoints.etcd_changed,
+        )
         self.notifier.status(f"programming {held.lease.subnet}")
         first = await reconciler.reconcile_once()
         while not first.ok:
@@ -289,6 +333,8 @@ class Agent:
         )
         self.ready.set()
         self.notifier.ready(f"subnet {held.lease.subnet}, {first.peers} peers")
+        # Endpoints registered before a restart: bound to this run's lease now.
+        self._in_background(self.endpoints.republish(), "endpoints-republish")
         group.create_task(keeper.run(), name="keep-alive")
         group.create_task(
             self.dataplane.monitor.run(partial(self._owned_names, host), reconciler.note_drift),
@@ -354,6 +400,9 @@ class Agent:
         def new_lease(held: HeldLease) -> None:
             host.lease_changed(held.lease)
             reconciler.mark_dirty(full=True)
+            # The old etcd lease took this host's endpoint keys with it.
+            if self.endpoints is not None:
+                self._in_background(self.endpoints.republish(), "endpoints-republish")
 
         keeper = LeaseKeeper(
             leaser,
@@ -375,9 +424,15 @@ class Agent:
             keeper.own_key_changed(key, value)
             reconciler.mark_dirty(event_at=time.monotonic())
 
+        def policy_event(key: str, value: bytes | None) -> None:
+            reconciler.mark_dirty(event_at=time.monotonic())
+
         host.on_lease_doubt.append(keeper.doubt)
         self.mirror.subscribe(self._config_key, config_event)
         self.mirror.subscribe(self._subnets, lease_event)
+        own = self.settings.overlayd_prefix
+        self.mirror.subscribe(endpoints_prefix(own), policy_event)
+        self.mirror.subscribe(policies_prefix(own), policy_event)
         self.mirror.on_relist.append(partial(reconciler.mark_dirty, full=True))
         # A config written between the mirror's listing and these
         # subscriptions reached no one: look at the current value once.

@@ -32,6 +32,10 @@ class HostState:
         etcd_prefix: str,
         config_key: str,
         leases: Mapping[str, bytes],
+        own_prefix: str = "/overlayd",
+        endpoints: Mapping[str, bytes] | None = None,
+        policies: Mapping[str, bytes] | None = None,
+        revision: Callable[[], int] = lambda: 0,
     ) -> None:
         self._host = host
         self._underlay = underlay
@@ -39,6 +43,10 @@ class HostState:
         self._etcd_prefix = etcd_prefix
         self._config_key = config_key
         self.raw_leases = leases
+        self._own_prefix = own_prefix
+        self.raw_endpoints: Mapping[str, bytes] = endpoints if endpoints is not None else {}
+        self.raw_policies: Mapping[str, bytes] = policies if policies is not None else {}
+        self._revision = revision
         self._rejected_config: bytes | None = None
         # Called with the new Host after every change.
         self.on_change: list[Callable[[Host], None]] = []
@@ -70,6 +78,14 @@ class HostState:
     @property
     def etcd_prefix(self) -> str:
         return self._etcd_prefix
+
+    @property
+    def own_prefix(self) -> str:
+        return self._own_prefix
+
+    @property
+    def revision(self) -> int:
+        return self._revision()
 
     # --- the two writers -----------------------------------------------------
 

@@ -77,6 +77,10 @@ class Knowledge:
     egress: EgressSpec
     etcd_prefix: str
     raw_leases: Mapping[str, bytes] = field(default_factory=dict)
+    own_prefix: str = "/overlayd"
+    raw_endpoints: Mapping[str, bytes] = field(default_factory=dict)
+    raw_policies: Mapping[str, bytes] = field(default_factory=dict)
+    revision: int = 0
 
 
 def standard_managers(
@@ -138,6 +142,10 @@ class Reconciler:
         self.passes = 0
         self.drift_events = 0
         self.on_pass: Callable[[PassResult], None] | None = None
+        # The newest etcd revision a successful pass has put in force, and
+        # who waits for one (a registering container, `policy wait`).
+        self.enforced_revision = 0
+        self._enforced_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def mark_dirty(
         self, *, full: bool = False, check: bool = False, event_at: float | None = None
@@ -192,6 +200,7 @@ class Reconciler:
                 self._last_full = started
                 self.programmed = context.inputs
             self._succeeded_once = True
+            self._enforced(context.inputs.revision)
             if event_at is not None:
                 self.telemetry.watch_lag(time.monotonic() - event_at)
         except Exception as exc:  # any failure: re-read everything next pass
@@ -226,6 +235,34 @@ class Reconciler:
         if self.on_pass is not None:
             self.on_pass(outcome)
         return outcome
+
+    def _enforced(self, revision: int) -> None:
+        self.enforced_revision = max(self.enforced_revision, revision)
+        waiting = []
+        for wanted, future in self._enforced_waiters:
+            if wanted <= self.enforced_revision:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((wanted, future))
+        self._enforced_waiters = waiting
+
+    async def wait_enforced(self, revision: int, timeout: float) -> bool:
+        """Whether a pass puts the etcd state of `revision` (or later) in
+        force within `timeout` seconds; asks for a pass meanwhile."""
+        if revision <= self.enforced_revision:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enforced_waiters.append((revision, future))
+        self.mark_dirty()
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            return False
+        finally:
+            self._enforced_waiters = [w for w in self._enforced_waiters if w[1] is not future]
+        return True
 
     def _log_changes(self, changes: Sequence[Change]) -> None:
         for change in changes[:LOG_CHANGES_MAX]:

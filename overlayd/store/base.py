@@ -59,6 +59,21 @@ class Store(Protocol):
 
     async def put_many(self, items: Sequence[tuple[str, str]]) -> None: ...
 
+    async def put_bound(self, key: str, value: bytes, lease_id: int) -> int:
+        """Put the key bound to the lease (it goes when the lease does);
+        returns the revision of the write."""
+        ...
+
+    async def get_with_lease(self, key: str) -> tuple[bytes, int, int] | None:
+        """The value, its mod revision and the id of the lease it is bound to
+        (0: none), or None if absent."""
+        ...
+
+    async def replace_bound(self, key: str, value: bytes, mod_revision: int) -> bool:
+        """Write a new value to an existing key if nobody changed it since
+        `mod_revision`, keeping the lease it is bound to; atomic."""
+        ...
+
     async def delete(self, key: str) -> bool: ...
 
     async def grant(self, ttl: int) -> int: ...

@@ -518,6 +518,33 @@ class EtcdStore:
             failure=[],
         )
 
+    async def put_bound(self, key: str, value: bytes, lease_id: int) -> int:
+        result = await self._call("put", key.encode(), value, lease=lease_id)
+        return int(result.header.revision)
+
+    async def get_with_lease(self, key: str) -> tuple[bytes, int, int] | None:
+        result = await self._call("get_prefix", key.encode())
+        for kv in result:
+            if kv.key == key.encode():
+                return bytes(kv.value), int(kv.mod_revision), int(kv.lease)
+        return None
+
+    async def replace_bound(self, key: str, value: bytes, mod_revision: int) -> bool:
+        # aetcd's put has no ignore_lease (its request builder drops it), so
+        # the lease is read with the value and put back explicitly; the
+        # compare makes sure both are still the ones read.
+        found = await self.get_with_lease(key)
+        if found is None or found[1] != mod_revision:
+            return False
+        tx = _TX
+        succeeded, _ = await self._call(
+            "transaction",
+            compare=[tx.mod(key.encode()) == mod_revision],
+            success=[tx.put(key.encode(), value, lease=found[2] or None)],
+            failure=[],
+        )
+        return bool(succeeded)
+
     async def delete(self, key: str) -> bool:
         result = await self._call("delete", key.encode())
         return bool(result and result.deleted)

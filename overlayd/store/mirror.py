@@ -57,6 +57,12 @@ class Mirror:
         """The newest revision the mirror has seen, over all roots."""
         return max(self._revisions.values(), default=0)
 
+    def revision_of(self, prefix: str) -> int:
+        """The newest revision seen under the root that holds `prefix`: what
+        the mirror's values there reflect. (The newest over all roots could
+        be ahead of a root whose watch has not delivered an event yet.)"""
+        return self._revisions[self._root_of(prefix)]
+
     def _root_of(self, prefix: str) -> str:
         for root in self._roots:
             if prefix.startswith(root):

@@ -1,17 +1,21 @@
 """The control socket: how `overlayctl status` and `peers` ask the running
-daemon what it has done. A Unix stream socket, mode 0600 in a 0700
-directory, so only root can use it; one JSON request line, one JSON answer
-line. Read-only by design: changes go through etcd, where every host sees
-them."""
+daemon what it has done, and how overlay-cni registers a container as an
+endpoint. A Unix stream socket, mode 0600 in a 0700 directory, so only root
+can use it; one JSON request line (`{"command": ..., "args": {...}}`), one
+JSON answer line (`{"result": ...}` or `{"error": ...}`). Changes to the
+cluster go through etcd, where every host sees them; the only writes made
+here are a host's own endpoints, which the daemon writes because they are
+bound to the etcd lease it holds."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,21 @@ from overlayd.errors import OverlaydError
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 4096
-ASK_TIMEOUT_SECONDS = 5.0
-Handler = Callable[[], Any]
+# A registration carries labels: room for a few hundred of them.
+MAX_REQUEST_BYTES = 65536
+ASK_TIMEOUT_SECONDS = 15.0  # a registration waits up to 10 s for its pass
+# Called with the request's arguments; may return an awaitable.
+Handler = Callable[[Mapping[str, Any]], Any]
 
 
 class DaemonUnreachable(OverlaydError):
     pass
+
+
+class DaemonRefused(DaemonUnreachable):
+    """The daemon answered with an error: a bad request, or one it could
+    not carry out (a subclass of DaemonUnreachable, because either way the
+    caller has no answer)."""
 
 
 @contextlib.asynccontextmanager
@@ -37,13 +49,27 @@ async def serve_control(path: Path, handlers: dict[str, Handler]) -> AsyncIterat
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=5)
-            request = json.loads(line[:MAX_REQUEST_BYTES] or b"{}")
+            if len(line) > MAX_REQUEST_BYTES:
+                raise ValueError(f"request longer than {MAX_REQUEST_BYTES} bytes")
+            request = json.loads(line or b"{}")
             command = request.get("command") if isinstance(request, dict) else None
+            args = request.get("args", {}) if isinstance(request, dict) else None
             handler = handlers.get(command) if isinstance(command, str) else None
             if handler is None:
                 reply: Any = {"error": f"unknown command {command!r} (known: {sorted(handlers)})"}
+            elif not isinstance(args, dict):
+                reply = {"error": "args: must be an object"}
             else:
-                reply = {"result": handler()}
+                try:
+                    result = handler(args)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    reply = {"result": result}
+                except OverlaydError as exc:  # a refused request, said as such
+                    reply = {"error": str(exc)}
+                except Exception:  # a handler's bug: answered, logged, survived
+                    log.exception("event=control_handler_failed command=%s", command)
+                    reply = {"error": f"{command} failed inside overlayd (see its log)"}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ValueError, ConnectionError) as exc:
@@ -65,12 +91,15 @@ async def serve_control(path: Path, handlers: dict[str, Handler]) -> AsyncIterat
         path.unlink(missing_ok=True)  # noqa: ASYNC240
 
 
-async def ask(path: Path, command: str) -> Any:
+async def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> Any:
     """One request to the daemon's control socket."""
+    request: dict[str, Any] = {"command": command}
+    if args is not None:
+        request["args"] = dict(args)
     try:
         async with asyncio.timeout(ASK_TIMEOUT_SECONDS):
             reader, writer = await asyncio.open_unix_connection(str(path))
-            writer.write(json.dumps({"command": command}).encode() + b"\n")
+            writer.write(json.dumps(request).encode() + b"\n")
             await writer.drain()
             line = await reader.readline()
             writer.close()
@@ -82,5 +111,5 @@ async def ask(path: Path, command: str) -> Any:
         raise DaemonUnreachable(f"overlayd does not answer on {path}: {exc!r}") from exc
     reply = json.loads(line or b"{}")
     if "error" in reply:
-        raise DaemonUnreachable(f"overlayd refused {command!r}: {reply['error']}")
+        raise DaemonRefused(f"overlayd refused {command!r}: {reply['error']}")
     return reply.get("result")

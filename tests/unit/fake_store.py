@@ -71,6 +71,24 @@ class FakeStore:
         self._check()
         await self._record(key, value.encode() if isinstance(value, str) else value)
 
+    async def put_bound(self, key: str, value: bytes, lease_id: int) -> int:
+        self._check()
+        await self._record(key, value, lease_id)
+        return self.revision
+
+    async def get_with_lease(self, key: str) -> tuple[bytes, int, int] | None:
+        self._check()
+        found = self.values.get(key)
+        return found if found else None
+
+    async def replace_bound(self, key: str, value: bytes, mod_revision: int) -> bool:
+        self._check()
+        found = self.values.get(key)
+        if found is None or found[1] != mod_revision:
+            return False
+        await self._record(key, value, found[2])
+        return True
+
     async def put_many(self, items: Sequence[tuple[str, str]]) -> None:
         for key, value in items:
             await self.put(key, value)

@@ -3,11 +3,14 @@ endpoint, docker-opts, and the settings overlayctl and the daemon share."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +19,7 @@ from overlayd.cli.docker import docker_options
 from overlayd.config import build_agent_config
 from overlayd.errors import ConfigError, OverlaydError
 from overlayd.lab.engines.docker import docker_opts_flags
-from overlayd.surfaces.control import DaemonUnreachable, ask, serve_control
+from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask, serve_control
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.notify import watchdog_interval
 from overlayd.surfaces.telemetry import Telemetry
@@ -24,12 +27,36 @@ from overlayd.surfaces.telemetry import Telemetry
 
 async def test_control_socket_answers_and_is_root_only(tmp_path: Path) -> None:
     path = tmp_path / "run" / "overlayd.sock"
-    async with serve_control(path, {"status": lambda: {"ready": True}}):
+    async with serve_control(path, {"status": lambda args: {"ready": True}}):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert await ask(path, "status") == {"ready": True}
-        with pytest.raises(DaemonUnreachable, match="unknown command 'nope'"):
+        with pytest.raises(DaemonRefused, match="unknown command 'nope'"):
             await ask(path, "nope")
     assert not path.exists()
+
+
+async def test_control_requests_carry_arguments_and_refusals_come_back_as_errors(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "overlayd.sock"
+
+    async def register(args: Mapping[str, Any]) -> dict[str, Any]:
+        if "id" not in args:
+            raise OverlaydError("id: missing")
+        await asyncio.sleep(0)
+        return {"registered": args["id"]}
+
+    def broken(args: Mapping[str, Any]) -> None:
+        raise RuntimeError("a bug")
+
+    async with serve_control(path, {"register": register, "broken": broken}):
+        assert await ask(path, "register", {"id": "c1"}) == {"registered": "c1"}
+        with pytest.raises(DaemonRefused, match="id: missing"):
+            await ask(path, "register", {})
+        with pytest.raises(DaemonRefused, match="broken failed inside overlayd"):
+            await ask(path, "broken")
+        # The server survived both.
+        assert await ask(path, "register", {"id": "c2"}) == {"registered": "c2"}
 
 
 async def test_no_daemon_is_one_clear_error(tmp_path: Path) -> None:

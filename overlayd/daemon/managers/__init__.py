@@ -56,6 +56,18 @@ class PassInputs(HostFacts, Protocol):
     # The raw lease keys and values (the mirror's live collection).
     raw_leases: Mapping[str, bytes]
 
+    # overlayd's own prefix and its endpoints and policies (live collections).
+    @property
+    def own_prefix(self) -> str: ...
+
+    raw_endpoints: Mapping[str, bytes]
+    raw_policies: Mapping[str, bytes]
+
+    @property
+    def revision(self) -> int:
+        """The newest etcd revision the inputs reflect."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
@@ -69,6 +81,10 @@ class Inputs:
     egress: EgressSpec
     etcd_prefix: str
     raw_leases: Mapping[str, bytes]
+    own_prefix: str
+    raw_endpoints: Mapping[str, bytes]
+    raw_policies: Mapping[str, bytes]
+    revision: int
 
     @classmethod
     def of(cls, source: PassInputs) -> Inputs:
@@ -79,6 +95,10 @@ class Inputs:
             source.egress,
             source.etcd_prefix,
             source.raw_leases,
+            source.own_prefix,
+            source.raw_endpoints,
+            source.raw_policies,
+            source.revision,
         )
 
 
