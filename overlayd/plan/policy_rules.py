@@ -1,0 +1,722 @@
+"""Network policy as nftables objects: the ruleset a host enforces for its
+own endpoints, and the one atomic `nft -f` transaction that moves the
+kernel from one ruleset to the next.
+
+Pure: policies, endpoints and this host's subnets in, text out. Parsing
+policy documents and the verdict for one packet are plan/policy.py's; the
+value types are plan/policy_model.py's.
+
+Where. One table of its own, `table inet overlayd_policy`: `inet` so that
+one table judges both families with the same sets and chains, and apart
+from `ip overlayd`/`ip6 overlayd` (egress, VXLAN allow-list) so that a
+policy transaction never touches those tables and theirs never touch this
+one. With no policy at all the table is deleted: no policy costs no
+per-packet work.
+
+Which packets. With br_netfilter on (bridge-nf-call-iptables and
+-ip6tables = 1, which the daemon keeps on while policies exist), a frame
+bridged between two containers of this host passes the inet forward hook
+like a packet routed to or from a container on another host. So the
+policy is two base chains on the forward hook, `egress` (priority filter -
+10) and then `ingress` (filter - 5), both ahead of the egress table's
+`forward` chain (filter). An accept in one base chain only moves the
+packet on to the next base chain; a drop is final. A base chain exists
+only while some policy isolates its direction. Each:
+
+    ct state established,related accept      replies always pass (and
+                                              ICMP errors about allowed flows)
+    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+    ip saddr != <our subnet> accept           only our own endpoints are judged
+    ip6 saddr != <our subnet6> accept         (`meta nfproto ipv6 accept` on a
+                                              host without IPv6)
+    jump egress_policies                      per policy P isolating egress:
+                                              ip saddr @<P's selector> jump <P's chain>
+    jump egress_deny                          per policy P isolating egress:
+                                              ip saddr @<P's selector> counter drop
+
+and ingress the same with daddr. A policy's chain holds one rule per (peer,
+family) of its rules, ending in `counter name "<P>_egress_allow" accept`;
+a packet no rule accepts returns, tries the next policy, and meets the
+deny chain, where the first policy that selects its endpoint counts and
+drops it. An endpoint selected by no policy falls through and passes.
+
+Decisions, and why:
+
+- No `ct state invalid drop`. Conntrack calls neighbour solicitations and
+  advertisements invalid (it never tracks them), and a drop would apply to
+  every endpoint, selected or not, while an unselected endpoint must be
+  untouched. An invalid packet is judged by the policies like a new one.
+- Neighbour discovery always passes: an advertisement is a unicast packet
+  between two containers' addresses (invalid to conntrack, so not a
+  "reply"); judging it would cut a container selected for ingress off from
+  every neighbour it asked, replies to its own connections included. ARP is
+  not IP and never reaches these chains.
+- One set per distinct selector (LabelSelector.canonical()) and family,
+  `type ipv4_addr`/`ipv6_addr`, holding the addresses of every endpoint in
+  the cluster that the selector selects: it says both which local
+  endpoints a policy applies to and which peers a `from`/`to` selector
+  allows. A container starting or stopping changes set elements only, one
+  `add element`/`delete element` statement per set it is in, never a rule:
+  the transaction's size does not depend on how many endpoints exist.
+- Names from a readable part and a hash of the real name (policy name,
+  canonical selector): valid nft identifiers of bounded length whatever the
+  name; the real name is in the chain's or set's comment.
+- Counters only, no drop log: a `log group` line helps only where
+  something reads the group (ulogd, `tcpdump -i nflog:N`), which a host
+  does not have by default, and its group number may be another program's.
+  Per-policy allow and deny counters answer "which policy drops", and
+  `overlayctl policy check SRC DST PORT/PROTO` answers why, from the same
+  model. The counters count the packets judged, that is the first packets
+  of connections (later ones pass as established), so they count flows more
+  than bytes.
+
+What is not judged here:
+
+- Traffic between a container and its own host (the host's addresses, the
+  bridge's gateway) does not cross the forward hook at all (input and
+  output hooks), so it is always allowed, as in Kubernetes (health checks).
+- A packet from or to an address outside this host's subnets: another
+  host's endpoints are judged on their own host (ingress on the
+  destination's host, egress on the source's). In gwbridge egress mode a
+  container's traffic to the outside world leaves from its gwbridge
+  address, which is in no endpoint's registration, so egress policy does
+  not see it (nor a published port DNATed to that address).
+- IPv6 link-local traffic between containers on one bridge (not in any
+  subnet, and no endpoint registers its fe80:: address).
+
+A port published with DNAT (portmap, Docker's -p) to a container's overlay
+address is judged by the container's ingress policies, with the outside
+client's address as the source: allow it with an ipBlock, as in
+Kubernetes.
+
+Use: policy_ruleset() makes the ruleset from scratch; with_endpoints()
+moves it by the endpoints that changed (a container event: milliseconds
+with 10,000 endpoints); policy_transaction(before, after) gives the
+statements, and script() their `nft -f` input; render_ruleset() shows the
+table (diagnose, golden files); terse_listing(), listed_elements() and
+listed_counters() read the kernel's listings back, element_repairs() turns
+a drifted set back; policy_counter_names() names each counter's policy,
+direction and verdict for the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_address
+from typing import Any, Literal, NamedTuple
+
+from overlayd.model import IPAddress
+from overlayd.plan.policy_model import (
+    Direction,
+    Endpoint,
+    IpBlock,
+    LabelSelector,
+    Operator,
+    Policy,
+    PortRange,
+    Protocol,
+    Rule,
+    SelectorPeer,
+)
+
+TABLE = "overlayd_policy"
+WHERE = f"inet {TABLE}"
+
+AddressType = Literal["ipv4_addr", "ipv6_addr"]
+Verdict = Literal["allow", "deny"]
+
+# Each direction's base chain, its hook, and which address of a packet is
+# the local endpoint's (the other one is the peer's).
+_HOOK = {
+    Direction.EGRESS: "type filter hook forward priority filter - 10; policy accept;",
+    Direction.INGRESS: "type filter hook forward priority filter - 5; policy accept;",
+}
+_LOCAL_FIELD = {Direction.EGRESS: "saddr", Direction.INGRESS: "daddr"}
+_PEER_FIELD = {Direction.EGRESS: "daddr", Direction.INGRESS: "saddr"}
+_WORD = {Direction.EGRESS: "egress", Direction.INGRESS: "ingress"}
+# Base chains in the order they run; each direction's are rendered in this order too.
+DIRECTIONS = (Direction.EGRESS, Direction.INGRESS)
+
+_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)  # rendering order
+_ANY_PORT = (0, 65535)
+
+# Names: a readable part of at most READABLE characters and HASH hex digits
+# of sha256 of the real name; the longest name is under 50 characters (nft
+# allows 255). 40 bits make an accidental clash between two names with the
+# same readable part negligible; a clash is refused, never merged.
+READABLE = 16
+HASH = 10
+COMMENT = 128  # characters kept of a comment (the kernel keeps up to 255 bytes)
+_UNSAFE = re.compile(r"[^A-Za-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSubnets:
+    """This host's subnets: the endpoints whose packets it judges."""
+
+    subnet: IPv4Network
+    subnet6: IPv6Network | None = None
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return (4, 6) if self.subnet6 is not None else (4,)
+
+
+class NftSet(NamedTuple):
+    """A named set: its type, its elements, a comment with the selector, and
+    the selector itself (for with_endpoints; not written to nft)."""
+
+    type: AddressType
+    elements: frozenset[IPAddress]
+    comment: str
+    selector: LabelSelector = LabelSelector()
+
+    @property
+    def version(self) -> int:
+        return 4 if self.type == "ipv4_addr" else 6
+
+
+class Chain(NamedTuple):
+    """A chain's rules, in order; `hook` for a base chain; `comment` names
+    the policy a policy chain belongs to."""
+
+    rules: tuple[str, ...]
+    comment: str = ""
+    hook: str = ""
+
+
+class CounterOwner(NamedTuple):
+    policy: str
+    direction: Direction
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRuleset:
+    """Everything in `table inet overlayd_policy`. `chains` is in creation
+    order: policy chains, then the dispatch and deny chains that jump to
+    them, then the base chains; empty: no table at all."""
+
+    sets: Mapping[str, NftSet]
+    chains: Mapping[str, Chain]
+    counters: Mapping[str, CounterOwner]
+
+    @property
+    def empty(self) -> bool:
+        return not self.chains
+
+
+EMPTY = PolicyRuleset({}, {}, {})
+
+
+# --- names -------------------------------------------------------------------
+
+
+def _readable(text: str, fallback: str) -> str:
+    word = _UNSAFE.sub("_", text).strip("_")[:READABLE].rstrip("_")
+    return word or fallback
+
+
+def _digest(text: str) -> str:
+    # surrogatepass: a name decoded from JSON may hold a lone surrogate.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:HASH]
+
+
+def policy_key(name: str) -> str:
+    """The stem of a policy's chain and counter names."""
+    return f"p_{_readable(name, 'x')}_{_digest(name)}"
+
+
+def set_name(selector: LabelSelector, version: int) -> str:
+    canonical = selector.canonical()
+    return f"s_{_readable(canonical, 'all')}_{_digest(canonical)}_v{version}"
+
+
+def chain_name(policy: str, direction: Direction) -> str:
+    return f"{policy_key(policy)}_{_WORD[direction]}"
+
+
+def counter_name(policy: str, direction: Direction, verdict: Verdict) -> str:
+    return f"{policy_key(policy)}_{_WORD[direction]}_{verdict}"
+
+
+def _comment(text: str) -> str:
+    """Printable ASCII without quotes or backslashes (nft's quoted strings
+    have no escapes), at most COMMENT characters."""
+    clean = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return clean if len(clean) <= COMMENT else clean[: COMMENT - 3] + "..."
+
+
+def _dispatch(direction: Direction) -> str:
+    return f"{_WORD[direction]}_policies"
+
+
+def _deny(direction: Direction) -> str:
+    return f"{_WORD[direction]}_deny"
+
+
+# --- selection ---------------------------------------------------------------
+
+
+class _Index:
+    """Endpoints by label, so that a selector is checked against the
+    endpoints that can match it instead of all of them."""
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.by_label: dict[tuple[str, str], list[int]] = {}
+        self.by_key: dict[str, list[int]] = {}
+        for i, endpoint in enumerate(endpoints):
+            for key, value in endpoint.labels.items():
+                self.by_label.setdefault((key, value), []).append(i)
+                self.by_key.setdefault(key, []).append(i)
+
+    def select(self, selector: LabelSelector) -> list[Endpoint]:
+        candidates: list[list[int]] = [
+            self.by_label.get(pair, []) for pair in selector.match_labels
+        ]
+        for requirement in selector.match_expressions:
+            if requirement.operator is Operator.IN:
+                candidates.append(
+                    sorted(
+                        i
+                        for value in requirement.values
+                        for i in self.by_label.get((requirement.key, value), [])
+                    )
+                )
+            elif requirement.operator is Operator.EXISTS:
+                candidates.append(self.by_key.get(requirement.key, []))
+        # NotIn and DoesNotExist narrow nothing: without another term, all.
+        pool: Sequence[int] = range(len(self.endpoints))
+        if candidates:
+            pool = min(candidates, key=len)
+        # The selector itself decides; the index only narrows the search.
+        return [self.endpoints[i] for i in pool if selector.matches(self.endpoints[i].labels)]
+
+
+# --- rendering ---------------------------------------------------------------
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping and adjacent ranges joined: nft refuses
+    overlapping intervals in one set."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _ports(ports: tuple[PortRange, ...] | None) -> str | None:
+    """The match for a rule's ports: "" for every port and protocol, None
+    for a rule that matches nothing (an empty tuple, as `any(())`)."""
+    if ports is None:
+        return ""
+    by_protocol: dict[Protocol, list[tuple[int, int]]] = {}
+    for entry in ports:
+        span = (
+            _ANY_PORT
+            if entry.first is None
+            else (entry.first, entry.last if entry.last is not None else entry.first)
+        )
+        by_protocol.setdefault(entry.protocol, []).append(span)
+    if not by_protocol:
+        return None
+    merged = {p: _merge(by_protocol[p]) for p in _PROTOCOLS if p in by_protocol}
+    names = {p: p.value.lower() for p in merged}
+    if len(merged) == 1:
+        ((protocol, spans),) = merged.items()
+        name = names[protocol]
+        if spans == [_ANY_PORT]:
+            return f"meta l4proto {name}"
+        if len(spans) == 1:
+            return f"{name} dport {_span(*spans[0])}"
+        return f"{name} dport {{ {', '.join(_span(*s) for s in spans)} }}"
+    if all(spans == [_ANY_PORT] for spans in merged.values()):
+        return f"meta l4proto {{ {', '.join(names.values())} }}"
+    elements = ", ".join(f"{names[p]} . {_span(*s)}" for p, spans in merged.items() for s in spans)
+    return f"meta l4proto . th dport {{ {elements} }}"
+
+
+def _ip(version: int) -> str:
+    return "ip" if version == 4 else "ip6"
+
+
+def _excepts(block: IpBlock) -> list[str] | None:
+    """The block's excepts that cut into it, collapsed (nft refuses
+    overlapping intervals in one set); None when one holds the whole block."""
+    cidr = block.cidr
+    if isinstance(cidr, IPv4Network):
+        inside4 = [e for e in block.excepts if isinstance(e, IPv4Network) and e.overlaps(cidr)]
+        if any(cidr.subnet_of(e) for e in inside4):
+            return None
+        return [str(n) for n in collapse_addresses(inside4)]
+    inside6 = [e for e in block.excepts if isinstance(e, IPv6Network) and e.overlaps(cidr)]
+    if any(cidr.subnet_of(e) for e in inside6):
+        return None
+    return [str(n) for n in collapse_addresses(inside6)]
+
+
+def _block(block: IpBlock, field: str, version: int) -> str | None:
+    """The match for an ipBlock on `field`; None when it holds no address
+    of `version` (another family, or excepted whole)."""
+    excepts = _excepts(block)
+    if block.cidr.version != version or excepts is None:
+        return None
+    ip = _ip(version)
+    parts = []
+    if block.cidr.prefixlen:
+        parts.append(f"{ip} {field} {block.cidr}")
+    elif not excepts:
+        parts.append(f"meta nfproto ipv{version}")  # 0.0.0.0/0, ::/0: the whole family
+    if len(excepts) == 1:
+        parts.append(f"{ip} {field} != {excepts[0]}")
+    elif excepts:
+        parts.append(f"{ip} {field} != {{ {', '.join(excepts)} }}")
+    return " ".join(parts)
+
+
+class _Builder:
+    """Collects the sets the rules refer to while rendering them."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], local: LocalSubnets) -> None:
+        self.index = _Index(endpoints)
+        self.local = local
+        self.sets: dict[str, NftSet] = {}
+        self._selected: dict[str, list[Endpoint]] = {}
+
+    def set_for(self, selector: LabelSelector, version: int) -> str:
+        name = set_name(selector, version)
+        if name not in self.sets:
+            canonical = selector.canonical()
+            if canonical not in self._selected:
+                self._selected[canonical] = self.index.select(selector)
+            elements = frozenset(
+                a for e in self._selected[canonical] for a in e.addresses if a.version == version
+            )
+            kind: AddressType = "ipv4_addr" if version == 4 else "ipv6_addr"
+            comment = _comment(f"selector {canonical}")
+            self.sets[name] = NftSet(kind, elements, comment, selector)
+        return name
+
+    def peer_matches(self, rule: Rule, direction: Direction) -> list[str]:
+        """One match per (peer, family) of the rule; [""] for anywhere."""
+        if rule.peers is None:
+            return [""]
+        field = _PEER_FIELD[direction]
+        found = []
+        for peer in rule.peers:
+            for version in self.local.versions:
+                if isinstance(peer, SelectorPeer):
+                    found.append(f"{_ip(version)} {field} @{self.set_for(peer.selector, version)}")
+                elif (match := _block(peer, field, version)) is not None:
+                    found.append(match)
+        return found
+
+    def policy_chain(self, policy: Policy, direction: Direction) -> tuple[str, ...]:
+        allow = counter_name(policy.name, direction, "allow")
+        rules: dict[str, None] = {}  # ordered, without repeats
+        for rule in policy.rules(direction):
+            ports = _ports(rule.ports)
+            if ports is None:
+                continue
+            for peer in self.peer_matches(rule, direction):
+                words = (peer, ports, f'counter name "{allow}" accept')
+                rules[" ".join(w for w in words if w)] = None
+        return tuple(rules)
+
+    def base_chain(self, direction: Direction, dispatch: bool) -> tuple[str, ...]:
+        local = _LOCAL_FIELD[direction]
+        rules = ["ct state established,related accept"]
+        if self.local.subnet6 is None:
+            rules.append("meta nfproto ipv6 accept")
+        else:
+            rules.append("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
+        rules.append(f"ip {local} != {self.local.subnet} accept")
+        if self.local.subnet6 is not None:
+            rules.append(f"ip6 {local} != {self.local.subnet6} accept")
+        if dispatch:
+            rules.append(f"jump {_dispatch(direction)}")
+        rules.append(f"jump {_deny(direction)}")
+        return tuple(rules)
+
+
+def policy_ruleset(
+    policies: Sequence[Policy], endpoints: Sequence[Endpoint], local: LocalSubnets
+) -> PolicyRuleset:
+    """The ruleset enforcing `policies` for this host's endpoints (those in
+    `local`), with every endpoint of the cluster in the sets. Deterministic:
+    the same inputs, in any order, give the same ruleset. ValueError for two
+    policies of one name, or two names that would share nft names."""
+    ordered = sorted(policies, key=lambda p: p.name)
+    keys: dict[str, str] = {}
+    for policy in ordered:
+        key = policy_key(policy.name)
+        if key in keys:
+            raise ValueError(
+                f"policies {keys[key]!r} and {policy.name!r} have the same nft name {key}"
+            )
+        keys[key] = policy.name
+    build = _Builder(endpoints, local)
+    policy_chains: dict[str, Chain] = {}
+    counters: dict[str, CounterOwner] = {}
+    dispatch: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
+    deny: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
+    for policy in ordered:
+        for direction in DIRECTIONS:
+            if direction not in policy.types:
+                continue
+            local_field = _LOCAL_FIELD[direction]
+            selected = [
+                f"{_ip(v)} {local_field} @{build.set_for(policy.selector, v)}"
+                for v in local.versions
+            ]
+            rules = build.policy_chain(policy, direction)
+            if rules:
+                chain = chain_name(policy.name, direction)
+                comment = _comment(f"policy {policy.name} {_WORD[direction]}")
+                policy_chains[chain] = Chain(rules, comment)
+                counters[counter_name(policy.name, direction, "allow")] = CounterOwner(
+                    policy.name, direction, "allow"
+                )
+                dispatch[direction] += [f"{match} jump {chain}" for match in selected]
+            drop = counter_name(policy.name, direction, "deny")
+            counters[drop] = CounterOwner(policy.name, direction, "deny")
+            deny[direction] += [f'{match} counter name "{drop}" drop' for match in selected]
+    chains = dict(sorted(policy_chains.items()))
+    for direction in DIRECTIONS:
+        if dispatch[direction]:
+            chains[_dispatch(direction)] = Chain(tuple(dispatch[direction]))
+        if deny[direction]:
+            chains[_deny(direction)] = Chain(tuple(deny[direction]))
+    for direction in DIRECTIONS:
+        if deny[direction]:  # some policy isolates this direction
+            rules = build.base_chain(direction, bool(dispatch[direction]))
+            chains[_WORD[direction]] = Chain(rules, hook=_HOOK[direction])
+    return PolicyRuleset(dict(sorted(build.sets.items())), chains, dict(sorted(counters.items())))
+
+
+def _held(s: NftSet, endpoints: Iterable[Endpoint]) -> set[IPAddress]:
+    """The addresses of `endpoints` that belong in `s`."""
+    return {
+        a
+        for e in endpoints
+        if s.selector.matches(e.labels)
+        for a in e.addresses
+        if a.version == s.version
+    }
+
+
+def with_endpoints(
+    ruleset: PolicyRuleset, gone: Iterable[Endpoint], came: Iterable[Endpoint]
+) -> PolicyRuleset:
+    """The ruleset after the endpoints `gone` (as they were) left and `came`
+    (as they are now) arrived; an endpoint whose labels or addresses changed
+    is in both. The same ruleset as policy_ruleset over the new endpoints,
+    for the cost of the changed endpoints times the sets instead of all
+    endpoints: only set elements depend on endpoints. Assumes, as IPAM
+    makes sure, that no two endpoints share an address."""
+    gone, came = list(gone), list(came)
+    sets = dict(ruleset.sets)
+    for name, s in ruleset.sets.items():
+        drop, add = _held(s, gone), _held(s, came)
+        if drop or add:
+            sets[name] = s._replace(elements=(s.elements - drop) | add)
+    return replace(ruleset, sets=sets)
+
+
+def policy_counter_names(ruleset: PolicyRuleset) -> Mapping[str, CounterOwner]:
+    """Counter name -> (policy, direction, verdict), for the metrics."""
+    return ruleset.counters
+
+
+# --- text --------------------------------------------------------------------
+
+
+def _elements(addresses: Iterable[IPAddress]) -> str:
+    return ", ".join(str(a) for a in sorted(addresses, key=int))
+
+
+def render_ruleset(ruleset: PolicyRuleset, *, elements: bool = True) -> str:
+    """The whole table as nft text, in nft's listing layout (counters
+    without values); also valid `nft -f` input. "" for no policies. Without
+    `elements` it is exactly what terse_listing makes of `nft -t list table
+    inet overlayd_policy` while the kernel holds this ruleset."""
+    if ruleset.empty:
+        return ""
+    blocks = [f"\tcounter {name} {{\n\t}}" for name in ruleset.counters]
+    for name, s in ruleset.sets.items():
+        lines = [f"\tset {name} {{", f"\t\ttype {s.type}", f'\t\tcomment "{s.comment}"']
+        if s.elements and elements:
+            lines.append(f"\t\telements = {{ {_elements(s.elements)} }}")
+        blocks.append("\n".join([*lines, "\t}"]))
+    for name, chain in ruleset.chains.items():
+        lines = [f"\tchain {name} {{"]
+        if chain.hook:
+            lines.append(f"\t\t{chain.hook}")
+        if chain.comment:
+            lines.append(f'\t\tcomment "{chain.comment}"')
+        lines += [f"\t\t{rule}" for rule in chain.rules]
+        blocks.append("\n".join([*lines, "\t}"]))
+    return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
+
+
+def _add_chain(name: str, chain: Chain) -> str:
+    if chain.hook:
+        return f"add chain {WHERE} {name} {{ {chain.hook} }}"
+    if chain.comment:
+        return f'add chain {WHERE} {name} {{ comment "{chain.comment}"; }}'
+    return f"add chain {WHERE} {name}"
+
+
+def _add_set(name: str, s: NftSet) -> str:
+    return f'add set {WHERE} {name} {{ type {s.type}; comment "{s.comment}"; }}'
+
+
+def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> list[str]:
+    """The `nft -f` statements, one transaction, that turn `before` into
+    `after`. `before` None: unknown, the table is made afresh (whether or
+    not it exists). Otherwise only what changed, in an order nft accepts:
+    new counters and sets (with their elements) before the rules that use
+    them; one add and one delete statement per set whose elements changed,
+    however many; new chains declared before any rule jumps to them;
+    changed chains flushed and refilled (the dispatch and deny chains only
+    when the policies or their selectors changed, since their rules depend
+    on nothing else); gone chains, then gone sets and counters, deleted
+    after the rules that referred to them. `after` empty: the table goes."""
+    if after.empty:
+        if before is None:
+            return [f"table {WHERE}", f"delete table {WHERE}"]
+        return [] if before.empty else [f"delete table {WHERE}"]
+    if before is None or before.empty:
+        return [f"table {WHERE}", f"delete table {WHERE}", *_create(after)]
+    out = [f"add counter {WHERE} {name}" for name in after.counters if name not in before.counters]
+    for name, s in after.sets.items():
+        old = before.sets.get(name)
+        if old is s:  # untouched by with_endpoints: nothing to compare
+            continue
+        if old is None or old.type != s.type:
+            if old is not None:  # never happens with our names; kept honest
+                out.append(f"delete set {WHERE} {name}")
+            out.append(_add_set(name, s))
+            if s.elements:
+                out.append(f"add element {WHERE} {name} {{ {_elements(s.elements)} }}")
+            continue
+        if added := s.elements - old.elements:
+            out.append(f"add element {WHERE} {name} {{ {_elements(added)} }}")
+        if gone := old.elements - s.elements:
+            out.append(f"delete element {WHERE} {name} {{ {_elements(gone)} }}")
+    changed = []
+    for name, chain in after.chains.items():
+        old_chain = before.chains.get(name)
+        if old_chain is None:
+            out.append(_add_chain(name, chain))
+            changed.append(name)
+        elif old_chain is not chain and old_chain != chain:
+            out.append(f"flush chain {WHERE} {name}")
+            changed.append(name)
+    for name in changed:
+        out += [f"add rule {WHERE} {name} {rule}" for rule in after.chains[name].rules]
+    # Referrers before what they refer to: base chains, dispatch chains,
+    # policy chains (the reverse of their creation order). A chain is
+    # flushed before it is deleted, so that its rules' references go first.
+    for name in reversed(list(before.chains)):
+        if name not in after.chains:
+            out += [f"flush chain {WHERE} {name}", f"delete chain {WHERE} {name}"]
+    out += [f"delete set {WHERE} {name}" for name in before.sets if name not in after.sets]
+    out += [
+        f"delete counter {WHERE} {name}" for name in before.counters if name not in after.counters
+    ]
+    return out
+
+
+def _create(ruleset: PolicyRuleset) -> list[str]:
+    out = [f"add table {WHERE}"]
+    out += [f"add counter {WHERE} {name}" for name in ruleset.counters]
+    for name, s in ruleset.sets.items():
+        out.append(_add_set(name, s))
+        if s.elements:
+            out.append(f"add element {WHERE} {name} {{ {_elements(s.elements)} }}")
+    out += [_add_chain(name, chain) for name, chain in ruleset.chains.items()]
+    for name, chain in ruleset.chains.items():
+        out += [f"add rule {WHERE} {name} {rule}" for rule in chain.rules]
+    return out
+
+
+def script(statements: Sequence[str]) -> str:
+    """Statements as one `nft -f` input."""
+    return "".join(f"{line}\n" for line in statements)
+
+
+# --- what the kernel holds ---------------------------------------------------
+
+
+def _items(listing: str | bytes | Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    data = json.loads(listing) if isinstance(listing, str | bytes) else listing
+    items = data.get("nftables", [])
+    return [item for item in items if isinstance(item, Mapping)]
+
+
+def terse_listing(listing: str) -> str:
+    """`nft -t list table inet overlayd_policy` (no set elements) without
+    the counters' values, which are not state we write: for a check pass to
+    compare with render_ruleset(ruleset, elements=False) as plain text."""
+    return "".join(
+        line for line in listing.splitlines(keepends=True) if not line.startswith("\t\tpackets ")
+    )
+
+
+def listed_elements(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozenset[IPAddress]]:
+    """Set name -> elements, from `nft -j list table inet overlayd_policy`
+    (or `list set`): for a check pass to compare with the ruleset's sets."""
+    found: dict[str, frozenset[IPAddress]] = {}
+    for item in _items(listing):
+        s = item.get("set")
+        if not isinstance(s, Mapping) or s.get("table") != TABLE or s.get("family") != "inet":
+            continue
+        values = []
+        for elem in s.get("elem", []):
+            # A plain value, or {"elem": {"val": ..., ...}} when it has options.
+            value = elem.get("elem", {}).get("val") if isinstance(elem, Mapping) else elem
+            values.append(ip_address(value))
+        found[str(s["name"])] = frozenset(values)
+    return found
+
+
+def listed_counters(listing: str | bytes | Mapping[str, Any]) -> dict[str, int]:
+    """Counter name -> packets, from `nft -j list counters table inet
+    overlayd_policy` (or a table listing)."""
+    found = {}
+    for item in _items(listing):
+        c = item.get("counter")
+        if isinstance(c, Mapping) and c.get("table") == TABLE and c.get("family") == "inet":
+            found[str(c["name"])] = int(c.get("packets", 0))
+    return found
+
+
+def element_repairs(
+    ruleset: PolicyRuleset, listed: Mapping[str, frozenset[IPAddress]]
+) -> list[str] | None:
+    """The statements that put the listed sets' elements back to the
+    ruleset's ([] when they match); None when a set is missing, so that
+    only a whole new table (policy_transaction(None, ...)) will do."""
+    out: list[str] = []
+    for name, s in ruleset.sets.items():
+        have = listed.get(name)
+        if have is None:
+            return None
+        if missing := s.elements - have:
+            out.append(f"add element {WHERE} {name} {{ {_elements(missing)} }}")
+        if extra := have - s.elements:
+            out.append(f"delete element {WHERE} {name} {{ {_elements(extra)} }}")
+    return out
