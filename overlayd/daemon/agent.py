@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Coroutine, Mapping
 from functools import partial
@@ -28,6 +29,7 @@ from ipaddress import IPv4Network, IPv6Network
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
+from overlayd.daemon.status import StatusPublisher, status_key
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.daemon.loop import PassResult, Reconciler, standard_managers
 from overlayd.daemon.managers import Inputs, PassInputs
@@ -209,6 +211,13 @@ class Agent:
             gwbridge_subnet6=subnet6,
         )
 
+    def _after_pass(
+        self, reconciler: Reconciler, status: StatusPublisher, outcome: PassResult
+    ) -> None:
+        self._subnet_file_after_pass(reconciler, outcome)
+        if outcome.ok:
+            status.enforced(reconciler.enforced_revision, self.telemetry.policy)
+
     def _subnet_file_after_pass(self, reconciler: Reconciler, outcome: PassResult) -> None:
         """The subnet file follows what the kernel is programmed for (see
         SubnetFileWriter); a failure to write it never stops the loop."""
@@ -313,6 +322,12 @@ class Agent:
             endpoints_prefix(s.overlayd_prefix) + host_id(held.lease.subnet) + "/",
             self.endpoints.etcd_changed,
         )
+        status = StatusPublisher(
+            self.store,
+            key=lambda: status_key(s.overlayd_prefix, host_id(host.own.subnet)),
+            lease_id=lambda: keeper.held.lease_id,
+            hostname=os.uname().nodename,
+        )
         self.notifier.status(f"programming {held.lease.subnet}")
         first = await reconciler.reconcile_once()
         while not first.ok:
@@ -323,7 +338,9 @@ class Agent:
         self.telemetry.subnet_file_written = True
         # From now on after every pass: the subnet file must never name a
         # subnet before the data plane for it is programmed.
-        reconciler.on_pass = partial(self._subnet_file_after_pass, reconciler)
+        reconciler.on_pass = partial(self._after_pass, reconciler, status)
+        group.create_task(status.run(), name="status")
+        status.enforced(reconciler.enforced_revision, self.telemetry.policy)
         log.info(
             "event=ready subnet=%s vtep_mac=%s peers=%d subnet_file=%s",
             held.lease.subnet,

@@ -29,6 +29,7 @@ from overlayd.daemon.managers import Inputs, Level, Manager, PassContext, PassIn
 from overlayd.daemon.managers.devices import DeviceManager
 from overlayd.daemon.managers.egress import EgressManager
 from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
+from overlayd.daemon.managers.policy import PolicyManager
 from overlayd.daemon.managers.sysctls import SysctlManager
 from overlayd.daemon.managers.vxlan_filter import FilterWrites, VxlanAllowList
 from overlayd.dataplane import DataplanePort
@@ -101,6 +102,9 @@ def standard_managers(
         DeviceManager(dataplane),
         SysctlManager(dataplane),
         EgressManager(dataplane),
+        # Before the peers: a policy selecting an endpoint is in force before
+        # any new path to it is.
+        PolicyManager(dataplane, telemetry, projection),
         *(a.admit for a in allow),
         FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),

@@ -25,6 +25,7 @@ from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import Nft, NftTable, NftVxlanFilter
 from overlayd.model import IPV4, IPV6, Change, DeviceSpec, EntrySet, Family, IPAddress, IPNetwork
+from overlayd.plan import policy_rules
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
@@ -60,6 +61,14 @@ class DataplanePort(Protocol):
     async def update_vxlan_filters(
         self, writes: Sequence[tuple[FilterSpec, ElementChanges]]
     ) -> None: ...
+
+    async def apply_policy(self, statements: Sequence[str]) -> None:
+        """One nft transaction on the policy table (plan/policy_rules.py)."""
+        ...
+
+    async def policy_listing(self) -> str | None:
+        """The policy table as `nft -j` lists it; None when it does not exist."""
+        ...
 
     async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet: ...
 
@@ -137,6 +146,12 @@ class Dataplane:
     ) -> None:
         """Element changes of one or both families' sets, in one transaction."""
         await self.vxlan_filter.update_many(writes)
+
+    async def apply_policy(self, statements: Sequence[str]) -> None:
+        await self.nft.nft.apply(policy_rules.script(statements))
+
+    async def policy_listing(self) -> str | None:
+        return await self.nft.nft.listing_json(policy_rules.WHERE)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         await self.vxlan_filter.update(f, changes)

@@ -76,6 +76,12 @@ class Nft:
         code, _, _ = await run([*self.prefix, "delete", "table", family, TABLE])
         return code == 0
 
+    async def listing_json(self, where: str) -> str | None:
+        """`nft -j list table <where>` (elements and counters included); None
+        when the table does not exist."""
+        code, out, _ = await run([*self.prefix, "-j", "list", "table", *where.split()])
+        return out.decode() if code == 0 else None
+
     async def delete_table(self, family: str = FAMILY) -> bool:
         code, _, _ = await run([*self.prefix, "delete", "table", family, TABLE])
         return code == 0

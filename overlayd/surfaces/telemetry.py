@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from overlayd import __version__
 from overlayd.model import IPV4, Change, Entry, Family, Lease, kind_of
 from overlayd.plan.desired import PeerMoves, PeerPlan
+from overlayd.plan.policy_rules import CounterOwner
 from overlayd.surfaces.events import EventBus, EventListener, PeerChanges, peer_view
 
 # A pass is "stuck" (healthz fails, the watchdog starves) after this long.
@@ -93,6 +94,42 @@ class DroppedPackets:
         value = self.value()
         if value is not None:
             yield CounterMetricFamily(self.NAME, self.HELP, value=value)
+
+
+class PolicyPackets:
+    """`overlayd_policy_packets_total{policy,direction,verdict}`: the
+    policy table's named counters as the last check pass read them (they
+    count the packets judged, which are connections' first packets). A
+    count that goes down (the table was made afresh) adds its last value to
+    a base, so the exported figure never goes down."""
+
+    NAME = "overlayd_policy_packets"
+    HELP = "Packets judged by network policy (first packets of connections), by verdict"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._base: dict[tuple[str, str, str], int] = {}
+        self._last: dict[tuple[str, str, str], int] = {}
+
+    def update(self, readings: Mapping[tuple[str, str, str], int]) -> None:
+        with self._lock:
+            for labels, now in readings.items():
+                last = self._last.get(labels)
+                if last is not None and now < last:
+                    self._base[labels] = self._base.get(labels, 0) + last
+                self._last[labels] = now
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["policy", "direction", "verdict"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self.NAME, self.HELP, labels=["policy", "direction", "verdict"]
+        )
+        with self._lock:
+            for labels, now in sorted(self._last.items()):
+                family.add_metric(list(labels), now + self._base.get(labels, 0))
+        yield family
 
 
 @dataclass
@@ -197,6 +234,20 @@ class Telemetry:
         )
         self.dropped = DroppedPackets()
         r.register(self.dropped)
+        self.policy_packets = PolicyPackets()
+        r.register(self.policy_packets)
+        self.m_policies = Gauge(
+            "overlayd_policies", "Network policies in force on this host", registry=r
+        )
+        self.m_endpoints = Gauge(
+            "overlayd_endpoints", "Endpoints (containers) known to this host's policy", registry=r
+        )
+        self.m_policy_revision = Gauge(
+            "overlayd_policy_revision",
+            "The etcd revision of overlayd's keys the last successful pass enforced",
+            registry=r,
+        )
+        self.policy: dict[str, int] = {}
         self.m_peers.labels("vxlan").set(0)
         self.m_peers.labels("direct").set(0)
 
@@ -396,10 +447,28 @@ class Telemetry:
             "last_reconcile": last,
             "drift_repairs": dict(sorted(self.drift_repairs.items())),
             "skipped_leases": dict(sorted(self.skipped.items())),
+            "policy": self.policy,
             "ready": ready,
             "ready_reason": why,
             "settings": self.settings,
         }
+
+    def policy_enforced(self, *, policies: int, endpoints: int, revision: int) -> None:
+        self.policy = {"policies": policies, "endpoints": endpoints, "revision": revision}
+        self.m_policies.set(policies)
+        self.m_endpoints.set(endpoints)
+        self.m_policy_revision.set(revision)
+
+    def policy_counters(
+        self, counts: Mapping[str, int], owners: Mapping[str, CounterOwner]
+    ) -> None:
+        """The policy table's counters by name, with whose they are."""
+        readings = {}
+        for name, count in counts.items():
+            owner = owners.get(name)
+            if owner is not None:
+                readings[(owner.policy, owner.direction.value, owner.verdict)] = count
+        self.policy_packets.update(readings)
 
     def peer_list(self) -> list[dict[str, Any]]:
         return [self.peers[k] for k in sorted(self.peers, key=subnet_order)]

@@ -64,6 +64,7 @@ class FakeDataplane:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.policy_statements: list[list[str]] = []  # one list per policy transaction
         self.kernel: EntrySet = EntrySet()
         self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
         self.filter_batches: list[int] = []  # element writes per allow-list nft run
@@ -86,6 +87,13 @@ class FakeDataplane:
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         self.calls.append("devices")
         return []
+
+    async def apply_policy(self, statements: Sequence[str]) -> None:
+        self.calls.append("policy")
+        self.policy_statements.append(list(statements))
+
+    async def policy_listing(self) -> str | None:
+        return None
 
     async def ensure_gwbridge(
         self, name: str, gateway: IPv4Interface, mac: str, *, gateway6: IPv6Interface | None = None

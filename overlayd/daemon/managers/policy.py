@@ -1,0 +1,168 @@
+"""Network policy: the `inet overlayd_policy` table (plan/policy_rules.py)
+from the policies and endpoints under overlayd's prefix.
+
+Desired state is the pure ruleset over every usable policy and endpoint
+(bad documents and registrations are skipped with one warning each, never
+half-applied); an endpoint is usable when its host holds a lease and its
+addresses lie in that lease's subnets. What the kernel holds is believed:
+a light pass writes `policy_transaction(believed, desired)`, which for a
+container starting or stopping is a few `add element`/`delete element`
+statements, one per set it is in. A check pass reads the sets back and
+puts back any element somebody changed; a full pass, or a failure, makes
+the table afresh in one transaction.
+
+While any policy exists, bridge netfilter must be on, or traffic between
+two containers of one host would never meet the forward hook; the manager
+turns it on itself before the first rule goes in, since the sysctl
+manager looks only on check passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from overlayd.daemon.managers import Level, PassContext
+from overlayd.daemon.managers.peers import PeerProjection
+from overlayd.dataplane import DataplanePort
+from overlayd.errors import OverlaydError
+from overlayd.model import IPV4, Observed
+from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
+from overlayd.plan.policy import parse_policy, parse_policy_key
+from overlayd.plan.policy_model import HostSubnets, Policy
+from overlayd.plan.policy_rules import (
+    EMPTY,
+    LocalSubnets,
+    PolicyRuleset,
+    element_repairs,
+    listed_counters,
+    listed_elements,
+    policy_ruleset,
+    policy_transaction,
+)
+from overlayd.surfaces.telemetry import Telemetry
+
+log = logging.getLogger("overlayd.daemon.loop")
+
+
+class PolicyManager:
+    name = "policy"
+
+    def __init__(
+        self, dataplane: DataplanePort, telemetry: Telemetry, projection: PeerProjection
+    ) -> None:
+        self._dataplane = dataplane
+        self._telemetry = telemetry
+        self._projection = projection
+        self.believed: PolicyRuleset | None = None
+        self._bridge_netfilter = False  # turned on (and believed on) for our rules
+        # key -> (value, the policy or why not): each document parsed once.
+        self._policies: dict[str, tuple[bytes, Policy | str]] = {}
+        self._endpoints: EndpointCache = {}
+        self._warned: dict[str, str] = {}
+        self._repaired = 0  # set element statements a check pass had to put back
+
+    async def sync(self, context: PassContext) -> None:
+        inputs = context.inputs
+        policies = self._usable_policies(inputs.raw_policies, inputs.own_prefix)
+        hosts = await self._hosts(context)
+        selection = select_endpoints(
+            inputs.raw_endpoints, inputs.own_prefix, hosts, cache=self._endpoints
+        )
+        self._warn({**self._rejected_policies(), **selection.rejected})
+        local = LocalSubnets(inputs.own.subnet, inputs.own.ipv6_subnet)
+        try:
+            desired = policy_ruleset(policies, selection.endpoints, local)
+        except ValueError as exc:
+            # Two names that would share nft names: nothing half-applied; the
+            # table stays as it was until the documents are fixed.
+            raise OverlaydError(f"policies not applied: {exc}") from exc
+        if not desired.empty and (not self._bridge_netfilter or context.level >= Level.CHECK):
+            context.remade_all(
+                "sysctl",
+                await self._dataplane.ensure_bridge_netfilter(ipv6=local.subnet6 is not None),
+            )
+            self._bridge_netfilter = True
+        self._repaired = 0
+        statements = await self._statements(context, desired)
+        if statements:
+            # Believed only once nft took it: a refused transaction changed nothing.
+            await self._dataplane.apply_policy(statements)
+        if self._repaired:
+            context.remade.append(
+                ("nftables", f"policy table: {self._repaired} set element statement(s) put back")
+            )
+        self.believed = desired
+        self._telemetry.policy_enforced(
+            policies=len(policies),
+            endpoints=len(selection.endpoints),
+            revision=inputs.revision,
+        )
+
+    async def _statements(self, context: PassContext, desired: PolicyRuleset) -> list[str]:
+        believed = self.believed
+        if context.level >= Level.FULL or believed is None:
+            return policy_transaction(None, desired)
+        if context.level >= Level.CHECK:
+            listing = await self._dataplane.policy_listing()
+            if listing is None:
+                if believed.empty:
+                    return policy_transaction(EMPTY, desired)
+                return policy_transaction(None, desired)
+            self._telemetry.policy_counters(listed_counters(listing), believed.counters)
+            repairs = element_repairs(believed, listed_elements(listing))
+            if repairs is None:
+                self._repaired = 1  # a set of ours went: the whole table again
+                return policy_transaction(None, desired)
+            self._repaired = len(repairs)
+            return repairs + policy_transaction(believed, desired)
+        return policy_transaction(believed, desired)
+
+    def _usable_policies(self, raw: Mapping[str, bytes], own_prefix: str) -> list[Policy]:
+        usable = []
+        for key, value in raw.items():
+            hit = self._policies.get(key)
+            if hit is None or hit[0] != value:
+                hit = self._policies[key] = (value, self._parse(key, value, own_prefix))
+            if isinstance(hit[1], Policy):
+                usable.append(hit[1])
+        for gone in [k for k in self._policies if k not in raw]:
+            del self._policies[gone]
+        return usable
+
+    def _rejected_policies(self) -> dict[str, str]:
+        return {key: found for key, (_, found) in self._policies.items() if isinstance(found, str)}
+
+    @staticmethod
+    def _parse(key: str, value: bytes, own_prefix: str) -> Policy | str:
+        try:
+            return parse_policy(value, name=parse_policy_key(key, own_prefix))
+        except OverlaydError as exc:
+            return str(exc)
+
+    async def _hosts(self, context: PassContext) -> dict[str, HostSubnets]:
+        """The hosts whose endpoints count: ours, and every peer whose lease
+        the selection keeps (an endpoint of a host without a lease is
+        rejected)."""
+        await self._projection.plan(context, IPV4)
+        selected = context.selected
+        own = context.inputs.own
+        hosts = {host_id(own.subnet): HostSubnets(own.subnet, own.ipv6_subnet)}
+        if selected is not None:
+            for lease in selected.selection.peers:
+                hosts[host_id(lease.subnet)] = HostSubnets(lease.subnet, lease.ipv6_subnet)
+        return hosts
+
+    def _warn(self, rejected: Mapping[str, str]) -> None:
+        # One warning per bad document or registration (again if its reason changes).
+        for key, reason in rejected.items():
+            if self._warned.get(key) != reason:
+                log.warning("event=policy_input_skipped key=%s reason=%r", key, reason)
+        self._warned = dict(rejected)
+
+    def expects(self, observed: Observed) -> bool:
+        return False  # nftables sends no netlink event we listen to
+
+    def forget(self) -> None:
+        self.believed = None
+        self._bridge_netfilter = False
