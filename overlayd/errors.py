@@ -20,3 +20,19 @@ class LeaseError(OverlaydError):
 
 class SubnetsExhaustedError(OverlaydError):
     """No free subnet is left in the network."""
+
+
+class PolicyError(OverlaydError):
+    """A policy document is refused; `field` is the path of the field at
+    fault as the document spells it ("spec.ingress[0].ports[2].endPort"),
+    and the message always starts with it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class EndpointError(OverlaydError):
+    """An endpoint registration (key, value or labels) is unusable; the
+    reason is one line and names what is at fault."""
