@@ -23,16 +23,16 @@ import os
 import time
 from collections.abc import Coroutine, Mapping
 from functools import partial
-from typing import Any
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
-from overlayd.daemon.status import StatusPublisher, status_key
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
 from overlayd.daemon.loop import PassResult, Reconciler, standard_managers
 from overlayd.daemon.managers import Inputs, PassInputs
+from overlayd.daemon.status import StatusPublisher, status_key
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs

@@ -18,6 +18,7 @@ a policy that selects it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,10 +28,9 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Protocol
 
-from overlayd.errors import OverlaydError
+from overlayd.errors import EndpointError, OverlaydError
 from overlayd.model import Lease
 from overlayd.plan.endpoints import (
-    EndpointError,
     endpoint_key,
     host_id,
     parse_endpoint,
@@ -46,7 +46,7 @@ ENFORCE_TIMEOUT_SECONDS = 10.0
 
 
 class Enforcer(Protocol):
-    async def wait_enforced(self, revision: int, timeout: float) -> bool: ...
+    async def wait_enforced(self, revision: int) -> None: ...
 
 
 class EndpointRegistry:
@@ -77,12 +77,14 @@ class EndpointRegistry:
         value = render_endpoint(endpoint)
         self._write_file(endpoint.id, value)
         revision = await self._store.put_bound(endpoint.key, value, self._lease_id())
-        enforced = await self._enforcer.wait_enforced(revision, ENFORCE_TIMEOUT_SECONDS)
-        if not enforced:
+        try:
+            async with asyncio.timeout(ENFORCE_TIMEOUT_SECONDS):
+                await self._enforcer.wait_enforced(revision)
+        except TimeoutError:
             raise OverlaydError(
                 f"endpoint {endpoint.name} is registered (revision {revision}) but no pass"
                 f" put it in force within {ENFORCE_TIMEOUT_SECONDS:g} s"
-            )
+            ) from None
         log.info(
             "event=endpoint_registered key=%s name=%s addresses=%s revision=%d",
             endpoint.key,

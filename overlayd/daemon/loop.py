@@ -251,22 +251,18 @@ class Reconciler:
                 waiting.append((wanted, future))
         self._enforced_waiters = waiting
 
-    async def wait_enforced(self, revision: int, timeout: float) -> bool:
-        """Whether a pass puts the etcd state of `revision` (or later) in
-        force within `timeout` seconds; asks for a pass meanwhile."""
+    async def wait_enforced(self, revision: int) -> None:
+        """Return once a pass has put the etcd state of `revision` (or later)
+        in force; asks for a pass meanwhile. Bound it with asyncio.timeout."""
         if revision <= self.enforced_revision:
-            return True
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enforced_waiters.append((revision, future))
         self.mark_dirty()
         try:
-            async with asyncio.timeout(timeout):
-                await future
-        except TimeoutError:
-            return False
+            await future
         finally:
             self._enforced_waiters = [w for w in self._enforced_waiters if w[1] is not future]
-        return True
 
     def _log_changes(self, changes: Sequence[Change]) -> None:
         for change in changes[:LOG_CHANGES_MAX]:

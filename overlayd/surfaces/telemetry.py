@@ -463,7 +463,7 @@ class Telemetry:
         self, counts: Mapping[str, int], owners: Mapping[str, CounterOwner]
     ) -> None:
         """The policy table's counters by name, with whose they are."""
-        readings = {}
+        readings: dict[tuple[str, str, str], int] = {}
         for name, count in counts.items():
             owner = owners.get(name)
             if owner is not None:

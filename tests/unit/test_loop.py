@@ -213,6 +213,8 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
+        # No policy: a full pass makes sure no policy table is left.
+        "policy",
         # The allow-list's elements are written after both families' admits.
         "filter", "filter-read", "filter-remove v6", "allow 1", "read", "apply 4",
         # The IPv6 manager looks for stale IPv6 entries even without IPv6.
