@@ -1,0 +1,210 @@
+"""The daemon's side of network policy, with a fake data plane and a fake
+etcd: which passes write what to the policy table, how bad documents are
+skipped, and how a registration waits for its pass."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import replace
+from ipaddress import IPv4Network, ip_address
+from pathlib import Path
+
+import pytest
+
+from overlayd.daemon.endpoints import EndpointRegistry
+from overlayd.daemon.loop import Knowledge, Reconciler
+from overlayd.daemon.managers import Level
+from overlayd.errors import EndpointError, OverlaydError
+from overlayd.model import Lease
+from overlayd.plan.endpoints import endpoint_key, host_id, render_endpoint
+from overlayd.plan.policy import parse_policy, policy_key, render_policy
+from overlayd.plan.policy_model import Endpoint
+from overlayd.plan.policy_rules import TABLE
+from tests.unit.fake_store import FakeStore
+from tests.unit.test_loop import OWN, PEER, FakeDataplane, knowledge
+
+OWN_PREFIX = "/overlayd"
+DENY_WEB = parse_policy(
+    {"name": "deny-web", "selector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]}
+)
+
+
+def endpoint(name: str, address: str, host_lease: Lease = OWN, **labels: str) -> Endpoint:
+    subnet = host_lease.subnet
+    host = host_id(subnet)
+    return Endpoint(
+        key=endpoint_key(OWN_PREFIX, host, name),
+        id=name,
+        host=host,
+        name=name,
+        addresses=(ip_address(address),),
+        labels=labels,
+        registered=1.0,
+    )
+
+
+def with_policy(inputs: Knowledge, *endpoints: Endpoint, policies: tuple[str, ...] = ()) -> None:
+    inputs.raw_endpoints = {e.key: render_endpoint(e) for e in endpoints}
+    inputs.raw_policies = {
+        policy_key(OWN_PREFIX, json.loads(doc)["name"]): doc.encode() for doc in policies
+    }
+
+
+async def test_policies_and_endpoints_become_one_table_and_an_endpoint_only_set_elements() -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    web = endpoint("web", "10.244.1.5", app="web")
+    with_policy(inputs, web, policies=(render_policy(DENY_WEB),))
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    created = dataplane.policy_statements[-1]
+    assert created[:2] == [f"table inet {TABLE}", f"delete table inet {TABLE}"]
+    assert any("10.244.1.5" in line for line in created)
+    # A second container with the label, on the peer: a light pass writes
+    # set elements only, no rule.
+    dataplane.policy_statements.clear()
+    other = endpoint("web2", "10.244.2.9", PEER, app="web")
+    with_policy(inputs, web, other, policies=(render_policy(DENY_WEB),))
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    [statements] = dataplane.policy_statements
+    assert statements and all(line.startswith("add element") for line in statements)
+    assert all("10.244.2.9" in line for line in statements)
+    # Nothing changed: nothing written.
+    dataplane.policy_statements.clear()
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.policy_statements == []
+
+
+async def test_bad_documents_and_registrations_are_skipped_with_one_warning_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    good = endpoint("web", "10.244.1.5", app="web")
+    stray = endpoint("stray", "10.244.9.5")  # not in its host's subnet
+    orphan = endpoint("orphan", "10.244.9.5", replace(PEER, subnet=IPv4Network("10.244.9.0/24")))
+    inputs.raw_endpoints = {
+        good.key: render_endpoint(good),
+        stray.key: render_endpoint(stray),
+        orphan.key: render_endpoint(orphan),  # a host without a lease
+        endpoint_key(OWN_PREFIX, host_id(OWN.subnet), "junk"): b"{not json",
+    }
+    inputs.raw_policies = {
+        policy_key(OWN_PREFIX, "deny-web"): render_policy(DENY_WEB).encode(),
+        policy_key(OWN_PREFIX, "broken"): b'{"name": "broken", "selector": {}, "ingres": []}',
+    }
+    loop = Reconciler(inputs, dataplane)
+    with caplog.at_level(logging.WARNING):
+        assert (await loop.reconcile_once()).ok
+        assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    skipped = [r.getMessage() for r in caplog.records if "policy_input_skipped" in r.getMessage()]
+    assert len(skipped) == 4  # once each, not once per pass
+    assert any("ingres" in line for line in skipped)
+    assert any("stray" in line and "outside" in line for line in skipped)
+    assert any("orphan" in line and "10.244.9.0-24" in line for line in skipped)
+    # The good ones are in force (the positive control).
+    assert any("10.244.1.5" in line for line in dataplane.policy_statements[0])
+    assert loop.telemetry.policy == {"policies": 1, "endpoints": 1, "revision": 0}
+
+
+async def test_removing_the_last_policy_removes_the_table() -> None:
+    dataplane = FakeDataplane()
+    inputs = knowledge()
+    web = endpoint("web", "10.244.1.5", app="web")
+    with_policy(inputs, web, policies=(render_policy(DENY_WEB),))
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    dataplane.policy_statements.clear()
+    with_policy(inputs, web)
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert dataplane.policy_statements == [[f"delete table inet {TABLE}"]]
+
+
+class FakeEnforcer:
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self.hang = False
+
+    async def wait_enforced(self, revision: int) -> None:
+        self.asked.append(revision)
+        if self.hang:
+            await asyncio.Event().wait()
+
+
+async def test_a_registration_is_written_bound_to_the_lease_kept_on_disk_and_waited_for(
+    tmp_path: Path,
+) -> None:
+    store = FakeStore()
+    enforcer = FakeEnforcer()
+    registry = EndpointRegistry(
+        store,
+        own_prefix=OWN_PREFIX,
+        state_dir=tmp_path / "endpoints",
+        own=lambda: OWN,
+        lease_id=lambda: 101,
+        enforcer=enforcer,
+        hostname="h1",
+    )
+    answer = await registry.register(
+        {"id": "c1", "name": "web", "addresses": ["10.244.1.5"], "labels": {"app": "web"}}
+    )
+    key = endpoint_key(OWN_PREFIX, host_id(OWN.subnet), "c1")
+    assert answer["key"] == key and enforcer.asked == [answer["revision"]]
+    value, _, lease = store.values[key]
+    assert lease == 101 and json.loads(value)["labels"] == {"app": "web"}
+    assert (tmp_path / "endpoints" / "c1.json").exists()
+    # The lease went (its keys with it); a new one: republished, with the
+    # labels an operator set in etcd meanwhile.
+    registry.etcd_changed(key, value.replace(b'"web"}', b'"api"}'))
+    await store.expire(101)
+    assert key not in store.values
+    registry._lease_id = lambda: 202
+    assert await registry.republish() == 1
+    value, _, lease = store.values[key]
+    assert lease == 202 and json.loads(value)["labels"] == {"app": "api"}
+    # DEL: gone from etcd and disk.
+    assert (await registry.unregister({"id": "c1"}))["existed"] is True
+    assert key not in store.values and not (tmp_path / "endpoints" / "c1.json").exists()
+
+
+async def test_a_registration_outside_the_hosts_subnet_or_never_enforced_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FakeStore()
+    enforcer = FakeEnforcer()
+    registry = EndpointRegistry(
+        store,
+        own_prefix=OWN_PREFIX,
+        state_dir=tmp_path,
+        own=lambda: OWN,
+        lease_id=lambda: 101,
+        enforcer=enforcer,
+    )
+    with pytest.raises(EndpointError, match=r"10\.244\.2\.5"):
+        await registry.register({"id": "c1", "addresses": ["10.244.2.5"]})
+    with pytest.raises(EndpointError, match="label"):
+        await registry.register({"id": "c1", "addresses": ["10.244.1.5"], "labels": {"a b": "c"}})
+    assert store.values == {}  # nothing written for a refusal
+    monkeypatch.setattr("overlayd.daemon.endpoints.ENFORCE_TIMEOUT_SECONDS", 0.05)
+    enforcer.hang = True
+    with pytest.raises(OverlaydError, match="no pass put it in force"):
+        await registry.register({"id": "c2", "addresses": ["10.244.1.6"]})
+    enforcer.hang = False
+    assert (await registry.register({"id": "c3", "addresses": ["10.244.1.7"]}))["revision"] > 0
+
+
+async def test_the_loop_tells_who_waits_when_their_revision_is_in_force() -> None:
+    inputs = knowledge()
+    inputs.revision = 5
+    loop = Reconciler(inputs, FakeDataplane())
+    waiting = asyncio.create_task(loop.wait_enforced(7))
+    assert (await loop.reconcile_once()).ok  # revision 5: not yet
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    inputs.revision = 8
+    assert (await loop.reconcile_once()).ok
+    await asyncio.wait_for(waiting, 1)
+    assert loop.enforced_revision == 8
+    await asyncio.wait_for(loop.wait_enforced(3), 1)  # already in force
