@@ -301,7 +301,7 @@ class Agent:
             own_prefix=s.overlayd_prefix,
             endpoints=self.mirror.collection(endpoints_prefix(s.overlayd_prefix)),
             policies=self.mirror.collection(policies_prefix(s.overlayd_prefix)),
-            revision=partial(self.mirror.revision_of, s.overlayd_prefix),
+            revision=partial(self.mirror.revision_of, endpoints_prefix(s.overlayd_prefix)),
         )
         reconciler = self.reconciler = Reconciler(
             host,
