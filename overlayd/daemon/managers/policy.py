@@ -28,7 +28,7 @@ from overlayd.dataplane import DataplanePort
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, Lease, Observed
 from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
-from overlayd.plan.policy import parse_policy, parse_policy_key
+from overlayd.plan.policy_inputs import PolicyCache, usable_policies
 from overlayd.plan.policy_model import Endpoint, HostSubnets, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
@@ -57,8 +57,8 @@ class PolicyManager:
         self._projection = projection
         self.believed: PolicyRuleset | None = None
         self._bridge_netfilter = False  # turned on (and believed on) for our rules
-        # key -> (value, the policy or why not): each document parsed once.
-        self._policies: dict[str, tuple[bytes, Policy | str]] = {}
+        self._policies: PolicyCache = {}  # each document parsed once
+        self._policy_rejections: dict[str, str] = {}
         self._endpoints: EndpointCache = {}
         self._warned: dict[str, str] = {}
         self._repaired = 0  # set element statements a check pass had to put back
@@ -171,26 +171,11 @@ class PolicyManager:
         return policy_transaction(believed, desired)
 
     def _usable_policies(self, raw: Mapping[str, bytes], own_prefix: str) -> list[Policy]:
-        usable = []
-        for key, value in raw.items():
-            hit = self._policies.get(key)
-            if hit is None or hit[0] != value:
-                hit = self._policies[key] = (value, self._parse(key, value, own_prefix))
-            if isinstance(hit[1], Policy):
-                usable.append(hit[1])
-        for gone in [k for k in self._policies if k not in raw]:
-            del self._policies[gone]
-        return usable
+        policies, self._policy_rejections = usable_policies(raw, own_prefix, self._policies)
+        return policies
 
     def _rejected_policies(self) -> dict[str, str]:
-        return {key: found for key, (_, found) in self._policies.items() if isinstance(found, str)}
-
-    @staticmethod
-    def _parse(key: str, value: bytes, own_prefix: str) -> Policy | str:
-        try:
-            return parse_policy(value, name=parse_policy_key(key, own_prefix))
-        except OverlaydError as exc:
-            return str(exc)
+        return self._policy_rejections
 
     async def _hosts(self, context: PassContext) -> Mapping[str, HostSubnets]:
         """The hosts whose endpoints count: ours, and every peer whose lease
