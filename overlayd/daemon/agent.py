@@ -119,6 +119,7 @@ class Agent:
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
         self.endpoints: EndpointRegistry | None = None  # once a lease is held
+        self._policy_revision = 0  # see policy_event in _wire
         self._background: set[asyncio.Task[Any]] = set()
         self.subnet_file = SubnetFileWriter(settings.subnet_file)
         self._config_key = config_key(settings.etcd_prefix)
@@ -269,6 +270,8 @@ class Agent:
         )
         group.create_task(self.store.follow_credentials(), name="etcd-credentials")
         await self.mirror.load()
+        # Policies and endpoints as listed: everything up to here is in them.
+        self._policy_revision = self.mirror.revision_of(endpoints_prefix(s.overlayd_prefix))
         group.create_task(self.mirror.run(), name="etcd-mirror")
         config = await self._network_config()
         if config.ipv6 is not None and underlay.address6 is None:
@@ -318,7 +321,7 @@ class Agent:
             own_prefix=s.overlayd_prefix,
             endpoints=self.mirror.collection(endpoints_prefix(s.overlayd_prefix)),
             policies=self.mirror.collection(policies_prefix(s.overlayd_prefix)),
-            revision=partial(self.mirror.revision_of, endpoints_prefix(s.overlayd_prefix)),
+            revision=lambda: self._policy_revision,
         )
         reconciler = self.reconciler = Reconciler(
             host,
@@ -460,6 +463,10 @@ class Agent:
             reconciler.mark_dirty(event_at=time.monotonic())
 
         def policy_event(key: str, value: bytes | None) -> None:
+            # The revision of the newest policy or endpoint change, not of the
+            # newest key under our prefix: the status keys hosts write there
+            # must not count, or every status write would call for another.
+            self._policy_revision = self.mirror.revision_of(key)
             reconciler.mark_dirty(event_at=time.monotonic())
 
         host.on_lease_doubt.append(keeper.doubt)
