@@ -43,10 +43,32 @@ Network config keys (besides cniVersion, name, type):
     dns           passed into the result as it is (CNI's DNS type:
                   nameservers, domain, search, options); runtimes such as
                   Podman write the container's resolv.conf from it
+    controlSocket default /run/overlayd/overlayd.sock: the daemon's control
+                  socket, where containers are registered (below)
+    registerEndpoint  default true; false attaches containers without
+                  registering them: policies then cannot select them (no
+                  policy applies to them in either direction, and a
+                  `from`/`to` selector never matches them, only ipBlocks)
+
+Endpoints (network policy). Once the delegates have attached the container,
+ADD registers it with the daemon over the control socket (`endpoint_add`):
+its id (CNI_CONTAINERID), its name (K8S_POD_NAME from CNI_ARGS, which
+Podman and Kubernetes runtimes pass, else the id's first 12 characters),
+every address of the overlay interface, and its labels
+(plan/endpoints.labels_from_cni: `args.labels`, `runtimeConfig.labels`,
+K8S_POD_NAMESPACE and `OVERLAYD_LABEL_<key>=<value>` in CNI_ARGS). The
+daemon answers once the endpoint is in force on this host. A container
+never runs outside the policies that select it, so when the daemon cannot
+be reached or refuses, ADD fails and the delegates' work is undone (DEL).
+Bad labels are refused before anything is made. DEL unregisters the
+container first, best effort: a daemon that is down never fails a DEL
+(the registration goes with the host's etcd lease, or when the daemon
+next sees the container deleted); it says so on stderr.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -56,9 +78,13 @@ from ipaddress import IPv4Interface, IPv6Interface, IPv6Network, ip_address, ip_
 from pathlib import Path
 from typing import Any
 
+from overlayd.config import DEFAULT_CONTROL_SOCKET
+from overlayd.errors import EndpointError
 from overlayd.model import IPV4, IPV6, Family
 from overlayd.nsexec import call_plugin
+from overlayd.plan.endpoints import labels_from_cni, without_label_args
 from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
+from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask
 from overlayd.surfaces.subnetfile import read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
@@ -309,7 +335,10 @@ def run_delegate(
 ) -> dict[str, Any] | None:
     env = dict(os.environ)
     env.update(
-        CNI_COMMAND=command, CNI_IFNAME=ifname, CNI_PATH=":".join(inv.path or DEFAULT_PLUGIN_DIRS)
+        CNI_COMMAND=command,
+        CNI_IFNAME=ifname,
+        CNI_PATH=":".join(inv.path or DEFAULT_PLUGIN_DIRS),
+        CNI_ARGS=without_label_args(inv.args),
     )
     ok, parsed, raw = call_plugin([find_plugin(str(conf["type"]), inv.path)], conf, env)
     if not ok:
@@ -371,8 +400,122 @@ def _record_path(conf: dict[str, Any], inv: Invocation) -> Path:
     return data_dir / "delegates" / f"{inv.container_id}-{inv.ifname}.json"
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What ADD registers with the daemon, decided before anything is made
+    (None from `registration` when the config turns registering off)."""
+
+    socket: Path
+    name: str
+    labels: dict[str, str]
+
+    def request(self, inv: Invocation, addresses: list[str]) -> dict[str, Any]:
+        return {
+            "id": inv.container_id,
+            "name": self.name,
+            "addresses": addresses,
+            "labels": self.labels,
+        }
+
+
+def _register_setting(conf: dict[str, Any]) -> bool:
+    value = conf.get("registerEndpoint", True)
+    if not isinstance(value, bool):
+        raise CniError(ERR_CONFIG, f"registerEndpoint must be true or false, not {value!r}")
+    return value
+
+
+def control_socket(conf: dict[str, Any]) -> Path:
+    value = conf.get("controlSocket", str(DEFAULT_CONTROL_SOCKET))
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise CniError(ERR_CONFIG, f"controlSocket must be an absolute path, not {value!r}")
+    return Path(value)
+
+
+def container_name(inv: Invocation) -> str:
+    """K8S_POD_NAME from CNI_ARGS (Podman passes the container's name
+    there, Kubernetes runtimes the pod's), else the id's first 12 characters."""
+    for part in inv.args.split(";"):
+        key, equals, value = part.partition("=")
+        if key.strip() == "K8S_POD_NAME" and equals and value:
+            return value
+    return inv.container_id[:12]
+
+
+def registration(conf: dict[str, Any], inv: Invocation) -> Registration | None:
+    if not _register_setting(conf):
+        return None
+    socket = control_socket(conf)
+    try:
+        labels = labels_from_cni(conf, inv.args)
+    except EndpointError as exc:
+        raise CniError(ERR_CONFIG, f"labels: {exc}") from exc
+    return Registration(socket, container_name(inv), labels)
+
+
+def container_addresses(result: dict[str, Any], ifname: str) -> list[str]:
+    """Every address (no prefix length) of interface `ifname` inside the
+    container, in a merged result: the overlay interface's, of both
+    families; eth1's in gwbridge mode are the gwbridge's, not the overlay's."""
+    interfaces = result.get("interfaces", [])
+    inside = {
+        index
+        for index, iface in enumerate(interfaces)
+        if iface.get("name") == ifname and iface.get("sandbox")
+    }
+    return [
+        str(ip_interface(ip["address"]).ip)
+        for ip in result.get("ips", [])
+        if ip.get("interface") in inside
+    ]
+
+
+def _ask(socket: Path, command: str, args: dict[str, Any]) -> Any:
+    return asyncio.run(ask(socket, command, args))
+
+
+def register(registered: Registration, inv: Invocation, result: dict[str, Any]) -> None:
+    """Register the attached container; CniError when the daemon cannot
+    be reached or refuses."""
+    addresses = container_addresses(result, inv.ifname)
+    try:
+        _ask(registered.socket, "endpoint_add", registered.request(inv, addresses))
+    except DaemonRefused as exc:
+        raise CniError(
+            ERR_PLUGIN,
+            f"overlayd refused to register container {registered.name}: the container is"
+            " not attached, since no policy could apply to it",
+            str(exc),
+        ) from exc
+    except DaemonUnreachable as exc:
+        raise CniError(
+            ERR_TRY_LATER,
+            f"overlayd could not register container {registered.name}: the container is"
+            " not attached, since no policy could apply to it (set registerEndpoint to"
+            " false to attach containers that policies cannot select)",
+            str(exc),
+        ) from exc
+
+
+def unregister(conf: dict[str, Any], inv: Invocation) -> None:
+    """Best effort: a daemon that is down or refuses is reported on stderr,
+    never a failed DEL."""
+    try:
+        if not _register_setting(conf):
+            return
+        _ask(control_socket(conf), "endpoint_del", {"id": inv.container_id})
+    except (CniError, DaemonUnreachable) as exc:
+        text = exc.msg if isinstance(exc, CniError) else str(exc)
+        print(
+            f"overlay-cni: DEL {inv.container_id}: not unregistered from overlayd: {text}",
+            file=sys.stderr,
+        )
+
+
 def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
-    dns = dns_settings(conf)  # checked before anything is made
+    # Checked before anything is made: nothing to undo when they are bad.
+    dns = dns_settings(conf)
+    registered = registration(conf, inv)
     done: list[tuple[str, dict[str, Any]]] = []
     results = []
     try:
@@ -380,6 +523,15 @@ def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
             result = run_delegate(inv, "ADD", ifname, delegate)
             done.append((ifname, delegate))
             results.append(result or {})
+        merged = merge_results(conf.get("cniVersion", "1.0.0"), results, dns)
+        if registered is not None:
+            try:
+                register(registered, inv, merged)
+            except CniError:
+                # A registration that timed out waiting for its pass may be
+                # in etcd already: it goes too.
+                unregister(conf, inv)
+                raise
     except CniError:
         for ifname, delegate in reversed(done):  # leave nothing half made
             with contextlib.suppress(CniError):
@@ -392,10 +544,13 @@ def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
             [{"ifname": i, "conf": d, "result": r} for (i, d), r in zip(done, results, strict=True)]
         )
     )
-    return merge_results(conf.get("cniVersion", "1.0.0"), results, dns)
+    return merged
 
 
 def delete(conf: dict[str, Any], inv: Invocation) -> None:
+    # The registration first: the address must not be handed to another
+    # container while this one's labels still claim it.
+    unregister(conf, inv)
     record = _record_path(conf, inv)
     try:
         delegates = json.loads(record.read_text())

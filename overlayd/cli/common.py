@@ -51,6 +51,10 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
     )
     add_etcd_access_flags(p)
     p.add_argument("--etcd-prefix", help="etcd key prefix")
+    p.add_argument(
+        "--overlayd-prefix",
+        help="overlayd's own etcd prefix (endpoints, policies, status; default /overlayd)",
+    )
     p.add_argument("--control-socket", help="the daemon's control socket")
     p.add_argument("--subnet-file", help="the daemon's subnet file")
     p.add_argument("--iface", help="the daemon's underlay interface (name or address)")

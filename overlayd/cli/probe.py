@@ -24,7 +24,14 @@ from overlayd.nsexec import call_plugin, netns_argv, ping_rtt_ms, runtime_env
 from overlayd.plan.ipam import gateway_address
 from overlayd.surfaces.subnetfile import read_subnet
 
-PROBE_CNI_CONFIG = {"cniVersion": "1.0.0", "name": "overlayd-probe", "type": "overlay-cni"}
+# Not registered as an endpoint: the probe pings host gateways only, and a
+# policy selecting every endpoint ({}) must not break the check.
+PROBE_CNI_CONFIG = {
+    "cniVersion": "1.0.0",
+    "name": "overlayd-probe",
+    "type": "overlay-cni",
+    "registerEndpoint": False,
+}
 
 
 def _run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

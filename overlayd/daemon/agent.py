@@ -392,6 +392,9 @@ class Agent:
                 view=partial(self._plugin_view, host, reconciler),
                 cni=CniRunner(),
                 veths=VethPairs(),
+                # In-process, as the control socket's endpoint_add/_del.
+                register=self._endpoint_add,
+                unregister=self._endpoint_del,
             )
             group.create_task(plugin.run(), name="docker-plugin")
 

@@ -66,6 +66,8 @@ def cni_config(files: HostFiles) -> dict[str, Any]:
         "type": "overlay-cni",
         "subnetFile": str(files.subnet_file),
         "dataDir": str(files.cni_dir),
+        # The host's own daemon registers its containers (network policy).
+        "controlSocket": str(files.control_socket),
     }
 
 

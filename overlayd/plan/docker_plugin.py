@@ -54,6 +54,19 @@ for (HostView.subnet). While a new lease waits for its first pass
 (HostView.settled false), requests for addresses and pools are refused
 with 503, which Docker reports and its user retries.
 
+Endpoints (network policy). Join registers the endpoint with the daemon's
+endpoint registry (in-process: the plugin runs inside the daemon), once
+it has its addresses (CreateEndpoint) and its sandbox (Join), and a
+refusal fails the Join: a container never runs outside the policies that
+select it. Leave and DeleteEndpoint unregister it. Docker 20.10 passes no
+container name and no container labels to a network driver; CreateEndpoint
+carries the endpoint's driver options, which `docker network connect
+--driver-opt K=V` and the API's EndpointsConfig.DriverOpts set (`docker
+run` has no flag for them before Docker 25). From those options
+(`endpoint_identity`): `overlayd.name` names the endpoint (default: the
+endpoint ID's first 12 digits), and each `overlayd.label.<key>` is the
+label <key> (checked by Kubernetes' rules at CreateEndpoint).
+
 At start the server repairs what it can from its records
 (`orphan_reservations`, `veth_repairs`): host-local reservations of this
 plugin that no record holds are released, and ovd* ports of the bridge
@@ -80,6 +93,7 @@ from typing import Any, TypeVar
 
 from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.ipam import container_ranges, gateway_address
+from overlayd.plan.policy import label_key_problem, label_value_problem
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 IMPLEMENTS = ("NetworkDriver", "IpamDriver")
@@ -88,6 +102,11 @@ ANY_POOL = "0.0.0.0/0"  # the pool shown to Docker when none is asked for (see r
 GATEWAY_REQUEST = "com.docker.network.gateway"  # RequestAddress Options[RequestAddressType]
 PORTMAP_OPTION = "com.docker.network.portmap"
 MAC_OPTION = "com.docker.network.endpoint.macaddress"
+# Driver options (`docker network connect --driver-opt`) that name and
+# label an endpoint for network policy.
+NAME_OPTION = "overlayd.name"
+LABEL_OPTION_PREFIX = "overlayd.label."
+MAX_NAME = 253
 # libnetwork's types.NEXTHOP: a StaticRoute through NextHop.
 ROUTE_NEXTHOP = 0
 # Docker's types.Protocol numbers in a PortBinding.
@@ -202,6 +221,9 @@ class Endpoint:
     sandbox: str | None = None  # the sandbox key given at Join
     ports: list[dict[str, Any]] = field(default_factory=list)  # CNI portMappings programmed
     address6: IPv6Interface | None = None  # in a dual-stack network
+    # From the driver options (endpoint_identity): what the registration says.
+    name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -211,6 +233,8 @@ class Endpoint:
             "mac": self.mac,
             "sandbox": self.sandbox,
             "ports": self.ports,
+            "name": self.name,
+            "labels": self.labels,
         }
 
     def addresses(self) -> list[IPv4Interface | IPv6Interface]:
@@ -225,7 +249,18 @@ class Endpoint:
             sandbox=raw.get("sandbox"),
             ports=list(raw.get("ports", [])),
             address6=IPv6Interface(raw["address6"]) if raw.get("address6") else None,
+            name=str(raw["name"]) if raw.get("name") else None,
+            labels={str(k): str(v) for k, v in (raw.get("labels") or {}).items()},
         )
+
+    def registration(self, endpoint_id: str) -> dict[str, Any]:
+        """What the endpoint registry is asked to register at Join."""
+        return {
+            "id": endpoint_id,
+            "name": self.name or endpoint_id[:12],
+            "addresses": [str(address.ip) for address in self.addresses()],
+            "labels": dict(self.labels),
+        }
 
 
 @dataclass(slots=True)
@@ -434,6 +469,29 @@ class EndpointRequest:
     mac: str | None
     options: dict[str, Any]
     address6: IPv6Interface | None = None
+    name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def endpoint_identity(options: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+    """The name (`overlayd.name`) and labels (`overlayd.label.<key>`) in an
+    endpoint's driver options; a bad one is refused (400) naming the option,
+    before the container starts rather than registered unselectable."""
+    name = options.get(NAME_OPTION)
+    if name is not None and (
+        not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable()
+    ):
+        raise bad(f"driver option {NAME_OPTION}: 1 to {MAX_NAME} printable characters")
+    labels: dict[str, str] = {}
+    for key, value in sorted(options.items()):
+        if not key.startswith(LABEL_OPTION_PREFIX):
+            continue
+        label = key[len(LABEL_OPTION_PREFIX) :]
+        problem = label_key_problem(label) or label_value_problem(value)
+        if problem:
+            raise bad(f"driver option {key[:120]}: {problem}")
+        labels[label] = value
+    return name, labels
 
 
 def _endpoint_address(
@@ -475,7 +533,11 @@ def create_endpoint(raw: dict[str, Any], records: Records, view: HostView) -> En
     mac = _str(iface, "MacAddress", required=False).lower() or None
     if mac is not None and not _MAC.match(mac):
         raise bad(f"MacAddress {mac[:40]!r} is not a MAC address")
-    return EndpointRequest(ids.network_id, ids.endpoint_id, address, mac, _options(raw), address6)
+    options = _options(raw)
+    name, labels = endpoint_identity(options)
+    return EndpointRequest(
+        ids.network_id, ids.endpoint_id, address, mac, options, address6, name, labels
+    )
 
 
 @dataclass(frozen=True, slots=True)

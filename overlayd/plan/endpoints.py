@@ -46,6 +46,10 @@ _HOST_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})")
 # CNI_ARGS keys kept as labels (Kubernetes runtimes pass them); every other
 # key is an argument for some plugin (IP=, MAC=, IgnoreUnknown=), not a label.
 CNI_ARGS_LABELS = {"K8S_POD_NAMESPACE": "k8s.pod.namespace", "K8S_POD_NAME": "k8s.pod.name"}
+# CNI_ARGS `OVERLAYD_LABEL_<key>=<value>`: one label each, overlay-cni's own
+# (Podman passes its own CNI_ARGS variable on, so `CNI_ARGS=... podman run`
+# labels one container); overlay-cni keeps them from its delegates.
+CNI_ARGS_LABEL_PREFIX = "OVERLAYD_LABEL_"
 
 
 # --- keys -------------------------------------------------------------------------
@@ -424,8 +428,10 @@ def labels_from_cni(config: Mapping[str, Any] | None, cni_args: str | None) -> d
          k8s.pod.namespace, and K8S_POD_NAME as k8s.pod.name when it is a
          valid label value (pod names may be up to 253 characters, label
          values 63: a longer name is left out rather than failing the
-         pod). Every other key (IgnoreUnknown, K8S_POD_INFRA_CONTAINER_ID,
-         IP, ...) is an argument, not a label, and is ignored.
+         pod);
+      4. CNI_ARGS `OVERLAYD_LABEL_<key>=<value>`, the label <key>=<value>.
+    Every other CNI_ARGS key (IgnoreUnknown, K8S_POD_INFRA_CONTAINER_ID, IP,
+    ...) is an argument, not a label, and is ignored.
     A bad label raises EndpointError naming it and where it came from."""
     found: dict[str, str] = {}
     if config is not None:
@@ -438,14 +444,35 @@ def labels_from_cni(config: Mapping[str, Any] | None, cni_args: str | None) -> d
         runtime = config.get("runtimeConfig")
         if isinstance(runtime, Mapping):
             found.update(_labels_from(runtime.get("labels"), "runtimeConfig.labels"))
+    chosen: dict[str, str] = {}
     for part in (cni_args or "").split(";"):
         name, equals, value = part.partition("=")
-        label = CNI_ARGS_LABELS.get(name.strip())
-        if label is None or not equals:
-            continue
-        problem = label_value_problem(value)
-        if problem is None:
-            found[label] = value
-        elif label != "k8s.pod.name":
-            raise EndpointError(f"CNI_ARGS {name}: {problem}")
+        name = name.strip()
+        label = CNI_ARGS_LABELS.get(name)
+        if label is not None and equals:
+            problem = label_value_problem(value)
+            if problem is None:
+                found[label] = value
+            elif label != "k8s.pod.name":
+                raise EndpointError(f"CNI_ARGS {name}: {problem}")
+        elif name.startswith(CNI_ARGS_LABEL_PREFIX):
+            key = name[len(CNI_ARGS_LABEL_PREFIX) :]
+            problem = (
+                "no value (write OVERLAYD_LABEL_<key>=<value>)"
+                if not equals
+                else label_key_problem(key) or label_value_problem(value)
+            )
+            if problem:
+                raise EndpointError(f"CNI_ARGS {show(name)}: {problem}")
+            chosen[key] = value
+    found.update(chosen)
     return found
+
+
+def without_label_args(cni_args: str) -> str:
+    """CNI_ARGS without the OVERLAYD_LABEL_ keys, for the plugins overlay-cni
+    delegates to: the standard plugins refuse keys they do not know unless
+    the runtime also passed IgnoreUnknown=1."""
+    return ";".join(
+        part for part in cni_args.split(";") if not part.strip().startswith(CNI_ARGS_LABEL_PREFIX)
+    )

@@ -737,6 +737,26 @@ def parse_policy_key(key: str, own_prefix: str) -> str:
     return name
 
 
+def stored_policies(
+    raw: Mapping[str, bytes], own_prefix: str
+) -> tuple[list[Policy], dict[str, str]]:
+    """The usable policies among the keys under policies_prefix (others are
+    ignored), each document read as the daemon reads it (its key names
+    it), and for every other key why it is not used: what `overlayctl
+    policy list/check` show. Sorted by key."""
+    prefix = policies_prefix(own_prefix)
+    usable: list[Policy] = []
+    rejected: dict[str, str] = {}
+    for key in sorted(raw):
+        if not key.startswith(prefix):
+            continue
+        try:
+            usable.append(parse_policy(raw[key], name=parse_policy_key(key, own_prefix)))
+        except PolicyError as exc:
+            rejected[key] = str(exc)
+    return usable, rejected
+
+
 # --- the verdict ------------------------------------------------------------------
 
 

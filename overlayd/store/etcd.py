@@ -496,6 +496,16 @@ class EtcdStore:
         values = {kv.key.decode(errors="replace"): bytes(kv.value) for kv in result}
         return values, int(result.header.revision)
 
+    async def get_prefix_revisions(self, prefix: str) -> tuple[dict[str, tuple[bytes, int]], int]:
+        """All keys under `prefix`, each with its mod revision, and the
+        revision they were read at."""
+        result = await self._call("get_prefix", prefix.encode())
+        values = {
+            kv.key.decode(errors="replace"): (bytes(kv.value), int(kv.mod_revision))
+            for kv in result
+        }
+        return values, int(result.header.revision)
+
     async def get_with_revision(self, key: str) -> tuple[bytes, int] | None:
         """The value and its mod revision, or None if absent."""
         result = await self._call("get_prefix", key.encode())
@@ -507,6 +517,12 @@ class EtcdStore:
     async def put(self, key: str, value: str | bytes) -> None:
         data = value.encode() if isinstance(value, str) else value
         await self._call("put", key.encode(), data)
+
+    async def put_revision(self, key: str, value: str | bytes) -> int:
+        """put, and the revision of the write."""
+        data = value.encode() if isinstance(value, str) else value
+        result = await self._call("put", key.encode(), data)
+        return int(result.header.revision)
 
     async def put_many(self, items: Sequence[tuple[str, str]]) -> None:
         """Several puts in one transaction (etcd allows 128 operations in one)."""
@@ -548,6 +564,13 @@ class EtcdStore:
     async def delete(self, key: str) -> bool:
         result = await self._call("delete", key.encode())
         return bool(result and result.deleted)
+
+    async def delete_revision(self, key: str) -> int | None:
+        """delete, and the revision of the deletion (None: no such key)."""
+        result = await self._call("delete", key.encode())
+        if not result or not result.deleted:
+            return None
+        return int(result.header.revision)
 
     async def grant(self, ttl: int) -> int:
         lease = await self._call("lease", ttl)

@@ -24,6 +24,13 @@ containers an address of this host's leased subnet on overlayd's bridge.
   plugin (DNAT). In gwbridge mode Docker's own docker_gwbridge endpoint
   gets them instead (see plan/docker_plugin.py).
 
+- Join registers the endpoint for network policy (its addresses, and the
+  name and labels from its driver options: plan/docker_plugin.py) through
+  the callables the composition root passes (the daemon's endpoint
+  registry, in-process), and answers only once it is in force; a refusal
+  fails the Join and takes the veth away again. Leave and DeleteEndpoint
+  unregister it (a failure is logged: Docker does not ask twice).
+
 Requests are parsed and decided in plan/docker_plugin.py; this module does
 the I/O. The kernel and the CNI plugins are reached only through two ports
 that the composition root (daemon/agent.py) fills in: `VethPort`
@@ -124,6 +131,10 @@ class CniFailed(PluginError):
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# The endpoint registry's register and unregister (daemon/endpoints.py),
+# called with the control socket's arguments: {"id", "name", "addresses",
+# "labels"} and {"id"}. They raise when they refuse.
+EndpointCall = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
 def _error_text(parsed: Any, raw: str) -> str:
@@ -140,11 +151,16 @@ class DockerPlugin:
         *,
         cni: CniPort,
         veths: VethPort,
+        register: EndpointCall | None = None,
+        unregister: EndpointCall | None = None,
     ) -> None:
         self.settings = settings
         self.view = view
         self.cni = cni
         self.veths = veths
+        # None: endpoints are not registered (policies cannot select them).
+        self.register = register
+        self.unregister = unregister
         self.records = Records()  # read from disk by start()
         self._lock = asyncio.Lock()
         self.handlers: dict[str, tuple[Handler, bool]] = {
@@ -443,7 +459,12 @@ class DockerPlugin:
         async with self._lock:
             req = plan.create_endpoint(raw, self.records, self.view())
             self.records.endpoints[req.endpoint_id] = Endpoint(
-                req.network_id, req.address, req.mac, address6=req.address6
+                req.network_id,
+                req.address,
+                req.mac,
+                address6=req.address6,
+                name=req.name,
+                labels=req.labels,
             )
             self._save()
         log.info(
@@ -463,6 +484,7 @@ class DockerPlugin:
         host, _ = plan.veth_names(endpoint_id)
         if host not in self.records.adopted_veths:
             return False
+        await self._unregister(endpoint_id)
         try:
             await self.veths.delete(host)
         except Exception as exc:
@@ -524,6 +546,12 @@ class DockerPlugin:
             await self.veths.add_pair(
                 host, peer, bridge=view.bridge, mtu=view.mtu, mac=endpoint.mac
             )
+            try:
+                await self._register(req.endpoint_id, endpoint)
+            except PluginError:
+                with contextlib.suppress(Exception):
+                    await self.veths.delete(host)
+                raise
             endpoint.sandbox = req.sandbox
             self._save()
         log.info(
@@ -542,11 +570,46 @@ class DockerPlugin:
         log.info("event=docker_leave id=%s", ids.endpoint_id[:12])
         return {}
 
+    async def _register(self, endpoint_id: str, endpoint: Endpoint) -> None:
+        """The endpoint registered and in force here, or PluginError: a
+        container must not start outside the policies that select it."""
+        if self.register is None:
+            return
+        request = endpoint.registration(endpoint_id)
+        try:
+            await self.register(request)
+        except Exception as exc:
+            # Registered but not yet in force (a timeout) counts as refused:
+            # the registration goes too.
+            await self._unregister(endpoint_id)
+            raise PluginError(
+                500,
+                f"overlayd could not register endpoint {request['name']} for network policy"
+                f" ({exc}): the container is not attached",
+            ) from exc
+
+    async def _unregister(self, endpoint_id: str) -> None:
+        if self.unregister is None:
+            return
+        try:
+            await self.unregister({"id": endpoint_id})
+        except Exception as exc:
+            log.error(
+                "event=docker_unregister_failed id=%s error=%r effect=%r",
+                endpoint_id[:12],
+                str(exc),
+                "its registration stays until this host's lease ends",
+            )
+
     async def _unplug(self, endpoint_id: str, endpoint: Endpoint) -> None:
         """Published ports and the veth pair go, each as far as it will: a
         failure is logged and the rest done anyway (Docker carries on after
         a failed Leave or DeleteEndpoint and never asks again). The address
         stays until Docker releases it through IPAM."""
+        # The registration first: its address must not stay selected once
+        # the container is gone (both Leave and DeleteEndpoint come here,
+        # and unregistering twice is no error).
+        await self._unregister(endpoint_id)
         host, _ = plan.veth_names(endpoint_id)
         if endpoint.ports:
             try:

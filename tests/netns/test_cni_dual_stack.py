@@ -67,6 +67,8 @@ def config(tmp_path: Path, mode: str) -> dict[str, Any]:
         "type": "overlay-cni",
         "subnetFile": str(tmp_path / "subnet.env"),
         "dataDir": str(tmp_path / "cni"),
+        # No daemon here to register containers with.
+        "registerEndpoint": False,
     }
 
 

@@ -62,6 +62,11 @@ class FakeStore:
         self._check()
         return {k: v[0] for k, v in self.values.items() if k.startswith(prefix)}, self.revision
 
+    async def get_prefix_revisions(self, prefix: str) -> tuple[dict[str, tuple[bytes, int]], int]:
+        self._check()
+        found = {k: (v[0], v[1]) for k, v in self.values.items() if k.startswith(prefix)}
+        return found, self.revision
+
     async def get_with_revision(self, key: str) -> tuple[bytes, int] | None:
         self._check()
         found = self.values.get(key)
@@ -70,6 +75,10 @@ class FakeStore:
     async def put(self, key: str, value: str | bytes) -> None:
         self._check()
         await self._record(key, value.encode() if isinstance(value, str) else value)
+
+    async def put_revision(self, key: str, value: str | bytes) -> int:
+        await self.put(key, value)
+        return self.revision
 
     async def put_bound(self, key: str, value: bytes, lease_id: int) -> int:
         self._check()
@@ -99,6 +108,9 @@ class FakeStore:
             return False
         await self._record(key, None)
         return True
+
+    async def delete_revision(self, key: str) -> int | None:
+        return self.revision if await self.delete(key) else None
 
     async def grant(self, ttl: int) -> int:
         self._check()

@@ -50,6 +50,8 @@ def conf(tmp_path: Path, subnet_env: str) -> dict[str, Any]:
         "type": "overlay-cni",
         "subnetFile": str(tmp_path / "subnet.env"),
         "dataDir": str(tmp_path / "cni"),
+        # Never a real daemon's socket (test_cni_registration.py serves one).
+        "controlSocket": str(tmp_path / "no-daemon" / "overlayd.sock"),
     }
 
 

@@ -1190,3 +1190,129 @@ async def test_real_host_local_keeps_one_store_for_overlay_cni_and_the_plugin_in
     await make_plugin(tmp_path, view6, cni=runner).start()
     names = {p.name for p in store.iterdir()}
     assert str(lost) not in names and {"10.244.3.3", "fd00:10:244:3:8000::"} <= names
+
+
+# --- endpoints for network policy ------------------------------------------------------
+
+
+class FakeRegistry:
+    """The daemon's endpoint registry as the plugin calls it; `refuse`
+    makes register raise, as the registry does for a bad request or when
+    no pass puts the endpoint in force in time."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.refuse: str | None = None
+
+    async def register(self, request: Any) -> dict[str, Any]:
+        self.calls.append(("register", request["id"]))
+        if self.refuse is not None:
+            from overlayd.errors import EndpointError
+
+            raise EndpointError(self.refuse)
+        self.registered[request["id"]] = dict(request)
+        return {"key": f"/overlayd/endpoints/h/{request['id']}", "revision": 7}
+
+    async def unregister(self, request: Any) -> dict[str, Any]:
+        self.calls.append(("unregister", request["id"]))
+        existed = self.registered.pop(request["id"], None) is not None
+        return {"existed": existed}
+
+
+def registering_plugin(tmp_path: Any, registry: FakeRegistry, veths: FakeVeths) -> Any:
+    from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
+
+    return DockerPlugin(
+        PluginSettings(tmp_path / "p.sock", tmp_path / "cni"),
+        view=view,
+        cni=FakeCni(),
+        veths=veths,
+        register=registry.register,
+        unregister=registry.unregister,
+    )
+
+
+def test_driver_options_name_and_label_the_endpoint() -> None:
+    options = {
+        "com.docker.network.portmap": [],
+        "overlayd.name": "web-1",
+        "overlayd.label.app": "web",
+        "overlayd.label.app.kubernetes.io/part-of": "shop",
+    }
+    assert plan.endpoint_identity(options) == (
+        "web-1",
+        {"app": "web", "app.kubernetes.io/part-of": "shop"},
+    )
+    assert plan.endpoint_identity({"com.docker.network.portmap": []}) == (None, {})
+    # Refused, naming the option: a bad label never registers an
+    # endpoint that its policies would not select.
+    for bad_options, named in (
+        ({"overlayd.label.app": "no spaces"}, "overlayd.label.app"),
+        ({"overlayd.label.-x": "y"}, "overlayd.label.-x"),
+        ({"overlayd.label.app": 5}, "overlayd.label.app"),
+        ({"overlayd.name": ""}, "overlayd.name"),
+        ({"overlayd.name": "a\nb"}, "overlayd.name"),
+    ):
+        error = refused(plan.endpoint_identity, bad_options)
+        assert error.status == 400 and named in error.message
+    # Through CreateEndpoint: refused there, before Join.
+    request = endpoint_request()
+    request["Options"] = {"overlayd.label.app": "no spaces"}
+    refused(plan.create_endpoint, request, records(), view())
+    request["Options"] = {"overlayd.label.app": "web", "overlayd.name": "web-1"}
+    created = plan.create_endpoint(request, records(), view())
+    assert (created.name, created.labels) == ("web-1", {"app": "web"})
+
+
+async def test_join_registers_and_leave_unregisters(tmp_path: Any) -> None:
+    registry, veths = FakeRegistry(), FakeVeths()
+    plugin = registering_plugin(tmp_path, registry, veths)
+    await plugin.start()
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    request = endpoint_request()
+    request["Options"] = {"overlayd.label.app": "web", "overlayd.name": "web-1"}
+    assert (await call(plugin, "NetworkDriver.CreateEndpoint", request))[0] == 200
+    assert registry.registered == {}  # CreateEndpoint alone registers nothing
+    join = {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"}
+    assert (await call(plugin, "NetworkDriver.Join", join))[0] == 200
+    assert registry.registered[EP] == {
+        "id": EP,
+        "name": "web-1",
+        "addresses": ["10.244.3.5"],
+        "labels": {"app": "web"},
+    }
+    # The name and labels survive a restart of the plugin (the records).
+    again = registering_plugin(tmp_path, registry, veths)
+    await again.start()
+    assert again.records.endpoints[EP].labels == {"app": "web"}
+    ids = {"NetworkID": NET, "EndpointID": EP}
+    assert await call(again, "NetworkDriver.Leave", ids) == (200, {})
+    assert registry.registered == {}
+    assert await call(again, "NetworkDriver.DeleteEndpoint", ids) == (200, {})
+    assert registry.calls[-1] == ("unregister", EP)  # twice is no error
+
+
+async def test_a_refused_registration_fails_the_join_and_takes_the_veth_away(
+    tmp_path: Any,
+) -> None:
+    registry, veths = FakeRegistry(), FakeVeths()
+    plugin = registering_plugin(tmp_path, registry, veths)
+    await plugin.start()
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    assert (await call(plugin, "NetworkDriver.CreateEndpoint", endpoint_request()))[0] == 200
+    join = {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"}
+    registry.refuse = "no pass put it in force within 10 s"
+    status, answer = await call(plugin, "NetworkDriver.Join", join)
+    assert status == 500 and "no pass put it in force" in answer["Err"]
+    host, peer = plan.veth_names(EP)
+    assert host not in veths.links and peer not in veths.links
+    assert plugin.records.endpoints[EP].sandbox is None
+    # A registration that timed out may be in etcd: it was taken back.
+    assert registry.calls[-1] == ("unregister", EP)
+    # Positive control: the same Join once the registry accepts; the name
+    # defaults to the endpoint ID's first 12 digits.
+    registry.refuse = None
+    assert (await call(plugin, "NetworkDriver.Join", join))[0] == 200
+    assert host in veths.links
+    assert registry.registered[EP]["name"] == EP[:12]

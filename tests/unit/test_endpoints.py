@@ -30,6 +30,7 @@ from overlayd.plan.endpoints import (
     parse_labels,
     render_endpoint,
     select_endpoints,
+    without_label_args,
 )
 from overlayd.plan.policy_model import Endpoint, HostSubnets
 
@@ -405,9 +406,32 @@ def test_labels_from_cni_sources_and_precedence() -> None:
             r"runtimeConfig\.labels: label value",
         ),
         (None, "K8S_POD_NAMESPACE=Prod Space", "CNI_ARGS K8S_POD_NAMESPACE"),
+        (None, "OVERLAYD_LABEL_app=we b", 'CNI_ARGS "OVERLAYD_LABEL_app": label value'),
+        (None, "OVERLAYD_LABEL_=x", 'CNI_ARGS "OVERLAYD_LABEL_": label key'),
+        (None, "OVERLAYD_LABEL_app", "no value"),
     ],
 )
 def test_bad_cni_labels(config: dict[str, Any] | None, cni_args: str | None, reason: str) -> None:
     with pytest.raises(EndpointError, match=reason):
         labels_from_cni(config, cni_args)
     assert labels_from_cni({"args": {"labels": {"app": "x"}}}, None) == {"app": "x"}
+
+
+def test_overlayd_label_keys_in_cni_args_label_one_container() -> None:
+    """What Podman passes on from its own CNI_ARGS variable: one label per
+    key, winning over every other source; the delegates get CNI_ARGS
+    without them."""
+    config = {"args": {"labels": {"app": "from-config", "team": "a"}}}
+    cni_args = (
+        "IgnoreUnknown=1;K8S_POD_NAME=exp2;OVERLAYD_LABEL_app=db;"
+        "OVERLAYD_LABEL_app.kubernetes.io/part-of=shop;OVERLAYD_LABEL_k8s.pod.name=x"
+    )
+    assert labels_from_cni(config, cni_args) == {
+        "app": "db",
+        "team": "a",
+        "app.kubernetes.io/part-of": "shop",
+        "k8s.pod.name": "x",
+    }
+    assert without_label_args(cni_args) == "IgnoreUnknown=1;K8S_POD_NAME=exp2"
+    assert without_label_args("") == ""
+    assert without_label_args("IgnoreUnknown=1") == "IgnoreUnknown=1"
