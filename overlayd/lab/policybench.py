@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from overlayd.lab import checks
 from overlayd.lab.containers import Container
@@ -99,14 +100,16 @@ def policybench(
     lab.down()
     try:
         lab.up(hosts)
-        containers = [lab.add_container(host, 1) for host in range(1, hosts + 1)]
+        # `up` attached one container to each host (through overlay-cni,
+        # which registered it).
+        containers = [lab.container(host, 1) for host in range(1, hosts + 1)]
         target, client = containers[0], containers[1]
         lab.serve_whoami(target.ns)
         lab.etcd(lambda store: _label_target(store, target))
         results: list[Round] = []
         for number in range(rounds):
             deny = number % 2 == 0
-            found = lab.etcd(lambda store, deny=deny: _change_and_time(store, deny, hosts))
+            found = lab.etcd(partial(_change_and_time, deny=deny, hosts=hosts))
             answered = checks.whoami(client.ns, target.address, timeout=1.0) is not None
             found.packets_agree = answered != deny
             results.append(found)

@@ -7,42 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from overlayd.errors import OverlaydError
 from overlayd.model import Lease
 from overlayd.plan.endpoints import EndpointCache, EndpointSelection, host_id, select_endpoints
-from overlayd.plan.policy import parse_policy, parse_policy_key
+from overlayd.plan.policy import stored_policies
 from overlayd.plan.policy_model import HostSubnets, Policy
 from overlayd.plan.policy_rules import LocalSubnets, PolicyRuleset, policy_ruleset
-
-# key -> (value, the policy or why it is not used): each document parsed once.
-PolicyCache = dict[str, tuple[bytes, Policy | str]]
-
-
-def usable_policies(
-    raw: Mapping[str, bytes], own_prefix: str, cache: PolicyCache | None = None
-) -> tuple[list[Policy], dict[str, str]]:
-    """The policies that parse, and for every other key why not."""
-    cache = {} if cache is None else cache
-    usable: list[Policy] = []
-    rejected: dict[str, str] = {}
-    for key, value in raw.items():
-        hit = cache.get(key)
-        if hit is None or hit[0] != value:
-            hit = cache[key] = (value, _parse(key, value, own_prefix))
-        if isinstance(hit[1], Policy):
-            usable.append(hit[1])
-        else:
-            rejected[key] = hit[1]
-    for gone in [k for k in cache if k not in raw]:
-        del cache[gone]
-    return usable, rejected
-
-
-def _parse(key: str, value: bytes, own_prefix: str) -> Policy | str:
-    try:
-        return parse_policy(value, name=parse_policy_key(key, own_prefix))
-    except OverlaydError as exc:
-        return str(exc)
 
 
 def endpoint_hosts(own: Lease, peers: Iterable[Lease]) -> dict[str, HostSubnets]:
@@ -64,7 +33,7 @@ def enforced_ruleset(
     """The ruleset a host holding `own` must have (from scratch), with the
     usable policies and endpoints and every skipped input's reason.
     ValueError for two policies whose names would share nft names."""
-    policies, rejected = usable_policies(raw_policies, own_prefix)
+    policies, rejected = stored_policies(raw_policies, own_prefix)
     selection = select_endpoints(raw_endpoints, own_prefix, endpoint_hosts(own, peers), cache=cache)
     local = LocalSubnets(own.subnet, own.ipv6_subnet)
     ruleset = policy_ruleset(policies, selection.endpoints, local)

@@ -28,7 +28,7 @@ from overlayd.dataplane import DataplanePort
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, Lease, Observed
 from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
-from overlayd.plan.policy_inputs import PolicyCache, usable_policies
+from overlayd.plan.policy import PolicyCache, stored_policies
 from overlayd.plan.policy_model import Endpoint, HostSubnets, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
@@ -171,7 +171,7 @@ class PolicyManager:
         return policy_transaction(believed, desired)
 
     def _usable_policies(self, raw: Mapping[str, bytes], own_prefix: str) -> list[Policy]:
-        policies, self._policy_rejections = usable_policies(raw, own_prefix, self._policies)
+        policies, self._policy_rejections = stored_policies(raw, own_prefix, self._policies)
         return policies
 
     def _rejected_policies(self) -> dict[str, str]:
