@@ -76,7 +76,13 @@ class EndpointRegistry:
         endpoint = self._endpoint_of(request)
         value = render_endpoint(endpoint)
         self._write_file(endpoint.id, value)
-        revision = await self._store.put_bound(endpoint.key, value, self._lease_id())
+        try:
+            revision = await self._store.put_bound(endpoint.key, value, self._lease_id())
+        except BaseException:
+            # Not registered: the runtime undoes the container, and a later
+            # republish must not bring it back.
+            self._file(endpoint.id).unlink(missing_ok=True)
+            raise
         try:
             async with asyncio.timeout(ENFORCE_TIMEOUT_SECONDS):
                 await self._enforcer.wait_enforced(revision)
