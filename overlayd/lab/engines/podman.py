@@ -148,8 +148,9 @@ class Podman(Engine):
         *,
         publish: Sequence[str] = (),
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> EngineContainer:
-        found = super().run(name, command, publish=publish, extra=extra)
+        found = super().run(name, command, publish=publish, extra=extra, env=env)
         key = self.cli("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", found.id).strip()
         if key:
             with self.netns_record.open("a") as f:
