@@ -227,6 +227,14 @@ def parser() -> argparse.ArgumentParser:
         " to containers reaching each other over IPv4 and IPv6 (p50, p99, max; own lab)",
     )
     converge.add_argument("--rounds", type=int, default=20, help="new hosts, one per round")
+    policybench = lab_sub.add_parser(
+        "policybench",
+        parents=[common],
+        help="figures: from a policy written (or deleted) in etcd to every host enforcing it,"
+        " by the hosts' status keys, checked with a real connection (own lab)",
+    )
+    policybench.add_argument("--hosts", type=int, default=10)
+    policybench.add_argument("--rounds", type=int, default=20, help="policy changes to time")
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],

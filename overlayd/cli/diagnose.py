@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -15,14 +15,26 @@ from typing import Any
 from overlayd.cli.common import print_json, settings_from, table
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.dataplane import entries, inspect
+from overlayd.dataplane.command import run
 from overlayd.dataplane.netlink import Netlink
 from overlayd.dataplane.nft import Nft, NftError, NftVxlanFilter
 from overlayd.errors import ConfigError, LeaseError
-from overlayd.model import IPV4, IPV6
+from overlayd.model import IPV4, IPV6, Lease
 from overlayd.plan.cluster import family_plan
 from overlayd.plan.desired import device_spec
-from overlayd.plan.diagnose import CertificateExpiry, FilterFacts, Finding, HostFacts, diagnose
+from overlayd.plan.diagnose import (
+    CertificateExpiry,
+    FilterFacts,
+    Finding,
+    HostFacts,
+    PolicyFacts,
+    diagnose,
+)
+from overlayd.plan.endpoints import endpoints_prefix
 from overlayd.plan.leases import config_key, read_lease, subnet_key, subnets_prefix
+from overlayd.plan.policy import policies_prefix
+from overlayd.plan.policy_inputs import enforced_ruleset
+from overlayd.plan.policy_rules import WHERE
 from overlayd.plan.selection import select_peers
 from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
@@ -42,6 +54,7 @@ def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig
             etcd_certfile=Path(d["etcd_certfile"]) if d.get("etcd_certfile") else s.etcd_certfile,
             etcd_keyfile=Path(d["etcd_keyfile"]) if d.get("etcd_keyfile") else s.etcd_keyfile,
             etcd_prefix=d.get("etcd_prefix") or s.etcd_prefix,
+            overlayd_prefix=d.get("overlayd_prefix") or s.overlayd_prefix,
             iface=d.get("iface") or s.iface,
             public_ip=IPv4Address(d["public_ip"]) if d.get("public_ip") else s.public_ip,
             subnet_file=Path(d["subnet_file"]) if d.get("subnet_file") else s.subnet_file,
@@ -70,6 +83,7 @@ async def gather(s: AgentConfig) -> HostFacts:
     try:
         async with EtcdStore(s.etcd) as store:
             everything, _ = await store.get_prefix(s.etcd_prefix.rstrip("/") + "/")
+            ours, _ = await store.get_prefix(s.overlayd_prefix.rstrip("/") + "/")
     except (StoreUnavailable, ConfigError) as exc:
         facts.config_error = f"cannot read etcd: {exc}"
         return facts
@@ -143,6 +157,7 @@ async def gather(s: AgentConfig) -> HostFacts:
     for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{spec.bridge}.forwarding"):
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
+    facts.policy = await _policy_facts(s.overlayd_prefix, ours, own, selection.peers)
     facts.vxlan_filter = s.vxlan_filter
     if s.vxlan_filter:
         for family, planned in ((IPV4, plan), (IPV6, plan6)):
@@ -159,6 +174,29 @@ async def gather(s: AgentConfig) -> HostFacts:
                 look.error = str(exc)
             facts.filters.append(look)
     return facts
+
+
+async def _policy_facts(
+    own_prefix: str, ours: Mapping[str, bytes], own: Lease, peers: Sequence[Lease]
+) -> PolicyFacts:
+    look = PolicyFacts()
+    try:
+        look.desired, _, _, look.skipped = enforced_ruleset(
+            {k: v for k, v in ours.items() if k.startswith(policies_prefix(own_prefix))},
+            {k: v for k, v in ours.items() if k.startswith(endpoints_prefix(own_prefix))},
+            own_prefix,
+            own,
+            peers,
+        )
+    except ValueError as exc:
+        look.error = f"the policies cannot be enforced: {exc}"
+        return look
+    nft = Nft()
+    look.listing = await nft.listing_json(WHERE)
+    if look.listing is not None:
+        code, out, _ = await run([*nft.prefix, "-t", "list", "table", *WHERE.split()])
+        look.terse = out.decode() if code == 0 else None
+    return look
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

@@ -408,6 +408,17 @@ def _converge(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
+def _policybench(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.policybench import policybench
+
+    if args.hosts < 2 or args.rounds < 1:
+        print("--hosts must be at least 2 and --rounds at least 1", file=sys.stderr)
+        return 2
+    for line in policybench(f"{args.name}p", args.hosts, args.rounds, _progress):
+        print(line, flush=True)
+    return 0
+
+
 def _allowlist(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.allowlist import time_leave_to_drop
 
@@ -500,6 +511,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "converge": _converge,
     "tune": _tune,
     "cpbench": _cpbench,
+    "policybench": _policybench,
     "allowlist": _allowlist,
 }
 

@@ -35,6 +35,13 @@ def render_status(s: dict[str, Any]) -> str:
     else:
         vxlan_filter = "on, nothing to filter (no VTEP)" if s.get("mode") == "host-gw" else "-"
     expiry = duration(lease.get("expires_in_seconds"))
+    enforced = s.get("policy") or {}
+    policy = (
+        f"{enforced.get('policies', 0)} policies over {enforced.get('endpoints', 0)} endpoints,"
+        f" etcd revision {enforced.get('revision', 0)} in force"
+        if enforced
+        else "-"
+    )
     rows = [
         ["host", f"{lease.get('public_ip', '-')}  (overlayd {s['version']}, pid {s['pid']},"
          f" up {duration(s['uptime_seconds'])})"],
@@ -45,6 +52,7 @@ def render_status(s: dict[str, Any]) -> str:
         ["mode", f"{s.get('mode') or '-'}, egress {s.get('egress')}"],
         ["peers", str(s.get("peers", 0))],
         ["vxlan filter", vxlan_filter],
+        ["policy", policy],
         ["reconcile", reconcile],
         ["drift repaired", drift or "none"],
         ["skipped leases", str(len(s.get("skipped_leases", {})))],

@@ -4,8 +4,8 @@ Events (etcd changes through the mirror, netlink drift, the resync timer, a
 failed pass) only mark the state dirty; a single task turns dirty into one
 pass at a time, so passes never overlap and a burst of events costs one
 pass. A pass runs the managers in their fixed order (devices, sysctls,
-egress rules, VXLAN allow-list additions, peer entries, allow-list
-removals); each computes its desired state with a pure function and
+egress rules, network policy, VXLAN allow-list additions, peer entries,
+allow-list removals); each computes its desired state with a pure function and
 applies the difference from what it believes or reads.
 
 How much a pass looks at is its level (see managers.Level): an etcd event
@@ -88,11 +88,11 @@ def standard_managers(
     dataplane: DataplanePort, telemetry: Telemetry, *, vxlan_filter: bool = True
 ) -> list[Manager]:
     """Today's managers, in the order a pass runs them: devices before the
-    sysctls that name them, both before the rules, all before the entries
-    that hang off the devices. The VXLAN allow-list sits on both sides of
-    the entries: a new peer's address is allowed before its FDB entry is
-    written, a departed peer's removed only after its entries are gone;
-    one allow-list per family."""
+    sysctls that name them, both before the rules (egress, then network
+    policy), all before the entries that hang off the devices. The VXLAN
+    allow-list sits on both sides of the entries: a new peer's address is
+    allowed before its FDB entry is written, a departed peer's removed only
+    after its entries are gone; one allow-list per family."""
     projection = PeerProjection(dataplane)
     allow = [
         VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter, family=family)

@@ -23,6 +23,13 @@ from overlayd.model import (
 from overlayd.plan.diff import diff
 from overlayd.plan.egress import TABLE
 from overlayd.plan.nftables import split_objects
+from overlayd.plan.policy_rules import (
+    WHERE,
+    PolicyRuleset,
+    listed_elements,
+    render_ruleset,
+    terse_listing,
+)
 from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
 
@@ -63,6 +70,20 @@ class FilterFacts:
 
 
 @dataclass
+class PolicyFacts:
+    """The network policy table as diagnose found it: what etcd's policies
+    and endpoints make it (None: they could not be read), its listing as
+    JSON and as `nft -t` prints it (None: no table), the inputs skipped
+    and why, and a problem that stopped the look."""
+
+    desired: PolicyRuleset | None = None
+    listing: str | None = None
+    terse: str | None = None
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
 class HostFacts:
     """What `overlayctl diagnose` gathered; None where it could not look."""
 
@@ -89,6 +110,7 @@ class HostFacts:
     # family with a VTEP (none in host-gw mode).
     vxlan_filter: bool | None = None
     filters: list[FilterFacts] = field(default_factory=list)
+    policy: PolicyFacts | None = None
 
 
 # How an operator would name each kind of entry, with the device it sits on.
@@ -293,6 +315,8 @@ def diagnose(f: HostFacts) -> list[Finding]:
 
     if spec.vtep and f.vxlan_filter is not None:
         out += _filter_findings(f)
+    if f.policy is not None:
+        out += _policy_findings(f.policy)
 
     # Kernel entries against the desired state.
     if f.desired is not None and f.actual is not None:
@@ -343,6 +367,62 @@ def diagnose(f: HostFacts) -> list[Finding]:
             f" daemon programs {programmed6}",
         )
     return out
+
+
+def _policy_findings(facts: PolicyFacts) -> list[Finding]:
+    """The policy table: exactly the sets, elements and chains that etcd's
+    policies and endpoints make (the same pure code as the daemon's)."""
+    check = "network policy"
+    out: list[Finding] = []
+    if facts.skipped:
+        first = sorted(facts.skipped.items())[0]
+        out.append(
+            Finding(
+                check,
+                False,
+                f"{len(facts.skipped)} policy document(s) or endpoint(s) skipped as invalid,"
+                f" e.g. {first[0]}: {first[1]}",
+            )
+        )
+    desired = facts.desired
+    if facts.error is not None or desired is None:
+        return [*out, Finding(check, False, facts.error or "could not compute the policies")]
+    if desired.empty:
+        if facts.listing is None:
+            return [*out, Finding(check, True, "no policies; no policy table (nothing judged)")]
+        return [*out, Finding(check, False, f"no policies in etcd, but table {WHERE} exists")]
+    if facts.listing is None:
+        return [
+            *out,
+            Finding(check, False, f"{len(desired.chains)} chains due, table {WHERE} missing"),
+        ]
+    problems = []
+    listed = listed_elements(facts.listing)
+    for name, wanted in desired.sets.items():
+        have = listed.get(name)
+        if have is None:
+            problems.append(f"set {name} missing")
+        elif have != wanted.elements:
+            problems.append(
+                f"set {name}: {len(wanted.elements - have)} element(s) missing,"
+                f" {len(have - wanted.elements)} extra"
+            )
+    if facts.terse is not None and terse_listing(facts.terse) != render_ruleset(
+        desired, elements=False
+    ):
+        problems.append("its chains or rules differ from what the policies make")
+    if problems:
+        return [*out, Finding(check, False, "; ".join(problems[:5]))]
+    counters = len(desired.counters)
+    return [
+        *out,
+        Finding(
+            check,
+            True,
+            f"{len(desired.sets)} sets, {len(desired.chains)} chains and {counters} counters"
+            " as the policies and endpoints make them",
+        ),
+    ]
 
 
 def _filter_findings(f: HostFacts) -> list[Finding]:

@@ -737,23 +737,42 @@ def parse_policy_key(key: str, own_prefix: str) -> str:
     return name
 
 
+# key -> (value, the policy or why it is not used): each document parsed once.
+PolicyCache = dict[str, tuple[bytes, "Policy | str"]]
+
+
 def stored_policies(
-    raw: Mapping[str, bytes], own_prefix: str
+    raw: Mapping[str, bytes], own_prefix: str, cache: PolicyCache | None = None
 ) -> tuple[list[Policy], dict[str, str]]:
     """The usable policies among the keys under policies_prefix (others are
     ignored), each document read as the daemon reads it (its key names
-    it), and for every other key why it is not used: what `overlayctl
-    policy list/check` show. Sorted by key."""
+    it), and for every other key why it is not used: what the daemon
+    enforces and `overlayctl policy list/check` show. Sorted by key. With
+    a `cache` kept across calls (the daemon's), an unchanged document is
+    not parsed again."""
     prefix = policies_prefix(own_prefix)
     usable: list[Policy] = []
     rejected: dict[str, str] = {}
     for key in sorted(raw):
         if not key.startswith(prefix):
             continue
-        try:
-            usable.append(parse_policy(raw[key], name=parse_policy_key(key, own_prefix)))
-        except PolicyError as exc:
-            rejected[key] = str(exc)
+        value = raw[key]
+        hit = cache.get(key) if cache is not None else None
+        if hit is None or hit[0] != value:
+            try:
+                found: Policy | str = parse_policy(value, name=parse_policy_key(key, own_prefix))
+            except PolicyError as exc:
+                found = str(exc)
+            hit = (value, found)
+            if cache is not None:
+                cache[key] = hit
+        if isinstance(hit[1], Policy):
+            usable.append(hit[1])
+        else:
+            rejected[key] = hit[1]
+    if cache is not None and len(cache) > len(raw):
+        for gone in [k for k in cache if k not in raw]:
+            del cache[gone]
     return usable, rejected
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from typing import Any
@@ -23,8 +24,20 @@ from overlayd.plan.diagnose import (
     CertificateExpiry,
     FilterFacts,
     HostFacts,
+    PolicyFacts,
+    _policy_findings,
     diagnose,
     firewall_blocks,
+)
+from overlayd.plan.policy import parse_policy
+from overlayd.plan.policy_model import Endpoint
+from overlayd.plan.policy_rules import (
+    EMPTY,
+    TABLE,
+    LocalSubnets,
+    PolicyRuleset,
+    policy_ruleset,
+    render_ruleset,
 )
 from overlayd.plan.vxlan_filter import filter_spec, render_objects
 
@@ -329,3 +342,43 @@ def test_a_filter_turned_off_passes_but_says_so() -> None:
     findings = [f for f in diagnose(facts) if f.check == "vxlan filter"]
     assert [f.ok for f in findings] == [True]
     assert findings[0].detail.startswith("off (vxlan-filter=off)")
+
+
+# --- network policy ------------------------------------------------------------------
+
+
+def _policy_listing(ruleset: PolicyRuleset, drop: int = 0) -> str:
+    """The JSON nft would list for `ruleset`'s sets, less `drop` elements."""
+    sets = []
+    for name, s in ruleset.sets.items():
+        elements = sorted(map(str, s.elements))
+        sets.append(
+            {"set": {"family": "inet", "table": TABLE, "name": name, "elem": elements[drop:]}}
+        )
+    return json.dumps({"nftables": sets})
+
+
+def test_diagnose_finds_a_policy_table_that_differs_from_etcds_policies() -> None:
+    from ipaddress import IPv4Network, ip_address
+
+    web = Endpoint("/o/endpoints/10.244.1.0-24/c1", "c1", "10.244.1.0-24", "web",
+                   (ip_address("10.244.1.5"),), {"app": "web"})  # fmt: skip
+    policy = parse_policy(
+        {"name": "deny", "selector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]}
+    )
+    ruleset = policy_ruleset([policy], [web], LocalSubnets(IPv4Network("10.244.1.0/24")))
+    terse = render_ruleset(ruleset, elements=False)
+    good = PolicyFacts(ruleset, _policy_listing(ruleset), terse)
+    [finding] = _policy_findings(good)
+    assert finding.ok and "sets" in finding.detail  # the positive control
+    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset, drop=1), terse))
+    assert not finding.ok and "1 element(s) missing" in finding.detail
+    [finding] = _policy_findings(PolicyFacts(ruleset, None))
+    assert not finding.ok and "missing" in finding.detail
+    edited = terse.replace("drop", "accept")
+    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset), edited))
+    assert not finding.ok and "differ" in finding.detail
+    [finding] = _policy_findings(PolicyFacts(EMPTY, None))
+    assert finding.ok and "no policies" in finding.detail
+    skipped = _policy_findings(PolicyFacts(EMPTY, None, skipped={"/o/policies/x": "bad"}))
+    assert [f.ok for f in skipped] == [False, True]

@@ -65,7 +65,8 @@ class PassInputs(HostFacts, Protocol):
 
     @property
     def revision(self) -> int:
-        """The newest etcd revision the inputs reflect."""
+        """The etcd revision of the newest policy or endpoint change the
+        inputs reflect (what a host's status key says it enforces)."""
         ...
 
 

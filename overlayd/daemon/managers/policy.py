@@ -26,10 +26,10 @@ from overlayd.daemon.managers import Level, PassContext
 from overlayd.daemon.managers.peers import PeerProjection
 from overlayd.dataplane import DataplanePort
 from overlayd.errors import OverlaydError
-from overlayd.model import IPV4, Observed
+from overlayd.model import IPV4, Lease, Observed
 from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
-from overlayd.plan.policy import parse_policy, parse_policy_key
-from overlayd.plan.policy_model import HostSubnets, Policy
+from overlayd.plan.policy import PolicyCache, stored_policies
+from overlayd.plan.policy_model import Endpoint, HostSubnets, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
     LocalSubnets,
@@ -39,6 +39,7 @@ from overlayd.plan.policy_rules import (
     listed_elements,
     policy_ruleset,
     policy_transaction,
+    with_endpoints,
 )
 from overlayd.surfaces.telemetry import Telemetry
 
@@ -56,14 +57,40 @@ class PolicyManager:
         self._projection = projection
         self.believed: PolicyRuleset | None = None
         self._bridge_netfilter = False  # turned on (and believed on) for our rules
-        # key -> (value, the policy or why not): each document parsed once.
-        self._policies: dict[str, tuple[bytes, Policy | str]] = {}
+        self._policies: PolicyCache = {}  # each document parsed once
+        self._policy_rejections: dict[str, str] = {}
         self._endpoints: EndpointCache = {}
         self._warned: dict[str, str] = {}
         self._repaired = 0  # set element statements a check pass had to put back
+        # The last ruleset made, with what it was made from (see _desired).
+        self._last: (
+            tuple[
+                tuple[tuple[int, ...], LocalSubnets],
+                PolicyRuleset,
+                dict[str, Endpoint],
+                list[Policy],
+            ]
+            | None
+        ) = None
+        self._host_map: dict[str, HostSubnets] = {}
+        self._hosts_generation = -1
+        self._hosts_own: Lease | None = None
 
     async def sync(self, context: PassContext) -> None:
         inputs = context.inputs
+        if (
+            not inputs.raw_policies
+            and self.believed is not None
+            and self.believed.empty
+            and context.level < Level.FULL
+        ):
+            # No policy, and none in the kernel: nothing to judge, so no
+            # endpoint needs reading either (a light pass at 5,000 peers must
+            # not pay for a feature nobody uses).
+            self._telemetry.policy_enforced(
+                policies=0, endpoints=len(inputs.raw_endpoints), revision=inputs.revision
+            )
+            return
         policies = self._usable_policies(inputs.raw_policies, inputs.own_prefix)
         hosts = await self._hosts(context)
         selection = select_endpoints(
@@ -71,12 +98,7 @@ class PolicyManager:
         )
         self._warn({**self._rejected_policies(), **selection.rejected})
         local = LocalSubnets(inputs.own.subnet, inputs.own.ipv6_subnet)
-        try:
-            desired = policy_ruleset(policies, selection.endpoints, local)
-        except ValueError as exc:
-            # Two names that would share nft names: nothing half-applied; the
-            # table stays as it was until the documents are fixed.
-            raise OverlaydError(f"policies not applied: {exc}") from exc
+        desired = self._desired(policies, selection.endpoints, local, context.level)
         if not desired.empty and (not self._bridge_netfilter or context.level >= Level.CHECK):
             context.remade_all(
                 "sysctl",
@@ -99,6 +121,36 @@ class PolicyManager:
             revision=inputs.revision,
         )
 
+    def _desired(
+        self,
+        policies: list[Policy],
+        endpoints: tuple[Endpoint, ...],
+        local: LocalSubnets,
+        level: Level,
+    ) -> PolicyRuleset:
+        """The ruleset: moved by the endpoints that changed when only they
+        did (the selection hands back the same Endpoint object for an
+        unchanged registration), made from scratch otherwise."""
+        basis = (tuple(map(id, policies)), local)
+        kept = self._last
+        if kept is not None and level < Level.CHECK and kept[0] == basis:
+            before = kept[2]
+            now = {e.key: e for e in endpoints}
+            gone = [e for key, e in before.items() if now.get(key) is not e]
+            came = [e for key, e in now.items() if before.get(key) is not e]
+            desired = with_endpoints(kept[1], gone, came) if gone or came else kept[1]
+        else:
+            try:
+                desired = policy_ruleset(policies, endpoints, local)
+            except ValueError as exc:
+                # Two names that would share nft names: nothing half-applied;
+                # the table stays as it was until the documents are fixed.
+                raise OverlaydError(f"policies not applied: {exc}") from exc
+            now = {e.key: e for e in endpoints}
+        # The policies are kept too, so that their ids stay theirs.
+        self._last = (basis, desired, now, policies)
+        return desired
+
     async def _statements(self, context: PassContext, desired: PolicyRuleset) -> list[str]:
         believed = self.believed
         if context.level >= Level.FULL or believed is None:
@@ -119,39 +171,39 @@ class PolicyManager:
         return policy_transaction(believed, desired)
 
     def _usable_policies(self, raw: Mapping[str, bytes], own_prefix: str) -> list[Policy]:
-        usable = []
-        for key, value in raw.items():
-            hit = self._policies.get(key)
-            if hit is None or hit[0] != value:
-                hit = self._policies[key] = (value, self._parse(key, value, own_prefix))
-            if isinstance(hit[1], Policy):
-                usable.append(hit[1])
-        for gone in [k for k in self._policies if k not in raw]:
-            del self._policies[gone]
-        return usable
+        policies, self._policy_rejections = stored_policies(raw, own_prefix, self._policies)
+        return policies
 
     def _rejected_policies(self) -> dict[str, str]:
-        return {key: found for key, (_, found) in self._policies.items() if isinstance(found, str)}
+        return self._policy_rejections
 
-    @staticmethod
-    def _parse(key: str, value: bytes, own_prefix: str) -> Policy | str:
-        try:
-            return parse_policy(value, name=parse_policy_key(key, own_prefix))
-        except OverlaydError as exc:
-            return str(exc)
-
-    async def _hosts(self, context: PassContext) -> dict[str, HostSubnets]:
+    async def _hosts(self, context: PassContext) -> Mapping[str, HostSubnets]:
         """The hosts whose endpoints count: ours, and every peer whose lease
         the selection keeps (an endpoint of a host without a lease is
-        rejected)."""
+        rejected). Moved by the selection's delta like the peer plans."""
         await self._projection.plan(context, IPV4)
         selected = context.selected
         own = context.inputs.own
-        hosts = {host_id(own.subnet): HostSubnets(own.subnet, own.ipv6_subnet)}
-        if selected is not None:
-            for lease in selected.selection.peers:
-                hosts[host_id(lease.subnet)] = HostSubnets(lease.subnet, lease.ipv6_subnet)
-        return hosts
+        if selected is None:
+            return {host_id(own.subnet): HostSubnets(own.subnet, own.ipv6_subnet)}
+        delta = selected.delta
+        if (
+            delta is not None
+            and self._hosts_generation == selected.generation - 1
+            and self._hosts_own == own
+        ):
+            for lease in delta.removed:
+                self._host_map.pop(host_id(lease.subnet), None)
+            for lease in delta.added:
+                self._host_map[host_id(lease.subnet)] = HostSubnets(lease.subnet, lease.ipv6_subnet)
+        else:
+            self._host_map = {
+                host_id(lease.subnet): HostSubnets(lease.subnet, lease.ipv6_subnet)
+                for lease in selected.selection.peers
+            }
+        self._host_map[host_id(own.subnet)] = HostSubnets(own.subnet, own.ipv6_subnet)
+        self._hosts_generation, self._hosts_own = selected.generation, own
+        return self._host_map
 
     def _warn(self, rejected: Mapping[str, str]) -> None:
         # One warning per bad document or registration (again if its reason changes).
@@ -166,3 +218,5 @@ class PolicyManager:
     def forget(self) -> None:
         self.believed = None
         self._bridge_netfilter = False
+        self._last = None
+        self._hosts_generation = -1
