@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 
 from overlayd.lab import netns
-from overlayd.lab.engines import Docker, EngineContainer
+from overlayd.lab.engines import IMAGE, Docker, EngineContainer
 from overlayd.lab.lab import Lab, LabSettings
 from overlayd.lab.topology import OUTSIDE_SERVER, WHOAMI_PORT
 from overlayd.plan.ipam import container_ranges
@@ -663,3 +663,71 @@ def test_dockerd_killed_without_live_restore_cleans_up_through_the_plugin(lab: L
     finally:
         d1.remove("kweb")
         client.remove("kcli")
+
+
+def overlayctl(lab: Lab, host: int, *args: str) -> subprocess.CompletedProcess[str]:
+    argv, env = lab.ctl_command(host, list(args))
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def registered(lab: Lab) -> dict[str, dict[str, Any]]:
+    """The usable endpoints by name, as `overlayctl endpoints` lists them."""
+    listed = overlayctl(lab, 1, "endpoints", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {e["name"]: e for e in json.loads(listed.stdout)["endpoints"]}
+
+
+def test_join_registers_endpoints_with_driver_option_labels_for_policy(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """Docker 20.10 passes no container name or labels to the plugin; the
+    endpoint's driver options (`docker network connect --driver-opt`) name
+    and label it. A policy selecting the label closes the container to the
+    other host, while a container without it stays open (the positive
+    control); the container's removal unregisters it."""
+    d1, d2 = docker(lab, 1), docker(lab, 2)
+    try:
+        d1.cli("create", "--name", "lweb", "--network", NETWORK, IMAGE, *serve("lweb"))
+        d1.cli("network", "disconnect", NETWORK, "lweb")
+        d1.cli(
+            "network", "connect",
+            "--driver-opt", "overlayd.label.app=dweb",
+            "--driver-opt", "overlayd.name=lweb",
+            NETWORK, "lweb",
+        )  # fmt: skip
+        d1.cli("start", "lweb")
+        labelled = d1.inspect("lweb")
+        plain = run(lab, 1, "lplain", serve("lplain"))
+        run(lab, 2, "lcli", SLEEP)
+        found = registered(lab)
+        endpoint_id = labelled_endpoint_id(d1, "lweb")
+        assert found["lweb"]["labels"] == {"app": "dweb"}
+        assert found["lweb"]["id"] == endpoint_id
+        assert found["lweb"]["addresses"][0] == str(overlay_address(labelled))
+        # Without options: named by the endpoint ID's first 12 digits, unlabelled.
+        plain_id = labelled_endpoint_id(d1, "lplain")
+        assert found[plain_id[:12]]["labels"] == {}
+        policy = tmp_path / "p.json"
+        policy.write_text(
+            json.dumps({"name": "dweb-closed", "selector": {"matchLabels": {"app": "dweb"}}})
+        )
+        applied = overlayctl(lab, 2, "policy", "apply", str(policy), "--wait")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert fetch(d2, "lcli", overlay_address(plain)) == "lplain\n"
+        assert d2.http_get("lcli", f"http://{overlay_address(labelled)}/", timeout=3) is None
+        deleted = overlayctl(lab, 2, "policy", "delete", "dweb-closed", "--wait")
+        assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+        assert fetch(d2, "lcli", overlay_address(labelled)) == "lweb\n"
+        d1.remove("lweb")
+        assert "lweb" not in registered(lab)
+    finally:
+        for engine, name in ((d1, "lweb"), (d1, "lplain"), (d2, "lcli")):
+            engine.remove(name)
+
+
+def labelled_endpoint_id(engine: Docker, name: str) -> str:
+    """The container's endpoint ID on the plugin's network."""
+    networks = json.loads(
+        engine.cli("inspect", "--format", "{{json .NetworkSettings.Networks}}", name)
+    )
+    return str(networks[NETWORK]["EndpointID"])

@@ -62,7 +62,11 @@ def host() -> Iterator[DualHost]:
     files = HostFiles(STATE_ROOT / f"{SESSION_TAG}6" / "h1")
     image = image_tarball(STATE_ROOT)
     found = DualHost(
-        ns, files, Docker(1, ns, files, image, "docker-opts"), Podman(1, ns, files, image)
+        ns,
+        files,
+        Docker(1, ns, files, image, "docker-opts"),
+        # No overlayd here to register containers with.
+        Podman(1, ns, files, image, register_endpoints=False),
     )
     lab_netns.add_namespace(ns)
     try:

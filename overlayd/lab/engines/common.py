@@ -150,11 +150,21 @@ class Engine:
 
     # shared ------------------------------------------------------------------
     def cli(
-        self, *args: str, check: bool = True, timeout: float = 120, stdin: bytes | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> str:
-        """The engine's command line with this host's state, its output."""
+        """The engine's command line with this host's state, its output;
+        `env`: more variables for it (Podman passes CNI_ARGS on to CNI)."""
         return run_command(
-            self.argv(*args), env=self.env(), check=check, timeout=timeout, stdin=stdin
+            self.argv(*args),
+            env={**self.env(), **(env or {})},
+            check=check,
+            timeout=timeout,
+            stdin=stdin,
         )
 
     def ensure_started(self) -> float:
@@ -175,12 +185,15 @@ class Engine:
         *,
         publish: Sequence[str] = (),
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> EngineContainer:
         """A detached container of the busybox image running `command`
         (named by the engine when `name` is None)."""
         self.ensure_started()
         naming = ["--name", name] if name else []
-        out = self.cli("run", "-d", *naming, *self.run_args(publish), *extra, IMAGE, *command)
+        out = self.cli(
+            "run", "-d", *naming, *self.run_args(publish), *extra, IMAGE, *command, env=env
+        )
         return self.inspect(name or out.strip().splitlines()[-1])
 
     def inspect(self, name: str) -> EngineContainer:

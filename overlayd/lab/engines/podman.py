@@ -50,11 +50,15 @@ class Podman(Engine):
         image_tar: Path,
         *,
         dns: Mapping[str, Any] | None = None,
+        register_endpoints: bool = True,
     ) -> None:
         super().__init__(host, ns, files, image_tar)
         # The network config's `dns` (CNI's DNS type), written at start:
         # overlay-cni passes it into its result, Podman writes resolv.conf.
         self.dns = dns
+        # False for a host without a daemon to register containers with
+        # (overlay-cni's registerEndpoint).
+        self.register_endpoints = register_endpoints
 
     @property
     def conf(self) -> Path:
@@ -99,6 +103,8 @@ class Podman(Engine):
         overlay = cni_config(self.files)
         if self.dns is not None:
             overlay["dns"] = dict(self.dns)
+        if not self.register_endpoints:
+            overlay["registerEndpoint"] = False
         return {
             "cniVersion": overlay.pop("cniVersion"),
             "name": overlay.pop("name"),
@@ -148,8 +154,9 @@ class Podman(Engine):
         *,
         publish: Sequence[str] = (),
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> EngineContainer:
-        found = super().run(name, command, publish=publish, extra=extra)
+        found = super().run(name, command, publish=publish, extra=extra, env=env)
         key = self.cli("inspect", "--format", "{{.NetworkSettings.SandboxKey}}", found.id).strip()
         if key:
             with self.netns_record.open("a") as f:
