@@ -211,7 +211,15 @@ def host_permissions(prefix: str, overlayd_prefix: str) -> list[tuple[str, str]]
     """What the hosts' role may do: key prefixes (each ending in /, as the
     daemon lists and watches them) and etcdctl's permission names."""
     base, own = prefix.rstrip("/"), overlayd_prefix.rstrip("/")
-    return [("read", f"{base}/"), ("readwrite", f"{base}/subnets/"), ("read", f"{own}/")]
+    # A host writes its own endpoints (bound to its lease) and its status
+    # key; policies are the operators' (the admin certificate) and only read.
+    return [
+        ("read", f"{base}/"),
+        ("readwrite", f"{base}/subnets/"),
+        ("read", f"{own}/"),
+        ("readwrite", f"{own}/endpoints/"),
+        ("readwrite", f"{own}/status/"),
+    ]
 
 
 def add_host_user(endpoint: str, password: str, name: str) -> None:
