@@ -287,7 +287,9 @@ def render_shown(shown: Mapping[str, Any]) -> str:
     head = f"# {shown['key']} (revision {shown['revision']})"
     if not shown["valid"]:
         return f"{head}\n# NOT USED by any host: {shown['error']}\n{shown['raw']}"
-    body = yaml.safe_dump(shown["policy"], sort_keys=False, default_flow_style=False)
+    order = ("name", "selector", "policyTypes", "ingress", "egress")
+    document = {key: shown["policy"][key] for key in order if key in shown["policy"]}
+    body = yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
     return f"{head}\n{body.rstrip()}"
 
 
