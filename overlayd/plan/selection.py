@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from overlayd.errors import LeaseError
+from overlayd.journaled import JournaledDict
 from overlayd.model import FamilyPeer, Lease, NetworkConfig, ipv6_view
 from overlayd.plan.leases import parse_lease_key, read_lease
 
@@ -418,6 +419,10 @@ class _Kept:
         self.basis6 = _Basis6.of(config, own)
         self.vxlan = config.backend.type == "vxlan"
         self.raw = dict(raw)
+        # Where `raw` came from, if it notes its changes, and how far we read.
+        self.source: JournaledDict | None = None
+        self.mark = 0
+        self._follow(raw)
         self.peers: dict[str, Lease] = {}
         self.parsed: dict[str, _Parsed] = {}
         self.rejected: dict[str, str] = {}
@@ -478,10 +483,17 @@ class _Kept:
     def update(self, raw: Mapping[str, bytes], cache: ParseCache) -> SelectionDelta | None:
         """Move to `raw`; None when a changed lease touches another one."""
         prev = self.raw
-        # Set operations over the items and keys run in C: a Python loop over
-        # thousands of leases would cost more than the rest of the update.
-        changed = [key for key, _ in raw.items() - prev.items()]
-        gone = list(prev.keys() - raw.keys())
+        noted = (
+            raw.changed_since(self.mark) if self.source is not None and raw is self.source else None
+        )
+        if noted is not None:
+            changed = [key for key in noted if key in raw and prev.get(key) != raw[key]]
+            gone = [key for key in noted if key not in raw and key in prev]
+        else:
+            # Set operations over the items and keys run in C: a Python loop
+            # over thousands of leases would cost more still.
+            changed = [key for key, _ in raw.items() - prev.items()]
+            gone = list(prev.keys() - raw.keys())
         removed: list[Lease] = []
         removed6: list[FamilyPeer] = []
         added: list[Lease] = []
@@ -498,7 +510,15 @@ class _Kept:
             cache.pop(key, None)
         if changed or gone:
             self._selection = None
+        self._follow(raw)
         return SelectionDelta(tuple(removed), tuple(added), tuple(removed6), tuple(added6))
+
+    def _follow(self, raw: Mapping[str, bytes]) -> None:
+        """`raw` is what `self.raw` now copies."""
+        if isinstance(raw, JournaledDict):
+            self.source, self.mark = raw, raw.mark
+        else:
+            self.source = None
 
     def _withdraw(self, key: str, removed: list[Lease], removed6: list[FamilyPeer]) -> None:
         lease = self.peers.pop(key, None)

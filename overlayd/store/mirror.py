@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 from overlayd.backoff import sleep_backoff
+from overlayd.journaled import JournaledDict
 from overlayd.store.base import Store, StoreUnavailable, WatchCompacted, retry_unavailable
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Mirror:
         )
         self._revisions: dict[str, int] = dict.fromkeys(self._roots, 0)
         self._values: dict[str, dict[str, bytes]] = {root: {} for root in self._roots}
-        self._collections: list[tuple[str, dict[str, bytes]]] = []
+        self._collections: list[tuple[str, JournaledDict]] = []
         self._subscribers: list[tuple[str, Subscriber]] = []
         self._on_reconnect = on_reconnect
         self.on_relist: list[Callable[[], None]] = []
@@ -74,12 +75,16 @@ class Mirror:
 
     def collection(self, prefix: str) -> Mapping[str, bytes]:
         """A dictionary of the keys under `prefix`, kept current by the mirror
-        (the same object for the mirror's life: read it, never write it)."""
+        (the same object for the mirror's life: read it, never write it). It
+        notes its changes (`JournaledDict`), so a reader can find what
+        changed since it last looked without comparing every key."""
         root = self._root_of(prefix)
         for known, values in self._collections:
             if known == prefix:
                 return values
-        values = {k: v for k, v in self._values[root].items() if k.startswith(prefix)}
+        values = JournaledDict(
+            (k, v) for k, v in self._values[root].items() if k.startswith(prefix)
+        )
         self._collections.append((prefix, values))
         return values
 
