@@ -17,7 +17,9 @@ thousands. Anything else is `family_plan` again."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from immutables import Map, MapMutation
 
 from overlayd.model import (
     IPV4,
@@ -191,6 +193,16 @@ class FamilyPlanner:
                 underlay=underlay,
                 memo=self._memo,
             )
+            # Persistent tables (immutables.Map, a hash array mapped trie):
+            # a move then derives the next tables in O(changes log n)
+            # instead of copying thousands of entries per kind, which had
+            # cost about 0.5 ms per family per light pass at 5,000 peers.
+            planned = replace(
+                planned,
+                desired=EntrySet.from_tables(
+                    {kind.name: Map(planned.desired.table(kind)) for kind in KINDS}
+                ),
+            )
             self._reset(planned, routing)
         self._plan = planned
         self._generation = selected.generation
@@ -244,8 +256,8 @@ class FamilyPlanner:
                 base,
                 PeerMoves(kept.peers, (), ()),
             )
-        tables: dict[str, dict[Hashable, Entry]] = {
-            kind.name: dict(base.table(kind)) for kind in KINDS
+        tables: dict[str, MapMutation[Hashable, Entry]] = {
+            kind.name: _persistent(base.table(kind)).mutate() for kind in KINDS
         }
         touched: dict[str, set[Hashable]] = {kind.name: set() for kind in KINDS}
         left: list[tuple[Peer, bool]] = []
@@ -294,7 +306,7 @@ class FamilyPlanner:
         tunneled, direct, unreachable = (tuple(group.values()) for group in self._groups)
         peers = PeerPlan(tunneled, direct, unreachable)
         return ClusterPlan(
-            EntrySet.from_tables(tables),
+            EntrySet.from_tables({name: table.finish() for name, table in tables.items()}),
             peers,
             _rejected_with_unreachable(selection, self.family, peers, etcd_prefix, underlay),
             selection.without_ipv6 if self.family is not IPV4 else (),
@@ -303,6 +315,10 @@ class FamilyPlanner:
             base,
             PeerMoves(self._plan.peers, tuple(left), tuple(joined)),
         )
+
+
+def _persistent(table: Mapping[Hashable, Entry]) -> Map[Hashable, Entry]:
+    return table if isinstance(table, Map) else Map(table)
 
 
 def _how(plan: PeerPlan) -> int:
