@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -41,6 +41,7 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_NEIGH,
 )
 
+from overlayd.dataplane.rtnl_batch import Devices, EntryWriter, describe_errno
 from overlayd.dataplane.sysctl import PROC6, SysctlError, set_sysctl
 from overlayd.errors import OverlaydError
 from overlayd.model import (
@@ -60,7 +61,6 @@ from overlayd.model import (
     Route,
     TunnelFdb,
     Underlay,
-    kind_of,
 )
 from overlayd.plan.desired import VTEP6_PREFIX, VTEP_PREFIX, vtep6_name
 
@@ -151,6 +151,7 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self._netns = netns
         self._ipr = AsyncIPRoute(netns=netns) if netns else AsyncIPRoute()
+        self._writer = EntryWriter(netns)
         # The indexes entry writes use, by device name: a lookup through
         # pyroute2 costs about as much as a write, and a peer joining writes
         # only four entries per family. Forgotten whenever devices may be
@@ -160,6 +161,7 @@ class Netlink:
 
     async def close(self) -> None:
         self._ipr.close()
+        self._writer.close()
 
     async def _link(self, **match: Any) -> Any | None:
         try:
@@ -519,14 +521,13 @@ class Netlink:
         vx = await self._entry_device(vtep) if vtep else 0
         if br is None or vx is None:
             return [f"{spec.bridge if br is None else vtep} is missing"]
-        failed = []
-        for change in changes:
-            try:
-                await self._apply_one(change, br, vx, spec.underlay_ifindex)
-            except NetlinkError as exc:
-                if change.op is Op.DELETE and exc.code in (ENOENT, ESRCH):
-                    continue  # already gone, which is what we wanted
-                failed.append(f"{change.op.value} {change.entry}: {exc}")
+        errors = await self._writer.write(changes, Devices(br, vx, spec.underlay_ifindex))
+        failed = [
+            f"{change.op.value} {change.entry}: {describe_errno(code)}"
+            for change, code in zip(changes, errors, strict=True)
+            # A delete of what is already gone did what we wanted.
+            if code and not (change.op is Op.DELETE and code in (ENOENT, ESRCH))
+        ]
         if failed:
             self._entry_devices.clear()
         return failed
@@ -539,10 +540,6 @@ class Netlink:
                 return None
             index = self._entry_devices[name] = int(link["index"])
         return index
-
-    async def _apply_one(self, change: Change, br: int, vx: int, underlay: int) -> None:
-        write = _WRITERS[kind_of(change.entry).name]
-        await write(self._ipr, change.entry, change.op is Op.REPLACE, _Devices(br, vx, underlay))
 
     async def vtep_names(self) -> list[str]:
         """VXLAN devices named like ours (VTEP_PREFIX or VTEP6_PREFIX + VNI),
@@ -564,90 +561,6 @@ class Netlink:
             return False
         await self._ipr.link("del", index=link["index"])
         return True
-
-
-@dataclass(frozen=True, slots=True)
-class _Devices:
-    """Interface indexes a write needs: bridge, the family's VTEP, underlay."""
-
-    bridge: int
-    vtep: int
-    underlay: int
-
-
-async def _write_route(ipr: Any, entry: Route, replace: bool, dev: _Devices) -> None:
-    # The family is the entry's: IPv6 entries go through the same writers.
-    family = FAMILIES[entry.dst.version].netlink
-    if not replace:
-        await ipr.route("del", dst=str(entry.dst), proto=ROUTE_PROTOCOL, table=254, family=family)
-    elif entry.direct:
-        await ipr.route(
-            "replace",
-            dst=str(entry.dst),
-            gateway=str(entry.gateway),
-            oif=dev.underlay,
-            proto=ROUTE_PROTOCOL,
-            table=254,
-            family=family,
-        )
-    else:
-        await ipr.route(
-            "replace",
-            dst=str(entry.dst),
-            gateway=str(entry.gateway),
-            oif=dev.bridge,
-            flags=RTNH_F_ONLINK,
-            proto=ROUTE_PROTOCOL,
-            table=254,
-            family=family,
-        )
-
-
-async def _write_neighbour(ipr: Any, entry: Neighbour, replace: bool, dev: _Devices) -> None:
-    family = FAMILIES[entry.ip.version].netlink
-    if replace:
-        await ipr.neigh(
-            "replace",
-            dst=str(entry.ip),
-            lladdr=entry.mac,
-            ifindex=dev.bridge,
-            state=NUD_PERMANENT,
-            family=family,
-        )
-    else:
-        await ipr.neigh("del", dst=str(entry.ip), ifindex=dev.bridge, family=family)
-
-
-async def _write_tunnel_fdb(ipr: Any, entry: TunnelFdb, replace: bool, dev: _Devices) -> None:
-    # pyroute2's fdb("replace") does not set these itself (FACTS.md):
-    # without NTF_SELF the entry lands in the bridge and loses `dst`.
-    await ipr.fdb(
-        "replace" if replace else "del",
-        ifindex=dev.vtep,
-        lladdr=entry.mac,
-        dst=str(entry.remote),
-        state=NUD_PERMANENT,
-        flags=NTF_SELF,
-    )
-
-
-async def _write_bridge_fdb(ipr: Any, entry: BridgeFdb, replace: bool, dev: _Devices) -> None:
-    await ipr.fdb(
-        "replace" if replace else "del",
-        ifindex=dev.vtep,
-        lladdr=entry.mac,
-        state=_NUD_NOARP,
-        flags=NTF_MASTER,
-    )
-
-
-# One writer per kind of entry (see model.KINDS), by kind name.
-_WRITERS: dict[str, Callable[[Any, Any, bool, _Devices], Awaitable[None]]] = {
-    "route": _write_route,
-    "neigh": _write_neighbour,
-    "fdb_tunnel": _write_tunnel_fdb,
-    "fdb_bridge": _write_bridge_fdb,
-}
 
 
 # Neighbour states of the entries we own: permanent (neighbours, tunnel FDB)
