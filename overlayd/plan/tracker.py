@@ -16,11 +16,18 @@ use the same class for their elements.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from overlayd.model import KIND_OF, KINDS, Change, Entry, EntryKind, EntrySet, Observed
+from overlayd.model import KIND_OF, KINDS, Change, Entry, EntryKind, EntrySet, Observed, Op
 from overlayd.plan.diff import ordered_changes, replace_and_delete
+
+# How many writing passes' writes a late echo is recognised from, and the
+# most writes of one pass remembered (a cold start's thousands are not: a
+# late echo of one of them costs a full pass, not memory for good).
+ECHO_PASSES = 64
+ECHO_WRITES_MAX = 1024
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -32,6 +39,13 @@ class DeltaTracker(Generic[K, V]):
     def __init__(self) -> None:
         self.desired: Mapping[K, V] = {}
         self.actual: Mapping[K, V] | None = None
+        # What the last ECHO_PASSES passes that wrote anything wrote, by key
+        # (None: deleted), with the pass's number, so that the echo of a
+        # write read only after later passes changed the same key again is
+        # still known for ours (see `expects`).
+        self._written: dict[K, list[tuple[int, V | None]]] = {}
+        self._passes: deque[tuple[int, list[K]]] = deque()
+        self._writing_passes = 0
 
     def replace_desired(self, values: Mapping[K, V]) -> None:
         self.desired = values
@@ -42,6 +56,8 @@ class DeltaTracker(Generic[K, V]):
 
     def forget(self) -> None:
         self.actual = None
+        self._written.clear()
+        self._passes.clear()
 
     @property
     def known(self) -> bool:
@@ -51,20 +67,46 @@ class DeltaTracker(Generic[K, V]):
         """(to write, to delete); everything desired when nothing is known."""
         return replace_and_delete(self.desired, self.actual or {})
 
-    def settle(self) -> None:
+    def settle(self, written: Mapping[K, V | None] | None = None) -> None:
         """Believe that the kernel now holds what is desired. Called before
         the writes finish, so that their netlink echoes are recognised; a
-        write that fails makes the owner `forget()`."""
+        write that fails makes the owner `forget()`. `written`: what this
+        pass writes, by key (None: a deletion)."""
         self.actual = self.desired
+        if not written or len(written) > ECHO_WRITES_MAX:
+            return
+        self._writing_passes += 1
+        number = self._writing_passes
+        for key, value in written.items():
+            self._written.setdefault(key, []).append((number, value))
+        self._passes.append((number, list(written)))
+        while self._passes and self._passes[0][0] <= number - ECHO_PASSES:
+            old, keys = self._passes.popleft()
+            for key in keys:
+                kept = [w for w in self._written.get(key, ()) if w[0] > old]
+                if kept:
+                    self._written[key] = kept
+                else:
+                    self._written.pop(key, None)
 
     def expects(self, key: K, value: V | None) -> bool:
-        """Whether a kernel event (value None: the object went) matches belief."""
+        """Whether a kernel event (value None: the object went) matches belief,
+        or is the echo of a write of one of the last ECHO_PASSES writing passes.
+
+        The drift monitor reads echoes on its own time, and decoding them
+        (pyroute2) costs more than writing them: with peers joining and
+        leaving every few milliseconds it was measured three passes behind,
+        so the echo of a peer's addition was read after its removal had
+        settled. Judged against belief alone, that echo is drift, and a full
+        pass follows. The price: somebody else writing exactly what we wrote,
+        within those passes, goes unseen until the next full pass."""
         if self.actual is None:
             return False
         current = self.actual.get(key)
-        if value is None:
-            return current is None
-        return current == value
+        believed = current is None if value is None else current == value
+        if believed:
+            return True
+        return any(written == value for _, written in self._written.get(key, ()))
 
 
 class EntryTracker:
@@ -104,9 +146,17 @@ class EntryTracker:
         for tracker in self._trackers.values():
             tracker.forget()
 
-    def settle(self) -> None:
-        for tracker in self._trackers.values():
-            tracker.settle()
+    def settle(self, changes: Sequence[Change] = ()) -> None:
+        """Believe the desired entries are in; `changes`: the writes that
+        put them there (whose echoes may be read late, see `expects`)."""
+        written: dict[str, dict[Hashable, Entry | None]] = {kind.name: {} for kind in KINDS}
+        for change in changes:
+            kind = KIND_OF[type(change.entry)]
+            written[kind.name][kind.key(change.entry)] = (
+                change.entry if change.op is Op.REPLACE else None
+            )
+        for name, tracker in self._trackers.items():
+            tracker.settle(written[name])
 
     def changes(self) -> list[Change]:
         """The pending changes of every kind, in the safe order (plan/diff.py)."""

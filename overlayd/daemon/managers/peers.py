@@ -124,7 +124,7 @@ class PeerEntryManager:
         # Believed before it is true, so that the netlink events of our own
         # changes, which may arrive while the batch still runs, are
         # recognised as ours.
-        self.tracker.settle()
+        self.tracker.settle(changes)
         if changes:
             result = await self._dataplane.apply(changes, inputs.spec, family)
             context.changes += changes
