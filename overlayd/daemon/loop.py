@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from overlayd.daemon.managers import Inputs, Level, Manager, PassContext, PassInputs
 from overlayd.daemon.managers.devices import DeviceManager
 from overlayd.daemon.managers.egress import EgressManager
-from overlayd.daemon.managers.peers import PeerEntryManager, PeerProjection
+from overlayd.daemon.managers.peers import EntryWrites, PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.policy import PolicyManager
 from overlayd.daemon.managers.sysctls import SysctlManager
 from overlayd.daemon.managers.vxlan_filter import FilterWrites, VxlanAllowList
@@ -111,6 +111,7 @@ def standard_managers(
         # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
         # leases; with no IPv6 lease it only removes any it finds.
         PeerEntryManager(dataplane, telemetry, projection, IPV6),
+        EntryWrites(dataplane),
         *(a.prune for a in allow),
         FilterWrites(dataplane, "prune"),
     ]

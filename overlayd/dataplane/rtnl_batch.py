@@ -157,6 +157,8 @@ class EntryWriter:
         self._netns = netns
         self._socket: socket.socket | None = None
         self._seq = 0
+        # One batch at a time: the answers of two would interleave.
+        self._lock = asyncio.Lock()
 
     def _open(self) -> socket.socket:
         if self._socket is None:
@@ -182,6 +184,10 @@ class EntryWriter:
         does not answer every message (then the socket is reopened)."""
         if not changes:
             return []
+        async with self._lock:
+            return await self._write(changes, dev)
+
+    async def _write(self, changes: Sequence[Change], dev: Devices) -> list[int]:
         sock = self._open()
         if self._seq + len(changes) >= 2**32 - 1:
             self._seq = 0  # sequence numbers are 32 bits

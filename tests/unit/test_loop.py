@@ -216,9 +216,10 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
         # No policy: a full pass makes sure no policy table is left.
         "policy",
         # The allow-list's elements are written after both families' admits.
-        "filter", "filter-read", "filter-remove v6", "allow 1", "read", "apply 4",
-        # The IPv6 manager looks for stale IPv6 entries even without IPv6.
-        "read6",
+        "filter", "filter-read", "filter-remove v6", "allow 1", "read",
+        # The IPv6 manager looks for stale IPv6 entries even without IPv6;
+        # both families' changes are written once both have planned.
+        "read6", "apply 4",
     ]  # fmt: skip
     assert len(dataplane.kernel) == 4
     assert dataplane.allowed == {PEER.public_ip}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from overlayd.dataplane import DataplanePort
 from overlayd.model import Change, DeviceSpec, Lease, NetworkConfig, Observed
@@ -26,6 +26,9 @@ from overlayd.plan.egress import EgressSpec
 from overlayd.plan.host import HostFacts
 from overlayd.plan.selection import Selected
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
+
+if TYPE_CHECKING:
+    from overlayd.daemon.managers.peers import QueuedEntries
 
 
 class Level(enum.IntEnum):
@@ -122,6 +125,8 @@ class PassContext:
     # VXLAN allow-list element changes queued for one nft run (FilterWrites).
     filter_writes: list[tuple[FilterSpec, ElementChanges]] = field(default_factory=list)
     planned: dict[int, ClusterPlan] = field(default_factory=dict)
+    # Each family's entry changes, queued for one write of both (EntryWrites).
+    entry_writes: list[QueuedEntries] = field(default_factory=list)
 
     def remade_all(self, kind: str, what: list[str]) -> None:
         self.remade += [(kind, item) for item in what]

@@ -12,13 +12,16 @@ changed, not a dump of every entry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from overlayd.daemon.managers import Level, PassContext
 from overlayd.dataplane import DataplanePort
-from overlayd.model import IPV4, Family, IPNetwork, Lease, Observed
+from overlayd.dataplane.entries import ApplyResult
+from overlayd.model import IPV4, Change, DeviceSpec, EntrySet, Family, IPNetwork, Lease, Observed
 from overlayd.plan.cluster import ClusterPlan, FamilyPlanner
 from overlayd.plan.diff import diff
 from overlayd.plan.selection import PeerSelector
@@ -125,18 +128,25 @@ class PeerEntryManager:
         # changes, which may arrive while the batch still runs, are
         # recognised as ours.
         self.tracker.settle(changes)
+        # Written by EntryWrites, with the other family's, after this.
+        context.entry_writes.append(
+            QueuedEntries(self, changes, planned, prior if context.level >= Level.FULL else None)
+        )
+
+    def written(self, context: PassContext, queued: QueuedEntries, result: ApplyResult) -> None:
+        """After the write of what `sync` queued: report it, or fail the pass."""
+        changes, planned = queued.changes, queued.planned
         if changes:
-            result = await self._dataplane.apply(changes, inputs.spec, family)
             context.changes += changes
-            if context.level >= Level.FULL and prior is not None:
+            if queued.prior is not None:
                 # What the kernel lost or gained behind our back, as opposed
                 # to what the cluster changed since the last pass.
-                wanted = set(diff(planned.desired, prior))
+                wanted = set(diff(planned.desired, queued.prior))
                 self._telemetry.entries_drifted(c for c in changes if c not in wanted)
             if result.failed:
                 raise RuntimeError("; ".join(result.failed[:5]))
         peers = planned.peers
-        if family is IPV4:
+        if self.family is IPV4:
             context.peers = len(peers.tunneled) + len(peers.direct)
             # The IPv4 plan's peers are the leases themselves.
             self._telemetry.peers_programmed(
@@ -182,3 +192,54 @@ class PeerEntryManager:
     def forget(self) -> None:
         self.tracker.forget()
         self._projection.forget()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEntries:
+    """One family's entry changes of a pass, waiting for `EntryWrites`."""
+
+    manager: PeerEntryManager
+    changes: Sequence[Change]
+    planned: ClusterPlan
+    prior: EntrySet | None  # on a full pass: what was believed before it
+
+
+class EntryWrites:
+    """Writes the entry changes both families' managers queued, the two
+    families at once: a cold start's thousands go through one iproute2
+    batch per family and tool, and the IPv6 batches need not wait for the
+    IPv4 ones (the daemon only waits for the processes, which run on other
+    CPUs). A light pass's few go through netlink, one batch per family."""
+
+    name = "entry-writes"
+
+    def __init__(self, dataplane: DataplanePort) -> None:
+        self._dataplane = dataplane
+
+    async def sync(self, context: PassContext) -> None:
+        queued, context.entry_writes = context.entry_writes, []
+        spec = context.inputs.spec
+        results = await asyncio.gather(
+            *(self._apply(q, spec) for q in queued), return_exceptions=True
+        )
+        failure: BaseException | None = None
+        for item, result in zip(queued, results, strict=True):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                item.manager.written(context, item, result)
+            except Exception as exc:  # the other family's report still counts
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _apply(self, queued: QueuedEntries, spec: DeviceSpec) -> ApplyResult:
+        if not queued.changes:
+            return ApplyResult(0, ())
+        return await self._dataplane.apply(queued.changes, spec, queued.manager.family)
+
+    def expects(self, observed: Observed) -> bool:
+        return False  # the family managers judge their entries' events
+
+    def forget(self) -> None:
+        pass  # nothing believed
