@@ -182,7 +182,9 @@ def parse_network_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate `<prefix>/config` with flannel's rules and defaults."""
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:
+        raise ConfigError("config", "is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ConfigError("config", f"is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a JSON object")

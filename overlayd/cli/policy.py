@@ -321,7 +321,7 @@ class Progress:
 def _status_revision(value: bytes) -> tuple[int, str]:
     try:
         raw = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # a status key is a host's, untrusted
         return 0, ""
     if not isinstance(raw, dict):
         return 0, ""
@@ -497,7 +497,7 @@ def _raw_name(value: bytes | None) -> str | None:
         return None
     try:
         raw = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     name = raw.get("name") if isinstance(raw, dict) else None
     return name if isinstance(name, str) else None
@@ -724,6 +724,8 @@ def relabelled(value: bytes, changes: LabelChanges, key: str) -> tuple[bytes, di
     labels would make too large."""
     try:
         raw = json.loads(value)
+    except RecursionError as exc:
+        raise EndpointError(f"{key}: the value is not JSON: nested too deeply") from exc
     except ValueError as exc:
         raise EndpointError(f"{key}: the value is not JSON: {exc}") from exc
     if not isinstance(raw, dict):

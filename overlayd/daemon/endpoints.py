@@ -31,9 +31,12 @@ from typing import Any, Protocol
 from overlayd.errors import EndpointError, OverlaydError
 from overlayd.model import Lease
 from overlayd.plan.endpoints import (
+    MAX_ENDPOINT_BYTES,
+    check_labels,
     endpoint_key,
     host_id,
     parse_endpoint,
+    parse_endpoint_key,
     render_endpoint,
 )
 from overlayd.plan.policy_model import Endpoint, HostSubnets
@@ -134,23 +137,34 @@ class EndpointRegistry:
 
     def etcd_changed(self, key: str, value: bytes | None) -> None:
         """A change under our host's endpoints in etcd: an operator's new
-        labels become the file's, so that a republish keeps them."""
-        if value is None:
+        labels become the file's, so that a republish keeps them. Only
+        valid labels of a valid key of ours: anything else in etcd is
+        skipped by every reader (with a warning, by the policy manager),
+        and must neither raise here nor reach a file, where the next
+        republish would refuse it and drop the container's registration."""
+        if value is None or len(value) > MAX_ENDPOINT_BYTES:
             return
-        endpoint_id = key.rsplit("/", 1)[-1]
-        path = self._file(endpoint_id)
+        try:
+            _, endpoint_id = parse_endpoint_key(key, self._own_prefix)
+            path = self._file(endpoint_id)
+        except EndpointError:
+            return
         if not path.exists():
             return
         try:
             stored = json.loads(path.read_bytes())
             current = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
-        if isinstance(current, dict) and isinstance(stored, dict):
-            labels = current.get("labels")
-            if isinstance(labels, dict) and labels != stored.get("labels"):
-                stored["labels"] = labels
-                self._write_file(endpoint_id, json.dumps(stored).encode())
+        if not isinstance(current, dict) or not isinstance(stored, dict):
+            return
+        try:
+            labels = check_labels(current.get("labels", {}), "labels")
+        except EndpointError:
+            return
+        if labels != stored.get("labels"):
+            stored["labels"] = labels
+            self._write_file(endpoint_id, json.dumps(stored).encode())
 
     # --- helpers -------------------------------------------------------------
 

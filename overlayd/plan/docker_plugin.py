@@ -343,7 +343,9 @@ def parse_body(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
         raise bad("the request has no body")
     try:
         raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise bad("the request is not JSON this plugin reads: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise bad(f"the request is not JSON: {exc}") from None
     if raw is None and empty_ok:
         return {}

@@ -234,7 +234,10 @@ def _json_object(value: bytes | str) -> dict[str, Any]:
         raise LeaseError(f"value is {len(value)} bytes, more than {MAX_LEASE_BYTES}")
     try:
         raw = json.loads(value)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:
+        # A few KB of brackets: not a lease, and never the end of a pass.
+        raise LeaseError("value is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise LeaseError(f"value is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise LeaseError("value is not a JSON object")

@@ -2,7 +2,9 @@
 daemon what it has done, and how overlay-cni registers a container as an
 endpoint. A Unix stream socket, mode 0600 in a 0700 directory, so only root
 can use it; one JSON request line (`{"command": ..., "args": {...}}`), one
-JSON answer line (`{"result": ...}` or `{"error": ...}`). Changes to the
+JSON answer line (`{"result": ...}` or `{"error": ...}`; a request that
+is not JSON, too long or malformed is answered with an error naming what
+is wrong, like a refused one). Changes to the
 cluster go through etcd, where every host sees them; the only writes made
 here are a host's own endpoints, which the daemon writes because they are
 bound to the etcd lease it holds."""
@@ -48,31 +50,12 @@ async def serve_control(path: Path, handlers: dict[str, Handler]) -> AsyncIterat
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=5)
-            if len(line) > MAX_REQUEST_BYTES:
-                raise ValueError(f"request longer than {MAX_REQUEST_BYTES} bytes")
-            request = json.loads(line or b"{}")
-            command = request.get("command") if isinstance(request, dict) else None
-            args = request.get("args", {}) if isinstance(request, dict) else None
-            handler = handlers.get(command) if isinstance(command, str) else None
-            if handler is None:
-                reply: Any = {"error": f"unknown command {command!r} (known: {sorted(handlers)})"}
-            elif not isinstance(args, dict):
-                reply = {"error": "args: must be an object"}
-            else:
-                try:
-                    result = handler(args)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    reply = {"result": result}
-                except OverlaydError as exc:  # a refused request, said as such
-                    reply = {"error": str(exc)}
-                except Exception:  # a handler's bug: answered, logged, survived
-                    log.exception("event=control_handler_failed command=%s", command)
-                    reply = {"error": f"{command} failed inside overlayd (see its log)"}
+            reply = await _reply(reader, handlers)
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
-        except (TimeoutError, ValueError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError, ValueError) as exc:
+            # No request line within the timeout, the client gone, or a
+            # result that is not JSON (a handler's bug): nobody to answer.
             log.debug("event=control_request_failed error=%r", exc)
         finally:
             writer.close()
@@ -81,7 +64,7 @@ async def serve_control(path: Path, handlers: dict[str, Handler]) -> AsyncIterat
 
     old_umask = os.umask(0o177)  # the socket is created 0600, never briefly wider
     try:
-        server = await asyncio.start_unix_server(answer, path=str(path))
+        server = await asyncio.start_unix_server(answer, path=str(path), limit=MAX_REQUEST_BYTES)
     finally:
         os.umask(old_umask)
     try:
@@ -89,6 +72,47 @@ async def serve_control(path: Path, handlers: dict[str, Handler]) -> AsyncIterat
     finally:
         server.close()
         path.unlink(missing_ok=True)  # noqa: ASYNC240
+
+
+async def _reply(reader: asyncio.StreamReader, handlers: Mapping[str, Handler]) -> dict[str, Any]:
+    """The answer to one request line: the handler's result, or an error
+    that names what is wrong with the request (every request gets one, so
+    that a client never waits for an answer that will not come)."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout=5)
+    except ValueError:  # the reader's limit: no newline within MAX_REQUEST_BYTES
+        return _refused(f"request longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        request = json.loads(line or b"{}")
+    except RecursionError:
+        return _refused("request is not JSON this server reads: nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        return _refused(f"request is not JSON: {exc}")
+    if not isinstance(request, dict):
+        return _refused('request: must be a JSON object {"command": ..., "args": {...}}')
+    command = request.get("command")
+    args = request.get("args", {})
+    handler = handlers.get(command) if isinstance(command, str) else None
+    if handler is None:
+        return _refused(f"unknown command {command!r} (known: {sorted(handlers)})")
+    if not isinstance(args, dict):
+        return _refused("args: must be an object")
+    try:
+        result = handler(args)
+        if inspect.isawaitable(result):
+            result = await result
+    except OverlaydError as exc:  # a refused request, said as such
+        return _refused(str(exc))
+    except Exception:  # a handler's bug: answered, logged, survived
+        log.exception("event=control_handler_failed command=%s", command)
+        return {"error": f"{command} failed inside overlayd (see its log)"}
+    return {"result": result}
+
+
+def _refused(reason: str) -> dict[str, Any]:
+    # One line per refusal: why a container failed to start, for whoever reads the log.
+    log.info("event=control_request_refused reason=%r", reason)
+    return {"error": reason}
 
 
 async def ask(path: Path, command: str, args: Mapping[str, Any] | None = None) -> Any:

@@ -21,27 +21,20 @@ policy judges), torn down whatever happens.
              refused, the same server as 192.0.2.1, 2001:db8::1)
 
 A server in every container's network namespace answers TCP and UDP on
-PORTS with the address it saw (a Python process entered into the
-namespace with nsenter: the busybox image has no UDP server).
+PORTS with the address it saw (overlayd/lab/echo.py, entered into the
+namespace with nsenter: the busybox image has no UDP server); the helpers
+are shared with test_policy_lifecycle.py (policy_site.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, ip_address
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from overlayd.lab import netns
-from overlayd.lab.engines import EngineContainer
+from overlayd.lab import echo, netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
 from overlayd.lab.topology import (
     OUTSIDE_ROUTER,
@@ -54,15 +47,12 @@ from overlayd.plan.leases import lease_key, render_lease
 from overlayd.store.etcd import EtcdStore
 from tests.conftest import SESSION_TAG, needs_root
 from tests.lab.fakes import FIRST_FAKE_OCTET, lab_network
-from tests.lab.probes import SLEEP
+from tests.lab.policy_site import WAIT_TIMEOUT, Site, both, check, expect, k8s
 
 pytestmark = [needs_root, pytest.mark.lab]
 
 PORTS = (80, 5432, 8000, 8080, 8081)
 OUTSIDE_PORTS = (80, 5432)
-WAIT = 1.5  # seconds a refused probe waits for an answer
-CTL_TIMEOUT = 90  # seconds any overlayctl command may take
-WAIT_TIMEOUT = "60"  # `--wait --timeout`: generous; the figure is printed
 # Podman passes its own CNI_ARGS on to overlay-cni (containers/common).
 CONTAINERS = {
     "web1": (1, {"app": "web"}),
@@ -73,175 +63,33 @@ CONTAINERS = {
     "job2": (2, {}),
 }
 
-# argv: the addresses to bind ("::" is both families' any), then the ports.
-# A host with several addresses binds each: an unbound UDP socket would
-# answer from the address its route picks, which is no reply to conntrack.
-SERVER = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for port in map(int, sys.argv[2:]):
-  for address in sys.argv[1].split(","):
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        s = socket.socket(family, kind)
-        if address == "::":
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((address, port))
-        if kind == socket.SOCK_STREAM:
-            s.listen(64)
-        sel.register(s, selectors.EVENT_READ, kind)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        if key.data == socket.SOCK_STREAM:
-            c, a = s.accept()
-            with c:
-                c.sendall(a[0].removeprefix("::ffff:").encode())
-        else:
-            _, a = s.recvfrom(2048)
-            s.sendto(a[0].removeprefix("::ffff:").encode(), a)
-"""
-# Many probes at once, each answered or not within WAIT: one process per
-# source container and batch, so a batch of refusals costs WAIT, not WAIT each.
-PROBES = """
-import json, socket, sys, threading
-wait, probes = float(sys.argv[1]), json.loads(sys.argv[2])
-answers = [None] * len(probes)
-def probe(i, proto, host, port):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        if proto == "tcp":
-            with socket.create_connection((host, port), timeout=wait) as c:
-                c.settimeout(wait)
-                answers[i] = c.recv(100).decode()
-        else:
-            with socket.socket(family, socket.SOCK_DGRAM) as u:
-                u.settimeout(wait)
-                u.sendto(b"?", (host, port))
-                answers[i] = u.recv(100).decode()
-    except OSError:
-        answers[i] = None
-threads = [threading.Thread(target=probe, args=(i, *p)) for i, p in enumerate(probes)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(json.dumps(answers))
-"""
 
-
-@dataclass
-class Box:
-    name: str
-    host: int
-    container: EngineContainer
-    addresses: dict[int, str] = field(default_factory=dict)  # family -> address
-
-    @property
-    def netns(self) -> str:
-        return self.container.netns_path
-
-
-@dataclass
-class Site:
-    lab: Lab
-    boxes: dict[str, Box] = field(default_factory=dict)
-    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    dir: Path = Path()
-    waits_ms: list[float] = field(default_factory=list)
-
-    def address(self, target: str, family: int) -> str:
-        if target == "outside":
-            return str(OUTSIDE_SERVER if family == 4 else OUTSIDE_SERVER6)
-        if target == "router":  # the outside server again, outside the ipBlock
-            return str(OUTSIDE_ROUTER if family == 4 else OUTSIDE_ROUTER6)
-        return self.boxes[target].addresses[family]
-
-    def ctl(
-        self, *args: str, host: int = 1, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        """overlayctl in a lab host's namespace, with its daemon's settings."""
-        argv, env = self.lab.ctl_command(host, list(args))
-        # A command that hangs shows where, in the failure (SIGABRT below).
-        env["PYTHONFAULTHANDLER"] = "1"
-        proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            out, err = proc.communicate(timeout=CTL_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate()
-            raise AssertionError(f"overlayctl {' '.join(args)} hung:\n{out}{err}") from None
-        done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-        if check and done.returncode != 0:
-            raise AssertionError(
-                f"overlayctl {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
-            )
-        found = re.search(r"\((\d+) ms\)", done.stdout)
-        if found:
-            self.waits_ms.append(float(found.group(1)))
-        return done
-
-    def apply(self, name: str, document: dict[str, Any]) -> None:
-        path = self.dir / f"{name}.json"
-        path.write_text(json.dumps(document))
-        self.ctl("policy", "apply", str(path), "--wait", "--timeout", WAIT_TIMEOUT)
-
-    def delete_all(self) -> None:
-        listed = json.loads(self.ctl("policy", "list", "--json").stdout)
-        for row in listed:
-            self.ctl("policy", "delete", row["name"], "--wait", "--timeout", WAIT_TIMEOUT)
-
-
-def serve(
-    ns_path: str, ports: Sequence[int] = PORTS, addresses: Sequence[str] = ("::",)
-) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        netns.nsenter_argv(
-            ns_path, sys.executable, "-c", SERVER, ",".join(addresses), *map(str, ports)
-        ),
-        stdout=subprocess.PIPE,
-    )
-    assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-    return server
-
-
-def make_site(lab: Lab, tmp: Path) -> Site:
-    site = Site(lab, dir=tmp)
+def fill_site(site: Site) -> None:
+    """The outside server and the containers, each with its echo server."""
+    lab = site.lab
     # (The outside host's whoami has 8080.)
     outside = [OUTSIDE_SERVER, OUTSIDE_SERVER6, OUTSIDE_ROUTER, OUTSIDE_ROUTER6]
     site.servers.append(
-        serve(f"/run/netns/{lab.outside_ns}", OUTSIDE_PORTS, [str(a) for a in outside])
+        echo.serve_in(f"/run/netns/{lab.outside_ns}", OUTSIDE_PORTS, [str(a) for a in outside])
     )
     for host in (1, 2):
         lab.podman(host).ensure_started()
     for name, (host, labels) in CONTAINERS.items():
-        cni_args = ";".join(f"OVERLAYD_LABEL_{k}={v}" for k, v in labels.items())
-        container = lab.podman(host).run(name, SLEEP, env={"CNI_ARGS": cni_args})
-        site.boxes[name] = Box(name, host, container)
-        site.servers.append(serve(container.netns_path))
-    # The addresses as the daemons know them (and a first check of the
-    # registrations: every container is a usable endpoint).
-    listed = json.loads(site.ctl("endpoints", "--json").stdout)
-    for endpoint in listed["endpoints"]:
-        box = site.boxes[endpoint["name"]]
-        box.addresses = {ip_address(a).version: a for a in endpoint["addresses"]}
-    return site
+        site.run(name, host, labels, PORTS)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     lab = Lab(f"{SESSION_TAG}y")
-    servers: list[subprocess.Popen[bytes]] = []
+    built: Site | None = None
     try:
         lab.up(
             2,
             config=lab_network(),
             settings=LabSettings(egress="masquerade", containers_per_host=0),
         )
-        built = make_site(lab, tmp_path_factory.mktemp("policies"))
-        servers = built.servers
+        built = Site(lab, dir=tmp_path_factory.mktemp("policies"))
+        fill_site(built)
         yield built
         if built.waits_ms:
             ms = sorted(built.waits_ms)
@@ -250,9 +98,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 f" {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms"
             )
     finally:
-        for server in servers:
-            server.kill()
-            server.wait()
+        if built is not None:
+            built.close()
         lab.down()
 
 
@@ -265,90 +112,6 @@ def clean(site: Site) -> Iterator[Site]:
     finally:
         site.delete_all()
         site.ctl("endpoint", "label", "job2", "app-", "--wait", "--timeout", WAIT_TIMEOUT)
-
-
-# (source, protocol, destination, port, must pass)
-Case = tuple[str, str, str, int, bool]
-
-
-def both(src: str, dst: str, port: int, passes: bool) -> list[Case]:
-    return [(src, "tcp", dst, port, passes), (src, "udp", dst, port, passes)]
-
-
-def probe(site: Site, src: str, targets: Sequence[tuple[str, str, int]]) -> list[str | None]:
-    out = subprocess.run(
-        netns.nsenter_argv(
-            site.boxes[src].netns,
-            sys.executable,
-            "-c",
-            PROBES,
-            str(WAIT),
-            json.dumps([list(t) for t in targets]),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    answers: list[str | None] = json.loads(out.stdout)
-    return answers
-
-
-def expect(site: Site, cases: Sequence[Case]) -> None:
-    """Every case, over IPv4 and IPv6, as it must be. A connection that
-    must pass and did not is tried twice more (a new neighbour entry); one
-    that must not pass and did is a failure at once."""
-    wrong: list[str] = []
-    by_source: dict[str, list[tuple[Case, int]]] = {}
-    for case in cases:
-        for family in (4, 6):
-            by_source.setdefault(case[0], []).append((case, family))
-    for src, items in by_source.items():
-        pending = items
-        for attempt in range(3):
-            targets = [(c[1], site.address(c[2], fam), c[3]) for c, fam in pending]
-            answers = probe(site, src, targets)
-            retry = []
-            for (case, family), answer in zip(pending, answers, strict=True):
-                passes = case[4]
-                if answer is not None and not passes:
-                    wrong.append(f"{case} IPv{family}: answered ({answer}) but must not")
-                elif answer is None and passes:
-                    if attempt == 2:
-                        wrong.append(f"{case} IPv{family}: no answer but must pass")
-                    else:
-                        retry.append((case, family))
-            if not retry:
-                break
-            pending = retry
-    assert not wrong, "\n".join(wrong) + "\n" + ruleset(site)
-
-
-def ruleset(site: Site) -> str:
-    return "".join(
-        f"--- h{host}\n"
-        + netns.in_ns(
-            site.lab.host_ns(host), "nft", "list", "table", "inet", "overlayd_policy", check=False
-        )
-        for host in (1, 2)
-    )
-
-
-def check(site: Site, src: str, dst: str, port: str, allowed: bool) -> dict[str, Any]:
-    """`overlayctl policy check` agrees (exit 0 allowed, 1 denied)."""
-    done = site.ctl("policy", "check", src, dst, port, "--json", host=2, check=False)
-    assert done.returncode == (0 if allowed else 1), done.stdout + done.stderr
-    found: dict[str, Any] = json.loads(done.stdout)
-    return found
-
-
-def k8s(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
 
 
 # --- tests ---------------------------------------------------------------------------
@@ -366,7 +129,7 @@ def test_containers_are_registered_with_their_names_labels_and_addresses(clean: 
         assert endpoint["hostname"] and endpoint["host"].startswith("10.244.")
         assert ip_address(endpoint["addresses"][0]) in clean.lab.subnet(host)
         assert str(clean.boxes[name].container.address) == endpoint["addresses"][0]
-        assert len(endpoint["addresses"]) == 2  # dual-stack
+        assert endpoint["addresses"] == [clean.boxes[name].addresses[v] for v in (4, 6)]
     # With no policy everything passes, same host and across (the baseline
     # every refusal below is measured against).
     expect(

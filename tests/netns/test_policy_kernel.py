@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +33,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 import pytest
 
 from overlayd.dataplane import sysctl
+from overlayd.lab import echo
 from overlayd.lab import netns as lab_netns
 from overlayd.plan.policy_model import (
     Direction,
@@ -69,50 +69,6 @@ LOCAL = LocalSubnets(IPv4Network("10.244.1.0/24"), IPv6Network("fd00:10:244:1::/
 INGRESS, EGRESS = Direction.INGRESS, Direction.EGRESS
 PORTS = (80, 8000, 8080, 8081)
 WAIT = 1.5  # seconds a refused probe waits for an answer
-
-# TCP and UDP on every port of PORTS, both families; answers with the
-# address it sees the client as.
-SERVER = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for port in map(int, sys.argv[1:]):
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        s = socket.socket(socket.AF_INET6, kind)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("::", port))
-        if kind == socket.SOCK_STREAM:
-            s.listen(64)
-        sel.register(s, selectors.EVENT_READ, kind)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        if key.data == socket.SOCK_STREAM:
-            c, a = s.accept()
-            with c:
-                c.sendall(a[0].removeprefix("::ffff:").encode())
-        else:
-            _, a = s.recvfrom(2048)
-            s.sendto(a[0].removeprefix("::ffff:").encode(), a)
-"""
-PROBE = """
-import socket, sys
-proto, host, port, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-try:
-    if proto == "tcp":
-        with socket.create_connection((host, port), timeout=wait) as c:
-            c.settimeout(wait)
-            print(c.recv(100).decode())
-    else:
-        with socket.socket(family, socket.SOCK_DGRAM) as u:
-            u.settimeout(wait)
-            u.sendto(b"?", (host, port))
-            print(u.recv(100).decode())
-except OSError as exc:
-    print(f"error: {exc}")
-"""
 
 
 @dataclass(frozen=True)
@@ -162,12 +118,9 @@ class Site:
         lab_netns.ip(ns, "link", "set", "eth0", "up")
         lab_netns.ip(ns, "route", "add", "default", "via", f"10.244.{host}.1")
         lab_netns.ip(ns, "-6", "route", "add", "default", "via", f"fd00:10:244:{host}::1")
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, *map(str, PORTS)],
-            stdout=subprocess.PIPE,
-        )
-        self.servers.append(server)
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        # TCP and UDP on every port of PORTS, both families; answers with
+        # the address it sees the client as.
+        self.servers.append(echo.serve_in(ns, PORTS))
         self.boxes[name] = Box(ns, name, v4, v6, host, tuple(sorted(labels.items())))
 
     def endpoints(self, *names: str) -> list[Endpoint]:
@@ -224,24 +177,13 @@ def site() -> Iterator[Site]:
             lab_netns.delete_namespace(ns)
 
 
-def reach(site: Site, src: str, proto: str, dst: str, port: int = 80, v6: bool = False) -> str:
-    """What `dst`'s server answered `src` (the address it saw), or "error: ..."."""
+def reach(
+    site: Site, src: str, proto: str, dst: str, port: int = 80, v6: bool = False
+) -> str | None:
+    """What `dst`'s server answered `src` (the address it saw), or None."""
     box = site.boxes[dst]
     address = box.v6 if v6 else box.v4
-    argv = [
-        "ip",
-        "netns",
-        "exec",
-        site.boxes[src].ns,
-        sys.executable,
-        "-c",
-        PROBE,
-        proto,
-        address,
-        str(port),
-        str(WAIT),
-    ]
-    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    return echo.probe_from(site.boxes[src].ns, WAIT, [(proto, address, port)])[0]
 
 
 def opens(site: Site, src: str, dst: str, port: int = 80, v6: bool = False) -> bool:
@@ -252,7 +194,7 @@ def opens(site: Site, src: str, dst: str, port: int = 80, v6: bool = False) -> b
 
 def shut(site: Site, src: str, dst: str, port: int = 80, v6: bool = False) -> bool:
     """Neither TCP nor UDP from src gets an answer from dst's port."""
-    return all(reach(site, src, p, dst, port, v6).startswith("error") for p in ("tcp", "udp"))
+    return all(reach(site, src, p, dst, port, v6) is None for p in ("tcp", "udp"))
 
 
 def nft(ns: str, *args: str, check: bool = True) -> str:
@@ -345,7 +287,7 @@ def test_neighbour_discovery_passes_for_an_isolated_endpoint(clean: Site) -> Non
 
     apply(s.a, None, without_nd)
     forget_neighbours()
-    assert reach(s, "db", "tcp", "web", v6=True).startswith("error")
+    assert reach(s, "db", "tcp", "web", v6=True) is None
     apply(s.a, without_nd, ruleset)
     forget_neighbours()
     assert opens(s, "db", "web", v6=True)

@@ -65,6 +65,7 @@ def test_body_must_be_a_json_object() -> None:
     assert plan.parse_body(b'{"NetworkID": "x"}') == {"NetworkID": "x"}
     assert "not JSON" in refused(plan.parse_body, b"{nope").message
     assert "JSON object" in refused(plan.parse_body, b"[1]").message
+    assert "nested too deeply" in refused(plan.parse_body, b"[" * 5000).message
     assert "no body" in refused(plan.parse_body, b"").message
     # Methods without arguments get `null` or nothing from Docker.
     assert plan.parse_body(b"null", empty_ok=True) == {}

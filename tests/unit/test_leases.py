@@ -83,6 +83,8 @@ def test_mac_is_normalised_to_lower_case() -> None:
     ("raw", "words"),
     [
         (b"{not json", "not valid JSON"),
+        # 3 KB of brackets (under the size limit) raised RecursionError before.
+        (b"[" * 3000, "nested too deeply"),
         (b"[]", "not a JSON object"),
         (value(public_ip=None), "PublicIP"),
         (value(public_ip="127.0.0.1"), "cannot be a tunnel endpoint"),

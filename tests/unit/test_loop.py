@@ -652,3 +652,17 @@ async def test_the_docker_plugin_sees_the_programmed_ipv6_subnet_too() -> None:
     assert (await loop.reconcile_once()).ok
     view = Agent._plugin_view(inputs, loop)
     assert (view.subnet6, view.cluster6) == (None, None)
+
+
+async def test_a_lease_value_nested_too_deeply_is_skipped_and_the_pass_goes_on() -> None:
+    """A few KB of brackets under the subnets prefix made json.loads raise
+    RecursionError in every pass of every daemon: nothing was programmed
+    any more (peers, policy, and so every container registration) until
+    someone deleted the key."""
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    deep = {subnet_key(PREFIX, IPv4Network("10.244.9.0/24")): b"[" * 3000}
+    inputs.raw_leases = {**inputs.raw_leases, **deep}
+    result = await Reconciler(inputs, dataplane).reconcile_once()
+    assert result.ok and result.peers == 1, result.error
+    assert dataplane.allowed == {PEER.public_ip}  # the good peer is programmed

@@ -19,7 +19,13 @@ from overlayd.cli.docker import docker_options
 from overlayd.config import build_agent_config
 from overlayd.errors import ConfigError, OverlaydError
 from overlayd.lab.engines.docker import docker_opts_flags
-from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask, serve_control
+from overlayd.surfaces.control import (
+    MAX_REQUEST_BYTES,
+    DaemonRefused,
+    DaemonUnreachable,
+    ask,
+    serve_control,
+)
 from overlayd.surfaces.httpd import MetricsServer
 from overlayd.surfaces.notify import watchdog_interval
 from overlayd.surfaces.telemetry import Telemetry
@@ -57,6 +63,46 @@ async def test_control_requests_carry_arguments_and_refusals_come_back_as_errors
             await ask(path, "broken")
         # The server survived both.
         assert await ask(path, "register", {"id": "c2"}) == {"registered": "c2"}
+
+
+async def _raw_request(path: Path, payload: bytes) -> dict[str, Any]:
+    """One request as bytes, the whole of it sent before the answer is read."""
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
+    writer.write(payload)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), timeout=10)
+    writer.close()
+    answer: dict[str, Any] = json.loads(line)
+    return answer
+
+
+async def test_every_malformed_request_is_answered_with_an_error_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, a request that was not JSON, nested too deeply or longer than
+    the limit was dropped without an answer (and deep nesting escaped as an
+    unhandled exception): the client waited for nothing."""
+    path = tmp_path / "overlayd.sock"
+    calls: list[Mapping[str, Any]] = []
+    nested = b'{"command": "register", "args": ' + b"[" * 30_000 + b"\n"
+    cases = {
+        b"not json\n": "request is not JSON: Expecting value",
+        b"\xff\xfe\n": "request is not JSON",
+        b"[1, 2]\n": "request: must be a JSON object",
+        nested: "nested too deeply",
+        b"x" * (MAX_REQUEST_BYTES + 10) + b"\n": f"longer than {MAX_REQUEST_BYTES} bytes",
+        b'{"command": "register", "args": [1]}\n': "args: must be an object",
+        b'{"command": 7}\n': "unknown command 7",
+    }
+    async with serve_control(path, {"register": calls.append}):
+        for payload, reason in cases.items():
+            answer = await _raw_request(path, payload)
+            assert reason in answer.get("error", ""), (payload[:40], answer)
+        # Nothing reached the handler, and the server still answers.
+        assert calls == []
+        assert await ask(path, "register", {"id": "c1"}) is None
+        assert calls == [{"id": "c1"}]
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 async def test_no_daemon_is_one_clear_error(tmp_path: Path) -> None:

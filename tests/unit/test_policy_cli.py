@@ -258,6 +258,27 @@ async def test_endpoints_lists_usable_and_rejected_with_reasons(cluster: Cluster
     assert "app=web" in text and "not used (3)" in text
 
 
+async def test_values_nested_too_deeply_are_rejected_not_raised(cluster: Cluster) -> None:
+    """Registrations and status keys are written by hosts: a value of a few
+    KB of brackets made `endpoints`, `endpoint label` and `policy wait`
+    fail with a RecursionError traceback."""
+    deep = b"[" * 5000
+    key = endpoint_key(OWN, H1, "c-deep")
+    await cluster.store.put_bound(key, deep, cluster.leases[H1])
+    rows = cli.endpoint_rows(await state(cluster))
+    (reason,) = [r["reason"] for r in rows["rejected"] if r["key"] == key]
+    assert reason.startswith("value is not valid JSON")
+    assert "web1" in [e["name"] for e in rows["endpoints"]]  # the rest is listed
+    with pytest.raises(EndpointError, match="nested too deeply"):
+        await cli.label_endpoint(cluster.store, OWN, key, LabelChanges({"x": "y"}))
+    # A host's status key nested too deeply counts as no revision enforced.
+    _, revision = await cli.apply_policy(cluster.store, OWN, DENY_DB.encode())
+    await cluster.status(H1, revision)
+    await cluster.store.put_bound(cli.status_prefix(OWN) + H2, deep, cluster.leases[H2])
+    found, _ = await cli.wait_enforced(cluster.store, PREFIX, OWN, revision, within=0.2)
+    assert not found.done and [h.host for h in found.behind] == [H2]
+
+
 # --- label -------------------------------------------------------------------------------
 
 

@@ -169,6 +169,49 @@ async def test_a_registration_is_written_bound_to_the_lease_kept_on_disk_and_wai
     assert key not in store.values and not (tmp_path / "endpoints" / "c1.json").exists()
 
 
+async def test_bad_values_under_our_endpoints_in_etcd_never_reach_the_files(
+    tmp_path: Path,
+) -> None:
+    """Labels an operator sets in etcd are copied to the registration's
+    file, but only valid ones of a valid key of ours. Before, a value with
+    bad labels was copied too (the next republish then refused the file
+    and dropped the container's registration), a key `<host>/x/c1` passed
+    its labels to c1's file, and a key whose id starts with a dot raised
+    inside the mirror's subscriber."""
+    store = FakeStore()
+    registry = EndpointRegistry(
+        store,
+        own_prefix=OWN_PREFIX,
+        state_dir=tmp_path,
+        own=lambda: OWN,
+        lease_id=lambda: 101,
+        enforcer=FakeEnforcer(),
+        hostname="h1",
+    )
+    await registry.register(
+        {"id": "c1", "name": "web", "addresses": ["10.244.1.5"], "labels": {"app": "web"}}
+    )
+    key = endpoint_key(OWN_PREFIX, host_id(OWN.subnet), "c1")
+    good, _, _ = store.values[key]
+    ours = f"{OWN_PREFIX}/endpoints/{host_id(OWN.subnet)}/"
+    registry.etcd_changed(key, good.replace(b'{"app":"web"}', b'{"bad key!":"x"}'))
+    registry.etcd_changed(key, good.replace(b'{"app":"web"}', b'["app"]'))
+    registry.etcd_changed(key, b"[" * 100_000)
+    registry.etcd_changed(key, b"\xff not json")
+    registry.etcd_changed(ours + "x/c1", good.replace(b'"web"}', b'"db"}'))
+    registry.etcd_changed(ours + ".c1", good.replace(b'"web"}', b'"db"}'))
+    registry.etcd_changed(ours + "..", good)
+    assert json.loads((tmp_path / "c1.json").read_bytes())["labels"] == {"app": "web"}
+    # The lease went; a new one: c1 comes back as it was registered.
+    await store.expire(101)
+    registry._lease_id = lambda: 202
+    assert await registry.republish() == 1
+    assert json.loads(store.values[key][0])["labels"] == {"app": "web"}
+    # Positive control: a valid change of labels is kept.
+    registry.etcd_changed(key, good.replace(b'"web"}', b'"api"}'))
+    assert json.loads((tmp_path / "c1.json").read_bytes())["labels"] == {"app": "api"}
+
+
 async def test_a_registration_outside_the_hosts_subnet_or_never_enforced_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
