@@ -93,13 +93,11 @@ class Dataplane:
     @classmethod
     def open(cls, netns: str | None = None) -> Dataplane:
         nft = Nft(netns)
+        netlink = Netlink(netns)
+        monitor = DriftMonitor(netns, families=(IPV4, IPV6))
+        monitor.own_port = netlink.entry_writer_port
         return cls(
-            Netlink(netns),
-            NftTable(nft=nft),
-            ForwardAccept(netns),
-            DriftMonitor(netns, families=(IPV4, IPV6)),
-            NftVxlanFilter(nft),
-            netns,
+            netlink, NftTable(nft=nft), ForwardAccept(netns), monitor, NftVxlanFilter(nft), netns
         )
 
     async def close(self) -> None:

@@ -173,6 +173,13 @@ class EntryWriter:
             self._socket = sock
         return self._socket
 
+    def port(self) -> int | None:
+        """The socket's netlink port id (None before it is open): the kernel
+        names it in the events our writes cause."""
+        if self._socket is None:
+            return None
+        return int(self._socket.getsockname()[0])
+
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close()

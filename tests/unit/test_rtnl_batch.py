@@ -114,3 +114,18 @@ def test_acks_are_read_by_sequence_with_their_errno() -> None:
 def test_a_non_entry_is_refused() -> None:
     with pytest.raises(TypeError):
         pack(Change(Op.REPLACE, object()), DEV, seq=1)  # type: ignore[arg-type]
+
+
+def test_the_monitor_skips_only_the_echoes_of_our_own_writer() -> None:
+    from overlayd.dataplane.netlink import own_echoes_skipped
+
+    def event(port: int, seq: int) -> bytes:
+        return struct.pack("=IHHII", 20, 24, 0, seq, port) + b"\0" * 4
+
+    data = event(77, 1) + event(0, 2) + event(78, 3)
+    kept = own_echoes_skipped(data, 77)
+    assert [struct.unpack_from("=I", m, 8)[0] for m in kept] == [2, 3]
+    # Before our socket is open nothing is skipped, and port 0 (the
+    # kernel's own events, FDB events) never is.
+    assert len(own_echoes_skipped(data, None)) == 3
+    assert len(own_echoes_skipped(data, 0)) == 3
