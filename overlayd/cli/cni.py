@@ -56,9 +56,9 @@ its id (CNI_CONTAINERID), its name (K8S_POD_NAME from CNI_ARGS, which
 Podman and Kubernetes runtimes pass, else the id's first 12 characters),
 every address of the overlay interface, and in gwbridge mode every
 address of the gwbridge interface (egress policy judges the container's
-traffic to the outside world by them, since it leaves from there), the
-overlay interface's MAC (which names the container in IPv6 link-local
-traffic on the bridge), and its labels
+traffic to the outside world by them, since it leaves from there), both
+interfaces' MACs (which name the container in IPv6 link-local traffic on
+either bridge), and its labels
 (plan/endpoints.labels_from_cni: `args.labels`, `runtimeConfig.labels`,
 K8S_POD_NAMESPACE and `OVERLAYD_LABEL_<key>=<value>` in CNI_ARGS). The
 daemon answers once the endpoint is in force on this host. A container
@@ -418,7 +418,7 @@ class Registration:
         inv: Invocation,
         addresses: list[str],
         gwbridge_addresses: list[str] | None = None,
-        mac: str | None = None,
+        macs: list[str] | None = None,
     ) -> dict[str, Any]:
         found: dict[str, Any] = {
             "id": inv.container_id,
@@ -428,8 +428,8 @@ class Registration:
         }
         if gwbridge_addresses:
             found["gwbridge_addresses"] = gwbridge_addresses
-        if mac:
-            found["mac"] = mac
+        if macs:
+            found["macs"] = macs
         return found
 
 
@@ -513,7 +513,8 @@ def register(
     be reached or refuses."""
     addresses = container_addresses(result, inv.ifname)
     gwbridge = container_addresses(result, egress_if) if egress_if is not None else []
-    request = registered.request(inv, addresses, gwbridge, container_mac(result, inv.ifname))
+    macs = [container_mac(result, name) for name in (inv.ifname, egress_if) if name is not None]
+    request = registered.request(inv, addresses, gwbridge, [m for m in macs if m is not None])
     try:
         _ask(registered.socket, "endpoint_add", request)
     except DaemonRefused as exc:

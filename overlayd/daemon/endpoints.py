@@ -17,7 +17,7 @@ a policy that selects it.
 
 A request may also name the container's gwbridge addresses
 (`gwbridge_addresses`, in gwbridge egress mode) and its overlay
-interface's MAC (`mac`); they are checked against this host's gwbridge
+and gwbridge interfaces' MACs (`macs`); they are checked against this host's gwbridge
 subnets, as the policy manager reads them (plan/policy_inputs.own_host_subnets).
 """
 
@@ -186,7 +186,7 @@ class EndpointRegistry:
         }
         # Absent stays absent (an older overlay-cni, the Docker plugin's
         # docker_gwbridge); present is checked by parse_endpoint.
-        for optional in ("gwbridge_addresses", "mac"):
+        for optional in ("gwbridge_addresses", "macs"):
             if request.get(optional) is not None:
                 draft[optional] = request[optional]
         key = endpoint_key(self._own_prefix, host, endpoint_id)

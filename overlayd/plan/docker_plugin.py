@@ -268,7 +268,7 @@ class Endpoint:
             "name": self.name or endpoint_id[:12],
             "addresses": [str(address.ip) for address in self.addresses()],
             "labels": dict(self.labels),
-            "mac": self.link_mac(endpoint_id),
+            "macs": [self.link_mac(endpoint_id)],
         }
 
 

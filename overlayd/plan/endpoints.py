@@ -11,8 +11,8 @@ endpoint and nothing else.
 
 A value is JSON: {"name", "host", "hostname", "addresses", "labels",
 "registered"}, and optionally "gwbridge_addresses" (the addresses of the
-container's gwbridge interface, in gwbridge egress mode) and "mac" (the
-link-layer address of its overlay interface). Those two are used by the
+container's gwbridge interface, in gwbridge egress mode) and "macs" (the
+link-layer addresses of its interfaces). Those two are used by the
 endpoint's own host alone (HostSubnets.own): they are checked for form on
 every host, so that a registration reads the same everywhere, and dropped
 on the others. Fields this version does not know are ignored (values are
@@ -135,7 +135,7 @@ def render_endpoint(endpoint: Endpoint) -> bytes:
                 if endpoint.gwbridge_addresses
                 else {}
             ),
-            **({"mac": str(endpoint.mac)} if endpoint.mac is not None else {}),
+            **({"macs": [str(m) for m in endpoint.macs]} if endpoint.macs else {}),
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -246,18 +246,27 @@ def _gwbridge_addresses(raw: object, subnets: HostSubnets) -> tuple[IPAddress, .
     )
 
 
-def _mac(raw: object, subnets: HostSubnets) -> MacAddress | None:
+def _macs(raw: object, subnets: HostSubnets) -> tuple[MacAddress, ...]:
+    """The interfaces' MACs (overlay and gwbridge), on the endpoint's own host."""
     if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise EndpointError(f"mac: {show(raw)} is not a string")
-    try:
-        mac = MacAddress.parse(raw)
-    except ValueError as exc:
-        raise EndpointError(f"mac: {exc}") from None
-    if not mac.unicast:
-        raise EndpointError(f"mac: {mac} is not a unicast address")
-    return mac if subnets.own else None
+        return ()
+    if not isinstance(raw, list) or len(raw) > 2:
+        raise EndpointError(f"macs: {show(raw)} is not a list of up to two MAC addresses")
+    found: list[MacAddress] = []
+    for index, item in enumerate(raw):
+        where = f"macs[{index}]"
+        if not isinstance(item, str):
+            raise EndpointError(f"{where}: {show(item)} is not a string")
+        try:
+            mac = MacAddress.parse(item)
+        except ValueError as exc:
+            raise EndpointError(f"{where}: {exc}") from None
+        if not mac.unicast:
+            raise EndpointError(f"{where}: {mac} is not a unicast address")
+        if mac in found:
+            raise EndpointError(f"{where}: {mac} is given twice")
+        found.append(mac)
+    return tuple(found) if subnets.own else ()
 
 
 def parse_endpoint(
@@ -298,7 +307,7 @@ def parse_endpoint(
         registered=float(registered),
         hostname=_text(raw, "hostname", required=False),
         gwbridge_addresses=_gwbridge_addresses(raw.get("gwbridge_addresses"), subnets),
-        mac=_mac(raw.get("mac"), subnets),
+        macs=_macs(raw.get("macs"), subnets),
     )
 
 
@@ -410,8 +419,7 @@ def select_endpoints(
 
 
 def _claimed(endpoint: Endpoint) -> tuple[IPAddress | MacAddress, ...]:
-    mac = (endpoint.mac,) if endpoint.mac is not None else ()
-    return (*endpoint.addresses, *endpoint.gwbridge_addresses, *mac)
+    return (*endpoint.addresses, *endpoint.gwbridge_addresses, *endpoint.macs)
 
 
 # --- labels from people and engines ---------------------------------------------------

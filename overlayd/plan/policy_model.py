@@ -204,13 +204,13 @@ class Endpoint:
     # What only the endpoint's own host uses (a registration read by any
     # other host has them empty, see HostSubnets.own): the addresses of its
     # gwbridge interface (eth1 in gwbridge egress mode), from which its
-    # traffic to the outside world leaves, and the link-layer address of
-    # its overlay interface, which names it in IPv6 link-local traffic on
-    # the bridge. Both mean something on that one host alone: every host's
-    # gwbridge has the same subnet, and link-local traffic never leaves a
-    # bridge.
+    # traffic to the outside world leaves, and the link-layer addresses of
+    # its interfaces (overlay and gwbridge), which name it in IPv6
+    # link-local traffic on a bridge. They mean something on that one host
+    # alone: every host's gwbridge has the same subnet, and link-local
+    # traffic never leaves a bridge.
     gwbridge_addresses: tuple[IPAddress, ...] = ()
-    mac: MacAddress | None = None
+    macs: tuple[MacAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

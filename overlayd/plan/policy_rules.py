@@ -65,15 +65,17 @@ the gwbridge's isolation and its masquerade are the egress table's, and
 traffic between containers still goes by their overlay addresses, never
 NATed.
 
-Link-local. Containers of one host share the bridge, and every IPv6
-interface has an fe80:: address, which no registration names and no
-subnet holds: without more, an isolated endpoint would answer anyone on
-the bridge who knows its link-local address. The address is not what
+Link-local. Containers of one host share the bridge (and in gwbridge
+mode the gwbridge), and every IPv6 interface has an fe80:: address, which
+no registration names and no subnet holds: without more, an isolated
+endpoint would answer anyone on the bridge who knows its link-local
+address. The address is not what
 identifies a container in such traffic (it is made by the container's
 kernel, and may be anything): its link-layer address is, the source
 address of the frame it sends and the destination of the frames it
-receives. So an endpoint registers its overlay interface's MAC, a third
-set per policy selector holds the MACs of this host's endpoints it
+receives. So an endpoint registers its interfaces' MACs (overlay and
+gwbridge), a third set per policy selector holds the MACs of this host's
+endpoints it
 selects (`type ether_addr`), and a packet whose local side is link-local
 goes to its direction's link-local chain instead of the subnet checks:
 
@@ -93,6 +95,9 @@ destination in a multicast or broadcast frame: no stack sends one, and it
 would reach an isolated endpoint without naming its MAC. This holds on a
 host without IPv6 in the cluster too: its containers have fe80::
 addresses all the same, so bridge netfilter for IPv6 stays on as well.
+(The gwbridge MAC matters there: the egress table's isolation of the
+gwbridge is per family, and such a host has no IPv6 egress table, so
+containers reach each other's eth1 by link-local.)
 
 Decisions, and why:
 
@@ -261,7 +266,7 @@ class NftSet(NamedTuple):
     def members(self, endpoint: Endpoint) -> tuple[Element, ...]:
         """What `endpoint` puts in this set when the selector selects it."""
         if self.type == "ether_addr":
-            return (endpoint.mac,) if endpoint.mac is not None else ()
+            return endpoint.macs
         version = 4 if self.type == "ipv4_addr" else 6
         return tuple(
             a for a in (*endpoint.addresses, *endpoint.gwbridge_addresses) if a.version == version

@@ -139,7 +139,7 @@ class Box:
             addresses=(ip_address(self.v4), ip_address(self.v6)),
             labels={**dict(self.labels), **more},
             # As host A reads registrations: its own endpoints' MACs only.
-            mac=MacAddress.parse(self.mac) if self.host == 1 else None,
+            macs=(MacAddress.parse(self.mac),) if self.host == 1 else (),
         )
 
     def link_local(self) -> str:
@@ -503,6 +503,96 @@ def test_a_link_local_destination_in_a_broadcast_frame_is_dropped(clean: Site) -
     assert send(s.boxes["api"].mac, to="api") == "answered"
     apply(s.a, ruleset, policy_ruleset([], s.endpoints(), LOCAL))
     assert send("ff:ff:ff:ff:ff:ff") == "answered"
+
+
+def test_on_an_ipv4_only_host_link_local_on_the_gwbridge_is_judged_by_eth1s_mac(
+    netns: str,
+) -> None:
+    """A host without IPv6 in the cluster has no IPv6 egress table, so
+    nothing isolates containers on the gwbridge from each other for IPv6,
+    and their eth1 have fe80:: addresses: policy judges that by eth1's MAC
+    (overlay-cni registers both interfaces'). Without it (eth0's MAC only,
+    the negative control) isolated db answers; open api answers either way."""
+    host, boxes = netns, {}
+    lab_netns.ip(host, "link", "add", "gwb", "type", "bridge")
+    lab_netns.ip(host, "addr", "add", "172.18.0.1/16", "dev", "gwb")
+    lab_netns.ip(host, "link", "set", "gwb", "up")
+    asyncio.run(sysctl.ensure_bridge_netfilter(netns=host, ipv6=True))
+    servers: list[subprocess.Popen[bytes]] = []
+    made: list[str] = []
+    try:
+        for index, name in enumerate(("db", "api", "web"), start=2):
+            ns = unique_name("g")
+            lab_netns.add_namespace(ns)
+            made.append(ns)
+            lab_netns.veth(host, f"g{name}", ns, "eth1")
+            lab_netns.ip(host, "link", "set", f"g{name}", "master", "gwb", "up")
+            lab_netns.ip(ns, "addr", "add", f"172.18.0.{index}/16", "dev", "eth1")
+            lab_netns.ip(ns, "link", "set", "eth1", "up")
+            servers.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, "80"],
+                    stdout=subprocess.PIPE,
+                )
+            )
+            assert servers[-1].stdout is not None and servers[-1].stdout.readline() == b"ready\n"
+            (link,) = json.loads(lab_netns.ip(ns, "-j", "link", "show", "dev", "eth1"))
+            labels = {"app": name}
+            boxes[name] = (ns, index, link["address"], labels)
+
+        def link_local(ns: str) -> str:
+            found: list[str] = []
+
+            def usable() -> bool:
+                (link,) = json.loads(lab_netns.ip(ns, "-j", "-6", "addr", "show", "dev", "eth1"))
+                found[:] = [
+                    a["local"]
+                    for a in link["addr_info"]
+                    if a["local"].startswith("fe80:") and not a.get("tentative")
+                ]
+                return bool(found)
+
+            wait_until(usable)
+            return f"{found[0]}%eth1"
+
+        def answered(dst: str) -> bool:
+            argv = ["ip", "netns", "exec", boxes["web"][0], sys.executable, "-c", PROBE]
+            argv += ["tcp", link_local(boxes[dst][0]), "80", str(WAIT)]
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+            return not out.startswith("error")
+
+        def endpoints(with_eth1: bool) -> list[Endpoint]:
+            return [
+                Endpoint(
+                    key=f"/overlayd/endpoints/10.244.1.0-24/{name}",
+                    id=name,
+                    host="10.244.1.0-24",
+                    name=name,
+                    addresses=(ip_address(f"10.244.1.{index}"),),
+                    labels=labels,
+                    gwbridge_addresses=(ip_address(f"172.18.0.{index}"),),
+                    # eth0's MAC (no eth0 here), and eth1's.
+                    macs=(MacAddress(0x0A580AF40100 + index),)
+                    + ((MacAddress.parse(mac),) if with_eth1 else ()),
+                )
+                for name, (_, index, mac, labels) in boxes.items()
+            ]
+
+        local = LocalSubnets(IPv4Network("10.244.1.0/24"), gwbridge=(IPv4Network("172.18.0.0/16"),))
+        deny = [Policy("deny-db", sel(app="db"), frozenset({INGRESS}))]
+        without = policy_ruleset(deny, endpoints(with_eth1=False), local)
+        apply(host, None, without)
+        assert answered("db") and answered("api")
+        judged = policy_ruleset(deny, endpoints(with_eth1=True), local)
+        apply(host, without, judged)
+        assert not answered("db")
+        assert answered("api")
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        for ns in made:
+            lab_netns.delete_namespace(ns)
 
 
 def test_allow_from_a_label_and_an_endpoint_joining_the_set(clean: Site) -> None:

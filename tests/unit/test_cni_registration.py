@@ -145,8 +145,9 @@ def test_add_registers_the_overlay_addresses_name_and_labels(
         "fd00:10:244:7:8000::5/64",
     ]
     # eth1's gwbridge address is no overlay address: registered apart, as
-    # the gwbridge's (egress policy judges the way out by it); the MAC is
-    # eth0's (link-local traffic on the overlay bridge), not the host veth's.
+    # the gwbridge's (egress policy judges the way out by it); the MACs are
+    # eth0's and eth1's (link-local traffic on either bridge), not the host
+    # veths'.
     assert daemon.calls == [
         (
             "endpoint_add",
@@ -155,7 +156,7 @@ def test_add_registers_the_overlay_addresses_name_and_labels(
                 "name": "web-1",
                 "addresses": ["10.244.7.5", "fd00:10:244:7:8000::5"],
                 "gwbridge_addresses": ["172.18.0.9"],
-                "mac": "0a:58:0a:f4:07:05",
+                "macs": ["0a:58:0a:f4:07:05", "0a:58:ac:12:00:09"],
                 # CNI_ARGS win over the network config's args.
                 "labels": {
                     "team": "a",

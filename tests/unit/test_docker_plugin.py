@@ -1286,7 +1286,7 @@ async def test_join_registers_and_leave_unregisters(tmp_path: Any) -> None:
         "name": "web-1",
         "addresses": ["10.244.3.5"],
         "labels": {"app": "web"},
-        "mac": mac,
+        "macs": [mac],
     }
     assert veths.macs[plan.veth_names(EP)[1]] == mac
     assert int(mac.split(":")[0], 16) & 3 == 2  # locally administered, unicast
@@ -1310,7 +1310,7 @@ async def test_join_registers_the_mac_docker_gave(tmp_path: Any) -> None:
     assert (await call(plugin, "NetworkDriver.CreateEndpoint", request))[0] == 200
     join = {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"}
     assert (await call(plugin, "NetworkDriver.Join", join))[0] == 200
-    assert registry.registered[EP]["mac"] == "02:42:0a:f4:03:05"
+    assert registry.registered[EP]["macs"] == ["02:42:0a:f4:03:05"]
     assert veths.macs[plan.veth_names(EP)[1]] == "02:42:0a:f4:03:05"
 
 

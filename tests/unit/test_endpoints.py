@@ -237,23 +237,26 @@ OWN = {
     HOST: replace(HOSTS[HOST], own=True, gwbridge=GWBRIDGE),
     OTHER: HOSTS[OTHER],
 }
-EXTRAS = {"gwbridge_addresses": ["fd4a:4eae:8d08::5", "172.18.0.5"], "mac": "0A:58:0A:F4:01:05"}
+EXTRAS = {
+    "gwbridge_addresses": ["fd4a:4eae:8d08::5", "172.18.0.5"],
+    "macs": ["0A:58:0A:F4:01:05", "0a:58:ac:12:00:05"],
+}
 
 
 def test_the_own_host_reads_gwbridge_addresses_and_mac_and_others_drop_them() -> None:
     mine = parse_endpoint(key(), value(**EXTRAS), PREFIX, OWN)
     assert mine.gwbridge_addresses == (ip_address("172.18.0.5"), ip_address("fd4a:4eae:8d08::5"))
-    assert mine.mac == MacAddress.parse("0a:58:0a:f4:01:05")
-    assert str(mine.mac) == "0a:58:0a:f4:01:05"
+    assert mine.macs == (MacAddress.parse("0a:58:0a:f4:01:05"), MacAddress(0x0A58AC120005))
+    assert [str(m) for m in mine.macs] == ["0a:58:0a:f4:01:05", "0a:58:ac:12:00:05"]
     # Written back as read; a registration without them reads as before.
     assert parse_endpoint(key(), render_endpoint(mine), PREFIX, OWN) == mine
     plain = parse_endpoint(key(), value(), PREFIX, OWN)
-    assert b"mac" not in render_endpoint(plain) and b"gwbridge" not in render_endpoint(plain)
+    assert b"macs" not in render_endpoint(plain) and b"gwbridge" not in render_endpoint(plain)
     # Another host reads the same value without them: every host's gwbridge
     # has the same subnet, and a MAC names a port of one bridge only.
     theirs = parse_endpoint(key(), value(**EXTRAS), PREFIX, HOSTS)
-    assert theirs.gwbridge_addresses == () and theirs.mac is None
-    assert replace(mine, gwbridge_addresses=(), mac=None) == theirs
+    assert theirs.gwbridge_addresses == () and theirs.macs == ()
+    assert replace(mine, gwbridge_addresses=(), macs=()) == theirs
 
 
 def test_a_gwbridge_address_outside_the_gwbridge_is_left_out_not_refused() -> None:
@@ -277,10 +280,13 @@ BAD_EXTRAS: list[tuple[str, dict[str, object], str]] = [
     ("gw-same-family", {"gwbridge_addresses": ["172.18.0.5", "172.18.0.6"]}, "two IPv4"),
     ("gw-gateway", {"gwbridge_addresses": ["172.18.0.1"]}, "gateway"),
     ("gw-v6-gateway", {"gwbridge_addresses": ["fd4a:4eae:8d08::1"]}, "gateway"),
-    ("mac-type", {"mac": 5}, "mac: 5 is not a string"),
-    ("mac-form", {"mac": "0a:58:0a:f4:01"}, "not a MAC address"),
-    ("mac-group", {"mac": "01:00:5e:00:00:01"}, "not a unicast"),
-    ("mac-zero", {"mac": "00:00:00:00:00:00"}, "not a unicast"),
+    ("macs-type", {"macs": "0a:58:0a:f4:01:05"}, "not a list of up to two MAC"),
+    ("macs-three", {"macs": ["0a:58:0a:f4:01:05"] * 3}, "not a list of up to two MAC"),
+    ("mac-type", {"macs": [5]}, "macs[0]: 5 is not a string"),
+    ("mac-form", {"macs": ["0a:58:0a:f4:01"]}, "not a MAC address"),
+    ("mac-group", {"macs": ["01:00:5e:00:00:01"]}, "not a unicast"),
+    ("mac-zero", {"macs": ["00:00:00:00:00:00"]}, "not a unicast"),
+    ("mac-twice", {"macs": ["0a:58:0a:f4:01:05", "0A:58:0A:F4:01:05"]}, "given twice"),
 ]
 
 
@@ -298,8 +304,8 @@ def test_two_endpoints_of_this_host_claiming_one_gwbridge_address_or_mac_are_rej
     raw = {
         key("a"): value(addresses=["10.244.1.5"], gwbridge_addresses=["172.18.0.5"]),
         key("b"): value(addresses=["10.244.1.6"], gwbridge_addresses=["172.18.0.5"]),
-        key("c"): value(addresses=["10.244.1.7"], mac="0a:58:0a:f4:01:07"),
-        key("d"): value(addresses=["10.244.1.8"], mac="0a:58:0a:f4:01:07"),
+        key("c"): value(addresses=["10.244.1.7"], macs=["0a:58:0a:f4:01:07"]),
+        key("d"): value(addresses=["10.244.1.8"], macs=["0a:58:0a:f4:01:07"]),
         key("e"): value(addresses=["10.244.1.9"], gwbridge_addresses=["172.18.0.9"]),
         # Another host's gwbridge has the same subnet: its addresses are no clash.
         key("f", OTHER): value(

@@ -145,14 +145,16 @@ async def test_in_gwbridge_mode_this_hosts_gwbridge_addresses_and_macs_join_the_
         "addresses": ["10.244.1.5"],
         "labels": {"app": "web"},
         "gwbridge_addresses": ["172.18.0.5"],
-        "mac": "0a:58:0a:f4:01:05",
+        "macs": ["0a:58:0a:f4:01:05"],
     }
     key = (await registry.register(request))["key"]
     written = json.loads(store.values[key][0])
-    assert written["gwbridge_addresses"] == ["172.18.0.5"] and written["mac"] == "0a:58:0a:f4:01:05"
+    assert written["gwbridge_addresses"] == ["172.18.0.5"] and written["macs"] == [
+        "0a:58:0a:f4:01:05"
+    ]
     remote = replace(endpoint("r1", "10.244.2.5", PEER, app="web"), registered=2.0)
     remote_value = json.loads(render_endpoint(remote))
-    remote_value.update(gwbridge_addresses=["172.18.0.7"], mac="0a:58:0a:f4:02:05")
+    remote_value.update(gwbridge_addresses=["172.18.0.7"], macs=["0a:58:0a:f4:02:05"])
     inputs = knowledge(PEER)
     inputs.raw_endpoints = {
         key: store.values[key][0],

@@ -86,13 +86,13 @@ def endpoint(name: str, host: int, index: int, v6: bool = True, **labels: str) -
         name=name,
         addresses=addresses,
         labels=labels,
-        mac=MacAddress(0x0A580AF40100 + index) if host == 1 else None,
+        macs=(MacAddress(0x0A580AF40100 + index),) if host == 1 else (),
     )
 
 
 def with_gwbridge(e: Endpoint) -> Endpoint:
     """The endpoint with gwbridge addresses, as a host in gwbridge mode reads its own."""
-    if e.mac is None:
+    if not e.macs:
         return e
     index = int(e.addresses[0]) & 0xFF
     return replace(
@@ -283,7 +283,7 @@ def test_deny_all_ingress_has_a_deny_and_no_allow_chain() -> None:
     assert list(ruleset.chains) == ["ingress_deny", "ingress_link_local", "ingress"]
     assert "jump ingress_policies" not in ruleset.chains["ingress"].rules
     assert set(ruleset.counters.values()) == {CounterOwner("deny-all-ingress", INGRESS, "deny")}
-    everyone = {a for e in ENDPOINTS for a in (*e.addresses, *([e.mac] if e.mac else []))}
+    everyone = {a for e in ENDPOINTS for a in (*e.addresses, *e.macs)}
     assert frozenset().union(*(s.elements for s in ruleset.sets.values())) == everyone
 
 
@@ -471,12 +471,7 @@ def test_selectors_with_expressions_select_as_the_model_says() -> None:
         policy = Policy("p", selector, frozenset({INGRESS}))
         ruleset = policy_ruleset([policy], ENDPOINTS, LOCAL)
         got = frozenset().union(*(s.elements for s in ruleset.sets.values()))
-        want = {
-            a
-            for e in ENDPOINTS
-            if selector.matches(e.labels)
-            for a in (*e.addresses, *([e.mac] if e.mac else []))
-        }
+        want = {a for e in ENDPOINTS if selector.matches(e.labels) for a in (*e.addresses, *e.macs)}
         assert got == want and want  # every expression here selects somebody
 
 
