@@ -54,7 +54,11 @@ Endpoints (network policy). Once the delegates have attached the container,
 ADD registers it with the daemon over the control socket (`endpoint_add`):
 its id (CNI_CONTAINERID), its name (K8S_POD_NAME from CNI_ARGS, which
 Podman and Kubernetes runtimes pass, else the id's first 12 characters),
-every address of the overlay interface, and its labels
+every address of the overlay interface, and in gwbridge mode every
+address of the gwbridge interface (egress policy judges the container's
+traffic to the outside world by them, since it leaves from there), both
+interfaces' MACs (which name the container in IPv6 link-local traffic on
+either bridge), and its labels
 (plan/endpoints.labels_from_cni: `args.labels`, `runtimeConfig.labels`,
 K8S_POD_NAMESPACE and `OVERLAYD_LABEL_<key>=<value>` in CNI_ARGS). The
 daemon answers once the endpoint is in force on this host. A container
@@ -409,13 +413,24 @@ class Registration:
     name: str
     labels: dict[str, str]
 
-    def request(self, inv: Invocation, addresses: list[str]) -> dict[str, Any]:
-        return {
+    def request(
+        self,
+        inv: Invocation,
+        addresses: list[str],
+        gwbridge_addresses: list[str] | None = None,
+        macs: list[str] | None = None,
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = {
             "id": inv.container_id,
             "name": self.name,
             "addresses": addresses,
             "labels": self.labels,
         }
+        if gwbridge_addresses:
+            found["gwbridge_addresses"] = gwbridge_addresses
+        if macs:
+            found["macs"] = macs
+        return found
 
 
 def _register_setting(conf: dict[str, Any]) -> bool:
@@ -453,16 +468,20 @@ def registration(conf: dict[str, Any], inv: Invocation) -> Registration | None:
     return Registration(socket, container_name(inv), labels)
 
 
+def _inside(result: dict[str, Any], ifname: str) -> dict[int, dict[str, Any]]:
+    """The merged result's interfaces named `ifname` inside the container, by index."""
+    return {
+        index: iface
+        for index, iface in enumerate(result.get("interfaces", []))
+        if isinstance(iface, dict) and iface.get("name") == ifname and iface.get("sandbox")
+    }
+
+
 def container_addresses(result: dict[str, Any], ifname: str) -> list[str]:
     """Every address (no prefix length) of interface `ifname` inside the
     container, in a merged result: the overlay interface's, of both
     families; eth1's in gwbridge mode are the gwbridge's, not the overlay's."""
-    interfaces = result.get("interfaces", [])
-    inside = {
-        index
-        for index, iface in enumerate(interfaces)
-        if iface.get("name") == ifname and iface.get("sandbox")
-    }
+    inside = _inside(result, ifname)
     return [
         str(ip_interface(ip["address"]).ip)
         for ip in result.get("ips", [])
@@ -470,16 +489,34 @@ def container_addresses(result: dict[str, Any], ifname: str) -> list[str]:
     ]
 
 
+def container_mac(result: dict[str, Any], ifname: str) -> str | None:
+    """The MAC of interface `ifname` inside the container, if the result says."""
+    for iface in _inside(result, ifname).values():
+        mac = iface.get("mac")
+        if isinstance(mac, str) and mac:
+            return mac
+    return None
+
+
 def _ask(socket: Path, command: str, args: dict[str, Any]) -> Any:
     return asyncio.run(ask(socket, command, args))
 
 
-def register(registered: Registration, inv: Invocation, result: dict[str, Any]) -> None:
-    """Register the attached container; CniError when the daemon cannot
+def register(
+    registered: Registration,
+    inv: Invocation,
+    result: dict[str, Any],
+    egress_if: str | None = None,
+) -> None:
+    """Register the attached container (with the addresses of `egress_if`,
+    its gwbridge interface, if it has one); CniError when the daemon cannot
     be reached or refuses."""
     addresses = container_addresses(result, inv.ifname)
+    gwbridge = container_addresses(result, egress_if) if egress_if is not None else []
+    macs = [container_mac(result, name) for name in (inv.ifname, egress_if) if name is not None]
+    request = registered.request(inv, addresses, gwbridge, [m for m in macs if m is not None])
     try:
-        _ask(registered.socket, "endpoint_add", registered.request(inv, addresses))
+        _ask(registered.socket, "endpoint_add", request)
     except DaemonRefused as exc:
         raise CniError(
             ERR_PLUGIN,
@@ -525,8 +562,10 @@ def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
             results.append(result or {})
         merged = merge_results(conf.get("cniVersion", "1.0.0"), results, dns)
         if registered is not None:
+            # The second delegate, if any, is the gwbridge interface's.
+            egress_if = done[1][0] if len(done) > 1 else None
             try:
-                register(registered, inv, merged)
+                register(registered, inv, merged, egress_if)
             except CniError:
                 # A registration that timed out waiting for its pass may be
                 # in etcd already: it goes too.

@@ -19,7 +19,7 @@ from overlayd.dataplane.command import run
 from overlayd.dataplane.netlink import Netlink
 from overlayd.dataplane.nft import Nft, NftError, NftVxlanFilter
 from overlayd.errors import ConfigError, LeaseError
-from overlayd.model import IPV4, IPV6, Lease
+from overlayd.model import IPV4, IPV6, IPNetwork, Lease
 from overlayd.plan.cluster import family_plan
 from overlayd.plan.desired import device_spec
 from overlayd.plan.diagnose import (
@@ -40,7 +40,12 @@ from overlayd.plan.vxlan_filter import filter_spec
 from overlayd.store.access import certificate_facts
 from overlayd.store.etcd import EtcdStore, StoreUnavailable
 from overlayd.surfaces.control import DaemonUnreachable, ask
-from overlayd.surfaces.subnetfile import read_subnet, read_subnet6, read_variables
+from overlayd.surfaces.subnetfile import (
+    read_gwbridge_subnets,
+    read_subnet,
+    read_subnet6,
+    read_variables,
+)
 
 
 def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig:
@@ -157,7 +162,9 @@ async def gather(s: AgentConfig) -> HostFacts:
     for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{spec.bridge}.forwarding"):
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
-    facts.policy = await _policy_facts(s.overlayd_prefix, ours, own, selection.peers)
+    facts.policy = await _policy_facts(
+        s.overlayd_prefix, ours, own, selection.peers, read_gwbridge_subnets(s.subnet_file)
+    )
     facts.vxlan_filter = s.vxlan_filter
     if s.vxlan_filter:
         for family, planned in ((IPV4, plan), (IPV6, plan6)):
@@ -177,7 +184,11 @@ async def gather(s: AgentConfig) -> HostFacts:
 
 
 async def _policy_facts(
-    own_prefix: str, ours: Mapping[str, bytes], own: Lease, peers: Sequence[Lease]
+    own_prefix: str,
+    ours: Mapping[str, bytes],
+    own: Lease,
+    peers: Sequence[Lease],
+    gwbridge: tuple[IPNetwork, ...] = (),
 ) -> PolicyFacts:
     look = PolicyFacts()
     try:
@@ -187,6 +198,7 @@ async def _policy_facts(
             own_prefix,
             own,
             peers,
+            gwbridge=gwbridge,
         )
     except ValueError as exc:
         look.error = f"the policies cannot be enforced: {exc}"

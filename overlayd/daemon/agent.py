@@ -337,6 +337,7 @@ class Agent:
             own=lambda: host.own,
             lease_id=lambda: keeper.held.lease_id,
             enforcer=reconciler,
+            egress=lambda: host.egress,
         )
         self.mirror.subscribe(
             endpoints_prefix(s.overlayd_prefix) + host_id(held.lease.subnet) + "/",

@@ -14,6 +14,11 @@ the file's, and the file follows them.
 A registration returns only once a pass has put the new endpoint in force
 on this host (policy sets included): a container never runs unprotected by
 a policy that selects it.
+
+A request may also name the container's gwbridge addresses
+(`gwbridge_addresses`, in gwbridge egress mode) and its overlay
+and gwbridge interfaces' MACs (`macs`); they are checked against this host's gwbridge
+subnets, as the policy manager reads them (plan/policy_inputs.own_host_subnets).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Protocol
 
 from overlayd.errors import EndpointError, OverlaydError
 from overlayd.model import Lease
+from overlayd.plan.egress import EgressSpec
 from overlayd.plan.endpoints import (
     MAX_ENDPOINT_BYTES,
     check_labels,
@@ -39,7 +45,8 @@ from overlayd.plan.endpoints import (
     parse_endpoint_key,
     render_endpoint,
 )
-from overlayd.plan.policy_model import Endpoint, HostSubnets
+from overlayd.plan.policy_inputs import gwbridge_subnets, own_host_subnets
+from overlayd.plan.policy_model import Endpoint
 from overlayd.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ class EndpointRegistry:
         lease_id: Callable[[], int],
         enforcer: Enforcer,
         hostname: str = "",
+        egress: Callable[[], EgressSpec | None] = lambda: None,
     ) -> None:
         self._store = store
         self._own_prefix = own_prefix
@@ -71,6 +79,7 @@ class EndpointRegistry:
         self._lease_id = lease_id
         self._enforcer = enforcer
         self._hostname = hostname or os.uname().nodename
+        self._egress = egress
 
     # --- requests (control socket, Docker plugin) -----------------------------
 
@@ -189,8 +198,13 @@ class EndpointRegistry:
             "labels": labels,
             "registered": registered,
         }
+        # Absent stays absent (an older overlay-cni, the Docker plugin's
+        # docker_gwbridge); present is checked by parse_endpoint.
+        for optional in ("gwbridge_addresses", "macs"):
+            if request.get(optional) is not None:
+                draft[optional] = request[optional]
         key = endpoint_key(self._own_prefix, host, endpoint_id)
-        subnets = {host: HostSubnets(own.subnet, own.ipv6_subnet)}
+        subnets = {host: own_host_subnets(own, gwbridge_subnets(self._egress()))}
         return parse_endpoint(key, json.dumps(draft).encode(), self._own_prefix, subnets)
 
     def _file(self, endpoint_id: str) -> Path:

@@ -75,6 +75,7 @@ that belong to no recorded endpoint are deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -253,6 +254,13 @@ class Endpoint:
             labels={str(k): str(v) for k, v in (raw.get("labels") or {}).items()},
         )
 
+    def link_mac(self, endpoint_id: str) -> str:
+        """The container interface's MAC: Docker's, or when Docker gave none
+        one of our own, so that the registration can name it (policy
+        judges IPv6 link-local traffic on the bridge by it) instead of the
+        kernel picking one at random."""
+        return self.mac or endpoint_mac(endpoint_id)
+
     def registration(self, endpoint_id: str) -> dict[str, Any]:
         """What the endpoint registry is asked to register at Join."""
         return {
@@ -260,7 +268,15 @@ class Endpoint:
             "name": self.name or endpoint_id[:12],
             "addresses": [str(address.ip) for address in self.addresses()],
             "labels": dict(self.labels),
+            "macs": [self.link_mac(endpoint_id)],
         }
+
+
+def endpoint_mac(endpoint_id: str) -> str:
+    """A locally administered unicast MAC that depends only on the ID."""
+    digest = bytearray(hashlib.sha256(f"docker-endpoint|{endpoint_id}".encode()).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in digest)
 
 
 @dataclass(slots=True)

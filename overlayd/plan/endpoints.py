@@ -10,7 +10,12 @@ each other one is not used, so that a bad registration costs its own
 endpoint and nothing else.
 
 A value is JSON: {"name", "host", "hostname", "addresses", "labels",
-"registered"}. Fields this version does not know are ignored (values are
+"registered"}, and optionally "gwbridge_addresses" (the addresses of the
+container's gwbridge interface, in gwbridge egress mode) and "macs" (the
+link-layer addresses of its interfaces). Those two are used by the
+endpoint's own host alone (HostSubnets.own): they are checked for form on
+every host, so that a registration reads the same everywhere, and dropped
+on the others. Fields this version does not know are ignored (values are
 written by programs, possibly a newer overlayd, not typed by people);
 policies, which people type, refuse them instead (plan/policy.py).
 
@@ -33,7 +38,7 @@ from overlayd.errors import EndpointError
 from overlayd.model import IPAddress
 from overlayd.plan.ipam import gateway_address
 from overlayd.plan.policy import label_key_problem, label_value_problem, show
-from overlayd.plan.policy_model import Endpoint, HostSubnets
+from overlayd.plan.policy_model import Endpoint, HostSubnets, MacAddress
 
 # A registration is a few hundred bytes; anything far larger is not one.
 MAX_ENDPOINT_BYTES = 8192
@@ -124,6 +129,13 @@ def render_endpoint(endpoint: Endpoint) -> bytes:
             "addresses": [str(address) for address in endpoint.addresses],
             "labels": dict(endpoint.labels),
             "registered": endpoint.registered,
+            # Only when known: a registration without them reads as before.
+            **(
+                {"gwbridge_addresses": [str(a) for a in endpoint.gwbridge_addresses]}
+                if endpoint.gwbridge_addresses
+                else {}
+            ),
+            **({"macs": [str(m) for m in endpoint.macs]} if endpoint.macs else {}),
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -193,6 +205,70 @@ def _addresses(raw: object, host: str, subnets: HostSubnets) -> tuple[IPAddress,
     return tuple(sorted(found, key=lambda a: a.version))
 
 
+def _gwbridge_addresses(raw: object, subnets: HostSubnets) -> tuple[IPAddress, ...]:
+    """The gwbridge addresses this host uses: on the endpoint's own host,
+    those inside its gwbridge's subnets; elsewhere none. An address outside
+    them is left out, not refused: it is what a container kept after the
+    gwbridge's subnet or the egress mode changed, which it can send nothing
+    from (there is no route back to it), while refusing the registration
+    would take the endpoint out of every policy."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > 2:
+        raise EndpointError(f"gwbridge_addresses: {show(raw)} is not a list of up to two addresses")
+    found: list[IPAddress] = []
+    for index, item in enumerate(raw):
+        where = f"gwbridge_addresses[{index}]"
+        try:
+            address = ip_address(item) if isinstance(item, str) else None
+        except ValueError:
+            address = None
+        if address is None:
+            raise EndpointError(f"{where}: {show(item)} is not an IP address")
+        if any(a.version == address.version for a in found):
+            raise EndpointError(f"gwbridge_addresses: two IPv{address.version} addresses")
+        found.append(address)
+        network = subnets.gwbridge_network(address) if subnets.own else None
+        if network is not None and address in (
+            network.network_address,
+            gateway_address(network),
+            network.broadcast_address if address.version == 4 else None,
+        ):
+            # The gwbridge's own address: the host's traffic is never an endpoint's.
+            raise EndpointError(
+                f"{where}: {address} is the network, gateway or broadcast address of {network}"
+            )
+    return tuple(
+        sorted(
+            (a for a in found if subnets.own and subnets.gwbridge_network(a) is not None),
+            key=lambda a: a.version,
+        )
+    )
+
+
+def _macs(raw: object, subnets: HostSubnets) -> tuple[MacAddress, ...]:
+    """The interfaces' MACs (overlay and gwbridge), on the endpoint's own host."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > 2:
+        raise EndpointError(f"macs: {show(raw)} is not a list of up to two MAC addresses")
+    found: list[MacAddress] = []
+    for index, item in enumerate(raw):
+        where = f"macs[{index}]"
+        if not isinstance(item, str):
+            raise EndpointError(f"{where}: {show(item)} is not a string")
+        try:
+            mac = MacAddress.parse(item)
+        except ValueError as exc:
+            raise EndpointError(f"{where}: {exc}") from None
+        if not mac.unicast:
+            raise EndpointError(f"{where}: {mac} is not a unicast address")
+        if mac in found:
+            raise EndpointError(f"{where}: {mac} is given twice")
+        found.append(mac)
+    return tuple(found) if subnets.own else ()
+
+
 def parse_endpoint(
     key: str, value: bytes, own_prefix: str, hosts: Mapping[str, HostSubnets]
 ) -> Endpoint:
@@ -230,6 +306,8 @@ def parse_endpoint(
         labels=check_labels(raw.get("labels", {}), "labels"),
         registered=float(registered),
         hostname=_text(raw, "hostname", required=False),
+        gwbridge_addresses=_gwbridge_addresses(raw.get("gwbridge_addresses"), subnets),
+        macs=_macs(raw.get("macs"), subnets),
     )
 
 
@@ -316,10 +394,12 @@ def select_endpoints(
     if cache is not None and len(cache) > len(raw):
         for gone in set(cache) - set(raw):
             del cache[gone]
-    claims: dict[IPAddress, list[str]] = {}
+    # Gwbridge and link-layer addresses too: only this host's endpoints
+    # have them (every host's gwbridge has the same subnet).
+    claims: dict[IPAddress | MacAddress, list[str]] = {}
     for item in parsed:
         assert item.endpoint is not None
-        for address in item.endpoint.addresses:
+        for address in _claimed(item.endpoint):
             claims.setdefault(address, []).append(item.endpoint.key)
     endpoints: list[Endpoint] = []
     for item in parsed:
@@ -328,7 +408,7 @@ def select_endpoints(
         conflicts = [
             f"address {address} is also claimed by "
             + ", ".join(other for other in claims[address] if other != endpoint.key)
-            for address in endpoint.addresses
+            for address in _claimed(endpoint)
             if len(claims[address]) > 1
         ]
         if conflicts:
@@ -336,6 +416,10 @@ def select_endpoints(
         else:
             endpoints.append(endpoint)
     return EndpointSelection(tuple(endpoints), rejected)
+
+
+def _claimed(endpoint: Endpoint) -> tuple[IPAddress | MacAddress, ...]:
+    return (*endpoint.addresses, *endpoint.gwbridge_addresses, *endpoint.macs)
 
 
 # --- labels from people and engines ---------------------------------------------------

@@ -21,11 +21,14 @@ Keys under overlayd's own prefix (`/overlayd` by default, never flannel's):
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from overlayd.model import IPAddress, IPNetwork
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 class Operator(enum.Enum):
@@ -156,6 +159,34 @@ class Policy:
         return self.ingress if direction is Direction.INGRESS else self.egress
 
 
+@dataclass(frozen=True, order=True, slots=True)
+class MacAddress:
+    """An Ethernet address, written as nft and iproute2 write it (six
+    lowercase hex pairs joined by colons). An int underneath, like the
+    ipaddress types, so that set elements of every type sort alike."""
+
+    value: int
+
+    @classmethod
+    def parse(cls, text: str) -> MacAddress:
+        """ValueError unless `text` is six hex pairs joined by colons."""
+        lowered = text.lower()
+        if not _MAC.fullmatch(lowered):
+            raise ValueError(f"{text!r} is not a MAC address like 0a:58:0a:f4:01:02")
+        return cls(int(lowered.replace(":", ""), 16))
+
+    @property
+    def unicast(self) -> bool:
+        """The group bit (the first octet's lowest) clear, and not all zeros."""
+        return self.value != 0 and not (self.value >> 40) & 1
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __str__(self) -> str:
+        return ":".join(f"{(self.value >> shift) & 0xFF:02x}" for shift in range(40, -8, -8))
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A container the cluster knows: registered by the host that runs it
@@ -170,15 +201,34 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     registered: float = 0.0  # unix time
     hostname: str = ""  # the host's name, informational
+    # What only the endpoint's own host uses (a registration read by any
+    # other host has them empty, see HostSubnets.own): the addresses of its
+    # gwbridge interface (eth1 in gwbridge egress mode), from which its
+    # traffic to the outside world leaves, and the link-layer addresses of
+    # its interfaces (overlay and gwbridge), which name it in IPv6
+    # link-local traffic on a bridge. They mean something on that one host
+    # alone: every host's gwbridge has the same subnet, and link-local
+    # traffic never leaves a bridge.
+    gwbridge_addresses: tuple[IPAddress, ...] = ()
+    macs: tuple[MacAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HostSubnets:
-    """What an endpoint's addresses must lie in: its host's leased subnets."""
+    """What an endpoint's addresses must lie in: its host's leased subnets.
+    `own`: the host reading is this one, so its endpoints' gwbridge
+    addresses (which must lie in `gwbridge`, its gwbridge's subnets) and
+    link-layer addresses are used; other hosts' are ignored."""
 
     subnet: IPv4Network
     subnet6: IPv6Network | None = None
+    own: bool = False
+    gwbridge: tuple[IPNetwork, ...] = ()
 
     def holds(self, address: IPAddress) -> bool:
         network: IPNetwork | None = self.subnet if address.version == 4 else self.subnet6
         return network is not None and address in network
+
+    def gwbridge_network(self, address: IPAddress) -> IPNetwork | None:
+        """The gwbridge subnet that holds `address`, if any."""
+        return next((n for n in self.gwbridge if address in n), None)

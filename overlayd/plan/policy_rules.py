@@ -26,8 +26,11 @@ only while some policy isolates its direction. Each:
     ct state established,related accept      replies always pass (and
                                               ICMP errors about allowed flows)
     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
-    ip saddr != <our subnet> accept           only our own endpoints are judged
-    ip6 saddr != <our subnet6> accept         (`meta nfproto ipv6 accept` on a
+    ip6 saddr fe80::/10 jump egress_link_local   see "Link-local" below
+    ip saddr != { <our subnet>, <gwbridge subnet> } accept
+    ip6 saddr != { <our subnet6>, <gwbridge subnet6> } accept
+                                              only our own endpoints are judged
+                                              (`meta nfproto ipv6 accept` on a
                                               host without IPv6)
     jump egress_policies                      per policy P isolating egress:
                                               ip saddr @<P's selector> jump <P's chain>
@@ -39,6 +42,62 @@ family) of its rules, ending in `counter name "<P>_egress_allow" accept`;
 a packet no rule accepts returns, tries the next policy, and meets the
 deny chain, where the first policy that selects its endpoint counts and
 drops it. An endpoint selected by no policy falls through and passes.
+
+Gwbridge egress mode. A container's traffic to the outside world leaves
+by its second interface, on the gwbridge, with that interface's address as
+its source (masqueraded only after this hook, in postrouting). So the
+container's gwbridge addresses are part of its endpoint here: overlay-cni
+registers them, this host puts them in the sets beside the overlay
+addresses, and the gwbridge's subnets count as local subnets above. Egress
+policy then judges the way out like the overlay (an ipBlock of the outside
+world allows or refuses it), and ingress policy judges a published port
+DNATed to the gwbridge address as one DNATed to the overlay address. Why
+addresses rather than the container's gwbridge port: the inet forward hook
+sees the bridge, not its port, for a packet routed off a bridge, while the
+source address is there for every packet; and an address in the same sets
+costs nothing new: an endpoint's addresses of one family are one set
+element statement whatever their number, so a container starting still
+writes a constant number of statements. Only this host knows and uses
+them: every host's gwbridge has the same subnet (172.18.0.0/16 by
+default), so another host's gwbridge addresses would name containers of
+its own (plan/endpoints.py drops them when reading). Nothing else changes:
+the gwbridge's isolation and its masquerade are the egress table's, and
+traffic between containers still goes by their overlay addresses, never
+NATed.
+
+Link-local. Containers of one host share the bridge (and in gwbridge
+mode the gwbridge), and every IPv6 interface has an fe80:: address, which
+no registration names and no subnet holds: without more, an isolated
+endpoint would answer anyone on the bridge who knows its link-local
+address. The address is not what
+identifies a container in such traffic (it is made by the container's
+kernel, and may be anything): its link-layer address is, the source
+address of the frame it sends and the destination of the frames it
+receives. So an endpoint registers its interfaces' MACs (overlay and
+gwbridge), a third set per policy selector holds the MACs of this host's
+endpoints it
+selects (`type ether_addr`), and a packet whose local side is link-local
+goes to its direction's link-local chain instead of the subnet checks:
+
+    icmpv6 type { RS, RA, MLD messages } accept   the link's own control
+                                                 messages (NS and NA pass
+                                                 in the base chain)
+    ether saddr @<P's selector, MACs> jump <P's chain>   per policy P
+    ether saddr @<P's selector, MACs> counter drop        per policy P
+
+(ingress: ether daddr). So a link-local packet meets the same policy
+chains as any other: a peer given by a selector never matches it (a
+peer's link-local address is in no set), an ipBlock matches it when it
+holds fe80::/10, and a rule for any peer allows it. An endpoint that is
+not isolated, or not registered, is not in the MAC sets and passes, as
+for its other addresses. Ingress first drops a unicast link-local
+destination in a multicast or broadcast frame: no stack sends one, and it
+would reach an isolated endpoint without naming its MAC. This holds on a
+host without IPv6 in the cluster too: its containers have fe80::
+addresses all the same, so bridge netfilter for IPv6 stays on as well.
+(The gwbridge MAC matters there: the egress table's isolation of the
+gwbridge is per family, and such a host has no IPv6 egress table, so
+containers reach each other's eth1 by link-local.)
 
 Decisions, and why:
 
@@ -53,11 +112,13 @@ Decisions, and why:
   not IP and never reaches these chains.
 - One set per distinct selector (LabelSelector.canonical()) and family,
   `type ipv4_addr`/`ipv6_addr`, holding the addresses of every endpoint in
-  the cluster that the selector selects: it says both which local
-  endpoints a policy applies to and which peers a `from`/`to` selector
-  allows. A container starting or stopping changes set elements only, one
-  `add element`/`delete element` statement per set it is in, never a rule:
-  the transaction's size does not depend on how many endpoints exist.
+  the cluster that the selector selects (and this host's endpoints'
+  gwbridge addresses): it says both which local endpoints a policy applies
+  to and which peers a `from`/`to` selector allows; and per policy
+  selector a set of this host's endpoints' MACs (`_mac`). A container
+  starting or stopping changes set elements only, one `add
+  element`/`delete element` statement per set it is in, never a rule: the
+  transaction's size does not depend on how many endpoints exist.
 - Names from a readable part and a hash of the real name (policy name,
   canonical selector): valid nft identifiers of bounded length whatever the
   name; the real name is in the chain's or set's comment.
@@ -75,14 +136,15 @@ What is not judged here:
 - Traffic between a container and its own host (the host's addresses, the
   bridge's gateway) does not cross the forward hook at all (input and
   output hooks), so it is always allowed, as in Kubernetes (health checks).
-- A packet from or to an address outside this host's subnets: another
-  host's endpoints are judged on their own host (ingress on the
-  destination's host, egress on the source's). In gwbridge egress mode a
-  container's traffic to the outside world leaves from its gwbridge
-  address, which is in no endpoint's registration, so egress policy does
-  not see it (nor a published port DNATed to that address).
-- IPv6 link-local traffic between containers on one bridge (not in any
-  subnet, and no endpoint registers its fe80:: address).
+- A packet from or to an address outside this host's subnets (and its
+  gwbridge's): another host's endpoints are judged on their own host
+  (ingress on the destination's host, egress on the source's).
+- Multicast and broadcast to containers (a group is no endpoint's
+  address, and a flooded frame names no endpoint's MAC); what an isolated
+  endpoint sends to a group is judged as egress like anything it sends.
+- A container that forges its source address or MAC (a raw socket) to
+  pass as another, or as no endpoint: the sets say who an address or MAC
+  belongs to, not who may use it.
 
 A port published with DNAT (portmap, Docker's -p) to a container's overlay
 address is judged by the container's ingress policies, with the outside
@@ -109,12 +171,13 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_address
 from typing import Any, Literal, NamedTuple
 
-from overlayd.model import IPAddress
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.policy_model import (
     Direction,
     Endpoint,
     IpBlock,
     LabelSelector,
+    MacAddress,
     Operator,
     Policy,
     PortRange,
@@ -126,7 +189,8 @@ from overlayd.plan.policy_model import (
 TABLE = "overlayd_policy"
 WHERE = f"inet {TABLE}"
 
-AddressType = Literal["ipv4_addr", "ipv6_addr"]
+AddressType = Literal["ipv4_addr", "ipv6_addr", "ether_addr"]
+Element = IPAddress | MacAddress  # of a set
 Verdict = Literal["allow", "deny"]
 
 # Each direction's base chain, its hook, and which address of a packet is
@@ -138,6 +202,22 @@ _HOOK = {
 _LOCAL_FIELD = {Direction.EGRESS: "saddr", Direction.INGRESS: "daddr"}
 _PEER_FIELD = {Direction.EGRESS: "daddr", Direction.INGRESS: "saddr"}
 _WORD = {Direction.EGRESS: "egress", Direction.INGRESS: "ingress"}
+LINK_LOCAL = IPv6Network("fe80::/10")
+# What a container's stack sends from (or to) a link-local address to keep
+# its link working, beside neighbour solicitations and advertisements,
+# which the base chains let through for every address: router
+# solicitations and advertisements, and multicast listener discovery
+# (RFC 4861, RFC 3810). None carries data. nft lists them in type order.
+_LINK_CONTROL = (
+    "icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done,"
+    " nd-router-solicit, nd-router-advert, mld2-listener-report } accept"
+)
+# A unicast link-local destination in a frame to a group (the group bit of
+# the destination MAC): no stack sends one, and it would reach an isolated
+# endpoint without naming its MAC.
+_GROUP_FRAME = "ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 drop"
+# set_name's versions: 4, 6, and 0 for MACs.
+_SET_TYPE: Mapping[int, AddressType] = {4: "ipv4_addr", 6: "ipv6_addr", 0: "ether_addr"}
 # Base chains in the order they run; each direction's are rendered in this order too.
 DIRECTIONS = (Direction.EGRESS, Direction.INGRESS)
 
@@ -156,14 +236,22 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9]+")
 
 @dataclass(frozen=True, slots=True)
 class LocalSubnets:
-    """This host's subnets: the endpoints whose packets it judges."""
+    """This host's subnets: the endpoints whose packets it judges. In
+    gwbridge egress mode also the gwbridge's subnets (`gwbridge`, one per
+    family), where its endpoints' second interfaces have their addresses."""
 
     subnet: IPv4Network
     subnet6: IPv6Network | None = None
+    gwbridge: tuple[IPNetwork, ...] = ()
+
+    def networks(self, version: int) -> tuple[IPNetwork, ...]:
+        """The local networks of one family, in address order."""
+        found = [n for n in (self.subnet, self.subnet6, *self.gwbridge) if n is not None]
+        return tuple(sorted((n for n in found if n.version == version), key=lambda n: int(n[0])))
 
     @property
     def versions(self) -> tuple[int, ...]:
-        return (4, 6) if self.subnet6 is not None else (4,)
+        return tuple(v for v in (4, 6) if self.networks(v))
 
 
 class NftSet(NamedTuple):
@@ -171,13 +259,18 @@ class NftSet(NamedTuple):
     the selector itself (for with_endpoints; not written to nft)."""
 
     type: AddressType
-    elements: frozenset[IPAddress]
+    elements: frozenset[Element]
     comment: str
     selector: LabelSelector = LabelSelector()
 
-    @property
-    def version(self) -> int:
-        return 4 if self.type == "ipv4_addr" else 6
+    def members(self, endpoint: Endpoint) -> tuple[Element, ...]:
+        """What `endpoint` puts in this set when the selector selects it."""
+        if self.type == "ether_addr":
+            return endpoint.macs
+        version = 4 if self.type == "ipv4_addr" else 6
+        return tuple(
+            a for a in (*endpoint.addresses, *endpoint.gwbridge_addresses) if a.version == version
+        )
 
 
 class Chain(NamedTuple):
@@ -232,8 +325,11 @@ def policy_key(name: str) -> str:
 
 
 def set_name(selector: LabelSelector, version: int) -> str:
+    """The set of the selector's addresses of one family (version 4 or 6),
+    or with version 0 of its MACs."""
     canonical = selector.canonical()
-    return f"s_{_readable(canonical, 'all')}_{_digest(canonical)}_v{version}"
+    kind = f"v{version}" if version else "mac"
+    return f"s_{_readable(canonical, 'all')}_{_digest(canonical)}_{kind}"
 
 
 def chain_name(policy: str, direction: Direction) -> str:
@@ -257,6 +353,17 @@ def _dispatch(direction: Direction) -> str:
 
 def _deny(direction: Direction) -> str:
     return f"{_WORD[direction]}_deny"
+
+
+def _link_local(direction: Direction) -> str:
+    return f"{_WORD[direction]}_link_local"
+
+
+def _outside(ip: str, field: str, networks: Sequence[IPNetwork]) -> str:
+    """A packet whose `field` lies in none of `networks` passes."""
+    if len(networks) == 1:
+        return f"{ip} {field} != {networks[0]} accept"
+    return f"{ip} {field} != {{ {', '.join(map(str, networks))} }} accept"
 
 
 # --- selection ---------------------------------------------------------------
@@ -396,17 +503,17 @@ class _Builder:
         self._selected: dict[str, list[Endpoint]] = {}
 
     def set_for(self, selector: LabelSelector, version: int) -> str:
+        """The set of the selector's endpoints' addresses of `version`, or
+        with version 0 of their MACs, made on first use."""
         name = set_name(selector, version)
         if name not in self.sets:
             canonical = selector.canonical()
             if canonical not in self._selected:
                 self._selected[canonical] = self.index.select(selector)
-            elements = frozenset(
-                a for e in self._selected[canonical] for a in e.addresses if a.version == version
-            )
-            kind: AddressType = "ipv4_addr" if version == 4 else "ipv6_addr"
-            comment = _comment(f"selector {canonical}")
-            self.sets[name] = NftSet(kind, elements, comment, selector)
+            kind = _SET_TYPE[version]
+            empty = NftSet(kind, frozenset(), _comment(f"selector {canonical}"), selector)
+            elements = frozenset(a for e in self._selected[canonical] for a in empty.members(e))
+            self.sets[name] = empty._replace(elements=elements)
         return name
 
     def peer_matches(self, rule: Rule, direction: Direction) -> list[str]:
@@ -437,14 +544,15 @@ class _Builder:
 
     def base_chain(self, direction: Direction, dispatch: bool) -> tuple[str, ...]:
         local = _LOCAL_FIELD[direction]
-        rules = ["ct state established,related accept"]
-        if self.local.subnet6 is None:
+        rules = [
+            "ct state established,related accept",
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+            f"ip6 {local} {LINK_LOCAL} jump {_link_local(direction)}",
+        ]
+        if 6 not in self.local.versions:
             rules.append("meta nfproto ipv6 accept")
-        else:
-            rules.append("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept")
-        rules.append(f"ip {local} != {self.local.subnet} accept")
-        if self.local.subnet6 is not None:
-            rules.append(f"ip6 {local} != {self.local.subnet6} accept")
+        for version in self.local.versions:
+            rules.append(_outside(_ip(version), local, self.local.networks(version)))
         if dispatch:
             rules.append(f"jump {_dispatch(direction)}")
         rules.append(f"jump {_deny(direction)}")
@@ -472,6 +580,9 @@ def policy_ruleset(
     counters: dict[str, CounterOwner] = {}
     dispatch: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
     deny: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
+    # The link-local chains' dispatch and deny rules, by MAC.
+    link_dispatch: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
+    link_deny: dict[Direction, list[str]] = {d: [] for d in DIRECTIONS}
     for policy in ordered:
         for direction in DIRECTIONS:
             if direction not in policy.types:
@@ -481,6 +592,7 @@ def policy_ruleset(
                 f"{_ip(v)} {local_field} @{build.set_for(policy.selector, v)}"
                 for v in local.versions
             ]
+            by_mac = f"ether {local_field} @{build.set_for(policy.selector, 0)}"
             rules = build.policy_chain(policy, direction)
             if rules:
                 chain = chain_name(policy.name, direction)
@@ -490,15 +602,20 @@ def policy_ruleset(
                     policy.name, direction, "allow"
                 )
                 dispatch[direction] += [f"{match} jump {chain}" for match in selected]
+                link_dispatch[direction].append(f"{by_mac} jump {chain}")
             drop = counter_name(policy.name, direction, "deny")
             counters[drop] = CounterOwner(policy.name, direction, "deny")
             deny[direction] += [f'{match} counter name "{drop}" drop' for match in selected]
+            link_deny[direction].append(f'{by_mac} counter name "{drop}" drop')
     chains = dict(sorted(policy_chains.items()))
     for direction in DIRECTIONS:
         if dispatch[direction]:
             chains[_dispatch(direction)] = Chain(tuple(dispatch[direction]))
         if deny[direction]:
             chains[_deny(direction)] = Chain(tuple(deny[direction]))
+            first = [_GROUP_FRAME] if direction is Direction.INGRESS else []
+            link = [*first, _LINK_CONTROL, *link_dispatch[direction], *link_deny[direction]]
+            chains[_link_local(direction)] = Chain(tuple(link))
     for direction in DIRECTIONS:
         if deny[direction]:  # some policy isolates this direction
             rules = build.base_chain(direction, bool(dispatch[direction]))
@@ -506,15 +623,9 @@ def policy_ruleset(
     return PolicyRuleset(dict(sorted(build.sets.items())), chains, dict(sorted(counters.items())))
 
 
-def _held(s: NftSet, endpoints: Iterable[Endpoint]) -> set[IPAddress]:
-    """The addresses of `endpoints` that belong in `s`."""
-    return {
-        a
-        for e in endpoints
-        if s.selector.matches(e.labels)
-        for a in e.addresses
-        if a.version == s.version
-    }
+def _held(s: NftSet, endpoints: Iterable[Endpoint]) -> set[Element]:
+    """The addresses (or MACs) of `endpoints` that belong in `s`."""
+    return {a for e in endpoints if s.selector.matches(e.labels) for a in s.members(e)}
 
 
 def with_endpoints(
@@ -543,7 +654,7 @@ def policy_counter_names(ruleset: PolicyRuleset) -> Mapping[str, CounterOwner]:
 # --- text --------------------------------------------------------------------
 
 
-def _elements(addresses: Iterable[IPAddress]) -> str:
+def _elements(addresses: Iterable[Element]) -> str:
     return ", ".join(str(a) for a in sorted(addresses, key=int))
 
 
@@ -676,19 +787,20 @@ def terse_listing(listing: str) -> str:
     )
 
 
-def listed_elements(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozenset[IPAddress]]:
+def listed_elements(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozenset[Element]]:
     """Set name -> elements, from `nft -j list table inet overlayd_policy`
     (or `list set`): for a check pass to compare with the ruleset's sets."""
-    found: dict[str, frozenset[IPAddress]] = {}
+    found: dict[str, frozenset[Element]] = {}
     for item in _items(listing):
         s = item.get("set")
         if not isinstance(s, Mapping) or s.get("table") != TABLE or s.get("family") != "inet":
             continue
-        values = []
+        values: list[Element] = []
+        mac = s.get("type") == "ether_addr"
         for elem in s.get("elem", []):
             # A plain value, or {"elem": {"val": ..., ...}} when it has options.
             value = elem.get("elem", {}).get("val") if isinstance(elem, Mapping) else elem
-            values.append(ip_address(value))
+            values.append(MacAddress.parse(value) if mac else ip_address(value))
         found[str(s["name"])] = frozenset(values)
     return found
 
@@ -705,7 +817,7 @@ def listed_counters(listing: str | bytes | Mapping[str, Any]) -> dict[str, int]:
 
 
 def element_repairs(
-    ruleset: PolicyRuleset, listed: Mapping[str, frozenset[IPAddress]]
+    ruleset: PolicyRuleset, listed: Mapping[str, frozenset[Element]]
 ) -> list[str] | None:
     """The statements that put the listed sets' elements back to the
     ruleset's ([] when they match); None when a set is missing, so that

@@ -544,7 +544,7 @@ class DockerPlugin:
                     raise PluginError(409, f"{host} is in use by a container: Leave first")
                 await self.veths.delete(host)  # a pair made but never handed over
             await self.veths.add_pair(
-                host, peer, bridge=view.bridge, mtu=view.mtu, mac=endpoint.mac
+                host, peer, bridge=view.bridge, mtu=view.mtu, mac=endpoint.link_mac(req.endpoint_id)
             )
             try:
                 await self._register(req.endpoint_id, endpoint)

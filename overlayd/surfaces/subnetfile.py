@@ -104,6 +104,26 @@ def read_subnet6(path: Path) -> IPv6Network | None:
         return None
 
 
+def read_gwbridge_subnets(path: Path) -> tuple[IPv4Network | IPv6Network, ...]:
+    """The gwbridge's subnets in gwbridge egress mode, as a previous run
+    wrote them (for tools that judge as the daemon does); () otherwise."""
+    found = read_variables(path)
+    if found.get("OVERLAYD_EGRESS") != "gwbridge":
+        return ()
+    subnets: list[IPv4Network | IPv6Network] = []
+    for name, kind in (
+        ("OVERLAYD_GWBRIDGE_SUBNET", IPv4Interface),
+        ("OVERLAYD_GWBRIDGE_SUBNET6", IPv6Interface),
+    ):
+        value = found.get(name)
+        try:
+            if value:
+                subnets.append(kind(value).network)
+        except ValueError:
+            continue
+    return tuple(subnets)
+
+
 def write_atomically(path: Path, content: str) -> None:
     """Readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from overlayd.lab.topology import (
     OUTSIDE_SERVER6,
 )
 from overlayd.model import IPAddress
-from overlayd.plan.policy_model import LabelSelector
+from overlayd.plan.policy_model import LabelSelector, MacAddress
 from overlayd.plan.policy_rules import TABLE, listed_elements, set_name
 from tests.lab.probes import SLEEP
 
@@ -245,11 +245,17 @@ def k8s(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def policy_sets(lab: Lab, host: int) -> dict[str, frozenset[IPAddress]]:
-    """Set name -> elements in the host's `inet overlayd_policy` table
-    ({} when there is no table)."""
+    """Set name -> addresses in the host's `inet overlayd_policy` table
+    ({} when there is no table); the MAC sets (link-local) are left out."""
     listing = netns.in_ns(lab.host_ns(host), "nft", "-j", "list", "table", "inet", TABLE,
                           check=False)  # fmt: skip
-    return listed_elements(listing) if listing.strip() else {}
+    if not listing.strip():
+        return {}
+    return {
+        name: frozenset(e for e in elements if isinstance(e, IPv4Address | IPv6Address))
+        for name, elements in listed_elements(listing).items()
+        if not any(isinstance(e, MacAddress) for e in elements)
+    }
 
 
 def selector_sets(labels: Mapping[str, str]) -> dict[int, str]:

@@ -9,10 +9,10 @@ only, and default allow for what no policy selects. Every case has
 connections that must pass beside the ones that must not, and
 `overlayctl policy check` is asked the same questions.
 
-One lab for the module (masquerade egress: a container's traffic to the
-outside leaves by the overlay bridge, through the forward hook, where
-egress policy sees it; in gwbridge mode it leaves by eth1, which no
-policy judges), torn down whatever happens.
+One lab for the module, in masquerade egress mode (a container's traffic
+to the outside leaves by the overlay bridge), torn down whatever happens;
+tests/lab/test_policy_gwbridge.py checks egress in gwbridge mode, where
+it leaves by eth1, with these helpers.
 
     h1: web1 app=web   db1 app=db   free1 (no labels)
     h2: web2 app=web   db2 app=db   job2 (no labels; labelled by

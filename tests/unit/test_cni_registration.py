@@ -94,10 +94,11 @@ class Delegates:
         addresses = (
             ["10.244.7.5/24", "fd00:10:244:7:8000::5/64"] if ifname == "eth0" else ["172.18.0.9/16"]
         )
+        mac = "0a:58:0a:f4:07:05" if ifname == "eth0" else "0a:58:ac:12:00:09"
         return {
             "interfaces": [
-                {"name": f"veth-{ifname}"},
-                {"name": ifname, "sandbox": "/run/netns/c"},
+                {"name": f"veth-{ifname}", "mac": "ee:ee:ee:ee:ee:01"},
+                {"name": ifname, "mac": mac, "sandbox": "/run/netns/c"},
             ],
             "ips": [{"address": a, "interface": 1} for a in addresses],
         }
@@ -143,7 +144,10 @@ def test_add_registers_the_overlay_addresses_name_and_labels(
         "10.244.7.5/24",
         "fd00:10:244:7:8000::5/64",
     ]
-    # eth1's gwbridge address is no overlay address: not registered.
+    # eth1's gwbridge address is no overlay address: registered apart, as
+    # the gwbridge's (egress policy judges the way out by it); the MACs are
+    # eth0's and eth1's (link-local traffic on either bridge), not the host
+    # veths'.
     assert daemon.calls == [
         (
             "endpoint_add",
@@ -151,6 +155,8 @@ def test_add_registers_the_overlay_addresses_name_and_labels(
                 "id": ID,
                 "name": "web-1",
                 "addresses": ["10.244.7.5", "fd00:10:244:7:8000::5"],
+                "gwbridge_addresses": ["172.18.0.9"],
+                "macs": ["0a:58:0a:f4:07:05", "0a:58:ac:12:00:09"],
                 # CNI_ARGS win over the network config's args.
                 "labels": {
                     "team": "a",

@@ -443,6 +443,7 @@ class FakeVeths:
         self.links: set[str] = {"ovl0"}
         self.ports: set[str] = set()
         self.peers: dict[str, str] = {}
+        self.macs: dict[str, str | None] = {}  # peer -> the MAC it was made with
 
     async def exists(self, name: str) -> bool:
         return name in self.links
@@ -454,6 +455,7 @@ class FakeVeths:
         self.links |= {host, peer}
         self.ports.add(host)
         self.peers[host] = peer
+        self.macs[peer] = mac
 
     async def delete(self, host: str) -> bool:
         if host not in self.links:
@@ -1277,12 +1279,18 @@ async def test_join_registers_and_leave_unregisters(tmp_path: Any) -> None:
     assert registry.registered == {}  # CreateEndpoint alone registers nothing
     join = {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"}
     assert (await call(plugin, "NetworkDriver.Join", join))[0] == 200
+    # Docker gave no MAC: the plugin picks one (from the ID), makes the
+    # container's interface with it and registers it (link-local policy).
+    mac = plan.endpoint_mac(EP)
     assert registry.registered[EP] == {
         "id": EP,
         "name": "web-1",
         "addresses": ["10.244.3.5"],
         "labels": {"app": "web"},
+        "macs": [mac],
     }
+    assert veths.macs[plan.veth_names(EP)[1]] == mac
+    assert int(mac.split(":")[0], 16) & 3 == 2  # locally administered, unicast
     # The name and labels survive a restart of the plugin (the records).
     again = registering_plugin(tmp_path, registry, veths)
     await again.start()
@@ -1292,6 +1300,19 @@ async def test_join_registers_and_leave_unregisters(tmp_path: Any) -> None:
     assert registry.registered == {}
     assert await call(again, "NetworkDriver.DeleteEndpoint", ids) == (200, {})
     assert registry.calls[-1] == ("unregister", EP)  # twice is no error
+
+
+async def test_join_registers_the_mac_docker_gave(tmp_path: Any) -> None:
+    registry, veths = FakeRegistry(), FakeVeths()
+    plugin = registering_plugin(tmp_path, registry, veths)
+    await plugin.start()
+    assert await call(plugin, "NetworkDriver.CreateNetwork", network_request()) == (200, {})
+    request = endpoint_request(MacAddress="02:42:0A:F4:03:05")
+    assert (await call(plugin, "NetworkDriver.CreateEndpoint", request))[0] == 200
+    join = {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc"}
+    assert (await call(plugin, "NetworkDriver.Join", join))[0] == 200
+    assert registry.registered[EP]["macs"] == ["02:42:0a:f4:03:05"]
+    assert veths.macs[plan.veth_names(EP)[1]] == "02:42:0a:f4:03:05"
 
 
 async def test_a_refused_registration_fails_the_join_and_takes_the_veth_away(

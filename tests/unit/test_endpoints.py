@@ -1,6 +1,7 @@
 """Endpoint registrations are untrusted: every bad one is rejected with its
 reason, never used, and two endpoints claiming one address are both
-rejected. Labels from people and engines follow Kubernetes' syntax."""
+rejected. A registration's gwbridge addresses and MAC are used by its own
+host alone. Labels from people and engines follow Kubernetes' syntax."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from overlayd.plan.endpoints import (
     select_endpoints,
     without_label_args,
 )
-from overlayd.plan.policy_model import Endpoint, HostSubnets
+from overlayd.plan.policy_model import Endpoint, HostSubnets, MacAddress
 
 PREFIX = "/overlayd"
 HOST = "10.244.1.0-24"
@@ -226,6 +227,96 @@ def test_render_refuses_an_oversized_value() -> None:
     with pytest.raises(EndpointError, match=f"more than {MAX_ENDPOINT_BYTES}"):
         render_endpoint(big)
     assert len(render_endpoint(endpoint)) < 300
+
+
+# --- what only the endpoint's own host uses ----------------------------------------
+
+GWBRIDGE = (IPv4Network("172.18.0.0/16"), IPv6Network("fd4a:4eae:8d08::/64"))
+# HOST read by itself (its gwbridge's subnets known), OTHER by HOST.
+OWN = {
+    HOST: replace(HOSTS[HOST], own=True, gwbridge=GWBRIDGE),
+    OTHER: HOSTS[OTHER],
+}
+EXTRAS = {
+    "gwbridge_addresses": ["fd4a:4eae:8d08::5", "172.18.0.5"],
+    "macs": ["0A:58:0A:F4:01:05", "0a:58:ac:12:00:05"],
+}
+
+
+def test_the_own_host_reads_gwbridge_addresses_and_mac_and_others_drop_them() -> None:
+    mine = parse_endpoint(key(), value(**EXTRAS), PREFIX, OWN)
+    assert mine.gwbridge_addresses == (ip_address("172.18.0.5"), ip_address("fd4a:4eae:8d08::5"))
+    assert mine.macs == (MacAddress.parse("0a:58:0a:f4:01:05"), MacAddress(0x0A58AC120005))
+    assert [str(m) for m in mine.macs] == ["0a:58:0a:f4:01:05", "0a:58:ac:12:00:05"]
+    # Written back as read; a registration without them reads as before.
+    assert parse_endpoint(key(), render_endpoint(mine), PREFIX, OWN) == mine
+    plain = parse_endpoint(key(), value(), PREFIX, OWN)
+    assert b"macs" not in render_endpoint(plain) and b"gwbridge" not in render_endpoint(plain)
+    # Another host reads the same value without them: every host's gwbridge
+    # has the same subnet, and a MAC names a port of one bridge only.
+    theirs = parse_endpoint(key(), value(**EXTRAS), PREFIX, HOSTS)
+    assert theirs.gwbridge_addresses == () and theirs.macs == ()
+    assert replace(mine, gwbridge_addresses=(), macs=()) == theirs
+
+
+def test_a_gwbridge_address_outside_the_gwbridge_is_left_out_not_refused() -> None:
+    """A container that kept its address after the gwbridge's subnet (or the
+    egress mode) changed can send nothing from it; its registration keeps
+    its overlay addresses, and so its policies."""
+    stale = parse_endpoint(
+        key(), value(gwbridge_addresses=["172.19.0.5", "fd4a:4eae:8d08::5"]), PREFIX, OWN
+    )
+    assert stale.gwbridge_addresses == (ip_address("fd4a:4eae:8d08::5"),)
+    assert stale.addresses  # still an endpoint
+    masquerade = {HOST: replace(HOSTS[HOST], own=True)}  # no gwbridge at all
+    assert parse_endpoint(key(), value(**EXTRAS), PREFIX, masquerade).gwbridge_addresses == ()
+
+
+BAD_EXTRAS: list[tuple[str, dict[str, object], str]] = [
+    ("gw-type", {"gwbridge_addresses": "172.18.0.5"}, "not a list of up to two"),
+    ("gw-three", {"gwbridge_addresses": ["172.18.0.5"] * 3}, "not a list of up to two"),
+    ("gw-not-address", {"gwbridge_addresses": ["172.18.0.500"]}, "not an IP address"),
+    ("gw-number", {"gwbridge_addresses": [5]}, "gwbridge_addresses[0]: 5 is not an IP"),
+    ("gw-same-family", {"gwbridge_addresses": ["172.18.0.5", "172.18.0.6"]}, "two IPv4"),
+    ("gw-gateway", {"gwbridge_addresses": ["172.18.0.1"]}, "gateway"),
+    ("gw-v6-gateway", {"gwbridge_addresses": ["fd4a:4eae:8d08::1"]}, "gateway"),
+    ("macs-type", {"macs": "0a:58:0a:f4:01:05"}, "not a list of up to two MAC"),
+    ("macs-three", {"macs": ["0a:58:0a:f4:01:05"] * 3}, "not a list of up to two MAC"),
+    ("mac-type", {"macs": [5]}, "macs[0]: 5 is not a string"),
+    ("mac-form", {"macs": ["0a:58:0a:f4:01"]}, "not a MAC address"),
+    ("mac-group", {"macs": ["01:00:5e:00:00:01"]}, "not a unicast"),
+    ("mac-zero", {"macs": ["00:00:00:00:00:00"]}, "not a unicast"),
+    ("mac-twice", {"macs": ["0a:58:0a:f4:01:05", "0A:58:0A:F4:01:05"]}, "given twice"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"), [pytest.param(e, r, id=name) for name, e, r in BAD_EXTRAS]
+)
+def test_bad_gwbridge_addresses_and_macs_are_refused(extra: dict[str, object], reason: str) -> None:
+    with pytest.raises(EndpointError) as caught:
+        parse_endpoint(key(), value(**extra), PREFIX, OWN)
+    assert reason in str(caught.value), str(caught.value)
+    parse_endpoint(key(), value(**EXTRAS), PREFIX, OWN)  # positive control
+
+
+def test_two_endpoints_of_this_host_claiming_one_gwbridge_address_or_mac_are_rejected() -> None:
+    raw = {
+        key("a"): value(addresses=["10.244.1.5"], gwbridge_addresses=["172.18.0.5"]),
+        key("b"): value(addresses=["10.244.1.6"], gwbridge_addresses=["172.18.0.5"]),
+        key("c"): value(addresses=["10.244.1.7"], macs=["0a:58:0a:f4:01:07"]),
+        key("d"): value(addresses=["10.244.1.8"], macs=["0a:58:0a:f4:01:07"]),
+        key("e"): value(addresses=["10.244.1.9"], gwbridge_addresses=["172.18.0.9"]),
+        # Another host's gwbridge has the same subnet: its addresses are no clash.
+        key("f", OTHER): value(
+            host=OTHER, addresses=["10.244.2.5"], gwbridge_addresses=["172.18.0.9"]
+        ),
+    }
+    selection = select_endpoints(raw, PREFIX, OWN)
+    assert [e.id for e in selection.endpoints] == ["e", "f"]
+    assert "address 172.18.0.5 is also claimed by" in selection.rejected[key("a")]
+    assert "address 0a:58:0a:f4:01:07 is also claimed by" in selection.rejected[key("c")]
+    assert set(selection.rejected) == {key("a"), key("b"), key("c"), key("d")}
 
 
 # --- selection -------------------------------------------------------------------

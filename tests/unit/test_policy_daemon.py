@@ -1,6 +1,7 @@
 """The daemon's side of network policy, with a fake data plane and a fake
 etcd: which passes write what to the policy table, how bad documents are
-skipped, and how a registration waits for its pass."""
+skipped, how a registration waits for its pass, and how a host in gwbridge
+mode judges its own containers' gwbridge addresses and MACs."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from overlayd.plan.policy import parse_policy, policy_key, render_policy
 from overlayd.plan.policy_model import Endpoint
 from overlayd.plan.policy_rules import TABLE
 from tests.unit.fake_store import FakeStore
-from tests.unit.test_loop import OWN, PEER, FakeDataplane, knowledge
+from tests.unit.test_loop import GWBRIDGE, OWN, PEER, FakeDataplane, knowledge
 
 OWN_PREFIX = "/overlayd"
 DENY_WEB = parse_policy(
@@ -120,6 +121,61 @@ async def test_removing_the_last_policy_removes_the_table() -> None:
     with_policy(inputs, web)
     assert (await loop.reconcile_once(level=Level.LIGHT)).ok
     assert dataplane.policy_statements == [[f"delete table inet {TABLE}"]]
+
+
+async def test_in_gwbridge_mode_this_hosts_gwbridge_addresses_and_macs_join_the_sets(
+    tmp_path: Path,
+) -> None:
+    """The registry keeps what overlay-cni sends of eth1 and eth0's MAC; the
+    manager puts them in the sets and judges the gwbridge's subnet. A peer's
+    registration naming the same gwbridge address (every host's gwbridge has
+    the same subnet) is not used for it (the negative control)."""
+    store, dataplane = FakeStore(), FakeDataplane()
+    registry = EndpointRegistry(
+        store,
+        own_prefix=OWN_PREFIX,
+        state_dir=tmp_path,
+        own=lambda: OWN,
+        lease_id=lambda: 101,
+        enforcer=FakeEnforcer(),
+        egress=lambda: GWBRIDGE,
+    )
+    request = {
+        "id": "c1",
+        "addresses": ["10.244.1.5"],
+        "labels": {"app": "web"},
+        "gwbridge_addresses": ["172.18.0.5"],
+        "macs": ["0a:58:0a:f4:01:05"],
+    }
+    key = (await registry.register(request))["key"]
+    written = json.loads(store.values[key][0])
+    assert written["gwbridge_addresses"] == ["172.18.0.5"] and written["macs"] == [
+        "0a:58:0a:f4:01:05"
+    ]
+    remote = replace(endpoint("r1", "10.244.2.5", PEER, app="web"), registered=2.0)
+    remote_value = json.loads(render_endpoint(remote))
+    remote_value.update(gwbridge_addresses=["172.18.0.7"], macs=["0a:58:0a:f4:02:05"])
+    inputs = knowledge(PEER)
+    inputs.raw_endpoints = {
+        key: store.values[key][0],
+        remote.key: json.dumps(remote_value).encode(),
+    }
+    inputs.raw_policies = {policy_key(OWN_PREFIX, "deny-web"): render_policy(DENY_WEB).encode()}
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    made = "\n".join(dataplane.policy_statements[-1])
+    assert "{ 10.244.1.5, 10.244.2.5, 172.18.0.5 }" in made  # ours and the peer's overlay address
+    assert "172.18.0.7" not in made and "0a:58:0a:f4:02:05" not in made
+    assert "{ 0a:58:0a:f4:01:05 }" in made
+    assert "ip daddr != { 10.244.1.0/24, 172.18.0.0/16 } accept" in made
+    # Without a gwbridge (masquerade mode) the same registration's gwbridge
+    # address is left out, and so is the gwbridge's subnet.
+    masquerade = knowledge(PEER, egress=replace(GWBRIDGE, mode="masquerade"))
+    masquerade.raw_endpoints, masquerade.raw_policies = inputs.raw_endpoints, inputs.raw_policies
+    other = FakeDataplane()
+    assert (await Reconciler(masquerade, other).reconcile_once()).ok
+    plain = "\n".join(other.policy_statements[-1])
+    assert "172.18." not in plain and "{ 0a:58:0a:f4:01:05 }" in plain
 
 
 class FakeEnforcer:

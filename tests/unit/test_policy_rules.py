@@ -1,8 +1,9 @@
 """Network policy rendered as nftables objects, from data alone: the
-Kubernetes recipes as golden files (dual-stack), transactions whose size
-does not grow with the endpoints, transactions that nft accepts in order
-(checked against a small model of nft's own rules about references), odd
-names and a 10,000-port policy, and the JSON listing read back."""
+Kubernetes recipes as golden files (dual-stack, and egress in gwbridge
+mode), transactions whose size does not grow with the endpoints,
+transactions that nft accepts in order (checked against a small model of
+nft's own rules about references), IPv6 link-local traffic judged by MAC,
+odd names and a 10,000-port policy, and the JSON listing read back."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from overlayd.plan.policy_model import (
     Endpoint,
     IpBlock,
     LabelSelector,
+    MacAddress,
     Operator,
     Policy,
     PortRange,
@@ -45,6 +47,7 @@ from overlayd.plan.policy_rules import (
     CounterOwner,
     LocalSubnets,
     PolicyRuleset,
+    counter_name,
     element_repairs,
     listed_counters,
     listed_elements,
@@ -60,6 +63,8 @@ from overlayd.plan.policy_rules import (
 GOLDEN = Path(__file__).parent / "golden"
 LOCAL = LocalSubnets(IPv4Network("10.244.1.0/24"), IPv6Network("fd00:10:244:1::/64"))
 LOCAL4 = LocalSubnets(IPv4Network("10.244.1.0/24"))
+GWBRIDGE = (IPv4Network("172.18.0.0/16"), IPv6Network("fd4a:4eae:8d08::/64"))
+LOCAL_GW = LocalSubnets(LOCAL.subnet, LOCAL.subnet6, GWBRIDGE)
 INGRESS, EGRESS = Direction.INGRESS, Direction.EGRESS
 TCP, UDP, SCTP = Protocol.TCP, Protocol.UDP, Protocol.SCTP
 
@@ -69,6 +74,8 @@ def sel(**labels: str) -> LabelSelector:
 
 
 def endpoint(name: str, host: int, index: int, v6: bool = True, **labels: str) -> Endpoint:
+    """An endpoint; one of host 1 (ours) has a MAC too, as this host reads
+    its own endpoints' registrations (other hosts' MACs are never used)."""
     addresses: tuple[IPAddress, ...] = (IPv4Address(f"10.244.{host}.{index}"),)
     if v6:
         addresses += (IPv6Address(f"fd00:10:244:{host:x}::{index:x}"),)
@@ -79,6 +86,21 @@ def endpoint(name: str, host: int, index: int, v6: bool = True, **labels: str) -
         name=name,
         addresses=addresses,
         labels=labels,
+        macs=(MacAddress(0x0A580AF40100 + index),) if host == 1 else (),
+    )
+
+
+def with_gwbridge(e: Endpoint) -> Endpoint:
+    """The endpoint with gwbridge addresses, as a host in gwbridge mode reads its own."""
+    if not e.macs:
+        return e
+    index = int(e.addresses[0]) & 0xFF
+    return replace(
+        e,
+        gwbridge_addresses=(
+            IPv4Address(f"172.18.0.{index}"),
+            IPv6Address(f"fd4a:4eae:8d08::{index:x}"),
+        ),
     )
 
 
@@ -128,13 +150,120 @@ def rules_of(ruleset: PolicyRuleset) -> list[str]:
 # --- the recipes --------------------------------------------------------------
 
 
+def matches_golden(rendered: str, name: str) -> bool:
+    golden = GOLDEN / f"{name}.nft"
+    if os.environ.get("OVERLAYD_WRITE_GOLDEN") == "1":  # after a deliberate change
+        golden.write_text(rendered)
+    return rendered == golden.read_text()
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_matches_its_golden_file(recipe: str) -> None:
     rendered = render_ruleset(policy_ruleset([RECIPES[recipe]], ENDPOINTS, LOCAL))
-    golden = GOLDEN / f"policy_{recipe}.nft"
-    if os.environ.get("OVERLAYD_WRITE_GOLDEN") == "1":  # after a deliberate change
-        golden.write_text(rendered)
-    assert rendered == golden.read_text()
+    assert matches_golden(rendered, f"policy_{recipe}")
+
+
+def test_egress_to_an_ip_block_in_gwbridge_mode_matches_its_golden_file() -> None:
+    endpoints = [with_gwbridge(e) for e in ENDPOINTS]
+    rendered = render_ruleset(policy_ruleset([RECIPES["egress_ipblock"]], endpoints, LOCAL_GW))
+    assert matches_golden(rendered, "policy_egress_ipblock_gwbridge")
+
+
+# --- gwbridge egress mode -----------------------------------------------------
+
+
+def test_in_gwbridge_mode_a_containers_gwbridge_addresses_are_judged_as_its_own() -> None:
+    endpoints = [with_gwbridge(e) for e in ENDPOINTS]
+    policy = RECIPES["egress_ipblock"]  # web: out to 10.0.0.0/8 and 2001:db8::/32 only
+    ruleset = policy_ruleset([policy], endpoints, LOCAL_GW)
+    web = {
+        str(a) for n, st in ruleset.sets.items() if n.startswith("s_app_web_") for a in st.elements
+    }
+    # The local web's gwbridge addresses select it like its overlay ones;
+    # the remote web's (10.244.2.2) overlay address only.
+    assert {"172.18.0.3", "fd4a:4eae:8d08::3", "10.244.1.3", "10.244.2.2"} <= web
+    assert not any(a.startswith(("172.18.0.2", "fd4a:4eae:8d08::2")) for a in web)  # db
+    # Packets from the gwbridge's subnets are judged; the rest of the world
+    # is another host's business (the positive control: the same rule
+    # without the gwbridge names the overlay subnet alone).
+    egress = ruleset.chains["egress"].rules
+    assert "ip saddr != { 10.244.1.0/24, 172.18.0.0/16 } accept" in egress
+    assert "ip6 saddr != { fd00:10:244:1::/64, fd4a:4eae:8d08::/64 } accept" in egress
+    plain = policy_ruleset([policy], ENDPOINTS, LOCAL).chains["egress"].rules
+    assert "ip saddr != 10.244.1.0/24 accept" in plain
+    # Published ports DNATed to a gwbridge address meet ingress policy too.
+    deny = policy_ruleset([RECIPES["deny_all_ingress"]], endpoints, LOCAL_GW)
+    assert "ip daddr != { 10.244.1.0/24, 172.18.0.0/16 } accept" in deny.chains["ingress"].rules
+
+
+def test_a_gwbridge_address_costs_no_statement_of_its_own() -> None:
+    """An endpoint's overlay and gwbridge addresses of one family go into a
+    set in one statement: a container starting in gwbridge mode writes as
+    many statements as in masquerade mode."""
+    plain = policy_ruleset(FLAT_POLICIES, cluster(10), LOCAL)
+    gw = policy_ruleset(FLAT_POLICIES, [with_gwbridge(e) for e in cluster(10)], LOCAL_GW)
+    add_plain = policy_transaction(plain, with_endpoints(plain, [], [NEWCOMER]))
+    add_gw = policy_transaction(gw, with_endpoints(gw, [], [with_gwbridge(NEWCOMER)]))
+    assert len(add_gw) == len(add_plain) == 5
+    assert any("10.244.1.253, 172.18.0.253" in statement for statement in add_gw)
+
+
+def test_local_networks_are_in_address_order_and_make_a_family_judged() -> None:
+    assert LOCAL_GW.networks(4) == (IPv4Network("10.244.1.0/24"), IPv4Network("172.18.0.0/16"))
+    low = LocalSubnets(IPv4Network("10.244.1.0/24"), gwbridge=(IPv4Network("10.0.0.0/16"),))
+    assert low.networks(4) == (IPv4Network("10.0.0.0/16"), IPv4Network("10.244.1.0/24"))
+    # A gwbridge with IPv6 on a host whose lease has none: IPv6 from it is judged.
+    only_gw6 = LocalSubnets(IPv4Network("10.244.1.0/24"), gwbridge=(GWBRIDGE[1],))
+    assert only_gw6.versions == (4, 6) and LOCAL4.versions == (4,)
+
+
+# --- IPv6 link-local ------------------------------------------------------------
+
+
+def test_link_local_packets_are_judged_by_the_local_endpoints_mac() -> None:
+    ruleset = policy_ruleset([RECIPES["default_allow_unselected"]], ENDPOINTS, LOCAL)
+    egress, ingress = ruleset.chains["egress"].rules, ruleset.chains["ingress"].rules
+    # Before the subnet checks, which would let an fe80:: address through
+    # (it is in no subnet); after neighbour discovery, which always passes.
+    jump = egress.index("ip6 saddr fe80::/10 jump egress_link_local")
+    assert egress.index("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") < jump
+    assert jump < egress.index("ip saddr != 10.244.1.0/24 accept")
+    assert ingress.index("ip6 daddr fe80::/10 jump ingress_link_local") < ingress.index(
+        "ip daddr != 10.244.1.0/24 accept"
+    )
+    (mac_set,) = [n for n in ruleset.sets if n.endswith("_mac")]
+    assert ruleset.sets[mac_set].type == "ether_addr"
+    assert ruleset.sets[mac_set].elements == {MacAddress.parse("0a:58:0a:f4:01:02")}  # db's
+    chain = ruleset.chains["egress_link_local"].rules
+    assert chain[0].startswith("icmpv6 type { mld-listener-query, ")  # the link's own messages
+    egress_deny = counter_name("db-isolated", EGRESS, "deny")
+    assert chain[1:] == (f'ether saddr @{mac_set} counter name "{egress_deny}" drop',)
+    # Ingress first drops a unicast link-local destination in a group frame.
+    assert ruleset.chains["ingress_link_local"].rules[0] == (
+        "ether daddr & 01:00:00:00:00:00 == 01:00:00:00:00:00 drop"
+    )
+    ingress_deny = counter_name("db-isolated", INGRESS, "deny")
+    assert ruleset.chains["ingress_link_local"].rules[-1] == (
+        f'ether daddr @{mac_set} counter name "{ingress_deny}" drop'
+    )
+
+
+def test_a_link_local_packet_meets_the_same_policy_chain_as_any_other() -> None:
+    ruleset = policy_ruleset([RECIPES["allow_from_label"]], ENDPOINTS, LOCAL)
+    chain = next(n for n in ruleset.chains if n.startswith("p_db_from_frontend_"))
+    (mac_set,) = [n for n in ruleset.sets if n.endswith("_mac")]
+    assert f"ether daddr @{mac_set} jump {chain}" in ruleset.chains["ingress_link_local"].rules
+    # Only the policy selector has a MAC set; a peer selector needs none.
+    assert mac_set.startswith("s_app_db_")
+
+
+def test_a_host_without_ipv6_still_judges_link_local_traffic() -> None:
+    ruleset = policy_ruleset([RECIPES["deny_all_ingress"]], ENDPOINTS, LOCAL4)
+    rules = ruleset.chains["ingress"].rules
+    assert rules.index("ip6 daddr fe80::/10 jump ingress_link_local") < rules.index(
+        "meta nfproto ipv6 accept"
+    )
+    assert {s.type for s in ruleset.sets.values()} == {"ipv4_addr", "ether_addr"}
 
 
 def test_an_unselected_endpoint_is_in_no_set_that_selects_endpoints_to_judge() -> None:
@@ -150,20 +279,28 @@ def test_an_unselected_endpoint_is_in_no_set_that_selects_endpoints_to_judge() -
 
 def test_deny_all_ingress_has_a_deny_and_no_allow_chain() -> None:
     ruleset = policy_ruleset([RECIPES["deny_all_ingress"]], ENDPOINTS, LOCAL)
-    assert list(ruleset.chains) == ["ingress_deny", "ingress"]  # no egress chain at all
+    # No egress chain at all.
+    assert list(ruleset.chains) == ["ingress_deny", "ingress_link_local", "ingress"]
     assert "jump ingress_policies" not in ruleset.chains["ingress"].rules
     assert set(ruleset.counters.values()) == {CounterOwner("deny-all-ingress", INGRESS, "deny")}
-    everyone = {a for e in ENDPOINTS for a in e.addresses}
+    everyone = {a for e in ENDPOINTS for a in (*e.addresses, *e.macs)}
     assert frozenset().union(*(s.elements for s in ruleset.sets.values())) == everyone
 
 
-def test_a_host_without_ipv6_judges_no_ipv6_packet_and_has_no_ipv6_objects() -> None:
+def test_a_host_without_ipv6_judges_only_link_local_ipv6_and_has_no_ipv6_sets() -> None:
     ruleset = policy_ruleset(list(RECIPES.values()), ENDPOINTS, LOCAL4)
-    assert all(s.type == "ipv4_addr" for s in ruleset.sets.values())
-    for direction in ("ingress", "egress"):
+    assert all(s.type != "ipv6_addr" for s in ruleset.sets.values())
+    for direction, field in (("ingress", "daddr"), ("egress", "saddr")):
         rules = ruleset.chains[direction].rules
-        assert rules[:2] == ("ct state established,related accept", "meta nfproto ipv6 accept")
-    assert not any("ip6 " in rule or "icmpv6" in rule for rule in rules_of(ruleset))
+        assert rules[:4] == (
+            "ct state established,related accept",
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+            f"ip6 {field} fe80::/10 jump {direction}_link_local",
+            "meta nfproto ipv6 accept",
+        )
+    assert not any(
+        rule.startswith("ip6 ") and "fe80::/10" not in rule for rule in rules_of(ruleset)
+    )
     # Positive control: the dual-stack host has them.
     dual = policy_ruleset(list(RECIPES.values()), ENDPOINTS, LOCAL)
     assert any(rule.startswith("ip6 saddr @") for rule in rules_of(dual))
@@ -304,8 +441,10 @@ def test_selector_peers_share_one_set_per_distinct_selector_and_family() -> None
     )
     ruleset = policy_ruleset([one, two], ENDPOINTS, LOCAL)
     names = sorted(ruleset.sets)
-    assert len(names) == 6  # {app=db}, {role=frontend}, role In (frontend); two families each
-    frontend = [n for n in names if n.startswith("s_role_frontend_")]
+    # {app=db}, {role=frontend}, role In (frontend); two families each, and
+    # the two policy selectors' MACs.
+    assert len(names) == 8
+    frontend = [n for n in names if n.startswith("s_role_frontend_") and not n.endswith("_mac")]
     assert len(frontend) == 2
     assert {str(a) for n in frontend for a in ruleset.sets[n].elements} == {
         "10.244.1.3",
@@ -332,7 +471,7 @@ def test_selectors_with_expressions_select_as_the_model_says() -> None:
         policy = Policy("p", selector, frozenset({INGRESS}))
         ruleset = policy_ruleset([policy], ENDPOINTS, LOCAL)
         got = frozenset().union(*(s.elements for s in ruleset.sets.values()))
-        want = {a for e in ENDPOINTS if selector.matches(e.labels) for a in e.addresses}
+        want = {a for e in ENDPOINTS if selector.matches(e.labels) for a in (*e.addresses, *e.macs)}
         assert got == want and want  # every expression here selects somebody
 
 
@@ -704,14 +843,16 @@ def test_changes_cost_the_same_number_of_statements_with_10_1000_and_10000_endpo
     print(measured)
     assert measured[10] == measured[1_000] == measured[10_000]
     assert measured[10] == {
-        "add endpoint": 4,  # {app=a1} and {role=frontend}, v4 and v6
-        "remove endpoint": 4,  # c0: {app=a0} and {role=frontend}, v4 and v6
-        "relabel endpoint": 4,  # c6 leaves {app=a1}, joins {app=a0}; v4 and v6
+        # {app=a1} and {role=frontend}, v4 and v6, and {app=a1}'s MACs (the
+        # newcomer is local; {role=frontend} is only a peer selector)
+        "add endpoint": 5,
+        "remove endpoint": 5,  # c0: {app=a0} and {role=frontend}, v4 and v6; {app=a0}'s MACs
+        "relabel endpoint": 6,  # c6 leaves {app=a1}, joins {app=a0}: v4, v6 and MACs each
         # New counters, sets (each with its elements), chain and rules, and
-        # the dispatch and deny chains refilled: sized by the policies.
-        "add policy": 27,
-        "remove policy": 6,
-        "cold start": 57,
+        # the dispatch, deny and link-local chains refilled: sized by the policies.
+        "add policy": 42,
+        "remove policy": 12,
+        "cold start": 75,
     }
 
 
@@ -765,6 +906,16 @@ LISTING = {
                 "handle": 4,
             }
         },
+        {
+            "set": {
+                "family": "inet",
+                "name": "s_app_db_9afd86d58c_mac",
+                "table": TABLE,
+                "type": "ether_addr",
+                "handle": 5,
+                "elem": ["0a:58:0a:f4:01:02"],
+            }
+        },
         {"set": {"family": "ip", "name": "vxlan_peers", "table": "overlayd", "elem": ["1.2.3.4"]}},
     ]
 }
@@ -777,6 +928,7 @@ def test_the_json_listing_gives_the_elements_and_counts() -> None:
     assert listed == {
         "s_app_db_9afd86d58c_v4": frozenset({ip_address("10.244.1.2"), ip_address("10.244.2.9")}),
         "s_app_db_9afd86d58c_v6": frozenset(),
+        "s_app_db_9afd86d58c_mac": frozenset({MacAddress.parse("0a:58:0a:f4:01:02")}),
     }
     assert listed_counters(LISTING) == {"p_a_ca978112ca_ingress_deny": 3}
 

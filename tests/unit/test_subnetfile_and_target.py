@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 import pytest
 
 from overlayd.store.etcd import grpc_target
-from overlayd.surfaces.subnetfile import SubnetFile, read_subnet, write_atomically
+from overlayd.surfaces.subnetfile import (
+    SubnetFile,
+    read_gwbridge_subnets,
+    read_subnet,
+    write_atomically,
+)
 
 
 def test_subnet_file_has_flannels_four_variables(tmp_path: Path) -> None:
@@ -45,6 +50,33 @@ def test_subnet_file_names_the_gwbridge_in_gwbridge_mode() -> None:
         egress="masquerade",
     ).render()
     assert "FLANNEL_IPMASQ=true\n" in masq and "GWBRIDGE" not in masq
+
+
+def test_the_gwbridge_subnets_are_read_back_in_gwbridge_mode_only(tmp_path: Path) -> None:
+    """For diagnose, which judges this host's containers as the daemon does."""
+    path = tmp_path / "subnet.env"
+    gwbridge = SubnetFile(
+        IPv4Network("10.244.0.0/16"),
+        IPv4Network("10.244.7.0/24"),
+        1450,
+        egress="gwbridge",
+        gwbridge="ovl_gwbridge",
+        gwbridge_gateway=IPv4Interface("172.18.0.1/16"),
+        network6=IPv6Network("fd00:10:244::/48"),
+        subnet6=IPv6Network("fd00:10:244:7::/64"),
+        gwbridge_gateway6=IPv6Interface("fd4a:4eae:8d08::1/64"),
+    )
+    write_atomically(path, gwbridge.render())
+    assert read_gwbridge_subnets(path) == (
+        IPv4Network("172.18.0.0/16"),
+        IPv6Network("fd4a:4eae:8d08::/64"),
+    )
+    masquerade = SubnetFile(
+        IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 1450, egress="masquerade"
+    )
+    write_atomically(path, masquerade.render())
+    assert read_gwbridge_subnets(path) == ()
+    assert read_gwbridge_subnets(tmp_path / "absent") == ()
 
 
 def test_a_missing_or_broken_subnet_file_gives_no_hint(tmp_path: Path) -> None:

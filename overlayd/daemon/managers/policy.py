@@ -14,7 +14,12 @@ the table afresh in one transaction.
 While any policy exists, bridge netfilter must be on, or traffic between
 two containers of one host would never meet the forward hook; the manager
 turns it on itself before the first rule goes in, since the sysctl
-manager looks only on check passes.
+manager looks only on check passes. For IPv6 too on a host without IPv6
+in the cluster: its containers' link-local traffic is judged all the same.
+
+This host's own endpoints are read with its gwbridge's subnets (in
+gwbridge egress mode), so that their gwbridge addresses and MACs join the
+sets (plan/policy_rules.py says why).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from overlayd.daemon.managers.peers import PeerProjection
 from overlayd.dataplane import DataplanePort
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, Lease, Observed
+from overlayd.plan.egress import EgressSpec
 from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
 from overlayd.plan.policy import PolicyCache, stored_policies
+from overlayd.plan.policy_inputs import gwbridge_subnets, local_subnets, own_host_subnets
 from overlayd.plan.policy_model import Endpoint, HostSubnets, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
@@ -74,7 +81,7 @@ class PolicyManager:
         ) = None
         self._host_map: dict[str, HostSubnets] = {}
         self._hosts_generation = -1
-        self._hosts_own: Lease | None = None
+        self._hosts_own: tuple[Lease, EgressSpec] | None = None
 
     async def sync(self, context: PassContext) -> None:
         inputs = context.inputs
@@ -97,12 +104,12 @@ class PolicyManager:
             inputs.raw_endpoints, inputs.own_prefix, hosts, cache=self._endpoints
         )
         self._warn({**self._rejected_policies(), **selection.rejected})
-        local = LocalSubnets(inputs.own.subnet, inputs.own.ipv6_subnet)
+        local = local_subnets(inputs.own, gwbridge_subnets(inputs.egress))
         desired = self._desired(policies, selection.endpoints, local, context.level)
         if not desired.empty and (not self._bridge_netfilter or context.level >= Level.CHECK):
             context.remade_all(
                 "sysctl",
-                await self._dataplane.ensure_bridge_netfilter(ipv6=local.subnet6 is not None),
+                await self._dataplane.ensure_bridge_netfilter(ipv6=True),
             )
             self._bridge_netfilter = True
         self._repaired = 0
@@ -183,14 +190,14 @@ class PolicyManager:
         rejected). Moved by the selection's delta like the peer plans."""
         await self._projection.plan(context, IPV4)
         selected = context.selected
-        own = context.inputs.own
+        own, egress = context.inputs.own, context.inputs.egress
         if selected is None:
-            return {host_id(own.subnet): HostSubnets(own.subnet, own.ipv6_subnet)}
+            return {host_id(own.subnet): own_host_subnets(own, gwbridge_subnets(egress))}
         delta = selected.delta
         if (
             delta is not None
             and self._hosts_generation == selected.generation - 1
-            and self._hosts_own == own
+            and self._hosts_own == (own, egress)
         ):
             for lease in delta.removed:
                 self._host_map.pop(host_id(lease.subnet), None)
@@ -201,8 +208,8 @@ class PolicyManager:
                 host_id(lease.subnet): HostSubnets(lease.subnet, lease.ipv6_subnet)
                 for lease in selected.selection.peers
             }
-        self._host_map[host_id(own.subnet)] = HostSubnets(own.subnet, own.ipv6_subnet)
-        self._hosts_generation, self._hosts_own = selected.generation, own
+        self._host_map[host_id(own.subnet)] = own_host_subnets(own, gwbridge_subnets(egress))
+        self._hosts_generation, self._hosts_own = selected.generation, (own, egress)
         return self._host_map
 
     def _warn(self, rejected: Mapping[str, str]) -> None:
