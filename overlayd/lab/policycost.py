@@ -262,9 +262,9 @@ def verdict_line(wanted: Expected, a: bench.Endpoint, b: bench.Endpoint) -> str:
     )
     return (
         f"The bench's connection {a.address} -> {b.address} TCP {bench.IPERF_PORT}, by the"
-        f" daemon's verdict function: {'allowed' if found.allowed else 'DENIED'}; the sender is"
-        f" selected for egress by {len(found.egress.selected_by)} policies (allowed by"
-        f" {', '.join(found.egress.allowed_by) or 'none'}), the receiver for ingress by"
+        f" daemon's verdict function: {'allowed' if found.allowed else 'DENIED'}; policies"
+        f" selecting the sender for egress: {len(found.egress.selected_by)} (allowed by"
+        f" {', '.join(found.egress.allowed_by) or 'none'}), the receiver for ingress:"
         f" {len(found.ingress.selected_by)} (allowed by"
         f" {', '.join(found.ingress.allowed_by) or 'none'})."
     )

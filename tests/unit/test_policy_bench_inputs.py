@@ -18,6 +18,7 @@ from overlayd.cli import ctl
 from overlayd.lab import bench, policycold, policycost, policyload
 from overlayd.lab.policycheck import (
     OWN_PREFIX,
+    Expected,
     RulesetSize,
     endpoint_items,
     policy_items,
@@ -27,6 +28,7 @@ from overlayd.plan.endpoints import endpoint_key, host_id, render_endpoint, sele
 from overlayd.plan.policy import PolicyChecker, parse_policy, render_policy, stored_policies
 from overlayd.plan.policy_model import Direction, Endpoint, HostSubnets, Protocol
 from overlayd.plan.policy_rules import (
+    EMPTY,
     LocalSubnets,
     counter_name,
     policy_ruleset,
@@ -303,3 +305,16 @@ def test_the_own_subnet_is_no_synthetic_peers() -> None:
     assert not policycold.OWN_SUBNET.overlaps(first)
     assert policycold.OWN_SUBNET.subnet_of(cpbench.NETWORK)
     assert ip_address("10.128.1.2") in policycold.OWN_SUBNET
+
+
+def test_the_report_names_the_policies_that_judge_the_bench_connection() -> None:
+    a, b, others = bench_cluster()
+    policies = [parse_policy(d) for d in policyload.bench_policy_mix(50, cluster=CLUSTER)]
+    wanted = Expected(EMPTY, policies, (a, b, *others), {})
+    ends = [bench.Endpoint("ns", e.addresses[0]) for e in (a, b)]
+    line = policycost.verdict_line(wanted, *ends)
+    assert "TCP 5201" in line and ": allowed;" in line
+    assert "(allowed by zz-bench-egress)" in line and "(allowed by zz-bench-ingress)" in line
+    # Without the bench's own policies, they allow nothing.
+    alone = Expected(EMPTY, policies[:-2], (a, b, *others), {})
+    assert "zz-bench" not in policycost.verdict_line(alone, *ends)
