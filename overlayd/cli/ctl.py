@@ -220,6 +220,22 @@ def parser() -> argparse.ArgumentParser:
         help="instead: the overlay path with the VXLAN allow-list on and off (TCP 1 stream,"
         " ping), interleaved, daemons restarted with the other setting between modes",
     )
+    bench.add_argument(
+        "--policies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: the overlay path with N network policies in force (two of them"
+        " selecting the bench containers and allowing their traffic) and with none,"
+        " interleaved, paired ratios, policy counters checked (e.g. 500)",
+    )
+    bench.add_argument(
+        "--policy-endpoints",
+        type=int,
+        default=400,
+        help="with --policies: synthetic endpoints registered on the two hosts besides the"
+        " bench containers (default %(default)s, at most 476)",
+    )
     converge = lab_sub.add_parser(
         "converge",
         parents=[common],
@@ -235,6 +251,37 @@ def parser() -> argparse.ArgumentParser:
     )
     policybench.add_argument("--hosts", type=int, default=10)
     policybench.add_argument("--rounds", type=int, default=20, help="policy changes to time")
+    policybench.add_argument(
+        "--cold",
+        action="store_true",
+        help="instead: cold start of one real overlayd with --endpoints endpoints and"
+        " --policies policies already in etcd, to ready and to its status naming the"
+        " revision; nft statements loaded, peak RSS; the kernel's table checked",
+    )
+    policybench.add_argument(
+        "--endpoints", type=int, default=10_000, help="with --cold (default %(default)s)"
+    )
+    policybench.add_argument(
+        "--policies",
+        type=int,
+        nargs="+",
+        default=[0, 500],
+        help="with --cold: policy counts, one cold start each per run (default 0 500: the"
+        " first is the baseline)",
+    )
+    policybench.add_argument(
+        "--per-host",
+        type=int,
+        default=50,
+        help="with --cold: endpoints per host (the daemon's and synthetic peers')"
+        " (default %(default)s)",
+    )
+    policybench.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="with --cold: cold starts per policy count, interleaved (the order alternates)",
+    )
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],

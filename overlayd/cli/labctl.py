@@ -389,7 +389,32 @@ def _bench(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.bench import bench, filter_bench
 
     name, out = f"{args.name}b", Path(args.out)
-    if args.vxlan_filter:
+    if args.vxlan_filter and args.policies:
+        print(
+            "--vxlan-filter and --policies measure different things: one at a time", file=sys.stderr
+        )
+        return 2
+    if args.policies:
+        from overlayd.lab.policycost import MAX_ENDPOINTS, policy_bench
+
+        if args.policies < 2 or not 0 <= args.policy_endpoints <= MAX_ENDPOINTS:
+            print(
+                "--policies must be at least 2 and --policy-endpoints between 0 and"
+                f" {MAX_ENDPOINTS}",
+                file=sys.stderr,
+            )
+            return 2
+        texts = policy_bench(
+            name,
+            args.rounds,
+            args.seconds,
+            args.congestion,
+            args.policies,
+            args.policy_endpoints,
+            out,
+            _progress,
+        )
+    elif args.vxlan_filter:
         texts = filter_bench(name, args.rounds, args.seconds, args.congestion, out, _progress)
     else:
         texts = bench(
@@ -411,11 +436,44 @@ def _converge(lab: Lab, args: argparse.Namespace) -> int:
 def _policybench(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.policybench import policybench
 
+    if args.cold:
+        return _policy_cold(args)
     if args.hosts < 2 or args.rounds < 1:
         print("--hosts must be at least 2 and --rounds at least 1", file=sys.stderr)
         return 2
     for line in policybench(f"{args.name}p", args.hosts, args.rounds, _progress):
         print(line, flush=True)
+    return 0
+
+
+def _policy_cold(args: argparse.Namespace) -> int:
+    from overlayd.lab import policycold
+
+    if args.endpoints < 0 or args.per_host < 1 or args.runs < 1 or min(args.policies) < 0:
+        print(
+            "--endpoints and --policies must be at least 0, --per-host and --runs at least 1",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"policy cold start: one overlayd, {args.endpoints} endpoints ({args.per_host} per host),"
+        f" policies {' and '.join(map(str, args.policies))}, {args.runs} run(s) each"
+    )
+    print(policycold.HEADER, flush=True)
+    results = []
+    for number in range(args.runs):
+        # The order alternates, so that a machine slowing down over the run
+        # does not favour one count.
+        order = args.policies if number % 2 == 0 else args.policies[::-1]
+        for policies in order:
+            # The same cluster every run (seed 0): runs differ by the machine only.
+            result = policycold.run_one(f"{args.name}o", args.endpoints, policies, args.per_host)
+            results.append(result)
+            print(result.row(), flush=True)
+    for result in results[: len(args.policies)]:
+        print(f"  {result.policies} policies: kernel checked: {result.check}")
+    for line in policycold.summary(results):
+        print(line)
     return 0
 
 

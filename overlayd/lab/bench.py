@@ -48,7 +48,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Address, IPv6Address
@@ -649,6 +649,40 @@ def _set_filter(lab: Lab, mode: str) -> None:
             raise RuntimeError(f"h{host}: vxlan-filter={mode} but the ruleset says otherwise")
 
 
+def mode_rows(
+    samples: Mapping[str, Mapping[str, list[float]]],
+    modes: tuple[str, str],
+    metrics: Sequence[tuple[str, str, str]],
+) -> tuple[list[str], dict[str, object]]:
+    """A Markdown table of two modes measured in the same rounds: each
+    mode's median (min to max), and the first over the second paired within
+    each round (median, min to max, mean +- stdev, and the rounds a 5 %
+    resolution would need); and the same as data, per metric."""
+    num, den = modes
+    lines = [
+        f"| metric | {num}, median (min to max) | {den}, median (min to max) |"
+        f" {num}/{den} paired: median (min to max) | mean +- stdev | rounds for +-5 % |",
+        "|---|---|---|---|---|---|",
+    ]
+    summary: dict[str, object] = {}
+    for metric, label, unit in metrics:
+        first, second = samples[num][metric], samples[den][metric]
+        paired = [x / y for x, y in zip(first, second, strict=True)]
+        digits = 2 if unit == "Gbit/s" else 0
+        cells = [
+            f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f} to {max(v):.{digits}f})"
+            for v in (first, second)
+        ]
+        spread = statistics.stdev(paired) if len(paired) > 1 else float("nan")
+        lines.append(
+            f"| {label} ({unit}) | {cells[0]} | {cells[1]} | {statistics.median(paired):.3f}"
+            f" ({min(paired):.3f} to {max(paired):.3f}) | {statistics.mean(paired):.3f} +-"
+            f" {spread:.3f} | {rounds_for_5pct(paired):.0f} |"
+        )
+        summary[metric] = {num: first, den: second, "paired": paired, **_summary(paired)}
+    return lines, summary
+
+
 def filter_bench(
     name: str,
     rounds: int,
@@ -695,32 +729,15 @@ def filter_bench(
             )
     finally:
         lab.down()
+    rows, summary = mode_rows(samples, FILTER_MODES, FILTER_METRICS)
     lines = [
         f"VXLAN allow-list on vs off, {time.strftime('%Y-%m-%d')}, {platform.machine()},"
         f" {_nproc()} vCPUs, kernel {platform.release()}, congestion control {congestion},"
         f" {rounds} rounds of {seconds:g} s iperf3 (modes interleaved, order swapped every"
         f" round), hypervisor steal {min(steal):.1f} to {max(steal):.1f} % per round.",
         "",
-        "| metric | on, median (min to max) | off, median (min to max) |"
-        " on/off paired: median (min to max) | mean +- stdev | rounds for +-5 % |",
-        "|---|---|---|---|---|---|",
+        *rows,
     ]
-    summary: dict[str, object] = {}
-    for metric, label, unit in FILTER_METRICS:
-        on, off = samples["on"][metric], samples["off"][metric]
-        paired = [x / y for x, y in zip(on, off, strict=True)]
-        digits = 2 if unit == "Gbit/s" else 0
-        cells = [
-            f"{statistics.median(v):.{digits}f} ({min(v):.{digits}f} to {max(v):.{digits}f})"
-            for v in (on, off)
-        ]
-        spread = statistics.stdev(paired) if len(paired) > 1 else float("nan")
-        lines.append(
-            f"| {label} ({unit}) | {cells[0]} | {cells[1]} | {statistics.median(paired):.3f}"
-            f" ({min(paired):.3f} to {max(paired):.3f}) | {statistics.mean(paired):.3f} +-"
-            f" {spread:.3f} | {rounds_for_5pct(paired):.0f} |"
-        )
-        summary[metric] = {"on": on, "off": off, "paired": paired, **_summary(paired)}
     table = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench-vxlan-filter.md").write_text(table)

@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from overlayd.lab import checks
-from overlayd.lab.containers import Container
 from overlayd.lab.lab import Lab
-from overlayd.plan.endpoints import endpoints_prefix
+from overlayd.lab.policycheck import OWN_PREFIX, label_endpoint
 from overlayd.plan.policy import parse_policy, policy_key, render_policy
 from overlayd.store.etcd import EtcdStore
 
-OWN_PREFIX = "/overlayd"
 STATUS_PREFIX = f"{OWN_PREFIX}/status/"
 POLICY = parse_policy(
     {
@@ -45,20 +43,6 @@ class Round:
     per_host: dict[str, float] = field(default_factory=dict)  # host -> seconds to enforce
     all_hosts: float | None = None  # seconds until the last host (None: timed out)
     packets_agree: bool = True
-
-
-async def _label_target(store: EtcdStore, target: Container) -> str:
-    """Give the target's endpoint the label the policy selects; its key."""
-    raw, _ = await store.get_prefix(endpoints_prefix(OWN_PREFIX))
-    for key, value in raw.items():
-        document = json.loads(value)
-        if str(target.address) in document.get("addresses", []):
-            found = await store.get_with_lease(key)
-            assert found is not None
-            document["labels"] = {**document.get("labels", {}), "role": "target"}
-            if await store.replace_bound(key, json.dumps(document).encode(), found[1]):
-                return key
-    raise RuntimeError(f"no endpoint registered for {target.address}: is overlay-cni registering?")
 
 
 async def _change_and_time(store: EtcdStore, deny: bool, hosts: int) -> Round:
@@ -105,7 +89,7 @@ def policybench(
         containers = [lab.container(host, 1) for host in range(1, hosts + 1)]
         target, client = containers[0], containers[1]
         lab.serve_whoami(target.ns)
-        lab.etcd(lambda store: _label_target(store, target))
+        lab.etcd(lambda store: label_endpoint(store, target.address, {"role": "target"}))
         results: list[Round] = []
         for number in range(rounds):
             deny = number % 2 == 0

@@ -29,6 +29,7 @@ from overlayd.plan.policy_rules import (
     listed_elements,
     render_ruleset,
     terse_listing,
+    unordered_sets,
 )
 from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
@@ -407,8 +408,8 @@ def _policy_findings(facts: PolicyFacts) -> list[Finding]:
                 f"set {name}: {len(wanted.elements - have)} element(s) missing,"
                 f" {len(have - wanted.elements)} extra"
             )
-    if facts.terse is not None and terse_listing(facts.terse) != render_ruleset(
-        desired, elements=False
+    if facts.terse is not None and unordered_sets(terse_listing(facts.terse)) != unordered_sets(
+        render_ruleset(desired, elements=False)
     ):
         problems.append("its chains or rules differ from what the policies make")
     if problems:

@@ -155,10 +155,11 @@ Use: policy_ruleset() makes the ruleset from scratch; with_endpoints()
 moves it by the endpoints that changed (a container event: milliseconds
 with 10,000 endpoints); policy_transaction(before, after) gives the
 statements, and script() their `nft -f` input; render_ruleset() shows the
-table (diagnose, golden files); terse_listing(), listed_elements() and
-listed_counters() read the kernel's listings back, element_repairs() turns
-a drifted set back; policy_counter_names() names each counter's policy,
-direction and verdict for the metrics.
+table (diagnose, golden files); terse_listing() (compared through
+unordered_sets()), listed_elements() and listed_counters() read the
+kernel's listings back, element_repairs() turns a drifted set back;
+policy_counter_names() names each counter's policy, direction and verdict
+for the metrics.
 """
 
 from __future__ import annotations
@@ -785,6 +786,21 @@ def terse_listing(listing: str) -> str:
     return "".join(
         line for line in listing.splitlines(keepends=True) if not line.startswith("\t\tpackets ")
     )
+
+
+_INLINE_SET = re.compile(r"\{ ([^{}\n]*) \}")
+
+
+def unordered_sets(text: str) -> str:
+    """A table's text (render_ruleset's, or terse_listing's of the kernel)
+    with the elements of every anonymous set in a rule sorted, so that two
+    texts compare equal when their rules match the same packets. nft lists
+    those elements in an order of its own, not as written: nftables 1.0.6
+    lists `meta l4proto . th dport { tcp . 6379, udp . 53 }` as `{ udp .
+    53, tcp . 6379 }` (a concatenation without ranges goes by its key's
+    bytes read as one little-endian number: port 256 before port 53), one
+    with ranges as written, and single values by value."""
+    return _INLINE_SET.sub(lambda m: "{ " + ", ".join(sorted(m[1].split(", "))) + " }", text)
 
 
 def listed_elements(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozenset[Element]]:

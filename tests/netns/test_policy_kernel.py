@@ -63,6 +63,7 @@ from overlayd.plan.policy_rules import (
     render_ruleset,
     script,
     terse_listing,
+    unordered_sets,
     with_endpoints,
 )
 from tests.conftest import needs_root, unique_name, wait_until
@@ -769,5 +770,29 @@ def test_listing_json_is_what_the_reader_expects(netns: str) -> None:
         terse = nft(netns, "-t", "list", "table", "inet", TABLE)
         assert terse_listing(terse) == render_ruleset(ruleset, elements=False)
         assert terse_listing(terse) != terse  # positive control: there were values to strip
+    finally:
+        nft(netns, "delete", "table", "inet", TABLE, check=False)
+
+
+def test_the_kernel_lists_a_rules_set_in_its_own_order_and_diagnose_takes_it(
+    netns: str,
+) -> None:
+    """nft lists the elements of a rule's anonymous set in an order of its
+    own (a TCP and UDP port set, here): the terse listing then differs from
+    the rendering as text, and unordered_sets (diagnose's comparison) sees
+    the same rules. A changed port is still a difference."""
+    try:
+        web = Box("web", "web", "10.244.1.3", "fd00:10:244:1::3", 1, (("app", "web"),))
+        ports = (PortRange(Protocol.TCP, 6379, 6379), PortRange(Protocol.UDP, 53, 53))
+        cache = Policy("cache", sel(app="web"), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
+        ruleset = policy_ruleset([cache], [web.endpoint()], LOCAL)
+        apply(netns, None, ruleset)
+        listed = terse_listing(nft(netns, "-t", "list", "table", "inet", TABLE))
+        rendered = render_ruleset(ruleset, elements=False)
+        assert "{ tcp . 6379, udp . 53 }" in rendered
+        assert listed != rendered  # the kernel's own order: the reason for unordered_sets
+        assert unordered_sets(listed) == unordered_sets(rendered)
+        other = rendered.replace("udp . 53 }", "udp . 54 }")
+        assert unordered_sets(listed) != unordered_sets(other)
     finally:
         nft(netns, "delete", "table", "inet", TABLE, check=False)

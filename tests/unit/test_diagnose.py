@@ -382,3 +382,29 @@ def test_diagnose_finds_a_policy_table_that_differs_from_etcds_policies() -> Non
     assert finding.ok and "no policies" in finding.detail
     skipped = _policy_findings(PolicyFacts(EMPTY, None, skipped={"/o/policies/x": "bad"}))
     assert [f.ok for f in skipped] == [False, True]
+
+
+def test_diagnose_takes_the_kernels_order_of_a_rules_set_elements_as_the_same_rule() -> None:
+    from ipaddress import IPv4Network, ip_address
+
+    web = Endpoint("/o/endpoints/10.244.1.0-24/c1", "c1", "10.244.1.0-24", "web",
+                   (ip_address("10.244.1.5"),), {"app": "web"})  # fmt: skip
+    policy = parse_policy(
+        {
+            "name": "cache",
+            "selector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"ports": [{"port": 6379}, {"protocol": "UDP", "port": 53}]}],
+        }
+    )
+    ruleset = policy_ruleset([policy], [web], LocalSubnets(IPv4Network("10.244.1.0/24")))
+    terse = render_ruleset(ruleset, elements=False)
+    assert "{ tcp . 6379, udp . 53 }" in terse
+    # nftables 1.0.6 lists the set as below (tests/netns/test_policy_kernel.py
+    # sees it do so): the same rule.
+    listed = terse.replace("{ tcp . 6379, udp . 53 }", "{ udp . 53, tcp . 6379 }")
+    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset), listed))
+    assert finding.ok, finding.detail
+    # Another element is another rule, in any order.
+    other = terse.replace("{ tcp . 6379, udp . 53 }", "{ udp . 54, tcp . 6379 }")
+    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset), other))
+    assert not finding.ok and "differ" in finding.detail
