@@ -27,8 +27,8 @@ from overlayd.lab.topology import (
     OUTSIDE_SERVER,
     OUTSIDE_SERVER6,
 )
-from overlayd.model import IPAddress
-from overlayd.plan.policy_model import LabelSelector, MacAddress
+from overlayd.model import IPAddress, IPNetwork
+from overlayd.plan.policy_model import LabelSelector
 from overlayd.plan.policy_rules import TABLE, listed_elements, set_name
 from tests.lab.probes import SLEEP
 
@@ -244,17 +244,26 @@ def k8s(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 # --- the policy table as a host's kernel holds it --------------------------------
 
 
-def policy_sets(lab: Lab, host: int) -> dict[str, frozenset[IPAddress]]:
+def policy_sets(
+    lab: Lab, host: int, *, within: Sequence[IPNetwork] = ()
+) -> dict[str, frozenset[IPAddress]]:
     """Set name -> addresses in the host's `inet overlayd_policy` table
-    ({} when there is no table); the MAC sets (link-local) are left out."""
+    ({} when there is no table); the MAC sets (link-local) are left out,
+    and with `within`, the addresses outside those networks (a local
+    container's gwbridge addresses, in gwbridge egress mode)."""
     listing = netns.in_ns(lab.host_ns(host), "nft", "-j", "list", "table", "inet", TABLE,
                           check=False)  # fmt: skip
     if not listing.strip():
         return {}
     return {
-        name: frozenset(e for e in elements if isinstance(e, IPv4Address | IPv6Address))
+        name: frozenset(
+            e
+            for e in elements
+            if isinstance(e, IPv4Address | IPv6Address)
+            and (not within or any(e in n for n in within if n.version == e.version))
+        )
         for name, elements in listed_elements(listing).items()
-        if not any(isinstance(e, MacAddress) for e in elements)
+        if not name.endswith("_mac")
     }
 
 

@@ -147,8 +147,10 @@ def assert_sets(site: Site, boxes: Sequence[Box], hosts: Sequence[int] = (1, 2))
     """Every host's policy sets hold exactly these boxes' addresses, and no
     other set exists (no stale element, none missing)."""
     wanted = wanted_sets(boxes, [WEB, CLIENT])
+    cluster = lab_network()
+    overlay = [cluster.network] + ([cluster.ipv6.network] if cluster.ipv6 else [])
     for host in hosts:
-        found = policy_sets(site.lab, host)
+        found = policy_sets(site.lab, host, within=overlay)
         assert found == wanted, f"h{host}: {describe(found, wanted)}\n{ruleset(site)}"
 
 
