@@ -26,10 +26,10 @@ from overlayd.plan.nftables import split_objects
 from overlayd.plan.policy_rules import (
     WHERE,
     PolicyRuleset,
+    comparable,
     listed_elements,
     render_ruleset,
     terse_listing,
-    unordered_sets,
 )
 from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
@@ -408,7 +408,7 @@ def _policy_findings(facts: PolicyFacts) -> list[Finding]:
                 f"set {name}: {len(wanted.elements - have)} element(s) missing,"
                 f" {len(have - wanted.elements)} extra"
             )
-    if facts.terse is not None and unordered_sets(terse_listing(facts.terse)) != unordered_sets(
+    if facts.terse is not None and comparable(terse_listing(facts.terse)) != comparable(
         render_ruleset(desired, elements=False)
     ):
         problems.append("its chains or rules differ from what the policies make")

@@ -803,6 +803,31 @@ def unordered_sets(text: str) -> str:
     return _INLINE_SET.sub(lambda m: "{ " + ", ".join(sorted(m[1].split(", "))) + " }", text)
 
 
+def comparable(text: str) -> str:
+    """A table's text as `unordered_sets` makes it, with its top-level
+    blocks (sets, chains, counters) in sorted order: nft lists them in the
+    order they were made, which after incremental transactions is not the
+    order render_ruleset writes (a set made by a later policy change comes
+    last). The order of rules inside a chain is kept: it matters."""
+    blocks: list[list[str]] = []
+    outside: list[str] = []
+    current: list[str] | None = None
+    for line in unordered_sets(text).splitlines():
+        if current is None and line.startswith("\t") and not line.startswith("\t\t"):
+            current = [line]
+            if line.rstrip().endswith("}"):
+                blocks.append(current)
+                current = None
+        elif current is not None:
+            current.append(line)
+            if line == "\t}":
+                blocks.append(current)
+                current = None
+        elif line.strip():
+            outside.append(line)
+    return "\n".join([*outside, *("\n".join(b) for b in sorted(blocks))])
+
+
 def listed_elements(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozenset[Element]]:
     """Set name -> elements, from `nft -j list table inet overlayd_policy`
     (or `list set`): for a check pass to compare with the ruleset's sets."""

@@ -960,3 +960,23 @@ def test_the_terse_rendering_is_the_kernel_listing_without_counter_values() -> N
     # As `nft -t list table` prints it (checked against the kernel in tests/netns).
     listed = terse.replace("_allow {\n", "_allow {\n\t\tpackets 7 bytes 420\n")
     assert listed != terse and terse_listing(listed) == terse
+
+
+def test_tables_compare_alike_whatever_order_nft_lists_their_blocks_in() -> None:
+    """nft lists sets and chains in the order they were made; after
+    incremental changes that is not render_ruleset's. The order of rules
+    inside a chain still counts (the negative control)."""
+    from overlayd.plan.policy_rules import comparable
+
+    written = (
+        "table inet overlayd_policy {\n\tset s_b {\n\t\ttype ipv4_addr\n\t}\n\n"
+        "\tset s_a {\n\t\ttype ipv4_addr\n\t}\n\n"
+        "\tchain c {\n\t\tip saddr @s_a accept\n\t\tdrop\n\t}\n}\n"
+    )
+    listed = (
+        "table inet overlayd_policy {\n\tchain c {\n\t\tip saddr @s_a accept\n\t\tdrop\n\t}\n\n"
+        "\tset s_a {\n\t\ttype ipv4_addr\n\t}\n\n\tset s_b {\n\t\ttype ipv4_addr\n\t}\n}\n"
+    )
+    assert comparable(written) == comparable(listed)
+    swapped = listed.replace("accept\n\t\tdrop", "drop\n\t\tip saddr @s_a accept")
+    assert comparable(written) != comparable(swapped)
