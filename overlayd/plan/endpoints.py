@@ -26,6 +26,7 @@ from `overlayctl endpoint label` afterwards (`parse_label_changes`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -75,6 +76,9 @@ def host_id(subnet: IPv4Network) -> str:
     return f"{subnet.network_address}-{subnet.prefixlen}"
 
 
+# Cached: a cold start reads thousands of registrations of a few hundred
+# hosts and label values, and these checks were a fifth of reading them.
+@functools.lru_cache(maxsize=8192)
 def _check_host(host: str) -> None:
     match = _HOST_RE.fullmatch(host)
     if match is None:
@@ -154,10 +158,18 @@ def check_labels(raw: object, where: str) -> dict[str, str]:
     if not isinstance(raw, Mapping):
         raise EndpointError(f"{where}: not an object")
     for key, value in raw.items():
-        problem = label_key_problem(key) or label_value_problem(value)
+        if isinstance(key, str) and isinstance(value, str):
+            problem = _label_problem(key, value)
+        else:
+            problem = label_key_problem(key) or label_value_problem(value)
         if problem:
             raise EndpointError(f"{where}: {problem}")
     return dict(raw)
+
+
+@functools.lru_cache(maxsize=8192)
+def _label_problem(key: str, value: str) -> str | None:
+    return label_key_problem(key) or label_value_problem(value)
 
 
 def _text(raw: dict[str, Any], name: str, required: bool) -> str:
