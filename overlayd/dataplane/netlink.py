@@ -583,7 +583,7 @@ _FAMILY_GROUPS = {
 }
 # One read of events, and the receive buffer asked for (the kernel caps it
 # at net.core.rmem_max; a burst beyond it is ENOBUFS, which means a resync).
-EVENTS_READ = 1 << 18
+EVENTS_READ = 1 << 16
 EVENTS_BUFFER = 1 << 22
 _HEADER = struct.Struct("=IHHII")
 

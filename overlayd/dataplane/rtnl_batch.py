@@ -44,6 +44,10 @@ AF_BRIDGE = 7
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 NTF_SELF, NTF_MASTER = 0x02, 0x04
 ACK_SECONDS = 5.0
+# Messages per send: every ACK is queued on our socket while the kernel
+# still works through the send, and a few hundred would overflow a default
+# receive buffer (ENOBUFS, answers lost).
+BATCH_MAX = 128
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port
 # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
@@ -189,10 +193,11 @@ class EntryWriter:
         """Send the changes as one batch; each one's errno (0: done), in order.
         Raises OSError when the socket fails, TimeoutError when the kernel
         does not answer every message (then the socket is reopened)."""
-        if not changes:
-            return []
+        errors: list[int] = []
         async with self._lock:
-            return await self._write(changes, dev)
+            for start in range(0, len(changes), BATCH_MAX):
+                errors += await self._write(changes[start : start + BATCH_MAX], dev)
+        return errors
 
     async def _write(self, changes: Sequence[Change], dev: Devices) -> list[int]:
         sock = self._open()

@@ -27,6 +27,7 @@ from overlayd.plan.diff import ordered_changes, replace_and_delete
 # most writes of one pass remembered (a cold start's thousands are not: a
 # late echo of one of them costs a full pass, not memory for good).
 ECHO_PASSES = 64
+ECHO_SECONDS = 5.0
 ECHO_WRITES_MAX = 1024
 
 K = TypeVar("K")
@@ -43,7 +44,7 @@ class DeltaTracker(Generic[K, V]):
         # (None: deleted), with the pass's number, so that the echo of a
         # write read only after later passes changed the same key again is
         # still known for ours (see `expects`).
-        self._written: dict[K, list[tuple[int, V | None]]] = {}
+        self._written: dict[K, list[tuple[int, float, V | None]]] = {}
         self._passes: deque[tuple[int, list[K]]] = deque()
         self._writing_passes = 0
 
@@ -67,18 +68,18 @@ class DeltaTracker(Generic[K, V]):
         """(to write, to delete); everything desired when nothing is known."""
         return replace_and_delete(self.desired, self.actual or {})
 
-    def settle(self, written: Mapping[K, V | None] | None = None) -> None:
+    def settle(self, written: Mapping[K, V | None] | None = None, now: float = 0.0) -> None:
         """Believe that the kernel now holds what is desired. Called before
         the writes finish, so that their netlink echoes are recognised; a
         write that fails makes the owner `forget()`. `written`: what this
-        pass writes, by key (None: a deletion)."""
+        pass writes, by key (None: a deletion), at monotonic time `now`."""
         self.actual = self.desired
         if not written or len(written) > ECHO_WRITES_MAX:
             return
         self._writing_passes += 1
         number = self._writing_passes
         for key, value in written.items():
-            self._written.setdefault(key, []).append((number, value))
+            self._written.setdefault(key, []).append((number, now, value))
         self._passes.append((number, list(written)))
         while self._passes and self._passes[0][0] <= number - ECHO_PASSES:
             old, keys = self._passes.popleft()
@@ -89,24 +90,31 @@ class DeltaTracker(Generic[K, V]):
                 else:
                     self._written.pop(key, None)
 
-    def expects(self, key: K, value: V | None) -> bool:
+    def expects(self, key: K, value: V | None, now: float = 0.0) -> bool:
         """Whether a kernel event (value None: the object went) matches belief,
-        or is the echo of a write of one of the last ECHO_PASSES writing passes.
+        or is the echo of a write of one of the last ECHO_PASSES writing passes
+        made at most ECHO_SECONDS before `now`.
 
         The drift monitor reads echoes on its own time, and decoding them
         (pyroute2) costs more than writing them: with peers joining and
         leaving every few milliseconds it was measured three passes behind,
         so the echo of a peer's addition was read after its removal had
         settled. Judged against belief alone, that echo is drift, and a full
-        pass follows. The price: somebody else writing exactly what we wrote,
-        within those passes, goes unseen until the next full pass."""
+        pass follows. The price: somebody else writing (or deleting) exactly
+        what we wrote (or deleted) within those seconds goes unseen until the
+        next full pass. (Route and neighbour echoes of netlink writes are
+        dropped by the monitor before this, by their port; this is for FDB
+        echoes, which carry none, and for iproute2 batches.)"""
         if self.actual is None:
             return False
         current = self.actual.get(key)
         believed = current is None if value is None else current == value
         if believed:
             return True
-        return any(written == value for _, written in self._written.get(key, ()))
+        return any(
+            written == value and now - at <= ECHO_SECONDS
+            for _, at, written in self._written.get(key, ())
+        )
 
 
 class EntryTracker:
@@ -146,7 +154,7 @@ class EntryTracker:
         for tracker in self._trackers.values():
             tracker.forget()
 
-    def settle(self, changes: Sequence[Change] = ()) -> None:
+    def settle(self, changes: Sequence[Change] = (), now: float = 0.0) -> None:
         """Believe the desired entries are in; `changes`: the writes that
         put them there (whose echoes may be read late, see `expects`)."""
         written: dict[str, dict[Hashable, Entry | None]] = {kind.name: {} for kind in KINDS}
@@ -156,7 +164,7 @@ class EntryTracker:
                 change.entry if change.op is Op.REPLACE else None
             )
         for name, tracker in self._trackers.items():
-            tracker.settle(written[name])
+            tracker.settle(written[name], now)
 
     def changes(self) -> list[Change]:
         """The pending changes of every kind, in the safe order (plan/diff.py)."""
@@ -165,8 +173,9 @@ class EntryTracker:
         }
         return ordered_changes(pending)
 
-    def expects(self, observed: Observed) -> bool:
-        """Whether a netlink event about an entry is our own write coming back."""
+    def expects(self, observed: Observed, now: float = 0.0) -> bool:
+        """Whether a netlink event about an entry is our own write coming back
+        (`now`: monotonic time, as given to `settle`)."""
         entry = observed.entry
         kind = KIND_OF.get(type(entry)) if entry is not None else None
         if kind is None:
@@ -176,4 +185,4 @@ class EntryTracker:
             # Somebody else's entry: none of ours unless it replaced ours.
             return tracker.actual is not None and kind.key(entry) not in tracker.actual
         value = entry if observed.present else None
-        return tracker.expects(kind.key(entry), value)
+        return tracker.expects(kind.key(entry), value, now)

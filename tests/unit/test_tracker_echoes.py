@@ -71,3 +71,23 @@ def test_forgetting_forgets_the_writes_too() -> None:
     tracker.forget()
     tracker.replace_actual(EntrySet())
     assert not tracker.expects(echo(True))
+
+
+def test_a_remembered_write_older_than_echo_seconds_is_drift() -> None:
+    """A peer that went and came back an hour ago: somebody deleting its
+    entry now is drift, not the echo of our old deletion."""
+    tracker = EntryTracker()
+    tracker.replace_actual(EntrySet())
+    with_entry = EntrySet.of([ENTRY])
+    tracker.replace_desired(EntrySet())
+    tracker.replace_desired(with_entry)
+    tracker.settle([Change(Op.REPLACE, ENTRY)], now=100.0)
+    tracker.replace_desired(EntrySet())
+    tracker.settle([Change(Op.DELETE, ENTRY)], now=101.0)
+    tracker.replace_desired(with_entry)
+    tracker.settle([Change(Op.REPLACE, ENTRY)], now=102.0)
+    # Within seconds, the deletion's echo read late is ours ...
+    assert tracker.expects(echo(False), now=103.0)
+    # ... an hour later it is somebody else's (and the entry is believed in).
+    assert not tracker.expects(echo(False), now=102.0 + 3600)
+    assert tracker.expects(echo(True), now=102.0 + 3600)  # as believed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -127,7 +128,7 @@ class PeerEntryManager:
         # Believed before it is true, so that the netlink events of our own
         # changes, which may arrive while the batch still runs, are
         # recognised as ours.
-        self.tracker.settle(changes)
+        self.tracker.settle(changes, time.monotonic())
         # Written by EntryWrites, with the other family's, after this.
         context.entry_writes.append(
             QueuedEntries(self, changes, planned, prior if context.level >= Level.FULL else None)
@@ -187,7 +188,7 @@ class PeerEntryManager:
         version = observed.family_version()
         if version and version != self.family.version:
             return False
-        return self.tracker.expects(observed)
+        return self.tracker.expects(observed, time.monotonic())
 
     def forget(self) -> None:
         self.tracker.forget()
