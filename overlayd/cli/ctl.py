@@ -236,6 +236,14 @@ def parser() -> argparse.ArgumentParser:
         help="with --policies: synthetic endpoints registered on the two hosts besides the"
         " bench containers (default %(default)s, at most 476)",
     )
+    bench.add_argument(
+        "--policy-egress",
+        choices=("gwbridge", "masquerade", "none"),
+        default="gwbridge",
+        help="with --policies: the lab's egress mode (default %(default)s, overlayd's own;"
+        " with none, the mode without policies has no stateful rule at all, so the ratio"
+        " also prices turning connection tracking on)",
+    )
     converge = lab_sub.add_parser(
         "converge",
         parents=[common],

@@ -413,6 +413,7 @@ def _bench(lab: Lab, args: argparse.Namespace) -> int:
             args.policy_endpoints,
             out,
             _progress,
+            egress=args.policy_egress,
         )
     elif args.vxlan_filter:
         texts = filter_bench(name, args.rounds, args.seconds, args.congestion, out, _progress)

@@ -24,7 +24,7 @@ from typing import Any
 from overlayd.config import parse_network_config
 from overlayd.lab import netns
 from overlayd.lab.hosts import PREFIX
-from overlayd.model import IPAddress
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.diagnose import Finding, PolicyFacts
 from overlayd.plan.diagnose import _policy_findings as policy_findings
 from overlayd.plan.endpoints import endpoints_prefix, render_endpoint
@@ -94,7 +94,9 @@ class Expected:
     skipped: dict[str, str]
 
 
-async def expected(store: EtcdStore, own_subnet: IPv4Network) -> Expected:
+async def expected(
+    store: EtcdStore, own_subnet: IPv4Network, gwbridge: tuple[IPNetwork, ...] = ()
+) -> Expected:
     """What the host holding `own_subnet` must enforce, from etcd as it is
     now, by the daemon's rules: its peers are the leases select_peers keeps."""
     config_value, _ = await store.get(config_key(PREFIX))
@@ -112,7 +114,7 @@ async def expected(store: EtcdStore, own_subnet: IPv4Network) -> Expected:
     policies, _ = await store.get_prefix(policies_prefix(OWN_PREFIX))
     endpoints, _ = await store.get_prefix(endpoints_prefix(OWN_PREFIX))
     ruleset, usable, selection, skipped = enforced_ruleset(
-        policies, endpoints, OWN_PREFIX, own, peers
+        policies, endpoints, OWN_PREFIX, own, peers, gwbridge=gwbridge
     )
     return Expected(ruleset, usable, selection.endpoints, skipped)
 

@@ -4,8 +4,11 @@ in force and with none, interleaved within each round (the order swapped
 every round), ratios paired within rounds, as `lab bench --vxlan-filter`
 measures the allow-list.
 
-One lab of two hosts (egress none, so that no other firewall rule is in
-the path), one container per host registered by overlay-cni. Set up once:
+One lab of two hosts (egress gwbridge by default, overlayd's own, so that
+connection tracking is on in both modes, as on a real host; `--policy-egress
+none` leaves no stateful rule in the mode without policies, so that its
+ratio also prices turning connection tracking on), one container per host
+registered by overlay-cni. Set up once:
 
 - both bench containers' registrations get the labels bench=iperf and
   common app, tier and env labels (policyload.BENCH_LABELS), so that some
@@ -69,6 +72,7 @@ from overlayd.plan.policy import PolicyChecker, policies_prefix
 from overlayd.plan.policy_model import Direction, HostSubnets, Protocol
 from overlayd.plan.policy_rules import counter_name
 from overlayd.store.etcd import EtcdStore
+from overlayd.surfaces.subnetfile import read_gwbridge_subnets
 
 MODES = ("policies", "none")
 METRICS = (
@@ -158,7 +162,10 @@ def _switch(lab: Lab, mode: str, items: list[tuple[str, str]]) -> tuple[float, E
     took = time.monotonic() - started
     found: list[Expected] = []
     for host in (1, 2):
-        wanted = lab.etcd(partial(expected, own_subnet=lab.subnet(host)))
+        # In gwbridge mode the daemon judges its gwbridge subnets as local,
+        # as diagnose reads them: from the host's subnet file.
+        gwbridge = read_gwbridge_subnets(lab.subnet_file(host))
+        wanted = lab.etcd(partial(expected, own_subnet=lab.subnet(host), gwbridge=gwbridge))
         finding = kernel_finding(lab.host_ns(host), wanted)
         if not finding.ok or wanted.ruleset.empty != (mode == "none"):
             raise RuntimeError(f"h{host} with {mode}: {finding.detail}")
@@ -190,6 +197,8 @@ def policy_bench(
     endpoints: int,
     out_dir: Path,
     progress: Callable[[str], None],
+    *,
+    egress: str = "gwbridge",
 ) -> Iterator[str]:
     if not 0 <= endpoints <= MAX_ENDPOINTS:
         raise ValueError(f"--policy-endpoints must be between 0 and {MAX_ENDPOINTS}")
@@ -198,7 +207,7 @@ def policy_bench(
     lab.down()
     run = Run()
     try:
-        lab.up(2, settings=LabSettings(egress="none"))
+        lab.up(2, settings=LabSettings(egress=egress))
         config = lab.network_config()
         assert config is not None
         cluster: IPv4Network = config.network
@@ -251,7 +260,9 @@ def policy_bench(
             )
     finally:
         lab.down()
-    yield from report(run, policies, endpoints, rounds, seconds, congestion, out_dir, a, b)
+    yield from report(
+        run, policies, endpoints, rounds, seconds, congestion, out_dir, a, b, egress=egress
+    )
 
 
 def verdict_line(wanted: Expected, a: bench.Endpoint, b: bench.Endpoint) -> str:
@@ -280,6 +291,8 @@ def report(
     out_dir: Path,
     a: bench.Endpoint,
     b: bench.Endpoint,
+    *,
+    egress: str = "gwbridge",
 ) -> Iterator[str]:
     rows, summary = bench.mode_rows(run.samples, MODES, METRICS)
     steal = run.steal
@@ -289,7 +302,8 @@ def report(
         f" congestion control {congestion}, {rounds} rounds of {seconds:g} s iperf3 (modes"
         f" interleaved, order swapped every round), hypervisor steal {min(steal):.1f} to"
         f" {max(steal):.1f} % per round. The IPv4 overlay path between containers on two"
-        f" hosts; {endpoints} synthetic endpoints besides the two bench containers.",
+        f" hosts, egress {egress}; {endpoints} synthetic endpoints besides the two bench"
+        " containers.",
         "",
         *rows,
         "",
