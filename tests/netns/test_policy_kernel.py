@@ -782,7 +782,8 @@ def test_the_kernel_lists_a_rules_set_in_its_own_order_and_diagnose_takes_it(
     the rendering as text, and unordered_sets (diagnose's comparison) sees
     the same rules. A changed port is still a difference."""
     try:
-        web = Box("web", "web", "10.244.1.3", "fd00:10:244:1::3", 1, (("app", "web"),))
+        labels = (("app", "web"),)
+        web = Box("web", "web", "10.244.1.3", "fd00:10:244:1::3", 1, labels, "0a:58:0a:f4:01:03")
         ports = (PortRange(Protocol.TCP, 6379, 6379), PortRange(Protocol.UDP, 53, 53))
         cache = Policy("cache", sel(app="web"), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
         ruleset = policy_ruleset([cache], [web.endpoint()], LOCAL)
