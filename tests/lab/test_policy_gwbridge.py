@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -29,10 +30,9 @@ import pytest
 from overlayd.lab import echo, netns
 from overlayd.lab.lab import Lab, LabSettings
 from overlayd.lab.topology import OUTSIDE_SERVER, OUTSIDE_SERVER6
-from overlayd.plan.policy_rules import listed_elements
 from tests.conftest import SESSION_TAG, needs_root
 from tests.lab.fakes import lab_network
-from tests.lab.policy_site import WAIT, WAIT_TIMEOUT, Site, both, expect, k8s
+from tests.lab.policy_site import WAIT, WAIT_TIMEOUT, Site, both, expect, k8s, policy_sets
 from tests.lab.test_policy import fill_site
 
 pytestmark = [needs_root, pytest.mark.lab]
@@ -83,13 +83,6 @@ def addresses(site: Site, name: str, ifname: str) -> list[dict[str, Any]]:
     return found
 
 
-def policy_sets(site: Site, host: int) -> dict[str, set[str]]:
-    listing = netns.in_ns(
-        site.lab.host_ns(host), "nft", "-j", "list", "table", "inet", "overlayd_policy"
-    )
-    return {name: set(map(str, found)) for name, found in listed_elements(listing).items()}
-
-
 def test_egress_to_an_ip_block_holds_on_the_gwbridge_way_out(clean: Site) -> None:
     site = clean
     # The way out is eth1, for both families (what this test is about).
@@ -129,9 +122,11 @@ def test_egress_to_an_ip_block_holds_on_the_gwbridge_way_out(clean: Site) -> Non
         ),
     )
     # web1's gwbridge addresses are in host 1's sets of app=web.
-    gwbridge = {a["local"] for a in addresses(site, "web1", "eth1") if a["scope"] == "global"}
+    gwbridge = {
+        ip_address(a["local"]) for a in addresses(site, "web1", "eth1") if a["scope"] == "global"
+    }
     assert len(gwbridge) == 2  # an IPv4 and an IPv6 address
-    web_sets = [found for name, found in policy_sets(site, 1).items() if "app_web" in name]
+    web_sets = [found for name, found in policy_sets(site.lab, 1).items() if "app_web" in name]
     assert gwbridge <= set().union(*web_sets)
     expect(
         site,
