@@ -14,10 +14,10 @@ May import: model, errors, plan (for rendering), and the tools' libraries.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv6Interface
-from typing import Protocol
+from typing import Any, Protocol
 
 from overlayd.dataplane import entries, sysctl
 from overlayd.dataplane.entries import ApplyResult
@@ -66,8 +66,9 @@ class DataplanePort(Protocol):
         """One nft transaction on the policy table (plan/policy_rules.py)."""
         ...
 
-    async def policy_listing(self) -> str | None:
-        """The policy table as `nft -j` lists it; None when it does not exist."""
+    async def policy_listing(self) -> Mapping[str, Any] | None:
+        """The policy table's sets and counters as `nft -j` lists them, in
+        one document; None when the table does not exist."""
         ...
 
     async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet: ...
@@ -148,8 +149,8 @@ class Dataplane:
     async def apply_policy(self, statements: Sequence[str]) -> None:
         await self.nft.nft.apply(policy_rules.script(statements))
 
-    async def policy_listing(self) -> str | None:
-        return await self.nft.nft.listing_json(policy_rules.WHERE)
+    async def policy_listing(self) -> Mapping[str, Any] | None:
+        return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         await self.vxlan_filter.update(f, changes)

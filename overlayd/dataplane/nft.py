@@ -20,11 +20,13 @@ No other table is ever listed or written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 from collections.abc import Sequence
 from ipaddress import ip_address
+from typing import Any
 
 from overlayd.dataplane.command import run
 from overlayd.errors import OverlaydError
@@ -81,6 +83,27 @@ class Nft:
         when the table does not exist."""
         code, out, _ = await run([*self.prefix, "-j", "list", "table", *where.split()])
         return out.decode() if code == 0 else None
+
+    async def sets_and_counters_json(self, where: str) -> dict[str, Any] | None:
+        """The sets (with their elements) and the named counters of table
+        `where`, as `nft -j` lists them, in one document; None when the
+        table does not exist. Cheaper than listing the table: nft spends
+        most of a table listing on translating its rules, which a check of
+        elements and counters does not need (measured with 500 policies: the
+        table 0.27 s, sets 0.09 s, counters 0.10 s, the last two run at once)."""
+        kind = ["table", *where.split()]
+        (sets_code, sets, _), (counters_code, counters, _) = await asyncio.gather(
+            run([*self.prefix, "-j", "list", "sets", *kind]),
+            run([*self.prefix, "-j", "list", "counters", *kind]),
+        )
+        if sets_code != 0 or counters_code != 0:
+            return None
+        items: list[Any] = []
+        for out in (sets, counters):
+            listed = json.loads(out)
+            found = listed.get("nftables", []) if isinstance(listed, dict) else []
+            items.extend(found if isinstance(found, list) else [])
+        return {"nftables": items}
 
     async def delete_table(self, family: str = FAMILY) -> bool:
         code, _, _ = await run([*self.prefix, "delete", "table", family, TABLE])

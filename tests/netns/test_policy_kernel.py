@@ -36,6 +36,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 import pytest
 
 from overlayd.dataplane import sysctl
+from overlayd.dataplane.nft import Nft
 from overlayd.lab import echo
 from overlayd.lab import netns as lab_netns
 from overlayd.plan.policy_model import (
@@ -769,6 +770,13 @@ def test_listing_json_is_what_the_reader_expects(netns: str) -> None:
         listing = json.loads(nft(netns, "-j", "list", "table", "inet", TABLE))
         assert listed_elements(listing) == {n: st.elements for n, st in ruleset.sets.items()}
         assert listed_counters(listing) == dict.fromkeys(ruleset.counters, 0)
+        # What a check pass reads (sets and counters alone, two listings at
+        # once) says the same as the whole table.
+        checked = asyncio.run(Nft(netns).sets_and_counters_json(f"inet {TABLE}"))
+        assert checked is not None
+        assert listed_elements(checked) == listed_elements(listing)
+        assert listed_counters(checked) == listed_counters(listing)
+        assert asyncio.run(Nft(netns).sets_and_counters_json("inet no_such_table")) is None
         # The rules as the kernel lists them are the rules as rendered.
         terse = nft(netns, "-t", "list", "table", "inet", TABLE)
         assert terse_listing(terse) == render_ruleset(ruleset, elements=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from ipaddress import (
     IPv4Address,
@@ -17,6 +17,7 @@ from ipaddress import (
     IPv6Network,
 )
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,7 @@ class FakeDataplane:
         self.calls.append("policy")
         self.policy_statements.append(list(statements))
 
-    async def policy_listing(self) -> str | None:
+    async def policy_listing(self) -> Mapping[str, Any] | None:
         return None
 
     async def ensure_gwbridge(

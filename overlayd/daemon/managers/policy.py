@@ -137,10 +137,16 @@ class PolicyManager:
     ) -> PolicyRuleset:
         """The ruleset: moved by the endpoints that changed when only they
         did (the selection hands back the same Endpoint object for an
-        unchanged registration), made from scratch otherwise."""
+        unchanged registration), made from scratch otherwise, and on a full
+        pass. A check pass keeps the moved ruleset too: its job is the
+        kernel's drift, which it finds by listing; making the ruleset again
+        cost as much as the listing itself (0.06 s at 500 policies and 400
+        endpoints, 0.37 s at 10,000 endpoints) on every resync, for a value
+        with_endpoints already gives (tests/unit/test_policy_rules.py holds
+        the two equal)."""
         basis = (tuple(map(id, policies)), local)
         kept = self._last
-        if kept is not None and level < Level.CHECK and kept[0] == basis:
+        if kept is not None and level < Level.FULL and kept[0] == basis:
             before = kept[2]
             now = {e.key: e for e in endpoints}
             gone = [e for key, e in before.items() if now.get(key) is not e]
