@@ -188,7 +188,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], state: ServiceState) -> str:
             [
                 r["name"],
                 ",".join(r["vips"]),
-                " ".join(port_texts(by_name[r["name"]])),
+                ", ".join(port_texts(by_name[r["name"]])),
                 r["selector"],
                 r["backends"],
             ]

@@ -49,7 +49,10 @@ from overlayd.plan.service import (
 from overlayd.plan.service_model import Service
 from overlayd.store.base import Store
 
-MAX_ATTEMPTS = 16
+# A creator loses a round only to another creator that won one (a key it
+# wanted appeared), and each wins once: up to this many concurrent creators
+# all get through.
+MAX_ATTEMPTS = 32
 
 
 class ServiceConflict(OverlaydError):
