@@ -230,13 +230,77 @@ def parse_network_config(text: str | bytes) -> NetworkConfig:
     if subnet_min > subnet_max:
         raise ConfigError("SubnetMin", f"{subnet_min} is above SubnetMax {subnet_max}")
 
+    ipv6 = parse_ipv6(raw)
+    service_network, service_network6 = parse_service_networks(raw, network, ipv6)
     return NetworkConfig(
         network=network,
         subnet_len=subnet_len,
         subnet_min=subnet_min,
         subnet_max=subnet_max,
         backend=parse_backend(raw.get("Backend")),
-        ipv6=parse_ipv6(raw),
+        ipv6=ipv6,
+        service_network=service_network,
+        service_network6=service_network6,
+    )
+
+
+# A service network holds at least this many addresses (a /28 or a /124):
+# the network and last addresses are never VIPs.
+MIN_SERVICE_ADDRESSES = 16
+
+
+def _service_network(
+    raw: Mapping[str, Any], name: str, version: int, example: str
+) -> IPv4Network | IPv6Network | None:
+    text = raw.get(name)
+    if text is None:
+        return None
+    if not isinstance(text, str) or not text:
+        raise ConfigError(
+            name, f"must be an IPv{version} CIDR such as {example}, got {json.dumps(text)}"
+        )
+    network_type = IPv4Network if version == 4 else IPv6Network
+    try:
+        network: IPv4Network | IPv6Network = network_type(text, strict=True)
+    except (AddressValueError, NetmaskValueError, ValueError) as exc:
+        raise ConfigError(name, f"{text!r} is not an IPv{version} network: {exc}") from exc
+    if network.num_addresses < MIN_SERVICE_ADDRESSES:
+        smallest = network.max_prefixlen - 4
+        raise ConfigError(
+            name, f"{network} is too small: a service network is a /{smallest} or larger"
+        )
+    unicast = (
+        is_unicast_ipv6_network(network)
+        if isinstance(network, IPv6Network)
+        else not (network.is_loopback or network.is_multicast or network.is_unspecified)
+    )
+    if not unicast:
+        raise ConfigError(name, f"{network} is not a unicast range")
+    return network
+
+
+def parse_service_networks(
+    raw: Mapping[str, Any], network: IPv4Network, ipv6: Ipv6Config | None
+) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """`ServiceNetwork` and `IPv6ServiceNetwork` (overlayd's own fields):
+    where service VIPs are allocated. Each must be a network of its family
+    with room for VIPs, apart from the containers' network (a VIP that is
+    also some host's container address would be DNATed away from it)."""
+    found4 = _service_network(raw, "ServiceNetwork", 4, "10.96.0.0/16")
+    found6 = _service_network(raw, "IPv6ServiceNetwork", 6, "fd00:10:96::/112")
+    if found4 is not None and found4.overlaps(network):
+        raise ConfigError("ServiceNetwork", f"{found4} overlaps Network {network}")
+    if found6 is not None:
+        if ipv6 is None:
+            raise ConfigError(
+                "IPv6ServiceNetwork",
+                "needs EnableIPv6 (containers without IPv6 addresses cannot be IPv6 backends)",
+            )
+        if found6.overlaps(ipv6.network):
+            raise ConfigError("IPv6ServiceNetwork", f"{found6} overlaps IPv6Network {ipv6.network}")
+    return (
+        found4 if isinstance(found4, IPv4Network) else None,
+        found6 if isinstance(found6, IPv6Network) else None,
     )
 
 
@@ -265,6 +329,10 @@ def render_network_config(config: NetworkConfig) -> str:
             "IPv6SubnetMin": str(config.ipv6.subnet_min),
             "IPv6SubnetMax": str(config.ipv6.subnet_max),
         }
+    if config.service_network is not None:
+        rendered["ServiceNetwork"] = str(config.service_network)
+    if config.service_network6 is not None:
+        rendered["IPv6ServiceNetwork"] = str(config.service_network6)
     return json.dumps(rendered | {"Backend": backend})
 
 

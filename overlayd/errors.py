@@ -22,15 +22,24 @@ class SubnetsExhaustedError(OverlaydError):
     """No free subnet is left in the network."""
 
 
-class PolicyError(OverlaydError):
-    """A policy document is refused; `field` is the path of the field at
-    fault as the document spells it ("spec.ingress[0].ports[2].endPort"),
-    and the message always starts with it."""
+class DocumentError(OverlaydError):
+    """A document (a policy, a service) is refused; `field` is the path of
+    the field at fault as the document spells it
+    ("spec.ingress[0].ports[2].endPort"), and the message always starts
+    with it."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class PolicyError(DocumentError):
+    """A policy document is refused (see DocumentError)."""
+
+
+class ServiceError(DocumentError):
+    """A service definition is refused (see DocumentError)."""
 
 
 class EndpointError(OverlaydError):

@@ -93,6 +93,15 @@ class NetworkConfig:
     subnet_max: IPv4Address
     backend: BackendConfig = field(default_factory=BackendConfig)
     ipv6: Ipv6Config | None = None  # None unless EnableIPv6
+    # Where service VIPs come from (overlayd's `ServiceNetwork` and
+    # `IPv6ServiceNetwork`; flannel ignores them); None: no services.
+    service_network: IPv4Network | None = None
+    service_network6: IPv6Network | None = None
+
+    @property
+    def service_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """The service networks the config has, IPv4 first."""
+        return tuple(n for n in (self.service_network, self.service_network6) if n is not None)
 
 
 @dataclass(frozen=True, slots=True)

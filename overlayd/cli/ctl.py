@@ -6,6 +6,7 @@ tree and dispatches; each command group lives in its own module:
     leases.py    leases, network show|set, leave (etcd)
     policy.py    policy apply|list|show|delete|check|wait, endpoints,
                  endpoint label (network policy in etcd)
+    service.py   service create|list|show|delete (services in etcd)
     probe.py     check (a probe container pings every peer)
     events.py    events (MQTT)
     docker.py    docker-opts
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from overlayd import __version__
-from overlayd.cli import diagnose, docker, events, labctl, leases, policy, probe, status
+from overlayd.cli import diagnose, docker, events, labctl, leases, policy, probe, service, status
 from overlayd.cli.common import add_settings_flags
 from overlayd.config import DEFAULT_EGRESS, DEFAULT_RESYNC_SECONDS, EGRESS_MODES
 from overlayd.errors import OverlaydError
@@ -114,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
         "--probe-name", default="overlayd-probe", help="name of the probe's network namespace"
     )
     policy.add_commands(sub)
+    service.add_commands(sub)
     command(
         "leave",
         leases.cmd_leave,

@@ -128,7 +128,7 @@ def show(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -181,7 +181,7 @@ def label_value_problem(value: object) -> str | None:
     what is wrong, naming the value."""
     if not isinstance(value, str):
         hint = " (quote it)" if isinstance(value, bool | int | float) else ""
-        return f"label value {show(value)} is {_kind(value)}, not a string{hint}"
+        return f"label value {show(value)} is {kind_of(value)}, not a string{hint}"
     if not value:
         return None
     if len(value) > 63:
@@ -198,7 +198,7 @@ def name_problem(name: object) -> str | None:
     """None for a valid policy name (a DNS-1123 label: at most 63
     lower-case alphanumerics and '-', alphanumeric at both ends)."""
     if not isinstance(name, str):
-        return f"{show(name)} is {_kind(name)}, not a string"
+        return f"{show(name)} is {kind_of(name)}, not a string"
     if not name:
         return "is empty"
     if len(name) > 63:
@@ -236,7 +236,7 @@ class _Loader(_SafeLoader):
         # one again means it was referred to by an alias (or a merge key).
         if node in self.constructed_objects:
             raise yaml.constructor.ConstructorError(
-                None, None, "YAML aliases (*name) are not accepted in a policy", node.start_mark
+                None, None, "YAML aliases (*name) are not accepted", node.start_mark
             )
         return super().construct_object(node, deep)
 
@@ -263,7 +263,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _load(document: str | bytes | bytearray) -> Any:
+def load_document(document: str | bytes | bytearray) -> Any:
     """The document's data, JSON tried first (faster, and its own error
     messages for a document that looks like JSON), YAML otherwise."""
     if len(document) > MAX_POLICY_BYTES:
@@ -299,127 +299,129 @@ def _load(document: str | bytes | bytearray) -> Any:
 
 
 # --- structure helpers ----------------------------------------------------------
+# Public because plan/service.py reads its documents with the same rules
+# (load_document, the path-naming refusals, selectors, port numbers).
 
 
-def _fail(path: str, reason: str) -> NoReturn:
+def fail(path: str, reason: str) -> NoReturn:
     raise PolicyError(path or "document", reason)
 
 
-def _join(path: str, name: str) -> str:
+def join_path(path: str, name: str) -> str:
     shown = name if _FIELD_RE.fullmatch(name) else show(name, 40)
     return f"{path}.{shown}" if path else shown
 
 
-def _object(raw: object, path: str) -> Mapping[str, Any]:
+def as_object(raw: object, path: str) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
-        _fail(path, f"must be an object, not {_kind(raw)}")
+        fail(path, f"must be an object, not {kind_of(raw)}")
     for key in raw:
         if not isinstance(key, str):
-            _fail(path, f"the key {show(key)} is not a string")
+            fail(path, f"the key {show(key)} is not a string")
     return raw
 
 
-def _known(obj: Mapping[str, Any], path: str, known: Iterable[str], hint: str = "") -> None:
+def check_known(obj: Mapping[str, Any], path: str, known: Iterable[str], hint: str = "") -> None:
     unknown = obj.keys() - set(known)
     if unknown:
         field = min(unknown)
-        _fail(
-            _join(path, field),
+        fail(
+            join_path(path, field),
             f"unknown field (expected {', '.join(sorted(known))}){hint}",
         )
 
 
-def _list(raw: object, path: str, limit: int) -> Sequence[Any]:
+def as_list(raw: object, path: str, limit: int) -> Sequence[Any]:
     """A list field; absent or null is empty, as Kubernetes reads it."""
     if raw is None:
         return ()
     if not isinstance(raw, list | tuple):
-        _fail(path, f"must be a list, not {_kind(raw)}")
+        fail(path, f"must be a list, not {kind_of(raw)}")
     if len(raw) > limit:
-        _fail(path, f"{len(raw)} entries, more than the limit of {limit}")
+        fail(path, f"{len(raw)} entries, more than the limit of {limit}")
     return raw
 
 
 # --- selectors, peers, ports -------------------------------------------------------
 
 
-def _selector(raw: object, path: str) -> LabelSelector:
-    obj = _object(raw, path)
-    _known(obj, path, ("matchLabels", "matchExpressions"))
-    labels_path = _join(path, "matchLabels")
-    labels = _object(obj.get("matchLabels") or {}, labels_path)
+def parse_selector(raw: object, path: str) -> LabelSelector:
+    obj = as_object(raw, path)
+    check_known(obj, path, ("matchLabels", "matchExpressions"))
+    labels_path = join_path(path, "matchLabels")
+    labels = as_object(obj.get("matchLabels") or {}, labels_path)
     for key, value in labels.items():
         problem = label_key_problem(key) or label_value_problem(value)
         if problem:
-            _fail(labels_path, problem)
-    expressions_path = _join(path, "matchExpressions")
+            fail(labels_path, problem)
+    expressions_path = join_path(path, "matchExpressions")
     requirements = [
         _requirement(item, f"{expressions_path}[{index}]")
-        for index, item in enumerate(_list(obj.get("matchExpressions"), expressions_path, 1000))
+        for index, item in enumerate(as_list(obj.get("matchExpressions"), expressions_path, 1000))
     ]
     requirements.sort(key=lambda r: (r.key, r.operator.value, sorted(r.values)))
     return LabelSelector(tuple(sorted(labels.items())), tuple(requirements))
 
 
 def _requirement(raw: object, path: str) -> Requirement:
-    obj = _object(raw, path)
-    _known(obj, path, ("key", "operator", "values"))
+    obj = as_object(raw, path)
+    check_known(obj, path, ("key", "operator", "values"))
     key = obj.get("key")
     if key is None:
-        _fail(_join(path, "key"), "required")
+        fail(join_path(path, "key"), "required")
     problem = label_key_problem(key)
     if problem:
-        _fail(_join(path, "key"), problem)
+        fail(join_path(path, "key"), problem)
     operator_raw = obj.get("operator")
     operator = _OPERATORS.get(operator_raw) if isinstance(operator_raw, str) else None
     if operator is None:
         given = "required" if operator_raw is None else f"{show(operator_raw)} is not"
-        _fail(_join(path, "operator"), f"{given} one of In, NotIn, Exists, DoesNotExist")
-    values_path = _join(path, "values")
-    values = _list(obj.get("values"), values_path, 1000)
+        fail(join_path(path, "operator"), f"{given} one of In, NotIn, Exists, DoesNotExist")
+    values_path = join_path(path, "values")
+    values = as_list(obj.get("values"), values_path, 1000)
     if operator in (Operator.IN, Operator.NOT_IN) and not values:
-        _fail(values_path, f"{operator.value} needs at least one value")
+        fail(values_path, f"{operator.value} needs at least one value")
     if operator in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
-        _fail(values_path, f"{operator.value} takes no values")
+        fail(values_path, f"{operator.value} takes no values")
     for index, value in enumerate(values):
         problem = label_value_problem(value)
         if problem:
-            _fail(f"{values_path}[{index}]", problem)
+            fail(f"{values_path}[{index}]", problem)
     return Requirement(str(key), operator, frozenset(values))
 
 
 def _network(raw: object, path: str) -> IPNetwork:
     if not isinstance(raw, str):
-        _fail(path, f"{show(raw)} is {_kind(raw)}, not a CIDR string")
+        fail(path, f"{show(raw)} is {kind_of(raw)}, not a CIDR string")
     if not _CIDR_RE.fullmatch(raw):
-        _fail(path, f"{show(raw)} is not a CIDR (an address and a prefix length: 10.0.0.0/8)")
+        fail(path, f"{show(raw)} is not a CIDR (an address and a prefix length: 10.0.0.0/8)")
     try:
         return ip_network(raw, strict=True)
     except ValueError as exc:
         try:
             meant = ip_network(raw, strict=False)
         except ValueError:
-            _fail(path, f"{show(raw)} is not a CIDR: {exc}")
-        _fail(path, f"{raw} has host bits set: the network is {meant}")
+            fail(path, f"{show(raw)} is not a CIDR: {exc}")
+        fail(path, f"{raw} has host bits set: the network is {meant}")
 
 
 def _ip_block(raw: object, path: str) -> IpBlock:
-    obj = _object(raw, path)
-    _known(obj, path, ("cidr", "except"))
+    obj = as_object(raw, path)
+    check_known(obj, path, ("cidr", "except"))
     if obj.get("cidr") is None:
-        _fail(_join(path, "cidr"), "required")
-    cidr = _network(obj["cidr"], _join(path, "cidr"))
-    excepts_path = _join(path, "except")
+        fail(join_path(path, "cidr"), "required")
+    cidr = _network(obj["cidr"], join_path(path, "cidr"))
+    excepts_path = join_path(path, "except")
     excepts: list[IPNetwork] = []
-    for index, item in enumerate(_list(obj.get("except"), excepts_path, MAX_EXCEPTS)):
+    for index, item in enumerate(as_list(obj.get("except"), excepts_path, MAX_EXCEPTS)):
         item_path = f"{excepts_path}[{index}]"
         block = _network(item, item_path)
         if block.version != cidr.version:
-            _fail(item_path, f"{block} is IPv{block.version}, the cidr {cidr} IPv{cidr.version}")
+            fail(item_path, f"{block} is IPv{block.version}, the cidr {cidr} IPv{cidr.version}")
         # Kubernetes' rule: a strict subset of cidr (an except equal to the
         # cidr would leave a block that matches nothing).
         if not (block.prefixlen > cidr.prefixlen and block.network_address in cidr):
-            _fail(item_path, f"{block} is not a strict subnet of the cidr {cidr}")
+            fail(item_path, f"{block} is not a strict subnet of the cidr {cidr}")
         excepts.append(block)
     return IpBlock(cidr, tuple(excepts))
 
@@ -440,58 +442,60 @@ _KUBERNETES = _Dialect(
 
 
 def _peer(raw: object, path: str, dialect: _Dialect) -> PolicyPeer:
-    obj = _object(raw, path)
-    _known(obj, path, dialect.peer_fields)
+    obj = as_object(raw, path)
+    check_known(obj, path, dialect.peer_fields)
     if obj.get("namespaceSelector") is not None:
-        _fail(_join(path, "namespaceSelector"), _NO_NAMESPACES)
+        fail(join_path(path, "namespaceSelector"), _NO_NAMESPACES)
     present = [name for name in dialect.peer_fields if obj.get(name) is not None]
     if not present:
-        _fail(path, f"a peer needs {dialect.peer_selector} or ipBlock")
+        fail(path, f"a peer needs {dialect.peer_selector} or ipBlock")
     if len(present) > 1:
-        _fail(path, f"{dialect.peer_selector} and ipBlock exclude each other: write two peers")
+        fail(path, f"{dialect.peer_selector} and ipBlock exclude each other: write two peers")
     if present[0] == "ipBlock":
-        return _ip_block(obj["ipBlock"], _join(path, "ipBlock"))
-    return SelectorPeer(_selector(obj[dialect.peer_selector], _join(path, dialect.peer_selector)))
+        return _ip_block(obj["ipBlock"], join_path(path, "ipBlock"))
+    return SelectorPeer(
+        parse_selector(obj[dialect.peer_selector], join_path(path, dialect.peer_selector))
+    )
 
 
-def _port_number(raw: object, path: str) -> int:
+def port_number(raw: object, path: str) -> int:
     if isinstance(raw, str):
         hint = f"write {raw} without quotes" if raw.isdigit() else "write the number"
-        _fail(path, f"named ports ({show(raw)}) are not supported in overlayd: {hint}")
+        fail(path, f"named ports ({show(raw)}) are not supported in overlayd: {hint}")
     if isinstance(raw, bool) or not isinstance(raw, int):
-        _fail(path, f"{show(raw)} is {_kind(raw)}, not a port number")
+        fail(path, f"{show(raw)} is {kind_of(raw)}, not a port number")
     if not 1 <= raw <= 65535:
-        _fail(path, f"{raw} is not a port (1-65535)")
+        fail(path, f"{raw} is not a port (1-65535)")
     return raw
 
 
 def _port_range(raw: object, path: str) -> PortRange:
-    obj = _object(raw, path)
-    _known(obj, path, ("endPort", "port", "protocol"))
+    obj = as_object(raw, path)
+    check_known(obj, path, ("endPort", "port", "protocol"))
     protocol_raw = obj.get("protocol")
     if protocol_raw is None:
         protocol = Protocol.TCP
     else:
         found = _PROTOCOLS.get(protocol_raw) if isinstance(protocol_raw, str) else None
         if found is None:
-            _fail(_join(path, "protocol"), f"{show(protocol_raw)} is not TCP, UDP or SCTP")
+            fail(join_path(path, "protocol"), f"{show(protocol_raw)} is not TCP, UDP or SCTP")
         protocol = found
     port_raw, end_raw = obj.get("port"), obj.get("endPort")
     if port_raw is None:
         if end_raw is not None:
-            _fail(_join(path, "endPort"), "needs port (the first port of the range)")
+            fail(join_path(path, "endPort"), "needs port (the first port of the range)")
         return PortRange(protocol)
-    port = _port_number(port_raw, _join(path, "port"))
+    port = port_number(port_raw, join_path(path, "port"))
     if end_raw is None:
         return PortRange(protocol, port, port)
-    end = _port_number(end_raw, _join(path, "endPort"))
+    end = port_number(end_raw, join_path(path, "endPort"))
     if end < port:
-        _fail(_join(path, "endPort"), f"{end} is less than port {port}")
+        fail(join_path(path, "endPort"), f"{end} is less than port {port}")
     return PortRange(protocol, port, end)
 
 
 def _rule(raw: object, path: str, direction: Direction, dialect: _Dialect) -> Rule:
-    obj = _object(raw, path)
+    obj = as_object(raw, path)
     peers_field = _PEERS_FIELD[direction]
     other = _PEERS_FIELD[Direction.EGRESS if direction is Direction.INGRESS else Direction.INGRESS]
     hint = (
@@ -499,15 +503,15 @@ def _rule(raw: object, path: str, direction: Direction, dialect: _Dialect) -> Ru
         if other in obj
         else ""
     )
-    _known(obj, path, (peers_field, "ports"), hint)
-    peers_path, ports_path = _join(path, peers_field), _join(path, "ports")
+    check_known(obj, path, (peers_field, "ports"), hint)
+    peers_path, ports_path = join_path(path, peers_field), join_path(path, "ports")
     peers = tuple(
         _peer(item, f"{peers_path}[{index}]", dialect)
-        for index, item in enumerate(_list(obj.get(peers_field), peers_path, MAX_PEERS))
+        for index, item in enumerate(as_list(obj.get(peers_field), peers_path, MAX_PEERS))
     )
     ports = tuple(
         _port_range(item, f"{ports_path}[{index}]")
-        for index, item in enumerate(_list(obj.get("ports"), ports_path, MAX_PORTS))
+        for index, item in enumerate(as_list(obj.get("ports"), ports_path, MAX_PORTS))
     )
     return Rule(peers or None, ports or None)
 
@@ -519,16 +523,16 @@ def _policy_name(raw: object, path: str, given: str | None) -> str:
     if given is not None:
         problem = name_problem(given)
         if problem:
-            _fail(path, f"the name given for the policy {problem}")
+            fail(path, f"the name given for the policy {problem}")
     if raw is None:
         if given is None:
-            _fail(path, "required")
+            fail(path, "required")
         return given
     problem = name_problem(raw)
     if problem:
-        _fail(path, problem)
+        fail(path, problem)
     if given is not None and raw != given:
-        _fail(path, f"the document names {show(raw)}, but it is applied as {show(given)}")
+        fail(path, f"the document names {show(raw)}, but it is applied as {show(given)}")
     return str(raw)
 
 
@@ -536,21 +540,21 @@ def _body(
     obj: Mapping[str, Any], path: str, name: str, selector: LabelSelector, dialect: _Dialect
 ) -> Policy:
     """policyTypes, ingress and egress: the part both shapes share."""
-    types_path = _join(path, "policyTypes")
-    types_raw = _list(obj.get("policyTypes"), types_path, 2)
+    types_path = join_path(path, "policyTypes")
+    types_raw = as_list(obj.get("policyTypes"), types_path, 2)
     types: set[Direction] = set()
     for index, item in enumerate(types_raw):
         direction = _DIRECTIONS.get(item) if isinstance(item, str) else None
         if direction is None:
-            _fail(f"{types_path}[{index}]", f"{show(item)} is not Ingress or Egress")
+            fail(f"{types_path}[{index}]", f"{show(item)} is not Ingress or Egress")
         types.add(direction)
     rules: dict[Direction, tuple[Rule, ...]] = {}
     for direction in _BOTH:
-        rules_path = _join(path, _RULES_FIELD[direction])
+        rules_path = join_path(path, _RULES_FIELD[direction])
         rules[direction] = tuple(
             _rule(item, f"{rules_path}[{index}]", direction, dialect)
             for index, item in enumerate(
-                _list(obj.get(_RULES_FIELD[direction]), rules_path, MAX_RULES)
+                as_list(obj.get(_RULES_FIELD[direction]), rules_path, MAX_RULES)
             )
         )
     if not types:
@@ -561,8 +565,8 @@ def _body(
             types.add(Direction.EGRESS)
     for direction in _BOTH:
         if rules[direction] and direction not in types:
-            _fail(
-                _join(path, _RULES_FIELD[direction]),
+            fail(
+                join_path(path, _RULES_FIELD[direction]),
                 f"policyTypes does not include {direction.value}, so these rules would be"
                 f" ignored (and {direction.value.lower()} left open): add {direction.value}"
                 " to policyTypes or remove them",
@@ -597,38 +601,38 @@ _METADATA_FIELDS = (
 
 def _required_selector(obj: Mapping[str, Any], path: str, field: str) -> LabelSelector:
     if obj.get(field) is None:
-        _fail(_join(path, field), "required ({} selects every endpoint)")
-    return _selector(obj[field], _join(path, field))
+        fail(join_path(path, field), "required ({} selects every endpoint)")
+    return parse_selector(obj[field], join_path(path, field))
 
 
 def _ours(root: Mapping[str, Any], name: str | None) -> Policy:
     hint = " (or write a Kubernetes NetworkPolicy)" if "podSelector" in root else ""
-    _known(root, "", _OUR_FIELDS, hint)
+    check_known(root, "", _OUR_FIELDS, hint)
     policy_name = _policy_name(root.get("name"), "name", name)
     return _body(root, "", policy_name, _required_selector(root, "", "selector"), _OURS)
 
 
 def _kubernetes(root: Mapping[str, Any], name: str | None) -> Policy:
-    _known(root, "", _KUBERNETES_FIELDS)
+    check_known(root, "", _KUBERNETES_FIELDS)
     kind = root.get("kind")
     if kind != "NetworkPolicy":
-        _fail(
+        fail(
             "kind",
             "required: NetworkPolicy" if kind is None else f"{show(kind)} is not NetworkPolicy",
         )
     api = root.get("apiVersion")
     if api != KUBERNETES_API_VERSION:
         given = "required" if api is None else f"{show(api)} is not supported"
-        _fail("apiVersion", f"{given}: {KUBERNETES_API_VERSION}")
-    metadata = _object(root.get("metadata") or {}, "metadata")
-    _known(metadata, "metadata", _METADATA_FIELDS)
+        fail("apiVersion", f"{given}: {KUBERNETES_API_VERSION}")
+    metadata = as_object(root.get("metadata") or {}, "metadata")
+    check_known(metadata, "metadata", _METADATA_FIELDS)
     if metadata.get("namespace") is not None:
-        _fail("metadata.namespace", _NO_NAMESPACES)
+        fail("metadata.namespace", _NO_NAMESPACES)
     policy_name = _policy_name(metadata.get("name"), "metadata.name", name)
     if root.get("spec") is None:
-        _fail("spec", "required")
-    spec = _object(root["spec"], "spec")
-    _known(spec, "spec", _SPEC_FIELDS)
+        fail("spec", "required")
+    spec = as_object(root["spec"], "spec")
+    check_known(spec, "spec", _SPEC_FIELDS)
     selector = _required_selector(spec, "spec", "podSelector")
     return _body(spec, "spec", policy_name, selector, _KUBERNETES)
 
@@ -639,8 +643,8 @@ def parse_policy(
     """Validate a policy document (JSON or YAML text, or its data) of
     either shape; `name` fills in or must equal the document's name.
     Raises PolicyError naming the field at fault."""
-    raw = _load(document) if isinstance(document, str | bytes | bytearray) else document
-    root = _object(raw, "document")
+    raw = load_document(document) if isinstance(document, str | bytes | bytearray) else document
+    root = as_object(raw, "document")
     if root.keys() & {"apiVersion", "kind", "metadata", "spec"}:
         return _kubernetes(root, name)
     return _ours(root, name)
@@ -649,7 +653,7 @@ def parse_policy(
 # --- rendering -----------------------------------------------------------------
 
 
-def _render_selector(selector: LabelSelector) -> dict[str, Any]:
+def render_selector(selector: LabelSelector) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if selector.match_labels:
         found["matchLabels"] = dict(selector.match_labels)
@@ -664,7 +668,7 @@ def _render_selector(selector: LabelSelector) -> dict[str, Any]:
 
 def _render_peer(peer: PolicyPeer) -> dict[str, Any]:
     if isinstance(peer, SelectorPeer):
-        return {"selector": _render_selector(peer.selector)}
+        return {"selector": render_selector(peer.selector)}
     block: dict[str, Any] = {"cidr": str(peer.cidr)}
     if peer.excepts:
         block["except"] = [str(net) for net in peer.excepts]
@@ -688,7 +692,7 @@ def render_policy(policy: Policy) -> str:
     refuses it before anything is written."""
     document: dict[str, Any] = {
         "name": policy.name,
-        "selector": _render_selector(policy.selector),
+        "selector": render_selector(policy.selector),
         "policyTypes": [d.value for d in _BOTH if d in policy.types],
     }
     for direction in _BOTH:

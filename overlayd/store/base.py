@@ -6,7 +6,7 @@ mirror and the lease keeper implement it with a dictionary."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -102,6 +102,16 @@ class Store(Protocol):
     ) -> bool:
         """Put the key bound to the lease only if it does not exist, nor any
         key in the range `absent` ([start, end)); atomic."""
+        ...
+
+    async def create_all(self, items: Sequence[tuple[str, str]]) -> int | None:
+        """Put every key only if none of them exists, atomically; the
+        revision of the write, or None when some key existed."""
+        ...
+
+    async def delete_if_unchanged(self, revisions: Mapping[str, int]) -> int | None:
+        """Delete every key only if each still has the mod revision given,
+        atomically; the revision of the deletion, or None otherwise."""
         ...
 
     async def rekey(

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 from urllib.parse import urlsplit
@@ -601,6 +601,36 @@ class EtcdStore:
             failure=[],
         )
         return bool(succeeded)
+
+    async def create_all(self, items: Sequence[tuple[str, str]]) -> int | None:
+        """Put every key only if none of them exists, in one transaction (at
+        most 128 keys, etcd's default limit); the revision of the write, or
+        None when some key existed and nothing was written."""
+        tx = _TX
+        succeeded, responses = await self._call(
+            "transaction",
+            compare=[tx.create(k.encode()) == 0 for k, _ in items],
+            success=[tx.put(k.encode(), v.encode()) for k, v in items],
+            failure=[],
+        )
+        if not succeeded:
+            return None
+        return int(responses[0].response_put.header.revision) if responses else 0
+
+    async def delete_if_unchanged(self, revisions: Mapping[str, int]) -> int | None:
+        """Delete every key, in one transaction, only if each still has the
+        mod revision given; the revision of the deletion, or None when some
+        key changed (or went) and nothing was deleted."""
+        tx = _TX
+        succeeded, responses = await self._call(
+            "transaction",
+            compare=[tx.mod(k.encode()) == rev for k, rev in revisions.items()],
+            success=[tx.delete(k.encode()) for k in revisions],
+            failure=[],
+        )
+        if not succeeded:
+            return None
+        return int(responses[0].response_delete_range.header.revision) if responses else 0
 
     async def rekey(
         self,

@@ -5,7 +5,7 @@ and watches that the test can break (etcd going away) or compact."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from overlayd.store.base import KeyEvent, StoreUnavailable, WatchCompacted
 
@@ -138,6 +138,33 @@ class FakeStore:
             return False
         await self._record(key, value.encode(), lease_id)
         return True
+
+    async def _record_all(self, changes: Sequence[tuple[str, bytes | None]]) -> int:
+        """Several changes at one revision, as one etcd transaction makes them."""
+        self.revision += 1
+        for key, value in changes:
+            if value is None:
+                self.values.pop(key, None)
+            else:
+                self.values[key] = (value, self.revision, 0)
+            self.history.append(KeyEvent(key, value, self.revision))
+        async with self._changed:
+            self._changed.notify_all()
+        return self.revision
+
+    async def create_all(self, items: Sequence[tuple[str, str]]) -> int | None:
+        self._check()
+        if any(key in self.values for key, _ in items):
+            return None
+        return await self._record_all([(k, v.encode()) for k, v in items])
+
+    async def delete_if_unchanged(self, revisions: Mapping[str, int]) -> int | None:
+        self._check()
+        for key, revision in revisions.items():
+            found = self.values.get(key)
+            if found is None or found[1] != revision:
+                return None
+        return await self._record_all([(k, None) for k in revisions])
 
     async def rekey(
         self,

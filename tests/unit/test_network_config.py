@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 from hypothesis import given
@@ -135,3 +135,60 @@ def test_host_gw_and_direct_routing_are_read_and_checked() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_network_config('{"Network": "10.0.0.0/16", "Backend": ' + bad + "}")
         assert caught.value.field == "Backend.DirectRouting"
+
+
+# --- ServiceNetwork and IPv6ServiceNetwork (overlayd's own fields) -------------
+
+DUAL = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+
+
+def test_service_networks_are_read_and_render_back() -> None:
+    cfg = parse_network_config(
+        json.dumps(DUAL | {"ServiceNetwork": "10.96.0.0/16", "IPv6ServiceNetwork": "fd00:96::/112"})
+    )
+    assert cfg.service_network == IPv4Network("10.96.0.0/16")
+    assert cfg.service_network6 == IPv6Network("fd00:96::/112")
+    assert cfg.service_networks == (cfg.service_network, cfg.service_network6)
+    assert parse_network_config(render_network_config(cfg)) == cfg
+    # Without them: no services, and the rendered config does not invent them.
+    plain = parse_network_config(json.dumps(DUAL))
+    assert plain.service_networks == ()
+    assert "ServiceNetwork" not in render_network_config(plain)
+    assert parse_network_config(render_network_config(plain)) == plain
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"ServiceNetwork": 10}, "ServiceNetwork", "IPv4 CIDR"),
+        ({"ServiceNetwork": ""}, "ServiceNetwork", "IPv4 CIDR"),
+        ({"ServiceNetwork": "10.96.0.1/16"}, "ServiceNetwork", "not an IPv4 network"),
+        ({"ServiceNetwork": "fd00:96::/112"}, "ServiceNetwork", "not an IPv4 network"),
+        ({"ServiceNetwork": "10.96.0.0/29"}, "ServiceNetwork", "too small"),
+        ({"ServiceNetwork": "10.244.128.0/20"}, "ServiceNetwork", "overlaps Network"),
+        ({"ServiceNetwork": "10.0.0.0/8"}, "ServiceNetwork", "overlaps Network"),
+        ({"ServiceNetwork": "224.0.0.0/16"}, "ServiceNetwork", "not a unicast"),
+        ({"ServiceNetwork": "127.0.0.0/16"}, "ServiceNetwork", "not a unicast"),
+        ({"IPv6ServiceNetwork": "10.96.0.0/16"}, "IPv6ServiceNetwork", "not an IPv6 network"),
+        ({"IPv6ServiceNetwork": "fd00:96::/125"}, "IPv6ServiceNetwork", "too small"),
+        ({"IPv6ServiceNetwork": "fd00:10:244:7::/64"}, "IPv6ServiceNetwork", "overlaps"),
+        ({"IPv6ServiceNetwork": "ff00::/112"}, "IPv6ServiceNetwork", "not a unicast"),
+    ],
+)
+def test_bad_service_networks_are_refused_naming_the_field(
+    fields: dict[str, object], field: str, words: str
+) -> None:
+    # Positive control: the same config without the bad field is fine.
+    parse_network_config(json.dumps(DUAL | {"ServiceNetwork": "10.96.0.0/16"}))
+    with pytest.raises(ConfigError) as caught:
+        parse_network_config(json.dumps(DUAL | fields))
+    assert caught.value.field == field
+    assert words in caught.value.reason
+
+
+def test_ipv6_service_network_needs_ipv6_containers() -> None:
+    ok = {"Network": "10.244.0.0/16", "ServiceNetwork": "10.96.0.0/28"}
+    assert parse_network_config(json.dumps(ok)).service_network == IPv4Network("10.96.0.0/28")
+    with pytest.raises(ConfigError) as caught:
+        parse_network_config(json.dumps(ok | {"IPv6ServiceNetwork": "fd00:96::/112"}))
+    assert caught.value.field == "IPv6ServiceNetwork" and "EnableIPv6" in caught.value.reason
