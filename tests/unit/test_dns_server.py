@@ -208,12 +208,18 @@ async def test_each_record_type_is_answered_with_authority_over_udp() -> None:
         assert texts(soa, "SOA") and soa.rcode() == dns.rcode.NOERROR
 
 
-async def test_names_are_answered_in_any_case_with_the_question_echoed() -> None:
+async def test_names_are_answered_in_any_case_with_the_question_and_id_echoed() -> None:
     server = DnsServer(make_records(), upstreams=[])
     async with serving(server) as address:
-        response = await ask(address, "WeB.OVERLAY.Internal", "A")
-        assert texts(response, "A") == {"10.96.0.10"}
-        assert response.question[0].name.to_text() == "WeB.OVERLAY.Internal."
+        # Asked twice, the second time answered from the cached wire: each
+        # answer carries its own query's id and spelling.
+        for spelling in ("WeB.OVERLAY.Internal", "WeB.OVERLAY.Internal", "web.overlay.INTERNAL"):
+            query = dns.message.make_query(spelling, "A")
+            response = await dns.asyncquery.udp(query, HOST, timeout=TIMEOUT, port=address[1])
+            assert response.id == query.id
+            assert texts(response, "A") == {"10.96.0.10"}
+            assert response.question[0].name.to_text() == spelling + "."
+        assert server.counters.responses["NOERROR"] == 3
 
 
 async def test_tcp_answers_like_udp() -> None:
