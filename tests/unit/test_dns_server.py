@@ -71,8 +71,9 @@ def make_records(*, backends: int = 2, extra: tuple[Endpoint, ...] = ()) -> DnsR
 
 
 class FakeUpstream(asyncio.DatagramProtocol):
-    """The outside world's resolver: answers every A query with
-    UPSTREAM_ANSWER (or stays silent), and remembers what it was asked."""
+    """The outside world's resolver: answers every query, over UDP or TCP,
+    with an A record of UPSTREAM_ANSWER (or stays silent), and remembers
+    what it was asked."""
 
     def __init__(self, *, silent: bool = False) -> None:
         self.silent = silent
@@ -83,15 +84,29 @@ class FakeUpstream(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        wire = self.answer(data)
+        if wire is not None and self.transport is not None:
+            self.transport.sendto(wire, addr)
+
+    def answer(self, data: bytes) -> bytes | None:
         query = dns.message.from_wire(data)
         self.asked.append(query)
-        if self.silent or self.transport is None:
-            return
+        if self.silent:
+            return None
         response = dns.message.make_response(query)
         response.answer.append(
             dns.rrset.from_text(query.question[0].name, 60, "IN", "A", UPSTREAM_ANSWER)
         )
-        self.transport.sendto(response.to_wire(), addr)
+        return response.to_wire()
+
+    async def stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The same over TCP: one query, one answer."""
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        wire = self.answer(await reader.readexactly(size))
+        if wire is not None:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+        writer.close()
 
 
 @contextlib.asynccontextmanager
@@ -100,10 +115,14 @@ async def upstream(*, silent: bool = False) -> AsyncIterator[tuple[FakeUpstream,
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: FakeUpstream(silent=silent), local_addr=("127.0.0.2", 0)
     )
+    port = transport.get_extra_info("sockname")[1]
+    tcp = await asyncio.start_server(protocol.stream, "127.0.0.2", port)
     try:
-        yield protocol, ("127.0.0.2", transport.get_extra_info("sockname")[1])
+        yield protocol, ("127.0.0.2", port)
     finally:
         transport.close()
+        tcp.close()
+        await tcp.wait_closed()
 
 
 @contextlib.asynccontextmanager
@@ -319,7 +338,11 @@ async def test_other_names_are_forwarded_with_the_clients_id() -> None:
             assert (
                 unknown.rcode() == dns.rcode.NOERROR and fake.asked[2].question[0].rdtype == 65000
             )
-            assert server.counters.forwarded == 3
+            # Asked over TCP, forwarded over TCP.
+            query = dns.message.make_query("example.net", "A")
+            response = await dns.asyncquery.tcp(query, HOST, timeout=TIMEOUT, port=address[1])
+            assert response.id == query.id and texts(response, "A") == {UPSTREAM_ANSWER}
+            assert server.counters.forwarded == 4
             assert await answered(address)
 
 
