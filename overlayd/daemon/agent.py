@@ -46,6 +46,7 @@ from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.plan.policy import policies_prefix
+from overlayd.plan.service import services_prefix
 from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
@@ -321,6 +322,7 @@ class Agent:
             own_prefix=s.overlayd_prefix,
             endpoints=self.mirror.collection(endpoints_prefix(s.overlayd_prefix)),
             policies=self.mirror.collection(policies_prefix(s.overlayd_prefix)),
+            services=self.mirror.collection(services_prefix(s.overlayd_prefix)),
             revision=lambda: self._policy_revision,
         )
         reconciler = self.reconciler = Reconciler(
@@ -476,7 +478,7 @@ class Agent:
             reconciler.mark_dirty(event_at=time.monotonic())
 
         def policy_event(key: str, value: bytes | None) -> None:
-            # The revision of the newest policy or endpoint change, not of the
+            # The revision of the newest policy, service or endpoint change, not of the
             # newest key under our prefix: the status keys hosts write there
             # must not count, or every status write would call for another.
             self._policy_revision = self.mirror.revision_of(key)
@@ -488,6 +490,7 @@ class Agent:
         own = self.settings.overlayd_prefix
         self.mirror.subscribe(endpoints_prefix(own), policy_event)
         self.mirror.subscribe(policies_prefix(own), policy_event)
+        self.mirror.subscribe(services_prefix(own), policy_event)
         self.mirror.on_relist.append(partial(reconciler.mark_dirty, full=True))
         # A config written between the mirror's listing and these
         # subscriptions reached no one: look at the current value once.

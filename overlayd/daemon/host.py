@@ -35,6 +35,7 @@ class HostState:
         own_prefix: str = "/overlayd",
         endpoints: Mapping[str, bytes] | None = None,
         policies: Mapping[str, bytes] | None = None,
+        services: Mapping[str, bytes] | None = None,
         revision: Callable[[], int] = lambda: 0,
     ) -> None:
         self._host = host
@@ -46,6 +47,7 @@ class HostState:
         self._own_prefix = own_prefix
         self.raw_endpoints: Mapping[str, bytes] = endpoints if endpoints is not None else {}
         self.raw_policies: Mapping[str, bytes] = policies if policies is not None else {}
+        self.raw_services: Mapping[str, bytes] = services if services is not None else {}
         self._revision = revision
         self._rejected_config: bytes | None = None
         # Called with the new Host after every change.

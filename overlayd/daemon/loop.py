@@ -81,6 +81,7 @@ class Knowledge:
     own_prefix: str = "/overlayd"
     raw_endpoints: Mapping[str, bytes] = field(default_factory=dict)
     raw_policies: Mapping[str, bytes] = field(default_factory=dict)
+    raw_services: Mapping[str, bytes] = field(default_factory=dict)
     revision: int = 0
 
 

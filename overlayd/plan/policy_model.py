@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
@@ -232,3 +232,39 @@ class HostSubnets:
     def gwbridge_network(self, address: IPAddress) -> IPNetwork | None:
         """The gwbridge subnet that holds `address`, if any."""
         return next((n for n in self.gwbridge if address in n), None)
+
+
+class EndpointIndex:
+    """Endpoints by label, so that a selector is checked against the
+    endpoints that can match it instead of all of them."""
+
+    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.endpoints = endpoints
+        self.by_label: dict[tuple[str, str], list[int]] = {}
+        self.by_key: dict[str, list[int]] = {}
+        for i, endpoint in enumerate(endpoints):
+            for key, value in endpoint.labels.items():
+                self.by_label.setdefault((key, value), []).append(i)
+                self.by_key.setdefault(key, []).append(i)
+
+    def select(self, selector: LabelSelector) -> list[Endpoint]:
+        candidates: list[list[int]] = [
+            self.by_label.get(pair, []) for pair in selector.match_labels
+        ]
+        for requirement in selector.match_expressions:
+            if requirement.operator is Operator.IN:
+                candidates.append(
+                    sorted(
+                        i
+                        for value in requirement.values
+                        for i in self.by_label.get((requirement.key, value), [])
+                    )
+                )
+            elif requirement.operator is Operator.EXISTS:
+                candidates.append(self.by_key.get(requirement.key, []))
+        # NotIn and DoesNotExist narrow nothing: without another term, all.
+        pool: Sequence[int] = range(len(self.endpoints))
+        if candidates:
+            pool = min(candidates, key=len)
+        # The selector itself decides; the index only narrows the search.
+        return [self.endpoints[i] for i in pool if selector.matches(self.endpoints[i].labels)]

@@ -176,10 +176,10 @@ from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.policy_model import (
     Direction,
     Endpoint,
+    EndpointIndex,
     IpBlock,
     LabelSelector,
     MacAddress,
-    Operator,
     Policy,
     PortRange,
     Protocol,
@@ -370,42 +370,6 @@ def _outside(ip: str, field: str, networks: Sequence[IPNetwork]) -> str:
 # --- selection ---------------------------------------------------------------
 
 
-class _Index:
-    """Endpoints by label, so that a selector is checked against the
-    endpoints that can match it instead of all of them."""
-
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        self.endpoints = endpoints
-        self.by_label: dict[tuple[str, str], list[int]] = {}
-        self.by_key: dict[str, list[int]] = {}
-        for i, endpoint in enumerate(endpoints):
-            for key, value in endpoint.labels.items():
-                self.by_label.setdefault((key, value), []).append(i)
-                self.by_key.setdefault(key, []).append(i)
-
-    def select(self, selector: LabelSelector) -> list[Endpoint]:
-        candidates: list[list[int]] = [
-            self.by_label.get(pair, []) for pair in selector.match_labels
-        ]
-        for requirement in selector.match_expressions:
-            if requirement.operator is Operator.IN:
-                candidates.append(
-                    sorted(
-                        i
-                        for value in requirement.values
-                        for i in self.by_label.get((requirement.key, value), [])
-                    )
-                )
-            elif requirement.operator is Operator.EXISTS:
-                candidates.append(self.by_key.get(requirement.key, []))
-        # NotIn and DoesNotExist narrow nothing: without another term, all.
-        pool: Sequence[int] = range(len(self.endpoints))
-        if candidates:
-            pool = min(candidates, key=len)
-        # The selector itself decides; the index only narrows the search.
-        return [self.endpoints[i] for i in pool if selector.matches(self.endpoints[i].labels)]
-
-
 # --- rendering ---------------------------------------------------------------
 
 
@@ -498,7 +462,7 @@ class _Builder:
     """Collects the sets the rules refer to while rendering them."""
 
     def __init__(self, endpoints: Sequence[Endpoint], local: LocalSubnets) -> None:
-        self.index = _Index(endpoints)
+        self.index = EndpointIndex(endpoints)
         self.local = local
         self.sets: dict[str, NftSet] = {}
         self._selected: dict[str, list[Endpoint]] = {}

@@ -59,12 +59,14 @@ class PassInputs(HostFacts, Protocol):
     # The raw lease keys and values (the mirror's live collection).
     raw_leases: Mapping[str, bytes]
 
-    # overlayd's own prefix and its endpoints and policies (live collections).
+    # overlayd's own prefix and its endpoints, policies and services (live
+    # collections).
     @property
     def own_prefix(self) -> str: ...
 
     raw_endpoints: Mapping[str, bytes]
     raw_policies: Mapping[str, bytes]
+    raw_services: Mapping[str, bytes]
 
     @property
     def revision(self) -> int:
@@ -88,6 +90,7 @@ class Inputs:
     own_prefix: str
     raw_endpoints: Mapping[str, bytes]
     raw_policies: Mapping[str, bytes]
+    raw_services: Mapping[str, bytes]
     revision: int
 
     @classmethod
@@ -102,6 +105,7 @@ class Inputs:
             source.own_prefix,
             source.raw_endpoints,
             source.raw_policies,
+            source.raw_services,
             source.revision,
         )
 
