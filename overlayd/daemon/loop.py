@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from overlayd.daemon.managers import Inputs, Level, Manager, PassContext, PassInputs
 from overlayd.daemon.managers.devices import DeviceManager
 from overlayd.daemon.managers.egress import EgressManager
+from overlayd.daemon.managers.endpoints import EndpointProjection
 from overlayd.daemon.managers.peers import EntryWrites, PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.policy import PolicyManager
 from overlayd.daemon.managers.sysctls import SysctlManager
@@ -95,6 +96,7 @@ def standard_managers(
     allowed before its FDB entry is written, a departed peer's removed only
     after its entries are gone; one allow-list per family."""
     projection = PeerProjection(dataplane)
+    endpoints = EndpointProjection(projection)
     allow = [
         VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter, family=family)
         for family in (IPV4, IPV6)
@@ -105,7 +107,7 @@ def standard_managers(
         EgressManager(dataplane),
         # Before the peers: a policy selecting an endpoint is in force before
         # any new path to it is.
-        PolicyManager(dataplane, telemetry, projection),
+        PolicyManager(dataplane, telemetry, endpoints),
         *(a.admit for a in allow),
         FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),

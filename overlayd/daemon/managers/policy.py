@@ -17,9 +17,8 @@ turns it on itself before the first rule goes in, since the sysctl
 manager looks only on check passes. For IPv6 too on a host without IPv6
 in the cluster: its containers' link-local traffic is judged all the same.
 
-This host's own endpoints are read with its gwbridge's subnets (in
-gwbridge egress mode), so that their gwbridge addresses and MACs join the
-sets (plan/policy_rules.py says why).
+The endpoints are the pass's selection (managers/endpoints.py), shared
+with the services manager.
 """
 
 from __future__ import annotations
@@ -28,15 +27,13 @@ import logging
 from collections.abc import Mapping
 
 from overlayd.daemon.managers import Level, PassContext
-from overlayd.daemon.managers.peers import PeerProjection
+from overlayd.daemon.managers.endpoints import EndpointProjection
 from overlayd.dataplane import DataplanePort
 from overlayd.errors import OverlaydError
-from overlayd.model import IPV4, Lease, Observed
-from overlayd.plan.egress import EgressSpec
-from overlayd.plan.endpoints import EndpointCache, host_id, select_endpoints
+from overlayd.model import Observed
 from overlayd.plan.policy import PolicyCache, stored_policies
-from overlayd.plan.policy_inputs import gwbridge_subnets, local_subnets, own_host_subnets
-from overlayd.plan.policy_model import Endpoint, HostSubnets, Policy
+from overlayd.plan.policy_inputs import gwbridge_subnets, local_subnets
+from overlayd.plan.policy_model import Endpoint, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
     LocalSubnets,
@@ -57,16 +54,15 @@ class PolicyManager:
     name = "policy"
 
     def __init__(
-        self, dataplane: DataplanePort, telemetry: Telemetry, projection: PeerProjection
+        self, dataplane: DataplanePort, telemetry: Telemetry, endpoints: EndpointProjection
     ) -> None:
         self._dataplane = dataplane
         self._telemetry = telemetry
-        self._projection = projection
         self.believed: PolicyRuleset | None = None
         self._bridge_netfilter = False  # turned on (and believed on) for our rules
         self._policies: PolicyCache = {}  # each document parsed once
         self._policy_rejections: dict[str, str] = {}
-        self._endpoints: EndpointCache = {}
+        self._endpoints = endpoints
         self._warned: dict[str, str] = {}
         self._repaired = 0  # set element statements a check pass had to put back
         # The last ruleset made, with what it was made from (see _desired).
@@ -79,9 +75,6 @@ class PolicyManager:
             ]
             | None
         ) = None
-        self._host_map: dict[str, HostSubnets] = {}
-        self._hosts_generation = -1
-        self._hosts_own: tuple[Lease, EgressSpec] | None = None
 
     async def sync(self, context: PassContext) -> None:
         inputs = context.inputs
@@ -99,10 +92,7 @@ class PolicyManager:
             )
             return
         policies = self._usable_policies(inputs.raw_policies, inputs.own_prefix)
-        hosts = await self._hosts(context)
-        selection = select_endpoints(
-            inputs.raw_endpoints, inputs.own_prefix, hosts, cache=self._endpoints
-        )
+        selection = await self._endpoints.selection(context)
         self._warn({**self._rejected_policies(), **selection.rejected})
         local = local_subnets(inputs.own, gwbridge_subnets(inputs.egress))
         desired = self._desired(policies, selection.endpoints, local, context.level)
@@ -190,34 +180,6 @@ class PolicyManager:
     def _rejected_policies(self) -> dict[str, str]:
         return self._policy_rejections
 
-    async def _hosts(self, context: PassContext) -> Mapping[str, HostSubnets]:
-        """The hosts whose endpoints count: ours, and every peer whose lease
-        the selection keeps (an endpoint of a host without a lease is
-        rejected). Moved by the selection's delta like the peer plans."""
-        await self._projection.plan(context, IPV4)
-        selected = context.selected
-        own, egress = context.inputs.own, context.inputs.egress
-        if selected is None:
-            return {host_id(own.subnet): own_host_subnets(own, gwbridge_subnets(egress))}
-        delta = selected.delta
-        if (
-            delta is not None
-            and self._hosts_generation == selected.generation - 1
-            and self._hosts_own == (own, egress)
-        ):
-            for lease in delta.removed:
-                self._host_map.pop(host_id(lease.subnet), None)
-            for lease in delta.added:
-                self._host_map[host_id(lease.subnet)] = HostSubnets(lease.subnet, lease.ipv6_subnet)
-        else:
-            self._host_map = {
-                host_id(lease.subnet): HostSubnets(lease.subnet, lease.ipv6_subnet)
-                for lease in selected.selection.peers
-            }
-        self._host_map[host_id(own.subnet)] = own_host_subnets(own, gwbridge_subnets(egress))
-        self._hosts_generation, self._hosts_own = selected.generation, (own, egress)
-        return self._host_map
-
     def _warn(self, rejected: Mapping[str, str]) -> None:
         # One warning per bad document or registration (again if its reason changes).
         for key, reason in rejected.items():
@@ -232,4 +194,4 @@ class PolicyManager:
         self.believed = None
         self._bridge_netfilter = False
         self._last = None
-        self._hosts_generation = -1
+        self._endpoints.forget()
