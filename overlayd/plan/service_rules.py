@@ -23,7 +23,8 @@ chains see nothing else, conntrack does the rest):
     chain nat_prerouting   type nat hook prerouting priority dstnat
         ip daddr . meta l4proto . th dport vmap @vips_v4       (and _v6)
         fib daddr type local meta nfproto ipv4 meta l4proto . th dport vmap @nodeports_v4
-    chain nat_output       type nat hook output priority dstnat
+    chain nat_output       type nat hook output priority -100 (dstnat's
+                           value; nft 1.0.6 takes the name in prerouting only)
         ip daddr . meta l4proto . th dport vmap @vips_v4       host -> VIP
 
 One map lookup, whatever the number of services: the per-packet cost does
@@ -91,7 +92,12 @@ connection, never for service traffic in general:
   so `hairpin_v4` holds the pair (e . e) for each local backend of any
   service: `ct status dnat ip saddr . ip daddr @hairpin_v4 masquerade`. The
   backend then sees the bridge's address and its reply comes back through
-  the host, which undoes both translations.
+  the host, which undoes both translations. With bridge netfilter on (as
+  the daemon keeps it while policies exist), the DNAT happens as the frame
+  crosses the bridge, and the bridge sends it back out the port it came
+  in by: the container's bridge port needs hairpin mode (`bridge link set
+  dev <veth> hairpin on`, CNI bridge's hairpinMode), or the hairpin
+  connection times out (tests/netns/test_service_kernel.py shows both).
 
 Flat update cost. A ruleset keeps each service's objects apart
 (ServiceRules: its chains, its map elements, its hairpin elements);
@@ -487,7 +493,7 @@ def _fixed_chains(versions: Sequence[int]) -> dict[str, Chain]:
             tuple(prerouting), hook="type nat hook prerouting priority dstnat; policy accept;"
         ),
         "nat_output": Chain(
-            tuple(output), hook="type nat hook output priority dstnat; policy accept;"
+            tuple(output), hook="type nat hook output priority -100; policy accept;"
         ),
         "nat_postrouting": Chain(
             tuple(postrouting), hook="type nat hook postrouting priority srcnat; policy accept;"
