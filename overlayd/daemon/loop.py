@@ -31,6 +31,7 @@ from overlayd.daemon.managers.egress import EgressManager
 from overlayd.daemon.managers.endpoints import EndpointProjection
 from overlayd.daemon.managers.peers import EntryWrites, PeerEntryManager, PeerProjection
 from overlayd.daemon.managers.policy import PolicyManager
+from overlayd.daemon.managers.services import ServiceManager, ServiceState
 from overlayd.daemon.managers.sysctls import SysctlManager
 from overlayd.daemon.managers.vxlan_filter import FilterWrites, VxlanAllowList
 from overlayd.dataplane import DataplanePort
@@ -87,11 +88,15 @@ class Knowledge:
 
 
 def standard_managers(
-    dataplane: DataplanePort, telemetry: Telemetry, *, vxlan_filter: bool = True
+    dataplane: DataplanePort,
+    telemetry: Telemetry,
+    *,
+    vxlan_filter: bool = True,
+    on_service_records: Callable[[ServiceState], None] | None = None,
 ) -> list[Manager]:
     """Today's managers, in the order a pass runs them: devices before the
     sysctls that name them, both before the rules (egress, then network
-    policy), all before the entries that hang off the devices. The VXLAN
+    policy, then services), all before the entries that hang off the devices. The VXLAN
     allow-list sits on both sides of the entries: a new peer's address is
     allowed before its FDB entry is written, a departed peer's removed only
     after its entries are gone; one allow-list per family."""
@@ -108,6 +113,9 @@ def standard_managers(
         # Before the peers: a policy selecting an endpoint is in force before
         # any new path to it is.
         PolicyManager(dataplane, telemetry, endpoints),
+        # After the policy: a container a new service exposes is judged
+        # before the first connection through the service can reach it.
+        ServiceManager(dataplane, endpoints, on_records=on_service_records),
         *(a.admit for a in allow),
         FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),

@@ -25,7 +25,7 @@ from overlayd.dataplane.iptables import ForwardAccept
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import Nft, NftTable, NftVxlanFilter
 from overlayd.model import IPV4, IPV6, Change, DeviceSpec, EntrySet, Family, IPAddress, IPNetwork
-from overlayd.plan import policy_rules
+from overlayd.plan import policy_rules, service_rules
 from overlayd.plan.egress import EgressSpec
 from overlayd.plan.vxlan_filter import ElementChanges, FilterSpec
 
@@ -69,6 +69,15 @@ class DataplanePort(Protocol):
     async def policy_listing(self) -> Mapping[str, Any] | None:
         """The policy table's sets and counters as `nft -j` lists them, in
         one document; None when the table does not exist."""
+        ...
+
+    async def apply_services(self, statements: Sequence[str]) -> None:
+        """One nft transaction on the services table (plan/service_rules.py)."""
+        ...
+
+    async def services_listing(self) -> Mapping[str, Any] | None:
+        """The services table's maps and sets as `nft -j` lists them; None
+        when the table does not exist."""
         ...
 
     async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet: ...
@@ -151,6 +160,12 @@ class Dataplane:
 
     async def policy_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
+
+    async def apply_services(self, statements: Sequence[str]) -> None:
+        await self.nft.nft.apply(service_rules.script(statements))
+
+    async def services_listing(self) -> Mapping[str, Any] | None:
+        return await self.nft.nft.maps_and_sets_json(service_rules.WHERE)
 
     async def update_vxlan_filter(self, f: FilterSpec, changes: ElementChanges) -> None:
         await self.vxlan_filter.update(f, changes)

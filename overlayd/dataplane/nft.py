@@ -105,6 +105,24 @@ class Nft:
             items.extend(found if isinstance(found, list) else [])
         return {"nftables": items}
 
+    async def maps_and_sets_json(self, where: str) -> dict[str, Any] | None:
+        """The maps and sets (with their elements) of table `where`, as `nft
+        -j` lists them, in one document; None when the table does not exist.
+        (nft 1.0.6 lists maps per family only: other tables' are in it too.)"""
+        family, name = where.split()
+        (maps_code, maps, _), (sets_code, sets, _) = await asyncio.gather(
+            run([*self.prefix, "-j", "list", "maps", family]),
+            run([*self.prefix, "-j", "list", "sets", "table", family, name]),
+        )
+        if maps_code != 0 or sets_code != 0:
+            return None
+        items: list[Any] = []
+        for out in (maps, sets):
+            listed = json.loads(out)
+            found = listed.get("nftables", []) if isinstance(listed, dict) else []
+            items.extend(found if isinstance(found, list) else [])
+        return {"nftables": items}
+
     async def delete_table(self, family: str = FAMILY) -> bool:
         code, _, _ = await run([*self.prefix, "delete", "table", family, TABLE])
         return code == 0

@@ -28,14 +28,18 @@ from ipaddress import IPv4Address, IPv4Network, ip_address
 import pytest
 
 from overlayd.dataplane import sysctl
+from overlayd.dataplane.nft import Nft
 from overlayd.lab import netns as lab_netns
 from overlayd.model import IPNetwork
 from overlayd.plan.policy_model import Endpoint, LabelSelector, Protocol
 from overlayd.plan.policy_rules import LocalSubnets
+from overlayd.plan.service_listing import believed_elements, listed_elements
 from overlayd.plan.service_model import Affinity, Service, ServicePort, TrafficPolicy
 from overlayd.plan.service_rules import (
     TABLE,
+    WHERE,
     ServiceRuleset,
+    map_name,
     script,
     service_ruleset,
     service_transaction,
@@ -328,3 +332,33 @@ def test_a_service_goes_and_comes_back_by_incremental_transactions(site: Site) -
     finally:
         site.apply(before)
     assert answered(site.connects("client", "10.96.0.10", count=3))  # control
+
+
+def test_a_check_reads_back_exactly_the_elements_it_wrote_and_sees_one_deleted(
+    site: Site,
+) -> None:
+    """What the services manager's check pass compares: the kernel's maps
+    and sets, as read back, equal the believed ruleset's; one element
+    deleted by hand is a difference."""
+    assert site.ruleset is not None
+    nft = Nft(site.namespaces["ha"])
+    listing = asyncio.run(nft.maps_and_sets_json(WHERE))
+    assert listing is not None
+    believed = believed_elements(site.ruleset)
+    assert sum(len(v) for v in believed.values()) > 3  # positive control: there is something
+    assert listed_elements(listing) == believed
+    vips = map_name("vips", 4)
+    victim = sorted(site.ruleset.maps()[vips])[0]
+    lab_netns.in_ns(
+        site.namespaces["ha"], "nft", "delete", "element", *WHERE.split(), vips, "{", victim, "}"
+    )
+    try:
+        after = asyncio.run(nft.maps_and_sets_json(WHERE))
+        assert after is not None and listed_elements(after) != believed
+        assert listed_elements(after)[vips] == believed[vips] - {
+            f"{victim} : {site.ruleset.maps()[vips][victim]}"
+        }
+    finally:
+        site.ruleset = None  # unknown now: the next apply makes the table afresh
+        site.apply(full_ruleset())
+    assert asyncio.run(nft.maps_and_sets_json("inet no_such_table")) is None

@@ -66,6 +66,7 @@ class FakeDataplane:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.policy_statements: list[list[str]] = []  # one list per policy transaction
+        self.service_statements: list[list[str]] = []  # one list per services transaction
         self.kernel: EntrySet = EntrySet()
         self.kernel6: EntrySet = EntrySet()  # the IPv6 entries
         self.filter_batches: list[int] = []  # element writes per allow-list nft run
@@ -94,6 +95,13 @@ class FakeDataplane:
         self.policy_statements.append(list(statements))
 
     async def policy_listing(self) -> Mapping[str, Any] | None:
+        return None
+
+    async def apply_services(self, statements: Sequence[str]) -> None:
+        self.calls.append("services")
+        self.service_statements.append(list(statements))
+
+    async def services_listing(self) -> Mapping[str, Any] | None:
         return None
 
     async def ensure_gwbridge(
@@ -214,8 +222,8 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
-        # No policy: a full pass makes sure no policy table is left.
-        "policy",
+        # No policy, no service: a full pass makes sure neither table is left.
+        "policy", "services",
         # The allow-list's elements are written after both families' admits.
         "filter", "filter-read", "filter-remove v6", "allow 1", "read",
         # The IPv6 manager looks for stale IPv6 entries even without IPv6;
