@@ -20,6 +20,7 @@ from ipaddress import (
     IPv6Address,
     IPv6Network,
     NetmaskValueError,
+    ip_address,
 )
 from pathlib import Path
 from typing import Any, TypeVar
@@ -361,6 +362,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:9469"
 LOG_FORMATS = ("kv", "json")
 DEFAULT_MQTT_TOPIC = "overlayd"
 DEFAULT_DOCKER_PLUGIN_SOCKET = Path("/run/docker/plugins/overlayd.sock")
+DEFAULT_DNS_DOMAIN = "overlay.internal"
 # overlay-cni's default dataDir: the Docker plugin shares its host-local store.
 DEFAULT_CNI_DATA_DIR = Path("/var/lib/cni/overlay")
 
@@ -403,6 +405,12 @@ class AgentConfig:
     docker_plugin: bool = False  # serve Docker's network and IPAM plugin API
     docker_plugin_socket: Path = DEFAULT_DOCKER_PLUGIN_SOCKET
     cni_data_dir: Path = DEFAULT_CNI_DATA_DIR  # overlay-cni's dataDir (host-local's store)
+    # The DNS responder for service and container names, on the bridge's
+    # gateway addresses, port 53, while the network has a ServiceNetwork.
+    dns: bool = True
+    dns_domain: str = DEFAULT_DNS_DOMAIN
+    # Where other names go; None: the nameservers of /etc/resolv.conf.
+    dns_upstreams: tuple[IPv4Address | IPv6Address, ...] | None = None
 
     @property
     def etcd(self) -> EtcdAccess:
@@ -456,6 +464,9 @@ AGENT_SETTINGS = (
     "docker-plugin",
     "docker-plugin-socket",
     "cni-data-dir",
+    "dns",
+    "dns-domain",
+    "dns-upstreams",
 )
 
 
@@ -786,4 +797,48 @@ def build_agent_config(
         cni_data_dir=_absolute_path(
             merged.get("cni-data-dir", defaults.cni_data_dir), "cni-data-dir"
         ),
+        dns=_on_off(merged.get("dns", "on"), "dns"),
+        dns_domain=_dns_domain(merged.get("dns-domain", defaults.dns_domain)),
+        dns_upstreams=_dns_upstreams(merged.get("dns-upstreams")),
     )
+
+
+def _dns_domain(value: Any) -> str:
+    """A domain of DNS labels (letters, digits, hyphens; 63 each, 253 in
+    all), lower-cased, without the final dot."""
+    text = str(value).strip().lower().rstrip(".")
+    labels = text.split(".")
+    if (
+        not text
+        or len(text) > 253
+        or any(
+            not 0 < len(label) <= 63
+            or label.startswith("-")
+            or label.endswith("-")
+            or not all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+            for label in labels
+        )
+    ):
+        raise ConfigError("dns-domain", f"{value!r} is not a DNS domain like overlay.internal")
+    return text
+
+
+def _dns_upstreams(value: Any) -> tuple[IPv4Address | IPv6Address, ...] | None:
+    """Nameserver addresses, as a list or comma-separated text; "" or an
+    empty list: forward nothing (other names are answered SERVFAIL)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    found: list[IPv4Address | IPv6Address] = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            address = ip_address(text)
+        except ValueError as exc:
+            raise ConfigError("dns-upstreams", f"{text!r} is not an IP address") from exc
+        if address.is_unspecified or address.is_multicast:
+            raise ConfigError("dns-upstreams", f"{text} cannot be a nameserver")
+        found.append(address)
+    return tuple(found)

@@ -19,6 +19,7 @@ from overlayd.config import (
     DEFAULT_BRIDGE,
     DEFAULT_CNI_DATA_DIR,
     DEFAULT_CONTROL_SOCKET,
+    DEFAULT_DNS_DOMAIN,
     DEFAULT_DOCKER_PLUGIN_SOCKET,
     DEFAULT_EGRESS,
     DEFAULT_FULL_RESYNC_SECONDS,
@@ -147,6 +148,22 @@ def parser() -> argparse.ArgumentParser:
         "--cni-data-dir",
         help="overlay-cni's dataDir: the Docker plugin takes addresses from its host-local"
         f" store (default {DEFAULT_CNI_DATA_DIR})",
+    )
+    p.add_argument(
+        "--dns",
+        choices=ON_OFF,
+        help="answer service and container names (and forward the rest) on the bridge's"
+        " gateway addresses, port 53, while the network config has a ServiceNetwork"
+        " (default on)",
+    )
+    p.add_argument(
+        "--dns-domain",
+        help=f"the domain those names are under (default {DEFAULT_DNS_DOMAIN})",
+    )
+    p.add_argument(
+        "--dns-upstreams",
+        help="comma-separated nameservers other names are forwarded to (default: those of"
+        " /etc/resolv.conf; empty: none)",
     )
     p.add_argument(
         "--teardown",

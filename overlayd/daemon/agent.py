@@ -28,6 +28,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from overlayd.config import AgentConfig, parse_network_config
+from overlayd.daemon.dns import DnsResponder
 from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
@@ -38,12 +39,13 @@ from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
 from overlayd.errors import OverlaydError
-from overlayd.model import IPV4, IPV6, NetworkConfig, Underlay
+from overlayd.model import IPV4, IPV6, IPAddress, IPNetwork, NetworkConfig, Underlay
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
+from overlayd.plan.ipam import gateway_address
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.plan.policy import policies_prefix
 from overlayd.plan.service import services_prefix
@@ -119,6 +121,7 @@ class Agent:
         self.notifier = Notifier()
         self.publisher: MqttPublisher | None = None
         self.reconciler: Reconciler | None = None
+        self.dns: DnsResponder | None = None
         self.endpoints: EndpointRegistry | None = None  # once a lease is held
         self._policy_revision = 0  # see policy_event in _wire
         self._background: set[asyncio.Task[Any]] = set()
@@ -325,11 +328,17 @@ class Agent:
             services=self.mirror.collection(services_prefix(s.overlayd_prefix)),
             revision=lambda: self._policy_revision,
         )
+        dns = self.dns = self._dns_responder(config)
         reconciler = self.reconciler = Reconciler(
             host,
             self.dataplane,
             self.telemetry,
-            managers=standard_managers(self.dataplane, self.telemetry, vxlan_filter=s.vxlan_filter),
+            managers=standard_managers(
+                self.dataplane,
+                self.telemetry,
+                vxlan_filter=s.vxlan_filter,
+                on_service_records=dns.update if dns is not None else None,
+            ),
         )
         keeper = self._wire(host, reconciler, leaser, held)
         self.endpoints = EndpointRegistry(
@@ -394,6 +403,13 @@ class Agent:
             reconciler.resync_every(s.resync_seconds, s.full_resync_seconds), name="resync"
         )
         group.create_task(reconciler.run(), name="reconcile")
+        if dns is not None:
+            # Only now: the first pass has put the gateway addresses on the bridge.
+            own = host.own
+            gateways: list[IPAddress] = [gateway_address(own.subnet)]
+            if own.ipv6_subnet is not None:
+                gateways.append(gateway_address(own.ipv6_subnet))
+            group.create_task(dns.serve(gateways), name="dns")
         if s.docker_plugin:
             # Only now: Docker may ask for an address as soon as the socket
             # exists, and the answer needs this host's programmed subnet.
@@ -409,6 +425,23 @@ class Agent:
                 unregister=self._endpoint_del,
             )
             group.create_task(plugin.run(), name="docker-plugin")
+
+    def _dns_responder(self, config: NetworkConfig) -> DnsResponder | None:
+        """The DNS responder, when asked for and the network has services."""
+        s = self.settings
+        if not s.dns:
+            return None
+        if not config.service_networks:
+            log.info("event=dns_off reason=%r", "the network config has no ServiceNetwork")
+            return None
+        zones: list[IPNetwork] = [config.network]
+        if config.ipv6 is not None:
+            zones.append(config.ipv6.network)
+        return DnsResponder(
+            domain=s.dns_domain,
+            upstreams=s.dns_upstreams,
+            reverse_zones=[*zones, *config.service_networks],
+        )
 
     async def _wait_for_address6(self, underlay: Underlay) -> Underlay:
         """At boot the underlay's IPv6 address may still be tentative (duplicate

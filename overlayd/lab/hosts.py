@@ -108,6 +108,9 @@ def daemon_settings(
         "egress": settings.egress,
         "log-level": settings.log_level,
         "control-socket": str(files.control_socket),
+        # Network safety: the lab's DNS responders forward nothing (the
+        # host's own resolvers are outside every lab namespace).
+        "dns-upstreams": "",
     }
     if mqtt_url is not None:
         found["mqtt-url"] = mqtt_url

@@ -103,10 +103,12 @@ def default_network_config(
     ipv6: bool = DEFAULT_IPV6,
     network6: IPv6Network = DEFAULT_NETWORK6,
     subnet_max6: IPv6Address | None = None,
+    service_network: IPv4Network | None = None,
 ) -> NetworkConfig:
     """The lab's network config, written in flannel's schema and parsed by
     the daemon's own parser, so the lab runs what a user's config would.
-    With `ipv6`, dual-stack: `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`."""
+    With `ipv6`, dual-stack: `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`;
+    with `service_network`, services (`ServiceNetwork`) and so DNS."""
     backend_json: dict[str, object] = {"Type": backend}
     if backend == "vxlan":
         backend_json.update(VNI=vni, Port=port, DirectRouting=direct_routing)
@@ -117,6 +119,8 @@ def default_network_config(
         raw.update(EnableIPv6=True, IPv6Network=str(network6), IPv6SubnetLen=DEFAULT_SUBNET_LEN6)
         if subnet_max6 is not None:
             raw["IPv6SubnetMax"] = str(subnet_max6)
+    if service_network is not None:
+        raw["ServiceNetwork"] = str(service_network)
     return parse_network_config(json.dumps(raw))
 
 
