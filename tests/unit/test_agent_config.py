@@ -65,6 +65,11 @@ def test_the_daemon_command_line_reads_the_config_file(tmp_path: Path) -> None:
         ({"etcd-prefix": "no/leading/slash"}, "etcd-prefix"),
         ({"log-level": "chatty"}, "log-level"),
         ({"vxlan-filter": "maybe"}, "vxlan-filter"),
+        ({"dns": "yes"}, "dns"),
+        ({"dns-domain": "not a domain"}, "dns-domain"),
+        ({"dns-domain": "-bad.internal"}, "dns-domain"),
+        ({"dns-upstreams": "192.0.2.53,nameserver"}, "dns-upstreams"),
+        ({"dns-upstreams": "0.0.0.0"}, "dns-upstreams"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(flags: dict[str, str], field: str) -> None:
@@ -139,3 +144,17 @@ def test_the_vxlan_filter_is_on_unless_a_flag_variable_or_file_says_off(tmp_path
     )
     assert on.vxlan_filter is True
     assert load_settings(["--vxlan-filter", "off"]).vxlan_filter is False
+
+
+def test_dns_is_on_under_overlay_internal_forwarding_to_resolv_conf_unless_told() -> None:
+    default = build_agent_config(flags={}, env={})
+    assert default.dns and default.dns_domain == "overlay.internal"
+    assert default.dns_upstreams is None  # the host's /etc/resolv.conf
+    told = build_agent_config(
+        flags={"dns-domain": "Cluster.Example.", "dns-upstreams": "192.0.2.53, 2001:db8::53"},
+        env={"OVERLAYD_DNS": "off"},
+    )
+    assert not told.dns and told.dns_domain == "cluster.example"
+    assert [str(a) for a in told.dns_upstreams or ()] == ["192.0.2.53", "2001:db8::53"]
+    # Empty: forward nothing (the lab's choice).
+    assert build_agent_config(flags={"dns-upstreams": ""}, env={}).dns_upstreams == ()
