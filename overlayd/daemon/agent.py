@@ -474,6 +474,7 @@ class Agent:
             and programmed.own.ipv6_subnet == host.own.ipv6_subnet,
             subnet6=programmed.own.ipv6_subnet,
             cluster6=programmed.egress.cluster6,
+            service_networks=programmed.config.service_networks,
         )
 
     def _wire(

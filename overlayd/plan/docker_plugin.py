@@ -158,6 +158,10 @@ class HostView:
     # Dual-stack: this host's IPv6 subnet and the cluster's IPv6 network.
     subnet6: IPv6Network | None = None
     cluster6: IPv6Network | None = None
+    # The network config's ServiceNetwork(s): in gwbridge mode a VIP must be
+    # reached by eth0 like the cluster, or the service's backend would see
+    # the connection come masqueraded from the gwbridge.
+    service_networks: tuple[IPNetwork, ...] = ()
 
     @property
     def gateway(self) -> IPv4Address:
@@ -608,9 +612,10 @@ def join_response(view: HostView, endpoint_id: str, *, ipv6: bool = False) -> di
         # No Gateway: libnetwork adds docker_gwbridge for the default route
         # (IPv4 only: Docker makes it without IPv6).
         answer["StaticRoutes"] = [
-            {"Destination": str(cluster), "RouteType": ROUTE_NEXTHOP, "NextHop": str(gateway)}
+            {"Destination": str(network), "RouteType": ROUTE_NEXTHOP, "NextHop": str(gateway)}
             for _, gateway, cluster in families
-            if cluster is not None
+            for network in (cluster, *view.service_networks)
+            if network is not None and network.version == gateway.version
         ]
     else:
         answer |= {key: str(gateway) for key, gateway, _ in families}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from dataclasses import replace
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -186,6 +187,13 @@ def test_join_answer_follows_the_egress_mode() -> None:
     assert "Gateway" not in answer
     assert answer["StaticRoutes"] == [
         {"Destination": "10.244.0.0/16", "RouteType": 0, "NextHop": "10.244.3.1"}
+    ]
+    # With services, their VIPs are reached over the overlay too, not
+    # masqueraded out of docker_gwbridge.
+    with_services = replace(view("gwbridge"), service_networks=(IPv4Network("10.96.0.0/16"),))
+    assert plan.join_response(with_services, EP)["StaticRoutes"] == [
+        {"Destination": "10.244.0.0/16", "RouteType": 0, "NextHop": "10.244.3.1"},
+        {"Destination": "10.96.0.0/16", "RouteType": 0, "NextHop": "10.244.3.1"},
     ]
 
 
