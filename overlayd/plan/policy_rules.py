@@ -167,9 +167,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, collapse_addresses, ip_address
 from typing import Any, Literal, NamedTuple
 
 from overlayd.model import IPAddress, IPNetwork
@@ -371,8 +371,11 @@ def _outside(ip: str, field: str, networks: Sequence[IPNetwork]) -> str:
 
 
 class _Index:
-    """Endpoints by label, so that a selector is checked against the
-    endpoints that can match it instead of all of them."""
+    """Endpoints by label, so that a selector costs the endpoints that can
+    match it instead of all of them. `select` is exact: what it gives is
+    what LabelSelector.matches selects, the endpoints a positive term
+    (a label, `In`, `Exists`) names being read off the index and the
+    negative terms (`NotIn`, `DoesNotExist`) checked one endpoint at a time."""
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         self.endpoints = endpoints
@@ -383,27 +386,35 @@ class _Index:
                 self.by_label.setdefault((key, value), []).append(i)
                 self.by_key.setdefault(key, []).append(i)
 
-    def select(self, selector: LabelSelector) -> list[Endpoint]:
-        candidates: list[list[int]] = [
-            self.by_label.get(pair, []) for pair in selector.match_labels
-        ]
+    def select(self, selector: LabelSelector) -> list[int]:
+        """The indices, ascending, of the endpoints `selector` selects."""
+        terms: list[Sequence[int]] = [self.by_label.get(pair, []) for pair in selector.match_labels]
+        negative = []
         for requirement in selector.match_expressions:
             if requirement.operator is Operator.IN:
-                candidates.append(
+                terms.append(
                     sorted(
-                        i
-                        for value in requirement.values
-                        for i in self.by_label.get((requirement.key, value), [])
+                        {
+                            i
+                            for value in requirement.values
+                            for i in self.by_label.get((requirement.key, value), [])
+                        }
                     )
                 )
             elif requirement.operator is Operator.EXISTS:
-                candidates.append(self.by_key.get(requirement.key, []))
-        # NotIn and DoesNotExist narrow nothing: without another term, all.
+                terms.append(self.by_key.get(requirement.key, []))
+            else:
+                negative.append(requirement)
         pool: Sequence[int] = range(len(self.endpoints))
-        if candidates:
-            pool = min(candidates, key=len)
-        # The selector itself decides; the index only narrows the search.
-        return [self.endpoints[i] for i in pool if selector.matches(self.endpoints[i].labels)]
+        if terms:
+            terms.sort(key=len)
+            pool = terms[0]
+            if len(terms) > 1:
+                pool = sorted(set(pool).intersection(*terms[1:]))
+        if not negative:
+            return list(pool)
+        endpoints = self.endpoints
+        return [i for i in pool if all(r.matches(endpoints[i].labels) for r in negative)]
 
 
 # --- rendering ---------------------------------------------------------------
@@ -501,7 +512,18 @@ class _Builder:
         self.index = _Index(endpoints)
         self.local = local
         self.sets: dict[str, NftSet] = {}
-        self._selected: dict[str, list[Endpoint]] = {}
+        self._selected: dict[str, list[int]] = {}
+        # Per set type, what each endpoint puts in such a set (NftSet.members),
+        # made once: a set's elements are then the union of these, which
+        # reuses their hashes instead of hashing every address again (an
+        # address is in several sets; ipaddress hashes in Python).
+        self._members: dict[AddressType, list[frozenset[Element]]] = {}
+
+    def _members_of(self, s: NftSet) -> list[frozenset[Element]]:
+        found = self._members.get(s.type)
+        if found is None:
+            found = self._members[s.type] = [frozenset(s.members(e)) for e in self.index.endpoints]
+        return found
 
     def set_for(self, selector: LabelSelector, version: int) -> str:
         """The set of the selector's endpoints' addresses of `version`, or
@@ -509,11 +531,13 @@ class _Builder:
         name = set_name(selector, version)
         if name not in self.sets:
             canonical = selector.canonical()
-            if canonical not in self._selected:
-                self._selected[canonical] = self.index.select(selector)
+            selected = self._selected.get(canonical)
+            if selected is None:
+                selected = self._selected[canonical] = self.index.select(selector)
             kind = _SET_TYPE[version]
             empty = NftSet(kind, frozenset(), _comment(f"selector {canonical}"), selector)
-            elements = frozenset(a for e in self._selected[canonical] for a in empty.members(e))
+            members = self._members_of(empty)
+            elements = frozenset[Element]().union(*(members[i] for i in selected))
             self.sets[name] = empty._replace(elements=elements)
         return name
 
@@ -655,8 +679,14 @@ def policy_counter_names(ruleset: PolicyRuleset) -> Mapping[str, CounterOwner]:
 # --- text --------------------------------------------------------------------
 
 
-def _elements(addresses: Iterable[Element]) -> str:
-    return ", ".join(str(a) for a in sorted(addresses, key=int))
+def _elements(addresses: Collection[Element]) -> str:
+    """A set's elements as nft takes and lists them, in address order."""
+    if all(type(a) is IPv4Address for a in addresses):
+        # The common case, formatted here: a cold start writes tens of
+        # thousands, and ipaddress's str() takes twice as long.
+        ints = sorted(map(int, addresses))
+        return ", ".join(["{}.{}.{}.{}".format(*i.to_bytes(4, "big")) for i in ints])
+    return ", ".join(map(str, sorted(addresses, key=int)))
 
 
 def render_ruleset(ruleset: PolicyRuleset, *, elements: bool = True) -> str:
