@@ -6,7 +6,9 @@ pass at a time, so passes never overlap and a burst of events costs one
 pass. A pass runs the managers in their fixed order (devices, sysctls,
 egress rules, network policy, VXLAN allow-list additions, peer entries,
 allow-list removals); each computes its desired state with a pure function and
-applies the difference from what it believes or reads.
+applies the difference from what it believes or reads. The policy
+transaction runs while the allow-list additions are planned, and is in
+force before the first of them is written (managers.policy.PolicyWritten).
 
 How much a pass looks at is its level (see managers.Level): an etcd event
 asks for a light pass, the resync timer for a check, and anything that
@@ -92,20 +94,25 @@ def standard_managers(
     policy), all before the entries that hang off the devices. The VXLAN
     allow-list sits on both sides of the entries: a new peer's address is
     allowed before its FDB entry is written, a departed peer's removed only
-    after its entries are gone; one allow-list per family."""
+    after its entries are gone; one allow-list per family. The policy
+    transaction runs while the allow-lists are made sure of and planned
+    (they only queue their additions), and is in force before any addition
+    is written."""
     projection = PeerProjection(dataplane)
     allow = [
         VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter, family=family)
         for family in (IPV4, IPV6)
     ]
+    policy = PolicyManager(dataplane, telemetry, projection)
     return [
         DeviceManager(dataplane),
         SysctlManager(dataplane),
         EgressManager(dataplane),
-        # Before the peers: a policy selecting an endpoint is in force before
-        # any new path to it is.
-        PolicyManager(dataplane, telemetry, projection),
+        policy,
         *(a.admit for a in allow),
+        # Before the peers' writes: a policy selecting an endpoint is in
+        # force before any new path to it is.
+        policy.written,
         FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),
         # IPv6 entries exactly like IPv4's, over the IPv6 halves of the
