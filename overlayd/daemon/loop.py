@@ -6,7 +6,9 @@ pass at a time, so passes never overlap and a burst of events costs one
 pass. A pass runs the managers in their fixed order (devices, sysctls,
 egress rules, network policy, VXLAN allow-list additions, peer entries,
 allow-list removals); each computes its desired state with a pure function and
-applies the difference from what it believes or reads.
+applies the difference from what it believes or reads. The policy
+transaction runs while the allow-list additions are planned, and is in
+force before the first of them is written (managers.policy.PolicyWritten).
 
 How much a pass looks at is its level (see managers.Level): an etcd event
 asks for a light pass, the resync timer for a check, and anything that
@@ -96,27 +98,32 @@ def standard_managers(
 ) -> list[Manager]:
     """Today's managers, in the order a pass runs them: devices before the
     sysctls that name them, both before the rules (egress, then network
-    policy, then services), all before the entries that hang off the devices. The VXLAN
-    allow-list sits on both sides of the entries: a new peer's address is
+    policy, then services), all before the entries that hang off the
+    devices. The VXLAN allow-list sits on both sides of the entries: a new peer's address is
     allowed before its FDB entry is written, a departed peer's removed only
-    after its entries are gone; one allow-list per family."""
+    after its entries are gone; one allow-list per family. The policy
+    transaction runs while the allow-lists are made sure of and planned
+    (they only queue their additions), and is in force before any addition
+    is written."""
     projection = PeerProjection(dataplane)
     endpoints = EndpointProjection(projection)
     allow = [
         VxlanAllowList(dataplane, telemetry, projection, enabled=vxlan_filter, family=family)
         for family in (IPV4, IPV6)
     ]
+    policy = PolicyManager(dataplane, telemetry, endpoints)
     return [
         DeviceManager(dataplane),
         SysctlManager(dataplane),
         EgressManager(dataplane),
-        # Before the peers: a policy selecting an endpoint is in force before
-        # any new path to it is.
-        PolicyManager(dataplane, telemetry, endpoints),
-        # After the policy: a container a new service exposes is judged
-        # before the first connection through the service can reach it.
-        ServiceManager(dataplane, endpoints, on_records=on_service_records),
+        policy,
         *(a.admit for a in allow),
+        # Before the peers' writes: a policy selecting an endpoint is in
+        # force before any new path to it is.
+        policy.written,
+        # After the policy is in force: a container a new service exposes
+        # is judged before the first connection through the service.
+        ServiceManager(dataplane, endpoints, on_records=on_service_records),
         FilterWrites(dataplane, "admit"),
         PeerEntryManager(dataplane, telemetry, projection),
         # IPv6 entries exactly like IPv4's, over the IPv6 halves of the

@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from itertools import islice
 from typing import TypeVar, cast
 
 from overlayd.errors import ConfigError
@@ -80,7 +81,9 @@ GWBRIDGE_CANDIDATES = tuple(IPv4Network(f"172.{n}.0.0/16") for n in range(18, 32
 # restart; and it is checked against the cluster's IPv6 network and the
 # host's routes like the IPv4 candidates, falling to the next /64.
 GWBRIDGE_ULA = IPv6Network("fd4a:4eae:8d08::/48")
-GWBRIDGE_CANDIDATES6 = tuple(GWBRIDGE_ULA.subnets(new_prefix=64))[:16]
+# The first 16 of its /64s, made one by one: listing all 65,536 of them to
+# keep 16 took a fifth of a second of every start.
+GWBRIDGE_CANDIDATES6 = tuple(islice(GWBRIDGE_ULA.subnets(new_prefix=64), 16))
 _CANDIDATES: Mapping[int, tuple[IPNetwork, ...]] = {
     4: GWBRIDGE_CANDIDATES,
     6: GWBRIDGE_CANDIDATES6,

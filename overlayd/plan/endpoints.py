@@ -36,7 +36,7 @@ from ipaddress import IPv4Network, ip_address
 from typing import Any
 
 from overlayd.errors import EndpointError
-from overlayd.model import IPAddress
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.ipam import gateway_address
 from overlayd.plan.policy import label_key_problem, label_value_problem, show
 from overlayd.plan.policy_model import Endpoint, HostSubnets, MacAddress
@@ -197,17 +197,16 @@ def _addresses(raw: object, host: str, subnets: HostSubnets) -> tuple[IPAddress,
             address = ip_address(item)
         except ValueError as exc:
             raise EndpointError(f"{where}: {show(item)} is not an IP address") from exc
-        if not subnets.holds(address):
+        network = subnets.subnet if address.version == 4 else subnets.subnet6
+        bounds = None if network is None else _bounds(network)
+        value = int(address)
+        if bounds is None or not bounds[0] <= value <= bounds[1]:
             held = ", ".join(str(n) for n in (subnets.subnet, subnets.subnet6) if n is not None)
             raise EndpointError(f"{where}: {address} is outside host {host}'s subnets ({held})")
-        network = subnets.subnet if address.version == 4 else subnets.subnet6
-        assert network is not None  # holds() said so
         # The bridge's own address and the ones no container has: an
         # endpoint claiming one would have policy judge the host's traffic
         # as the endpoint's.
-        if address in (network.network_address, gateway_address(network)) or (
-            address.version == 4 and address == network.broadcast_address
-        ):
+        if value in bounds[2]:
             raise EndpointError(
                 f"{where}: {address} is the network, gateway or broadcast address of {network}"
             )
@@ -215,6 +214,18 @@ def _addresses(raw: object, host: str, subnets: HostSubnets) -> tuple[IPAddress,
     if len(found) == 2 and found[0].version == found[1].version:
         raise EndpointError(f"addresses: two IPv{found[0].version} addresses")
     return tuple(sorted(found, key=lambda a: a.version))
+
+
+@functools.lru_cache(maxsize=1024)
+def _bounds(network: IPNetwork) -> tuple[int, int, frozenset[int]]:
+    """A host subnet's first and last address, and the ones no container
+    may claim (network, gateway, and in IPv4 broadcast), as ints: read
+    once per subnet, not per registration (a cold start reads thousands)."""
+    first, last = int(network.network_address), int(network.broadcast_address)
+    reserved = {first, int(gateway_address(network))}
+    if network.version == 4:
+        reserved.add(last)
+    return first, last, frozenset(reserved)
 
 
 def _gwbridge_addresses(raw: object, subnets: HostSubnets) -> tuple[IPAddress, ...]:
@@ -288,6 +299,13 @@ def parse_endpoint(
     `hosts`: host id -> that host's leased subnets; a host without a lease
     has no endpoints. EndpointError names the field at fault."""
     host, ident = parse_endpoint_key(key, own_prefix)
+    return _parse_value(key, host, ident, value, hosts)
+
+
+def _parse_value(
+    key: str, host: str, ident: str, value: bytes, hosts: Mapping[str, HostSubnets]
+) -> Endpoint:
+    """parse_endpoint for a key already parsed into (host, ident)."""
     subnets = hosts.get(host)
     if subnets is None:
         raise EndpointError(f"host {host} has no lease")
@@ -352,12 +370,12 @@ EndpointCache = dict[str, _Parsed]
 
 def _parse(key: str, value: bytes, own_prefix: str, hosts: Mapping[str, HostSubnets]) -> _Parsed:
     try:
-        host, _ = parse_endpoint_key(key, own_prefix)
+        host, ident = parse_endpoint_key(key, own_prefix)
     except EndpointError as exc:
         return _Parsed(value, None, None, None, str(exc))
     subnets = hosts.get(host)
     try:
-        return _Parsed(value, host, subnets, parse_endpoint(key, value, own_prefix, hosts))
+        return _Parsed(value, host, subnets, _parse_value(key, host, ident, value, hosts))
     except EndpointError as exc:
         return _Parsed(value, host, subnets, None, str(exc))
 

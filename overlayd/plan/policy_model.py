@@ -235,8 +235,11 @@ class HostSubnets:
 
 
 class EndpointIndex:
-    """Endpoints by label, so that a selector is checked against the
-    endpoints that can match it instead of all of them."""
+    """Endpoints by label, so that a selector costs the endpoints that can
+    match it instead of all of them. `select` is exact: what it gives is
+    what LabelSelector.matches selects, the endpoints a positive term
+    (a label, `In`, `Exists`) names being read off the index and the
+    negative terms (`NotIn`, `DoesNotExist`) checked one endpoint at a time."""
 
     def __init__(self, endpoints: Sequence[Endpoint]) -> None:
         self.endpoints = endpoints
@@ -247,24 +250,36 @@ class EndpointIndex:
                 self.by_label.setdefault((key, value), []).append(i)
                 self.by_key.setdefault(key, []).append(i)
 
-    def select(self, selector: LabelSelector) -> list[Endpoint]:
-        candidates: list[list[int]] = [
-            self.by_label.get(pair, []) for pair in selector.match_labels
-        ]
+    def select_indices(self, selector: LabelSelector) -> list[int]:
+        """The indices, ascending, of the endpoints `selector` selects."""
+        terms: list[Sequence[int]] = [self.by_label.get(pair, []) for pair in selector.match_labels]
+        negative = []
         for requirement in selector.match_expressions:
             if requirement.operator is Operator.IN:
-                candidates.append(
+                terms.append(
                     sorted(
-                        i
-                        for value in requirement.values
-                        for i in self.by_label.get((requirement.key, value), [])
+                        {
+                            i
+                            for value in requirement.values
+                            for i in self.by_label.get((requirement.key, value), [])
+                        }
                     )
                 )
             elif requirement.operator is Operator.EXISTS:
-                candidates.append(self.by_key.get(requirement.key, []))
-        # NotIn and DoesNotExist narrow nothing: without another term, all.
+                terms.append(self.by_key.get(requirement.key, []))
+            else:
+                negative.append(requirement)
         pool: Sequence[int] = range(len(self.endpoints))
-        if candidates:
-            pool = min(candidates, key=len)
-        # The selector itself decides; the index only narrows the search.
-        return [self.endpoints[i] for i in pool if selector.matches(self.endpoints[i].labels)]
+        if terms:
+            terms.sort(key=len)
+            pool = terms[0]
+            if len(terms) > 1:
+                pool = sorted(set(pool).intersection(*terms[1:]))
+        if not negative:
+            return list(pool)
+        endpoints = self.endpoints
+        return [i for i in pool if all(r.matches(endpoints[i].labels) for r in negative)]
+
+    def select(self, selector: LabelSelector) -> list[Endpoint]:
+        """The endpoints `selector` selects, in the order given."""
+        return [self.endpoints[i] for i in self.select_indices(selector)]

@@ -167,9 +167,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, collapse_addresses, ip_address
 from typing import Any, Literal, NamedTuple
 
 from overlayd.model import IPAddress, IPNetwork
@@ -465,7 +465,18 @@ class _Builder:
         self.index = EndpointIndex(endpoints)
         self.local = local
         self.sets: dict[str, NftSet] = {}
-        self._selected: dict[str, list[Endpoint]] = {}
+        self._selected: dict[str, list[int]] = {}
+        # Per set type, what each endpoint puts in such a set (NftSet.members),
+        # made once: a set's elements are then the union of these, which
+        # reuses their hashes instead of hashing every address again (an
+        # address is in several sets; ipaddress hashes in Python).
+        self._members: dict[AddressType, list[frozenset[Element]]] = {}
+
+    def _members_of(self, s: NftSet) -> list[frozenset[Element]]:
+        found = self._members.get(s.type)
+        if found is None:
+            found = self._members[s.type] = [frozenset(s.members(e)) for e in self.index.endpoints]
+        return found
 
     def set_for(self, selector: LabelSelector, version: int) -> str:
         """The set of the selector's endpoints' addresses of `version`, or
@@ -473,11 +484,13 @@ class _Builder:
         name = set_name(selector, version)
         if name not in self.sets:
             canonical = selector.canonical()
-            if canonical not in self._selected:
-                self._selected[canonical] = self.index.select(selector)
+            selected = self._selected.get(canonical)
+            if selected is None:
+                selected = self._selected[canonical] = self.index.select_indices(selector)
             kind = _SET_TYPE[version]
             empty = NftSet(kind, frozenset(), _comment(f"selector {canonical}"), selector)
-            elements = frozenset(a for e in self._selected[canonical] for a in empty.members(e))
+            members = self._members_of(empty)
+            elements = frozenset[Element]().union(*(members[i] for i in selected))
             self.sets[name] = empty._replace(elements=elements)
         return name
 
@@ -619,8 +632,14 @@ def policy_counter_names(ruleset: PolicyRuleset) -> Mapping[str, CounterOwner]:
 # --- text --------------------------------------------------------------------
 
 
-def _elements(addresses: Iterable[Element]) -> str:
-    return ", ".join(str(a) for a in sorted(addresses, key=int))
+def _elements(addresses: Collection[Element]) -> str:
+    """A set's elements as nft takes and lists them, in address order."""
+    if all(type(a) is IPv4Address for a in addresses):
+        # The common case, formatted here: a cold start writes tens of
+        # thousands, and ipaddress's str() takes twice as long.
+        ints = sorted(map(int, addresses))
+        return ", ".join(["{}.{}.{}.{}".format(*i.to_bytes(4, "big")) for i in ints])
+    return ", ".join(map(str, sorted(addresses, key=int)))
 
 
 def render_ruleset(ruleset: PolicyRuleset, *, elements: bool = True) -> str:

@@ -222,10 +222,12 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
         "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
-        # No policy, no service: a full pass makes sure neither table is left.
-        "policy", "services",
-        # The allow-list's elements are written after both families' admits.
-        "filter", "filter-read", "filter-remove v6", "allow 1", "read",
+        # No policy, no service: a full pass makes sure neither table is
+        # left; the policy's while the allow-lists are made sure of.
+        "policy", "filter", "filter-read", "filter-remove v6", "services",
+        # The allow-list's elements are written after both families' admits,
+        # and after the policy is in force.
+        "allow 1", "read",
         # The IPv6 manager looks for stale IPv6 entries even without IPv6;
         # both families' changes are written once both have planned.
         "read6", "apply 4",

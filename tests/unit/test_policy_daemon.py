@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, ip_address
 from pathlib import Path
@@ -18,7 +19,7 @@ from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.loop import Knowledge, Reconciler
 from overlayd.daemon.managers import Level
 from overlayd.errors import EndpointError, OverlaydError
-from overlayd.model import Lease
+from overlayd.model import IPV4, DeviceSpec, EntrySet, Family, Lease
 from overlayd.plan.endpoints import endpoint_key, host_id, render_endpoint
 from overlayd.plan.policy import parse_policy, policy_key, render_policy
 from overlayd.plan.policy_model import Endpoint
@@ -307,3 +308,88 @@ async def test_the_loop_tells_who_waits_when_their_revision_is_in_force() -> Non
     await asyncio.wait_for(waiting, 1)
     assert loop.enforced_revision == 8
     await asyncio.wait_for(loop.wait_enforced(3), 1)  # already in force
+
+
+class SlowPolicyDataplane(FakeDataplane):
+    """nft taking its time over the policy transaction, as with a whole
+    table of thousands of elements; `refuse` makes it fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = False
+        self.fail_read = False  # reading the peers' entries fails, once
+
+    async def read_entries(self, spec: DeviceSpec, family: Family = IPV4) -> EntrySet:
+        if self.fail_read:
+            self.fail_read = False
+            raise OverlaydError("netlink dump interrupted")
+        return await super().read_entries(spec, family)
+
+    async def apply_policy(self, statements: Sequence[str]) -> None:
+        self.calls.append("policy begins")
+        await asyncio.sleep(0.05)
+        if self.refuse:
+            self.calls.append("policy refused")
+            raise OverlaydError("nft refused the ruleset")
+        await super().apply_policy(statements)
+
+
+async def test_nft_runs_while_the_allow_list_is_planned_and_is_done_before_a_path_opens() -> None:
+    dataplane = SlowPolicyDataplane()
+    inputs = knowledge(PEER)
+    with_policy(
+        inputs, endpoint("web", "10.244.1.5", app="web"), policies=(render_policy(DENY_WEB),)
+    )
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok
+    calls = dataplane.calls
+    # Overlap: the VXLAN allow-list is made sure of while nft runs.
+    assert calls.index("policy begins") < calls.index("filter") < calls.index("policy")
+    # No window: the allow-list's addition and the entries only once it is in force.
+    assert calls.index("policy") < calls.index("allow 1") < calls.index("apply 4")
+    assert dataplane.policy_statements[-1][:2] == [
+        f"table inet {TABLE}",
+        f"delete table inet {TABLE}",
+    ]
+
+
+async def test_a_refused_policy_transaction_fails_the_pass_before_any_path_opens() -> None:
+    dataplane = SlowPolicyDataplane()
+    dataplane.refuse = True
+    inputs = knowledge(PEER)
+    with_policy(
+        inputs, endpoint("web", "10.244.1.5", app="web"), policies=(render_policy(DENY_WEB),)
+    )
+    loop = Reconciler(inputs, dataplane)
+    assert not (await loop.reconcile_once()).ok
+    assert "policy refused" in dataplane.calls
+    assert "allow 1" not in dataplane.calls and "apply 4" not in dataplane.calls
+    # Positive control: once nft takes it, the next (full) pass writes the
+    # whole table and then the peer.
+    dataplane.refuse = False
+    dataplane.calls.clear()
+    assert (await loop.reconcile_once()).ok
+    assert dataplane.calls.index("policy") < dataplane.calls.index("apply 4")
+    assert dataplane.policy_statements[-1][:2] == [
+        f"table inet {TABLE}",
+        f"delete table inet {TABLE}",
+    ]
+
+
+async def test_a_pass_failing_while_nft_runs_lets_it_finish_before_the_next_writes() -> None:
+    dataplane = SlowPolicyDataplane()
+    dataplane.fail_read = True  # a failure while the policy transaction runs
+    inputs = knowledge(PEER)
+    with_policy(
+        inputs, endpoint("web", "10.244.1.5", app="web"), policies=(render_policy(DENY_WEB),)
+    )
+    loop = Reconciler(inputs, dataplane)
+    first = await loop.reconcile_once()
+    second = await loop.reconcile_once()
+    assert not first.ok and second.ok
+    assert dataplane.calls.count("apply 4") == 1  # no path opened by the failed pass
+    # Each transaction ended before the next began: never two at once, so
+    # an older table never lands after a newer one.
+    begins = [i for i, call in enumerate(dataplane.calls) if call == "policy begins"]
+    ends = [i for i, call in enumerate(dataplane.calls) if call == "policy"]
+    assert len(begins) == len(ends) == 2 and begins[0] < ends[0] < begins[1] < ends[1]

@@ -23,6 +23,8 @@ with the services manager.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
@@ -75,9 +77,21 @@ class PolicyManager:
             ]
             | None
         ) = None
+        # This pass's transaction under way, and what it makes true once
+        # nft took it (see finish); a failed pass's, until it ends.
+        self._pending: tuple[asyncio.Task[None] | None, PolicyRuleset, int, int] | None = None
+        self._unfinished: asyncio.Task[None] | None = None
+        self.written = PolicyWritten(self)
 
     async def sync(self, context: PassContext) -> None:
         inputs = context.inputs
+        if self._unfinished is not None:
+            # A failed pass's transaction still running: done (or refused)
+            # before this pass writes, so that nft never applies an older
+            # table after a newer one. Believed or not, this pass is full.
+            with contextlib.suppress(Exception):
+                await self._unfinished
+            self._unfinished = None
         if (
             not inputs.raw_policies
             and self.believed is not None
@@ -104,18 +118,34 @@ class PolicyManager:
             self._bridge_netfilter = True
         self._repaired = 0
         statements = await self._statements(context, desired)
-        if statements:
-            # Believed only once nft took it: a refused transaction changed nothing.
-            await self._dataplane.apply_policy(statements)
+        # Written while the managers up to `written` (PolicyWritten) make
+        # sure of and plan the VXLAN allow-lists: nft takes half a second
+        # for a whole table of 10,000 endpoints and 500 policies, in a
+        # process of its own.
+        write = asyncio.create_task(self._write(statements)) if statements else None
+        self._pending = (write, desired, len(policies), len(selection.endpoints))
+        if write is not None:
+            await asyncio.sleep(0)  # nft started now, not at the next manager's wait
+
+    async def _write(self, statements: list[str]) -> None:
+        await self._dataplane.apply_policy(statements)
+
+    async def finish(self, context: PassContext) -> None:
+        """Wait for the pass's transaction (PolicyWritten); then, and only
+        then, believe it: a refused transaction changed nothing."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        write, desired, policies, endpoints = pending
+        if write is not None:
+            await write
         if self._repaired:
             context.remade.append(
                 ("nftables", f"policy table: {self._repaired} set element statement(s) put back")
             )
         self.believed = desired
         self._telemetry.policy_enforced(
-            policies=len(policies),
-            endpoints=len(selection.endpoints),
-            revision=inputs.revision,
+            policies=policies, endpoints=endpoints, revision=context.inputs.revision
         )
 
     def _desired(
@@ -191,7 +221,38 @@ class PolicyManager:
         return False  # nftables sends no netlink event we listen to
 
     def forget(self) -> None:
+        if self._pending is not None:
+            write = self._pending[0]
+            if write is not None and not write.done():
+                self._unfinished = write
+            elif write is not None and not write.cancelled():
+                write.exception()  # seen: the pass failed anyway
+            self._pending = None
         self.believed = None
         self._bridge_netfilter = False
         self._last = None
         self._endpoints.forget()
+
+
+class PolicyWritten:
+    """The barrier after which a pass may open new paths (the VXLAN
+    allow-list's additions, peer entries): the policy transaction that
+    PolicyManager started is in force. The managers between the two only
+    read, plan and restrict (the allow-lists' own chains, which drop), so
+    that a policy selecting an endpoint is still in force before any new
+    path to it is, as when the transaction was awaited in place; on a cold
+    start its nft run overlaps their work."""
+
+    name = "policy-write"
+
+    def __init__(self, policy: PolicyManager) -> None:
+        self._policy = policy
+
+    async def sync(self, context: PassContext) -> None:
+        await self._policy.finish(context)
+
+    def expects(self, observed: Observed) -> bool:
+        return False
+
+    def forget(self) -> None:
+        pass  # the PolicyManager's
