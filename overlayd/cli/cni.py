@@ -25,7 +25,10 @@ work; this program only decides what to ask them for, merges their results,
 and remembers what it asked so that DEL and CHECK hit the same delegates
 even if the subnet file changed since. The bridge plugin also keeps
 duplicate address detection off in the container (`enabledad` false, see
-`delegate_configs`), so an IPv6 address is usable the moment ADD returns.
+`delegate_configs`), so an IPv6 address is usable the moment ADD returns,
+and puts the container's port on the overlay bridge in hairpin mode
+(`hairpinMode`), so that a container reaching its own service through a
+VIP lands on itself (plan/service_rules.py).
 
 Addresses on the overlay come from one half of the host's subnet, in each
 family (plan/ipam.container_ranges: IPv4's lower half after the gateway,
@@ -244,6 +247,7 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         ranges: list[dict[str, str]],
         routes: list[dict[str, str]],
         mtu: int | None,
+        hairpin: bool,
     ) -> dict[str, Any]:
         delegate: dict[str, Any] = {
             "cniVersion": version,
@@ -264,6 +268,8 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         }
         if mtu is not None:
             delegate["mtu"] = mtu
+        if hairpin:
+            delegate["hairpinMode"] = True
         if len(ranges) > 1:
             # No duplicate address detection in the container (the bridge
             # plugin's default, spelled out where IPv6 is): host-local's
@@ -291,6 +297,15 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
                 [_address_range(s, whole_subnet) for s in stacks],
                 overlay_routes,
                 mtu,
+                # Always on the overlay bridge: a container reaching a
+                # service VIP may be DNATed to itself, and with bridge
+                # netfilter on (policies, gwbridge isolation) that DNAT
+                # happens inside the bridge, which sends the frame back
+                # out the port it came in by only in hairpin mode
+                # (plan/service_rules.py, "hairpin"). Not on the gwbridge:
+                # nothing is bridged between its ports (its isolation drops
+                # it), so no frame ever needs to go back out its own port.
+                hairpin=True,
             ),
         )
     ]
@@ -309,6 +324,7 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
                     [_address_range(s, whole_subnet=True) for s in egress_stacks],
                     [_route(s, s.family.any_network) for s in egress_stacks],
                     None,
+                    hairpin=False,
                 ),
             )
         )
