@@ -45,7 +45,11 @@ Network config keys (besides cniVersion, name, type):
                   a host where Docker's own IPAM (docker-opts) never runs
     dns           passed into the result as it is (CNI's DNS type:
                   nameservers, domain, search, options); runtimes such as
-                  Podman write the container's resolv.conf from it
+                  Podman write the container's resolv.conf from it.
+                  Without it, the result's dns names overlayd's own DNS
+                  responder when the subnet file does (OVERLAYD_DNS and
+                  OVERLAYD_DNS_DOMAIN: services configured), see
+                  `subnet_file_dns`
     controlSocket default /run/overlayd/overlayd.sock: the daemon's control
                   socket, where containers are registered (below)
     registerEndpoint  default true; false attaches containers without
@@ -92,7 +96,7 @@ from overlayd.nsexec import call_plugin
 from overlayd.plan.endpoints import labels_from_cni, without_label_args
 from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
 from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask
-from overlayd.surfaces.subnetfile import read_variables
+from overlayd.surfaces.subnetfile import read_dns, read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
@@ -398,6 +402,44 @@ def dns_settings(conf: dict[str, Any]) -> dict[str, Any]:
     return dict(dns)
 
 
+# resolv.conf's ndots for overlayd's responder: see subnet_file_dns.
+NDOTS = 2
+
+
+def subnet_file_dns(conf: dict[str, Any]) -> dict[str, Any]:
+    """The result's dns for overlayd's DNS responder, from the subnet file's
+    OVERLAYD_DNS (the overlay bridge's gateway addresses) and
+    OVERLAYD_DNS_DOMAIN; {} when it names no server (no services on this
+    host). The domain is the search domain, so a container asks for `web`
+    or `tasks.web`.
+
+    `ndots:2` rather than resolv.conf's default of 1: `tasks.web` has one
+    dot, and with ndots:1 the resolver asks for it as an absolute name
+    first, which the responder does not own and forwards upstream (a round
+    trip out of the host, and an internal name leaked to the outside
+    resolvers) before the search domain is tried. With ndots:2 it is
+    `tasks.web.overlay.internal` first, answered locally. The price: a
+    one-dot outside name (`example.com`) is first tried as
+    `example.com.overlay.internal`, which the responder answers NXDOMAIN
+    itself, from its own records, without forwarding. Not Kubernetes'
+    ndots:5, whose search list makes every outside name cost several
+    queries; SRV names (`_http._tcp.web`, two dots) are asked absolute
+    first, then with the domain."""
+    servers, domain = read_dns(Path(conf.get("subnetFile", DEFAULT_SUBNET_FILE)))
+    if not servers:
+        return {}
+    found: dict[str, Any] = {"nameservers": [str(server) for server in servers]}
+    if domain is not None:
+        found |= {"search": [domain], "options": [f"ndots:{NDOTS}"]}
+    return found
+
+
+def result_dns(conf: dict[str, Any]) -> dict[str, Any]:
+    """The result's dns: the network config's own, when it has one (the
+    operator's choice wins), else overlayd's responder's (subnet_file_dns)."""
+    return dns_settings(conf) or subnet_file_dns(conf)
+
+
 def merge_results(
     version: str, results: list[dict[str, Any]], dns: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -567,7 +609,7 @@ def unregister(conf: dict[str, Any], inv: Invocation) -> None:
 
 def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
     # Checked before anything is made: nothing to undo when they are bad.
-    dns = dns_settings(conf)
+    dns = result_dns(conf)
     registered = registration(conf, inv)
     done: list[tuple[str, dict[str, Any]]] = []
     results = []
