@@ -25,7 +25,14 @@ def test_a_cni_results_dns_becomes_resolv_conf_lines() -> None:
 
 
 def test_no_nameserver_means_no_resolv_conf_of_its_own() -> None:
-    for dns in (None, {}, [], {"search": ["overlay.internal"]}, {"nameservers": "10.244.7.1"}):
+    nothing: list[object] = [
+        None,
+        {},
+        [],
+        {"search": ["overlay.internal"]},
+        {"nameservers": "10.244.7.1"},
+    ]
+    for dns in nothing:
         assert resolv_conf(dns) is None
     assert resolv_conf({"nameservers": ["10.244.7.1"]}) == "nameserver 10.244.7.1\n"  # control
 
