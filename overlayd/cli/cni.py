@@ -25,7 +25,10 @@ work; this program only decides what to ask them for, merges their results,
 and remembers what it asked so that DEL and CHECK hit the same delegates
 even if the subnet file changed since. The bridge plugin also keeps
 duplicate address detection off in the container (`enabledad` false, see
-`delegate_configs`), so an IPv6 address is usable the moment ADD returns.
+`delegate_configs`), so an IPv6 address is usable the moment ADD returns,
+and puts the container's port on the overlay bridge in hairpin mode
+(`hairpinMode`), so that a container reaching its own service through a
+VIP lands on itself (plan/service_rules.py).
 
 Addresses on the overlay come from one half of the host's subnet, in each
 family (plan/ipam.container_ranges: IPv4's lower half after the gateway,
@@ -42,7 +45,11 @@ Network config keys (besides cniVersion, name, type):
                   a host where Docker's own IPAM (docker-opts) never runs
     dns           passed into the result as it is (CNI's DNS type:
                   nameservers, domain, search, options); runtimes such as
-                  Podman write the container's resolv.conf from it
+                  Podman write the container's resolv.conf from it.
+                  Without it, the result's dns names overlayd's own DNS
+                  responder when the subnet file does (OVERLAYD_DNS and
+                  OVERLAYD_DNS_DOMAIN: services configured), see
+                  `subnet_file_dns`
     controlSocket default /run/overlayd/overlayd.sock: the daemon's control
                   socket, where containers are registered (below)
     registerEndpoint  default true; false attaches containers without
@@ -89,7 +96,7 @@ from overlayd.nsexec import call_plugin
 from overlayd.plan.endpoints import labels_from_cni, without_label_args
 from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
 from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask
-from overlayd.surfaces.subnetfile import read_variables
+from overlayd.surfaces.subnetfile import read_dns, read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
@@ -244,6 +251,7 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         ranges: list[dict[str, str]],
         routes: list[dict[str, str]],
         mtu: int | None,
+        hairpin: bool,
     ) -> dict[str, Any]:
         delegate: dict[str, Any] = {
             "cniVersion": version,
@@ -264,6 +272,8 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
         }
         if mtu is not None:
             delegate["mtu"] = mtu
+        if hairpin:
+            delegate["hairpinMode"] = True
         if len(ranges) > 1:
             # No duplicate address detection in the container (the bridge
             # plugin's default, spelled out where IPv6 is): host-local's
@@ -291,6 +301,15 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
                 [_address_range(s, whole_subnet) for s in stacks],
                 overlay_routes,
                 mtu,
+                # Always on the overlay bridge: a container reaching a
+                # service VIP may be DNATed to itself, and with bridge
+                # netfilter on (policies, gwbridge isolation) that DNAT
+                # happens inside the bridge, which sends the frame back
+                # out the port it came in by only in hairpin mode
+                # (plan/service_rules.py, "hairpin"). Not on the gwbridge:
+                # nothing is bridged between its ports (its isolation drops
+                # it), so no frame ever needs to go back out its own port.
+                hairpin=True,
             ),
         )
     ]
@@ -309,6 +328,7 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
                     [_address_range(s, whole_subnet=True) for s in egress_stacks],
                     [_route(s, s.family.any_network) for s in egress_stacks],
                     None,
+                    hairpin=False,
                 ),
             )
         )
@@ -380,6 +400,44 @@ def dns_settings(conf: dict[str, Any]) -> dict[str, Any]:
         except ValueError as exc:
             raise CniError(ERR_CONFIG, f"dns.nameservers: {server!r} is not an address") from exc
     return dict(dns)
+
+
+# resolv.conf's ndots for overlayd's responder: see subnet_file_dns.
+NDOTS = 2
+
+
+def subnet_file_dns(conf: dict[str, Any]) -> dict[str, Any]:
+    """The result's dns for overlayd's DNS responder, from the subnet file's
+    OVERLAYD_DNS (the overlay bridge's gateway addresses) and
+    OVERLAYD_DNS_DOMAIN; {} when it names no server (no services on this
+    host). The domain is the search domain, so a container asks for `web`
+    or `tasks.web`.
+
+    `ndots:2` rather than resolv.conf's default of 1: `tasks.web` has one
+    dot, and with ndots:1 the resolver asks for it as an absolute name
+    first, which the responder does not own and forwards upstream (a round
+    trip out of the host, and an internal name leaked to the outside
+    resolvers) before the search domain is tried. With ndots:2 it is
+    `tasks.web.overlay.internal` first, answered locally. The price: a
+    one-dot outside name (`example.com`) is first tried as
+    `example.com.overlay.internal`, which the responder answers NXDOMAIN
+    itself, from its own records, without forwarding. Not Kubernetes'
+    ndots:5, whose search list makes every outside name cost several
+    queries; SRV names (`_http._tcp.web`, two dots) are asked absolute
+    first, then with the domain."""
+    servers, domain = read_dns(Path(conf.get("subnetFile", DEFAULT_SUBNET_FILE)))
+    if not servers:
+        return {}
+    found: dict[str, Any] = {"nameservers": [str(server) for server in servers]}
+    if domain is not None:
+        found |= {"search": [domain], "options": [f"ndots:{NDOTS}"]}
+    return found
+
+
+def result_dns(conf: dict[str, Any]) -> dict[str, Any]:
+    """The result's dns: the network config's own, when it has one (the
+    operator's choice wins), else overlayd's responder's (subnet_file_dns)."""
+    return dns_settings(conf) or subnet_file_dns(conf)
 
 
 def merge_results(
@@ -551,7 +609,7 @@ def unregister(conf: dict[str, Any], inv: Invocation) -> None:
 
 def add(conf: dict[str, Any], inv: Invocation) -> dict[str, Any]:
     # Checked before anything is made: nothing to undo when they are bad.
-    dns = dns_settings(conf)
+    dns = result_dns(conf)
     registered = registration(conf, inv)
     done: list[tuple[str, dict[str, Any]]] = []
     results = []

@@ -40,8 +40,8 @@ class VethPairs:
     async def add_pair(
         self, host: str, peer: str, *, bridge: str, mtu: int, mac: str | None
     ) -> None:
-        """A veth pair with `host` on `bridge` (up) and `peer` down, both with
-        `mtu`. Fails if `host` exists (the caller decides what a leftover is:
+        """A veth pair with `host` on `bridge` (up, hairpin mode on) and
+        `peer` down, both with `mtu`. Fails if `host` exists (the caller decides what a leftover is:
         deleting one blindly could pull eth0 out of a running container). On
         failure nothing is left behind."""
         args = ["link", "add", host, "mtu", str(mtu), "type", "veth", "peer", "name", peer]
@@ -53,6 +53,14 @@ class VethPairs:
             raise VethError(f"ip link add {host}: {err}")
         for step in (
             ("link", "set", host, "master", bridge),
+            # Hairpin mode on the bridge port, always (as Docker's bridge
+            # driver and CNI's bridge plugin do when asked): a container
+            # reaching a service VIP may be DNATed to itself, and with
+            # bridge netfilter on (policies, gwbridge isolation) that DNAT
+            # happens inside the bridge, which then sends the frame back
+            # out the port it came in by, and drops it unless the port
+            # allows hairpin (plan/service_rules.py, "hairpin").
+            ("link", "set", host, "type", "bridge_slave", "hairpin", "on"),
             ("link", "set", host, "up"),
         ):
             code, _, err = await _ip(*step)

@@ -6,6 +6,13 @@ In a dual-stack cluster a container has an address of each family on eth0:
 overlay-cni hands both out (the IPv6 one from the host's
 FLANNEL_IPV6_SUBNET, gateway ::1 of it) with the routes of the host's egress
 mode for both families; by hand, the same layout is made with iproute2.
+
+A container attached through overlay-cni gets the resolv.conf its CNI
+result's `dns` asks for (overlayd's DNS responder when the host serves
+services), as a runtime that honours it (Podman) writes one: in
+/etc/netns/<ns>/resolv.conf, which `ip netns exec` shows the commands it
+runs in the namespace as /etc/resolv.conf. Without a `dns` in the result
+the container keeps the machine's resolv.conf, as before.
 """
 
 from __future__ import annotations
@@ -111,7 +118,31 @@ def attach_through_cni(host: int, host_ns: str, ns: str, files: HostFiles) -> Co
             f"overlay-cni gave {ns} no IPv6 address of {subnet6} on eth0, though the host"
             f" is dual-stack: {result}"
         )
+    text = resolv_conf(result.get("dns"))
+    if text is not None:
+        netns.write_resolv_conf(ns, text)
     return Container(ns, host, v4, address6=v6 if isinstance(v6, IPv6Address) else None)
+
+
+def resolv_conf(dns: Any) -> str | None:
+    """resolv.conf for a CNI result's `dns` (nameservers, domain, search,
+    options), as a runtime writes it; None when it names no nameserver."""
+    if not isinstance(dns, dict):
+        return None
+    lines = [f"nameserver {server}" for server in _strings(dns.get("nameservers"))]
+    if not lines:
+        return None
+    if isinstance(dns.get("domain"), str) and dns["domain"]:
+        lines.append(f"domain {dns['domain']}")
+    for key, word in (("search", "search"), ("options", "options")):
+        values = _strings(dns.get(key))
+        if values:
+            lines.append(f"{word} {' '.join(values)}")
+    return "\n".join(lines) + "\n"
+
+
+def _strings(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
 
 
 def attach_by_hand(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,9 +192,32 @@ def kill_processes(
             os.kill(pid, signal.SIGKILL)
 
 
+# `ip netns exec NS` bind-mounts each file of /etc/netns/NS over the one of
+# the same name in /etc, for the command it runs: a lab container's own
+# resolv.conf lives there.
+NETNS_ETC = Path("/etc/netns")
+
+
+def netns_etc(ns: str) -> Path:
+    """The namespace's own /etc files' directory (iproute2's convention)."""
+    if not ns or "/" in ns or ns in (".", ".."):
+        raise LabCommandError(f"{ns!r} is not a namespace name")
+    return NETNS_ETC / ns
+
+
+def write_resolv_conf(ns: str, text: str) -> None:
+    """The resolv.conf that commands run in `ns` with `ip netns exec` see."""
+    directory = netns_etc(ns)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "resolv.conf").write_text(text)
+
+
 def delete_namespace(ns: str) -> None:
     kill_namespace_processes(ns)
     sh(["ip", "netns", "delete", ns], check=False)
+    if not ns.startswith("/"):
+        # Its own /etc files go with it (ip netns delete leaves them).
+        shutil.rmtree(netns_etc(ns), ignore_errors=True)
 
 
 def reap_children() -> None:

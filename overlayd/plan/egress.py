@@ -17,7 +17,8 @@ Modes (the `egress` setting):
 In every mode the overlay is never NATed: the masquerade rules only match
 traffic whose destination lies outside the cluster network, and nobody
 outside the cluster network may open connections to containers, except
-through a port the host publishes (a DNAT by portmap or Docker's -p).
+through a port the host publishes (a DNAT by portmap or Docker's -p, or
+a service's node port).
 
 Dual-stack: the same rules, rendered by the same functions for each address
 family (`Family`) that the cluster has, into one table per family: `ip
@@ -202,10 +203,14 @@ def _rules_for(spec: EgressSpec, family: Family) -> _Rules | None:
 def _forward_chain(spec: EgressSpec, r: _Rules) -> list[str]:
     rules = [
         "type filter hook forward priority filter; policy accept;",
-        # A port published on purpose (portmap for CNI runtimes, Docker's -p)
-        # is a DNAT the host's own rules made; its connections are the only
-        # ones from outside that reach a container, so they pass before the
-        # isolation rules below, which would otherwise drop them.
+        # A port published on purpose (portmap for CNI runtimes, Docker's -p,
+        # a service's node port in the services table) is a DNAT the host's
+        # own rules made; its connections are the only ones from outside
+        # that reach a container, so they pass before the isolation rules
+        # below, which would otherwise drop them. A node port forwarded to
+        # another host's container passes here too (and there: it arrives
+        # masqueraded to this host's bridge address, a cluster address);
+        # tests/netns/test_nodeport_egress_kernel.py, in every mode.
         'ct status dnat accept comment "published ports"',
     ]
     if spec.mode == "gwbridge":

@@ -1,14 +1,23 @@
 """flannel's subnet file (`/run/flannel/subnet.env`), which CNI plugins and
-Docker helper scripts read to learn this host's subnet and MTU."""
+Docker helper scripts read to learn this host's subnet and MTU.
+
+With services configured, the file also tells attaching containers where
+overlayd's DNS responder listens (the overlay bridge's gateway addresses,
+port 53) and under which domain: `OVERLAYD_DNS=<ip>[,<ip6>]` and
+`OVERLAYD_DNS_DOMAIN=<domain>`, written only when given. overlay-cni puts
+them in its CNI result's `dns`.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address
 from pathlib import Path
 
+from overlayd.model import IPAddress
+from overlayd.plan.dns_records import validate_domain
 from overlayd.plan.host import HostFacts
 from overlayd.plan.ipam import gateway_address
 
@@ -27,6 +36,9 @@ class SubnetFile:
     network6: IPv6Network | None = None
     subnet6: IPv6Network | None = None
     gwbridge_gateway6: IPv6Interface | None = None
+    # overlayd's DNS responder for containers (services), none without.
+    dns_servers: tuple[IPAddress, ...] = ()
+    dns_domain: str | None = None
 
     def render(self) -> str:
         """flannel's variables (the IPv6 ones in a dual-stack network), then
@@ -52,11 +64,21 @@ class SubnetFile:
             )
             if self.gwbridge_gateway6 is not None:
                 text += f"OVERLAYD_GWBRIDGE_SUBNET6={self.gwbridge_gateway6}\n"
+        if self.dns_servers:
+            text += f"OVERLAYD_DNS={','.join(map(str, self.dns_servers))}\n"
+        if self.dns_domain:
+            text += f"OVERLAYD_DNS_DOMAIN={self.dns_domain}\n"
         return text
 
 
-def subnet_file_for(host: HostFacts) -> SubnetFile:
-    """What this host's subnet file says."""
+def subnet_file_for(
+    host: HostFacts,
+    *,
+    dns_servers: tuple[IPAddress, ...] = (),
+    dns_domain: str | None = None,
+) -> SubnetFile:
+    """What this host's subnet file says; `dns_servers` and `dns_domain`
+    name overlayd's DNS responder for containers, when it serves one."""
     egress = host.egress
     return SubnetFile(
         network=host.config.network,
@@ -70,6 +92,8 @@ def subnet_file_for(host: HostFacts) -> SubnetFile:
         network6=host.config.ipv6.network if host.config.ipv6 is not None else None,
         subnet6=host.own.ipv6_subnet,
         gwbridge_gateway6=egress.gwbridge_gateway6,
+        dns_servers=dns_servers,
+        dns_domain=dns_domain,
     )
 
 
@@ -124,6 +148,28 @@ def read_gwbridge_subnets(path: Path) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(subnets)
 
 
+def read_dns(path: Path) -> tuple[tuple[IPAddress, ...], str | None]:
+    """overlayd's DNS servers and domain for containers, as the file says;
+    ((), None) without them. A bad address is left out and a bad domain
+    read as none: the container then goes without, never an attach that
+    fails on a damaged line."""
+    found = read_variables(path)
+    servers: list[IPAddress] = []
+    for text in found.get("OVERLAYD_DNS", "").split(","):
+        try:
+            address = ip_address(text.strip())
+        except ValueError:
+            continue
+        if address not in servers:
+            servers.append(address)
+    domain: str | None
+    try:
+        domain = validate_domain(found["OVERLAYD_DNS_DOMAIN"])
+    except (KeyError, ValueError):
+        domain = None
+    return tuple(servers), domain
+
+
 def write_atomically(path: Path, content: str) -> None:
     """Readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +199,16 @@ class SubnetFileWriter:
         self.path = path
         self.written: str | None = None  # the file's text as we last wrote it
 
-    def programmed(self, facts: HostFacts) -> bool:
-        """Write the file for `facts` if it says something else; True when written."""
-        text = subnet_file_for(facts).render()
+    def programmed(
+        self,
+        facts: HostFacts,
+        *,
+        dns_servers: tuple[IPAddress, ...] = (),
+        dns_domain: str | None = None,
+    ) -> bool:
+        """Write the file for `facts` (and the DNS responder, when given) if
+        it says something else; True when written."""
+        text = subnet_file_for(facts, dns_servers=dns_servers, dns_domain=dns_domain).render()
         if text == self.written:
             return False
         try:

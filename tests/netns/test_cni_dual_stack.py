@@ -20,6 +20,7 @@ from overlayd.lab import netns as lab_netns
 from overlayd.lab.containers import invoke_cni
 from overlayd.lab.netns import LabCommandError
 from tests.conftest import needs_root, unique_name
+from tests.netns.test_attach_hairpin import hairpin
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -30,6 +31,8 @@ SUBNET_FILE = (
     "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
     "FLANNEL_MTU=1450\nFLANNEL_IPMASQ={masq}\nFLANNEL_IPV6_MASQ={masq}\n"
     "OVERLAYD_EGRESS={mode}\nOVERLAYD_BRIDGE=ovl0\n"
+    # overlayd's DNS responder, on the overlay bridge's gateways (services).
+    "OVERLAYD_DNS=10.244.7.1,fd00:10:244:7::1\nOVERLAYD_DNS_DOMAIN=overlay.internal\n"
 )
 GWBRIDGE_LINES = (
     "OVERLAYD_GWBRIDGE=ovl_gwbridge\nOVERLAYD_GWBRIDGE_SUBNET=172.18.0.1/16\n"
@@ -105,6 +108,12 @@ def test_a_dual_stack_container_gets_both_addresses_and_its_mode_s_routes(
     names = [i["name"] for i in result["interfaces"]]
     on_eth0 = [ip["address"] for ip in result["ips"] if names[ip["interface"]] == "eth0"]
     assert on_eth0 == ["10.244.7.2/24", "fd00:10:244:7:8000::/64"], result
+    # The responder, for the runtime to write into resolv.conf.
+    assert result["dns"] == {
+        "nameservers": [GATEWAY4, GATEWAY6],
+        "search": ["overlay.internal"],
+        "options": ["ndots:2"],
+    }
     # Usable at once: the IPv6 address is not tentative when ADD returns,
     # and a ping bound to it goes out and comes back.
     v6 = addresses(container, "eth0", "-6")
@@ -135,6 +144,20 @@ def test_a_dual_stack_container_gets_both_addresses_and_its_mode_s_routes(
             ("default", GWBRIDGE6, "eth1"),
         }
         assert pings_from(container, "fd00:ffff:18::2", GWBRIDGE6)
+
+    # The overlay bridge port is in hairpin mode (services: a container
+    # reaching itself through a VIP); the gwbridge port is not (nothing is
+    # bridged between the gwbridge's ports).
+    ports = [
+        p["ifname"] for p in json.loads(lab_netns.ip(netns, "-j", "link", "show", "master", "ovl0"))
+    ]
+    assert len(ports) == 1 and hairpin(netns, ports[0])
+    if mode == "gwbridge":
+        (egress_port,) = [
+            p["ifname"]
+            for p in json.loads(lab_netns.ip(netns, "-j", "link", "show", "master", "ovl_gwbridge"))
+        ]
+        assert not hairpin(netns, egress_port)
 
     # CHECK agrees with what ADD made, for both families.
     assert invoke_cni(netns, "CHECK", container, {**conf, "prevResult": result}) is None

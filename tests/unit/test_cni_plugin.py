@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from overlayd.cli.cni import CniError, delegate_configs, dns_settings, merge_results
+from overlayd.cli.cni import CniError, delegate_configs, dns_settings, merge_results, result_dns
 
 MASQUERADE = (
     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n"
@@ -313,3 +313,39 @@ def test_dual_stack_results_list_both_addresses() -> None:
     merged = merge_results("1.0.0", [result])
     assert [ip["address"] for ip in merged["ips"]] == ["10.244.7.2/24", "fd00:10:244:7::2/64"]
     assert [ip["interface"] for ip in merged["ips"]] == [2, 2]
+
+
+def test_the_overlay_port_asks_for_hairpin_mode_and_the_gwbridge_port_does_not(
+    tmp_path: Path,
+) -> None:
+    (_, masquerade), *_ = delegate_configs(conf(tmp_path, MASQUERADE), "eth0")
+    assert masquerade["hairpinMode"] is True  # services: a container reaching itself
+    (_, overlay), (_, egress) = delegate_configs(conf(tmp_path, GWBRIDGE), "eth0")
+    assert overlay["hairpinMode"] is True
+    assert "hairpinMode" not in egress
+
+
+DNS_LINES = "OVERLAYD_DNS=10.244.7.1,fd00:10:244:7::1\nOVERLAYD_DNS_DOMAIN=overlay.internal\n"
+
+
+def test_the_result_names_overlayds_responder_when_the_subnet_file_does(tmp_path: Path) -> None:
+    with_dns = conf(tmp_path, MASQUERADE + DNS_LINES)
+    assert result_dns(with_dns) == {
+        "nameservers": ["10.244.7.1", "fd00:10:244:7::1"],
+        "search": ["overlay.internal"],
+        "options": ["ndots:2"],
+    }
+    assert merge_results("1.0.0", [], result_dns(with_dns))["dns"]["nameservers"] == [
+        "10.244.7.1",
+        "fd00:10:244:7::1",
+    ]
+    # The network config's own dns wins over the file's.
+    own = {"nameservers": ["203.0.113.53"]}
+    assert result_dns({**with_dns, "dns": own}) == own
+    # A server without a domain: no search list, no ndots.
+    assert result_dns(conf(tmp_path, MASQUERADE + "OVERLAYD_DNS=10.244.7.1\n")) == {
+        "nameservers": ["10.244.7.1"]
+    }
+    # Control: no OVERLAYD_DNS (no services on the host), no dns at all.
+    assert result_dns(conf(tmp_path, MASQUERADE)) == {}
+    assert result_dns(conf(tmp_path, MASQUERADE + "OVERLAYD_DNS_DOMAIN=overlay.internal\n")) == {}

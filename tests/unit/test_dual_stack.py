@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -40,7 +41,7 @@ from overlayd.plan.leases import (
     subnet_key_range,
 )
 from overlayd.plan.selection import select_peers
-from overlayd.surfaces.subnetfile import subnet_file_for
+from overlayd.surfaces.subnetfile import SubnetFileWriter, read_dns, subnet_file_for
 from tests.unit.fake_store import FakeStore
 from tests.unit.test_loop import FakeDataplane
 
@@ -380,6 +381,25 @@ def test_the_subnet_file_names_both_subnets_as_flannel_does() -> None:
     assert "FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\n" in text
     assert "FLANNEL_IPV6_MASQ=true\n" in text
     assert host.egress.cluster6 == IPv6Network("fd00:10:244::/56")
+
+
+def test_the_subnet_file_names_the_dns_responder_on_both_gateways_when_given(
+    tmp_path: Path,
+) -> None:
+    egress = EgressSpec("masquerade", CONFIG.network, "ovl0", "ovl_gwbridge")
+    host = host_plan(CONFIG, OWN, UNDERLAY, bridge="ovl0", egress=egress)
+    gateways = (IPv4Address("10.244.1.1"), IPv6Address("fd00:10:244:1::1"))
+    text = subnet_file_for(host, dns_servers=gateways, dns_domain="overlay.internal").render()
+    assert (
+        "OVERLAYD_DNS=10.244.1.1,fd00:10:244:1::1\nOVERLAYD_DNS_DOMAIN=overlay.internal\n" in text
+    )
+    # The writer passes them through; control: without them, no DNS line.
+    writer = SubnetFileWriter(tmp_path / "subnet.env")
+    assert writer.programmed(host, dns_servers=gateways, dns_domain="overlay.internal")
+    assert read_dns(writer.path) == (gateways, "overlay.internal")
+    assert writer.programmed(host)
+    assert read_dns(writer.path) == ((), None)
+    assert "OVERLAYD_DNS" not in subnet_file_for(host).render()
 
 
 def test_a_lease_fits_only_with_the_ipv6_half_the_network_and_host_call_for() -> None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,7 @@ import pytest
 from overlayd.store.etcd import grpc_target
 from overlayd.surfaces.subnetfile import (
     SubnetFile,
+    read_dns,
     read_gwbridge_subnets,
     read_subnet,
     write_atomically,
@@ -84,6 +92,36 @@ def test_a_missing_or_broken_subnet_file_gives_no_hint(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.write_text("FLANNEL_SUBNET=nonsense\n")
     assert read_subnet(broken) is None
+
+
+def test_the_dns_lines_are_written_only_when_given_and_read_back(tmp_path: Path) -> None:
+    base = (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 1450)
+    servers = (IPv4Address("10.244.7.1"), IPv6Address("fd00:10:244:7::1"))
+    content = SubnetFile(*base, dns_servers=servers, dns_domain="overlay.internal").render()
+    assert content.endswith(
+        "OVERLAYD_DNS=10.244.7.1,fd00:10:244:7::1\nOVERLAYD_DNS_DOMAIN=overlay.internal\n"
+    )
+    path = tmp_path / "subnet.env"
+    write_atomically(path, content)
+    assert read_dns(path) == (servers, "overlay.internal")
+    # Control: without them (no services), no line and nothing read.
+    plain = SubnetFile(*base).render()
+    assert "OVERLAYD_DNS" not in plain
+    write_atomically(path, plain)
+    assert read_dns(path) == ((), None)
+    assert read_dns(tmp_path / "absent") == ((), None)
+
+
+def test_bad_dns_values_are_left_out_without_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "subnet.env"
+    path.write_text(
+        "OVERLAYD_DNS=10.244.7.1, nonsense,,10.244.7.1,999.1.1.1, fd00::1\n"
+        "OVERLAYD_DNS_DOMAIN=bad_domain..example\n"
+    )
+    # The good addresses survive (once each), the bad domain reads as none.
+    assert read_dns(path) == ((IPv4Address("10.244.7.1"), IPv6Address("fd00::1")), None)
+    path.write_text("OVERLAYD_DNS=\nOVERLAYD_DNS_DOMAIN=Overlay.Internal.\n")
+    assert read_dns(path) == ((), "overlay.internal")
 
 
 def test_several_ip_endpoints_become_one_failover_target() -> None:
