@@ -96,7 +96,7 @@ from overlayd.nsexec import call_plugin
 from overlayd.plan.endpoints import labels_from_cni, without_label_args
 from overlayd.plan.ipam import HOST_LOCAL_STORE, container_ranges
 from overlayd.surfaces.control import DaemonRefused, DaemonUnreachable, ask
-from overlayd.surfaces.subnetfile import read_dns, read_variables
+from overlayd.surfaces.subnetfile import read_dns, read_service_networks, read_variables
 
 SUPPORTED_VERSIONS = ["0.4.0", "1.0.0"]
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
@@ -291,6 +291,17 @@ def delegate_configs(conf: dict[str, Any], ifname: str) -> list[tuple[str, dict[
     overlay_routes = [
         _route(s, str(s.cluster) if two_interfaces else s.family.any_network) for s in stacks
     ]
+    if two_interfaces:
+        # Service VIPs by eth0 too: by eth1 a connection would leave from
+        # the gwbridge address and reach its backend masqueraded, so that
+        # the backend's policy and the service's client affinity would see
+        # this host instead of the container.
+        overlay_routes += [
+            _route(s, str(network))
+            for s in stacks
+            for network in read_service_networks(subnet_file)
+            if network.version == s.family.version
+        ]
     bridge = found.get("OVERLAYD_BRIDGE", "ovl0")
     delegates = [
         (

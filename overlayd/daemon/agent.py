@@ -28,7 +28,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from overlayd.config import AgentConfig, parse_network_config
-from overlayd.daemon.dns import DnsResponder
+from overlayd.daemon.dns import DnsResponder, gateways
 from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
@@ -39,13 +39,12 @@ from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
 from overlayd.dataplane.veth import VethPairs
 from overlayd.errors import OverlaydError
-from overlayd.model import IPV4, IPV6, IPAddress, IPNetwork, NetworkConfig, Underlay
+from overlayd.model import IPV4, IPV6, IPNetwork, NetworkConfig, Underlay
 from overlayd.nsexec import CniRunner
 from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
-from overlayd.plan.ipam import gateway_address
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.plan.policy import policies_prefix
 from overlayd.plan.service import services_prefix
@@ -244,7 +243,9 @@ class Agent:
         SubnetFileWriter); a failure to write it never stops the loop."""
         if outcome.ok and reconciler.programmed is not None:
             try:
-                self.subnet_file.programmed(reconciler.programmed)
+                self.subnet_file.programmed(
+                    reconciler.programmed, **self._dns_advert(reconciler.programmed)
+                )
             except Exception as exc:  # the next pass tries again
                 log.error("event=subnet_file_failed error=%r", exc)
 
@@ -385,7 +386,9 @@ class Agent:
         assert reconciler.programmed is not None  # the first pass was full
         if retried:
             keep_long_lived_out_of_gc()
-        self.subnet_file.programmed(reconciler.programmed)
+        self.subnet_file.programmed(
+            reconciler.programmed, **self._dns_advert(reconciler.programmed)
+        )
         self.telemetry.subnet_file_written = True
         # From now on after every pass: the subnet file must never name a
         # subnet before the data plane for it is programmed.
@@ -414,11 +417,7 @@ class Agent:
         group.create_task(reconciler.run(), name="reconcile")
         if dns is not None:
             # Only now: the first pass has put the gateway addresses on the bridge.
-            own = host.own
-            gateways: list[IPAddress] = [gateway_address(own.subnet)]
-            if own.ipv6_subnet is not None:
-                gateways.append(gateway_address(own.ipv6_subnet))
-            group.create_task(dns.serve(gateways), name="dns")
+            group.create_task(dns.serve(gateways(host.own)), name="dns")
         if s.docker_plugin:
             # Only now: Docker may ask for an address as soon as the socket
             # exists, and the answer needs this host's programmed subnet.
@@ -438,6 +437,13 @@ class Agent:
                 unregister=self._endpoint_del,
             )
             group.create_task(plugin.run(), name="docker-plugin")
+
+    def _dns_advert(self, programmed: Inputs) -> dict[str, Any]:
+        """The subnet file's DNS lines (overlay-cni puts them in its result):
+        the bridge's gateway addresses, where the responder listens."""
+        if self.dns is None:
+            return {}
+        return {"dns_servers": gateways(programmed.own), "dns_domain": self.dns.domain}
 
     def _dns_responder(self, config: NetworkConfig) -> DnsResponder | None:
         """The DNS responder, when asked for and the network has services."""

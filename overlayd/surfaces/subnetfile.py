@@ -13,7 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address
+from ipaddress import (
+    IPv4Interface,
+    IPv4Network,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from pathlib import Path
 
 from overlayd.model import IPAddress
@@ -36,6 +43,9 @@ class SubnetFile:
     network6: IPv6Network | None = None
     subnet6: IPv6Network | None = None
     gwbridge_gateway6: IPv6Interface | None = None
+    # The network config's ServiceNetwork(s): in gwbridge mode a container
+    # reaches service VIPs by its overlay interface, like the cluster.
+    service_networks: tuple[IPv4Network | IPv6Network, ...] = ()
     # overlayd's DNS responder for containers (services), none without.
     dns_servers: tuple[IPAddress, ...] = ()
     dns_domain: str | None = None
@@ -64,6 +74,8 @@ class SubnetFile:
             )
             if self.gwbridge_gateway6 is not None:
                 text += f"OVERLAYD_GWBRIDGE_SUBNET6={self.gwbridge_gateway6}\n"
+        if self.service_networks:
+            text += f"OVERLAYD_SERVICE_NETWORK={','.join(map(str, self.service_networks))}\n"
         if self.dns_servers:
             text += f"OVERLAYD_DNS={','.join(map(str, self.dns_servers))}\n"
         if self.dns_domain:
@@ -92,6 +104,7 @@ def subnet_file_for(
         network6=host.config.ipv6.network if host.config.ipv6 is not None else None,
         subnet6=host.own.ipv6_subnet,
         gwbridge_gateway6=egress.gwbridge_gateway6,
+        service_networks=host.config.service_networks,
         dns_servers=dns_servers,
         dns_domain=dns_domain,
     )
@@ -146,6 +159,19 @@ def read_gwbridge_subnets(path: Path) -> tuple[IPv4Network | IPv6Network, ...]:
         except ValueError:
             continue
     return tuple(subnets)
+
+
+def read_service_networks(path: Path) -> tuple[IPv4Network | IPv6Network, ...]:
+    """The ServiceNetwork(s) the file names; a bad value is left out."""
+    found: list[IPv4Network | IPv6Network] = []
+    for text in read_variables(path).get("OVERLAYD_SERVICE_NETWORK", "").split(","):
+        try:
+            network = ip_network(text.strip(), strict=True)
+        except ValueError:
+            continue
+        if network not in found:
+            found.append(network)
+    return tuple(found)
 
 
 def read_dns(path: Path) -> tuple[tuple[IPAddress, ...], str | None]:

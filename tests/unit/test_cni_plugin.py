@@ -123,6 +123,24 @@ def test_gwbridge_mode_asks_for_a_second_interface_with_the_default_route(
     assert egress["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "172.18.0.1"}]
 
 
+def test_gwbridge_mode_routes_the_service_networks_by_the_overlay_too(tmp_path: Path) -> None:
+    """A VIP by eth1 would reach its backend masqueraded from the gwbridge."""
+    services = "OVERLAYD_SERVICE_NETWORK=10.96.0.0/16,fd00:96::/108,not-a-network\n"
+    (_, overlay), (_, egress) = delegate_configs(
+        conf(tmp_path, GWBRIDGE + V6 + V6_GWBRIDGE + services), "eth0"
+    )
+    assert overlay["ipam"]["routes"] == [
+        {"dst": "10.244.0.0/16", "gw": "10.244.7.1"},
+        {"dst": "fd00:10:244::/48", "gw": "fd00:10:244:7::1"},
+        {"dst": "10.96.0.0/16", "gw": "10.244.7.1"},
+        {"dst": "fd00:96::/108", "gw": "fd00:10:244:7::1"},
+    ]
+    assert {"dst": "0.0.0.0/0", "gw": "172.18.0.1"} in egress["ipam"]["routes"]
+    # Other modes: the default route by eth0 covers the VIPs already.
+    [(_, only)] = delegate_configs(conf(tmp_path, MASQUERADE + services), "eth0")
+    assert only["ipam"]["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.244.7.1"}]
+
+
 def test_a_missing_subnet_file_means_try_again_later(tmp_path: Path) -> None:
     c = conf(tmp_path, "")
     with pytest.raises(CniError) as error:

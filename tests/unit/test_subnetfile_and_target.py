@@ -19,6 +19,7 @@ from overlayd.surfaces.subnetfile import (
     SubnetFile,
     read_dns,
     read_gwbridge_subnets,
+    read_service_networks,
     read_subnet,
     write_atomically,
 )
@@ -110,6 +111,20 @@ def test_the_dns_lines_are_written_only_when_given_and_read_back(tmp_path: Path)
     write_atomically(path, plain)
     assert read_dns(path) == ((), None)
     assert read_dns(tmp_path / "absent") == ((), None)
+
+
+def test_the_service_networks_are_written_when_configured_and_read_back(tmp_path: Path) -> None:
+    base = (IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 1450)
+    networks = (IPv4Network("10.96.0.0/16"), IPv6Network("fd00:96::/108"))
+    content = SubnetFile(*base, service_networks=networks).render()
+    assert "OVERLAYD_SERVICE_NETWORK=10.96.0.0/16,fd00:96::/108\n" in content
+    path = tmp_path / "subnet.env"
+    write_atomically(path, content + "")
+    assert read_service_networks(path) == networks
+    write_atomically(path, SubnetFile(*base).render())  # control: none configured
+    assert read_service_networks(path) == ()
+    path.write_text("OVERLAYD_SERVICE_NETWORK=10.96.0.1/16,junk,10.96.0.0/16\n")
+    assert read_service_networks(path) == (IPv4Network("10.96.0.0/16"),)
 
 
 def test_bad_dns_values_are_left_out_without_a_crash(tmp_path: Path) -> None:
