@@ -1,0 +1,461 @@
+"""Services end to end, in a lab: three hosts whose daemons serve the
+network's ServiceNetwork (10.96.0.0/16), containers attached by overlay-cni
+and labelled in etcd, services written with `overlayctl service create`,
+and real TCP connects from containers and from the lab's outside namespace
+through VIPs and node ports, and real name lookups through each
+container's resolv.conf. Every refusal has a connection that passes beside
+it.
+
+One lab for the module, IPv4 only (the services under test have IPv4 VIPs
+only), egress gwbridge (a container's default route leaves by eth1, so a
+VIP reaches the services rules only by the ServiceNetwork route overlay-cni
+gives eth0), a lease TTL of TTL seconds (so that a killed host's
+endpoints expire within the test: the last test):
+
+    h1: web1 app=web   client1 role=client   stranger1 (no labels)
+    h2: web2 app=web   client2 role=client   temp2 app=temp
+    h3: web3 app=web   client3 role=client   temp3 app=temp
+    h4 (one test): web4 app=web; its daemon killed
+
+Every container runs tests/netns/svc_whoami.py's server on PORT, which
+answers "<its own address> <the client address it saw>": which backend a
+VIP chose, and whether the client's address survived.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from ipaddress import IPv4Network
+from typing import Any
+
+import pytest
+
+from overlayd.lab import netns
+from overlayd.lab.containers import Container
+from overlayd.lab.lab import Lab, LabSettings, default_network_config
+from overlayd.lab.policycheck import label_endpoint
+from overlayd.lab.topology import OUTSIDE_ROUTER
+from overlayd.plan.service_rules import TABLE
+from tests.conftest import SESSION_TAG, needs_root, wait_until
+from tests.lab.policy_site import WAIT_TIMEOUT, Site, k8s
+
+pytestmark = [needs_root, pytest.mark.lab]
+
+SERVICE_NETWORK = IPv4Network("10.96.0.0/16")
+DOMAIN = "overlay.internal"
+TTL = 6  # seconds: the lab's etcd lease TTL (renewed every TTL / 3)
+PORT = 8080  # every container's server
+CONNECTS = 30  # per client and check: a backend of 3 missed by chance 1 in 10^5
+CONNECT_WAIT = 2.0  # seconds a connect waits for an answer
+# (container name, host, index, labels)
+CONTAINERS: tuple[tuple[str, int, int, Mapping[str, str]], ...] = (
+    ("web1", 1, 1, {"app": "web"}),
+    ("web2", 2, 1, {"app": "web"}),
+    ("web3", 3, 1, {"app": "web"}),
+    ("client1", 1, 2, {"role": "client"}),
+    ("client2", 2, 2, {"role": "client"}),
+    ("client3", 3, 2, {"role": "client"}),
+    ("stranger1", 1, 3, {}),
+    ("temp2", 2, 3, {"app": "temp"}),
+    ("temp3", 3, 3, {"app": "temp"}),
+)
+WEBS = ("web1", "web2", "web3")
+CLIENTS = ("client1", "client2", "client3")
+NODE_PORT = 30080
+LOCAL_NODE_PORT = 30081
+
+
+def service(
+    name: str, app: str, port: int = 80, node_port: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A service in our shape: `port` to PORT on the containers app=`app`."""
+    entry: dict[str, Any] = {"name": "http", "port": port, "targetPort": PORT}
+    if node_port is not None:
+        entry["nodePort"] = node_port
+    return {"name": name, "selector": {"matchLabels": {"app": app}}, "ports": [entry], **extra}
+
+
+SERVICES = {
+    "web": service("web", "web"),
+    "sticky": service("sticky", "web", sessionAffinity="ClientIP"),
+    "nodeweb": service("nodeweb", "web", node_port=NODE_PORT),
+    "localweb": service(
+        "localweb", "web", node_port=LOCAL_NODE_PORT, externalTrafficPolicy="Local"
+    ),
+    "empty": service("empty", "nobody"),
+    "temp": service("temp", "temp"),
+}
+
+
+@dataclass
+class Services:
+    """The lab, its containers by name, their servers and the services' VIPs."""
+
+    lab: Lab
+    site: Site  # overlayctl and policies (tests/lab/policy_site.py)
+    boxes: dict[str, Container] = field(default_factory=dict)
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    vips: dict[str, str] = field(default_factory=dict)
+
+    def address(self, name: str) -> str:
+        return str(self.boxes[name].address)
+
+    def add(self, name: str, host: int, index: int, labels: Mapping[str, str]) -> Container:
+        """A container attached through overlay-cni, labelled, its server up."""
+        box = self.lab.add_container(host, index)
+        self.boxes[name] = box
+        if labels:
+            self.lab.etcd(partial(label_endpoint, address=box.address, labels=labels))
+        server = subprocess.Popen(
+            netns.module_argv(box.ns, "tests.netns.svc_whoami", "serve", str(PORT)),
+            stdout=subprocess.PIPE,
+        )
+        self.servers.append(server)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        return box
+
+    def create(self, document: Mapping[str, Any]) -> str:
+        """`overlayctl service create`, then until every host enforces it."""
+        path = self.site.dir / f"{document['name']}.json"
+        path.write_text(json.dumps(document))
+        done = json.loads(self.site.ctl("service", "create", str(path), "--json").stdout)
+        self.wait(done["revision"])
+        (vip,) = done["vips"]
+        self.vips[document["name"]] = vip
+        return str(vip)
+
+    def wait(self, revision: int | None = None) -> None:
+        """Until every live host enforces `revision` (default: the newest
+        policy or endpoint change)."""
+        extra = ["--revision", str(revision)] if revision is not None else []
+        self.site.ctl("policy", "wait", *extra, "--timeout", WAIT_TIMEOUT)
+
+    def connects(
+        self,
+        sources: Sequence[str],
+        target: str,
+        port: int = 80,
+        count: int = CONNECTS,
+        wait: float = CONNECT_WAIT,
+        *,
+        counts: Mapping[str, int] | None = None,
+    ) -> dict[str, list[tuple[str, float]]]:
+        """What each of `count` connects (`counts[source]` where given) to
+        target:port got, from every source at once (a container's name, or
+        "outside": the lab's outside namespace, on the underlay)."""
+        running = {}
+        for source in sources:
+            ns = self.lab.outside_ns if source == "outside" else self.boxes[source].ns
+            argv = netns.module_argv(
+                ns,
+                "tests.netns.svc_whoami",
+                "connect",
+                target,
+                str(port),
+                str((counts or {}).get(source, count)),
+                str(wait),
+            )
+            running[source] = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        found = {}
+        for source, proc in running.items():
+            out, _ = proc.communicate(timeout=count * wait + 60)
+            assert proc.returncode == 0, f"{source}: exit {proc.returncode}"
+            found[source] = [(str(a), float(t)) for a, t in json.loads(out)]
+        return found
+
+    def dns_argv(self, box: str, *args: str) -> list[str]:
+        """tests/lab/svc_dns.py in the container, through its own
+        resolv.conf, which must exist: without it the lookups would go to
+        the machine's resolvers (and never leave the lab, but say nothing)."""
+        ns = self.boxes[box].ns
+        assert (netns.NETNS_ETC / ns / "resolv.conf").exists(), f"{box} has no resolv.conf"
+        return netns.module_argv(ns, "tests.lab.svc_dns", *args)
+
+    def dns(self, box: str, *args: str) -> Any:
+        argv = self.dns_argv(box, *args)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def name_of(self, address: str) -> str:
+        return next((n for n, b in self.boxes.items() if str(b.address) == address), address)
+
+
+def answered(results: Sequence[tuple[str, float]]) -> list[tuple[str, str]]:
+    """(server, client address it saw) of every connect; fails on any that
+    got no answer."""
+    found = []
+    for answer, _ in results:
+        assert " " in answer, f"a connect failed: {results}"
+        server, seen = answer.split()
+        found.append((server, seen))
+    return found
+
+
+def services_table(lab: Lab, host: int) -> str:
+    return netns.in_ns(lab.host_ns(host), "nft", "list", "table", "inet", TABLE, check=False)
+
+
+def gone_from_tables(
+    lab: Lab, hosts: Sequence[int], address: str, since: float, timeout: float
+) -> dict[int, float]:
+    """Host -> seconds from `since` until `address` was out of its services
+    table (polled every 50 ms, all hosts in one round)."""
+    left: dict[int, float] = {}
+
+    def all_gone() -> bool:
+        for host in hosts:
+            if host not in left and address not in services_table(lab, host):
+                left[host] = time.monotonic() - since
+        return len(left) == len(hosts)
+
+    wait_until(all_gone, timeout=timeout, step=0.05)
+    return left
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    lab = Lab(f"{SESSION_TAG}sv")
+    built: Services | None = None
+    try:
+        lab.up(
+            3,
+            config=default_network_config(ipv6=False, service_network=SERVICE_NETWORK),
+            settings=LabSettings(egress="gwbridge", lease_ttl=TTL, containers_per_host=0),
+        )
+        built = Services(lab, Site(lab, dir=tmp_path_factory.mktemp("services")))
+        for name, host, index, labels in CONTAINERS:
+            built.add(name, host, index, labels)
+        for document in SERVICES.values():
+            built.create(document)
+        built.wait()  # the labels too
+        yield built
+        # Nothing above made any daemon stumble (h4's went with its host).
+        for host in (1, 2, 3):
+            assert "Traceback" not in lab.daemon_log(host).read_text(), lab.files(host).log_tail()
+    finally:
+        if built is not None:
+            for server in built.servers:
+                server.kill()
+                server.wait()
+                if server.stdout is not None:
+                    server.stdout.close()
+            built.site.close()
+        lab.down()
+
+
+# --- tests -------------------------------------------------------------------------
+
+
+def test_a_vip_reaches_every_backend_from_every_host_with_the_clients_own_address(
+    svc: Services,
+) -> None:
+    webs = {svc.address(w) for w in WEBS}
+    for client, results in svc.connects(CLIENTS, svc.vips["web"]).items():
+        got = answered(results)
+        servers = {svc.name_of(s) for s, _ in got}
+        assert servers == set(WEBS), f"{client} reached {servers}"
+        # Never masqueraded: the backend sees the container's own address.
+        assert {seen for _, seen in got} == {svc.address(client)}, (client, got)
+        assert {s for s, _ in got} <= webs
+
+
+def test_client_ip_affinity_pins_each_client_to_one_backend(svc: Services) -> None:
+    pinned = svc.connects(CLIENTS, svc.vips["sticky"])
+    spread = svc.connects(CLIENTS, svc.vips["web"])  # the control: same backends, no affinity
+    for client in CLIENTS:
+        assert len({s for s, _ in answered(pinned[client])}) == 1, (client, pinned[client])
+        assert len({s for s, _ in answered(spread[client])}) > 1, (client, spread[client])
+
+
+def test_names_resolve_inside_a_container_through_its_resolv_conf(svc: Services) -> None:
+    lab = svc.lab
+    gateway = str(lab.subnet(1).network_address + 1)
+    resolv = (netns.NETNS_ETC / svc.boxes["client1"].ns / "resolv.conf").read_text()
+    assert f"nameserver {gateway}" in resolv and DOMAIN in resolv, resolv
+    # The system resolver, short names through the search domain.
+    found = svc.dns("client1", "resolve", "web", f"web.{DOMAIN}", "tasks.web", "empty")
+    assert found["web"] == [svc.vips["web"]], found
+    assert found[f"web.{DOMAIN}"] == [svc.vips["web"]], found
+    assert found["tasks.web"] == sorted(svc.address(w) for w in WEBS), found
+    assert found["empty"] == [svc.vips["empty"]], found
+    # The responder in resolv.conf: an unknown name in the domain is
+    # NXDOMAIN; the control, a known one asked the same way, is answered.
+    unknown = svc.dns("client1", "query", f"nosuch.{DOMAIN}.", "A")
+    known = svc.dns("client1", "query", f"web.{DOMAIN}.", "A")
+    assert unknown["nameserver"] == gateway and unknown["rcode"] == "NXDOMAIN", unknown
+    assert known["rcode"] == "NOERROR" and known["answers"] == [svc.vips["web"]], known
+    srv = svc.dns("client1", "query", f"_http._tcp.web.{DOMAIN}.", "SRV")
+    assert srv["answers"] == [f"0 100 80 web.{DOMAIN}."], srv
+    # Every host's own responder says the same (the containers of h2 and h3 ask theirs).
+    for client in ("client2", "client3"):
+        assert svc.dns(client, "resolve", "web", "tasks.web") == {
+            "web": [svc.vips["web"]],
+            "tasks.web": sorted(svc.address(w) for w in WEBS),
+        }
+
+
+def test_a_cluster_node_port_on_every_host_reaches_every_backend(svc: Services) -> None:
+    webs = {svc.address(w) for w in WEBS}
+    for host in svc.lab.hosts():
+        entry = str(svc.lab.host_address(host))
+        got = answered(svc.connects(["outside"], entry, NODE_PORT)["outside"])
+        assert {s for s, _ in got} == webs, (host, got)
+
+
+def test_a_local_node_port_keeps_the_clients_address_and_only_local_backends(
+    svc: Services,
+) -> None:
+    for host, web in zip(svc.lab.hosts(), WEBS, strict=True):
+        entry = str(svc.lab.host_address(host))
+        got = answered(svc.connects(["outside"], entry, LOCAL_NODE_PORT)["outside"])
+        assert set(got) == {(svc.address(web), str(OUTSIDE_ROUTER))}, (host, got)
+
+
+def test_a_service_without_endpoints_refuses_at_once(svc: Services) -> None:
+    refused = svc.connects(CLIENTS, svc.vips["empty"], count=5, wait=5.0)
+    for client, results in refused.items():
+        for answer, seconds in results:
+            assert answer == "refused" and seconds < 0.5, (client, results)
+    # Control: a service with endpoints answers the same clients on the same port.
+    for client, results in svc.connects(CLIENTS, svc.vips["web"], count=3).items():
+        assert len(answered(results)) == 3, client
+
+
+def test_a_backend_reaching_its_own_service_lands_on_itself_and_gets_replies(
+    svc: Services,
+) -> None:
+    gateway = str(svc.lab.subnet(1).network_address + 1)
+    got = answered(svc.connects(["web1"], svc.vips["web"], count=60)["web1"])
+    on_itself = {seen for server, seen in got if server == svc.address("web1")}
+    elsewhere = {seen for server, seen in got if server != svc.address("web1")}
+    # Landing on itself works (seen from the bridge's address, so that the
+    # reply comes back through the host)...
+    assert on_itself == {gateway}, got
+    # ...and on another backend its own address survives.
+    assert elsewhere == {svc.address("web1")}, got
+
+
+def test_a_policy_that_denies_a_client_blocks_it_through_the_vip_too(svc: Services) -> None:
+    """web lets in role=client only, on PORT: client1 (same host as web1)
+    and client2 get through the VIP to every backend, stranger1 reaches
+    none, through the VIP or directly."""
+    policy = k8s(
+        "web-from-clients",
+        {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                    "ports": [{"protocol": "TCP", "port": PORT}],
+                }
+            ],
+        },
+    )
+    svc.site.apply("web-from-clients", policy)
+    try:
+        # (A refused connect waits its full second: the stranger tries fewer times.)
+        got = svc.connects(["client1", "client2", "stranger1"], svc.vips["web"], count=12,
+                           wait=1.0, counts={"stranger1": 4})  # fmt: skip
+        for client in ("client1", "client2"):
+            assert {svc.name_of(s) for s, _ in answered(got[client])} == set(WEBS), got[client]
+        assert all(answer == "timeout" for answer, _ in got["stranger1"]), got["stranger1"]
+        direct = svc.connects(["stranger1"], svc.address("web2"), PORT, count=2, wait=1.0)
+        assert all(answer == "timeout" for answer, _ in direct["stranger1"]), direct
+    finally:
+        svc.site.delete_all()
+    # Deleted: stranger1 gets through the VIP again.
+    again = svc.connects(["stranger1"], svc.vips["web"], count=6)["stranger1"]
+    assert {seen for _, seen in answered(again)} == {svc.address("stranger1")}
+
+
+def test_a_removed_endpoint_leaves_the_rotation_and_dns_within_two_seconds(
+    svc: Services,
+) -> None:
+    lab, vip = svc.lab, svc.vips["temp"]
+    temps = {svc.address("temp2"), svc.address("temp3")}
+    # It was there before (the control): both backends reached, both in DNS.
+    before = answered(svc.connects(["client1"], vip)["client1"])
+    assert {s for s, _ in before} == temps
+    assert svc.dns("client1", "resolve", "tasks.temp")["tasks.temp"] == sorted(temps)
+    watcher = subprocess.Popen(
+        svc.dns_argv("client1", "watch",
+                          f"tasks.temp.{DOMAIN}.", svc.address("temp3"), "30"),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None and watcher.stdout.readline() == "ready\n"
+        started = time.monotonic()
+        lab.cni(3, "DEL", svc.boxes["temp3"].ns)  # the runtime removes the container
+        left = gone_from_tables(lab, lab.hosts(), svc.address("temp3"), started, 10)
+        out, _ = watcher.communicate(timeout=40)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    gone_at = json.loads(out)["gone_at"]
+    assert gone_at is not None, out
+    dns_seconds = gone_at - started
+    rules_seconds = max(left.values())
+    print(f"\nremoved endpoint: out of the rules in {rules_seconds:.2f} s, DNS {dns_seconds:.2f} s")
+    assert rules_seconds < 2.0 and dns_seconds < 2.0
+    for client, results in svc.connects(["client1", "client2"], vip, count=20).items():
+        assert {s for s, _ in answered(results)} == {svc.address("temp2")}, client
+    assert svc.dns("client1", "resolve", "tasks.temp")["tasks.temp"] == [svc.address("temp2")]
+
+
+def test_a_killed_hosts_endpoints_leave_every_hosts_maps_and_dns_within_the_lease_ttl(
+    svc: Services,
+) -> None:
+    """h4's daemon is killed (SIGKILL: no goodbye): its web4 stays in the
+    rotation until h4's etcd lease runs out, then leaves the other hosts'
+    services tables and DNS within TTL + 1 s of the kill."""
+    lab = svc.lab
+    lab.add_host(4)
+    watchers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        svc.add("web4", 4, 1, {"app": "web"})
+        svc.wait()
+        web4 = svc.address("web4")
+        # The control: web4 is a backend everywhere before the kill.
+        for client, results in svc.connects(CLIENTS, svc.vips["web"], count=40).items():
+            assert web4 in {s for s, _ in answered(results)}, client
+        for client in CLIENTS:
+            watchers[client] = subprocess.Popen(
+                svc.dns_argv(client, "watch",
+                                  f"tasks.web.{DOMAIN}.", web4, str(TTL + 30)),
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+        for client, watcher in watchers.items():
+            assert watcher.stdout is not None and watcher.stdout.readline() == "ready\n", client
+        lab.stop_daemon(4, signal.SIGKILL)
+        killed = time.monotonic()
+        left = gone_from_tables(lab, (1, 2, 3), web4, killed, TTL + 30)
+        dns_left = {}
+        for client, watcher in watchers.items():
+            out, _ = watcher.communicate(timeout=TTL + 40)
+            gone_at = json.loads(out)["gone_at"]
+            assert gone_at is not None, (client, out)
+            dns_left[client] = gone_at - killed
+        print(
+            f"\nkilled host's endpoint left the rules after {max(left.values()):.2f} s,"
+            " DNS after"
+            f" {', '.join(f'{c} {s:.2f}' for c, s in dns_left.items())} s (TTL {TTL} s)"
+        )
+        # The lease was renewed at most TTL / 3 before the kill: not earlier.
+        assert min(dns_left.values()) >= TTL - TTL / 3 - 0.5, dns_left
+        assert max(dns_left.values()) <= TTL + 1, dns_left
+        # The survivors stay: every connect answered, by web1..web3 only.
+        for client, results in svc.connects(CLIENTS, svc.vips["web"]).items():
+            assert {svc.name_of(s) for s, _ in answered(results)} == set(WEBS), client
+    finally:
+        for watcher in watchers.values():
+            watcher.kill()
+            watcher.wait()
+        svc.boxes.pop("web4", None)
+        lab.remove_host(4)
