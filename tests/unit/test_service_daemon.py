@@ -84,7 +84,7 @@ async def test_services_become_one_table_and_a_container_costs_only_its_service(
     )
     assert (await loop.reconcile_once(level=Level.LIGHT)).ok
     [statements] = dataplane.service_statements
-    assert any("dnat" in line and "10.244.2.9 . 8080" in line for line in statements)
+    assert any("dnat" in line and "10.244.2.9:8080" in line for line in statements)
     assert not any("10.244.2.7" in line for line in statements)  # db's backend untouched
     assert heard[-1].backends["web"] == (web1, web2)
     # A container no service selects: no transaction, but DNS hears of it
