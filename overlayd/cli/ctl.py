@@ -171,6 +171,12 @@ def parser() -> argparse.ArgumentParser:
         help="dual-stack: every host leases an IPv6 subnet too, containers get both"
         " families, `lab check` checks both (default: on; --no-ipv6 for IPv4 only)",
     )
+    up.add_argument(
+        "--service-network",
+        metavar="CIDR",
+        help="services: the network config's ServiceNetwork (e.g. 10.96.0.0/16), so that"
+        " `overlayctl service` works and every host answers DNS (default: none)",
+    )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)
     check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")
@@ -292,6 +298,16 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="with --cold: cold starts per policy count, interleaved (the order alternates)",
     )
+    svcbench = lab_sub.add_parser(
+        "svcbench",
+        parents=[common],
+        help="figures: the services table at scale, in a throwaway namespace: cold load of N"
+        " services and one backend added per change (render plus nft -f), statements written",
+    )
+    svcbench.add_argument(
+        "--services", type=int, nargs="+", default=[100, 10_000], help="sizes (default 100 10000)"
+    )
+    svcbench.add_argument("--changes", type=int, default=100, help="changes timed per size")
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],

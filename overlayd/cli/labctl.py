@@ -161,6 +161,15 @@ def _check(lab: Lab, *, timeout: float, as_json: bool) -> int:
     return 0 if healthy else 1
 
 
+def _service_network(text: str | None) -> IPv4Network | None:
+    if text is None:
+        return None
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise OverlaydError(f"lab up: --service-network: {text!r} is not a network: {exc}") from exc
+
+
 def _up(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.lab import DEFAULT_IPV6, DEFAULT_NETWORK, LabSettings, default_network_config
 
@@ -174,6 +183,7 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
         backend=args.backend,
         direct_routing=args.direct_routing,
         ipv6=DEFAULT_IPV6 if args.ipv6 is None else args.ipv6,
+        service_network=_service_network(args.service_network),
     )
     try:
         lab.up(
@@ -555,6 +565,17 @@ def _cpbench(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
+def _svcbench(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.svcbench import svcbench
+
+    if min(args.services) < 1 or args.changes < 1 or max(args.services) > 65_536:
+        print("--services must be 1 to 65536 and --changes at least 1", file=sys.stderr)
+        return 2
+    for line in svcbench(args.services, args.changes):
+        print(line, flush=True)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "up": _up,
     "check": _lab_check,
@@ -572,6 +593,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "cpbench": _cpbench,
     "policybench": _policybench,
     "allowlist": _allowlist,
+    "svcbench": _svcbench,
 }
 
 
