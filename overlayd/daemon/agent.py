@@ -386,6 +386,12 @@ class Agent:
         assert reconciler.programmed is not None  # the first pass was full
         if retried:
             keep_long_lived_out_of_gc()
+        if dns is not None:
+            # The first pass has put the gateway addresses on the bridge: one
+            # bind now, so that the subnet file names the responder from its
+            # first writing if it answers, and never if it does not.
+            await dns.bind_now(gateways(host.own))
+            dns.on_bound = partial(self._dns_bound, reconciler)
         self.subnet_file.programmed(
             reconciler.programmed, **self._dns_advert(reconciler.programmed)
         )
@@ -416,7 +422,7 @@ class Agent:
         )
         group.create_task(reconciler.run(), name="reconcile")
         if dns is not None:
-            # Only now: the first pass has put the gateway addresses on the bridge.
+            # Serves what bind_now bound, and retries the rest.
             group.create_task(dns.serve(gateways(host.own)), name="dns")
         if s.docker_plugin:
             # Only now: Docker may ask for an address as soon as the socket
@@ -440,10 +446,22 @@ class Agent:
 
     def _dns_advert(self, programmed: Inputs) -> dict[str, Any]:
         """The subnet file's DNS lines (overlay-cni puts them in its result):
-        the bridge's gateway addresses, where the responder listens."""
+        the bridge's gateway addresses the responder listens on, none while
+        it listens on none (a resolv.conf naming only a nameserver that
+        never answers leaves a container without any name resolution)."""
         if self.dns is None:
             return {}
-        return {"dns_servers": gateways(programmed.own), "dns_domain": self.dns.domain}
+        servers = self.dns.advertised(gateways(programmed.own))
+        if not servers:
+            return {}
+        return {"dns_servers": servers, "dns_domain": self.dns.domain}
+
+    def _dns_bound(self, reconciler: Reconciler) -> None:
+        """The responder listens on one more address: the subnet file says so."""
+        if reconciler.programmed is not None and self.telemetry.subnet_file_written:
+            self.subnet_file.programmed(
+                reconciler.programmed, **self._dns_advert(reconciler.programmed)
+            )
 
     def _dns_responder(self, config: NetworkConfig) -> DnsResponder | None:
         """The DNS responder, when asked for and the network has services."""

@@ -8,14 +8,18 @@ Started once the first pass has put the gateway addresses on the bridge,
 and only while the network config has a ServiceNetwork (read at start).
 A failure to bind (the port taken, an IPv6 address still tentative) is
 retried in the background and never stops the daemon: the overlay does not
-depend on its DNS.
+depend on its DNS. Containers are told only of the addresses it listens on
+(`advertised`, for the subnet file): a nameserver that never answers would
+leave a container with no name resolution at all, outside names included,
+since it is the only one its resolv.conf names. A late bind calls
+`on_bound`, so that the subnet file can name it then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from overlayd.daemon.managers.services import ServiceState
@@ -59,7 +63,10 @@ class DnsResponder:
         )
         self.upstreams = found
         self.records: DnsRecords = build_records((), {}, (), domain=domain)
-        self.servers: list[DnsServer] = []
+        self.servers: dict[IPAddress, DnsServer] = {}  # by the address each listens on
+        # Called after a bind that succeeded in the background (serve).
+        self.on_bound: Callable[[], None] | None = None
+        self._failed: set[IPAddress] = set()  # addresses whose bind failed (logged once)
 
     def update(self, state: ServiceState) -> None:
         """New records from what the services table was made from."""
@@ -70,8 +77,18 @@ class DnsResponder:
             domain=self.domain,
             reverse_zones=self.reverse_zones,
         )
-        for server in self.servers:
+        for server in self.servers.values():
             server.records = self.records
+
+    def advertised(self, addresses: Sequence[IPAddress]) -> tuple[IPAddress, ...]:
+        """Those of `addresses` a server listens on: what containers may be
+        told to ask."""
+        return tuple(a for a in addresses if a in self.servers)
+
+    async def bind_now(self, addresses: Sequence[IPAddress]) -> None:
+        """One attempt to listen on each address not yet served (before the
+        subnet file is first written, so that it names what answers)."""
+        await asyncio.gather(*(self._try(a) for a in addresses if a not in self.servers))
 
     async def serve(self, addresses: Sequence[IPAddress]) -> None:
         """Listen on each address (retrying a failed bind for a minute),
@@ -80,33 +97,49 @@ class DnsResponder:
             await asyncio.gather(*(self._bind(a) for a in addresses))
             await asyncio.Event().wait()
         finally:
-            for server in self.servers:
+            servers, self.servers = list(self.servers.values()), {}
+            for server in servers:
                 await server.close()
 
     async def _bind(self, address: IPAddress) -> None:
         for attempt in range(BIND_ATTEMPTS):
-            server = DnsServer(self.records, upstreams=self.upstreams)
-            try:
-                await server.start(str(address), self.port)
-            except OSError as exc:
-                await server.close()
-                if attempt == 0 or attempt == BIND_ATTEMPTS - 1:
-                    log.warning(
-                        "event=dns_bind_failed address=%s port=%d error=%r retrying=%s",
-                        address,
-                        self.port,
-                        str(exc),
-                        attempt < BIND_ATTEMPTS - 1,
-                    )
+            if address in self.servers:
+                return
+            if attempt:
                 await asyncio.sleep(BIND_RETRY_SECONDS)
-                continue
-            server.records = self.records
-            self.servers.append(server)
-            log.info(
-                "event=dns_serving address=%s port=%d domain=%s upstreams=%s",
-                address,
-                self.port,
-                self.domain,
-                ",".join(f"{a}:{p}" for a, p in server.upstreams) or "none",
-            )
-            return
+            if await self._try(address, last=attempt == BIND_ATTEMPTS - 1):
+                if self.on_bound is not None:
+                    try:
+                        self.on_bound()
+                    except Exception as exc:  # the responder serves all the same
+                        log.error("event=dns_on_bound_failed error=%r", exc)
+                return
+
+    async def _try(self, address: IPAddress, *, last: bool = False) -> bool:
+        """One bind; True when it took. A failure is logged the first
+        time and the last."""
+        server = DnsServer(self.records, upstreams=self.upstreams)
+        try:
+            await server.start(str(address), self.port)
+        except OSError as exc:
+            await server.close()
+            if address not in self._failed or last:
+                self._failed.add(address)
+                log.warning(
+                    "event=dns_bind_failed address=%s port=%d error=%r retrying=%s",
+                    address,
+                    self.port,
+                    str(exc),
+                    not last,
+                )
+            return False
+        server.records = self.records
+        self.servers[address] = server
+        log.info(
+            "event=dns_serving address=%s port=%d domain=%s upstreams=%s",
+            address,
+            self.port,
+            self.domain,
+            ",".join(f"{a}:{p}" for a, p in server.upstreams) or "none",
+        )
+        return True

@@ -1,0 +1,68 @@
+"""The DNS responder's place in the daemon (overlayd/daemon/dns.py): the
+addresses containers are told of are the ones it listens on, and a bind
+that succeeds late is announced, on loopback addresses only."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from ipaddress import IPv4Address
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import pytest
+
+from overlayd.daemon import dns as daemon_dns
+from overlayd.daemon.dns import DnsResponder
+from overlayd.model import IPAddress
+
+TAKEN, FREE = IPv4Address("127.0.0.1"), IPv4Address("127.0.0.2")
+
+
+async def test_only_addresses_it_listens_on_are_advertised_and_a_late_bind_is_announced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Port 53 of one address held by someone else (as a resolver on the
+    # host may hold it): the same port on another address is free.
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind((str(TAKEN), 0))
+    port = blocker.getsockname()[1]
+    monkeypatch.setattr(daemon_dns, "BIND_RETRY_SECONDS", 0.05)
+    responder = DnsResponder(domain="overlay.internal", upstreams=(), reverse_zones=(), port=port)
+    bound: list[tuple[IPAddress, ...]] = []
+    announced = asyncio.Event()
+
+    def on_bound() -> None:
+        bound.append(responder.advertised((TAKEN, FREE)))
+        announced.set()
+
+    responder.on_bound = on_bound
+    assert responder.advertised((TAKEN, FREE)) == ()  # nothing before a bind
+    serving: asyncio.Task[None] | None = None
+    try:
+        await responder.bind_now((TAKEN, FREE))
+        # Control: the free address is bound, advertised, and answers.
+        assert responder.advertised((TAKEN, FREE)) == (FREE,)
+        query = dns.message.make_query("overlay.internal", "SOA")
+        answer = await dns.asyncquery.udp(query, str(FREE), port=port, timeout=2)
+        assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+        # The taken one is not: a container told of it would get no answer.
+        serving = asyncio.create_task(responder.serve((TAKEN, FREE)))
+        await asyncio.sleep(0.2)
+        assert responder.advertised((TAKEN, FREE)) == (FREE,) and bound == []
+        # Once the port is given up, the retry takes it and says so.
+        blocker.close()
+        async with asyncio.timeout(5):
+            await announced.wait()
+        assert bound == [(TAKEN, FREE)]
+    finally:
+        blocker.close()
+        if serving is not None:
+            serving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await serving
+        else:
+            for server in responder.servers.values():
+                await server.close()
+    assert responder.advertised((TAKEN, FREE)) == ()  # closed with the task
