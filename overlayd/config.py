@@ -804,23 +804,20 @@ def build_agent_config(
 
 
 def _dns_domain(value: Any) -> str:
-    """A domain of DNS labels (letters, digits, hyphens; 63 each, 253 in
-    all), lower-cased, without the final dot."""
-    text = str(value).strip().lower().rstrip(".")
-    labels = text.split(".")
-    if (
-        not text
-        or len(text) > 253
-        or any(
-            not 0 < len(label) <= 63
-            or label.startswith("-")
-            or label.endswith("-")
-            or not all(c.isascii() and (c.isalnum() or c == "-") for c in label)
-            for label in labels
-        )
-    ):
-        raise ConfigError("dns-domain", f"{value!r} is not a DNS domain like overlay.internal")
-    return text
+    """A domain of DNS labels (letters, digits, hyphens; 63 each), lower-cased,
+    without the final dot: what the responder's records take
+    (plan/dns_records.validate_domain, which also leaves room under it for
+    `tasks.<service>` and refuses the reverse-mapping tree), so that a
+    domain the responder would refuse is refused here, naming the setting."""
+    # Imported here: most commands that read settings never need the records.
+    from overlayd.plan.dns_records import validate_domain
+
+    try:
+        return validate_domain(str(value).strip())
+    except ValueError as exc:
+        raise ConfigError(
+            "dns-domain", f"{value!r} is not a DNS domain like overlay.internal: {exc}"
+        ) from None
 
 
 def _dns_upstreams(value: Any) -> tuple[IPv4Address | IPv6Address, ...] | None:

@@ -68,6 +68,10 @@ def test_the_daemon_command_line_reads_the_config_file(tmp_path: Path) -> None:
         ({"dns": "yes"}, "dns"),
         ({"dns-domain": "not a domain"}, "dns-domain"),
         ({"dns-domain": "-bad.internal"}, "dns-domain"),
+        # What the responder's records would refuse at start (a crash, not
+        # a refusal, before): the reverse tree, and no room for tasks.<service>.
+        ({"dns-domain": "overlay.in-addr.arpa"}, "dns-domain"),
+        ({"dns-domain": ".".join(["a" * 60, "b" * 60, "c" * 60, "internal"])}, "dns-domain"),
         ({"dns-upstreams": "192.0.2.53,nameserver"}, "dns-upstreams"),
         ({"dns-upstreams": "0.0.0.0"}, "dns-upstreams"),
     ],
@@ -155,6 +159,9 @@ def test_dns_is_on_under_overlay_internal_forwarding_to_resolv_conf_unless_told(
         env={"OVERLAYD_DNS": "off"},
     )
     assert not told.dns and told.dns_domain == "cluster.example"
+    # The longest domain the records take is accepted (control for the refusals).
+    longest = ".".join(["a" * 60, "b" * 60, "c" * 58])
+    assert build_agent_config(flags={"dns-domain": longest}, env={}).dns_domain == longest
     assert [str(a) for a in told.dns_upstreams or ()] == ["192.0.2.53", "2001:db8::53"]
     # Empty: forward nothing (the lab's choice).
     assert build_agent_config(flags={"dns-upstreams": ""}, env={}).dns_upstreams == ()
