@@ -163,3 +163,22 @@ async def test_bad_services_are_skipped_with_one_warning_and_none_without_a_serv
     assert (await loop.reconcile_once()).ok
     assert dataplane.service_statements[-1][-1] == f"delete table {WHERE}"
     assert heard[-1].services == {}
+
+
+async def test_dns_hears_of_endpoints_after_the_service_network_went() -> None:
+    """A responder started while the config had a ServiceNetwork still
+    serves container names once it is gone: a container leaving must leave
+    DNS in its pass, not at the next full one."""
+    dataplane, heard = FakeDataplane(), list[ServiceState]()
+    web1 = endpoint("web1", "10.244.1.5", app="web")
+    web2 = endpoint("web2", "10.244.2.9", PEER, app="web")
+    inputs = inputs_with(service("web", "10.96.0.10", app="web"), endpoints=(web1, web2))
+    loop = reconciler(inputs, dataplane, heard)
+    assert (await loop.reconcile_once()).ok
+    inputs.config = CONFIG  # no ServiceNetwork any more
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert heard[-1].services == {}
+    assert {e.key for e in heard[-1].endpoints} == {web1.key, web2.key}  # control
+    put(inputs, endpoints=(web1,))  # web2 leaves
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert [e.key for e in heard[-1].endpoints] == [web1.key]

@@ -101,9 +101,17 @@ class ServiceManager:
         inputs = context.inputs
         networks = inputs.config.service_networks
         believed_empty = self.believed is not None and self.believed.empty
-        if not networks and believed_empty and context.level < Level.FULL:
+        if (
+            not networks
+            and believed_empty
+            and context.level < Level.FULL
+            and self._on_records is None
+        ):
             # No services possible, none in the kernel: no endpoint needs
-            # reading for them.
+            # reading for them. Unless DNS listens (a responder started while
+            # the config had a ServiceNetwork): container names are records
+            # too, and must leave with their endpoints, not at the next full
+            # pass.
             self._warn({})
             return
         if networks != self._cache_networks:
