@@ -329,6 +329,8 @@ class Agent:
             revision=lambda: self._policy_revision,
         )
         dns = self.dns = self._dns_responder(config)
+        if dns is not None:
+            self.telemetry.dns.source = dns.counters
         reconciler = self.reconciler = Reconciler(
             host,
             self.dataplane,

@@ -26,7 +26,7 @@ from overlayd.daemon.managers.services import ServiceState
 from overlayd.model import IPAddress, IPNetwork, Lease
 from overlayd.plan.dns_records import DnsRecords, build_records
 from overlayd.plan.ipam import gateway_address
-from overlayd.surfaces.dns import DnsServer, Upstream, resolv_conf_upstreams
+from overlayd.surfaces.dns import DnsCounters, DnsServer, Upstream, resolv_conf_upstreams
 
 log = logging.getLogger("overlayd.dns")
 
@@ -79,6 +79,10 @@ class DnsResponder:
         )
         for server in self.servers.values():
             server.records = self.records
+
+    def counters(self) -> list[DnsCounters]:
+        """Each listening server's counters (metrics)."""
+        return [server.counters for server in self.servers.values()]
 
     def advertised(self, addresses: Sequence[IPAddress]) -> tuple[IPAddress, ...]:
         """Those of `addresses` a server listens on: what containers may be

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
@@ -132,6 +132,83 @@ class PolicyPackets:
         yield family
 
 
+class DnsCounts(Protocol):
+    """What one DNS server counts (surfaces/dns.DnsCounters), read only."""
+
+    @property
+    def responses(self) -> Mapping[str, int]: ...
+    @property
+    def rate_limited(self) -> int: ...
+    @property
+    def malformed_dropped(self) -> int: ...
+    @property
+    def forwarded(self) -> int: ...
+    @property
+    def forward_failures(self) -> int: ...
+    @property
+    def truncated(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+
+
+class DnsQueries:
+    """The DNS responder's counters, summed over its servers (one per
+    gateway address), read at scrape time from `source` (set by the agent
+    when it serves DNS):
+
+    - `overlayd_dns_responses_total{rcode}`: answers sent;
+    - `overlayd_dns_dropped_total{reason}`: queries dropped unanswered,
+      `rate_limited` (a client over its rate) or `malformed` (not a query);
+    - `overlayd_dns_forwarded_total{outcome}`: names passed upstream, `ok`
+      or `failed` (answered SERVFAIL);
+    - `overlayd_dns_truncated_total`, `overlayd_dns_errors_total` (a bug
+      caught at the protocol's edge)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[DnsCounts]] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # registered before any server exists: collected lazily
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        counts = list(self.source())
+        responses = CounterMetricFamily(
+            "overlayd_dns_responses", "DNS answers sent, by rcode", labels=["rcode"]
+        )
+        by_rcode: dict[str, int] = {}
+        for c in counts:
+            for rcode, n in c.responses.items():
+                by_rcode[rcode] = by_rcode.get(rcode, 0) + n
+        for rcode, n in sorted(by_rcode.items()):
+            responses.add_metric([rcode], n)
+        yield responses
+        dropped = CounterMetricFamily(
+            "overlayd_dns_dropped", "DNS queries dropped unanswered", labels=["reason"]
+        )
+        dropped.add_metric(["rate_limited"], sum(c.rate_limited for c in counts))
+        dropped.add_metric(["malformed"], sum(c.malformed_dropped for c in counts))
+        yield dropped
+        forwarded = CounterMetricFamily(
+            "overlayd_dns_forwarded", "DNS queries forwarded upstream", labels=["outcome"]
+        )
+        failed = sum(c.forward_failures for c in counts)
+        forwarded.add_metric(["ok"], max(0, sum(c.forwarded for c in counts) - failed))
+        forwarded.add_metric(["failed"], failed)
+        yield forwarded
+        yield CounterMetricFamily(
+            "overlayd_dns_truncated",
+            "DNS answers sent truncated (TC)",
+            value=sum(c.truncated for c in counts),
+        )
+        yield CounterMetricFamily(
+            "overlayd_dns_errors",
+            "DNS queries whose handling failed (answered SERVFAIL or dropped)",
+            value=sum(c.errors for c in counts),
+        )
+
+
 @dataclass
 class Telemetry:
     """Metrics, status and events of one daemon."""
@@ -236,6 +313,8 @@ class Telemetry:
         r.register(self.dropped)
         self.policy_packets = PolicyPackets()
         r.register(self.policy_packets)
+        self.dns = DnsQueries()
+        r.register(self.dns)
         self.m_policies = Gauge(
             "overlayd_policies", "Network policies in force on this host", registry=r
         )

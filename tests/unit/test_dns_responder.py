@@ -9,6 +9,7 @@ import socket
 from ipaddress import IPv4Address
 
 import dns.asyncquery
+import dns.exception
 import dns.message
 import dns.rcode
 import pytest
@@ -66,3 +67,35 @@ async def test_only_addresses_it_listens_on_are_advertised_and_a_late_bind_is_an
             for server in responder.servers.values():
                 await server.close()
     assert responder.advertised((TAKEN, FREE)) == ()  # closed with the task
+
+
+async def test_the_responders_answers_and_drops_are_counted_in_the_metrics() -> None:
+    """Scraped from the servers at collection time: answers by rcode and
+    queries dropped for the rate limit (a burst of 1 per client here)."""
+    from prometheus_client import generate_latest
+
+    from overlayd.surfaces.telemetry import Telemetry
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind((str(FREE), 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    responder = DnsResponder(domain="overlay.internal", upstreams=(), reverse_zones=(), port=port)
+    telemetry = Telemetry()
+    assert "overlayd_dns_responses_total" not in generate_latest(telemetry.registry).decode()
+    telemetry.dns.source = responder.counters
+    try:
+        await responder.bind_now((FREE,))
+        [server] = responder.servers.values()
+        server.limiter.rate, server.limiter.burst = 0.001, 1.0
+        answered = dns.message.make_query("overlay.internal", "SOA")
+        reply = await dns.asyncquery.udp(answered, str(FREE), port=port, timeout=2)
+        assert reply.rcode() == dns.rcode.NOERROR  # the control: one answered
+        with pytest.raises(dns.exception.Timeout):  # the next is over the limit
+            await dns.asyncquery.udp(answered, str(FREE), port=port, timeout=0.3)
+        text = generate_latest(telemetry.registry).decode()
+        assert 'overlayd_dns_responses_total{rcode="NOERROR"} 1.0' in text
+        assert 'overlayd_dns_dropped_total{reason="rate_limited"} 1.0' in text
+    finally:
+        for server in responder.servers.values():
+            await server.close()
