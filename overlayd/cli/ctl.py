@@ -308,6 +308,18 @@ def parser() -> argparse.ArgumentParser:
         "--services", type=int, nargs="+", default=[100, 10_000], help="sizes (default 100 10000)"
     )
     svcbench.add_argument("--changes", type=int, default=100, help="changes timed per size")
+    dnsbench = lab_sub.add_parser(
+        "dnsbench",
+        parents=[common],
+        help="figures: the DNS responder's answers per second for one client and its CPU"
+        " (loopback); with --passes, light passes during a DNS flood (own lab)",
+    )
+    dnsbench.add_argument("--seconds", type=float, default=5.0, help="per phase")
+    dnsbench.add_argument(
+        "--passes",
+        action="store_true",
+        help="instead: reconcile passes with and without a container flooding its host's DNS",
+    )
     tune_cmd = lab_sub.add_parser(
         "tune",
         parents=[common],

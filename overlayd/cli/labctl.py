@@ -576,6 +576,23 @@ def _svcbench(lab: Lab, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dnsbench(lab: Lab, args: argparse.Namespace) -> int:
+    if args.seconds <= 0:
+        print("--seconds must be positive", file=sys.stderr)
+        return 2
+    if args.passes:
+        from overlayd.lab.dnsload import dns_load
+
+        for line in dns_load(f"{args.name}d", args.seconds):
+            print(line, flush=True)
+        return 0
+    from overlayd.lab.dnsbench import dnsbench
+
+    for line in dnsbench(seconds=args.seconds):
+        print(line, flush=True)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "up": _up,
     "check": _lab_check,
@@ -594,6 +611,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "policybench": _policybench,
     "allowlist": _allowlist,
     "svcbench": _svcbench,
+    "dnsbench": _dnsbench,
 }
 
 

@@ -1,4 +1,4 @@
-"""DNS throughput (`overlayctl lab dnsbench`, when wired): how many queries
+"""DNS throughput (`overlayctl lab dnsbench`): how many queries
 a second the responder (surfaces/dns.py) answers for one cached name from
 one client, and the CPU the responder's process spends on them.
 
