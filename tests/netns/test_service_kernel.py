@@ -362,3 +362,70 @@ def test_a_check_reads_back_exactly_the_elements_it_wrote_and_sees_one_deleted(
         site.ruleset = None  # unknown now: the next apply makes the table afresh
         site.apply(full_ruleset())
     assert asyncio.run(nft.maps_and_sets_json("inet no_such_table")) is None
+
+
+CONNTRACK = "/proc/sys/net/netfilter"
+ECHO_PORT = 9000
+
+
+def test_an_idle_connection_through_a_vip_lives_as_long_as_its_conntrack_entry(
+    site: Site,
+) -> None:
+    """Swarm's IPVS cuts an idle VIP connection after 900 s; here the DNAT
+    is conntrack's, so an idle connection lasts as long as conntrack keeps
+    its entry: nf_conntrack_tcp_timeout_established, 5 days by default
+    (checked below). With that timeout shortened to 3 s on the client's
+    host (and mid-stream pickup off, so an expired connection is not taken
+    up again as new), a connection idle for 1 s goes on (the control) and
+    one idle for 6 s is cut: the conntrack entry is the mechanism."""
+    host = site.namespaces["ha"]
+    server = subprocess.Popen(
+        lab_netns.module_argv(site.namespaces["a2"], "tests.netns.svc_whoami", "echo", "9000"),
+        stdout=subprocess.PIPE,
+    )
+    before = site.ruleset
+    assert before is not None
+    echo = Service(
+        name="echo",
+        selector=LabelSelector((("app", "echo"),)),
+        ports=(ServicePort("", Protocol.TCP, 7000, ECHO_PORT),),
+        vips=(ip_address("10.96.0.50"),),
+    )
+    saved = {
+        key: lab_netns.in_ns(host, "cat", f"{CONNTRACK}/{key}").strip()
+        for key in ("nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_loose")
+    }
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        assert int(saved["nf_conntrack_tcp_timeout_established"]) >= 30 * 60
+        site.apply(with_service(before, "echo", echo, backends(["a2"])))
+
+        def hold(*pauses: float) -> list[str]:
+            argv = lab_netns.module_argv(
+                site.namespaces["client"],
+                "tests.netns.svc_whoami",
+                "hold",
+                "10.96.0.50",
+                "7000",
+                *map(str, pauses),
+            )
+            out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+            return [str(x) for x in json.loads(out.stdout)]
+
+        assert hold(1.0) == ["ok", "ok"]  # default timeout: idle is no problem
+        for key, value in (
+            ("nf_conntrack_tcp_timeout_established", 3),
+            ("nf_conntrack_tcp_loose", 0),
+        ):
+            lab_netns.in_ns(host, "sh", "-c", f"echo {value} > {CONNTRACK}/{key}")
+        shortened = hold(1.0, 6.0)
+        assert shortened[:2] == ["ok", "ok"]  # control: 1 s idle, under the timeout
+        assert shortened[2] != "ok"  # 6 s idle, past it: the connection is gone
+    finally:
+        for key, value in saved.items():
+            lab_netns.in_ns(host, "sh", "-c", f"echo {value} > {CONNTRACK}/{key}")
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+        site.apply(before)
