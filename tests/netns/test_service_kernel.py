@@ -414,8 +414,8 @@ def test_an_idle_connection_through_a_vip_lives_as_long_as_its_conntrack_entry(
 
         assert hold(1.0) == ["ok", "ok"]  # default timeout: idle is no problem
         for key, value in (
-            ("nf_conntrack_tcp_timeout_established", 3),
-            ("nf_conntrack_tcp_loose", 0),
+            ("nf_conntrack_tcp_timeout_established", "3"),
+            ("nf_conntrack_tcp_loose", "0"),
         ):
             lab_netns.in_ns(host, "sh", "-c", f"echo {value} > {CONNTRACK}/{key}")
         shortened = hold(1.0, 6.0)
