@@ -302,12 +302,28 @@ def parser() -> argparse.ArgumentParser:
         "svcbench",
         parents=[common],
         help="figures: the services table at scale, in a throwaway namespace: cold load of N"
-        " services and one backend added per change (render plus nft -f), statements written",
+        " services and one backend added per change (render plus nft -f), statements written;"
+        " with --latency, TCP connect time through a VIP at each size against direct",
     )
     svcbench.add_argument(
         "--services", type=int, nargs="+", default=[100, 10_000], help="sizes (default 100 10000)"
     )
     svcbench.add_argument("--changes", type=int, default=100, help="changes timed per size")
+    svcbench.add_argument(
+        "--latency",
+        action="store_true",
+        help="instead: TCP connect time through a VIP and to its backend directly, with the"
+        " table at each size (first-packet latency)",
+    )
+    svcbench.add_argument(
+        "--rounds", type=int, default=5, help="with --latency: rounds, the order alternating"
+    )
+    svcbench.add_argument(
+        "--connects",
+        type=int,
+        default=500,
+        help="with --latency: connects per path per size per round (default %(default)s)",
+    )
     dnsbench = lab_sub.add_parser(
         "dnsbench",
         parents=[common],

@@ -571,7 +571,16 @@ def _svcbench(lab: Lab, args: argparse.Namespace) -> int:
     if min(args.services) < 1 or args.changes < 1 or max(args.services) > 65_536:
         print("--services must be 1 to 65536 and --changes at least 1", file=sys.stderr)
         return 2
-    for line in svcbench(args.services, args.changes):
+    if args.latency:
+        from overlayd.lab.svclatency import svclatency
+
+        if args.rounds < 1 or args.connects < 1:
+            print("--rounds and --connects must be at least 1", file=sys.stderr)
+            return 2
+        lines = svclatency(args.services, args.rounds, args.connects)
+    else:
+        lines = svcbench(args.services, args.changes)
+    for line in lines:
         print(line, flush=True)
     return 0
 
