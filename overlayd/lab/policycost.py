@@ -33,13 +33,14 @@ those without. The daemons' CPU during each measurement, their children
 (nft) included, is reported per mode, so that what remains of it is seen
 rather than guessed.
 
-So with policies, every packet of the bench crosses both base chains of
-both hosts (egress judged on the sender's host, ingress on the receiver's),
+So with policies, every packet of the bench crosses the policy table's
+base chain on both hosts (egress judged on the sender's host, ingress on
+the receiver's),
 and the first packet of each connection walks the dispatch chain past every
 other policy before the bench's allow it. After every measurement with
 policies the policy counters are read: the bench policies' allow counters
 must have risen on both hosts (those are first packets of connections;
-later packets pass as established, by each base chain's first rule) and no
+later packets pass as established, by the base chain's first rule) and no
 deny counter may have: otherwise the run is refused.
 """
 
@@ -349,7 +350,7 @@ def report(
         f" policies: the bench's allow rules counted {statistics.median(allowed_out):.0f}"
         f" packets on h1 (egress) and {statistics.median(allowed_in):.0f} on h2 (ingress) per"
         f" measurement (median), the first packets of its connections (later ones pass as"
-        f" established, by each base chain's first rule); dropped: "
+        f" established, by the base chain's first rule); dropped: "
         f"{sum(j.dropped for j in run.judged)}."
     )
     cpu = ", ".join(

@@ -241,7 +241,7 @@ def bench_policies(cluster: IPv4Network) -> list[dict[str, Any]]:
     """The two policies that select the bench containers (label
     bench=iperf) and allow the bench's traffic between them: every
     protocol (iperf3, sockperf, ping) from and to each other, in both
-    directions, so that both base chains judge both hosts' bench packets.
+    directions, so that both directions judge both hosts' bench packets.
     Each has a second rule the bench does not use, as real policies do.
     Named to sort last: a new connection's first packet tries every other
     policy's dispatch rule before reaching them."""

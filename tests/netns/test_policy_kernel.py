@@ -52,6 +52,7 @@ from overlayd.plan.policy_model import (
     SelectorPeer,
 )
 from overlayd.plan.policy_rules import (
+    BASE,
     TABLE,
     Chain,
     LocalSubnets,
@@ -306,9 +307,8 @@ def test_neighbour_discovery_passes_for_an_isolated_endpoint(clean: Site) -> Non
     deny = Policy("deny-db", sel(app="db"), frozenset({INGRESS}))
     ruleset = policy_ruleset([deny], s.endpoints(), LOCAL)
     chains = dict(ruleset.chains)
-    chains["ingress"] = Chain(
-        tuple(r for r in chains["ingress"].rules if "nd-neighbor" not in r),
-        hook=chains["ingress"].hook,
+    chains[BASE] = Chain(
+        tuple(r for r in chains[BASE].rules if "nd-neighbor" not in r), hook=chains[BASE].hook
     )
     without_nd = replace(ruleset, chains=chains)
 
@@ -619,7 +619,8 @@ def test_egress_to_an_ip_block_only(clean: Site) -> None:
     )
     ruleset = policy_ruleset([policy], s.endpoints(), LOCAL)
     apply(s.a, None, ruleset)
-    assert list(ruleset.chains)[-1] == "egress"  # no ingress chain: ingress untouched
+    assert "ingress" not in ruleset.chains  # no ingress chain: ingress untouched
+    assert ruleset.chains[BASE].rules[-1] == "jump egress"
     assert opens(s, "web", "rweb")  # in the block: out to host B
     assert shut(s, "web", "db")  # excepted: this host's subnet
     assert shut(s, "web", "rweb", v6=True)  # no IPv6 block: nothing over IPv6
@@ -808,3 +809,84 @@ def test_the_kernel_lists_a_rules_set_in_its_own_order_and_diagnose_takes_it(
         assert unordered_sets(listed) != unordered_sets(other)
     finally:
         nft(netns, "delete", "table", "inet", TABLE, check=False)
+
+
+def base_chains(ns: str) -> list[tuple[str, str]]:
+    """(hook, name) of every base chain of our table, as the kernel lists it."""
+    listing = json.loads(nft(ns, "-j", "list", "table", "inet", TABLE))
+    chains = (item["chain"] for item in listing["nftables"] if "chain" in item)
+    return [(c["hook"], c["name"]) for c in chains if "hook" in c]
+
+
+def test_one_base_chain_judges_both_directions_and_egress_allowed_still_meets_ingress(
+    clean: Site,
+) -> None:
+    """Both directions isolated on host A: one base chain on the forward
+    hook, through which an established flow passes (many packets after the
+    first) while the policies count only its first packet. web -> db on
+    one host is judged by egress (web's) and then ingress (db's): allowed
+    both ways it passes; allowed by web's egress but refused by db's
+    ingress (on a port only web's egress allows) it is dropped, counted by
+    db's ingress deny: an egress allow does not end the judgement."""
+    s = clean
+    web_out = Policy(
+        "web-out",
+        sel(app="web"),
+        frozenset({EGRESS}),
+        egress=(Rule(peers=(SelectorPeer(sel(app="db")),)),),  # to db, every port
+    )
+    db_in = Policy(
+        "db-in",
+        sel(app="db"),
+        frozenset({INGRESS}),
+        ingress=(
+            Rule(
+                peers=(SelectorPeer(sel(app="web")),),
+                ports=(PortRange(Protocol.TCP, 80), PortRange(Protocol.UDP, 80)),
+            ),
+        ),
+    )
+    ruleset = policy_ruleset([web_out, db_in], s.endpoints(), LOCAL)
+    apply(s.a, None, ruleset)
+    assert base_chains(s.a) == [("forward", BASE)]
+    assert unordered_sets(terse_listing(nft(s.a, "-t", "list", "table", "inet", TABLE))) == (
+        unordered_sets(render_ruleset(ruleset, elements=False))
+    )
+    owners = policy_counter_names(ruleset)
+    name = {(o.policy, o.direction, o.verdict): n for n, o in owners.items()}
+    # Allowed by web's egress and db's ingress: passes, both families.
+    assert opens(s, "web", "db")
+    assert opens(s, "web", "db", v6=True)
+    # Allowed by web's egress, refused by db's ingress: dropped.
+    before = counts(s)
+    assert shut(s, "web", "db", 8080)
+    assert shut(s, "web", "db", 8080, v6=True)
+    after = counts(s)
+    assert after[name["db-in", INGRESS, "deny"]] - before[name["db-in", INGRESS, "deny"]] >= 4
+    assert after[name["web-out", EGRESS, "allow"]] - before[name["web-out", EGRESS, "allow"]] >= 4
+    # Refused by web's egress (api is no peer of it): dropped there.
+    assert shut(s, "web", "api")
+    assert counts(s)[name["web-out", EGRESS, "deny"]] >= 2
+    # An established flow: one UDP socket's 20 datagrams to db, each
+    # answered, pass; the allow counters count its first packet only (the
+    # rest pass by the base chain's first rule).
+    before = counts(s)
+    db = s.boxes["db"]
+    answered = lab_netns.in_ns(
+        s.boxes["web"].ns,
+        sys.executable,
+        "-c",
+        "import socket\n"
+        "c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "c.settimeout(2)\n"
+        f"c.connect(({db.v4!r}, 80))\n"
+        "n = 0\n"
+        "for _ in range(20):\n"
+        "    c.send(b'x')\n"
+        "    n += c.recv(100) == b'10.244.1.3'\n"
+        "print(n)\n",
+    )
+    assert answered.strip() == "20"
+    after = counts(s)
+    for key in (("web-out", EGRESS, "allow"), ("db-in", INGRESS, "allow")):
+        assert after[name[key]] - before[name[key]] == 1, key

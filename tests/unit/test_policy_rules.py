@@ -41,6 +41,7 @@ from overlayd.plan.policy_model import (
     SelectorPeer,
 )
 from overlayd.plan.policy_rules import (
+    BASE,
     EMPTY,
     TABLE,
     WHERE,
@@ -187,10 +188,10 @@ def test_in_gwbridge_mode_a_containers_gwbridge_addresses_are_judged_as_its_own(
     # is another host's business (the positive control: the same rule
     # without the gwbridge names the overlay subnet alone).
     egress = ruleset.chains["egress"].rules
-    assert "ip saddr != { 10.244.1.0/24, 172.18.0.0/16 } accept" in egress
-    assert "ip6 saddr != { fd00:10:244:1::/64, fd4a:4eae:8d08::/64 } accept" in egress
+    assert "ip saddr != { 10.244.1.0/24, 172.18.0.0/16 } return" in egress
+    assert "ip6 saddr != { fd00:10:244:1::/64, fd4a:4eae:8d08::/64 } return" in egress
     plain = policy_ruleset([policy], ENDPOINTS, LOCAL).chains["egress"].rules
-    assert "ip saddr != 10.244.1.0/24 accept" in plain
+    assert "ip saddr != 10.244.1.0/24 return" in plain
     # Published ports DNATed to a gwbridge address meet ingress policy too.
     deny = policy_ruleset([RECIPES["deny_all_ingress"]], endpoints, LOCAL_GW)
     assert "ip daddr != { 10.244.1.0/24, 172.18.0.0/16 } accept" in deny.chains["ingress"].rules
@@ -224,10 +225,14 @@ def test_link_local_packets_are_judged_by_the_local_endpoints_mac() -> None:
     ruleset = policy_ruleset([RECIPES["default_allow_unselected"]], ENDPOINTS, LOCAL)
     egress, ingress = ruleset.chains["egress"].rules, ruleset.chains["ingress"].rules
     # Before the subnet checks, which would let an fe80:: address through
-    # (it is in no subnet); after neighbour discovery, which always passes.
+    # (it is in no subnet); after neighbour discovery, which always passes
+    # (in the base chain, before either direction).
+    base = ruleset.chains[BASE].rules
+    assert base.index("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") < (
+        base.index("jump egress")
+    )
     jump = egress.index("ip6 saddr fe80::/10 jump egress_link_local")
-    assert egress.index("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept") < jump
-    assert jump < egress.index("ip saddr != 10.244.1.0/24 accept")
+    assert jump == 0 and jump < egress.index("ip saddr != 10.244.1.0/24 return")
     assert ingress.index("ip6 daddr fe80::/10 jump ingress_link_local") < ingress.index(
         "ip daddr != 10.244.1.0/24 accept"
     )
@@ -236,6 +241,8 @@ def test_link_local_packets_are_judged_by_the_local_endpoints_mac() -> None:
     assert ruleset.sets[mac_set].elements == {MacAddress.parse("0a:58:0a:f4:01:02")}  # db's
     chain = ruleset.chains["egress_link_local"].rules
     assert chain[0].startswith("icmpv6 type { mld-listener-query, ")  # the link's own messages
+    assert chain[0].endswith(" return")  # on to ingress; ingress's accept (the last judge)
+    assert ruleset.chains["ingress_link_local"].rules[1].endswith(" accept")
     egress_deny = counter_name("db-isolated", EGRESS, "deny")
     assert chain[1:] == (f'ether saddr @{mac_set} counter name "{egress_deny}" drop',)
     # Ingress first drops a unicast link-local destination in a group frame.
@@ -280,7 +287,8 @@ def test_an_unselected_endpoint_is_in_no_set_that_selects_endpoints_to_judge() -
 def test_deny_all_ingress_has_a_deny_and_no_allow_chain() -> None:
     ruleset = policy_ruleset([RECIPES["deny_all_ingress"]], ENDPOINTS, LOCAL)
     # No egress chain at all.
-    assert list(ruleset.chains) == ["ingress_deny", "ingress_link_local", "ingress"]
+    assert list(ruleset.chains) == ["ingress_deny", "ingress_link_local", "ingress", BASE]
+    assert "jump egress" not in ruleset.chains[BASE].rules
     assert "jump ingress_policies" not in ruleset.chains["ingress"].rules
     assert set(ruleset.counters.values()) == {CounterOwner("deny-all-ingress", INGRESS, "deny")}
     everyone = {a for e in ENDPOINTS for a in (*e.addresses, *e.macs)}
@@ -290,13 +298,15 @@ def test_deny_all_ingress_has_a_deny_and_no_allow_chain() -> None:
 def test_a_host_without_ipv6_judges_only_link_local_ipv6_and_has_no_ipv6_sets() -> None:
     ruleset = policy_ruleset(list(RECIPES.values()), ENDPOINTS, LOCAL4)
     assert all(s.type != "ipv6_addr" for s in ruleset.sets.values())
-    for direction, field in (("ingress", "daddr"), ("egress", "saddr")):
+    assert ruleset.chains[BASE].rules[:2] == (
+        "ct state established,related accept",
+        "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+    )
+    for direction, field, passed in (("ingress", "daddr", "accept"), ("egress", "saddr", "return")):
         rules = ruleset.chains[direction].rules
-        assert rules[:4] == (
-            "ct state established,related accept",
-            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+        assert rules[:2] == (
             f"ip6 {field} fe80::/10 jump {direction}_link_local",
-            "meta nfproto ipv6 accept",
+            f"meta nfproto ipv6 {passed}",
         )
     assert not any(
         rule.startswith("ip6 ") and "fe80::/10" not in rule for rule in rules_of(ruleset)
@@ -553,7 +563,7 @@ class Kernel:
     def references(self) -> tuple[set[str], set[str], set[str]]:
         rules = [r for rules in self.chains.values() for r in rules]
         sets = {m for r in rules for m in re.findall(r"@(\S+)", r)}
-        chains = {m for r in rules for m in re.findall(r"jump (\S+)", r)}
+        chains = {m for r in rules for m in re.findall(r"(?:jump|goto) (\S+)", r)}
         counters = {m for r in rules for m in re.findall(r'counter name "([^"]+)"', r)}
         return sets, chains, counters
 
@@ -602,7 +612,7 @@ class Kernel:
                 assert name in self.chains, statement
                 for s in re.findall(r"@(\S+)", tail):
                     assert s in self.sets, f"no set {s}: {statement}"
-                for c in re.findall(r"jump (\S+)", tail):
+                for c in re.findall(r"(?:jump|goto) (\S+)", tail):
                     assert c in self.chains, f"no chain {c}: {statement}"
                 for c in re.findall(r'counter name "([^"]+)"', tail):
                     assert c in self.counters, f"no counter {c}: {statement}"
@@ -691,6 +701,58 @@ def test_the_last_policy_of_a_direction_takes_its_base_chain_with_it() -> None:
         f"delete chain {WHERE} egress_policies"
     )
     applied(ingress_only, both, kernel)  # and back
+
+
+def test_one_base_chain_judges_egress_then_ingress_and_an_egress_allow_goes_on_to_ingress() -> None:
+    both = policy_ruleset(
+        [RECIPES["deny_all_ingress"], RECIPES["egress_ipblock"]], ENDPOINTS, LOCAL
+    )
+    egress_only = policy_ruleset([RECIPES["egress_ipblock"]], ENDPOINTS, LOCAL)
+    assert [n for n, c in both.chains.items() if c.hook] == [BASE]  # one base chain
+    assert both.chains[BASE].rules[-2:] == ("jump egress", "jump ingress")
+    assert list(both.chains)[-1] == BASE  # made last, deleted first
+    chain = next(n for n in both.chains if n.startswith("p_web_egress_"))
+    # While ingress is isolated an egress allow goes on to it (never accept,
+    # which would end the base chain unjudged by ingress); without, it accepts.
+    assert all(r.endswith(" goto ingress") for r in both.chains[chain].rules)
+    assert all(r.endswith(" accept") for r in egress_only.chains[chain].rules)
+    # Nothing in egress accepts; ingress never returns (the goto relies on it).
+    for name in ("egress", "egress_link_local", "egress_policies", "egress_deny"):
+        assert not any(r.endswith(" accept") for r in both.chains[name].rules), name
+    assert both.chains["ingress"].rules[-1] == "accept"
+
+
+def test_the_first_and_last_ingress_policy_rewrite_the_egress_allows_in_order() -> None:
+    egress_only = policy_ruleset([RECIPES["egress_ipblock"]], ENDPOINTS, LOCAL)
+    both = policy_ruleset(
+        [RECIPES["deny_all_ingress"], RECIPES["egress_ipblock"]], ENDPOINTS, LOCAL
+    )
+    deny_only = policy_ruleset([RECIPES["deny_all_ingress"]], ENDPOINTS, LOCAL)
+    kernel = applied(None, egress_only, Kernel())
+    statements = policy_transaction(egress_only, both)
+    chain = next(n for n in both.chains if n.startswith("p_web_egress_"))
+    # `ingress` is made before the rules that go to it.
+    first_goto = next(i for i, s in enumerate(statements) if s.endswith(" goto ingress"))
+    assert statements.index(f"add chain {WHERE} ingress") < first_goto
+    assert f"flush chain {WHERE} {chain}" in statements
+    applied(egress_only, both, kernel)
+    applied(both, egress_only, kernel)  # the last ingress policy: allows accept again
+    applied(egress_only, both, kernel)
+    applied(both, deny_only, kernel)
+    # Ingress going with one egress policy whose chain goes to it: every
+    # gone chain is flushed (its goto ingress with it) before any is
+    # deleted, or `ingress` would still be in use when deleted.
+    other = replace(RECIPES["egress_ipblock"], name="web-egress-2")
+    three = policy_ruleset(
+        [RECIPES["deny_all_ingress"], RECIPES["egress_ipblock"], other], ENDPOINTS, LOCAL
+    )
+    one = policy_ruleset([other], ENDPOINTS, LOCAL)
+    statements = policy_transaction(three, one)
+    assert f"delete chain {WHERE} ingress" in statements
+    flushes = [i for i, s in enumerate(statements) if s.startswith("flush chain")]
+    deletes = [i for i, s in enumerate(statements) if s.startswith("delete chain")]
+    assert max(flushes) < min(deletes)
+    applied(three, one, applied(None, three, Kernel()))
 
 
 SELECTORS = [LabelSelector(), sel(app="db"), sel(app="web"), sel(role="frontend"), sel(app="x")]
@@ -852,7 +914,7 @@ def test_changes_cost_the_same_number_of_statements_with_10_1000_and_10000_endpo
         # the dispatch, deny and link-local chains refilled: sized by the policies.
         "add policy": 42,
         "remove policy": 12,
-        "cold start": 75,
+        "cold start": 77,  # the base chain and ingress's closing accept are 2 more
     }
 
 
