@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any, NoReturn
@@ -519,21 +519,38 @@ def _rule(raw: object, path: str, direction: Direction, dialect: _Dialect) -> Ru
 # --- documents --------------------------------------------------------------------
 
 
-def _policy_name(raw: object, path: str, given: str | None) -> str:
+def document_name(
+    raw: object,
+    path: str,
+    given: str | None,
+    *,
+    kind: str,
+    verb: str,
+    problem_of: Callable[[object], str | None] = name_problem,
+) -> str:
+    """A document's name (`raw`, at `path`), checked by `problem_of`
+    against the name it is given on the command line or by its key
+    (`given`): either may be missing, not both, and they must agree. `kind`
+    and `verb` word the refusals ("the name given for the policy ...", "...
+    but it is applied as ...")."""
     if given is not None:
-        problem = name_problem(given)
+        problem = problem_of(given)
         if problem:
-            fail(path, f"the name given for the policy {problem}")
+            fail(path, f"the name given for the {kind} {problem}")
     if raw is None:
         if given is None:
             fail(path, "required")
         return given
-    problem = name_problem(raw)
+    problem = problem_of(raw)
     if problem:
         fail(path, problem)
     if given is not None and raw != given:
-        fail(path, f"the document names {show(raw)}, but it is applied as {show(given)}")
+        fail(path, f"the document names {show(raw)}, but it is {verb} as {show(given)}")
     return str(raw)
+
+
+def _policy_name(raw: object, path: str, given: str | None) -> str:
+    return document_name(raw, path, given, kind="policy", verb="applied")
 
 
 def _body(

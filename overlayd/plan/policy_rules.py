@@ -714,23 +714,33 @@ def render_ruleset(ruleset: PolicyRuleset, *, elements: bool = True) -> str:
         if s.elements and elements:
             lines.append(f"\t\telements = {{ {_elements(s.elements)} }}")
         blocks.append("\n".join([*lines, "\t}"]))
-    for name, chain in ruleset.chains.items():
-        lines = [f"\tchain {name} {{"]
-        if chain.hook:
-            lines.append(f"\t\t{chain.hook}")
-        if chain.comment:
-            lines.append(f'\t\tcomment "{chain.comment}"')
-        lines += [f"\t\t{rule}" for rule in chain.rules]
-        blocks.append("\n".join([*lines, "\t}"]))
+    blocks += [chain_block(name, chain) for name, chain in ruleset.chains.items()]
     return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
 
 
-def _add_chain(name: str, chain: Chain) -> str:
+def chain_block(name: str, chain: Chain) -> str:
+    """A chain as `nft list table` shows it inside its table (the services
+    table's render shares it)."""
+    lines = [f"\tchain {name} {{"]
     if chain.hook:
-        return f"add chain {WHERE} {name} {{ {chain.hook} }}"
+        lines.append(f"\t\t{chain.hook}")
     if chain.comment:
-        return f'add chain {WHERE} {name} {{ comment "{chain.comment}"; }}'
-    return f"add chain {WHERE} {name}"
+        lines.append(f'\t\tcomment "{chain.comment}"')
+    lines += [f"\t\t{rule}" for rule in chain.rules]
+    return "\n".join([*lines, "\t}"])
+
+
+def add_chain(where: str, name: str, chain: Chain) -> str:
+    """The statement that makes a chain (without its rules) in table `where`."""
+    if chain.hook:
+        return f"add chain {where} {name} {{ {chain.hook} }}"
+    if chain.comment:
+        return f'add chain {where} {name} {{ comment "{chain.comment}"; }}'
+    return f"add chain {where} {name}"
+
+
+def _add_chain(name: str, chain: Chain) -> str:
+    return add_chain(WHERE, name, chain)
 
 
 def _add_set(name: str, s: NftSet) -> str:

@@ -79,6 +79,7 @@ from overlayd.plan.policy import (
     as_list,
     as_object,
     check_known,
+    document_name,
     fail,
     join_path,
     kind_of,
@@ -132,20 +133,9 @@ def service_name_problem(name: object) -> str | None:
 
 
 def _service_name(raw: object, path: str, given: str | None) -> str:
-    if given is not None:
-        problem = service_name_problem(given)
-        if problem:
-            fail(path, f"the name given for the service {problem}")
-    if raw is None:
-        if given is None:
-            fail(path, "required")
-        return given
-    problem = service_name_problem(raw)
-    if problem:
-        fail(path, problem)
-    if given is not None and raw != given:
-        fail(path, f"the document names {show(raw)}, but it is stored as {show(given)}")
-    return str(raw)
+    return document_name(
+        raw, path, given, kind="service", verb="stored", problem_of=service_name_problem
+    )
 
 
 def _nonempty_selector(selector: LabelSelector, path: str) -> LabelSelector:

@@ -125,7 +125,7 @@ from typing import NamedTuple
 
 from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.policy_model import Endpoint
-from overlayd.plan.policy_rules import Chain, LocalSubnets, script
+from overlayd.plan.policy_rules import Chain, LocalSubnets, add_chain, chain_block, script
 from overlayd.plan.service_model import Affinity, Service, ServicePort, TrafficPolicy
 
 __all__ = [
@@ -561,23 +561,12 @@ def render_ruleset(ruleset: ServiceRuleset) -> str:
     chains = dict(_fixed_chains(ruleset.versions))
     for name in sorted(ruleset.services):
         chains.update(ruleset.services[name].chains)
-    for name, chain in chains.items():
-        lines = [f"\tchain {name} {{"]
-        if chain.hook:
-            lines.append(f"\t\t{chain.hook}")
-        if chain.comment:
-            lines.append(f'\t\tcomment "{chain.comment}"')
-        lines += [f"\t\t{rule}" for rule in chain.rules]
-        blocks.append("\n".join([*lines, "\t}"]))
+    blocks += [chain_block(name, chain) for name, chain in chains.items()]
     return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
 
 
 def _add_chain(name: str, chain: Chain) -> str:
-    if chain.hook:
-        return f"add chain {WHERE} {name} {{ {chain.hook} }}"
-    if chain.comment:
-        return f'add chain {WHERE} {name} {{ comment "{chain.comment}"; }}'
-    return f"add chain {WHERE} {name}"
+    return add_chain(WHERE, name, chain)
 
 
 def _create(ruleset: ServiceRuleset) -> list[str]:
