@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from overlayd.dataplane import entries, sysctl
 from overlayd.dataplane.entries import ApplyResult
 from overlayd.dataplane.iptables import ForwardAccept
+from overlayd.dataplane.libnft import NftSession
 from overlayd.dataplane.netlink import DriftMonitor, Netlink
 from overlayd.dataplane.nft import Nft, NftTable, NftVxlanFilter
 from overlayd.model import IPV4, IPV6, Change, DeviceSpec, EntrySet, Family, IPAddress, IPNetwork
@@ -99,6 +100,10 @@ class Dataplane:
     netns: str | None = None
     # Up to this many changes go through netlink; more through iproute2.
     netlink_max_changes: int = 64
+    # The services table's writes: small and frequent, into up to tens of
+    # thousands of chains, so through a kept libnftables context (see
+    # dataplane/libnft.py). Made at the first write.
+    services_session: NftSession | None = None
 
     @classmethod
     def open(cls, netns: str | None = None) -> Dataplane:
@@ -112,6 +117,9 @@ class Dataplane:
 
     async def close(self) -> None:
         await self.netlink.close()
+        if self.services_session is not None:
+            await self.services_session.close()
+            self.services_session = None
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         return await self.netlink.ensure_devices(spec)
@@ -162,7 +170,9 @@ class Dataplane:
         return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
 
     async def apply_services(self, statements: Sequence[str]) -> None:
-        await self.nft.nft.apply(service_rules.script(statements))
+        if self.services_session is None:
+            self.services_session = NftSession(self.netns)
+        await self.services_session.apply(service_rules.script(statements))
 
     async def services_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.maps_and_sets_json(service_rules.WHERE)
