@@ -319,6 +319,22 @@ def parser() -> argparse.ArgumentParser:
         "--rounds", type=int, default=5, help="with --latency: rounds, the order alternating"
     )
     svcbench.add_argument(
+        "--cold",
+        action="store_true",
+        help="instead: a whole overlayd started with the largest --services size in etcd, two"
+        " endpoints each; time to ready and to enforced, the kernel's table checked",
+    )
+    svcbench.add_argument(
+        "--runs", type=int, default=3, help="with --cold: cold starts (default %(default)s)"
+    )
+    svcbench.add_argument(
+        "--per-host",
+        type=int,
+        default=200,
+        help="with --cold: endpoints per host (the daemon's and synthetic peers')"
+        " (default %(default)s)",
+    )
+    svcbench.add_argument(
         "--connects",
         type=int,
         default=500,

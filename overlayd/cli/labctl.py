@@ -571,6 +571,8 @@ def _svcbench(lab: Lab, args: argparse.Namespace) -> int:
     if min(args.services) < 1 or args.changes < 1 or max(args.services) > 65_536:
         print("--services must be 1 to 65536 and --changes at least 1", file=sys.stderr)
         return 2
+    if args.cold:
+        return _service_cold(args)
     if args.latency:
         from overlayd.lab.svclatency import svclatency
 
@@ -582,6 +584,31 @@ def _svcbench(lab: Lab, args: argparse.Namespace) -> int:
         lines = svcbench(args.services, args.changes)
     for line in lines:
         print(line, flush=True)
+    return 0
+
+
+def _service_cold(args: argparse.Namespace) -> int:
+    from overlayd.lab import svccold
+
+    count = max(args.services)
+    if args.per_host < 2 or args.runs < 1 or count > 30_000:
+        print(
+            "--per-host must be at least 2, --runs at least 1, --services at most 30000",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"services cold start: one overlayd, {count} services with 2 endpoints each"
+        f" ({args.per_host} endpoints per host), {args.runs} run(s)"
+    )
+    print(svccold.HEADER, flush=True)
+    results = []
+    for _ in range(args.runs):
+        result = svccold.run_one(f"{args.name}v", count, args.per_host)
+        results.append(result)
+        print(result.row(), flush=True)
+    for line in svccold.summary(results):
+        print(line)
     return 0
 
 

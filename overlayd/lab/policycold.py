@@ -118,7 +118,7 @@ async def _write(
     return await put_in_batches(store, leases + others)
 
 
-async def _start_and_time(lab: Lab, revision: int, store: EtcdStore) -> tuple[float, float, int]:
+async def start_and_time(lab: Lab, revision: int, store: EtcdStore) -> tuple[float, float, int]:
     """Start host 1's daemon; seconds until it is ready and until its
     status key names `revision` or later; its pid."""
     key = status_key(OWN_PREFIX, host_id(OWN_SUBNET))
@@ -179,7 +179,7 @@ def run_one(name: str, endpoints: int, policies: int, per_host: int, seed: int =
         subnet_file = lab.subnet_file(1)
         subnet_file.parent.mkdir(parents=True, exist_ok=True)
         subnet_file.write_text(f"FLANNEL_SUBNET={OWN_SUBNET.network_address + 1}/24\n")
-        ready, enforced, pid = lab.etcd(partial(_start_and_time, lab, revision))
+        ready, enforced, pid = lab.etcd(partial(start_and_time, lab, revision))
         if lab.subnet(1) != OWN_SUBNET:
             raise RuntimeError(f"the daemon leased {lab.subnet(1)}, not {OWN_SUBNET}")
         wanted = lab.etcd(partial(expected, own_subnet=OWN_SUBNET))
