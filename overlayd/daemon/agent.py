@@ -47,7 +47,7 @@ from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.plan.policy import policies_prefix
-from overlayd.plan.service import services_prefix
+from overlayd.plan.service import route_clashes, services_prefix
 from overlayd.store.base import retry_unavailable
 from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
@@ -202,16 +202,36 @@ class Agent:
         # An invalid config is fatal at start: ConfigError names the field.
         return parse_network_config(value)
 
+    async def _warn_service_network_routes(self, config: NetworkConfig) -> None:
+        """A ServiceNetwork overlapping a route of this host (the underlay's,
+        say) works, but is rarely meant: said once at start."""
+        for network in config.service_networks:
+            family = IPV4 if network.version == 4 else IPV6
+            routes = await self.dataplane.netlink.routes(family)
+            for _, route in route_clashes([network], routes):
+                log.warning(
+                    "event=service_network_overlaps_route network=%s route=%s effect=%r",
+                    network,
+                    route,
+                    "at a VIP's service ports, an address in both reaches the service, never"
+                    " the host down that route; any other traffic to it goes down the route",
+                )
+
     async def _egress(self, config: NetworkConfig) -> EgressSpec:
         s = self.settings
         subnet = subnet6 = None
         cluster6 = config.ipv6.network if config.ipv6 is not None else None
         if s.egress == "gwbridge":
             routes = await self.dataplane.netlink.routes(IPV4, exclude_dev=s.gwbridge)
-            subnet = choose_gwbridge_subnet(s.gwbridge_subnet, config.network, routes)
+            services = config.service_networks
+            subnet = choose_gwbridge_subnet(
+                s.gwbridge_subnet, config.network, routes, service_networks=services
+            )
             if cluster6 is not None:
                 routes6 = await self.dataplane.netlink.routes(IPV6, exclude_dev=s.gwbridge)
-                subnet6 = choose_gwbridge_subnet(s.gwbridge_subnet6, cluster6, routes6, IPV6)
+                subnet6 = choose_gwbridge_subnet(
+                    s.gwbridge_subnet6, cluster6, routes6, IPV6, service_networks=services
+                )
         log.info(
             "event=egress mode=%s gwbridge=%s subnet=%s subnet6=%s",
             s.egress,
@@ -284,6 +304,7 @@ class Agent:
         check_mtu(config, underlay)
         self.telemetry.mode = describe_mode(config)
         egress = await self._egress(config)  # before leasing: a bad gwbridge-subnet is fatal
+        await self._warn_service_network_routes(config)
         if s.vxlan_filter:
             log.info(
                 "event=vxlan_filter mode=on port=%d vni=%d", config.backend.port, config.backend.vni

@@ -148,32 +148,40 @@ def choose_gwbridge_subnet(
     cluster: N,
     host_routes: Iterable[IPNetwork],
     family: Family = IPV4,
+    *,
+    service_networks: Iterable[IPNetwork] = (),
 ) -> N:
     """The configured subnet if it overlaps nothing, else the first free
     candidate of `family`. `host_routes` must leave out the gwbridge's own
-    route, so that a restart chooses the same subnet again; routes of the
-    other family are ignored."""
+    route, so that a restart chooses the same subnet again; routes and
+    service networks of the other family are ignored. A gwbridge subnet
+    inside the service network would make VIPs of container addresses."""
     setting = GWBRIDGE_SETTING[family.version]
-    routes = [
+    routes: list[IPNetwork] = [
         r
         for r in host_routes
         if r.version == family.version and r.prefixlen > 0  # a default route overlaps all
     ]
+    services: list[IPNetwork] = [n for n in service_networks if n.version == family.version]
     if configured is not None:
         if configured.overlaps(cluster):
             raise ConfigError(setting, f"{configured} overlaps the cluster network {cluster}")
+        service = next((n for n in services if n.overlaps(configured)), None)
+        if service is not None:
+            raise ConfigError(setting, f"{configured} overlaps the service network {service}")
         clash = next((r for r in routes if r.overlaps(configured)), None)
         if clash is not None:
             raise ConfigError(setting, f"{configured} overlaps the host's route to {clash}")
         return configured
     candidates = cast(tuple[N, ...], _CANDIDATES[family.version])
+    taken: list[IPNetwork] = [cluster, *services, *routes]
     for candidate in candidates:
-        if not candidate.overlaps(cluster) and not any(r.overlaps(candidate) for r in routes):
+        if not any(t.overlaps(candidate) for t in taken):
             return candidate
     raise ConfigError(
         setting,
         f"every default candidate ({candidates[0]} to {candidates[-1]}) overlaps the cluster"
-        " network or a host route: set one explicitly",
+        " network, the service network or a host route: set one explicitly",
     )
 
 

@@ -316,6 +316,21 @@ def vip_problem(address: IPAddress, networks: Sequence[IPNetwork]) -> str | None
     return None
 
 
+def route_clashes(
+    service_networks: Sequence[IPNetwork], routes: Sequence[IPNetwork]
+) -> list[tuple[IPNetwork, IPNetwork]]:
+    """(service network, host route) pairs that overlap; a default route
+    overlaps everything and is left out. A VIP's service ports are
+    translated before routing, so a clash breaks no service: it hides,
+    at those ports, the hosts down that route whose addresses are VIPs."""
+    return [
+        (network, route)
+        for network in service_networks
+        for route in routes
+        if route.version == network.version and route.prefixlen > 0 and route.overlaps(network)
+    ]
+
+
 def _vips(
     single: object,
     many: object,

@@ -12,7 +12,7 @@ import pytest
 
 from overlayd.config import build_agent_config
 from overlayd.errors import ConfigError
-from overlayd.model import IPV4, IPV6
+from overlayd.model import IPV4, IPV6, IPNetwork
 from overlayd.plan.egress import (
     GWBRIDGE_CANDIDATES6,
     EgressSpec,
@@ -107,6 +107,21 @@ def test_a_configured_subnet_that_overlaps_is_refused(
         choose_gwbridge_subnet(IPv4Network(configured), CLUSTER, [IPv4Network(r) for r in routes])
     assert caught.value.field == "gwbridge-subnet"
     assert words in str(caught.value)
+
+
+def test_the_service_network_is_no_gwbridge_candidate_and_a_configured_overlap_is_refused() -> None:
+    services: list[IPNetwork] = [IPv4Network("172.18.0.0/16"), IPv6Network("fd00:96::/108")]
+    assert choose_gwbridge_subnet(None, CLUSTER, [], service_networks=services) == IPv4Network(
+        "172.19.0.0/16"
+    )
+    with pytest.raises(ConfigError) as caught:
+        choose_gwbridge_subnet(IPv4Network("172.18.4.0/24"), CLUSTER, [], service_networks=services)
+    assert caught.value.field == "gwbridge-subnet"
+    assert "overlaps the service network 172.18.0.0/16" in str(caught.value)
+    # Control: the same subnet without that service network is used as given.
+    assert choose_gwbridge_subnet(IPv4Network("172.18.4.0/24"), CLUSTER, []) == IPv4Network(
+        "172.18.4.0/24"
+    )
 
 
 def test_a_free_configured_subnet_is_used() -> None:

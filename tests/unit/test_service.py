@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from overlayd.plan.service import (
     parse_service,
     parse_service_key,
     render_service,
+    route_clashes,
     service_key,
     stored_services,
     vip_key,
@@ -478,3 +479,19 @@ def test_the_cache_parses_an_unchanged_value_once_and_forgets_deleted_keys() -> 
         IPv4Address("10.96.0.9"),
     )
     assert stored_services({}, OWN, NETS, cache).services == {} and cache == {}
+
+
+def test_route_clashes_names_each_overlapping_route_and_ignores_default_routes() -> None:
+    services: list[IPNetwork] = [IPv4Network("10.96.0.0/16"), IPv6Network("fd00:96::/108")]
+    routes: list[IPNetwork] = [
+        IPv4Network("0.0.0.0/0"),
+        IPv4Network("10.96.5.0/24"),
+        IPv4Network("10.97.0.0/16"),
+        IPv6Network("::/0"),
+        IPv6Network("fd00::/8"),
+    ]
+    assert route_clashes(services, routes) == [
+        (IPv4Network("10.96.0.0/16"), IPv4Network("10.96.5.0/24")),
+        (IPv6Network("fd00:96::/108"), IPv6Network("fd00::/8")),
+    ]
+    assert route_clashes(services, [IPv4Network("192.0.2.0/24")]) == []
