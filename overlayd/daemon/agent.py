@@ -550,6 +550,8 @@ class Agent:
             # The old etcd lease took this host's endpoint keys with it.
             if self.endpoints is not None:
                 self._in_background(self.endpoints.republish(), "endpoints-republish")
+            if self.dns is not None:
+                self._in_background(self.dns.move(gateways(held.lease)), "dns-move")
 
         keeper = LeaseKeeper(
             leaser,

@@ -6,6 +6,7 @@ name leaves DNS in the pass its endpoint leaves the service's map.
 
 Started once the first pass has put the gateway addresses on the bridge,
 and only while the network config has a ServiceNetwork (read at start).
+When the lease moves to another subnet, it moves to the new gateways.
 A failure to bind (the port taken, an IPv6 address still tentative) is
 retried in the background and never stops the daemon: the overlay does not
 depend on its DNS. Containers are told only of the addresses it listens on
@@ -67,6 +68,8 @@ class DnsResponder:
         # Called after a bind that succeeded in the background (serve).
         self.on_bound: Callable[[], None] | None = None
         self._failed: set[IPAddress] = set()  # addresses whose bind failed (logged once)
+        # Where it should listen: a retry for an address the lease has left stops.
+        self._wanted: set[IPAddress] = set()
 
     def update(self, state: ServiceState) -> None:
         """New records from what the services table was made from."""
@@ -98,6 +101,7 @@ class DnsResponder:
         """Listen on each address (retrying a failed bind for a minute),
         then keep running until cancelled."""
         try:
+            self._wanted = set(addresses)
             await asyncio.gather(*(self._bind(a) for a in addresses))
             await asyncio.Event().wait()
         finally:
@@ -105,9 +109,22 @@ class DnsResponder:
             for server in servers:
                 await server.close()
 
+    async def move(self, addresses: Sequence[IPAddress]) -> None:
+        """The lease moved to another subnet: stop listening on the old
+        gateways and listen on `addresses`, retrying until the pass has put
+        them on the bridge (each late bind calls `on_bound`, so the subnet
+        file then names the new ones)."""
+        self._wanted = set(addresses)
+        for address in [a for a in self.servers if a not in addresses]:
+            server = self.servers.pop(address)
+            await server.close()
+            log.info("event=dns_stopped address=%s reason=%r", address, "the lease moved")
+        self._failed -= set(addresses)
+        await asyncio.gather(*(self._bind(a) for a in addresses))
+
     async def _bind(self, address: IPAddress) -> None:
         for attempt in range(BIND_ATTEMPTS):
-            if address in self.servers:
+            if address in self.servers or address not in self._wanted:
                 return
             if attempt:
                 await asyncio.sleep(BIND_RETRY_SECONDS)

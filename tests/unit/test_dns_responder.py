@@ -99,3 +99,43 @@ async def test_the_responders_answers_and_drops_are_counted_in_the_metrics() -> 
     finally:
         for server in responder.servers.values():
             await server.close()
+
+
+async def test_a_moved_lease_moves_the_responder_to_the_new_gateways(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old address stops answering and the new one answers once it
+    exists: bound late (as the pass puts it on the bridge), and announced."""
+    old, new = IPv4Address("127.0.0.3"), IPv4Address("127.0.0.4")
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind((str(new), 0))  # not yet usable, as before the pass
+    port = blocker.getsockname()[1]
+    monkeypatch.setattr(daemon_dns, "BIND_RETRY_SECONDS", 0.05)
+    responder = DnsResponder(domain="overlay.internal", upstreams=(), reverse_zones=(), port=port)
+    announced = asyncio.Event()
+    responder.on_bound = announced.set
+    query = dns.message.make_query("overlay.internal", "SOA")
+    await responder.bind_now((old,))  # as at start: announced by the subnet file itself
+    serving = asyncio.create_task(responder.serve((old,)))
+    moving: asyncio.Task[None] | None = None
+    try:
+        # Control: the old gateway answers before the move.
+        assert (await dns.asyncquery.udp(query, str(old), port=port, timeout=2)).answer
+        moving = asyncio.create_task(responder.move((new,)))
+        await asyncio.sleep(0.2)
+        assert responder.advertised((old, new)) == ()  # the old closed, the new not yet bound
+        with pytest.raises(dns.exception.Timeout):
+            await dns.asyncquery.udp(query, str(old), port=port, timeout=0.3)
+        blocker.close()
+        async with asyncio.timeout(5):
+            await announced.wait()
+        assert responder.advertised((old, new)) == (new,)
+        assert (await dns.asyncquery.udp(query, str(new), port=port, timeout=2)).answer
+    finally:
+        blocker.close()
+        if moving is not None:
+            await moving
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+    assert responder.servers == {}
