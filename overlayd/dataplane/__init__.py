@@ -15,7 +15,7 @@ May import: model, errors, plan (for rendering), and the tools' libraries.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any, Protocol
 
@@ -100,10 +100,10 @@ class Dataplane:
     netns: str | None = None
     # Up to this many changes go through netlink; more through iproute2.
     netlink_max_changes: int = 64
-    # The services table's writes: small and frequent, into up to tens of
-    # thousands of chains, so through a kept libnftables context (see
-    # dataplane/libnft.py). Made at the first write.
-    services_session: NftSession | None = None
+    # The policy and services tables are written often and in small steps,
+    # each through its own kept libnftables context (see dataplane/libnft.py),
+    # made at its first write: a new nft process per change costs about 20 ms.
+    sessions: dict[str, NftSession] = field(default_factory=dict)
 
     @classmethod
     def open(cls, netns: str | None = None) -> Dataplane:
@@ -117,9 +117,9 @@ class Dataplane:
 
     async def close(self) -> None:
         await self.netlink.close()
-        if self.services_session is not None:
-            await self.services_session.close()
-            self.services_session = None
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def ensure_devices(self, spec: DeviceSpec) -> list[str]:
         return await self.netlink.ensure_devices(spec)
@@ -163,16 +163,19 @@ class Dataplane:
         """Element changes of one or both families' sets, in one transaction."""
         await self.vxlan_filter.update_many(writes)
 
+    def _session(self, table: str) -> NftSession:
+        if table not in self.sessions:
+            self.sessions[table] = NftSession(self.netns)
+        return self.sessions[table]
+
     async def apply_policy(self, statements: Sequence[str]) -> None:
-        await self.nft.nft.apply(policy_rules.script(statements))
+        await self._session(policy_rules.WHERE).apply(policy_rules.script(statements))
 
     async def policy_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
 
     async def apply_services(self, statements: Sequence[str]) -> None:
-        if self.services_session is None:
-            self.services_session = NftSession(self.netns)
-        await self.services_session.apply(service_rules.script(statements))
+        await self._session(service_rules.WHERE).apply(service_rules.script(statements))
 
     async def services_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.maps_and_sets_json(service_rules.WHERE)
