@@ -14,8 +14,8 @@ Before the daemon starts, etcd holds:
 
 Timed from the daemon's start, as policycold times it: `ready` (first full
 pass done, the services table included) and `enforced` (its status key
-names the benchmark's last revision). Then the kernel's services table is
-read back: every VIP in the dispatch map, and each service's chain
+names the benchmark's last revision). Then the kernel's services tables
+are read back: every VIP in a dispatch map, and each service's chain
 translating to exactly its two backends, or the run is refused.
 """
 
@@ -40,7 +40,7 @@ from overlayd.plan.leases import lease_key, render_lease
 from overlayd.plan.policy_model import Endpoint, HostSubnets, LabelSelector, Protocol
 from overlayd.plan.service import claim_keys, render_service, service_key
 from overlayd.plan.service_model import Service, ServicePort
-from overlayd.plan.service_rules import WHERE
+from overlayd.plan.service_rules import TABLES
 
 SERVICE_NETWORK = IPv4Network("10.96.0.0/16")  # outside cpbench's 10.128.0.0/9
 GOAL_SECONDS = 5.0  # issue 15: 10,000 services with 2 endpoints each
@@ -124,10 +124,15 @@ def _dnat_targets(rules: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
 def kernel_problem(
     ns: str, services: Sequence[Service], backing: Sequence[Endpoint]
 ) -> tuple[str | None, int]:
-    """What the kernel's services table lacks or has wrong (None: nothing),
-    and how many chains it has."""
-    listing = json.loads(netns.in_ns(ns, "nft", "-j", "list", "table", *WHERE.split()))
-    items = listing["nftables"]
+    """What the kernel's services tables lack or have wrong (None: nothing),
+    and how many chains they have."""
+    items = [
+        item
+        for table in TABLES
+        for item in json.loads(netns.in_ns(ns, "nft", "-j", "list", "table", "inet", table))[
+            "nftables"
+        ]
+    ]
     chains = sum(1 for i in items if "chain" in i)
     rules = [i["rule"] for i in items if "rule" in i]
     targets = _dnat_targets(rules)

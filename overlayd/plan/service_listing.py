@@ -1,4 +1,4 @@
-"""The services table's elements as the kernel lists them, in the text the
+"""The services tables' elements as the kernel lists them, in the text the
 render writes (plan/service_rules.py), so that a check pass can compare
 what the kernel holds with what it believes it wrote.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from overlayd.plan.service_rules import TABLE, ServiceRuleset, hairpin_set
+from overlayd.plan.service_rules import TABLE, TABLES, MapId, ServiceRuleset, hairpin_set
 
 Listing = Mapping[str, Any]
 
@@ -34,18 +34,18 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def listed_elements(listing: Listing) -> dict[str, frozenset[str]]:
-    """Map or set name -> its elements as text ("key : verdict" for a map),
-    for the services table's maps and sets in `nft -j list maps` and `nft
-    -j list sets` output (other tables' are ignored)."""
-    found: dict[str, frozenset[str]] = {}
+def listed_elements(listing: Listing) -> dict[MapId, frozenset[str]]:
+    """(table, map or set name) -> its elements as text ("key : verdict"
+    for a map), for the services tables' maps and sets in `nft -j list
+    maps` and `nft -j list sets` output (other tables' are ignored)."""
+    found: dict[MapId, frozenset[str]] = {}
     items = listing.get("nftables", [])
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, Mapping):
             continue
         for kind in ("map", "set"):
             found_item = item.get(kind)
-            if not isinstance(found_item, Mapping) or found_item.get("table") != TABLE:
+            if not isinstance(found_item, Mapping) or found_item.get("table") not in TABLES:
                 continue
             if found_item.get("family") != "inet":
                 continue
@@ -55,16 +55,16 @@ def listed_elements(listing: Listing) -> dict[str, frozenset[str]]:
                     texts.append(f"{_text(elem[0])} : {_text(elem[1])}")
                 else:
                     texts.append(_text(elem))
-            found[str(found_item.get("name"))] = frozenset(texts)
+            found[str(found_item["table"]), str(found_item.get("name"))] = frozenset(texts)
     return found
 
 
-def believed_elements(ruleset: ServiceRuleset) -> dict[str, frozenset[str]]:
+def believed_elements(ruleset: ServiceRuleset) -> dict[MapId, frozenset[str]]:
     """The same, for what the ruleset writes."""
     found = {
-        name: frozenset(f"{key} : {verdict}" for key, verdict in elements.items())
-        for name, elements in ruleset.maps().items()
+        at: frozenset(f"{key} : {verdict}" for key, verdict in elements.items())
+        for at, elements in ruleset.maps().items()
     }
     for version in ruleset.versions:
-        found[hairpin_set(version)] = frozenset(ruleset.hairpin_elements(version))
+        found[TABLE, hairpin_set(version)] = frozenset(ruleset.hairpin_elements(version))
     return found

@@ -7,18 +7,32 @@ networks in, text out. The value types are plan/service_model.py's
 (services) and plan/policy_model.py's (endpoints); which endpoints back a
 service is service_model.backends'.
 
-Where. One table of its own, `table inet overlayd_services`, apart from
-the policy table and the egress tables, so that a service transaction never
-touches theirs. `inet` rather than one table per family: the base chains,
-the reject chain and the masquerade mark are written once, and a
-dual-stack service is one transaction in one table. The family is a
+Where. Tables of their own, `table inet overlayd_services` and its shards
+(below), apart from the policy table and the egress tables, so that a
+service transaction never touches theirs. `inet` rather than tables per
+family: the base chains, the reject chain and the masquerade mark are
+written once, and a dual-stack service lives in one shard. The family is a
 parameter, never a copy: every per-family object has a `_v4`/`_v6` twin
 made by the same code (the maps are typed by address, so a twin is
 needed; `ip daddr` in an inet table matches IPv4 packets only). With no
-service at all the table is deleted: no service costs no per-packet work.
+service at all the tables are deleted: no service costs no per-packet work.
+
+Shards. The services' chains and their dispatch maps are spread over
+SHARDS more tables, `overlayd_services_0` to `_3`, by a hash of the
+service's name; the front table `overlayd_services` keeps what is shared
+(the no-backend maps and chains, the hairpin sets, the masquerade). Why:
+the kernel checks, on every transaction that adds a rule or a goto, every
+chain reachable from the changed table's base chains, and it does so once
+per base chain (nft_table_validate; both nat_prerouting and nat_output
+reach every service chain). In one table of 10,000 services that check
+was about 15 ms of a 28 ms change (perf, kernel 6.18), and grew with the
+total. In a shard it walks a quarter of them. The price is on the first
+packet of a connection only: SHARDS nat base chains per hook to pass,
+each one map lookup (and a fib lookup for node ports), the first to
+translate ending the walk (a nat hook stops at the first binding).
 
 How a packet finds its service (first packet of a connection only: nat
-chains see nothing else, conntrack does the rest):
+chains see nothing else, conntrack does the rest), in each shard:
 
     chain nat_prerouting   type nat hook prerouting priority dstnat
         ip daddr . meta l4proto . th dport vmap @vips_v4       (and _v6)
@@ -27,8 +41,8 @@ chains see nothing else, conntrack does the rest):
                            value; nft 1.0.6 takes the name in prerouting only)
         ip daddr . meta l4proto . th dport vmap @vips_v4       host -> VIP
 
-One map lookup, whatever the number of services: the per-packet cost does
-not grow with them (kube-proxy's nftables mode does the same). Each
+One map lookup per shard, whatever the number of services: the per-packet
+cost does not grow with them (kube-proxy's nftables mode does the same). Each
 element jumps (`goto`) to the chain of one (service, port, family):
 
     chain svc_web_tcp80_<hash>_v4
@@ -132,7 +146,10 @@ __all__ = [
     "AFFINITY_SEED",
     "AFFINITY_SLOTS",
     "MARK",
+    "SHARDS",
+    "SHARD_TABLES",
     "TABLE",
+    "TABLES",
     "WHERE",
     "ServiceRules",
     "ServiceRuleset",
@@ -146,6 +163,11 @@ __all__ = [
 
 TABLE = "overlayd_services"
 WHERE = f"inet {TABLE}"
+# The services' chains and dispatch maps are spread over SHARDS tables of
+# their own, by a hash of the service's name (see "Shards" above).
+SHARDS = 4
+SHARD_TABLES = tuple(f"{TABLE}_{k}" for k in range(SHARDS))
+TABLES = (TABLE, *SHARD_TABLES)
 # The packet mark bit that asks nat_postrouting to masquerade. kube-proxy
 # uses 0x4000 and 0x8000; this one is apart from both, and only this bit
 # is set or cleared (`| MARK`, `^ MARK`), so other owners' bits survive.
@@ -176,12 +198,36 @@ _ADDR = {4: "ipv4_addr", 6: "ipv6_addr"}
 _IP = {4: "ip", 6: "ip6"}
 
 
+# The maps of the shard tables; the others (and the hairpin sets) are the
+# front table's.
+_SHARD_KINDS = (_VIPS, _NODEPORTS)
+
+MapId = tuple[str, str]  # (table, map or set name)
+
+
 def map_name(kind: str, version: int) -> str:
     return f"{kind}_v{version}"
 
 
 def hairpin_set(version: int) -> str:
     return f"hairpin_v{version}"
+
+
+def shard_of(service: str) -> int:
+    """The shard a service's chains and dispatch elements live in: fixed by
+    its name, so a service never moves."""
+    return int(_digest(f"shard/{service}"), 16) % SHARDS
+
+
+def shard_where(shard: int) -> str:
+    return f"inet {SHARD_TABLES[shard]}"
+
+
+def map_table(name: str, shard: int) -> str:
+    """The table holding map `name` (as ServiceRules.elements names it) for
+    a service of `shard`."""
+    kind = name.rsplit("_v", 1)[0]
+    return SHARD_TABLES[shard] if kind in _SHARD_KINDS else TABLE
 
 
 # --- names -------------------------------------------------------------------
@@ -222,12 +268,13 @@ def _comment(text: str) -> str:
 class ServiceRules(NamedTuple):
     """One service's objects: its chains (in creation order: a chain before
     the chains that go to it), its elements in the shared maps (map name ->
-    key -> verdict), and the local backend addresses it needs in the
-    hairpin sets."""
+    key -> verdict), the local backend addresses it needs in the hairpin
+    sets, and its shard (the table of its chains and dispatch elements)."""
 
     chains: Mapping[str, Chain]
     elements: Mapping[str, Mapping[str, str]]
     hairpin: frozenset[IPAddress]
+    shard: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,14 +298,18 @@ class ServiceRuleset:
     def empty(self) -> bool:
         return not self.services
 
-    def maps(self) -> dict[str, dict[str, str]]:
-        """Every map's elements (key -> verdict), all services together."""
-        found: dict[str, dict[str, str]] = {
-            map_name(kind, v): {} for v in self.versions for kind in _MAP_KEYS
-        }
+    def maps(self) -> dict[MapId, dict[str, str]]:
+        """Every map's elements (key -> verdict) by (table, map), all
+        services together."""
+        found: dict[MapId, dict[str, str]] = {}
+        for table in TABLES:
+            for v in self.versions:
+                for kind in _MAP_KEYS:
+                    if (kind in _SHARD_KINDS) == (table != TABLE):
+                        found[table, map_name(kind, v)] = {}
         for rules in self.services.values():
             for name, elements in rules.elements.items():
-                found[name].update(elements)
+                found[map_table(name, rules.shard), name].update(elements)
         return found
 
     def hairpin_elements(self, version: int) -> list[str]:
@@ -413,7 +464,9 @@ def service_rules(
                 put(_NODEPORTS, np_key, f"goto {np_chain}")
             else:
                 put(_NOEP_NODEPORTS, np_key, "drop")
-    return ServiceRules({**chains, **nodeport_chains}, elements, frozenset(hairpin))
+    return ServiceRules(
+        {**chains, **nodeport_chains}, elements, frozenset(hairpin), shard_of(service.name)
+    )
 
 
 # --- whole rulesets ------------------------------------------------------------
@@ -479,18 +532,15 @@ def with_service(
 # --- the fixed objects -----------------------------------------------------------
 
 
-def _fixed_chains(versions: Sequence[int]) -> dict[str, Chain]:
-    """The chains every non-empty ruleset has, in creation order."""
-    prerouting, output, noep, postrouting = [], [], [], []
+def _front_chains(versions: Sequence[int]) -> dict[str, Chain]:
+    """The front table's chains, in creation order: rejection of services
+    without backends, and the masquerade."""
+    noep, postrouting = [], []
     for v in versions:
         ip = _IP[v]
-        vips = f"{ip} daddr . meta l4proto . th dport vmap @{map_name(_VIPS, v)}"
-        prerouting.append(vips)
-        output.append(vips)
         noep.append(f"{ip} daddr . meta l4proto . th dport vmap @{map_name(_NOEP_VIPS, v)}")
     for v in versions:
         ports = f"meta nfproto ipv{v} meta l4proto . th dport vmap"
-        prerouting.append(f"fib daddr type local {ports} @{map_name(_NODEPORTS, v)}")
         noep.append(f"fib daddr type local {ports} @{map_name(_NOEP_NODEPORTS, v)}")
     mark = f"0x{MARK:08x}"
     postrouting.append(
@@ -503,12 +553,6 @@ def _fixed_chains(versions: Sequence[int]) -> dict[str, Chain]:
     return {
         REJECT_CHAIN: Chain(("meta l4proto tcp reject with tcp reset", "reject")),
         NOEP_CHAIN: Chain(tuple(noep)),
-        "nat_prerouting": Chain(
-            tuple(prerouting), hook="type nat hook prerouting priority dstnat; policy accept;"
-        ),
-        "nat_output": Chain(
-            tuple(output), hook="type nat hook output priority -100; policy accept;"
-        ),
         "nat_postrouting": Chain(
             tuple(postrouting), hook="type nat hook postrouting priority srcnat; policy accept;"
         ),
@@ -524,14 +568,52 @@ def _fixed_chains(versions: Sequence[int]) -> dict[str, Chain]:
     }
 
 
-def _map_declarations(versions: Sequence[int]) -> dict[str, str]:
-    """Map and set name -> its type line."""
+def _shard_chains(versions: Sequence[int]) -> dict[str, Chain]:
+    """Each shard table's base chains: the dispatch to its services."""
+    prerouting, output = [], []
+    for v in versions:
+        vips = f"{_IP[v]} daddr . meta l4proto . th dport vmap @{map_name(_VIPS, v)}"
+        prerouting.append(vips)
+        output.append(vips)
+    for v in versions:
+        ports = f"meta nfproto ipv{v} meta l4proto . th dport vmap"
+        prerouting.append(f"fib daddr type local {ports} @{map_name(_NODEPORTS, v)}")
+    return {
+        "nat_prerouting": Chain(
+            tuple(prerouting), hook="type nat hook prerouting priority dstnat; policy accept;"
+        ),
+        "nat_output": Chain(
+            tuple(output), hook="type nat hook output priority -100; policy accept;"
+        ),
+    }
+
+
+def _map_declarations(versions: Sequence[int], table: str) -> dict[str, str]:
+    """Map and set name -> its type line, for one of the tables."""
+    front = table == TABLE
     found = {}
     for v in versions:
         for kind, key in _MAP_KEYS.items():
-            found[map_name(kind, v)] = f"type {key.format(addr=_ADDR[v])} : verdict"
-        found[hairpin_set(v)] = f"type {_ADDR[v]} . {_ADDR[v]}"
+            if (kind in _SHARD_KINDS) != front:
+                found[map_name(kind, v)] = f"type {key.format(addr=_ADDR[v])} : verdict"
+        if front:
+            found[hairpin_set(v)] = f"type {_ADDR[v]} . {_ADDR[v]}"
     return found
+
+
+def _table_chains(ruleset: ServiceRuleset, table: str) -> dict[str, Chain]:
+    """One table's chains: services' first (in name order; the maps'
+    elements go to them), then the fixed ones."""
+    if table == TABLE:
+        return _front_chains(ruleset.versions)
+    shard = SHARD_TABLES.index(table)
+    chains: dict[str, Chain] = {}
+    for name in sorted(ruleset.services):
+        rules = ruleset.services[name]
+        if rules.shard == shard:
+            chains.update(rules.chains)
+    chains.update(_shard_chains(ruleset.versions))
+    return chains
 
 
 # --- text --------------------------------------------------------------------
@@ -542,54 +624,59 @@ def _sorted_elements(elements: Mapping[str, str]) -> list[str]:
 
 
 def render_ruleset(ruleset: ServiceRuleset) -> str:
-    """The whole table as nft text in nft's listing layout (valid `nft -f`
-    input too); "" without services. Services' chains by service name."""
+    """Every table as nft text in nft's listing layout (valid `nft -f`
+    input too), the front table first; "" without services."""
     if ruleset.empty:
         return ""
-    blocks = []
     maps = ruleset.maps()
-    for name, type_line in _map_declarations(ruleset.versions).items():
-        kind = "set" if name.startswith("hairpin_") else "map"
-        lines = [f"\t{kind} {name} {{", f"\t\t{type_line}"]
-        if kind == "set":
-            shown = ruleset.hairpin_elements(int(name[-1]))
-        else:
-            shown = _sorted_elements(maps[name])
-        if shown:
-            lines.append(f"\t\telements = {{ {', '.join(shown)} }}")
-        blocks.append("\n".join([*lines, "\t}"]))
-    chains = dict(_fixed_chains(ruleset.versions))
-    for name in sorted(ruleset.services):
-        chains.update(ruleset.services[name].chains)
-    blocks += [chain_block(name, chain) for name, chain in chains.items()]
-    return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
-
-
-def _add_chain(name: str, chain: Chain) -> str:
-    return add_chain(WHERE, name, chain)
+    tables = []
+    for table in TABLES:
+        blocks = []
+        for name, type_line in _map_declarations(ruleset.versions, table).items():
+            kind = "set" if name.startswith("hairpin_") else "map"
+            lines = [f"\t{kind} {name} {{", f"\t\t{type_line}"]
+            if kind == "set":
+                shown = ruleset.hairpin_elements(int(name[-1]))
+            else:
+                shown = _sorted_elements(maps[table, name])
+            if shown:
+                lines.append(f"\t\telements = {{ {', '.join(shown)} }}")
+            blocks.append("\n".join([*lines, "\t}"]))
+        chains = _table_chains(ruleset, table)
+        # The fixed chains first, as nft lists them (in creation order).
+        fixed = (
+            _front_chains(ruleset.versions) if table == TABLE else _shard_chains(ruleset.versions)
+        )
+        ordered = {**{n: chains[n] for n in fixed}, **chains}
+        blocks += [chain_block(name, chain) for name, chain in ordered.items()]
+        tables.append(f"table inet {table} {{\n" + "\n\n".join(blocks) + "\n}\n")
+    return "\n".join(tables)
 
 
 def _create(ruleset: ServiceRuleset) -> list[str]:
-    out = [f"add table {WHERE}"]
-    for name, type_line in _map_declarations(ruleset.versions).items():
-        kind = "set" if name.startswith("hairpin_") else "map"
-        out.append(f"add {kind} {WHERE} {name} {{ {type_line}; }}")
-    fixed = _fixed_chains(ruleset.versions)
-    # Service chains first: the maps' elements go to them, and the fixed
-    # chains refer to the maps.
-    chains: dict[str, Chain] = {}
-    for rules in ruleset.services.values():
-        chains.update(rules.chains)
-    chains.update(fixed)
-    out += [_add_chain(name, chain) for name, chain in chains.items()]
-    for name, chain in chains.items():
-        out += [f"add rule {WHERE} {name} {rule}" for rule in chain.rules]
-    for name, elements in ruleset.maps().items():
-        if elements:
-            out.append(f"add element {WHERE} {name} {{ {', '.join(_sorted_elements(elements))} }}")
-    for v in ruleset.versions:
-        if shown := ruleset.hairpin_elements(v):
-            out.append(f"add element {WHERE} {hairpin_set(v)} {{ {', '.join(shown)} }}")
+    maps = ruleset.maps()
+    out = []
+    for table in TABLES:
+        where = f"inet {table}"
+        out.append(f"add table {where}")
+        for name, type_line in _map_declarations(ruleset.versions, table).items():
+            kind = "set" if name.startswith("hairpin_") else "map"
+            out.append(f"add {kind} {where} {name} {{ {type_line}; }}")
+        # Service chains first: the maps' elements go to them, and the fixed
+        # chains refer to the maps.
+        chains = _table_chains(ruleset, table)
+        out += [add_chain(where, name, chain) for name, chain in chains.items()]
+        for name, chain in chains.items():
+            out += [f"add rule {where} {name} {rule}" for rule in chain.rules]
+        for (in_table, name), elements in maps.items():
+            if in_table == table and elements:
+                out.append(
+                    f"add element {where} {name} {{ {', '.join(_sorted_elements(elements))} }}"
+                )
+        if table == TABLE:
+            for v in ruleset.versions:
+                if shown := ruleset.hairpin_elements(v):
+                    out.append(f"add element {where} {hairpin_set(v)} {{ {', '.join(shown)} }}")
     return out
 
 
@@ -597,68 +684,83 @@ def _same_base(before: ServiceRuleset, after: ServiceRuleset) -> bool:
     return before.local == after.local and before.cluster == after.cluster
 
 
+def _all_deleted() -> list[str]:
+    return [f"delete table inet {table}" for table in TABLES]
+
+
+def _all_made_and_deleted() -> list[str]:
+    """Every table deleted, whether it exists or not (`table` makes it first)."""
+    return [s for table in TABLES for s in (f"table inet {table}", f"delete table inet {table}")]
+
+
 def service_transaction(before: ServiceRuleset | None, after: ServiceRuleset) -> list[str]:
     """The `nft -f` statements, one transaction, that turn `before` into
     `after`. `before` None (unknown) or made for other subnets or networks:
-    the table is made afresh, whether or not it exists. Otherwise only the
-    changed services' objects, in an order nft accepts: new chains
+    the tables are made afresh, whether or not they exist. Otherwise only
+    the changed services' objects, in an order nft accepts: new chains
     declared, changed chains flushed, then both filled (a node port chain
     goes to its service chain, declared by then); map and set elements
     deleted, then added (one statement per map and kind, however many
     elements: a changed element is deleted and added again); gone chains
     flushed, all of them, then deleted, once nothing refers to them. The
     services are compared by identity first: an unchanged service costs a
-    pointer comparison. `after` empty: the table goes."""
+    pointer comparison. `after` empty: the tables go."""
     if after.empty:
         if before is None:
-            return [f"table {WHERE}", f"delete table {WHERE}"]
-        return [] if before.empty else [f"delete table {WHERE}"]
+            return _all_made_and_deleted()
+        return [] if before.empty else _all_deleted()
     if before is None or before.empty or not _same_base(before, after):
-        return [f"table {WHERE}", f"delete table {WHERE}", *_create(after)]
+        return [*_all_made_and_deleted(), *_create(after)]
     declare: list[str] = []
     fill: list[str] = []
-    gone: list[str] = []
-    deletes: dict[str, list[str]] = {}
-    adds: dict[str, list[str]] = {}
+    gone: list[tuple[str, str]] = []  # (where, chain)
+    deletes: dict[MapId, list[str]] = {}
+    adds: dict[MapId, list[str]] = {}
     for name in _changed(before.services, after.services):
-        old = before.services.get(name, ServiceRules({}, {}, frozenset()))
-        new = after.services.get(name, ServiceRules({}, {}, frozenset()))
+        old = before.services.get(name)
+        new = after.services.get(name)
+        shard = (new or old or ServiceRules({}, {}, frozenset())).shard
+        old = old or ServiceRules({}, {}, frozenset(), shard)
+        new = new or ServiceRules({}, {}, frozenset(), shard)
+        where = shard_where(shard)
         for chain_name, chain in new.chains.items():
             was = old.chains.get(chain_name)
             if was is None:
-                declare.append(_add_chain(chain_name, chain))
+                declare.append(add_chain(where, chain_name, chain))
             elif was == chain:
                 continue
             else:
-                fill.append(f"flush chain {WHERE} {chain_name}")
-            fill += [f"add rule {WHERE} {chain_name} {rule}" for rule in chain.rules]
-        gone += [c for c in old.chains if c not in new.chains]
+                fill.append(f"flush chain {where} {chain_name}")
+            fill += [f"add rule {where} {chain_name} {rule}" for rule in chain.rules]
+        gone += [(where, c) for c in old.chains if c not in new.chains]
         for map_ in sorted({*old.elements, *new.elements}):
             was_elements, now = old.elements.get(map_, {}), new.elements.get(map_, {})
+            at = (map_table(map_, shard), map_)
             for key, verdict in was_elements.items():
                 if now.get(key) != verdict:
-                    deletes.setdefault(map_, []).append(key)
+                    deletes.setdefault(at, []).append(key)
             for key, verdict in now.items():
                 if was_elements.get(key) != verdict:
-                    adds.setdefault(map_, []).append(f"{key} : {verdict}")
+                    adds.setdefault(at, []).append(f"{key} : {verdict}")
     for v in after.versions:
-        name = hairpin_set(v)
+        at = (TABLE, hairpin_set(v))
         left = [a for a in before.hairpin if a.version == v and a not in after.hairpin]
         came = [a for a in after.hairpin if a.version == v and a not in before.hairpin]
         if left:
-            deletes.setdefault(name, []).extend(f"{a} . {a}" for a in sorted(left, key=int))
+            deletes.setdefault(at, []).extend(f"{a} . {a}" for a in sorted(left, key=int))
         if came:
-            adds.setdefault(name, []).extend(f"{a} . {a}" for a in sorted(came, key=int))
+            adds.setdefault(at, []).extend(f"{a} . {a}" for a in sorted(came, key=int))
     out = [*declare, *fill]
     out += [
-        f"delete element {WHERE} {m} {{ {', '.join(sorted(k))} }}"
-        for m, k in sorted(deletes.items())
+        f"delete element inet {t} {m} {{ {', '.join(sorted(k))} }}"
+        for (t, m), k in sorted(deletes.items())
     ]
     out += [
-        f"add element {WHERE} {m} {{ {', '.join(sorted(e))} }}" for m, e in sorted(adds.items())
+        f"add element inet {t} {m} {{ {', '.join(sorted(e))} }}"
+        for (t, m), e in sorted(adds.items())
     ]
-    out += [f"flush chain {WHERE} {c}" for c in gone]
-    out += [f"delete chain {WHERE} {c}" for c in gone]
+    out += [f"flush chain {w} {c}" for w, c in gone]
+    out += [f"delete chain {w} {c}" for w, c in gone]
     return out
 
 

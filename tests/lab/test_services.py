@@ -41,7 +41,7 @@ from overlayd.lab.containers import Container
 from overlayd.lab.lab import Lab, LabSettings, default_network_config
 from overlayd.lab.policycheck import label_endpoint
 from overlayd.lab.topology import OUTSIDE_ROUTER
-from overlayd.plan.service_rules import TABLE
+from overlayd.plan.service_rules import TABLES
 from tests.conftest import SESSION_TAG, needs_root, wait_until
 from tests.lab.policy_site import WAIT_TIMEOUT, Site, k8s
 
@@ -199,7 +199,11 @@ def answered(results: Sequence[tuple[str, float]]) -> list[tuple[str, str]]:
 
 
 def services_table(lab: Lab, host: int) -> str:
-    return netns.in_ns(lab.host_ns(host), "nft", "list", "table", "inet", TABLE, check=False)
+    """The services tables (the front one and its shards) as nft lists them."""
+    return "".join(
+        netns.in_ns(lab.host_ns(host), "nft", "list", "table", "inet", table, check=False)
+        for table in TABLES
+    )
 
 
 def gone_from_tables(

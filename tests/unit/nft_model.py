@@ -139,3 +139,43 @@ def _copy(table: Table) -> Table:
     return Table(
         {n: dict(e) for n, e in table.maps.items()}, {n: list(r) for n, r in table.chains.items()}
     )
+
+
+@dataclass
+class Tables:
+    """Several tables changed by one transaction (one `nft -f`), each
+    statement going to the table it names: all of them, or none."""
+
+    models: dict[str, Model]  # where ("inet NAME") -> its model
+
+    @classmethod
+    def of(cls, wheres: Iterable[str]) -> Tables:
+        return cls({where: Model(where) for where in wheres})
+
+    def apply(self, statements: Iterable[str]) -> None:
+        saved = {w: None if m.table is None else _copy(m.table) for w, m in self.models.items()}
+        try:
+            for statement in statements:
+                self._model(statement)._one(statement)
+        except NftError:
+            for where, table in saved.items():
+                self.models[where].table = table
+            raise
+
+    def _model(self, statement: str) -> Model:
+        words = statement.split()
+        if "inet" not in words or words.index("inet") + 1 >= len(words):
+            raise NftError(f"{statement!r} names no table")
+        where = f"inet {words[words.index('inet') + 1]}"
+        if where not in self.models:
+            raise NftError(f"{statement!r} is about no table of ours")
+        return self.models[where]
+
+    def maps(self) -> dict[str, dict[str, str]]:
+        """Every table's maps and sets by name, same-named ones merged."""
+        found: dict[str, dict[str, str]] = {}
+        for model in self.models.values():
+            if model.table is not None:
+                for name, elements in model.table.maps.items():
+                    found.setdefault(name, {}).update(elements)
+        return found

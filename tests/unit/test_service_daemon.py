@@ -18,7 +18,7 @@ from overlayd.plan.endpoints import render_endpoint
 from overlayd.plan.policy_model import Endpoint, LabelSelector, Protocol
 from overlayd.plan.service import render_service, service_key
 from overlayd.plan.service_model import Service, ServicePort
-from overlayd.plan.service_rules import TABLE
+from overlayd.plan.service_rules import TABLE, TABLES
 from overlayd.surfaces.telemetry import Telemetry
 from tests.unit.test_loop import CONFIG, PEER, FakeDataplane, knowledge
 from tests.unit.test_policy_daemon import OWN_PREFIX, endpoint
@@ -104,10 +104,10 @@ async def test_services_become_one_table_and_a_container_costs_only_its_service(
     # Nothing changed: nothing written, nothing heard.
     assert (await loop.reconcile_once(level=Level.LIGHT)).ok
     assert dataplane.service_statements == [] and len(heard) == before + 1
-    # The last service gone: the table goes.
+    # The last service gone: the tables go.
     put(inputs, endpoints=(web1, db, web2, lone))
     assert (await loop.reconcile_once(level=Level.LIGHT)).ok
-    assert dataplane.service_statements[-1] == [f"delete table {WHERE}"]
+    assert dataplane.service_statements[-1] == [f"delete table inet {t}" for t in TABLES]
 
 
 async def test_incremental_rules_equal_a_fresh_render_after_label_changes() -> None:
@@ -158,10 +158,11 @@ async def test_bad_services_are_skipped_with_one_warning_and_none_without_a_serv
     skipped = [r for r in caplog.records if "event=service_skipped" in r.getMessage()]
     assert len(skipped) == 1 and "broken" in skipped[0].getMessage()
     assert set(heard[-1].services) == {"web"}  # the good one is served all the same
-    # Without a ServiceNetwork no service is usable: the table goes.
+    # Without a ServiceNetwork no service is usable: the tables go.
     inputs.config = CONFIG
     assert (await loop.reconcile_once()).ok
-    assert dataplane.service_statements[-1][-1] == f"delete table {WHERE}"
+    deleted = [s for s in dataplane.service_statements[-1] if s.startswith("delete table")]
+    assert deleted == [f"delete table inet {t}" for t in TABLES]
     assert heard[-1].services == {}
 
 

@@ -22,16 +22,20 @@ from overlayd.plan.policy_model import Endpoint, LabelSelector, Protocol
 from overlayd.plan.policy_rules import LocalSubnets
 from overlayd.plan.service_model import Affinity, Service, ServicePort, TrafficPolicy
 from overlayd.plan.service_rules import (
-    WHERE,
+    SHARD_TABLES,
+    SHARDS,
+    TABLE,
+    TABLES,
     ServiceRuleset,
     _maglev,
     render_ruleset,
     service_ruleset,
     service_transaction,
+    shard_where,
     statement_count,
     with_service,
 )
-from tests.unit.nft_model import Model, NftError
+from tests.unit.nft_model import NftError, Tables
 
 GOLDEN = Path(__file__).parent / "golden"
 LOCAL = LocalSubnets(IPv4Network("10.244.1.0/24"), IPv6Network("fd00:10:244:1::/64"))
@@ -122,8 +126,8 @@ def matches_golden(rendered: str, name: str) -> bool:
     return rendered == golden.read_text()
 
 
-def model_of(ruleset: ServiceRuleset) -> Model:
-    model = Model(WHERE)
+def model_of(ruleset: ServiceRuleset) -> Tables:
+    model = Tables.of(f"inet {table}" for table in TABLES)
     model.apply(service_transaction(None, ruleset))
     return model
 
@@ -141,8 +145,7 @@ def test_a_render_builds_in_the_model_and_holds_every_kind_of_service() -> None:
     services, backends = small_cluster()
     ruleset = service_ruleset(services, backends, LOCAL, CLUSTER)
     model = model_of(ruleset)
-    assert model.table is not None
-    maps = model.table.maps
+    maps = model.maps()
     # Random over two backends, behind the VIP; a remote-only Local node
     # port drops, a service with no backend rejects (VIP and node port).
     assert maps["vips_v4"]["10.96.0.10 . tcp . 80"].startswith("goto svc_web_tcp80_")
@@ -180,10 +183,14 @@ def test_two_services_claiming_one_vip_and_port_are_refused_by_name() -> None:
 def test_no_services_no_table() -> None:
     empty = service_ruleset({}, {}, LOCAL, CLUSTER)
     assert render_ruleset(empty) == ""
-    assert service_transaction(None, empty) == [f"table {WHERE}", f"delete table {WHERE}"]
+    every = [f"inet {table}" for table in TABLES]
+    assert service_transaction(None, empty) == [
+        s for where in every for s in (f"table {where}", f"delete table {where}")
+    ]
     services, backends = small_cluster()
     full = service_ruleset(services, backends, LOCAL, CLUSTER)
-    assert service_transaction(full, empty) == [f"delete table {WHERE}"]  # control: it goes
+    # Control: they go.
+    assert service_transaction(full, empty) == [f"delete table {where}" for where in every]
 
 
 def test_an_ipv4_only_cluster_has_no_ipv6_objects() -> None:
@@ -416,13 +423,35 @@ def test_a_change_costs_the_same_whatever_else_exists(
     assert _count(background(small), change) == _count(background(large), change)
 
 
+def test_services_spread_over_the_shards_and_a_change_writes_only_into_its_own() -> None:
+    ruleset = service_ruleset(*background(40), LOCAL, CLUSTER)
+    assert {rules.shard for rules in ruleset.services.values()} == set(range(SHARDS))
+    for name in ("bg00003", "bg00017"):
+        own = ruleset.services[name].shard
+        for change in (
+            with_service(ruleset, name, None),
+            with_service(ruleset, name, ruleset_service(name), (ep(1, 9),)),
+        ):
+            statements = service_transaction(ruleset, change)
+            touched = {s.split(" inet ", 1)[1].split()[0] for s in statements}
+            # The VIP element and the chain in its shard; the hairpin pair
+            # of a local backend in the front table; no other shard.
+            assert SHARD_TABLES[own] in touched
+            assert touched <= {SHARD_TABLES[own], TABLE}
+
+
+def ruleset_service(name: str) -> Service:
+    return background(40)[0][name]
+
+
 def test_a_transaction_in_the_wrong_order_is_refused_by_the_model() -> None:
     """The model is worth trusting: deleting a chain a map still goes to fails."""
     services, backends = small_cluster()
     ruleset = service_ruleset(services, backends, LOCAL, CLUSTER)
     model = model_of(ruleset)
     chain = next(iter(ruleset.services["web"].chains))
+    where = shard_where(ruleset.services["web"].shard)
     with pytest.raises(NftError, match="in use"):
-        model.apply([f"flush chain {WHERE} {chain}", f"delete chain {WHERE} {chain}"])
+        model.apply([f"flush chain {where} {chain}", f"delete chain {where} {chain}"])
     # Control: the right order passes.
     model.apply(service_transaction(ruleset, with_service(ruleset, "web", None)))
