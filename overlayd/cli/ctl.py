@@ -177,6 +177,12 @@ def parser() -> argparse.ArgumentParser:
         help="services: the network config's ServiceNetwork (e.g. 10.96.0.0/16), so that"
         " `overlayctl service` works and every host answers DNS (default: none)",
     )
+    up.add_argument(
+        "--ipv6-service-network",
+        metavar="CIDR",
+        help="IPv6 VIPs too: the network config's IPv6ServiceNetwork (e.g."
+        " fd00:10:96::/112); needs dual-stack (default: none)",
+    )
     up.add_argument("--check", action="store_true", help="run `lab check` once up")
     up.add_argument("--timeout", type=float, default=30.0)
     check = lab_sub.add_parser("check", parents=[common], help="all-pairs reachability")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,6 +170,17 @@ def _service_network(text: str | None) -> IPv4Network | None:
         raise OverlaydError(f"lab up: --service-network: {text!r} is not a network: {exc}") from exc
 
 
+def _service_network6(text: str | None) -> IPv6Network | None:
+    if text is None:
+        return None
+    try:
+        return IPv6Network(text, strict=True)
+    except ValueError as exc:
+        raise OverlaydError(
+            f"lab up: --ipv6-service-network: {text!r} is not an IPv6 network: {exc}"
+        ) from exc
+
+
 def _up(lab: Lab, args: argparse.Namespace) -> int:
     from overlayd.lab.lab import DEFAULT_IPV6, DEFAULT_NETWORK, LabSettings, default_network_config
 
@@ -184,6 +195,7 @@ def _up(lab: Lab, args: argparse.Namespace) -> int:
         direct_routing=args.direct_routing,
         ipv6=DEFAULT_IPV6 if args.ipv6 is None else args.ipv6,
         service_network=_service_network(args.service_network),
+        service_network6=_service_network6(args.ipv6_service_network),
     )
     try:
         lab.up(

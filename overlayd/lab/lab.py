@@ -104,11 +104,13 @@ def default_network_config(
     network6: IPv6Network = DEFAULT_NETWORK6,
     subnet_max6: IPv6Address | None = None,
     service_network: IPv4Network | None = None,
+    service_network6: IPv6Network | None = None,
 ) -> NetworkConfig:
     """The lab's network config, written in flannel's schema and parsed by
     the daemon's own parser, so the lab runs what a user's config would.
     With `ipv6`, dual-stack: `EnableIPv6`, `IPv6Network`, `IPv6SubnetLen`;
-    with `service_network`, services (`ServiceNetwork`) and so DNS."""
+    with `service_network`, services (`ServiceNetwork`) and so DNS; with
+    `service_network6` too, IPv6 VIPs (`IPv6ServiceNetwork`, dual-stack only)."""
     backend_json: dict[str, object] = {"Type": backend}
     if backend == "vxlan":
         backend_json.update(VNI=vni, Port=port, DirectRouting=direct_routing)
@@ -121,6 +123,8 @@ def default_network_config(
             raw["IPv6SubnetMax"] = str(subnet_max6)
     if service_network is not None:
         raw["ServiceNetwork"] = str(service_network)
+    if service_network6 is not None:
+        raw["IPv6ServiceNetwork"] = str(service_network6)
     return parse_network_config(json.dumps(raw))
 
 
