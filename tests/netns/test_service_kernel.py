@@ -1,19 +1,29 @@
-"""Services on the real kernel, in throwaway namespaces: the rendered table
-loads with `nft -f`, incremental transactions load on top of it, and real
-TCP connects through it land where Kubernetes says: a VIP on every
-backend, a ClientIP service on one, a service without backends refused at
-once, a container reaching its own service (hairpin), node ports from an
-outside machine (Cluster: masqueraded, any backend; Local: the client's
-address kept, local backends only, dropped where there is none), and a
-removed backend out of the rotation. Every refusal has a connection that
-passes beside it.
+"""Services on the real kernel, in throwaway namespaces, in both address
+families: the rendered table loads with `nft -f`, incremental transactions
+load on top of it, and real TCP connects through it land where Kubernetes
+says: a VIP on every backend, a ClientIP service on one, a service without
+backends refused at once, a container reaching its own service (hairpin),
+node ports from an outside machine (Cluster: masqueraded, any backend;
+Local: the client's address kept, local backends only, dropped where there
+is none), and a removed backend out of the rotation. Every refusal has a
+connection that passes beside it.
+
+Every service is dual-stack (one VIP per family, as the daemon allocates
+one per service network) and every box has an address of each family;
+the tests that prove a behaviour of the data path run once per family
+(`@FAMILIES`, ids ipv4/ipv6) on one shared site.
 
 The namespaces, all made here (only host A has the services table):
 
-    a1     10.244.1.2  ┐
-    a2     10.244.1.3  ├ ovl0 ─ host A ─ eth0 192.0.2.11 ═ routed ═ host B ─ ovl0 ─ b1 10.244.2.2
-    client 10.244.1.4  ┘        │  ext0 203.0.113.1 (default route)
-                                └── outside 203.0.113.2
+    a1     10.244.1.2 fd00:10:244:1::2 ┐
+    a2     10.244.1.3 fd00:10:244:1::3 ├ ovl0 ─ host A ═ routed ═ host B ─ ovl0 ─ b1
+    client 10.244.1.4 fd00:10:244:1::4 ┘          │                          10.244.2.2
+                                                  │                          fd00:10:244:2::2
+                                                  └ ext0 ── outside
+
+    underlay A─B   192.0.2.11, 192.0.2.12; 2001:db8::11, 2001:db8::12
+    ext0─outside   203.0.113.1, 203.0.113.2; 2001:db8:113::1, 2001:db8:113::2
+                   (host A's default routes go to outside)
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import json
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 import pytest
 
@@ -49,18 +59,22 @@ from tests.conftest import needs_root, unique_name, wait_until
 
 pytestmark = [needs_root, pytest.mark.root]
 
-LOCAL = LocalSubnets(IPv4Network("10.244.1.0/24"))
-CLUSTER: tuple[IPNetwork, ...] = (IPv4Network("10.244.0.0/16"),)
+LOCAL = LocalSubnets(IPv4Network("10.244.1.0/24"), IPv6Network("fd00:10:244:1::/64"))
+CLUSTER: tuple[IPNetwork, ...] = (IPv4Network("10.244.0.0/16"), IPv6Network("fd00:10:244::/48"))
 PORT = 8080
-HOST_A = "203.0.113.1"
-OUTSIDE = "203.0.113.2"
-BRIDGE_A = "10.244.1.1"
+# Per family (4, 6): host A's outside address (a node port's entry), the
+# outside machine's, host A's bridge (a hairpin connection's source).
+HOST_A = {4: "203.0.113.1", 6: "2001:db8:113::1"}
+OUTSIDE = {4: "203.0.113.2", 6: "2001:db8:113::2"}
+BRIDGE_A = {4: "10.244.1.1", 6: "fd00:10:244:1::1"}
+UNDERLAY = {"ha": ("192.0.2.11", "2001:db8::11"), "hb": ("192.0.2.12", "2001:db8::12")}
 BOXES = {"a1": (1, 2), "a2": (1, 3), "client": (1, 4), "b1": (2, 2)}
+FAMILIES = pytest.mark.parametrize("v", [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")])
 
 
-def address(box: str) -> str:
+def address(box: str, v: int = 4) -> str:
     host, index = BOXES[box]
-    return f"10.244.{host}.{index}"
+    return f"10.244.{host}.{index}" if v == 4 else f"fd00:10:244:{host}::{index}"
 
 
 def endpoint(box: str) -> Endpoint:
@@ -70,23 +84,26 @@ def endpoint(box: str) -> Endpoint:
         id=box,
         host=f"10.244.{host}.0-24",
         name=box,
-        addresses=(IPv4Address(address(box)),),
+        addresses=(ip_address(address(box, 4)), ip_address(address(box, 6))),
     )
 
 
 def service(
     name: str,
-    vip: str,
+    number: int,
     node_port: int | None = None,
     *,
     affinity: Affinity = Affinity.NONE,
     policy: TrafficPolicy = TrafficPolicy.CLUSTER,
 ) -> Service:
+    """A service on port 80 to PORT; its VIPs are 10.96.0.<number> and
+    fd00:10:96::<number> (in the ServiceNetwork and IPv6ServiceNetwork
+    the config's examples name)."""
     return Service(
         name=name,
         selector=LabelSelector((("app", name),)),
         ports=(ServicePort("", Protocol.TCP, 80, PORT, node_port),),
-        vips=(ip_address(vip),),
+        vips=(ip_address(f"10.96.0.{number}"), ip_address(f"fd00:10:96::{number}")),
         affinity=affinity,
         traffic_policy=policy,
     )
@@ -95,11 +112,11 @@ def service(
 SERVICES = {
     s.name: s
     for s in (
-        service("web", "10.96.0.10", 30080),
-        service("sticky", "10.96.0.11", affinity=Affinity.CLIENT_IP),
-        service("empty", "10.96.0.12", 30082),
-        service("local", "10.96.0.13", 30081, policy=TrafficPolicy.LOCAL),
-        service("away", "10.96.0.14", 30083, policy=TrafficPolicy.LOCAL),
+        service("web", 10, 30080),
+        service("sticky", 11, affinity=Affinity.CLIENT_IP),
+        service("empty", 12, 30082),
+        service("local", 13, 30081, policy=TrafficPolicy.LOCAL),
+        service("away", 14, 30083, policy=TrafficPolicy.LOCAL),
     )
 }
 BACKENDS: Mapping[str, Sequence[str]] = {
@@ -109,6 +126,12 @@ BACKENDS: Mapping[str, Sequence[str]] = {
     "local": ("a1", "b1"),
     "away": ("b1",),
 }
+
+
+def vip(name: str, v: int) -> str:
+    found = SERVICES[name].vip(v)
+    assert found is not None
+    return str(found)
 
 
 def backends(names: Sequence[str]) -> tuple[Endpoint, ...]:
@@ -129,6 +152,10 @@ class Site:
         ns = unique_name("s")
         lab_netns.add_namespace(ns)
         self.namespaces[role] = ns
+        # Every IPv6 address usable at once: interfaces made here from now
+        # on do no duplicate address detection (a tentative address is no
+        # source, and a first connect would wait for it).
+        lab_netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0")
         return ns
 
     def apply(self, after: ServiceRuleset) -> None:
@@ -175,8 +202,10 @@ def host(site: Site, role: str, n: int) -> str:
     ns = site.add(role)
     lab_netns.ip(ns, "link", "add", "ovl0", "type", "bridge")
     lab_netns.ip(ns, "addr", "add", f"10.244.{n}.1/24", "dev", "ovl0")
+    lab_netns.ip(ns, "addr", "add", f"fd00:10:244:{n}::1/64", "dev", "ovl0", "nodad")
     lab_netns.ip(ns, "link", "set", "ovl0", "up")
     lab_netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    lab_netns.in_ns(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
     return ns
 
 
@@ -188,9 +217,11 @@ def box(site: Site, name: str) -> None:
     # Bridge netfilter DNATs a frame in the bridge and sends it back out
     # its own port (hairpin), which the bridge refuses unless told.
     lab_netns.ip(host_ns, "link", "set", f"v{name}", "type", "bridge_slave", "hairpin", "on")
-    lab_netns.ip(ns, "addr", "add", f"{address(name)}/24", "dev", "eth0")
+    lab_netns.ip(ns, "addr", "add", f"{address(name, 4)}/24", "dev", "eth0")
+    lab_netns.ip(ns, "addr", "add", f"{address(name, 6)}/64", "dev", "eth0", "nodad")
     lab_netns.ip(ns, "link", "set", "eth0", "up")
     lab_netns.ip(ns, "route", "add", "default", "via", f"10.244.{n}.1")
+    lab_netns.ip(ns, "-6", "route", "add", "default", "via", f"fd00:10:244:{n}::1")
     server = subprocess.Popen(
         lab_netns.module_argv(ns, "tests.netns.svc_whoami", "serve", str(PORT)),
         stdout=subprocess.PIPE,
@@ -204,32 +235,44 @@ def site() -> Iterator[Site]:
     s = Site()
     try:
         a, b = host(s, "ha", 1), host(s, "hb", 2)
-        # As the daemon keeps it while policies exist: bridged frames
-        # through the inet hooks (the harder case for hairpin).
-        asyncio.run(sysctl.ensure_bridge_netfilter(netns=a, ipv6=False))
+        # As the daemon keeps it while policies exist in a dual-stack
+        # network: bridged frames of both families through the inet hooks
+        # (the harder case for hairpin).
+        asyncio.run(sysctl.ensure_bridge_netfilter(netns=a, ipv6=True))
         out = s.add("outside")
         lab_netns.veth(a, "eth0", b, "eth0")
-        lab_netns.ip(a, "addr", "add", "192.0.2.11/24", "dev", "eth0")
-        lab_netns.ip(b, "addr", "add", "192.0.2.12/24", "dev", "eth0")
+        for ns, role in ((a, "ha"), (b, "hb")):
+            four, six = UNDERLAY[role]
+            lab_netns.ip(ns, "addr", "add", f"{four}/24", "dev", "eth0")
+            lab_netns.ip(ns, "addr", "add", f"{six}/64", "dev", "eth0", "nodad")
         lab_netns.veth(a, "ext0", out, "eth0")
-        lab_netns.ip(a, "addr", "add", f"{HOST_A}/24", "dev", "ext0")
-        lab_netns.ip(out, "addr", "add", f"{OUTSIDE}/24", "dev", "eth0")
+        for ns, dev, addresses in ((a, "ext0", HOST_A), (out, "eth0", OUTSIDE)):
+            lab_netns.ip(ns, "addr", "add", f"{addresses[4]}/24", "dev", dev)
+            lab_netns.ip(ns, "addr", "add", f"{addresses[6]}/64", "dev", dev, "nodad")
         for ns, dev in ((a, "eth0"), (a, "ext0"), (b, "eth0"), (out, "eth0")):
             lab_netns.ip(ns, "link", "set", dev, "up")
-        lab_netns.ip(a, "route", "add", "10.244.2.0/24", "via", "192.0.2.12")
-        lab_netns.ip(b, "route", "add", "10.244.1.0/24", "via", "192.0.2.11")
-        # As a real host has one: a packet to a VIP nobody translated is
+        lab_netns.ip(a, "route", "add", "10.244.2.0/24", "via", UNDERLAY["hb"][0])
+        lab_netns.ip(b, "route", "add", "10.244.1.0/24", "via", UNDERLAY["ha"][0])
+        lab_netns.ip(a, "-6", "route", "add", "fd00:10:244:2::/64", "via", UNDERLAY["hb"][1])
+        lab_netns.ip(b, "-6", "route", "add", "fd00:10:244:1::/64", "via", UNDERLAY["ha"][1])
+        # As a real host has them: a packet to a VIP nobody translated is
         # forwarded (and so meets the forward hook's reject).
-        lab_netns.ip(a, "route", "add", "default", "via", OUTSIDE)
+        lab_netns.ip(a, "route", "add", "default", "via", OUTSIDE[4])
+        lab_netns.ip(a, "-6", "route", "add", "default", "via", OUTSIDE[6])
         for name in BOXES:
             box(s, name)
         # Everyone reaches everyone directly before any service.
-        wait_until(
-            lambda: answered(s.connects("client", address("b1"), PORT, 1))[0][0] == address("b1")
-        )
+        for v in (4, 6):
+            direct = address("b1", v)
+
+            def reached(d: str = direct) -> bool:
+                return s.connects("client", d, PORT, 1)[0][0].startswith(f"{d} ")
+
+            wait_until(reached)
         s.apply(full_ruleset())
         listed = lab_netns.in_ns(a, "nft", "list", "ruleset", "inet")
-        assert "vips_v4" in listed and f"table inet {TABLE} " in listed
+        assert f"table inet {TABLE} " in listed
+        assert "vips_v4" in listed and "vips_v6" in listed
         yield s
     finally:
         for server in s.servers:
@@ -241,114 +284,128 @@ def site() -> Iterator[Site]:
             lab_netns.delete_namespace(ns)
 
 
-def test_a_vip_reaches_every_backend_and_keeps_the_clients_address(site: Site) -> None:
-    got = answered(site.connects("client", "10.96.0.10", count=60))
-    assert {server for server, _ in got} == {address("a1"), address("a2"), address("b1")}
-    assert {seen for _, seen in got} == {address("client")}  # never masqueraded
+@FAMILIES
+def test_a_vip_reaches_every_backend_and_keeps_the_clients_address(site: Site, v: int) -> None:
+    got = answered(site.connects("client", vip("web", v), count=60))
+    assert {server for server, _ in got} == {address(b, v) for b in ("a1", "a2", "b1")}
+    assert {seen for _, seen in got} == {address("client", v)}  # never masqueraded
 
 
-def test_client_ip_affinity_pins_a_client_to_one_backend(site: Site) -> None:
-    pinned = answered(site.connects("client", "10.96.0.11", count=30))
+@FAMILIES
+def test_client_ip_affinity_pins_a_client_to_one_backend(site: Site, v: int) -> None:
+    pinned = answered(site.connects("client", vip("sticky", v), count=30))
     assert len({server for server, _ in pinned}) == 1
     # Control: the same backends without affinity, from the same client, vary.
-    spread = answered(site.connects("client", "10.96.0.10", count=30))
+    spread = answered(site.connects("client", vip("web", v), count=30))
     assert len({server for server, _ in spread}) > 1
 
 
-def test_a_service_without_backends_is_refused_at_once(site: Site) -> None:
-    for answer, seconds in site.connects("client", "10.96.0.12", count=5, wait=5.0):
+@FAMILIES
+def test_a_service_without_backends_is_refused_at_once(site: Site, v: int) -> None:
+    for answer, seconds in site.connects("client", vip("empty", v), count=5, wait=5.0):
         assert (answer, seconds < 1.0) == ("refused", True)
-    for answer, seconds in site.connects("outside", HOST_A, 30082, count=3, wait=5.0):
+    for answer, seconds in site.connects("outside", HOST_A[v], 30082, count=3, wait=5.0):
         assert (answer, seconds < 1.0) == ("refused", True)
     # Control: a service with backends answers the same client on the same port.
-    assert answered(site.connects("client", "10.96.0.10", count=3))
+    assert answered(site.connects("client", vip("web", v), count=3))
 
 
-def test_a_container_reaches_its_own_service_and_lands_on_itself(site: Site) -> None:
-    got = answered(site.connects("a1", "10.96.0.10", count=60))
-    on_itself = {seen for server, seen in got if server == address("a1")}
-    elsewhere = {seen for server, seen in got if server == address("a2")}
+@FAMILIES
+def test_a_container_reaches_its_own_service_and_lands_on_itself(site: Site, v: int) -> None:
+    got = answered(site.connects("a1", vip("web", v), count=60))
+    on_itself = {seen for server, seen in got if server == address("a1", v)}
+    elsewhere = {seen for server, seen in got if server == address("a2", v)}
     # Hairpin: landing on itself works, seen from the bridge's address...
-    assert on_itself == {BRIDGE_A}
+    assert on_itself == {BRIDGE_A[v]}
     # ...and only then: on another backend its own address survives.
-    assert elsewhere == {address("a1")}
+    assert elsewhere == {address("a1", v)}
 
 
-def test_hairpin_under_bridge_netfilter_needs_the_ports_hairpin_mode(site: Site) -> None:
+@FAMILIES
+def test_hairpin_under_bridge_netfilter_needs_the_ports_hairpin_mode(site: Site, v: int) -> None:
     before = site.ruleset
     assert before is not None
     port = ("va1", "type", "bridge_slave", "hairpin")
     try:
         site.apply(with_service(before, "web", SERVICES["web"], backends(("a1",))))
         assert (
-            answered(site.connects("a1", "10.96.0.10", count=3)) == [(address("a1"), BRIDGE_A)] * 3
+            answered(site.connects("a1", vip("web", v), count=3))
+            == [(address("a1", v), BRIDGE_A[v])] * 3
         )
         lab_netns.ip(site.namespaces["ha"], "link", "set", *port, "off")
-        assert site.connects("a1", "10.96.0.10", count=1, wait=1.5)[0][0] == "timeout"
+        assert site.connects("a1", vip("web", v), count=1, wait=1.5)[0][0] == "timeout"
     finally:
         lab_netns.ip(site.namespaces["ha"], "link", "set", *port, "on")
         site.apply(before)
 
 
-def test_a_cluster_node_port_reaches_every_backend_masqueraded(site: Site) -> None:
-    got = answered(site.connects("outside", HOST_A, 30080, count=60))
-    assert {server for server, _ in got} == {address("a1"), address("a2"), address("b1")}
-    assert OUTSIDE not in {seen for _, seen in got}
+@FAMILIES
+def test_a_cluster_node_port_reaches_every_backend_masqueraded(site: Site, v: int) -> None:
+    got = answered(site.connects("outside", HOST_A[v], 30080, count=60))
+    assert {server for server, _ in got} == {address(b, v) for b in ("a1", "a2", "b1")}
+    assert OUTSIDE[v] not in {seen for _, seen in got}
 
 
+@FAMILIES
 def test_a_local_node_port_keeps_the_clients_address_and_drops_without_local_backends(
-    site: Site,
+    site: Site, v: int
 ) -> None:
-    got = answered(site.connects("outside", HOST_A, 30081, count=30))
-    assert set(got) == {(address("a1"), OUTSIDE)}  # b1 is on host B: never chosen
+    got = answered(site.connects("outside", HOST_A[v], 30081, count=30))
+    assert set(got) == {(address("a1", v), OUTSIDE[v])}  # b1 is on host B: never chosen
     # Backends only on another host: dropped (no answer), not refused.
-    ((answer, seconds),) = site.connects("outside", HOST_A, 30083, count=1, wait=1.5)
+    ((answer, seconds),) = site.connects("outside", HOST_A[v], 30083, count=1, wait=1.5)
     assert answer == "timeout" and seconds >= 1.0
 
 
-def test_a_removed_backend_leaves_the_rotation(site: Site) -> None:
+@FAMILIES
+def test_a_removed_backend_leaves_the_rotation(site: Site, v: int) -> None:
     before = site.ruleset
     assert before is not None
     try:
         site.apply(with_service(before, "web", SERVICES["web"], backends(("a1", "a2"))))
-        got = answered(site.connects("client", "10.96.0.10", count=60))
-        assert {server for server, _ in got} == {address("a1"), address("a2")}
+        got = answered(site.connects("client", vip("web", v), count=60))
+        assert {server for server, _ in got} == {address("a1", v), address("a2", v)}
     finally:
         site.apply(before)
     # Control: back in the rotation once restored.
-    got = answered(site.connects("client", "10.96.0.10", count=60))
-    assert address("b1") in {server for server, _ in got}
+    got = answered(site.connects("client", vip("web", v), count=60))
+    assert address("b1", v) in {server for server, _ in got}
 
 
-def test_a_service_goes_and_comes_back_by_incremental_transactions(site: Site) -> None:
+@FAMILIES
+def test_a_service_goes_and_comes_back_by_incremental_transactions(site: Site, v: int) -> None:
     before = site.ruleset
     assert before is not None
     try:
         site.apply(with_service(before, "web", None))
-        gone = site.connects("client", "10.96.0.10", count=1, wait=1.5)
+        gone = site.connects("client", vip("web", v), count=1, wait=1.5)
         assert gone[0][0] in ("timeout", "EHOSTUNREACH", "ENETUNREACH")  # no longer a service
         site.apply(with_service(site.ruleset or before, "web", SERVICES["web"], ()))
-        assert site.connects("client", "10.96.0.10", count=1, wait=5.0)[0][0] == "refused"
+        assert site.connects("client", vip("web", v), count=1, wait=5.0)[0][0] == "refused"
     finally:
         site.apply(before)
-    assert answered(site.connects("client", "10.96.0.10", count=3))  # control
+    assert answered(site.connects("client", vip("web", v), count=3))  # control
 
 
+@FAMILIES
 def test_a_check_reads_back_exactly_the_elements_it_wrote_and_sees_one_deleted(
-    site: Site,
+    site: Site, v: int
 ) -> None:
     """What the services manager's check pass compares: the kernel's maps
-    and sets, as read back, equal the believed ruleset's; one element
-    deleted by hand is a difference."""
+    and sets, as read back, equal the believed ruleset's (IPv6 keys and
+    hairpin pairs in the render's spelling too); one element deleted by
+    hand is a difference."""
     assert site.ruleset is not None
     nft = Nft(site.namespaces["ha"])
     listing = asyncio.run(nft.maps_and_sets_json(WHERE))
     assert listing is not None
     believed = believed_elements(site.ruleset)
-    assert sum(len(v) for v in believed.values()) > 3  # positive control: there is something
-    assert listed_elements(listing) == believed
     maps = site.ruleset.maps()
-    vips = next(at for at in maps if at[1] == map_name("vips", 4) and maps[at])
+    # Positive control: there is something of this family to compare.
+    vips_of_family = [elements for at, elements in maps.items() if at[1] == map_name("vips", v)]
+    assert sum(map(len, vips_of_family)) > 3 and believed[TABLE, f"hairpin_v{v}"]
+    assert listed_elements(listing) == believed
+    vips = next(at for at in maps if at[1] == map_name("vips", v) and maps[at])
     victim = sorted(maps[vips])[0]
     lab_netns.in_ns(
         site.namespaces["ha"], "nft", "delete", "element", "inet", *vips, "{", victim, "}"
