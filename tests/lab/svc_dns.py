@@ -7,6 +7,8 @@ test:
         the system resolver (getaddrinfo, IPv4, search domains and ndots
         as resolv.conf says): a JSON object NAME -> sorted addresses, or
         "error: <gai error>"
+    python -m tests.lab.svc_dns resolve6 NAME...
+        the same for IPv6 (AAAA records)
     python -m tests.lab.svc_dns query NAME TYPE
         one query to resolv.conf's first nameserver (dnspython): a JSON
         object with the nameserver, the search list, the rcode's name and
@@ -36,11 +38,11 @@ import dns.resolver
 WATCH_STEP = 0.05
 
 
-def resolve(names: list[str]) -> dict[str, Any]:
+def resolve(names: list[str], family: socket.AddressFamily = socket.AF_INET) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in names:
         try:
-            infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
         except socket.gaierror as exc:
             found[name] = f"error: {exc}"
             continue
@@ -82,6 +84,9 @@ def watch(name: str, address: str, seconds: float) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "resolve":
         print(json.dumps(resolve(argv[1:])))
+        return 0
+    if len(argv) >= 2 and argv[0] == "resolve6":
+        print(json.dumps(resolve(argv[1:], socket.AF_INET6)))
         return 0
     if len(argv) == 3 and argv[0] == "query":
         print(json.dumps(query(argv[1], argv[2])))
