@@ -97,10 +97,20 @@ forwarded.)
   here the node port drops (as Kubernetes does: the client's load balancer
   should not have sent it here); with no backend anywhere it rejects.
 
-Masquerade, in `nat_postrouting` (srcnat), for exactly two kinds of
-connection, never for service traffic in general:
+Source translation, in `nat_postrouting` (srcnat), for exactly two kinds
+of connection, never for service traffic in general:
 - marked ones (node port Cluster, clients from outside the cluster's
-  networks): the mark bit is cleared and the source masqueraded;
+  networks): the mark bit is cleared and the source becomes this host's
+  bridge address of the family (`snat ip to 10.244.1.1`), whichever way
+  the connection leaves. Not `masquerade`, which takes the address of the
+  way out: to a backend on another host reached over the underlay (host-gw
+  mode, DirectRouting) that is this host's underlay address, from which
+  the backend's host lets no connection in (plan/egress.py: only the
+  cluster's addresses open connections to containers), so such node-port
+  and host connections timed out. The bridge address is a cluster address
+  in every mode, the backend's answer is routed back to this host, and
+  over VXLAN it is what masquerade picked anyway. (A host without a subnet
+  of the family, which has no bridge address of it, masquerades.)
 - hairpin: a container reaching its own service and landing on itself
   (saddr == daddr after DNAT). nft cannot compare two fields of a packet,
   so `hairpin_v4` holds the pair (e . e) for each local backend of any
@@ -532,9 +542,16 @@ def with_service(
 # --- the fixed objects -----------------------------------------------------------
 
 
-def _front_chains(versions: Sequence[int]) -> dict[str, Chain]:
+def _bridge_address(local: LocalSubnets, version: int) -> IPAddress | None:
+    """This host's bridge (gateway) address of one family: the first host
+    address of its subnet (plan/ipam.gateway_address); None without one."""
+    subnet = local.subnet if version == 4 else local.subnet6
+    return None if subnet is None else subnet.network_address + 1
+
+
+def _front_chains(versions: Sequence[int], local: LocalSubnets) -> dict[str, Chain]:
     """The front table's chains, in creation order: rejection of services
-    without backends, and the masquerade."""
+    without backends, and the source translations."""
     noep, postrouting = [], []
     for v in versions:
         ip = _IP[v]
@@ -543,9 +560,15 @@ def _front_chains(versions: Sequence[int]) -> dict[str, Chain]:
         ports = f"meta nfproto ipv{v} meta l4proto . th dport vmap"
         noep.append(f"fib daddr type local {ports} @{map_name(_NOEP_NODEPORTS, v)}")
     mark = f"0x{MARK:08x}"
-    postrouting.append(
-        f"meta mark & {mark} == {mark} meta mark set meta mark ^ {mark} masquerade fully-random"
-    )
+    for v in versions:
+        # To the bridge's address, not `masquerade` (the address of the way
+        # out): see "Source translation" in the module's docstring.
+        bridge = _bridge_address(local, v)
+        to = "masquerade" if bridge is None else f"snat {_IP[v]} to {bridge}"
+        postrouting.append(
+            f"meta nfproto ipv{v} meta mark & {mark} == {mark}"
+            f" meta mark set meta mark ^ {mark} {to} fully-random"
+        )
     for v in versions:
         ip = _IP[v]
         postrouting.append(f"ct status dnat {ip} saddr . {ip} daddr @{hairpin_set(v)} masquerade")
@@ -605,7 +628,7 @@ def _table_chains(ruleset: ServiceRuleset, table: str) -> dict[str, Chain]:
     """One table's chains: services' first (in name order; the maps'
     elements go to them), then the fixed ones."""
     if table == TABLE:
-        return _front_chains(ruleset.versions)
+        return _front_chains(ruleset.versions, ruleset.local)
     shard = SHARD_TABLES.index(table)
     chains: dict[str, Chain] = {}
     for name in sorted(ruleset.services):
@@ -645,7 +668,9 @@ def render_ruleset(ruleset: ServiceRuleset) -> str:
         chains = _table_chains(ruleset, table)
         # The fixed chains first, as nft lists them (in creation order).
         fixed = (
-            _front_chains(ruleset.versions) if table == TABLE else _shard_chains(ruleset.versions)
+            _front_chains(ruleset.versions, ruleset.local)
+            if table == TABLE
+            else _shard_chains(ruleset.versions)
         )
         ordered = {**{n: chains[n] for n in fixed}, **chains}
         blocks += [chain_block(name, chain) for name, chain in ordered.items()]

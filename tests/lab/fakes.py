@@ -15,7 +15,7 @@ labs of the IPv4 ones.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from overlayd.lab.lab import default_network_config
 from overlayd.model import NetworkConfig
@@ -36,8 +36,11 @@ def lab_network(
     backend: str = "vxlan",
     direct_routing: bool = False,
     ipv6: bool = True,
+    service_network: IPv4Network | None = None,
+    service_network6: IPv6Network | None = None,
 ) -> NetworkConfig:
-    """The lab's default network, with the fakes' subnets never leased."""
+    """The lab's default network, with the fakes' subnets never leased
+    (and service networks when given)."""
     return default_network_config(
         vni=vni,
         port=port,
@@ -46,4 +49,6 @@ def lab_network(
         subnet_max=IPv4Address(f"10.244.{FIRST_FAKE_OCTET - 1}.0"),
         ipv6=ipv6,
         subnet_max6=IPv6Address(f"fd00:10:244:{FIRST_FAKE_OCTET - 1:x}::"),
+        service_network=service_network,
+        service_network6=service_network6,
     )

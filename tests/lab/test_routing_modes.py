@@ -1,20 +1,26 @@
 """Routed mode (host-gw) and DirectRouting in the lab: the same hosts and
 containers, reached without a tunnel where the underlay allows it; host-gw
-for both families (the lab's underlay has both on its link)."""
+for both families (the lab's underlay has both on its link), node ports
+included (a backend on another host is reached over the underlay)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from functools import partial
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
 
 from overlayd.lab import netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
+from overlayd.lab.policycheck import OWN_PREFIX, label_endpoint
 from overlayd.model import IPV4, IPV6, Family
+from overlayd.plan.service import parse_service
 from overlayd.store.etcd import EtcdStore
+from overlayd.store.services import create_service
 from tests.conftest import CONVERGE, SESSION_TAG, capture, needs_root, wait_until
 from tests.lab.fakes import fake_subnet6, lab_network
 from tests.lab.families import FAMILIES
@@ -42,7 +48,12 @@ def put(lab: Lab, key: str, value: dict[str, object]) -> None:
 def host_gw() -> Iterator[Lab]:
     lab = Lab(f"{SESSION_TAG}g")
     try:
-        lab.up(3, config=lab_network(backend="host-gw"), settings=LabSettings())
+        config = lab_network(
+            backend="host-gw",
+            service_network=IPv4Network("10.96.0.0/16"),
+            service_network6=IPv6Network("fd00:10:96::/112"),
+        )
+        lab.up(3, config=config, settings=LabSettings())
         yield lab
     finally:
         lab.down()
@@ -162,6 +173,69 @@ def test_host_gw_gives_an_off_link_peer_no_route_and_one_warning_per_family(
     finally:
         for key in (off, half):
             host_gw.etcd(partial(delete, key))
+
+
+NODE_PORT, BACKEND_PORT = 30090, 8080
+
+
+@pytest.fixture(scope="module")
+def node_port(host_gw: Lab) -> Iterator[Lab]:
+    """A service with a Cluster node port whose one backend is h2's
+    container (tests/netns/svc_whoami.py's server: it answers with the
+    client address it saw)."""
+    backend = host_gw.container(2)
+    server = subprocess.Popen(
+        netns.module_argv(backend.ns, "tests.netns.svc_whoami", "serve", str(BACKEND_PORT)),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        host_gw.etcd(partial(label_endpoint, address=backend.address, labels={"app": "np"}))
+        config = host_gw.network_config()
+        assert config is not None
+        document = {
+            "name": "np",
+            "selector": {"matchLabels": {"app": "np"}},
+            "ports": [{"port": 80, "targetPort": BACKEND_PORT, "nodePort": NODE_PORT}],
+        }
+        service = parse_service(document, service_networks=config.service_networks)
+        host_gw.etcd(
+            lambda store: create_service(store, OWN_PREFIX, service, config.service_networks)
+        )
+        yield host_gw
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+@FAMILIES
+def test_host_gw_a_node_port_reaches_a_backend_on_another_host_from_the_bridge_address(
+    node_port: Lab, family: Family
+) -> None:
+    """From the outside to h1's node port, on to h2's container over the
+    underlay (no tunnel): h2 lets a connection to its container in only
+    from a cluster address, so h1 hands it on from its bridge address,
+    where h2 routes the answer back; from h1's underlay address (what a
+    plain masquerade picks for that route) it was dropped."""
+    lab = node_port
+    subnet = lab.subnet6(1) if family.version == 6 else lab.subnet(1)
+    assert subnet is not None
+    entry = str(Lab.public_address(1, family))
+    got: list[str] = []
+
+    def answered() -> bool:
+        argv = netns.module_argv(
+            lab.outside_ns, "tests.netns.svc_whoami", "connect", entry, str(NODE_PORT), "3", "2"
+        )
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+        got[:] = [str(answer) for answer, _ in json.loads(out.stdout)]
+        return all(" " in answer for answer in got)
+
+    wait_until(answered, timeout=CONVERGE, step=0.5)
+    backend = lab.container(2).address_of(family)
+    assert set(got) == {f"{backend} {subnet.network_address + 1}"}, got
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,10 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 import pytest
 
 from overlayd.dataplane import sysctl
-from overlayd.dataplane.nft import Nft
+from overlayd.dataplane.nft import Nft, NftTable
 from overlayd.lab import netns as lab_netns
 from overlayd.model import IPNetwork
+from overlayd.plan.egress import EgressSpec
 from overlayd.plan.policy_model import Endpoint, LabelSelector, Protocol
 from overlayd.plan.policy_rules import LocalSubnets
 from overlayd.plan.service_listing import believed_elements, listed_elements
@@ -70,6 +71,16 @@ BRIDGE_A = {4: "10.244.1.1", 6: "fd00:10:244:1::1"}
 UNDERLAY = {"ha": ("192.0.2.11", "2001:db8::11"), "hb": ("192.0.2.12", "2001:db8::12")}
 BOXES = {"a1": (1, 2), "a2": (1, 3), "client": (1, 4), "b1": (2, 2)}
 FAMILIES = pytest.mark.parametrize("v", [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")])
+
+
+# Host B's egress rules (plan/egress.py), masquerade mode.
+EGRESS_B = EgressSpec(
+    "masquerade",
+    IPv4Network("10.244.0.0/16"),
+    "ovl0",
+    "ovl_gwbridge",
+    cluster6=IPv6Network("fd00:10:244::/48"),
+)
 
 
 def address(box: str, v: int = 4) -> str:
@@ -259,6 +270,9 @@ def site() -> Iterator[Site]:
         # forwarded (and so meets the forward hook's reject).
         lab_netns.ip(a, "route", "add", "default", "via", OUTSIDE[4])
         lab_netns.ip(a, "-6", "route", "add", "default", "via", OUTSIDE[6])
+        # Host B as the daemon keeps it: its egress rules, which let only
+        # the cluster's addresses open connections to its containers.
+        asyncio.run(NftTable(b).ensure(EGRESS_B))
         for name in BOXES:
             box(s, name)
         # Everyone reaches everyone directly before any service.
@@ -289,6 +303,20 @@ def test_a_vip_reaches_every_backend_and_keeps_the_clients_address(site: Site, v
     got = answered(site.connects("client", vip("web", v), count=60))
     assert {server for server, _ in got} == {address(b, v) for b in ("a1", "a2", "b1")}
     assert {seen for _, seen in got} == {address("client", v)}  # never masqueraded
+
+
+@FAMILIES
+def test_a_process_on_the_host_reaches_every_backend_from_the_bridges_address(
+    site: Site, v: int
+) -> None:
+    """nat_output: a host process (its source host A's outside address, by
+    the default route) reaches every backend, its source translated to A's
+    bridge address: a cluster address, which host B's egress rules let
+    open a connection to b1 (A's outside or underlay address would be
+    dropped there), and to which b1's answer is routed back through A."""
+    got = answered(site.connects("ha", vip("web", v), count=60))
+    assert {server for server, _ in got} == {address(b, v) for b in ("a1", "a2", "b1")}
+    assert {seen for _, seen in got} == {BRIDGE_A[v]}
 
 
 @FAMILIES
@@ -340,10 +368,17 @@ def test_hairpin_under_bridge_netfilter_needs_the_ports_hairpin_mode(site: Site,
 
 
 @FAMILIES
-def test_a_cluster_node_port_reaches_every_backend_masqueraded(site: Site, v: int) -> None:
+def test_a_cluster_node_port_reaches_every_backend_from_the_bridges_address(
+    site: Site, v: int
+) -> None:
+    """Host B is reached by a route over the underlay (as in host-gw mode or
+    with DirectRouting), and its egress rules let only cluster addresses
+    open connections to b1: the node port's connections arrive there from
+    A's bridge address, not A's underlay address (a plain masquerade's
+    pick for that route)."""
     got = answered(site.connects("outside", HOST_A[v], 30080, count=60))
     assert {server for server, _ in got} == {address(b, v) for b in ("a1", "a2", "b1")}
-    assert OUTSIDE[v] not in {seen for _, seen in got}
+    assert {seen for _, seen in got} == {BRIDGE_A[v]}
 
 
 @FAMILIES

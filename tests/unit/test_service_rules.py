@@ -141,6 +141,35 @@ def test_small_cluster_matches_its_golden_file() -> None:
     assert matches_golden(rendered, "services_small_cluster")
 
 
+def postrouting_rules(ruleset: ServiceRuleset) -> list[str]:
+    text = render_ruleset(ruleset)
+    chain = text.split("chain nat_postrouting {", 1)[1].split("}", 1)[0]
+    return [line.strip() for line in chain.splitlines()[2:] if line.strip()]
+
+
+def test_marked_connections_leave_from_the_bridge_address_of_their_family() -> None:
+    """Node-port (Cluster) and outside clients' connections get this host's
+    bridge address as source, per family, not the address of the way out
+    (a backend's host over the underlay would drop that); a family this
+    host has no subnet of (no bridge address) masquerades."""
+    services, backends = small_cluster()
+    mark = "meta mark & 0x00200000 == 0x00200000 meta mark set meta mark ^ 0x00200000"
+    both = postrouting_rules(service_ruleset(services, backends, LOCAL, CLUSTER))
+    assert both[:2] == [
+        f"meta nfproto ipv4 {mark} snat ip to 10.244.1.1 fully-random",
+        f"meta nfproto ipv6 {mark} snat ip6 to fd00:10:244:1::1 fully-random",
+    ]
+    no_subnet6 = LocalSubnets(IPv4Network("10.244.1.0/24"))
+    alone = postrouting_rules(service_ruleset(services, backends, no_subnet6, CLUSTER))
+    assert alone[:2] == [
+        f"meta nfproto ipv4 {mark} snat ip to 10.244.1.1 fully-random",
+        f"meta nfproto ipv6 {mark} masquerade fully-random",
+    ]
+    # Hairpin (a container landing on itself) masquerades as before: its
+    # way out is the bridge.
+    assert all("masquerade" in rule for rule in both[2:]) and len(both) == 4
+
+
 def test_a_render_builds_in_the_model_and_holds_every_kind_of_service() -> None:
     services, backends = small_cluster()
     ruleset = service_ruleset(services, backends, LOCAL, CLUSTER)
