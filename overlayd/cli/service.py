@@ -111,6 +111,7 @@ class ServiceState:
 
     services: dict[str, Service]
     rejected: dict[str, str]  # key -> why no host uses it
+    unserved: dict[str, str]  # key -> which of its VIPs no host serves
     revisions: dict[str, int]  # key -> mod revision
     endpoints: tuple[Endpoint, ...]
 
@@ -128,6 +129,7 @@ async def read_state(store: Store, etcd_prefix: str, own_prefix: str) -> Service
     return ServiceState(
         services=found.services,
         rejected=found.rejected,
+        unserved=found.unserved,
         revisions={k: rev for k, (_, rev) in raw.items()},
         endpoints=tuple(select_endpoints(endpoints_raw, own_prefix, hosts).endpoints),
     )
@@ -198,9 +200,11 @@ def render_rows(rows: Sequence[Mapping[str, Any]], state: ServiceState) -> str:
     )
 
 
-def warn_rejected(rejected: Mapping[str, str]) -> None:
+def warn_rejected(rejected: Mapping[str, str], unserved: Mapping[str, str]) -> None:
     for key, reason in sorted(rejected.items()):
         print(f"warning: {key} is not used by any host: {reason}", file=sys.stderr)
+    for key, reason in sorted(unserved.items()):
+        print(f"warning: {key} is served without a VIP: {reason}", file=sys.stderr)
 
 
 async def show(store: Store, etcd_prefix: str, own_prefix: str, name: str) -> dict[str, Any]:
@@ -211,6 +215,7 @@ async def show(store: Store, etcd_prefix: str, own_prefix: str, name: str) -> di
         return {
             **service_row(service, state, own_prefix),
             "valid": True,
+            "unserved": state.unserved.get(key),
             "service": json.loads(render_service(service)),
             "endpoints": [
                 {"name": e.name, "key": e.key, "addresses": [str(a) for a in e.addresses]}
@@ -247,6 +252,8 @@ def render_shown(shown: Mapping[str, Any]) -> str:
     document = {k: shown["service"][k] for k in order if k in shown["service"]}
     body = yaml.safe_dump(document, sort_keys=False, default_flow_style=False).rstrip()
     lines = [head, body, f"# {len(shown['endpoints'])} backend(s) now"]
+    if shown.get("unserved"):
+        lines.insert(1, f"# served without a VIP: {shown['unserved']}")
     lines += [f"#   {e['name']} {','.join(e['addresses'])}" for e in shown["endpoints"]]
     return "\n".join(lines)
 
@@ -290,7 +297,7 @@ def _state(s: AgentConfig) -> ServiceState:
 def cmd_list(args: argparse.Namespace) -> int:
     s = settings_from(args)
     state = _state(s)
-    warn_rejected(state.rejected)
+    warn_rejected(state.rejected, state.unserved)
     rows = [service_row(svc, state, s.overlayd_prefix) for svc in state.services.values()]
     if args.json:
         print_json(

@@ -68,8 +68,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from ipaddress import ip_address
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
 from overlayd.errors import PolicyError, ServiceError
@@ -598,31 +598,66 @@ def parse_service_key(key: str, own_prefix: str) -> str:
 
 # --- what the hosts use ------------------------------------------------------------------
 
-# key -> (value, the service or why it is not used): each value parsed once.
-ServiceCache = dict[str, tuple[bytes, "Service | str"]]
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One stored value parsed: the service as served (or why it is not
+    used), and what of it is not served (VIPs of a family the network
+    config has no service network for), None when all of it is."""
+
+    service: Service | str
+    unserved: str | None = None
+
+
+# key -> (value, what it parsed to): each value parsed once.
+ServiceCache = dict[str, tuple[bytes, _Stored]]
+
+# Stand-ins for a family the config has no service network for, so that a
+# stored VIP of it parses (and is then left out, not refused).
+_ANY_NETWORK: Mapping[int, IPNetwork] = {4: IPv4Network("0.0.0.0/0"), 6: IPv6Network("::/0")}
 
 
 @dataclass(frozen=True, slots=True)
 class StoredServices:
     """The services every host uses, by name (sorted), and for every other
-    key under services_prefix why not (one warning each)."""
+    key under services_prefix why not (one warning each); `unserved`: the
+    services used without some of their VIPs, and which (a warning each)."""
 
     services: dict[str, Service]
     rejected: dict[str, str]
+    unserved: dict[str, str]
 
 
 def _parse_stored(
     value: bytes, key: str, own_prefix: str, networks: Sequence[IPNetwork]
-) -> Service | str:
+) -> _Stored:
+    """A stored service, served with the VIPs of the families the network
+    config has a service network for. A VIP of another family (the config
+    lost its IPv6ServiceNetwork, or EnableIPv6, after the service was made)
+    is left out, with a note, rather than refusing the service: its other
+    VIPs serve on, and the left-out one serves again once the family is
+    back (its vips/ claim stays). A service left with no VIP is refused,
+    as a VIP outside its family's service network still is."""
     try:
-        service = parse_service(
-            value, service_networks=networks, name=parse_service_key(key, own_prefix)
-        )
+        name = parse_service_key(key, own_prefix)
+        served = {n.version for n in networks}
+        # The networks of the config come first: a VIP of a served family is
+        # checked against its real network (vip_problem takes the first).
+        lenient = [*networks, *(_ANY_NETWORK[v] for v in (4, 6) if networks and v not in served)]
+        service = parse_service(value, service_networks=lenient, name=name)
+        left_out = [v for v in service.vips if v.version not in served]
+        if left_out and len(left_out) == len(service.vips):
+            # Nothing left to serve: refused, as parse_service refuses it.
+            service = parse_service(value, service_networks=networks, name=name)
+        elif left_out:
+            kept = tuple(v for v in service.vips if v.version in served)
+            note = "; ".join(vip_problem(v, networks) or str(v) for v in left_out)
+            return _Stored(replace(service, vips=kept), note)
     except ServiceError as exc:
-        return str(exc)
+        return _Stored(str(exc))
     if not service.vips:
-        return "vips: none (a stored service has the VIPs it was given at creation)"
-    return service
+        return _Stored("vips: none (a stored service has the VIPs it was given at creation)")
+    return _Stored(service)
 
 
 def stored_services(
@@ -633,7 +668,9 @@ def stored_services(
 ) -> StoredServices:
     """The usable services among the keys under services_prefix (others are
     ignored). Skipped, each with its reason, never raising: a value that
-    does not parse (a VIP outside the service networks among them), and a
+    does not parse (a VIP outside the service networks among them; a VIP
+    of a family the config has no service network for is only left out,
+    in `unserved`, while another VIP is left: see _parse_stored), and a
     service that claims a VIP or a (protocol, node port) an earlier one
     claims, in name order, so every host makes the same choice whatever
     order it learnt the keys in. With a `cache` kept across calls (the
@@ -642,6 +679,7 @@ def stored_services(
     prefix = services_prefix(own_prefix)
     usable: dict[str, Service] = {}
     rejected: dict[str, str] = {}
+    unserved: dict[str, str] = {}
     vips: dict[IPAddress, str] = {}
     node_ports: dict[tuple[Protocol, int], str] = {}
     for key in sorted(items):
@@ -653,7 +691,7 @@ def stored_services(
             hit = (value, _parse_stored(value, key, own_prefix, service_networks))
             if cache is not None:
                 cache[key] = hit
-        found = hit[1]
+        found = hit[1].service
         if isinstance(found, str):
             rejected[key] = found
             continue
@@ -672,6 +710,8 @@ def stored_services(
             rejected[key] = f"{clash} (the first service by name keeps it)"
             continue
         usable[found.name] = found
+        if hit[1].unserved is not None:
+            unserved[key] = hit[1].unserved
         for vip in found.vips:
             vips[vip] = found.name
         for p in found.ports:
@@ -680,4 +720,4 @@ def stored_services(
     if cache is not None and len(cache) > len(items):
         for gone in [k for k in cache if k not in items]:
             del cache[gone]
-    return StoredServices(usable, rejected)
+    return StoredServices(usable, rejected, unserved)

@@ -198,3 +198,37 @@ async def test_list_skips_a_malformed_stored_value_with_a_warning(
     assert "outside the service network" in warnings[1]
     shown = overlayctl(etcd_endpoint, prefix, own, "service", "show", "bad")
     assert shown.returncode == 1 and "NOT USED" in shown.stdout
+
+
+async def test_list_and_show_name_an_ipv6_vip_the_network_no_longer_serves(
+    etcd_endpoint: str, prefix: str
+) -> None:
+    """A dual-stack service stored earlier, in a network config that has no
+    IPv6ServiceNetwork now: listed and shown with its IPv4 VIP, which every
+    host serves, and a warning naming the IPv6 one, which none does."""
+    own = own_prefix()
+    async with EtcdStore([etcd_endpoint]) as store:
+        await store.put(config_key(prefix), CONFIG)
+        await store.put(
+            service_key(own, "dual"),
+            json.dumps(
+                {
+                    "name": "dual",
+                    "selector": {"matchLabels": {"a": "b"}},
+                    "ports": [{"port": 1}],
+                    "vips": ["10.96.0.5", "fd00:10:96::5"],
+                }
+            ),
+        )
+    listed = overlayctl(etcd_endpoint, prefix, own, "service", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(r["name"], r["vips"]) for r in json.loads(listed.stdout)["services"]] == [
+        ("dual", ["10.96.0.5"])
+    ]
+    assert listed.stderr.strip().splitlines() == [
+        f"warning: {service_key(own, 'dual')} is served without a VIP:"
+        " fd00:10:96::5 is IPv6, and the network config has no IPv6ServiceNetwork"
+    ]
+    shown = overlayctl(etcd_endpoint, prefix, own, "service", "show", "dual")
+    assert shown.returncode == 0, shown.stderr
+    assert "# served without a VIP: fd00:10:96::5 is IPv6" in shown.stdout

@@ -451,6 +451,38 @@ def test_stored_services_skip_bad_values_each_with_a_reason() -> None:
     assert "vips" in found.rejected[service_key(OWN, "f")]
 
 
+def test_a_family_without_a_service_network_leaves_out_its_vips_not_the_services() -> None:
+    """A dual-stack service stored while the config had IPv6ServiceNetwork
+    keeps serving its IPv4 VIP once the config has none (IPv6 switched off):
+    only the IPv6 VIP is left out, with a note, and it serves again once the
+    network is back. A service with nothing left to serve is refused."""
+    dual = json.loads(stored("web", "10.96.0.1"))
+    dual["vips"] = ["10.96.0.1", "fd00:96::1"]
+    items = {
+        service_key(OWN, "web"): json.dumps(dual).encode(),
+        service_key(OWN, "six"): stored("six", "fd00:96::2"),
+        service_key(OWN, "four"): stored("four", "10.96.0.3"),
+    }
+    both = stored_services(items, OWN, NETS)  # the control: everything served
+    assert both.services["web"].vips == (IPv4Address("10.96.0.1"), IPv6Address("fd00:96::1"))
+    assert set(both.services) == {"web", "six", "four"} and not both.rejected
+    assert not both.unserved
+    ipv4_only = stored_services(items, OWN, NETS[:1])
+    assert set(ipv4_only.services) == {"web", "four"}
+    assert ipv4_only.services["web"].vips == (IPv4Address("10.96.0.1"),)
+    assert ipv4_only.unserved == {
+        service_key(OWN, "web"): "fd00:96::1 is IPv6, and the network config"
+        " has no IPv6ServiceNetwork"
+    }
+    assert "has no IPv6ServiceNetwork" in ipv4_only.rejected[service_key(OWN, "six")]
+    # A VIP of a served family is still checked against its network.
+    outside = json.loads(stored("out", "10.97.0.1"))
+    outside["vips"] = ["10.97.0.1", "fd00:96::5"]
+    value = json.dumps(outside).encode()
+    refused = stored_services({service_key(OWN, "out"): value}, OWN, NETS[:1])
+    assert "outside the service network" in refused.rejected[service_key(OWN, "out")]
+
+
 def test_a_second_claimant_of_a_vip_or_node_port_is_skipped_by_name_order() -> None:
     items = {
         service_key(OWN, "zeta"): stored("zeta", "10.96.0.1"),  # a's VIP
@@ -473,7 +505,7 @@ def test_the_cache_parses_an_unchanged_value_once_and_forgets_deleted_keys() -> 
     items = {service_key(OWN, "a"): stored("a", "10.96.0.1")}
     first = stored_services(items, OWN, NETS, cache)
     assert stored_services(items, OWN, NETS, cache) == first
-    assert cache[service_key(OWN, "a")][1] is first.services["a"]
+    assert cache[service_key(OWN, "a")][1].service is first.services["a"]
     changed = {service_key(OWN, "a"): stored("a", "10.96.0.9")}
     assert stored_services(changed, OWN, NETS, cache).services["a"].vips == (
         IPv4Address("10.96.0.9"),

@@ -166,6 +166,36 @@ async def test_bad_services_are_skipped_with_one_warning_and_none_without_a_serv
     assert heard[-1].services == {}
 
 
+async def test_a_dual_stack_service_serves_its_ipv4_vip_in_a_network_without_ipv6(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service stored with an IPv6 VIP (made while the config had an
+    IPv6ServiceNetwork) in a network that has none now: served through its
+    IPv4 VIP, its IPv6 one left out of the table and of DNS, with one
+    warning over passes; before, the whole service was skipped."""
+    dataplane, heard = FakeDataplane(), list[ServiceState]()
+    web1 = endpoint("web1", "10.244.1.5", app="web")
+    dual = replace(
+        service("web", "10.96.0.10", app="web"),
+        vips=(ip_address("10.96.0.10"), ip_address("fd00:10:96::a")),
+    )
+    inputs = inputs_with(dual, endpoints=(web1,))
+    assert inputs.config.ipv6 is None and inputs.config.service_networks == (SERVICE_NETWORK,)
+    loop = reconciler(inputs, dataplane, heard)
+    with caplog.at_level(logging.WARNING):
+        assert (await loop.reconcile_once()).ok
+        assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    written = "\n".join(dataplane.service_statements[-1])
+    assert "10.96.0.10 . tcp . 80" in written and "10.244.1.5:8080" in written
+    assert "fd00:10:96::a" not in written
+    assert heard[-1].services["web"].vips == (ip_address("10.96.0.10"),)
+    warned = [
+        r.getMessage() for r in caplog.records if "event=service_vip_unserved" in r.getMessage()
+    ]
+    assert len(warned) == 1 and "fd00:10:96::a" in warned[0], warned
+    assert not [r for r in caplog.records if "event=service_skipped" in r.getMessage()]
+
+
 async def test_dns_hears_of_endpoints_after_the_service_network_went() -> None:
     """A responder started while the config had a ServiceNetwork still
     serves container names once it is gone: a container leaving must leave

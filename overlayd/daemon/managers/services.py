@@ -112,7 +112,7 @@ class ServiceManager:
             # the config had a ServiceNetwork): container names are records
             # too, and must leave with their endpoints, not at the next full
             # pass.
-            self._warn({})
+            self._warn({}, {})
             return
         if networks != self._cache_networks:
             # A value was parsed (and its VIP checked) against the networks of
@@ -120,7 +120,7 @@ class ServiceManager:
             self._cache, self._cache_networks = {}, networks
         # Without a ServiceNetwork, every stored service is skipped, saying so.
         stored = stored_services(inputs.raw_services, inputs.own_prefix, networks, self._cache)
-        self._warn(stored.rejected)
+        self._warn(stored.rejected, stored.unserved)
         # Endpoints matter only to services (none without a network) and to
         # DNS: otherwise a full pass would read 10,000 registrations (0.25 s)
         # just to make sure the table is gone.
@@ -238,12 +238,16 @@ class ServiceManager:
                 return service_transaction(None, desired)
         return service_transaction(believed, desired)
 
-    def _warn(self, rejected: Mapping[str, str]) -> None:
-        # One warning per bad definition (again if its reason changes).
+    def _warn(self, rejected: Mapping[str, str], unserved: Mapping[str, str]) -> None:
+        # One warning per bad definition, and per service served without
+        # some of its VIPs (again if its reason changes).
         for key, reason in rejected.items():
             if self._warned.get(key) != reason:
                 log.warning("event=service_skipped key=%s reason=%r", key, reason)
-        self._warned = dict(rejected)
+        for key, reason in unserved.items():
+            if self._warned.get(key) != reason:
+                log.warning("event=service_vip_unserved key=%s reason=%r", key, reason)
+        self._warned = {**rejected, **unserved}
 
     def expects(self, observed: Observed) -> bool:
         return False  # nftables sends no netlink event we listen to
