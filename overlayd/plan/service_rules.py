@@ -112,7 +112,8 @@ to decide a change: the previous ruleset is the belief.
 Use: service_ruleset() makes a ruleset from scratch; with_service() moves
 it by one service; service_transaction(before, after) gives the
 statements, script() their `nft -f` input, statement_count() their number;
-render_ruleset() shows the whole table (diagnose, golden files).
+render_ruleset() shows the whole table (golden files), table_chains() its
+chains (diagnose compares them with the kernel's, plan/service_check.py).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ __all__ = [
     "service_ruleset",
     "service_transaction",
     "statement_count",
+    "table_chains",
     "with_service",
 ]
 
@@ -558,11 +560,19 @@ def render_ruleset(ruleset: ServiceRuleset) -> str:
         if shown:
             lines.append(f"\t\telements = {{ {', '.join(shown)} }}")
         blocks.append("\n".join([*lines, "\t}"]))
+    blocks += [chain_block(name, chain) for name, chain in table_chains(ruleset).items()]
+    return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
+
+
+def table_chains(ruleset: ServiceRuleset) -> dict[str, Chain]:
+    """Every chain of the table by name: the fixed ones, then the
+    services' by service name (none without services)."""
+    if ruleset.empty:
+        return {}
     chains = dict(_fixed_chains(ruleset.versions))
     for name in sorted(ruleset.services):
         chains.update(ruleset.services[name].chains)
-    blocks += [chain_block(name, chain) for name, chain in chains.items()]
-    return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
+    return chains
 
 
 def _add_chain(name: str, chain: Chain) -> str:
