@@ -102,7 +102,17 @@ async def service_facts(
     if domain is None:
         return look
     look.questions = dns_questions(look.in_force, vips_in_table(look.elements))
-    look.answers = {str(a): await ask_all(str(a), look.questions) for a in servers}
+    silent: list[str] = []
+    answers: dict[str, dict[DnsQuestion, DnsAnswer]] = {}
+    for address in map(str, servers):
+        # One question first: a responder that does not answer at all (the
+        # daemon down) is one finding, not a timeout per question.
+        first = await ask(address, look.questions[0]) if look.questions else DnsAnswer()
+        if first.error is not None:
+            silent.append(f"the responder at {address} does not answer: {first.error}")
+            continue
+        answers[address] = await ask_all(address, look.questions)
+    look.answers, look.dns_problem = answers, "; ".join(silent) or None
     return look
 
 

@@ -110,8 +110,9 @@ class ServiceFacts:
     make (None: it could not be computed, `error` says why), the services
     table's map and set elements and its chains (None: no table;
     `table_error`: nft could not be asked), and DNS: why it is not checked
-    (`dns_off`, passes, or `dns_problem`, fails), or the questions asked
-    and each listening address's answers."""
+    (`dns_off`, passes), what kept it from being asked (`dns_problem`, no
+    address or a silent responder, fails), and the questions asked and
+    each answering address's answers."""
 
     networks: tuple[IPNetwork, ...] = ()
     in_force: ServicesInForce | None = None
@@ -528,7 +529,6 @@ def service_findings(facts: ServiceFacts) -> list[Finding]:
         return out
     if facts.dns_problem is not None:
         out.append(Finding("services dns", False, facts.dns_problem))
-        return out
     for server, answers in sorted(facts.answers.items()):
         dns = dns_differences(server, facts.questions, answers)
         out += _listed("services dns", dns)

@@ -9,11 +9,14 @@ asked for real over loopback."""
 from __future__ import annotations
 
 import dataclasses
+import socket
+import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Network, ip_address
 
 import pytest
 
+from overlayd.cli import diagnose_services
 from overlayd.cli.diagnose_services import ask_all
 from overlayd.daemon.loop import Knowledge, Reconciler, standard_managers
 from overlayd.daemon.managers import Level
@@ -351,6 +354,31 @@ def test_dns_off_passes_and_a_responder_listening_nowhere_fails() -> None:
     assert not failures(facts)
     facts.dns_off, facts.dns_problem = None, "the subnet file names no DNS server"
     assert failures(facts) == ["services dns: the subnet file names no DNS server"]
+    # One responder silent, the other answering: one finding each.
+    questions = dns_questions(cluster())
+    facts.questions, facts.answers = questions, {"10.244.1.1": true_answers(questions)}
+    facts.dns_problem = "the responder at fd00::1 does not answer: no answer in 3 tries of 1 s"
+    found = [(f.ok, f.detail) for f in service_findings(facts) if f.check == "services dns"]
+    assert found[0] == (False, facts.dns_problem)
+    assert found[1][0] and found[1][1].startswith("the responder at 10.244.1.1 answers all")
+    assert len(found) == 2
+
+
+async def test_a_question_nobody_answers_is_tried_a_few_times_then_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon that is down: no answer (dnspython's UDP socket is not
+    connected, so no ICMP error comes back), so ATTEMPTS timeouts; diagnose
+    asks one question first and leaves that responder at that."""
+    monkeypatch.setattr(diagnose_services, "TIMEOUT_SECONDS", 0.1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    question = dns_questions(cluster())[0]
+    started = time.monotonic()
+    answer = await diagnose_services.ask("127.0.0.1", question, port=port)
+    assert answer == DnsAnswer(error=f"no answer in {diagnose_services.ATTEMPTS} tries of 0.1 s")
+    assert time.monotonic() - started >= diagnose_services.ATTEMPTS * 0.1
 
 
 def test_vips_in_table_reads_both_vip_maps_and_nothing_else() -> None:
