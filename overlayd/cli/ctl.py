@@ -346,6 +346,18 @@ def parser() -> argparse.ArgumentParser:
         default=500,
         help="with --latency: connects per path per size per round (default %(default)s)",
     )
+    svcchurn = lab_sub.add_parser(
+        "svcchurn",
+        parents=[common],
+        help="figures, on a running lab with --service-network: start/stop cycles of real"
+        " (Podman) containers behind one service, then etcd, every host's services table and"
+        " DNS compared by `diagnose` on every host (disagreements must be 0)",
+    )
+    svcchurn.add_argument("--cycles", type=int, default=1000, help="default %(default)s")
+    svcchurn.add_argument(
+        "--workers", type=int, default=1, help="cycles at once per host (default %(default)s)"
+    )
+    svcchurn.add_argument("--json", action="store_true")
     dnsbench = lab_sub.add_parser(
         "dnsbench",
         parents=[common],

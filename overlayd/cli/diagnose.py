@@ -1,6 +1,7 @@
 """`overlayctl diagnose`: asks the daemon and also looks at the kernel and
 etcd itself, so that it still helps when the daemon is down; the verdicts
-are overlayd.plan.diagnose's."""
+are overlayd.plan.diagnose's. The services' look (table and DNS) is
+cli/diagnose_services.py's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from overlayd.cli.common import print_json, settings_from, table
+from overlayd.cli.diagnose_services import service_facts
 from overlayd.config import AgentConfig, parse_network_config
 from overlayd.dataplane import entries, inspect
 from overlayd.dataplane.command import run
@@ -65,6 +67,8 @@ def _with_daemon_settings(s: AgentConfig, status: dict[str, Any]) -> AgentConfig
             subnet_file=Path(d["subnet_file"]) if d.get("subnet_file") else s.subnet_file,
             bridge=d.get("bridge") or s.bridge,
             vxlan_filter=d.get("vxlan_filter", "on" if s.vxlan_filter else "off") == "on",
+            dns=d.get("dns", "on" if s.dns else "off") == "on",
+            dns_domain=d.get("dns_domain") or s.dns_domain,
         )
     except (TypeError, ValueError):
         return s
@@ -162,9 +166,9 @@ async def gather(s: AgentConfig) -> HostFacts:
     for key in ("net.ipv4.ip_forward", f"net.ipv4.conf.{spec.bridge}.forwarding"):
         facts.sysctls[key] = inspect.sysctl(key)
     facts.ruleset = await inspect.nft_ruleset()
-    facts.policy = await _policy_facts(
-        s.overlayd_prefix, ours, own, selection.peers, read_gwbridge_subnets(s.subnet_file)
-    )
+    gwbridge = read_gwbridge_subnets(s.subnet_file)
+    facts.policy = await _policy_facts(s.overlayd_prefix, ours, own, selection.peers, gwbridge)
+    facts.services = await service_facts(s, config, ours, own, selection.peers, gwbridge)
     facts.vxlan_filter = s.vxlan_filter
     if s.vxlan_filter:
         for family, planned in ((IPV4, plan), (IPV6, plan6)):

@@ -1,6 +1,7 @@
 """`overlayctl lab ...`: the lab commands (`up`, `check`, `add-host`,
 `status`, `ctl`, `run`, `demo`, `down`) and the figure commands (`timing`, `faults`,
-`bench`, `converge`, `tune`, `cpbench`, `allowlist`).
+`bench`, `converge`, `tune`, `cpbench`, `allowlist`, `svcbench`, `svcchurn`,
+`dnsbench`).
 
 overlayd.lab is imported inside the commands only, never at module level,
 so that overlayctl on a real host (status, diagnose, ...) loads no lab code.
@@ -624,6 +625,37 @@ def _service_cold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _svcchurn(lab: Lab, args: argparse.Namespace) -> int:
+    from overlayd.lab.svcchurn import churn, lines
+
+    if args.cycles < 1 or args.workers < 1:
+        print("--cycles and --workers must be at least 1", file=sys.stderr)
+        return 2
+    result = churn(lab, args.cycles, args.workers, _progress)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "hosts": list(result.hosts),
+                    "cycles": result.cycles,
+                    "workers": args.workers,
+                    "failed": result.failed,
+                    "seconds": round(result.seconds, 2),
+                    "revision": result.revision,
+                    "converge_seconds": result.converge_seconds,
+                    "disagreements": result.disagreements,
+                    "findings": {f"h{h}": f for h, f in result.findings.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        for line in lines(result, args.workers):
+            print(line)
+    healthy = result.converge_seconds is not None and not result.failed
+    return 0 if healthy and result.disagreements == 0 else 1
+
+
 def _dnsbench(lab: Lab, args: argparse.Namespace) -> int:
     if args.seconds <= 0:
         print("--seconds must be positive", file=sys.stderr)
@@ -659,6 +691,7 @@ COMMANDS: dict[str, Callable[[Lab, argparse.Namespace], int]] = {
     "policybench": _policybench,
     "allowlist": _allowlist,
     "svcbench": _svcbench,
+    "svcchurn": _svcchurn,
     "dnsbench": _dnsbench,
 }
 

@@ -85,6 +85,8 @@ def public_settings(s: AgentConfig) -> dict[str, object]:
         "mqtt_url": s.mqtt_url,
         "docker_plugin": str(s.docker_plugin_socket) if s.docker_plugin else None,
         "cni_data_dir": str(s.cni_data_dir),
+        "dns": "on" if s.dns else "off",
+        "dns_domain": s.dns_domain,
     }
 
 

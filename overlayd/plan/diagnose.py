@@ -1,7 +1,8 @@
 """`overlayctl diagnose`, the pure part: from facts gathered on the host
-(kernel entries, devices, sysctls, firewall, etcd's leases, the daemon's
-answer) to a list of findings in plain words. Every check appears, passed
-or not, so that an operator sees what was looked at."""
+(kernel entries, devices, sysctls, firewall, etcd's leases, policies and
+services, the services table and DNS answers, the daemon's answer) to a
+list of findings in plain words. Every check appears, passed or not, so
+that an operator sees what was looked at."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from overlayd.model import (
     Entry,
     EntrySet,
     IPAddress,
+    IPNetwork,
     Op,
     kind_of,
 )
@@ -25,20 +27,37 @@ from overlayd.plan.egress import TABLE
 from overlayd.plan.nftables import split_objects
 from overlayd.plan.policy_rules import (
     WHERE,
+    Chain,
     PolicyRuleset,
     comparable,
     listed_elements,
     render_ruleset,
     terse_listing,
 )
+from overlayd.plan.service_check import (
+    DnsAnswer,
+    DnsQuestion,
+    ServicesInForce,
+    dns_differences,
+    table_differences,
+)
+from overlayd.plan.service_rules import WHERE as SERVICES_WHERE
 from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
+    """One check's verdict. `count`: how many differences it stands for
+    (more than 1 only for the "and N more" line closing a long list)."""
+
     check: str
     ok: bool
     detail: str
+    count: int = 1
+
+
+# Differences listed one by one per check; the rest are counted in one line.
+MAX_LISTED = 20
 
 
 # A certificate that expires sooner than this fails diagnose: time to renew.
@@ -85,6 +104,29 @@ class PolicyFacts:
 
 
 @dataclass
+class ServiceFacts:
+    """The services as diagnose found them: the network config's service
+    networks (none: services are off), what etcd's services and endpoints
+    make (None: it could not be computed, `error` says why), the services
+    table's map and set elements and its chains (None: no table;
+    `table_error`: nft could not be asked), and DNS: why it is not checked
+    (`dns_off`, passes), what kept it from being asked (`dns_problem`, no
+    address or a silent responder, fails), and the questions asked and
+    each answering address's answers."""
+
+    networks: tuple[IPNetwork, ...] = ()
+    in_force: ServicesInForce | None = None
+    error: str | None = None
+    elements: Mapping[tuple[str, str], frozenset[str]] | None = None  # (table, name)
+    chains: Mapping[str, Chain] | None = None
+    table_error: str | None = None
+    dns_off: str | None = None
+    dns_problem: str | None = None
+    questions: Sequence[DnsQuestion] = ()
+    answers: Mapping[str, Mapping[DnsQuestion, DnsAnswer]] = field(default_factory=dict)
+
+
+@dataclass
 class HostFacts:
     """What `overlayctl diagnose` gathered; None where it could not look."""
 
@@ -112,6 +154,7 @@ class HostFacts:
     vxlan_filter: bool | None = None
     filters: list[FilterFacts] = field(default_factory=list)
     policy: PolicyFacts | None = None
+    services: ServiceFacts | None = None
 
 
 # How an operator would name each kind of entry, with the device it sits on.
@@ -318,6 +361,8 @@ def diagnose(f: HostFacts) -> list[Finding]:
         out += _filter_findings(f)
     if f.policy is not None:
         out += _policy_findings(f.policy)
+    if f.services is not None:
+        out += service_findings(f.services)
 
     # Kernel entries against the desired state.
     if f.desired is not None and f.actual is not None:
@@ -424,6 +469,91 @@ def _policy_findings(facts: PolicyFacts) -> list[Finding]:
             " as the policies and endpoints make them",
         ),
     ]
+
+
+def _listed(check: str, differences: Sequence[str]) -> list[Finding]:
+    """One failed finding per difference, the first MAX_LISTED of them, and
+    one line counting the rest."""
+    out = [Finding(check, False, d) for d in differences[:MAX_LISTED]]
+    rest = len(differences) - MAX_LISTED
+    if rest > 0:
+        out.append(Finding(check, False, f"and {rest} more difference(s) like these", rest))
+    return out
+
+
+def service_findings(facts: ServiceFacts) -> list[Finding]:
+    """etcd's services and endpoints, the services table and the DNS
+    responder must agree (plan/service_check.py compares them); with no
+    ServiceNetwork there are no services, and the table must not exist."""
+    if not facts.networks:
+        if facts.elements is None and facts.chains is None:
+            return [
+                Finding(
+                    "services",
+                    True,
+                    "off: the network config has no ServiceNetwork (nothing judged)",
+                )
+            ]
+        return [
+            Finding(
+                "services table",
+                False,
+                f"table {SERVICES_WHERE} exists, but the network config has no ServiceNetwork",
+            )
+        ]
+    in_force = facts.in_force
+    if facts.error is not None or in_force is None:
+        return [Finding("services", False, facts.error or "could not compute the services")]
+    out = _listed(
+        "services",
+        [f"skipped {key}: {why}" for key, why in sorted(in_force.skipped.items())],
+    )
+    with_backends = sum(bool(b) for b in in_force.backends.values())
+    out.append(
+        Finding(
+            "services",
+            True,
+            f"{len(in_force.services)} service(s) in etcd, {with_backends} with backends,"
+            f" {len(in_force.endpoints)} usable endpoint(s)",
+        )
+    )
+    if facts.table_error is not None:
+        out.append(Finding("services table", False, f"could not look: {facts.table_error}"))
+    else:
+        table = table_differences(in_force.ruleset, facts.elements, facts.chains)
+        out += _listed("services table", table)
+        if not table:
+            out.append(Finding("services table", True, _table_summary(in_force)))
+    if facts.dns_off is not None:
+        out.append(Finding("services dns", True, facts.dns_off))
+        return out
+    if facts.dns_problem is not None:
+        out.append(Finding("services dns", False, facts.dns_problem))
+    for server, answers in sorted(facts.answers.items()):
+        dns = dns_differences(server, facts.questions, answers)
+        out += _listed("services dns", dns)
+        if not dns:
+            out.append(
+                Finding(
+                    "services dns",
+                    True,
+                    f"the responder at {server} answers all {len(facts.questions)} questions"
+                    f" (each service's name, tasks name and VIP PTRs) as etcd says",
+                )
+            )
+    return out
+
+
+def _table_summary(in_force: ServicesInForce) -> str:
+    ruleset = in_force.ruleset
+    if ruleset.empty:
+        return f"no service to serve, and no table {SERVICES_WHERE}"
+    elements = sum(len(m) for m in ruleset.maps().values())
+    chains = sum(len(r.chains) for r in ruleset.services.values())
+    return (
+        f"table {SERVICES_WHERE} holds exactly what etcd makes: {elements} map element(s),"
+        f" {len(ruleset.hairpin)} hairpin element(s), {chains} service chain(s)"
+    )
 
 
 def _filter_findings(f: HostFacts) -> list[Finding]:

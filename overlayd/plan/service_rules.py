@@ -136,7 +136,8 @@ to decide a change: the previous ruleset is the belief.
 Use: service_ruleset() makes a ruleset from scratch; with_service() moves
 it by one service; service_transaction(before, after) gives the
 statements, script() their `nft -f` input, statement_count() their number;
-render_ruleset() shows the whole table (diagnose, golden files).
+render_ruleset() shows the whole table (golden files), table_chains() its
+chains (diagnose compares them with the kernel's, plan/service_check.py).
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ __all__ = [
     "service_ruleset",
     "service_transaction",
     "statement_count",
+    "table_chains",
     "with_service",
 ]
 
@@ -676,6 +678,31 @@ def render_ruleset(ruleset: ServiceRuleset) -> str:
         blocks += [chain_block(name, chain) for name, chain in ordered.items()]
         tables.append(f"table inet {table} {{\n" + "\n\n".join(blocks) + "\n}\n")
     return "\n".join(tables)
+
+
+def chain_label(table: str, chain: str) -> str:
+    """How a chain is named across the services tables (diagnose): a
+    shard's fixed chains share their names with every other shard's."""
+    return f"{table} {chain}"
+
+
+def table_chains(ruleset: ServiceRuleset) -> dict[str, Chain]:
+    """Every chain of every services table by chain_label, each table's
+    fixed ones first, then its services' by service name (none without
+    services)."""
+    if ruleset.empty:
+        return {}
+    found: dict[str, Chain] = {}
+    for table in TABLES:
+        chains = _table_chains(ruleset, table)
+        fixed = (
+            _front_chains(ruleset.versions, ruleset.local)
+            if table == TABLE
+            else _shard_chains(ruleset.versions)
+        )
+        for name in [*fixed, *(n for n in chains if n not in fixed)]:
+            found[chain_label(table, name)] = chains[name]
+    return found
 
 
 def _create(ruleset: ServiceRuleset) -> list[str]:

@@ -22,6 +22,12 @@ a killed host's endpoints expire within the test: the last test):
 Every container runs tests/netns/svc_whoami.py's server on PORT, which
 answers "<its own address> <the client address it saw>": which backend a
 VIP chose, and whether the client's address survived.
+
+`overlayctl diagnose` on every host finds etcd, the services table and
+the DNS responder agreeing, and names a map element deleted by hand until
+the daemon puts it back; `lab svcchurn`'s short version (CHURN_CYCLES
+Podman containers started and removed behind a service) leaves them
+agreeing on every host.
 """
 
 from __future__ import annotations
@@ -43,9 +49,12 @@ from overlayd.lab import netns
 from overlayd.lab.containers import Container
 from overlayd.lab.lab import Lab, LabSettings, default_network_config
 from overlayd.lab.policycheck import label_endpoint
+from overlayd.lab.svcchurn import churn, lines
 from overlayd.lab.topology import OUTSIDE_ROUTER, OUTSIDE_ROUTER6
 from overlayd.model import IPV4, IPV6, Family
-from overlayd.plan.service_rules import TABLES
+from overlayd.plan.policy_model import Protocol
+from overlayd.plan.service_model import ServicePort
+from overlayd.plan.service_rules import SHARD_TABLES, TABLES, service_chain, shard_of
 from tests.conftest import SESSION_TAG, needs_root, wait_until
 from tests.lab.families import FAMILIES
 from tests.lab.policy_site import WAIT_TIMEOUT, Site, k8s
@@ -76,6 +85,7 @@ WEBS = ("web1", "web2", "web3")
 CLIENTS = ("client1", "client2", "client3")
 NODE_PORT = 30080
 LOCAL_NODE_PORT = 30081
+CHURN_CYCLES = 20  # `lab svcchurn`'s short version (the figure is 1,000)
 
 
 def service(
@@ -503,6 +513,75 @@ def test_a_policy_that_denies_a_client_blocks_it_through_the_vip_too(svc: Servic
     for family in (IPV4, IPV6):
         again = svc.connects(["stranger1"], svc.vip("web", family), count=6)["stranger1"]
         assert {seen for _, seen in answered(again)} == {svc.address("stranger1", family)}
+
+
+def services_findings(svc: Services, host: int) -> list[dict[str, Any]]:
+    """`overlayctl diagnose --json` on `host`: its services findings."""
+    done = svc.site.ctl("diagnose", "--json", host=host, check=False)
+    found = json.loads(done.stdout)["findings"]
+    return [f for f in found if str(f["check"]).startswith("services")]
+
+
+def nftables_repairs(svc: Services, host: int) -> int:
+    status = json.loads(svc.site.ctl("status", "--json", host=host).stdout)
+    return int(status["drift_repairs"].get("nftables", 0))
+
+
+def test_diagnose_sees_etcd_the_table_and_dns_agree_and_names_a_deleted_element_until_repaired(
+    svc: Services,
+) -> None:
+    """On a live host: diagnose passes; one VIP's map element deleted with
+    nft is reported, exactly it, with its service; the daemon's next check
+    pass puts it back and diagnose passes again."""
+    lab, host = svc.lab, 2
+    for h in lab.hosts():
+        found = services_findings(svc, h)
+        assert [f["check"] for f in found] == ["services", "services table", "services dns"]
+        assert all(f["ok"] for f in found), found
+        # Asked for real, on the address its containers' resolv.conf names.
+        gateway = lab.subnet(h).network_address + 1
+        assert found[-1]["detail"].startswith(f"the responder at {gateway} answers all"), found
+    chain = service_chain("web", ServicePort("http", Protocol.TCP, 80, PORT), 4)
+    key = f"{svc.vips['web']} . tcp . 80"
+    shard = SHARD_TABLES[shard_of("web")]
+    wanted = (
+        f"map vips_v4 of table {shard}: no element for {key} (service web), which must goto {chain}"
+    )
+    for _ in range(3):
+        # A check pass (every 10 s) may repair it before diagnose looks:
+        # then the repair counter says so, and it is deleted again.
+        before = nftables_repairs(svc, host)
+        netns.in_ns(lab.host_ns(host), "nft", "delete", "element", "inet", shard, "vips_v4",
+                    "{", key, "}")  # fmt: skip
+        found = services_findings(svc, host)
+        if nftables_repairs(svc, host) == before:
+            break
+    bad = [f for f in found if not f["ok"]]
+    assert [(f["check"], f["detail"]) for f in bad] == [("services table", wanted)], found
+    assert {f["check"] for f in found if f["ok"]} == {"services", "services dns"}
+    # The daemon's check pass compares the elements with what it wrote and
+    # writes the table again; diagnose agrees once more.
+    wait_until(lambda: nftables_repairs(svc, host) > before, timeout=30, step=0.5)
+    found = services_findings(svc, host)
+    assert all(f["ok"] for f in found), found
+
+
+def test_churn_of_real_containers_behind_a_service_leaves_etcd_tables_and_dns_agreeing(
+    svc: Services,
+) -> None:
+    """`lab svcchurn`'s short version: CHURN_CYCLES Podman containers of a
+    service started and removed across the three hosts, then every host's
+    diagnose finds etcd, its services table and its DNS responder agreeing."""
+    result = churn(svc.lab, CHURN_CYCLES)
+    print("\n" + "\n".join(lines(result, 1)))
+    assert not result.failed, result.failed
+    assert result.converge_seconds is not None
+    assert result.disagreements == 0, (result.findings, result.names)
+    assert (result.removed_names, result.anchor_names) == (CHURN_CYCLES, 3)
+    for found in result.findings.values():
+        # The churn service was there, with its anchors as backends.
+        assert f"{len(SERVICES) + 1} service(s) in etcd" in found[0]["detail"], found
+        assert all(f["ok"] for f in found)
 
 
 def test_a_removed_endpoint_leaves_the_rotation_and_dns_within_two_seconds(

@@ -272,3 +272,30 @@ def test_cpbench_rounds_report_the_median_of_their_ratios_and_skip_a_zero_baseli
         row
         == "| median of 3 |   5000 |  1.40x |  1.40x |  1.40x |  1.40x |  1.40x |  1.00x |   n/a |"
     )
+
+
+# --- lab svcchurn ---------------------------------------------------------------------
+
+
+def test_svcchurn_shares_the_cycles_among_workers_and_counts_disagreements() -> None:
+    from overlayd.lab import svcchurn
+
+    assert svcchurn.split(1000, 3) == [334, 333, 333]
+    assert svcchurn.split(2, 3) == [1, 1, 0]
+    result = svcchurn.ChurnResult((1, 2), 10, seconds=5.0, converge_seconds=0.5, revision=9)
+    result.findings = {
+        1: [{"check": "services", "ok": True, "detail": "fine", "count": 1}],
+        2: [
+            {"check": "services table", "ok": False, "detail": "map vips_v4: ...", "count": 1},
+            {"check": "services table", "ok": False, "detail": "and 4 more", "count": 4},
+        ],
+    }
+    result.names = {1: [], 2: ["churn-h1-w0-3.overlay.internal. A at ...: NOERROR 10.244.1.9"]}
+    assert result.disagreements == 6
+    shown = "\n".join(svcchurn.lines(result, 1))
+    assert "cycles: 10 in 5.0 s (2.00 a second), 0 failed" in shown
+    assert "h2 FAIL services table: map vips_v4: ..." in shown
+    assert "    h2 1 differ\n      churn-h1-w0-3.overlay.internal. A at" in shown
+    assert shown.endswith("disagreements: 6")
+    args = ctl.parser().parse_args(["lab", "svcchurn", "--cycles", "20"])
+    assert (args.cycles, args.workers) == (20, 1)
