@@ -4,11 +4,17 @@ context on one worker thread, for tables changed often and in small steps.
 Why not the `nft` command, as the other tables are written: before every
 transaction that adds rules or elements, nft fetches every chain in the
 namespace, and a fresh nft process also pays for starting and for making
-its context (about 20 ms here, most of a small change). A context kept
-alive across changes pays only the chain fetch, and only when the kernel's
-generation moved. Measured on a services table of 10,000 chains
-(2026-12-02): a 4-statement change took 36 ms p50 through `nft -f`, 29 ms
-with a context made per call, 12 ms with one kept.
+its context (about 15 to 20 ms here, most of a small change). A context
+kept alive across changes pays only the fetch (again every time: each
+commit, our own too, moves the kernel's generation, which nft checks).
+Measured on a services table of 10,000 chains (2026-12-02): a 4-statement
+change took 36 ms p50 through `nft -f`, 29 ms with a context made per
+call, 12 ms with one kept.
+
+The price: nft runs inside the daemon, so a crash of libnftables (an
+assertion on some input) would take the daemon down with it, where a
+failed `nft` process is one refused transaction. The scripts are our own
+render of validated input; systemd restarts the daemon.
 
 Why ctypes and not a binding: the binding that ships with nftables
 (python3-nftables) is a Debian package outside our virtualenv, and we need
