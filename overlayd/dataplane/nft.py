@@ -31,7 +31,7 @@ from typing import Any
 from overlayd.dataplane.command import run
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, Family, IPAddress
-from overlayd.plan import vxlan_filter
+from overlayd.plan import policy_rules, service_rules, vxlan_filter
 from overlayd.plan.egress import EGRESS_CHAINS, FAMILIES, FAMILY, TABLE, EgressSpec, render_table
 from overlayd.plan.egress import render_transaction as render_egress
 from overlayd.plan.nftables import ObjectKey, nft_family, select, split_objects, table_text
@@ -123,8 +123,8 @@ class Nft:
             items.extend(found if isinstance(found, list) else [])
         return {"nftables": items}
 
-    async def delete_table(self, family: str = FAMILY) -> bool:
-        code, _, _ = await run([*self.prefix, "delete", "table", family, TABLE])
+    async def delete_table(self, family: str = FAMILY, name: str = TABLE) -> bool:
+        code, _, _ = await run([*self.prefix, "delete", "table", family, name])
         return code == 0
 
 
@@ -206,14 +206,18 @@ class NftTable:
         return "; ".join(done)
 
     async def delete(self) -> list[str]:
-        """Every table of ours, allow-lists included (teardown); the tables
-        that were there, as `FAMILY NAME`."""
+        """Every table of ours (teardown): the egress tables with their
+        allow-lists, the policy table and the services tables; those that
+        were there, as `FAMILY NAME`."""
         self._written = {}
         gone = []
         for family in FAMILIES:
             fam = nft_family(family)
             if await self.nft.delete_table(fam):
                 gone.append(f"{fam} {TABLE}")
+        for name in (policy_rules.TABLE, *service_rules.TABLES):
+            if await self.nft.delete_table("inet", name):
+                gone.append(f"inet {name}")
         return gone
 
 

@@ -164,7 +164,11 @@ async def test_a_cluster_without_ipv6_any_more_loses_the_ip6_table_only(netns: s
     fresh = CountedNft(netns)
     assert await NftTable(nft=fresh).ensure(v4_only) is not None
     assert "ip6" not in "".join(fresh.scripts)
-    # Teardown takes both tables.
+    # Teardown takes both tables, and the policy and services tables.
     await table.ensure(dual("gwbridge"))
-    assert await table.delete() == ["ip overlayd", "ip6 overlayd"]
-    assert not lab_netns.in_ns(netns, "nft", "list", "tables").strip()
+    others = ["overlayd_policy", "overlayd_services", "overlayd_services_2"]
+    for name in others:
+        lab_netns.in_ns(netns, "nft", "add", "table", "inet", name)
+    lab_netns.in_ns(netns, "nft", "add", "table", "inet", "othertool")  # not ours
+    assert await table.delete() == ["ip overlayd", "ip6 overlayd"] + [f"inet {n}" for n in others]
+    assert lab_netns.in_ns(netns, "nft", "list", "tables").split() == ["table", "inet", "othertool"]
