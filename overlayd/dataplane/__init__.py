@@ -100,9 +100,9 @@ class Dataplane:
     netns: str | None = None
     # Up to this many changes go through netlink; more through iproute2.
     netlink_max_changes: int = 64
-    # The policy and services tables are written often and in small steps,
-    # each through its own kept libnftables context (see dataplane/libnft.py),
-    # made at its first write: a new nft process per change costs about 20 ms.
+    # The services tables are written often and in small steps, through a
+    # kept libnftables context (see dataplane/libnft.py), made at the first
+    # write: a new nft process per change costs 15 to 20 ms.
     sessions: dict[str, NftSession] = field(default_factory=dict)
 
     @classmethod
@@ -169,7 +169,11 @@ class Dataplane:
         return self.sessions[table]
 
     async def apply_policy(self, statements: Sequence[str]) -> None:
-        await self._session(policy_rules.WHERE).apply(policy_rules.script(statements))
+        # Through the nft command, not a kept context: at 500 policies the
+        # cost of an endpoint change is nft's fetch of the set elements
+        # (37 ms of 38), not its start; and tests/lab/test_policy_lifecycle
+        # slows this table's writes with an nft wrapper on the daemon's PATH.
+        await self.nft.nft.apply(policy_rules.script(statements))
 
     async def policy_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
