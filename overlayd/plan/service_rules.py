@@ -667,15 +667,7 @@ def render_ruleset(ruleset: ServiceRuleset) -> str:
             if shown:
                 lines.append(f"\t\telements = {{ {', '.join(shown)} }}")
             blocks.append("\n".join([*lines, "\t}"]))
-        chains = _table_chains(ruleset, table)
-        # The fixed chains first, as nft lists them (in creation order).
-        fixed = (
-            _front_chains(ruleset.versions, ruleset.local)
-            if table == TABLE
-            else _shard_chains(ruleset.versions)
-        )
-        ordered = {**{n: chains[n] for n in fixed}, **chains}
-        blocks += [chain_block(name, chain) for name, chain in ordered.items()]
+        blocks += [chain_block(name, chain) for name, chain in _listed_order(ruleset, table)]
         tables.append(f"table inet {table} {{\n" + "\n\n".join(blocks) + "\n}\n")
     return "\n".join(tables)
 
@@ -692,17 +684,23 @@ def table_chains(ruleset: ServiceRuleset) -> dict[str, Chain]:
     services)."""
     if ruleset.empty:
         return {}
-    found: dict[str, Chain] = {}
-    for table in TABLES:
-        chains = _table_chains(ruleset, table)
-        fixed = (
-            _front_chains(ruleset.versions, ruleset.local)
-            if table == TABLE
-            else _shard_chains(ruleset.versions)
-        )
-        for name in [*fixed, *(n for n in chains if n not in fixed)]:
-            found[chain_label(table, name)] = chains[name]
-    return found
+    return {
+        chain_label(table, name): chain
+        for table in TABLES
+        for name, chain in _listed_order(ruleset, table)
+    }
+
+
+def _listed_order(ruleset: ServiceRuleset, table: str) -> list[tuple[str, Chain]]:
+    """One table's chains as nft lists them: the fixed ones first (in
+    creation order), then the services' by service name."""
+    chains = _table_chains(ruleset, table)
+    fixed = (
+        _front_chains(ruleset.versions, ruleset.local)
+        if table == TABLE
+        else _shard_chains(ruleset.versions)
+    )
+    return [(n, chains[n]) for n in [*fixed, *(n for n in chains if n not in fixed)]]
 
 
 def _create(ruleset: ServiceRuleset) -> list[str]:
