@@ -43,6 +43,7 @@ from overlayd.plan.policy_rules import (
     element_repairs,
     listed_counters,
     listed_elements,
+    listed_ports,
     policy_ruleset,
     policy_transaction,
     with_endpoints,
@@ -205,7 +206,7 @@ class PolicyManager:
                     return policy_transaction(EMPTY, desired)
                 return policy_transaction(None, desired)
             self._telemetry.policy_counters(listed_counters(listing), believed.counters)
-            repairs = element_repairs(believed, listed_elements(listing))
+            repairs = element_repairs(believed, listed_elements(listing), listed_ports(listing))
             if repairs is None:
                 self._repaired = 1  # a set of ours went: the whole table again
                 return policy_transaction(None, desired)
