@@ -349,10 +349,15 @@ class CounterOwner(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class PolicyRuleset:
-    """Everything in `table inet overlayd_policy`. `chains` is in creation
-    order: policy chains, then the dispatch, deny and link-local chains
-    that jump to them, then the direction chains and last the base chain;
-    empty: no table at all."""
+    """Everything in `table inet overlayd_policy`, each kind in creation
+    order. `chains`: policy chains, then the dispatch, deny and link-local
+    chains that jump to them, then the direction chains and last the base
+    chain. The sets: port sets first, then address sets, then MAC sets
+    (each kind by name), since the kernel finds a rule's set by walking
+    the table's sets from the first made: port sets are named by the most
+    rules, MAC sets only by the link-local chains (0.04 s of the 0.3 s nft
+    took for the cold-start table of the lab's 500 policies, against
+    sorting them all by name). Empty: no table at all."""
 
     sets: Mapping[str, NftSet]
     chains: Mapping[str, Chain]
@@ -726,7 +731,7 @@ def policy_ruleset(
     if isolated:
         chains[BASE] = Chain(_base_chain(isolated), hook=_HOOK)
     return PolicyRuleset(
-        dict(sorted(build.sets.items())),
+        dict(sorted(build.sets.items(), key=lambda item: (item[1].type == "ether_addr", item[0]))),
         chains,
         dict(sorted(counters.items())),
         dict(sorted(build.port_sets.items())),
@@ -782,16 +787,16 @@ def render_ruleset(ruleset: PolicyRuleset, *, elements: bool = True) -> str:
     if ruleset.empty:
         return ""
     blocks = [f"\tcounter {name} {{\n\t}}" for name in ruleset.counters]
-    for name, s in ruleset.sets.items():
-        lines = [f"\tset {name} {{", f"\t\ttype {s.type}", f'\t\tcomment "{s.comment}"']
-        if s.elements and elements:
-            lines.append(f"\t\telements = {{ {_elements(s.elements)} }}")
-        blocks.append("\n".join([*lines, "\t}"]))
     for name, ports in ruleset.port_sets.items():
         lines = [f"\tset {name} {{", f"\t\ttype {ports.type}", "\t\tflags interval"]
         lines.append(f'\t\tcomment "{ports.comment}"')
         if elements:
             lines.append(f"\t\telements = {{ {', '.join(ports.elements)} }}")
+        blocks.append("\n".join([*lines, "\t}"]))
+    for name, s in ruleset.sets.items():
+        lines = [f"\tset {name} {{", f"\t\ttype {s.type}", f'\t\tcomment "{s.comment}"']
+        if s.elements and elements:
+            lines.append(f"\t\telements = {{ {_elements(s.elements)} }}")
         blocks.append("\n".join([*lines, "\t}"]))
     blocks += [chain_block(name, chain) for name, chain in ruleset.chains.items()]
     return f"table {WHERE} {{\n" + "\n\n".join(blocks) + "\n}\n"
@@ -852,6 +857,11 @@ def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> li
     if before is None or before.empty:
         return [f"table {WHERE}", f"delete table {WHERE}", *_create(after)]
     out = [f"add counter {WHERE} {name}" for name in after.counters if name not in before.counters]
+    out += [
+        _add_port_set(name, ports)
+        for name, ports in after.port_sets.items()
+        if name not in before.port_sets
+    ]
     for name, s in after.sets.items():
         old = before.sets.get(name)
         if old is s:  # untouched by with_endpoints: nothing to compare
@@ -867,11 +877,6 @@ def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> li
             out.append(f"add element {WHERE} {name} {{ {_elements(added)} }}")
         if gone := old.elements - s.elements:
             out.append(f"delete element {WHERE} {name} {{ {_elements(gone)} }}")
-    out += [
-        _add_port_set(name, ports)
-        for name, ports in after.port_sets.items()
-        if name not in before.port_sets
-    ]
     changed = []
     for name, chain in after.chains.items():
         old_chain = before.chains.get(name)
@@ -904,11 +909,11 @@ def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> li
 def _create(ruleset: PolicyRuleset) -> list[str]:
     out = [f"add table {WHERE}"]
     out += [f"add counter {WHERE} {name}" for name in ruleset.counters]
+    out += [_add_port_set(name, ports) for name, ports in ruleset.port_sets.items()]
     for name, s in ruleset.sets.items():
         out.append(_add_set(name, s))
         if s.elements:
             out.append(f"add element {WHERE} {name} {{ {_elements(s.elements)} }}")
-    out += [_add_port_set(name, ports) for name, ports in ruleset.port_sets.items()]
     out += [_add_chain(name, chain) for name, chain in ruleset.chains.items()]
     for name, chain in ruleset.chains.items():
         out += [f"add rule {WHERE} {name} {rule}" for rule in chain.rules]
