@@ -216,7 +216,15 @@ import json
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network, collapse_addresses, ip_address
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    collapse_addresses,
+    ip_address,
+)
+from operator import itemgetter
 from typing import Any, Literal, NamedTuple
 
 from overlayd.model import IPAddress, IPNetwork
@@ -416,7 +424,10 @@ def counter_name(policy: str, direction: Direction, verdict: Verdict) -> str:
 def _comment(text: str) -> str:
     """Printable ASCII without quotes or backslashes (nft's quoted strings
     have no escapes), at most COMMENT characters."""
-    clean = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        clean = text  # the common case, without a look at each character
+    else:
+        clean = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
     return clean if len(clean) <= COMMENT else clean[: COMMENT - 3] + "..."
 
 
@@ -561,15 +572,29 @@ def _block(block: IpBlock, field: str, version: int) -> str | None:
     return " ".join(parts)
 
 
+def _members(endpoints: Sequence[Endpoint], kind: AddressType) -> list[frozenset[Element]]:
+    """NftSet.members of every endpoint for a set of type `kind`, as sets,
+    in one loop without a call per endpoint: a cold start asks for 10,000."""
+    if kind == "ether_addr":
+        return [frozenset(e.macs) for e in endpoints]
+    family = IPv4Address if kind == "ipv4_addr" else IPv6Address
+    return [
+        frozenset([a for a in (*e.addresses, *e.gwbridge_addresses) if type(a) is family])
+        for e in endpoints
+    ]
+
+
 class _Builder:
     """Collects the sets the rules refer to while rendering them."""
 
     def __init__(self, endpoints: Sequence[Endpoint], local: LocalSubnets) -> None:
         self.index = EndpointIndex(endpoints)
         self.local = local
+        self.versions = local.versions  # asked for every set and rule: made once
         self.sets: dict[str, NftSet] = {}
         self.port_sets: dict[str, PortSet] = {}
         self._selected: dict[str, list[int]] = {}
+        self._names: dict[tuple[LabelSelector, int], str] = {}
         # Per set type, what each endpoint puts in such a set (NftSet.members),
         # made once: a set's elements are then the union of these, which
         # reuses their hashes instead of hashing every address again (an
@@ -579,13 +604,16 @@ class _Builder:
     def _members_of(self, s: NftSet) -> list[frozenset[Element]]:
         found = self._members.get(s.type)
         if found is None:
-            found = self._members[s.type] = [frozenset(s.members(e)) for e in self.index.endpoints]
+            found = self._members[s.type] = _members(self.index.endpoints, s.type)
         return found
 
     def set_for(self, selector: LabelSelector, version: int) -> str:
         """The set of the selector's endpoints' addresses of `version`, or
         with version 0 of their MACs, made on first use."""
-        name = set_name(selector, version)
+        name = self._names.get((selector, version))
+        if name is not None:
+            return name
+        name = self._names[(selector, version)] = set_name(selector, version)
         if name not in self.sets:
             canonical = selector.canonical()
             selected = self._selected.get(canonical)
@@ -594,7 +622,10 @@ class _Builder:
             kind = _SET_TYPE[version]
             empty = NftSet(kind, frozenset(), _comment(f"selector {canonical}"), selector)
             members = self._members_of(empty)
-            elements = frozenset[Element]().union(*(members[i] for i in selected))
+            if len(selected) > 1:
+                elements = frozenset[Element]().union(*itemgetter(*selected)(members))
+            else:
+                elements = members[selected[0]] if selected else frozenset()
             self.sets[name] = empty._replace(elements=elements)
         return name
 
@@ -620,7 +651,7 @@ class _Builder:
         field = _PEER_FIELD[direction]
         found = []
         for peer in rule.peers:
-            for version in self.local.versions:
+            for version in self.versions:
                 if isinstance(peer, SelectorPeer):
                     found.append(f"{_ip(version)} {field} @{self.set_for(peer.selector, version)}")
                 elif (match := _block(peer, field, version)) is not None:
@@ -645,9 +676,9 @@ class _Builder:
         local = _LOCAL_FIELD[direction]
         passed = _passed(direction)
         rules = [f"ip6 {local} {LINK_LOCAL} jump {_link_local(direction)}"]
-        if 6 not in self.local.versions:
+        if 6 not in self.versions:
             rules.append(f"meta nfproto ipv6 {passed}")
-        for version in self.local.versions:
+        for version in self.versions:
             rules.append(_outside(_ip(version), local, self.local.networks(version), passed))
         if dispatch:
             rules.append(f"jump {_dispatch(direction)}")
@@ -697,7 +728,7 @@ def policy_ruleset(
             local_field = _LOCAL_FIELD[direction]
             selected = [
                 f"{_ip(v)} {local_field} @{build.set_for(policy.selector, v)}"
-                for v in local.versions
+                for v in build.versions
             ]
             by_mac = f"ether {local_field} @{build.set_for(policy.selector, 0)}"
             rules = build.policy_chain(policy, direction, ingress)
@@ -769,13 +800,22 @@ def policy_counter_names(ruleset: PolicyRuleset) -> Mapping[str, CounterOwner]:
 # --- text --------------------------------------------------------------------
 
 
+_OCTETS = [str(octet) for octet in range(256)]
+
+
 def _elements(addresses: Collection[Element]) -> str:
     """A set's elements as nft takes and lists them, in address order."""
     if all(type(a) is IPv4Address for a in addresses):
-        # The common case, formatted here: a cold start writes tens of
-        # thousands, and ipaddress's str() takes twice as long.
-        ints = sorted(map(int, addresses))
-        return ", ".join(["{}.{}.{}.{}".format(*i.to_bytes(4, "big")) for i in ints])
+        # The common case, formatted here from a table of the octets' texts:
+        # a cold start writes tens of thousands, and ipaddress's str() takes
+        # five times as long.
+        o = _OCTETS
+        return ", ".join(
+            [
+                f"{o[i >> 24]}.{o[i >> 16 & 255]}.{o[i >> 8 & 255]}.{o[i & 255]}"
+                for i in sorted(map(int, addresses))
+            ]
+        )
     return ", ".join(map(str, sorted(addresses, key=int)))
 
 
