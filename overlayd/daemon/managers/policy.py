@@ -130,9 +130,9 @@ class PolicyManager:
         self._repaired = 0
         statements = await self._statements(context, desired)
         # Written while the managers up to `written` (PolicyWritten) make
-        # sure of and plan the VXLAN allow-lists: nft takes half a second
-        # for a whole table of 10,000 endpoints and 500 policies, in a
-        # process of its own.
+        # sure of the devices, sysctls and egress rules and plan the VXLAN
+        # allow-lists: nft takes a quarter of a second for a whole table of
+        # 10,000 endpoints and 500 policies, in a process of its own.
         write = asyncio.create_task(self._write(statements)) if statements else None
         self._pending = (write, desired, len(policies), endpoints)
         if write is not None:
@@ -247,12 +247,14 @@ class PolicyManager:
 
 class PolicyWritten:
     """The barrier after which a pass may open new paths (the VXLAN
-    allow-list's additions, peer entries): the policy transaction that
-    PolicyManager started is in force. The managers between the two only
-    read, plan and restrict (the allow-lists' own chains, which drop), so
-    that a policy selecting an endpoint is still in force before any new
-    path to it is, as when the transaction was awaited in place; on a cold
-    start its nft run overlaps their work."""
+    allow-list's additions, peer entries, services): the policy transaction
+    that PolicyManager started is in force. The managers between the two
+    make sure of the devices, sysctls and egress rules (made before the
+    policy's transaction started, until the policy manager moved first: see
+    standard_managers) and otherwise only read, plan and restrict (the allow-lists' own chains,
+    which drop), so that a policy selecting an endpoint is still in force
+    before any new path to it is, as when the transaction was awaited in
+    place; on a cold start its nft run overlaps their work."""
 
     name = "policy-write"
 
