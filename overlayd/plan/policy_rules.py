@@ -702,7 +702,8 @@ def policy_ruleset(
     """The ruleset enforcing `policies` for this host's endpoints (those in
     `local`), with every endpoint of the cluster in the sets. Deterministic:
     the same inputs, in any order, give the same ruleset. ValueError for two
-    policies of one name, or two names that would share nft names."""
+    policies of one name, or two names (or port lists) that would share nft
+    names."""
     ordered = sorted(policies, key=lambda p: p.name)
     keys: dict[str, str] = {}
     for policy in ordered:
