@@ -36,11 +36,8 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.status import StatusPublisher, status_key
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
-from overlayd.dataplane.veth import VethPairs
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, IPV6, IPNetwork, NetworkConfig, Underlay
-from overlayd.nsexec import CniRunner
-from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
@@ -60,8 +57,9 @@ from overlayd.surfaces.telemetry import Telemetry
 if TYPE_CHECKING:
     # Imported where they are made, only when configured: dnspython and
     # aiomqtt took a tenth of a second of every start (python -X importtime),
-    # DNS and MQTT on or not.
+    # DNS and MQTT on or not; the Docker plugin's parts 10 ms more.
     from overlayd.daemon.dns import DnsResponder
+    from overlayd.plan.docker_plugin import HostView
     from overlayd.surfaces.mqtt import MqttPublisher
 
 log = logging.getLogger("overlayd")
@@ -441,6 +439,8 @@ class Agent:
             # goes on whatever happens to the socket. Imported here: its web
             # framework (aiohttp) took a fifth of a second of every start,
             # with or without the plugin.
+            from overlayd.dataplane.veth import VethPairs
+            from overlayd.nsexec import CniRunner
             from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 
             plugin = DockerPlugin(
@@ -512,6 +512,8 @@ class Agent:
         """The host as the last successful full pass programmed it (not the
         plan, which takes a new lease before the bridge has its subnet);
         unsettled while the two differ."""
+        from overlayd.plan.docker_plugin import HostView  # see TYPE_CHECKING above
+
         programmed = reconciler.programmed or Inputs.of(host)  # set by the first pass
         return HostView(
             subnet=programmed.own.subnet,
