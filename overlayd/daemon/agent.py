@@ -25,10 +25,9 @@ import time
 from collections.abc import Coroutine, Mapping
 from functools import partial
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlayd.config import AgentConfig, parse_network_config
-from overlayd.daemon.dns import DnsResponder, gateways
 from overlayd.daemon.endpoints import EndpointRegistry
 from overlayd.daemon.host import HostState
 from overlayd.daemon.leasing import HeldLease, LeaseKeeper, SubnetLeaser
@@ -37,14 +36,12 @@ from overlayd.daemon.managers import Inputs, PassInputs
 from overlayd.daemon.status import StatusPublisher, status_key
 from overlayd.daemon.teardown import teardown
 from overlayd.dataplane import Dataplane
-from overlayd.dataplane.veth import VethPairs
 from overlayd.errors import OverlaydError
 from overlayd.model import IPV4, IPV6, IPNetwork, NetworkConfig, Underlay
-from overlayd.nsexec import CniRunner
-from overlayd.plan.docker_plugin import HostView
 from overlayd.plan.egress import EgressSpec, choose_gwbridge_subnet
 from overlayd.plan.endpoints import endpoints_prefix, host_id
 from overlayd.plan.host import check_mtu, describe_mode, host_plan
+from overlayd.plan.ipam import gateways
 from overlayd.plan.leases import config_key, subnets_prefix
 from overlayd.plan.policy import policies_prefix
 from overlayd.plan.service import route_clashes, services_prefix
@@ -53,10 +50,17 @@ from overlayd.store.etcd import EtcdStore
 from overlayd.store.mirror import Mirror
 from overlayd.surfaces.control import serve_control
 from overlayd.surfaces.httpd import MetricsServer
-from overlayd.surfaces.mqtt import MqttPublisher
 from overlayd.surfaces.notify import Notifier
 from overlayd.surfaces.subnetfile import SubnetFileWriter, read_subnet, read_subnet6
 from overlayd.surfaces.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    # Imported where they are made, only when configured: dnspython and
+    # aiomqtt took a tenth of a second of every start (python -X importtime),
+    # DNS and MQTT on or not; the Docker plugin's parts 10 ms more.
+    from overlayd.daemon.dns import DnsResponder
+    from overlayd.plan.docker_plugin import HostView
+    from overlayd.surfaces.mqtt import MqttPublisher
 
 log = logging.getLogger("overlayd")
 
@@ -282,6 +286,8 @@ class Agent:
             underlay.mtu,
         )
         if s.mqtt_url is not None:
+            from overlayd.surfaces.mqtt import MqttPublisher  # see TYPE_CHECKING above
+
             self.publisher = MqttPublisher(
                 s.mqtt_url, s.mqtt_topic, str(underlay.address), self.telemetry
             )
@@ -456,6 +462,8 @@ class Agent:
             # goes on whatever happens to the socket. Imported here: its web
             # framework (aiohttp) took a fifth of a second of every start,
             # with or without the plugin.
+            from overlayd.dataplane.veth import VethPairs
+            from overlayd.nsexec import CniRunner
             from overlayd.surfaces.docker_plugin import DockerPlugin, PluginSettings
 
             plugin = DockerPlugin(
@@ -496,6 +504,8 @@ class Agent:
         if not config.service_networks:
             log.info("event=dns_off reason=%r", "the network config has no ServiceNetwork")
             return None
+        from overlayd.daemon.dns import DnsResponder  # see TYPE_CHECKING above
+
         zones: list[IPNetwork] = [config.network]
         if config.ipv6 is not None:
             zones.append(config.ipv6.network)
@@ -525,6 +535,8 @@ class Agent:
         """The host as the last successful full pass programmed it (not the
         plan, which takes a new lease before the bridge has its subnet);
         unsettled while the two differ."""
+        from overlayd.plan.docker_plugin import HostView  # see TYPE_CHECKING above
+
         programmed = reconciler.programmed or Inputs.of(host)  # set by the first pass
         return HostView(
             subnet=programmed.own.subnet,

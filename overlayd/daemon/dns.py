@@ -24,9 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from overlayd.daemon.managers.services import ServiceState
-from overlayd.model import IPAddress, IPNetwork, Lease
+from overlayd.model import IPAddress, IPNetwork
 from overlayd.plan.dns_records import DnsRecords, build_records
-from overlayd.plan.ipam import gateway_address
 from overlayd.surfaces.dns import DnsCounters, DnsServer, Upstream, resolv_conf_upstreams
 
 log = logging.getLogger("overlayd.dns")
@@ -34,14 +33,6 @@ log = logging.getLogger("overlayd.dns")
 DNS_PORT = 53
 BIND_RETRY_SECONDS = 2.0
 BIND_ATTEMPTS = 30
-
-
-def gateways(own: Lease) -> tuple[IPAddress, ...]:
-    """The bridge's gateway addresses for a lease: where the responder listens."""
-    found: list[IPAddress] = [gateway_address(own.subnet)]
-    if own.ipv6_subnet is not None:
-        found.append(gateway_address(own.ipv6_subnet))
-    return tuple(found)
 
 
 class DnsResponder:

@@ -165,8 +165,9 @@ class RulesetSize:
 def ruleset_size(ruleset: PolicyRuleset) -> RulesetSize:
     return RulesetSize(
         statements=len(policy_transaction(None, ruleset)),
-        sets=len(ruleset.sets),
-        elements=sum(len(s.elements) for s in ruleset.sets.values()),
+        sets=len(ruleset.sets) + len(ruleset.port_sets),
+        elements=sum(len(s.elements) for s in ruleset.sets.values())
+        + sum(len(p.elements) for p in ruleset.port_sets.values()),
         chains=len(ruleset.chains),
         rules=sum(len(c.rules) for c in ruleset.chains.values()),
     )

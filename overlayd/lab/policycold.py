@@ -23,6 +23,12 @@ Timed from the daemon's start:
                watch (no polling interval in the figure): what `overlayctl
                policy wait` would wait for
 
+Before the clock starts, overlayd's modules are byte-compiled (as
+`pip install` and distribution packages do at install time): the lab runs
+overlayd from its source tree, where Python writes no bytecode when
+PYTHONDONTWRITEBYTECODE is set, and compiling 130 modules at every start
+added 0.15 to 0.2 s that no installed daemon pays.
+
 Then checked, or the run is refused: every endpoint and policy was usable,
 the daemon has a route per peer, and its policy table is exactly what the
 daemon's pure code makes of etcd (`overlayctl diagnose`'s comparison: each
@@ -34,6 +40,7 @@ and rules they make) and the daemon's peak RSS (VmHWM) at the end.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import json
 import statistics
@@ -43,7 +50,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Network
+from pathlib import Path
 
+import overlayd
 from overlayd.config import parse_network_config
 from overlayd.daemon.status import status_key
 from overlayd.lab import cpbench, netns
@@ -154,6 +163,13 @@ async def start_and_time(lab: Lab, revision: int, store: EtcdStore) -> tuple[flo
             await watcher
 
 
+def byte_compile() -> None:
+    """overlayd's modules compiled to bytecode, where they are not already
+    (see the module's docstring); quietly does nothing where it cannot
+    write (the start then compiles them, as before)."""
+    compileall.compile_dir(Path(overlayd.__file__).parent, quiet=2)
+
+
 def run_one(name: str, endpoints: int, policies: int, per_host: int, seed: int = 0) -> ColdResult:
     hosts = hosts_for(endpoints, per_host)
     lab = Lab(name)
@@ -174,6 +190,7 @@ def run_one(name: str, endpoints: int, policies: int, per_host: int, seed: int =
             )
         )
         lab.attach_host_namespace(1)
+        byte_compile()
         ns = lab.host_ns(1)
         # A previous run's subnet file: the daemon asks for this subnet first.
         subnet_file = lab.subnet_file(1)

@@ -31,6 +31,7 @@ from overlayd.plan.policy_rules import (
     PolicyRuleset,
     comparable,
     listed_elements,
+    listed_ports,
     render_ruleset,
     terse_listing,
 )
@@ -444,6 +445,12 @@ def _policy_findings(facts: PolicyFacts) -> list[Finding]:
         ]
     problems = []
     listed = listed_elements(facts.listing)
+    ports = listed_ports(facts.listing)
+    for name, wanted_ports in desired.port_sets.items():
+        if ports.get(name) != frozenset(wanted_ports.elements):
+            problems.append(
+                f"port set {name} missing" if name not in ports else f"port set {name} differs"
+            )
     for name, wanted in desired.sets.items():
         have = listed.get(name)
         if have is None:
@@ -465,7 +472,8 @@ def _policy_findings(facts: PolicyFacts) -> list[Finding]:
         Finding(
             check,
             True,
-            f"{len(desired.sets)} sets, {len(desired.chains)} chains and {counters} counters"
+            f"{len(desired.sets) + len(desired.port_sets)} sets, {len(desired.chains)} chains"
+            f" and {counters} counters"
             " as the policies and endpoints make them",
         ),
     ]

@@ -32,11 +32,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, ip_address
 from typing import Any
 
 from overlayd.errors import EndpointError
-from overlayd.model import IPAddress, IPNetwork
+from overlayd.model import IPAddress
 from overlayd.plan.ipam import gateway_address
 from overlayd.plan.policy import label_key_problem, label_value_problem, show
 from overlayd.plan.policy_model import Endpoint, HostSubnets, MacAddress
@@ -185,47 +185,93 @@ def _text(raw: dict[str, Any], name: str, required: bool) -> str:
     return value
 
 
+def _utf8(value: bytes) -> str | bytes:
+    """A registration's bytes as json.loads would decode them, decoded
+    here when that is UTF-8 (every value overlayd writes): json.loads's own
+    detection of the encoding costs as much again as decoding."""
+    # json.detect_encoding: no BOM (none starts with "{") and no NUL among
+    # the first bytes (UTF-16 and UTF-32) means UTF-8.
+    if len(value) >= 4 and value[0] == 0x7B and value[1] and value[2]:
+        return value.decode("utf-8", "surrogatepass")
+    return value
+
+
+# A dotted quad as ipaddress accepts it (no leading zeros), read without
+# ipaddress's octet-by-octet Python: a cold start reads 10,000 of them.
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+
+
+def _ip(text: str) -> IPAddress:
+    """ip_address(text), faster for IPv4; ValueError for anything else."""
+    quad = _DOTTED_QUAD.fullmatch(text)
+    if quad is None:
+        return ip_address(text)
+    a, b, c, d = quad.groups()
+    return IPv4Address((int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d))
+
+
 def _addresses(raw: object, host: str, subnets: HostSubnets) -> tuple[IPAddress, ...]:
     if not isinstance(raw, list) or not 1 <= len(raw) <= 2:
         raise EndpointError(f"addresses: {show(raw)} is not a list of one or two addresses")
     found: list[IPAddress] = []
     for index, item in enumerate(raw):
-        where = f"addresses[{index}]"
         if not isinstance(item, str):
-            raise EndpointError(f"{where}: {show(item)} is not a string")
+            raise EndpointError(f"addresses[{index}]: {show(item)} is not a string")
         try:
-            address = ip_address(item)
+            address = _ip(item)
         except ValueError as exc:
-            raise EndpointError(f"{where}: {show(item)} is not an IP address") from exc
-        network = subnets.subnet if address.version == 4 else subnets.subnet6
-        bounds = None if network is None else _bounds(network)
+            raise EndpointError(f"addresses[{index}]: {show(item)} is not an IP address") from exc
+        bounds = _bounds(subnets, address.version)
         value = int(address)
         if bounds is None or not bounds[0] <= value <= bounds[1]:
             held = ", ".join(str(n) for n in (subnets.subnet, subnets.subnet6) if n is not None)
-            raise EndpointError(f"{where}: {address} is outside host {host}'s subnets ({held})")
+            raise EndpointError(
+                f"addresses[{index}]: {address} is outside host {host}'s subnets ({held})"
+            )
         # The bridge's own address and the ones no container has: an
         # endpoint claiming one would have policy judge the host's traffic
         # as the endpoint's.
         if value in bounds[2]:
+            network = subnets.subnet if address.version == 4 else subnets.subnet6
             raise EndpointError(
-                f"{where}: {address} is the network, gateway or broadcast address of {network}"
+                f"addresses[{index}]: {address} is the network, gateway or broadcast address"
+                f" of {network}"
             )
         found.append(address)
-    if len(found) == 2 and found[0].version == found[1].version:
+    if len(found) == 1:
+        return (found[0],)
+    if found[0].version == found[1].version:
         raise EndpointError(f"addresses: two IPv{found[0].version} addresses")
     return tuple(sorted(found, key=lambda a: a.version))
 
 
-@functools.lru_cache(maxsize=1024)
-def _bounds(network: IPNetwork) -> tuple[int, int, frozenset[int]]:
-    """A host subnet's first and last address, and the ones no container
-    may claim (network, gateway, and in IPv4 broadcast), as ints: read
-    once per subnet, not per registration (a cold start reads thousands)."""
-    first, last = int(network.network_address), int(network.broadcast_address)
-    reserved = {first, int(gateway_address(network))}
-    if network.version == 4:
-        reserved.add(last)
-    return first, last, frozenset(reserved)
+# Per host's subnets (by identity: the selection keeps one HostSubnets per
+# host, and hashing one costs more than the lookup saves) and family.
+_BOUNDS: dict[tuple[int, int], tuple[HostSubnets, tuple[int, int, frozenset[int]] | None]] = {}
+
+
+def _bounds(subnets: HostSubnets, version: int) -> tuple[int, int, frozenset[int]] | None:
+    """The host subnet's first and last address of a family, and the ones
+    no container may claim (network, gateway, and in IPv4 broadcast), as
+    ints; None for a family the host has no subnet of. Kept per host and
+    family, not made per registration (a cold start reads thousands)."""
+    key = (id(subnets), version)
+    kept = _BOUNDS.get(key)
+    if kept is not None and kept[0] is subnets:
+        return kept[1]
+    network = subnets.subnet if version == 4 else subnets.subnet6
+    bounds = None
+    if network is not None:
+        first, last = int(network.network_address), int(network.broadcast_address)
+        reserved = {first, int(gateway_address(network))}
+        if network.version == 4:
+            reserved.add(last)
+        bounds = first, last, frozenset(reserved)
+    if len(_BOUNDS) >= 4096:
+        _BOUNDS.clear()
+    _BOUNDS[key] = (subnets, bounds)
+    return bounds
 
 
 def _gwbridge_addresses(raw: object, subnets: HostSubnets) -> tuple[IPAddress, ...]:
@@ -312,7 +358,7 @@ def _parse_value(
     if len(value) > MAX_ENDPOINT_BYTES:
         raise EndpointError(f"value is {len(value)} bytes, more than {MAX_ENDPOINT_BYTES}")
     try:
-        raw = json.loads(value)
+        raw = json.loads(_utf8(value))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise EndpointError(f"value is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):

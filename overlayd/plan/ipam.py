@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from overlayd.errors import SubnetsExhaustedError
-from overlayd.model import NetworkConfig
+from overlayd.model import IPAddress, Lease, NetworkConfig
 
 N = TypeVar("N", IPv4Network, IPv6Network)
 A = TypeVar("A", IPv4Address, IPv6Address)
@@ -126,6 +126,15 @@ def gateway_address(subnet: IPv6Network) -> IPv6Address: ...
 def gateway_address(subnet: IPv4Network | IPv6Network) -> IPv4Address | IPv6Address:
     """The bridge's address: the first host address of the subnet (either family)."""
     return subnet.network_address + 1
+
+
+def gateways(own: Lease) -> tuple[IPAddress, ...]:
+    """The bridge's gateway addresses for a lease, one per family (where the
+    DNS responder listens)."""
+    found: list[IPAddress] = [gateway_address(own.subnet)]
+    if own.ipv6_subnet is not None:
+        found.append(gateway_address(own.ipv6_subnet))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,14 +50,13 @@ Label keys and values follow Kubernetes' syntax; `label_key_problem` and
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any, NoReturn
-
-import yaml
 
 from overlayd.errors import PolicyError
 from overlayd.model import IPAddress, IPNetwork
@@ -75,11 +74,6 @@ from overlayd.plan.policy_model import (
     Rule,
     SelectorPeer,
 )
-
-try:  # libyaml's parser when PyYAML was built with it (its wheels are)
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # pragma: no cover - a PyYAML without libyaml
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
 
 MAX_POLICY_BYTES = 1 << 20
 MAX_RULES = 100  # per direction
@@ -227,36 +221,51 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-class _Loader(_SafeLoader):
-    """safe_load's rules, minus aliases (a document of a few kilobytes could
-    otherwise stand for millions of peers) and duplicate keys."""
+@functools.cache
+def _yaml_loader() -> type[Any]:
+    """The YAML loader, its module imported on first use: the daemon reads
+    only canonical JSON from etcd, and PyYAML took 10 ms of its start."""
+    import yaml
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        # Without aliases every node is constructed exactly once; meeting
-        # one again means it was referred to by an alias (or a merge key).
-        if node in self.constructed_objects:
-            raise yaml.constructor.ConstructorError(
-                None, None, "YAML aliases (*name) are not accepted", node.start_mark
-            )
-        return super().construct_object(node, deep)
+    try:  # libyaml's parser when PyYAML was built with it (its wheels are)
+        from yaml import CSafeLoader as SafeLoader
+    except ImportError:  # pragma: no cover - a PyYAML without libyaml
+        from yaml import SafeLoader  # type: ignore[assignment]
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            ident = (
-                (key_node.tag, key_node.value)
-                if isinstance(key_node, yaml.ScalarNode)
-                else id(key_node)
-            )
-            if ident in seen:
+    class Loader(SafeLoader):
+        """safe_load's rules, minus aliases (a document of a few kilobytes could
+        otherwise stand for millions of peers) and duplicate keys."""
+
+        def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+            # Without aliases every node is constructed exactly once; meeting
+            # one again means it was referred to by an alias (or a merge key).
+            if node in self.constructed_objects:
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"found the key {show(key_node.value)} twice",
-                    key_node.start_mark,
+                    None, None, "YAML aliases (*name) are not accepted", node.start_mark
                 )
-            seen.add(ident)
-        return super().construct_mapping(node, deep)
+            return super().construct_object(node, deep)
+
+        def construct_mapping(
+            self, node: yaml.MappingNode, deep: bool = False
+        ) -> dict[Hashable, Any]:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                ident = (
+                    (key_node.tag, key_node.value)
+                    if isinstance(key_node, yaml.ScalarNode)
+                    else id(key_node)
+                )
+                if ident in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found the key {show(key_node.value)} twice",
+                        key_node.start_mark,
+                    )
+                seen.add(ident)
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def _one_line(text: str) -> str:
@@ -287,9 +296,11 @@ def load_document(document: str | bytes | bytearray) -> Any:
         raise PolicyError("document", "nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, and too many digits in a number
         json_error = str(exc)
+    import yaml
+
     try:
-        # _Loader is a SafeLoader: no arbitrary objects.
-        return yaml.load(text, Loader=_Loader)
+        # A SafeLoader: no arbitrary objects.
+        return yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as exc:
         if looks_like_json:
             raise PolicyError("document", f"not valid JSON: {json_error}") from exc

@@ -14,12 +14,17 @@ import datetime
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from overlayd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# `cryptography` is imported by the functions that read TLS files, not
+# here: every daemon start imports this module, and the package took 25 ms
+# of a start without TLS (python -X importtime).
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,8 @@ def _read(path: Path, setting: str) -> bytes:
 
 
 def _certificates(data: bytes, path: Path, setting: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
@@ -124,6 +131,8 @@ def _usable(
 
 def load_tls(access: EtcdAccess, now: datetime.datetime | None = None) -> TlsMaterial:
     """Read and check the TLS files; raises ConfigError naming the setting."""
+    from cryptography.hazmat.primitives import serialization
+
     now = now or datetime.datetime.now(datetime.UTC)
     stamp = file_stamp(access.credential_files)
     ca = None

@@ -57,8 +57,10 @@ from overlayd.plan.policy_rules import (
     Chain,
     LocalSubnets,
     PolicyRuleset,
+    element_repairs,
     listed_counters,
     listed_elements,
+    listed_ports,
     policy_counter_names,
     policy_ruleset,
     policy_transaction,
@@ -770,12 +772,16 @@ def test_listing_json_is_what_the_reader_expects(netns: str) -> None:
         apply(netns, None, ruleset)
         listing = json.loads(nft(netns, "-j", "list", "table", "inet", TABLE))
         assert listed_elements(listing) == {n: st.elements for n, st in ruleset.sets.items()}
+        assert listed_ports(listing) == {
+            n: frozenset(p.elements) for n, p in ruleset.port_sets.items()
+        }
         assert listed_counters(listing) == dict.fromkeys(ruleset.counters, 0)
         # What a check pass reads (sets and counters alone, two listings at
         # once) says the same as the whole table.
         checked = asyncio.run(Nft(netns).sets_and_counters_json(f"inet {TABLE}"))
         assert checked is not None
         assert listed_elements(checked) == listed_elements(listing)
+        assert listed_ports(checked) == listed_ports(listing)
         assert listed_counters(checked) == listed_counters(listing)
         assert asyncio.run(Nft(netns).sets_and_counters_json("inet no_such_table")) is None
         # The rules as the kernel lists them are the rules as rendered.
@@ -786,27 +792,43 @@ def test_listing_json_is_what_the_reader_expects(netns: str) -> None:
         nft(netns, "delete", "table", "inet", TABLE, check=False)
 
 
-def test_the_kernel_lists_a_rules_set_in_its_own_order_and_diagnose_takes_it(
-    netns: str,
-) -> None:
-    """nft lists the elements of a rule's anonymous set in an order of its
-    own (a TCP and UDP port set, here): the terse listing then differs from
-    the rendering as text, and unordered_sets (diagnose's comparison) sees
-    the same rules. A changed port is still a difference."""
+def test_a_port_list_is_a_shared_set_the_checks_read_back_in_any_order(netns: str) -> None:
+    """A rule's port list is a named set that every rule with the same list
+    shares (here two policies'). listed_ports reads it back from nft's JSON
+    as a set of the render's texts, whatever the order nft lists them in
+    (it listed an anonymous TCP and UDP port set's in an order of its own),
+    so a check pass finds nothing to repair, and the rules as the kernel
+    lists them are the rules as rendered. An element taken out of the set
+    behind our back is found, and only a new table puts it back."""
     try:
         labels = (("app", "web"),)
         web = Box("web", "web", "10.244.1.3", "fd00:10:244:1::3", 1, labels, "0a:58:0a:f4:01:03")
         ports = (PortRange(Protocol.TCP, 6379, 6379), PortRange(Protocol.UDP, 53, 53))
         cache = Policy("cache", sel(app="web"), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
-        ruleset = policy_ruleset([cache], [web.endpoint()], LOCAL)
+        other = replace(cache, name="cache-too", selector=sel(role="frontend"))
+        ruleset = policy_ruleset([cache, other], [web.endpoint(role="frontend")], LOCAL)
+        [(name, port_set)] = ruleset.port_sets.items()
+        assert port_set.elements == ("tcp . 6379", "udp . 53")
         apply(netns, None, ruleset)
-        listed = terse_listing(nft(netns, "-t", "list", "table", "inet", TABLE))
-        rendered = render_ruleset(ruleset, elements=False)
-        assert "{ tcp . 6379, udp . 53 }" in rendered
-        assert listed != rendered  # the kernel's own order: the reason for unordered_sets
-        assert unordered_sets(listed) == unordered_sets(rendered)
-        other = rendered.replace("udp . 53 }", "udp . 54 }")
-        assert unordered_sets(listed) != unordered_sets(other)
+        listing = json.loads(nft(netns, "-j", "list", "sets", "table", "inet", TABLE))
+        [listed] = [
+            i["set"]["elem"] for i in listing["nftables"] if i.get("set", {}).get("name") == name
+        ]
+        print(f"nft lists {name} as {listed}")
+        assert listed_ports(listing) == {name: frozenset(port_set.elements)}
+        assert element_repairs(ruleset, listed_elements(listing), listed_ports(listing)) == []
+        terse = nft(netns, "-t", "list", "table", "inet", TABLE)
+        assert unordered_sets(terse_listing(terse)) == unordered_sets(
+            render_ruleset(ruleset, elements=False)
+        )
+        assert terse.count(f"dport @{name} ") == 2  # one set, two rules
+        nft(netns, "delete", "element", "inet", TABLE, name, "{ udp . 53 }")
+        listing = json.loads(nft(netns, "-j", "list", "sets", "table", "inet", TABLE))
+        assert listed_ports(listing) == {name: frozenset({"tcp . 6379"})}
+        assert element_repairs(ruleset, listed_elements(listing), listed_ports(listing)) is None
+        apply(netns, None, ruleset)
+        listing = json.loads(nft(netns, "-j", "list", "sets", "table", "inet", TABLE))
+        assert listed_ports(listing) == {name: frozenset(port_set.elements)}
     finally:
         nft(netns, "delete", "table", "inet", TABLE, check=False)
 

@@ -347,13 +347,50 @@ def test_a_filter_turned_off_passes_but_says_so() -> None:
 # --- network policy ------------------------------------------------------------------
 
 
-def _policy_listing(ruleset: PolicyRuleset, drop: int = 0) -> str:
-    """The JSON nft would list for `ruleset`'s sets, less `drop` elements."""
+def _port_json(text: str) -> Any:
+    """A port set element as nft -j lists it: 80, {"range": [..]}, {"concat": [..]}."""
+    if " . " in text:
+        return {"concat": [_port_json(part) for part in text.split(" . ")]}
+    if "-" in text:
+        first, last = text.split("-")
+        return {"range": [int(first), int(last)]}
+    return int(text) if text.isdigit() else text
+
+
+def _policy_listing(
+    ruleset: PolicyRuleset, drop: int = 0, ports: dict[str, list[str]] | None = None
+) -> str:
+    """The JSON nft would list for `ruleset`'s sets, less `drop` elements;
+    `ports`: port sets listed with these elements instead."""
     sets = []
     for name, s in ruleset.sets.items():
         elements = sorted(map(str, s.elements))
         sets.append(
-            {"set": {"family": "inet", "table": TABLE, "name": name, "elem": elements[drop:]}}
+            {
+                "set": {
+                    "family": "inet",
+                    "table": TABLE,
+                    "name": name,
+                    "type": s.type,
+                    "elem": elements[drop:],
+                }
+            }
+        )
+    for name, p in ruleset.port_sets.items():
+        texts = (ports or {}).get(name, list(p.elements))
+        kind = p.type if p.type == "inet_service" else ["inet_proto", "inet_service"]
+        elem = [_port_json(t) for t in texts]
+        sets.append(
+            {
+                "set": {
+                    "family": "inet",
+                    "table": TABLE,
+                    "name": name,
+                    "type": kind,
+                    "flags": ["interval"],
+                    "elem": elem,
+                }
+            }
         )
     return json.dumps({"nftables": sets})
 
@@ -384,7 +421,7 @@ def test_diagnose_finds_a_policy_table_that_differs_from_etcds_policies() -> Non
     assert [f.ok for f in skipped] == [False, True]
 
 
-def test_diagnose_takes_the_kernels_order_of_a_rules_set_elements_as_the_same_rule() -> None:
+def test_diagnose_takes_a_port_sets_elements_in_the_kernels_order_as_the_same_set() -> None:
     from ipaddress import IPv4Network, ip_address
 
     web = Endpoint("/o/endpoints/10.244.1.0-24/c1", "c1", "10.244.1.0-24", "web",
@@ -398,13 +435,16 @@ def test_diagnose_takes_the_kernels_order_of_a_rules_set_elements_as_the_same_ru
     )
     ruleset = policy_ruleset([policy], [web], LocalSubnets(IPv4Network("10.244.1.0/24")))
     terse = render_ruleset(ruleset, elements=False)
-    assert "{ tcp . 6379, udp . 53 }" in terse
-    # nftables 1.0.6 lists the set as below (tests/netns/test_policy_kernel.py
-    # sees it do so): the same rule.
-    listed = terse.replace("{ tcp . 6379, udp . 53 }", "{ udp . 53, tcp . 6379 }")
-    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset), listed))
+    [(name, ports)] = ruleset.port_sets.items()
+    assert ports.elements == ("tcp . 6379", "udp . 53") and f"dport @{name} " in terse
+    # nftables 1.0.6 lists such a set's elements in an order of its own
+    # (udp . 53 first): the same set.
+    listed = _policy_listing(ruleset, ports={name: ["udp . 53", "tcp . 6379"]})
+    [finding] = _policy_findings(PolicyFacts(ruleset, listed, terse))
     assert finding.ok, finding.detail
-    # Another element is another rule, in any order.
-    other = terse.replace("{ tcp . 6379, udp . 53 }", "{ udp . 54, tcp . 6379 }")
-    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(ruleset), other))
-    assert not finding.ok and "differ" in finding.detail
+    # Another element is another set, in any order.
+    other = _policy_listing(ruleset, ports={name: ["udp . 54", "tcp . 6379"]})
+    [finding] = _policy_findings(PolicyFacts(ruleset, other, terse))
+    assert not finding.ok and f"port set {name} differs" in finding.detail
+    [finding] = _policy_findings(PolicyFacts(ruleset, _policy_listing(EMPTY), terse))
+    assert not finding.ok and f"port set {name} missing" in finding.detail

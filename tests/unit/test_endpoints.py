@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from overlayd.errors import EndpointError
+from overlayd.plan import endpoints
 from overlayd.plan.endpoints import (
     MAX_ENDPOINT_BYTES,
     EndpointCache,
@@ -145,6 +146,55 @@ def test_render_parse_round_trip(
         registered=registered,
     )
     assert parse_endpoint(key(), render_endpoint(endpoint), PREFIX, HOSTS) == endpoint
+
+
+@given(
+    st.one_of(
+        st.text(st.sampled_from("0123456789.:"), max_size=20),
+        st.integers(0, 2**32 - 1).map(lambda i: str(ip_address(i))),
+        st.lists(st.integers(0, 300), min_size=4, max_size=4).map(
+            lambda octets: ".".join(f"{o:0{1 + o % 3}d}" for o in octets)  # some leading zeros
+        ),
+        st.text(max_size=20),
+    )
+)
+def test_an_address_reads_as_ipaddress_reads_it(text: str) -> None:
+    """The registrations' fast IPv4 reader accepts and refuses exactly
+    what ipaddress.ip_address does, leading zeros and non-ASCII digits
+    included, and gives the same address."""
+    try:
+        wanted: object = ip_address(text)
+    except ValueError:
+        wanted = ValueError
+    try:
+        got: object = endpoints._ip(text)
+    except ValueError:
+        got = ValueError
+    assert got == wanted and type(got) is type(wanted)
+
+
+@given(
+    st.one_of(
+        st.just(value()),
+        st.binary(max_size=12),
+        st.sampled_from(["utf-8", "utf-16", "utf-16-le", "utf-32-be", "utf-8-sig"]).map(
+            lambda codec: value().decode().encode(codec)
+        ),
+    )
+)
+def test_a_value_decodes_as_json_loads_decodes_it(raw: bytes) -> None:
+    """The registrations' JSON fast path (UTF-8 decoded up front) reads the
+    same data, and refuses the same values, as json.loads given the bytes
+    (which detects UTF-16 and UTF-32 too)."""
+    try:
+        wanted: object = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        wanted = ValueError
+    try:
+        got: object = json.loads(endpoints._utf8(raw))
+    except (ValueError, UnicodeDecodeError):
+        got = ValueError
+    assert repr(got) == repr(wanted)  # repr: NaN is a value json reads, unequal to itself
 
 
 BAD_VALUES: list[tuple[str, bytes, str]] = [

@@ -221,10 +221,12 @@ async def test_a_full_pass_runs_the_managers_in_order_and_programs_the_peer() ->
     assert result.ok and result.changes == 4 and result.peers == 1
     # No IPv6 here: the IPv6 allow-list only makes sure it has nothing in the kernel.
     assert dataplane.calls == [
-        "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
         # No policy, no service: a full pass makes sure neither table is
-        # left; the policy's while the allow-lists are made sure of.
-        "policy", "filter", "filter-read", "filter-remove v6", "services",
+        # left; the policy's first, written while the devices, sysctls,
+        # egress rules and allow-lists are made sure of.
+        "policy",
+        "devices", "gwbridge", "sysctl", "bridge-nf", "nft", "iptables",
+        "filter", "filter-read", "filter-remove v6", "services",
         # The allow-list's elements are written after both families' admits,
         # and after the policy is in force.
         "allow 1", "read",
@@ -602,7 +604,13 @@ async def test_each_family_allows_its_own_peer_addresses_around_the_entries() ->
     }
     assert telemetry.vxlan_allowed == 3
     calls = dataplane.calls
-    assert calls[:4] == ["devices", "gwbridge fd4a:4eae:8d08::1/64", "sysctl", "bridge-nf v6"]
+    assert calls[:5] == [
+        "policy",
+        "devices",
+        "gwbridge fd4a:4eae:8d08::1/64",
+        "sysctl",
+        "bridge-nf v6",
+    ]
     assert calls.index("allow 1 v6") < calls.index("read") < calls.index("apply 8")
     assert calls.index("allow 1 v6") < calls.index("apply6 4")
     # The peer leaves: both of its addresses go, after its entries.

@@ -25,6 +25,7 @@ from overlayd.plan.policy import (
     label_value_problem,
     parse_policy,
     parse_policy_key,
+    parse_selector,
     policies_prefix,
     policy_key,
     render_policy,
@@ -33,6 +34,7 @@ from overlayd.plan.policy import (
 from overlayd.plan.policy_model import (
     Direction,
     Endpoint,
+    EndpointIndex,
     IpBlock,
     LabelSelector,
     Operator,
@@ -281,6 +283,35 @@ def endpoint_sets(draw: st.DrawFn) -> list[Endpoint]:
             addresses.append(draw(st.sampled_from(V6)))
         found.append(endpoint(f"e{index}", addresses, **draw(labels_st)))
     return found
+
+
+@st.composite
+def wide_selectors(draw: st.DrawFn) -> Doc:
+    # Up to three labels and three expressions: several positive terms, so
+    # that the index's narrowest term is checked against the others.
+    selector: Doc = {"matchLabels": draw(labels_st)}
+    expressions = []
+    for _ in range(draw(st.integers(0, 3))):
+        operator = draw(st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]))
+        expression: Doc = {"key": draw(st.sampled_from(KEYS)), "operator": operator}
+        if operator in ("In", "NotIn"):
+            expression["values"] = draw(st.lists(st.sampled_from(VALUES), min_size=1, max_size=3))
+        expressions.append(expression)
+    if expressions:
+        selector["matchExpressions"] = expressions
+    return selector
+
+
+@given(st.one_of(selectors(), wide_selectors()), st.lists(labels_st, max_size=12))
+def test_the_label_index_selects_what_the_selector_matches(
+    doc: Doc, labels: list[dict[str, str]]
+) -> None:
+    selector = parse_selector(doc, "selector")
+    endpoints = [endpoint(f"e{i}", ["10.0.0.1"], **found) for i, found in enumerate(labels)]
+    index = EndpointIndex(endpoints)
+    wanted = [i for i, e in enumerate(endpoints) if ref_selects(doc, e.labels)]
+    assert index.select_indices(selector) == wanted
+    assert [i for i, e in enumerate(endpoints) if selector.matches(e.labels)] == wanted
 
 
 def ref_verdict(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Network, ip_address
 from pathlib import Path
@@ -108,6 +108,46 @@ async def test_bad_documents_and_registrations_are_skipped_with_one_warning_each
     assert any("orphan" in line and "10.244.9.0-24" in line for line in skipped)
     # The good ones are in force (the positive control).
     assert any("10.244.1.5" in line for line in dataplane.policy_statements[0])
+    assert loop.telemetry.policy == {"policies": 1, "endpoints": 1, "revision": 0}
+
+
+class ReadCounting(Mapping[str, bytes]):
+    """Registrations that count how often they are read through."""
+
+    def __init__(self, values: dict[str, bytes]) -> None:
+        self._values = values
+        self.reads = 0
+
+    def __getitem__(self, key: str) -> bytes:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self.reads += 1
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+async def test_a_full_pass_without_policies_reads_no_registration() -> None:
+    """No policy, no table, whatever the endpoints: a cold start with 10,000
+    registrations and no policy must not parse them. Once a policy exists
+    they are read, and a bad one is told of (the positive control)."""
+    dataplane = FakeDataplane()
+    inputs = knowledge(PEER)
+    web = endpoint("web", "10.244.1.5", app="web")
+    junk = endpoint_key(OWN_PREFIX, host_id(OWN.subnet), "junk")
+    raw = ReadCounting({web.key: render_endpoint(web), junk: b"{not json"})
+    inputs.raw_endpoints = raw
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok  # full
+    assert raw.reads == 0
+    assert dataplane.policy_statements == [[f"table inet {TABLE}", f"delete table inet {TABLE}"]]
+    assert loop.telemetry.policy == {"policies": 0, "endpoints": 2, "revision": 0}
+    inputs.raw_policies = {policy_key(OWN_PREFIX, "deny-web"): render_policy(DENY_WEB).encode()}
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert raw.reads == 1
+    assert any("10.244.1.5" in line for line in dataplane.policy_statements[-1])
     assert loop.telemetry.policy == {"policies": 1, "endpoints": 1, "revision": 0}
 
 

@@ -52,6 +52,7 @@ from overlayd.plan.policy_rules import (
     element_repairs,
     listed_counters,
     listed_elements,
+    listed_ports,
     policy_counter_names,
     policy_ruleset,
     policy_transaction,
@@ -371,10 +372,18 @@ def chain_rules(policy: Policy, local: LocalSubnets = LOCAL) -> tuple[str, ...]:
     return chains[0].rules if chains else ()
 
 
+def policy_with_ports(*ports: PortRange) -> Policy:
+    return Policy("p", LabelSelector(), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
+
+
 def ports_match(*ports: PortRange) -> str:
-    policy = Policy("p", LabelSelector(), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
-    rules = chain_rules(policy)
-    return rules[0].removesuffix(' counter name "p_p_148de9c5a7_ingress_allow" accept')
+    """The rule's port match, a port set written out as its elements."""
+    ruleset = policy_ruleset([policy_with_ports(*ports)], ENDPOINTS, LOCAL)
+    rule = ruleset.chains["p_p_148de9c5a7_ingress"].rules[0]
+    match = rule.removesuffix(' counter name "p_p_148de9c5a7_ingress_allow" accept')
+    for name, s in ruleset.port_sets.items():
+        match = match.replace(f"@{name}", f"{{ {', '.join(s.elements)} }}")
+    return match
 
 
 def test_ports_take_the_simplest_form_that_says_them() -> None:
@@ -592,7 +601,8 @@ class Kernel:
                 assert name in self.counters and name not in used_counters, statement
                 self.counters.remove(name)
             case "add", "set":
-                self.sets.setdefault(name, set())
+                inline = re.search(r"elements = \{ (.*) \}; \}$", tail)  # a port set's
+                self.sets.setdefault(name, set(inline[1].split(", ")) if inline else set())
             case "delete", "set":
                 assert name in self.sets and name not in used_sets, statement
                 del self.sets[name]
@@ -626,7 +636,11 @@ class Kernel:
         return (
             self.exists
             and self.counters == set(ruleset.counters)
-            and self.sets == {n: {str(a) for a in s.elements} for n, s in ruleset.sets.items()}
+            and self.sets
+            == {
+                **{n: {str(a) for a in s.elements} for n, s in ruleset.sets.items()},
+                **{n: set(p.elements) for n, p in ruleset.port_sets.items()},
+            }
             and self.chains == {n: list(c.rules) for n, c in ruleset.chains.items()}
         )
 
@@ -918,18 +932,21 @@ def test_changes_cost_the_same_number_of_statements_with_10_1000_and_10000_endpo
     }
 
 
-def test_a_policy_with_10000_ports_is_one_rule() -> None:
+def test_a_policy_with_10000_ports_is_one_rule_and_one_set() -> None:
     ports = tuple(PortRange(TCP, p, p) for p in range(1, 20_001, 2))
     big = Policy("big", sel(app="a1"), frozenset({INGRESS}), ingress=(Rule(ports=ports),))
     small = replace(big, ingress=(Rule(ports=ports[:1]),))
     endpoints = cluster(100)
     statements = policy_transaction(None, policy_ruleset([big], endpoints, LOCAL))
-    assert len(statements) == len(
-        policy_transaction(None, policy_ruleset([small], endpoints, LOCAL))
+    assert (
+        len(statements)
+        == len(policy_transaction(None, policy_ruleset([small], endpoints, LOCAL))) + 1
     )
     (rule,) = [s for s in statements if "dport" in s]
-    assert rule.count(",") == 9_999
-    assert rule.startswith(f"add rule {WHERE} p_big_") and "tcp dport { 1, 3, 5, " in rule
+    assert rule.startswith(f"add rule {WHERE} p_big_") and "tcp dport @ports_1_3_5_" in rule
+    (made,) = [s for s in statements if s.startswith(f"add set {WHERE} ports_")]
+    assert made.partition("elements = { ")[2].count(",") == 9_999
+    assert "elements = { 1, 3, 5, " in made
 
 
 # --- what the kernel lists ---------------------------------------------------
@@ -978,6 +995,28 @@ LISTING = {
                 "elem": ["0a:58:0a:f4:01:02"],
             }
         },
+        {
+            "set": {
+                "family": "inet",
+                "name": "ports_80_9000_9100_x",
+                "table": TABLE,
+                "type": "inet_service",
+                "handle": 6,
+                "flags": ["interval"],
+                "elem": [80, {"range": [9000, 9100]}],
+            }
+        },
+        {
+            "set": {
+                "family": "inet",
+                "name": "ports_tcp_80_udp_53_x",
+                "table": TABLE,
+                "type": ["inet_proto", "inet_service"],
+                "handle": 7,
+                "flags": ["interval"],
+                "elem": [{"concat": ["tcp", 80]}, {"concat": ["udp", {"range": [53, 60]}]}],
+            }
+        },
         {"set": {"family": "ip", "name": "vxlan_peers", "table": "overlayd", "elem": ["1.2.3.4"]}},
     ]
 }
@@ -993,20 +1032,38 @@ def test_the_json_listing_gives_the_elements_and_counts() -> None:
         "s_app_db_9afd86d58c_mac": frozenset({MacAddress.parse("0a:58:0a:f4:01:02")}),
     }
     assert listed_counters(LISTING) == {"p_a_ca978112ca_ingress_deny": 3}
+    # Port sets as the render writes their elements (and not as addresses).
+    assert listed_ports(LISTING) == {
+        "ports_80_9000_9100_x": frozenset({"80", "9000-9100"}),
+        "ports_tcp_80_udp_53_x": frozenset({"tcp . 80", "udp . 53-60"}),
+    }
 
 
 def test_element_repairs_put_the_sets_back() -> None:
     ruleset = policy_ruleset([RECIPES["default_allow_unselected"]], ENDPOINTS, LOCAL)
     listed = {name: s.elements for name, s in ruleset.sets.items()}
-    assert element_repairs(ruleset, listed) == []
+    assert element_repairs(ruleset, listed, {}) == []
     v4 = "s_app_db_9afd86d58c_v4"
     listed[v4] = frozenset({ip_address("10.244.9.9")})
-    assert element_repairs(ruleset, listed) == [
+    assert element_repairs(ruleset, listed, {}) == [
         f"add element {WHERE} {v4} {{ 10.244.1.2 }}",
         f"delete element {WHERE} {v4} {{ 10.244.9.9 }}",
     ]
     del listed[v4]
-    assert element_repairs(ruleset, listed) is None
+    assert element_repairs(ruleset, listed, {}) is None
+
+
+def test_a_changed_or_missing_port_set_takes_a_new_table() -> None:
+    """A port set is part of the rules that name it: a check pass that finds
+    it changed cannot patch it, and asks for the whole table again."""
+    ruleset = policy_ruleset(
+        [policy_with_ports(PortRange(TCP, 80, 80), PortRange(TCP, 443, 443))], ENDPOINTS, LOCAL
+    )
+    listed = {name: s.elements for name, s in ruleset.sets.items()}
+    [name] = ruleset.port_sets
+    assert element_repairs(ruleset, listed, {name: frozenset({"80", "443"})}) == []
+    assert element_repairs(ruleset, listed, {name: frozenset({"80"})}) is None
+    assert element_repairs(ruleset, listed, {}) is None
 
 
 def test_the_script_is_the_statements_one_per_line() -> None:

@@ -3,9 +3,11 @@ Felix's (`vxlan_mgr`, `route_mgr`): each owns exactly its objects, computes
 what they must be from the pass's inputs with a pure function (plan/),
 reads or believes what they are, and applies the difference.
 
-The loop runs them in a fixed order (`daemon.loop.standard_managers`): devices before the
-sysctls that name them, both before the rules that use them, and all of
-those before the per-peer entries that hang off the devices. What must be
+The loop runs them in a fixed order (`daemon.loop.standard_managers`): the
+network policy first (it names no device, and its transaction runs while
+the others work), devices before the sysctls that name them, both before
+the rules that use them, and all of those before the per-peer entries that
+hang off the devices. What must be
 in place before a peer's entries and gone only after them (the VXLAN
 allow-list) is two managers sharing one state, one on each side of the
 entries. A new capability (IPv6 entries, policy sets, service maps) is a

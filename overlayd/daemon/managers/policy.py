@@ -43,6 +43,7 @@ from overlayd.plan.policy_rules import (
     element_repairs,
     listed_counters,
     listed_elements,
+    listed_ports,
     policy_ruleset,
     policy_transaction,
     with_endpoints,
@@ -106,10 +107,20 @@ class PolicyManager:
             )
             return
         policies = self._usable_policies(inputs.raw_policies, inputs.own_prefix)
-        selection = await self._endpoints.selection(context)
-        self._warn({**self._rejected_policies(), **selection.rejected})
-        local = local_subnets(inputs.own, gwbridge_subnets(inputs.egress))
-        desired = self._desired(policies, selection.endpoints, local, context.level)
+        if policies:
+            selection = await self._endpoints.selection(context)
+            self._warn({**self._rejected_policies(), **selection.rejected})
+            local = local_subnets(inputs.own, gwbridge_subnets(inputs.egress))
+            desired = self._desired(policies, selection.endpoints, local, context.level)
+            endpoints = len(selection.endpoints)
+        else:
+            # No usable policy: no table, whatever the endpoints, so none is
+            # read (a full pass, at start, would parse 10,000 registrations
+            # for nothing: 0.15 s). A bad registration is told of once a
+            # policy makes it matter.
+            self._warn(self._rejected_policies())
+            desired, self._last = EMPTY, None
+            endpoints = len(inputs.raw_endpoints)
         if not desired.empty and (not self._bridge_netfilter or context.level >= Level.CHECK):
             context.remade_all(
                 "sysctl",
@@ -119,11 +130,11 @@ class PolicyManager:
         self._repaired = 0
         statements = await self._statements(context, desired)
         # Written while the managers up to `written` (PolicyWritten) make
-        # sure of and plan the VXLAN allow-lists: nft takes half a second
-        # for a whole table of 10,000 endpoints and 500 policies, in a
-        # process of its own.
+        # sure of the devices, sysctls and egress rules and plan the VXLAN
+        # allow-lists: nft takes a quarter of a second for a whole table of
+        # 10,000 endpoints and 500 policies, in a process of its own.
         write = asyncio.create_task(self._write(statements)) if statements else None
-        self._pending = (write, desired, len(policies), len(selection.endpoints))
+        self._pending = (write, desired, len(policies), endpoints)
         if write is not None:
             await asyncio.sleep(0)  # nft started now, not at the next manager's wait
 
@@ -195,7 +206,7 @@ class PolicyManager:
                     return policy_transaction(EMPTY, desired)
                 return policy_transaction(None, desired)
             self._telemetry.policy_counters(listed_counters(listing), believed.counters)
-            repairs = element_repairs(believed, listed_elements(listing))
+            repairs = element_repairs(believed, listed_elements(listing), listed_ports(listing))
             if repairs is None:
                 self._repaired = 1  # a set of ours went: the whole table again
                 return policy_transaction(None, desired)
@@ -236,12 +247,14 @@ class PolicyManager:
 
 class PolicyWritten:
     """The barrier after which a pass may open new paths (the VXLAN
-    allow-list's additions, peer entries): the policy transaction that
-    PolicyManager started is in force. The managers between the two only
-    read, plan and restrict (the allow-lists' own chains, which drop), so
-    that a policy selecting an endpoint is still in force before any new
-    path to it is, as when the transaction was awaited in place; on a cold
-    start its nft run overlaps their work."""
+    allow-list's additions, peer entries, services): the policy transaction
+    that PolicyManager started is in force. The managers between the two
+    make sure of the devices, sysctls and egress rules (made before the
+    policy's transaction started, until the policy manager moved first: see
+    standard_managers) and otherwise only read, plan and restrict (the allow-lists' own chains,
+    which drop), so that a policy selecting an endpoint is still in force
+    before any new path to it is, as when the transaction was awaited in
+    place; on a cold start its nft run overlaps their work."""
 
     name = "policy-write"
 
