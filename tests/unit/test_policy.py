@@ -183,14 +183,10 @@ CIDRS: list[IPNetwork] = [
 labels_st = st.dictionaries(st.sampled_from(KEYS), st.sampled_from(VALUES), max_size=3)
 
 
-@st.composite
-def selectors(draw: st.DrawFn) -> Doc:
-    # Small selectors, so that they select some endpoints and not others.
-    selector: Doc = {}
-    if draw(st.booleans()):
-        selector["matchLabels"] = draw(labels_st.filter(lambda labels: len(labels) <= 1))
+def _add_expressions(draw: st.DrawFn, selector: Doc, count: st.SearchStrategy[int]) -> None:
+    """Puts `count` random matchExpressions into `selector` (none: no key)."""
     expressions = []
-    for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+    for _ in range(draw(count)):
         operator = draw(st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]))
         expression: Doc = {"key": draw(st.sampled_from(KEYS)), "operator": operator}
         if operator in ("In", "NotIn"):
@@ -198,6 +194,15 @@ def selectors(draw: st.DrawFn) -> Doc:
         expressions.append(expression)
     if expressions:
         selector["matchExpressions"] = expressions
+
+
+@st.composite
+def selectors(draw: st.DrawFn) -> Doc:
+    # Small selectors, so that they select some endpoints and not others.
+    selector: Doc = {}
+    if draw(st.booleans()):
+        selector["matchLabels"] = draw(labels_st.filter(lambda labels: len(labels) <= 1))
+    _add_expressions(draw, selector, st.sampled_from([0, 0, 1, 2]))
     return selector
 
 
@@ -290,15 +295,7 @@ def wide_selectors(draw: st.DrawFn) -> Doc:
     # Up to three labels and three expressions: several positive terms, so
     # that the index's narrowest term is checked against the others.
     selector: Doc = {"matchLabels": draw(labels_st)}
-    expressions = []
-    for _ in range(draw(st.integers(0, 3))):
-        operator = draw(st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist"]))
-        expression: Doc = {"key": draw(st.sampled_from(KEYS)), "operator": operator}
-        if operator in ("In", "NotIn"):
-            expression["values"] = draw(st.lists(st.sampled_from(VALUES), min_size=1, max_size=3))
-        expressions.append(expression)
-    if expressions:
-        selector["matchExpressions"] = expressions
+    _add_expressions(draw, selector, st.integers(0, 3))
     return selector
 
 

@@ -249,12 +249,12 @@ class PolicyWritten:
     """The barrier after which a pass may open new paths (the VXLAN
     allow-list's additions, peer entries, services): the policy transaction
     that PolicyManager started is in force. The managers between the two
-    make sure of the devices, sysctls and egress rules (made before the
-    policy's transaction started, until the policy manager moved first: see
-    standard_managers) and otherwise only read, plan and restrict (the allow-lists' own chains,
-    which drop), so that a policy selecting an endpoint is still in force
-    before any new path to it is, as when the transaction was awaited in
-    place; on a cold start its nft run overlaps their work."""
+    make sure of the devices, sysctls and egress rules (see
+    standard_managers) and otherwise only read, plan and restrict (the
+    allow-lists' own chains, which drop), so that a policy selecting an
+    endpoint is still in force before any new path to it is, as when the
+    transaction was awaited in place; on a cold start its nft run overlaps
+    their work."""
 
     name = "policy-write"
 
