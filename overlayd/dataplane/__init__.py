@@ -72,6 +72,11 @@ class DataplanePort(Protocol):
         one document; None when the table does not exist."""
         ...
 
+    async def policy_counters(self) -> str | None:
+        """The policy table's named counters as `nft -j` lists them; None
+        when the table does not exist."""
+        ...
+
     async def apply_services(self, statements: Sequence[str]) -> None:
         """One nft transaction on the services table (plan/service_rules.py)."""
         ...
@@ -177,6 +182,9 @@ class Dataplane:
 
     async def policy_listing(self) -> Mapping[str, Any] | None:
         return await self.nft.nft.sets_and_counters_json(policy_rules.WHERE)
+
+    async def policy_counters(self) -> str | None:
+        return await self.nft.nft.counters_json(policy_rules.WHERE)
 
     async def apply_services(self, statements: Sequence[str]) -> None:
         await self._session(service_rules.WHERE).apply(service_rules.script(statements))

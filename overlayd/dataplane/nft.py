@@ -84,6 +84,12 @@ class Nft:
         code, out, _ = await run([*self.prefix, "-j", "list", "table", *where.split()])
         return out.decode() if code == 0 else None
 
+    async def counters_json(self, where: str) -> str | None:
+        """`nft -j list counters table <where>`; None when the table does
+        not exist."""
+        code, out, _ = await run([*self.prefix, "-j", "list", "counters", "table", *where.split()])
+        return out.decode() if code == 0 else None
+
     async def sets_and_counters_json(self, where: str) -> dict[str, Any] | None:
         """The sets (with their elements) and the named counters of table
         `where`, as `nft -j` lists them, in one document; None when the

@@ -273,9 +273,16 @@ def policy_bench(
                     seen = judged(before, (counters(lab.host_ns(1)), counters(lab.host_ns(2))))
                     run.judged.append(seen)
                     if not seen.ok:
+                        went_back = min(seen.egress_allowed, seen.ingress_allowed) < 0
                         raise RuntimeError(
                             f"round {round_no + 1}: the bench's packets were not judged by the"
                             f" policies as they must be: {seen}"
+                            + (
+                                " (a counter went back: a table was made afresh without"
+                                " the old one's counts; see the daemons' logs)"
+                                if went_back
+                                else ""
+                            )
                         )
             total1, steal1 = bench._cpu_times()
             run.steal.append(100.0 * (steal1 - steal0) / max(1, total1 - total0))

@@ -203,10 +203,10 @@ moves it by the endpoints that changed (a container event: milliseconds
 with 10,000 endpoints); policy_transaction(before, after) gives the
 statements, and script() their `nft -f` input; render_ruleset() shows the
 table (diagnose, golden files); terse_listing() (compared through
-unordered_sets()), listed_elements(), listed_ports() and listed_counters()
-read the kernel's listings back, element_repairs() turns a drifted set back;
-policy_counter_names() names each counter's policy, direction and verdict
-for the metrics.
+unordered_sets()), listed_elements(), listed_ports(), listed_counters() and
+listed_counts() read the kernel's listings back; element_repairs() turns a
+drifted set back; policy_counter_names() names each counter's policy,
+direction and verdict for the metrics.
 """
 
 from __future__ import annotations
@@ -347,6 +347,13 @@ class Chain(NamedTuple):
     rules: tuple[str, ...]
     comment: str = ""
     hook: str = ""
+
+
+class Count(NamedTuple):
+    """A named counter's values, carried into a table made afresh."""
+
+    packets: int
+    bytes: int
 
 
 class CounterOwner(NamedTuple):
@@ -880,10 +887,16 @@ def _add_port_set(name: str, ports: PortSet) -> str:
     )
 
 
-def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> list[str]:
+def policy_transaction(
+    before: PolicyRuleset | None,
+    after: PolicyRuleset,
+    counts: Mapping[str, Count] | None = None,
+) -> list[str]:
     """The `nft -f` statements, one transaction, that turn `before` into
     `after`. `before` None: unknown, the table is made afresh (whether or
-    not it exists). Otherwise only what changed, in an order nft accepts:
+    not it exists), its counters starting from `counts` (what the old table
+    held, listed_counts(): a drift or failure that remakes the table must
+    not set the figures back to 0). Otherwise only what changed, in an order nft accepts:
     new counters and sets (with their elements) before the rules that use
     them; one add and one delete statement per set whose elements changed,
     however many; new chains declared before any rule jumps to them;
@@ -896,7 +909,7 @@ def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> li
             return [f"table {WHERE}", f"delete table {WHERE}"]
         return [] if before.empty else [f"delete table {WHERE}"]
     if before is None or before.empty:
-        return [f"table {WHERE}", f"delete table {WHERE}", *_create(after)]
+        return [f"table {WHERE}", f"delete table {WHERE}", *_create(after, counts or {})]
     out = [f"add counter {WHERE} {name}" for name in after.counters if name not in before.counters]
     out += [
         _add_port_set(name, ports)
@@ -947,9 +960,16 @@ def policy_transaction(before: PolicyRuleset | None, after: PolicyRuleset) -> li
     return out
 
 
-def _create(ruleset: PolicyRuleset) -> list[str]:
+def _create(ruleset: PolicyRuleset, counts: Mapping[str, Count]) -> list[str]:
     out = [f"add table {WHERE}"]
-    out += [f"add counter {WHERE} {name}" for name in ruleset.counters]
+    for name in ruleset.counters:
+        count = counts.get(name)
+        if count is None or count == (0, 0):
+            out.append(f"add counter {WHERE} {name}")
+        else:
+            out.append(
+                f"add counter {WHERE} {name} {{ packets {count.packets} bytes {count.bytes} }}"
+            )
     out += [_add_port_set(name, ports) for name, ports in ruleset.port_sets.items()]
     for name, s in ruleset.sets.items():
         out.append(_add_set(name, s))
@@ -1075,12 +1095,25 @@ def listed_ports(listing: str | bytes | Mapping[str, Any]) -> dict[str, frozense
 def listed_counters(listing: str | bytes | Mapping[str, Any]) -> dict[str, int]:
     """Counter name -> packets, from `nft -j list counters table inet
     overlayd_policy` (or a table listing)."""
+    return {name: count.packets for name, count in listed_counts(listing).items()}
+
+
+def listed_counts(listing: str | bytes | Mapping[str, Any]) -> dict[str, Count]:
+    """Counter name -> packets and bytes, as listed_counters reads them.
+    A counter whose values are not whole numbers of at least 0 is left out:
+    it would start again from 0 rather than carry garbage into a rule."""
     found = {}
     for item in _items(listing):
         c = item.get("counter")
         if isinstance(c, Mapping) and c.get("table") == TABLE and c.get("family") == "inet":
-            found[str(c["name"])] = int(c.get("packets", 0))
+            packets, octets = c.get("packets", 0), c.get("bytes", 0)
+            if _count(packets) and _count(octets):
+                found[str(c["name"])] = Count(packets, octets)
     return found
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
 def element_repairs(

@@ -59,6 +59,7 @@ from overlayd.plan.policy_rules import (
     PolicyRuleset,
     element_repairs,
     listed_counters,
+    listed_counts,
     listed_elements,
     listed_ports,
     policy_counter_names,
@@ -761,6 +762,35 @@ def test_big_rulesets_load_and_changes_stay_small(netns: str) -> None:
         assert listed_elements(nft(netns, "-j", "list", "table", "inet", TABLE)) == wanted
     finally:
         nft(netns, "delete", "table", "inet", TABLE, check=False)
+
+
+def test_a_table_made_afresh_carries_its_counters_values(clean: Site) -> None:
+    """A drift or a failed pass makes the table again: the counters keep
+    counting from where they were (read with the daemon's own listing)."""
+    s = clean
+    deny = Policy("deny-db", sel(app="db"), frozenset({INGRESS}))
+    ruleset = policy_ruleset([deny], s.endpoints(), LOCAL)
+    apply(s.a, None, ruleset)
+    assert shut(s, "web", "db")
+    assert opens(s, "web", "api")  # positive control: the probes work
+    (drop,) = [n for n, o in policy_counter_names(ruleset).items() if o.verdict == "deny"]
+    listing = asyncio.run(Nft(s.a).counters_json(f"inet {TABLE}"))
+    assert listing is not None
+    held = listed_counts(listing)
+    assert held[drop].packets >= 2 and held[drop].bytes > 0
+    made = policy_transaction(None, ruleset, held)
+    assert any(f"add counter inet {TABLE} {drop} {{ packets " in line for line in made)
+    done = load(s.a, made)
+    assert done.returncode == 0, done.stderr
+    assert listed_counts(nft(s.a, "-j", "list", "counters", "table", "inet", TABLE)) == held
+    # And they go on counting from there.
+    assert shut(s, "web", "db")
+    assert counts(s)[drop] >= held[drop].packets + 2
+    # Control: the table really is made again, since without the values
+    # its counters start from 0.
+    apply(s.a, None, ruleset)
+    assert counts(s)[drop] == 0
+    assert asyncio.run(Nft(s.a).counters_json("inet no_such_table")) is None
 
 
 def test_listing_json_is_what_the_reader_expects(netns: str) -> None:

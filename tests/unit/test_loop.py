@@ -97,6 +97,9 @@ class FakeDataplane:
     async def policy_listing(self) -> Mapping[str, Any] | None:
         return None
 
+    async def policy_counters(self) -> str | None:
+        return None
+
     async def apply_services(self, statements: Sequence[str]) -> None:
         self.calls.append("services")
         self.service_statements.append(list(statements))

@@ -22,8 +22,8 @@ from overlayd.errors import EndpointError, OverlaydError
 from overlayd.model import IPV4, DeviceSpec, EntrySet, Family, Lease
 from overlayd.plan.endpoints import endpoint_key, host_id, render_endpoint
 from overlayd.plan.policy import parse_policy, policy_key, render_policy
-from overlayd.plan.policy_model import Endpoint
-from overlayd.plan.policy_rules import TABLE
+from overlayd.plan.policy_model import Direction, Endpoint
+from overlayd.plan.policy_rules import TABLE, counter_name
 from tests.unit.fake_store import FakeStore
 from tests.unit.test_loop import GWBRIDGE, OWN, PEER, FakeDataplane, knowledge
 
@@ -433,3 +433,53 @@ async def test_a_pass_failing_while_nft_runs_lets_it_finish_before_the_next_writ
     begins = [i for i, call in enumerate(dataplane.calls) if call == "policy begins"]
     ends = [i for i, call in enumerate(dataplane.calls) if call == "policy"]
     assert len(begins) == len(ends) == 2 and begins[0] < ends[0] < begins[1] < ends[1]
+
+
+class CountedDataplane(FakeDataplane):
+    """The old table's counters as nft lists them, and who asked."""
+
+    def __init__(self, packets: int) -> None:
+        super().__init__()
+        self.packets = packets
+        self.unreadable = False
+
+    async def policy_counters(self) -> str | None:
+        self.calls.append("counters")
+        if self.unreadable:
+            raise OSError("nft: no such file")
+        name = counter_name("deny-web", Direction.INGRESS, "deny")
+        counter = {"family": "inet", "table": TABLE, "name": name, "packets": self.packets}
+        return json.dumps({"nftables": [{"counter": {**counter, "bytes": 60 * self.packets}}]})
+
+
+async def test_a_table_made_afresh_keeps_the_old_tables_counts_and_a_light_pass_reads_none() -> (
+    None
+):
+    dataplane = CountedDataplane(packets=7)
+    inputs = knowledge(PEER)
+    web = endpoint("web", "10.244.1.5", app="web")
+    with_policy(inputs, web, policies=(render_policy(DENY_WEB),))
+    loop = Reconciler(inputs, dataplane)
+    assert (await loop.reconcile_once()).ok  # the first pass: a table may be left from before
+    deny = counter_name("deny-web", Direction.INGRESS, "deny")
+    made = dataplane.policy_statements[-1]
+    assert f"add counter inet {TABLE} {deny} {{ packets 7 bytes 420 }}" in made
+    assert dataplane.calls.index("counters") < dataplane.calls.index("policy")
+    # A light pass changes the table in place: no listing, nothing carried.
+    dataplane.calls.clear()
+    with_policy(
+        inputs, web, endpoint("web2", "10.244.1.6", app="web"), policies=(render_policy(DENY_WEB),)
+    )
+    assert (await loop.reconcile_once(level=Level.LIGHT)).ok
+    assert "counters" not in dataplane.calls and "policy" in dataplane.calls
+    # A full pass (drift) carries what the table holds now; a listing that
+    # cannot be read costs the counts, not the pass.
+    dataplane.packets = 9
+    assert (await loop.reconcile_once()).ok
+    assert (
+        f"add counter inet {TABLE} {deny} {{ packets 9 bytes 540 }}"
+        in (dataplane.policy_statements[-1])
+    )
+    dataplane.unreadable = True
+    assert (await loop.reconcile_once()).ok
+    assert f"add counter inet {TABLE} {deny}" in dataplane.policy_statements[-1]

@@ -45,12 +45,14 @@ from overlayd.plan.policy_rules import (
     EMPTY,
     TABLE,
     WHERE,
+    Count,
     CounterOwner,
     LocalSubnets,
     PolicyRuleset,
     counter_name,
     element_repairs,
     listed_counters,
+    listed_counts,
     listed_elements,
     listed_ports,
     policy_counter_names,
@@ -1037,6 +1039,34 @@ def test_the_json_listing_gives_the_elements_and_counts() -> None:
         "ports_80_9000_9100_x": frozenset({"80", "9000-9100"}),
         "ports_tcp_80_udp_53_x": frozenset({"tcp . 80", "udp . 53-60"}),
     }
+
+
+def test_listed_counts_give_packets_and_bytes_and_skip_values_that_are_not_counts() -> None:
+    assert listed_counts(LISTING) == {"p_a_ca978112ca_ingress_deny": Count(3, 180)}
+    odd = {
+        "nftables": [
+            {"counter": {"family": "inet", "table": TABLE, "name": n, "packets": p, "bytes": b}}
+            for n, p, b in (("neg", -1, 0), ("text", "7", 0), ("flag", True, 0), ("ok", 2, 9))
+        ]
+        + [{"counter": {"family": "ip", "table": TABLE, "name": "other", "packets": 5}}]
+    }
+    assert listed_counts(odd) == {"ok": Count(2, 9)}
+
+
+def test_a_table_made_afresh_starts_its_counters_from_the_values_given() -> None:
+    ruleset = policy_ruleset([RECIPES["allow_from_label"]], ENDPOINTS, LOCAL)
+    counted, untouched = sorted(ruleset.counters)[:2]
+    counts = {counted: Count(7, 420), untouched: Count(0, 0), "p_gone_x_ingress_deny": Count(1, 1)}
+    made = policy_transaction(None, ruleset, counts)
+    assert f"add counter {WHERE} {counted} {{ packets 7 bytes 420 }}" in made
+    assert f"add counter {WHERE} {untouched}" in made
+    assert not any("p_gone_x" in line for line in made)  # only the ruleset's counters
+    # Without values, and for a table changed in place, nothing to carry.
+    assert policy_transaction(None, ruleset) == [
+        line.replace(" { packets 7 bytes 420 }", "") for line in made
+    ]
+    moved = policy_transaction(ruleset, with_endpoints(ruleset, [ENDPOINTS[0]], []), counts)
+    assert moved and not any("counter" in line for line in moved)
 
 
 def test_element_repairs_put_the_sets_back() -> None:

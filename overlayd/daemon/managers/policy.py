@@ -9,7 +9,10 @@ a light pass writes `policy_transaction(believed, desired)`, which for a
 container starting or stopping is a few `add element`/`delete element`
 statements, one per set it is in. A check pass reads the sets back and
 puts back any element somebody changed; a full pass, or a failure, makes
-the table afresh in one transaction.
+the table afresh in one transaction, its counters carrying the values the
+old table's held (read while the ruleset is made), so that `nft list` and
+the bench see no counter go back to 0. Packets counted in the moment
+between that read and the new table are lost.
 
 While any policy exists, bridge netfilter must be on, or traffic between
 two containers of one host would never meet the forward hook; the manager
@@ -38,10 +41,12 @@ from overlayd.plan.policy_inputs import gwbridge_subnets, local_subnets
 from overlayd.plan.policy_model import Endpoint, Policy
 from overlayd.plan.policy_rules import (
     EMPTY,
+    Count,
     LocalSubnets,
     PolicyRuleset,
     element_repairs,
     listed_counters,
+    listed_counts,
     listed_elements,
     listed_ports,
     policy_ruleset,
@@ -107,6 +112,32 @@ class PolicyManager:
             )
             return
         policies = self._usable_policies(inputs.raw_policies, inputs.own_prefix)
+        counts = self._read_counts(context) if policies else None
+        try:
+            await self._plan_and_write(context, policies, counts)
+        finally:
+            # The pass failed before it needed them: nothing left running or unseen.
+            if counts is not None and not counts.done():
+                counts.cancel()
+            elif counts is not None and not counts.cancelled():
+                counts.exception()
+
+    def _read_counts(self, context: PassContext) -> asyncio.Task[str | None] | None:
+        """When this pass will make the table afresh and one may be there:
+        its counters' listing, read by nft while the ruleset is made (0.1 s
+        at 500 policies, not added to the pass)."""
+        believed = self.believed
+        if believed is not None and (believed.empty or context.level < Level.FULL):
+            return None
+        return asyncio.create_task(self._dataplane.policy_counters())
+
+    async def _plan_and_write(
+        self,
+        context: PassContext,
+        policies: list[Policy],
+        counts: asyncio.Task[str | None] | None,
+    ) -> None:
+        inputs = context.inputs
         if policies:
             selection = await self._endpoints.selection(context)
             self._warn({**self._rejected_policies(), **selection.rejected})
@@ -128,7 +159,7 @@ class PolicyManager:
             )
             self._bridge_netfilter = True
         self._repaired = 0
-        statements = await self._statements(context, desired)
+        statements = await self._statements(context, desired, counts)
         # Written while the managers up to `written` (PolicyWritten) make
         # sure of the devices, sysctls and egress rules and plan the VXLAN
         # allow-lists: nft takes a quarter of a second for a whole table of
@@ -195,10 +226,15 @@ class PolicyManager:
         self._last = (basis, desired, now, policies)
         return desired
 
-    async def _statements(self, context: PassContext, desired: PolicyRuleset) -> list[str]:
+    async def _statements(
+        self,
+        context: PassContext,
+        desired: PolicyRuleset,
+        counts: asyncio.Task[str | None] | None,
+    ) -> list[str]:
         believed = self.believed
         if context.level >= Level.FULL or believed is None:
-            return policy_transaction(None, desired)
+            return policy_transaction(None, desired, await self._carried(counts))
         if context.level >= Level.CHECK:
             listing = await self._dataplane.policy_listing()
             if listing is None:
@@ -209,10 +245,24 @@ class PolicyManager:
             repairs = element_repairs(believed, listed_elements(listing), listed_ports(listing))
             if repairs is None:
                 self._repaired = 1  # a set of ours went: the whole table again
-                return policy_transaction(None, desired)
+                return policy_transaction(None, desired, listed_counts(listing))
             self._repaired = len(repairs)
             return repairs + policy_transaction(believed, desired)
         return policy_transaction(believed, desired)
+
+    @staticmethod
+    async def _carried(counts: asyncio.Task[str | None] | None) -> dict[str, Count]:
+        """The old table's counts (none when there was no table, or its
+        listing could not be read: the counters then start from 0, which
+        the metric's base absorbs, rather than fail the pass)."""
+        if counts is None:
+            return {}
+        try:
+            listing = await counts
+            return listed_counts(listing) if listing is not None else {}
+        except (OSError, ValueError) as exc:
+            log.warning("event=policy_counters_unread error=%r", exc)
+            return {}
 
     def _usable_policies(self, raw: Mapping[str, bytes], own_prefix: str) -> list[Policy]:
         policies, self._policy_rejections = stored_policies(raw, own_prefix, self._policies)
