@@ -44,10 +44,13 @@ from overlayd.lab.topology import (
 )
 from overlayd.model import Lease
 from overlayd.plan.leases import lease_key, render_lease
+from overlayd.plan.policy_model import Direction
+from overlayd.plan.policy_rules import TABLE, Count, counter_name, listed_counts
 from overlayd.store.etcd import EtcdStore
-from tests.conftest import SESSION_TAG, needs_root
+from tests.conftest import SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import FIRST_FAKE_OCTET, lab_network
 from tests.lab.policy_site import WAIT_TIMEOUT, Site, both, check, expect, k8s
+from tests.lab.probes import http_get
 
 pytestmark = [needs_root, pytest.mark.lab]
 
@@ -158,6 +161,59 @@ def test_deny_all_ingress(clean: Site) -> None:
     # Deleted (and waited for): the same connections pass again.
     clean.ctl("policy", "delete", "deny-all", "--wait", "--timeout", WAIT_TIMEOUT)
     expect(clean, both("web1", "db1", 80, True) + both("web1", "db2", 80, True))
+
+
+def test_drops_reach_the_metric_and_a_restart_keeps_counting_from_there(clean: Site) -> None:
+    """The deny counter of the host that drops, in nft and in the metrics;
+    a restarted daemon makes its table afresh (a full pass) and its counters
+    carry on from what the old table counted."""
+    lab = clean.lab
+    deny = counter_name("deny-all", Direction.INGRESS, "deny")
+    clean.apply("deny-all", k8s("deny-all", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+    # Dropped on h1 (web2 is on h2); the outside still answers (the control).
+    expect(clean, both("web2", "db1", 80, False) + both("db1", "outside", 80, True))
+    dropped = policy_counts(lab, 1)[deny].packets
+    assert dropped >= 4  # TCP and UDP, both families
+    sample = (
+        'overlayd_policy_packets_total{direction="Ingress",policy="deny-all",verdict="deny"}'
+    )
+    # (The metric is what the last check pass read: one every resync.)
+    wait_until(lambda: metric_value(lab, 1, sample) >= dropped, 3 * RESYNC_SECONDS, step=0.5)
+    table = table_handle(lab, 1)
+    lab.restart_daemon(1)
+    assert table_handle(lab, 1) != table  # made afresh, not left as it was
+    assert policy_counts(lab, 1)[deny].packets >= dropped
+    expect(clean, both("web2", "db1", 80, False) + both("db1", "outside", 80, True))
+    assert policy_counts(lab, 1)[deny].packets >= dropped + 4
+
+
+RESYNC_SECONDS = LabSettings().resync_seconds
+
+
+def policy_counts(lab: Lab, host: int) -> dict[str, Count]:
+    listing = netns.in_ns(
+        lab.host_ns(host), "nft", "-j", "list", "counters", "table", "inet", TABLE
+    )
+    return listed_counts(listing)
+
+
+def table_handle(lab: Lab, host: int) -> int:
+    tables = json.loads(netns.in_ns(lab.host_ns(host), "nft", "-j", "list", "tables", "inet"))
+    [handle] = [
+        t["table"]["handle"]
+        for t in tables["nftables"]
+        if "table" in t and t["table"]["name"] == TABLE
+    ]
+    return int(handle)
+
+
+def metric_value(lab: Lab, host: int, sample: str) -> float:
+    """The sample's value on the host's /metrics; -1 when it is not there."""
+    for line in http_get(lab, host, "/metrics")[1].splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return -1.0
 
 
 def test_allow_from_a_label(clean: Site) -> None:
