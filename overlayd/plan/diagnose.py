@@ -42,6 +42,7 @@ from overlayd.plan.service_check import (
     dns_differences,
     table_differences,
 )
+from overlayd.plan.service_rules import TABLES as SERVICES_TABLES
 from overlayd.plan.service_rules import WHERE as SERVICES_WHERE
 from overlayd.plan.vxlan_filter import CHAIN, SET, FilterSpec, render_objects
 
@@ -554,12 +555,13 @@ def service_findings(facts: ServiceFacts) -> list[Finding]:
 
 def _table_summary(in_force: ServicesInForce) -> str:
     ruleset = in_force.ruleset
+    tables = f"inet {SERVICES_TABLES[0]} and its {len(SERVICES_TABLES) - 1} shard tables"
     if ruleset.empty:
-        return f"no service to serve, and no table {SERVICES_WHERE}"
+        return f"no service to serve, and no {tables}"
     elements = sum(len(m) for m in ruleset.maps().values())
     chains = sum(len(r.chains) for r in ruleset.services.values())
     return (
-        f"table {SERVICES_WHERE} holds exactly what etcd makes: {elements} map element(s),"
+        f"{tables} hold exactly what etcd makes: {elements} map element(s),"
         f" {len(ruleset.hairpin)} hairpin element(s), {chains} service chain(s)"
     )
 

@@ -895,14 +895,14 @@ def policy_transaction(
     """The `nft -f` statements, one transaction, that turn `before` into
     `after`. `before` None: unknown, the table is made afresh (whether or
     not it exists), its counters starting from `counts` (what the old table
-    held, listed_counts(): a drift or failure that remakes the table must
-    not set the figures back to 0). Otherwise only what changed, in an order nft accepts:
-    new counters and sets (with their elements) before the rules that use
-    them; one add and one delete statement per set whose elements changed,
-    however many; new chains declared before any rule jumps to them;
-    changed chains flushed and refilled (the dispatch and deny chains only
-    when the policies or their selectors changed, since their rules depend
-    on nothing else); gone chains, then gone sets and counters, deleted
+    held, listed_counts(): a pass that remakes the table must not set the
+    figures back to 0). Otherwise only what changed, in an order nft
+    accepts: new counters and sets (with their elements) before the rules
+    that use them; one add and one delete statement per set whose elements
+    changed, however many; new chains declared before any rule jumps to
+    them; changed chains flushed and refilled (the dispatch and deny chains
+    only when the policies or their selectors changed, since their rules
+    depend on nothing else); gone chains, then gone sets and counters, deleted
     after the rules that referred to them. `after` empty: the table goes."""
     if after.empty:
         if before is None:

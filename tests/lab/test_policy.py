@@ -174,9 +174,7 @@ def test_drops_reach_the_metric_and_a_restart_keeps_counting_from_there(clean: S
     expect(clean, both("web2", "db1", 80, False) + both("db1", "outside", 80, True))
     dropped = policy_counts(lab, 1)[deny].packets
     assert dropped >= 4  # TCP and UDP, both families
-    sample = (
-        'overlayd_policy_packets_total{direction="Ingress",policy="deny-all",verdict="deny"}'
-    )
+    sample = 'overlayd_policy_packets_total{direction="Ingress",policy="deny-all",verdict="deny"}'
     # (The metric is what the last check pass read: one every resync.)
     wait_until(lambda: metric_value(lab, 1, sample) >= dropped, 3 * RESYNC_SECONDS, step=0.5)
     table = table_handle(lab, 1)

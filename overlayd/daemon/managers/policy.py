@@ -124,8 +124,9 @@ class PolicyManager:
 
     def _read_counts(self, context: PassContext) -> asyncio.Task[str | None] | None:
         """When this pass will make the table afresh and one may be there:
-        its counters' listing, read by nft while the ruleset is made (0.1 s
-        at 500 policies, not added to the pass)."""
+        its counters' listing, read by nft while the ruleset is made (nft
+        takes 0.25 s at 500 policies and 10,000 endpoints: it fetches the
+        whole table first)."""
         believed = self.believed
         if believed is not None and (believed.empty or context.level < Level.FULL):
             return None
