@@ -36,6 +36,7 @@ import pytest
 
 from overlayd.lab import echo, netns
 from overlayd.lab.lab import PREFIX, Lab, LabSettings
+from overlayd.lab.policycheck import counters
 from overlayd.lab.topology import (
     OUTSIDE_ROUTER,
     OUTSIDE_ROUTER6,
@@ -45,7 +46,7 @@ from overlayd.lab.topology import (
 from overlayd.model import Lease
 from overlayd.plan.leases import lease_key, render_lease
 from overlayd.plan.policy_model import Direction
-from overlayd.plan.policy_rules import TABLE, Count, counter_name, listed_counts
+from overlayd.plan.policy_rules import TABLE, counter_name
 from overlayd.store.etcd import EtcdStore
 from tests.conftest import SESSION_TAG, needs_root, wait_until
 from tests.lab.fakes import FIRST_FAKE_OCTET, lab_network
@@ -56,6 +57,7 @@ pytestmark = [needs_root, pytest.mark.lab]
 
 PORTS = (80, 5432, 8000, 8080, 8081)
 OUTSIDE_PORTS = (80, 5432)
+RESYNC_SECONDS = LabSettings().resync_seconds  # the site's: a check pass each
 # Podman passes its own CNI_ARGS on to overlay-cni (containers/common).
 CONTAINERS = {
     "web1": (1, {"app": "web"}),
@@ -172,7 +174,7 @@ def test_drops_reach_the_metric_and_a_restart_keeps_counting_from_there(clean: S
     clean.apply("deny-all", k8s("deny-all", {"podSelector": {}, "policyTypes": ["Ingress"]}))
     # Dropped on h1 (web2 is on h2); the outside still answers (the control).
     expect(clean, both("web2", "db1", 80, False) + both("db1", "outside", 80, True))
-    dropped = policy_counts(lab, 1)[deny].packets
+    dropped = counters(lab.host_ns(1))[deny]
     assert dropped >= 4  # TCP and UDP, both families
     sample = 'overlayd_policy_packets_total{direction="Ingress",policy="deny-all",verdict="deny"}'
     # (The metric is what the last check pass read: one every resync.)
@@ -180,19 +182,9 @@ def test_drops_reach_the_metric_and_a_restart_keeps_counting_from_there(clean: S
     table = table_handle(lab, 1)
     lab.restart_daemon(1)
     assert table_handle(lab, 1) != table  # made afresh, not left as it was
-    assert policy_counts(lab, 1)[deny].packets >= dropped
+    assert counters(lab.host_ns(1))[deny] >= dropped
     expect(clean, both("web2", "db1", 80, False) + both("db1", "outside", 80, True))
-    assert policy_counts(lab, 1)[deny].packets >= dropped + 4
-
-
-RESYNC_SECONDS = LabSettings().resync_seconds
-
-
-def policy_counts(lab: Lab, host: int) -> dict[str, Count]:
-    listing = netns.in_ns(
-        lab.host_ns(host), "nft", "-j", "list", "counters", "table", "inet", TABLE
-    )
-    return listed_counts(listing)
+    assert counters(lab.host_ns(1))[deny] >= dropped + 4
 
 
 def table_handle(lab: Lab, host: int) -> int:
